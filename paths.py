@@ -1,0 +1,113 @@
+"""Every file name the project writes comes from here.
+
+``model_stem`` maps a model id (and optional revision) to a file-name stem that is readable
+(``meta-llama/Llama-2-7b-hf`` -> ``meta-llama--Llama-2-7b-hf``), injective, and a single path
+component, so no output can land outside ``--output_dir`` whatever the id contains.
+``ModelPaths`` owns the files of one model; ``write_atomic`` is the only way they are written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+# Hub ids: "name" or "org/name" with [A-Za-z0-9._-]; the hub forbids "--" and ".." in names,
+# so "org--name" can be mapped back to exactly one id.
+_HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?"
+_HUB_ID = re.compile(rf"^{_HUB_PART}(?:/{_HUB_PART})?$")
+_SAFE_REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+# Keep stems well under the 255-byte file-name limit, leaving room for suffixes.
+_MAX_READABLE = 120
+
+FAILED_MODELS_FILE = "failed_models.txt"
+LOCK_FILE = ".esd_run.lock"
+
+
+def _is_plain(part: str, pattern: re.Pattern) -> bool:
+    return bool(pattern.match(part)) and "--" not in part and ".." not in part and "~" not in part
+
+
+def model_stem(model_id: str, revision: Optional[str] = None) -> str:
+    """File-name stem for one model: ``org--name`` or ``org--name@rev``.
+
+    Ids that are not plain hub ids (local paths, odd characters, very long names) get a
+    sanitised readable prefix plus ``~`` and a hash of the exact input; ``~`` never occurs in
+    the plain form, so two different inputs never share a stem.
+    """
+    model_id = model_id.strip()
+    if not model_id:
+        raise ValueError("model id is empty")
+    rev = (revision or "").strip()
+    if _is_plain(model_id, _HUB_ID) and (not rev or _is_plain(rev, _SAFE_REVISION)):
+        stem = model_id.replace("/", "--") + (f"@{rev}" if rev else "")
+        if len(stem) <= _MAX_READABLE:
+            return stem
+    readable = _UNSAFE_CHARS.sub("_", model_id.replace("/", "--")).strip("._") or "model"
+    digest = hashlib.sha256(f"{model_id}\0{rev}".encode()).hexdigest()[:16]
+    return f"{readable[:_MAX_READABLE]}~{digest}"
+
+
+@dataclass(frozen=True)
+class ModelPaths:
+    """The files of one model under one run's output and log directories."""
+
+    output_dir: Path
+    log_dir: Path
+    stem: str
+
+    @classmethod
+    def for_model(
+        cls, output_dir: Path, model_id: str, revision: Optional[str] = None,
+        log_dir: Optional[Path] = None,
+    ) -> "ModelPaths":
+        output_dir = Path(output_dir)
+        return cls(output_dir, Path(log_dir) if log_dir is not None else output_dir / "logs",
+                   model_stem(model_id, revision))
+
+    @property
+    def csv(self) -> Path:
+        return self.output_dir / f"{self.stem}.csv"
+
+    @property
+    def eigs(self) -> Path:
+        return self.output_dir / f"{self.stem}.eigs.npz"
+
+    @property
+    def log(self) -> Path:
+        return self.log_dir / f"{self.stem}.log"
+
+    @property
+    def failure(self) -> Path:
+        """JSON record a worker leaves when it fails: the runner turns it into a report line."""
+        return self.log_dir / f"{self.stem}.failure.json"
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
+
+    A final file that exists is therefore always complete; on error the temporary is removed
+    and any earlier ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
