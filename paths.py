@@ -50,7 +50,7 @@ def model_stem(model_id: str, revision: Optional[str] = None) -> str:
             return stem
     readable = _UNSAFE_CHARS.sub("_", model_id.replace("/", "--")).strip("._") or "model"
     digest = hashlib.sha256(f"{model_id}\0{rev}".encode()).hexdigest()[:16]
-    return f"{readable[:_MAX_READABLE]}~{digest}"
+    return f"{readable[-_MAX_READABLE:]}~{digest}"  # the tail of a path is its readable part
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,364 @@
+"""Analyse one model: load -> ESD -> per-layer CSV, written atomically.
+
+Usage: python esd_worker.py --model_id org/name[@revision] --output_dir results/ [ESD options]
+
+Reads the model from the Hugging Face hub or a local directory (an adapter is merged into
+its base tensor by tensor). Writes ``<output_dir>/<org--name>.csv`` (columns: net_esd.RESULT_COLUMNS),
+with ``--save_eigs`` also ``<org--name>.eigs.npz``, and on failure ``<log_dir>/<org--name>.failure.json``
+for the runner. Exit code: 0 success, 1 deterministic failure (retrying will not help),
+75 transient failure (worth a retry), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from errors import ESDError, InputError, NoWeightsError, is_transient
+from net_esd import FIX_FINGERS, RESULT_COLUMNS, ESDConfig, LayerResult, iter_layer_results
+from paths import ModelPaths, write_atomic
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_TRANSIENT = 75  # sysexits.h EX_TEMPFAIL: "try again later"
+PROGRESS_EVERY_S = 5.0  # seconds between layer-progress log lines
+WATCHDOG_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    model_id: str
+    output_dir: Path
+    log_dir: Path
+    esd: ESDConfig
+    base_model_relation: str = ""
+    source_model: str = ""
+    save_eigs: bool = False
+    parallel_esd: bool = False
+    cleanup_cache: bool = False
+    trust_remote_code: bool = False
+    cache_dir: Optional[str] = None
+    threads: Optional[int] = None
+    parent_pid: Optional[int] = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Command-line options shared with the runner, which forwards them to every worker.
+
+def add_esd_arguments(parser: argparse.ArgumentParser) -> None:
+    """The estimator's options, with the seed's names and the references' defaults."""
+    d = ESDConfig()
+    g = parser.add_argument_group("ESD estimator")
+    g.add_argument("--fix_fingers", choices=FIX_FINGERS, default=d.fix_fingers,
+                   help="how xmin is chosen (default: %(default)s)")
+    g.add_argument("--evals_thresh", type=float, default=d.evals_thresh,
+                   help="with --filter_zeros, fit only eigenvalues above this (default: %(default)g)")
+    g.add_argument("--bins", type=int, default=d.bins, help="histogram bins for xmin_peak")
+    g.add_argument("--xmin_pos", type=int, default=d.xmin_pos, help="xmin_mid: xmin index = n // xmin_pos")
+    g.add_argument("--conv_norm", type=float, default=d.conv_norm,
+                   help="conv slices are scaled by sqrt(conv_norm)")
+    g.add_argument("--min_evals", type=int, default=d.min_evals,
+                   help="layers with fewer eigenvalues get status too_small")
+    g.add_argument("--filter_zeros", action=argparse.BooleanOptionalAction, default=d.filter_zeros,
+                   help="drop eigenvalues <= --evals_thresh from the fit (WeightWatcher always does)")
+    g.add_argument("--precision", choices=("float64", "float32"), default=d.precision,
+                   help="eigenvalue arithmetic; float32 is faster, its error is in BENCHMARKS.md")
+    g.add_argument("--device", default="auto",
+                   help="auto (CUDA when visible, else CPU), cpu, cuda or cuda:N")
+    g.add_argument("--save_eigs", action="store_true",
+                   help="also write each model's eigenvalues to <name>.eigs.npz")
+    g.add_argument("--parallel_esd", action=argparse.BooleanOptionalAction, default=False,
+                   help="spread one model's layers across all GPUs its job holds")
+
+
+def resolve_device(requested: str) -> str:
+    """``auto`` becomes ``cuda`` when a CUDA device is visible, else ``cpu``."""
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def esd_config_from_args(args: argparse.Namespace, device: str) -> ESDConfig:
+    return ESDConfig(
+        fix_fingers=args.fix_fingers, xmin_pos=args.xmin_pos, bins=args.bins,
+        evals_thresh=args.evals_thresh, filter_zeros=args.filter_zeros,
+        conv_norm=args.conv_norm, min_evals=args.min_evals, precision=args.precision,
+        device=device, keep_evals=args.save_eigs,
+    )
+
+
+def esd_argv(args: argparse.Namespace) -> list[str]:
+    """The estimator options of ``args`` as worker arguments (the runner's half of the contract)."""
+    argv = [
+        "--fix_fingers", args.fix_fingers, "--evals_thresh", repr(args.evals_thresh),
+        "--bins", str(args.bins), "--xmin_pos", str(args.xmin_pos),
+        "--conv_norm", repr(args.conv_norm), "--min_evals", str(args.min_evals),
+        "--precision", args.precision, "--device", args.device,
+        "--filter_zeros" if args.filter_zeros else "--no-filter_zeros",
+        "--parallel_esd" if args.parallel_esd else "--no-parallel_esd",
+    ]
+    if args.save_eigs:
+        argv.append("--save_eigs")
+    return argv
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model_id", required=True, help="org/name, org/name@revision or a local directory")
+    p.add_argument("--base_model_relation", default="", help="adapter, lora or peft for adapters")
+    p.add_argument("--source_model", default="", help="base model of an adapter")
+    p.add_argument("--output_dir", required=True, type=Path)
+    p.add_argument("--log_dir", type=Path, default=None, help="default: <output_dir>/logs")
+    p.add_argument("--cleanup_cache", action="store_true",
+                   help="delete the model's downloaded hub files once its result is written")
+    p.add_argument("--trust_remote_code", action="store_true",
+                   help="allow a model's own code to run (only the adapter fallback needs it)")
+    p.add_argument("--cache_dir", default=None, help="Hugging Face cache (default: HF_HOME's)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--parent_pid", type=int, default=None,
+                   help="exit when this process (the runner) is gone")
+    add_esd_arguments(p)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> WorkerConfig:
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be at least 1, got {args.threads}")
+    output_dir = args.output_dir
+    return WorkerConfig(
+        model_id=args.model_id.strip(), output_dir=output_dir,
+        log_dir=args.log_dir if args.log_dir is not None else output_dir / "logs",
+        esd=esd_config_from_args(args, resolve_device(args.device)),
+        base_model_relation=args.base_model_relation.strip(),
+        source_model=args.source_model.strip(), save_eigs=args.save_eigs,
+        parallel_esd=args.parallel_esd, cleanup_cache=args.cleanup_cache,
+        trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir,
+        threads=args.threads, parent_pid=args.parent_pid,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The analysis.
+
+def model_paths(output_dir: Path, model_id: str, log_dir: Optional[Path] = None) -> ModelPaths:
+    """The files of a list entry: named from its id and the revision written in it."""
+    from model_loader import parse_model_id
+
+    repo_id, revision = parse_model_id(model_id)
+    return ModelPaths.for_model(output_dir, repo_id, revision, log_dir=log_dir)
+
+
+def parallel_layer_results(
+    named_tensors: Iterable[tuple[str, "object"]], config: ESDConfig, devices: Sequence[str],
+) -> Iterator[LayerResult]:
+    """Like ``iter_layer_results`` but each tensor goes to the next free device's thread.
+
+    Rows come back in stream order with consecutive ``layer_id``s, exactly as the serial path
+    numbers them. At most ``2 * len(devices)`` tensors are held at once.
+    """
+    todo: queue.Queue = queue.Queue(maxsize=len(devices))
+    done: dict[int, list[LayerResult]] = {}
+    cond = threading.Condition()
+    failure: list[BaseException] = []
+
+    def work(device: str) -> None:
+        dev_config = replace(config, device=device)
+        while (item := todo.get()) is not None:
+            index, name, tensor = item
+            try:
+                out = list(iter_layer_results([(name, tensor)], dev_config))
+            except BaseException as exc:  # handed to the consumer, which re-raises
+                out = []
+                failure.append(exc)
+            with cond:
+                done[index] = out
+                cond.notify_all()
+
+    threads = [threading.Thread(target=work, args=(d,), daemon=True) for d in devices]
+    for t in threads:
+        t.start()
+    next_index, produced, layer_id = 0, 0, 0
+    stream = iter(named_tensors)
+    try:
+        while True:
+            while produced - next_index < 2 * len(devices):
+                item = next(stream, None)
+                if item is None:
+                    break
+                todo.put((produced, item[0], item[1]))
+                produced += 1
+            if next_index == produced:
+                return
+            with cond:
+                cond.wait_for(lambda: next_index in done or bool(failure))
+                if failure:
+                    raise failure[0]
+                results = done.pop(next_index)
+            next_index += 1
+            for result in results:
+                result.row["layer_id"] = layer_id
+                layer_id += 1
+                yield result
+    finally:
+        for _ in threads:
+            todo.put(None)
+
+
+def analysis_devices(config: WorkerConfig) -> list[str]:
+    """Devices for one model: all visible GPUs under --parallel_esd, else the one asked for."""
+    if not config.parallel_esd or not config.esd.device.startswith("cuda"):
+        return [config.esd.device]
+    import torch
+
+    return [f"cuda:{i}" for i in range(torch.cuda.device_count())] or [config.esd.device]
+
+
+def analyse(config: WorkerConfig, model) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Run the estimator over a loaded model's tensor stream; returns rows and eigenvalues."""
+    devices = analysis_devices(config)
+    if len(devices) > 1:
+        stream = parallel_layer_results(model.iter_tensors(), config.esd, devices)
+    else:
+        stream = iter_layer_results(model.iter_tensors(), config.esd)
+    model_cols = {"model_id": config.model_id, "revision": model.revision or "",
+                  "source_model": model.source_model or ""}
+    rows, eigs = [], {}
+    last_log = time.monotonic()
+    for result in stream:
+        rows.append({**model_cols, **result.row})
+        if result.evals is not None:
+            eigs[result.row["longname"]] = result.evals
+        if time.monotonic() - last_log >= PROGRESS_EVERY_S:
+            last_log = time.monotonic()
+            logger.info("%s: %d layers analysed, last %s", config.model_id, len(rows),
+                        result.row["longname"])
+    if not rows:
+        raise NoWeightsError(f"{config.model_id}: no weight matrix with two or more dimensions found")
+    return rows, eigs
+
+
+def write_results(paths: ModelPaths, rows: list[dict], eigs: dict[str, np.ndarray]) -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
+    if eigs:
+        write_atomic(paths.eigs, lambda tmp: _save_npz(tmp, eigs))
+    write_atomic(paths.csv, lambda tmp: frame.to_csv(tmp, index=False))
+
+
+def _save_npz(tmp: Path, eigs: dict[str, np.ndarray]) -> None:
+    with open(tmp, "wb") as fh:  # a file object keeps numpy from appending ".npz" to the name
+        np.savez_compressed(fh, **eigs)
+
+
+def run_model(config: WorkerConfig) -> ModelPaths:
+    """Load, analyse and write one model. Raises ESDError subclasses on failure."""
+    from model_loader import ModelRequest, cleanup_cache, open_model
+
+    paths = model_paths(config.output_dir, config.model_id, config.log_dir)
+    request = ModelRequest(config.model_id, config.base_model_relation, config.source_model)
+    started = time.monotonic()
+    model = open_model(request, cache_dir=config.cache_dir,
+                       trust_remote_code=config.trust_remote_code)
+    try:
+        logger.info("%s: revision %s%s, analysing on %s", config.model_id, model.revision or "local",
+                    f", adapter on {model.source_model}" if model.is_adapter else "",
+                    config.esd.device)
+        rows, eigs = analyse(config, model)
+        write_results(paths, rows, eigs if config.save_eigs else {})
+    finally:
+        if config.cleanup_cache:
+            cleanup_cache(model)
+    statuses = {s: sum(r["status"] == s for r in rows) for s in {r["status"] for r in rows}}
+    logger.info("%s: %d rows %s in %.1f s -> %s", config.model_id, len(rows), statuses,
+                time.monotonic() - started, paths.csv)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Process plumbing: the one place that turns exceptions into a failure record and exit code.
+
+def write_failure(paths: ModelPaths, model_id: str, exc: BaseException, transient: bool) -> None:
+    record = {"model_id": model_id, "error": type(exc).__name__,
+              "message": one_line(str(exc) or type(exc).__name__), "transient": transient}
+    write_atomic(paths.failure, lambda tmp: tmp.write_text(json.dumps(record), encoding="utf-8"))
+
+
+def one_line(text: str, limit: int = 500) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def watch_parent(parent_pid: int) -> None:
+    """Exit when the runner is gone: the kernel's parent-death signal, and a polling fallback."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+    def poll() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                logger.error("runner (pid %d) is gone; stopping", parent_pid)
+                os._exit(EXIT_TRANSIENT)
+            time.sleep(WATCHDOG_INTERVAL_S)
+
+    if os.getppid() != parent_pid:
+        os._exit(EXIT_TRANSIENT)
+    threading.Thread(target=poll, name="parent-watchdog", daemon=True).start()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ESDError as exc:
+        print(f"esd_worker: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if config.parent_pid is not None:
+        watch_parent(config.parent_pid)
+    if config.threads is not None:
+        import torch
+
+        torch.set_num_threads(config.threads)
+    paths = None
+    try:
+        paths = model_paths(config.output_dir, config.model_id, config.log_dir)
+        paths.failure.unlink(missing_ok=True)
+        run_model(config)
+        return EXIT_OK
+    except Exception as exc:
+        transient = is_transient(exc)
+        if not isinstance(exc, ESDError):
+            traceback.print_exc()
+        logger.error("%s failed (%s): %s", config.model_id,
+                     "transient" if transient else "deterministic", one_line(str(exc)))
+        if paths is not None:
+            write_failure(paths, config.model_id, exc, transient)
+        return EXIT_TRANSIENT if transient else EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""What a run keeps on disk between runs: finished results, failures, and the run lock."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from errors import InputError
+from paths import FAILED_MODELS_FILE, LOCK_FILE, write_text_atomic
+
+
+def is_complete(csv_path: Path, columns: Sequence[str]) -> bool:
+    """A result counts as finished when it exists with the current schema's header.
+
+    Results are written by rename, so an existing file is complete; a header from another
+    schema version means the model is analysed again.
+    """
+    try:
+        with open(csv_path, encoding="utf-8") as fh:
+            header = fh.readline().strip()
+    except (FileNotFoundError, IsADirectoryError):
+        return False
+    return header == ",".join(columns)
+
+
+def read_failure_cause(failure_json: Path) -> Optional[str]:
+    """The one-line cause a worker recorded, or None when it left no record."""
+    try:
+        record = json.loads(failure_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    message = record.get("message") if isinstance(record, dict) else None
+    return f"{record.get('error', 'Error')}: {message}" if message else None
+
+
+class FailureLog:
+    """``failed_models.txt``: one line per failed model, ``model_id<TAB>cause``.
+
+    The runner is its only writer; every change rewrites it atomically, so the file is
+    current after each model even if the run is killed.
+    """
+
+    def __init__(self, output_dir: Path):
+        self.path = Path(output_dir) / FAILED_MODELS_FILE
+        self._causes: dict[str, str] = {}
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                model_id, _, cause = line.partition("\t")
+                if model_id.strip():
+                    self._causes[model_id.strip()] = cause.strip()
+
+    def __contains__(self, model_id: str) -> bool:
+        return model_id in self._causes
+
+    def __len__(self) -> int:
+        return len(self._causes)
+
+    def cause(self, model_id: str) -> Optional[str]:
+        return self._causes.get(model_id)
+
+    def record(self, model_id: str, cause: str) -> None:
+        self._causes[model_id] = " ".join(cause.split()) or "unknown error"
+        self._write()
+
+    def clear(self, model_id: str) -> None:
+        if self._causes.pop(model_id, None) is not None:
+            self._write()
+
+    def _write(self) -> None:
+        if not self._causes and not self.path.exists():
+            return
+        text = "".join(f"{m}\t{c}\n" for m, c in self._causes.items())
+        write_text_atomic(self.path, text)
+
+
+class RunLock:
+    """An exclusive lock on an output directory, released by the kernel if the run dies.
+
+    The lock file names its holder (pid, host, start time, command) so a refused second run
+    can say who holds it; ``flock`` means a crashed run never leaves it stuck.
+    """
+
+    def __init__(self, output_dir: Path):
+        self.path = Path(output_dir) / LOCK_FILE
+        self._fd: Optional[int] = None
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "unknown process"
+            os.close(fd)
+            raise InputError(f"{self.path.parent} is in use by another run ({holder}); wait for "
+                             "it to finish or choose another --output_dir") from None
+        os.ftruncate(fd, 0)
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the flock; the file stays for the next run
+            self._fd = None
