@@ -22,9 +22,9 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -54,9 +54,9 @@ class WorkerConfig:
     parallel_esd: bool = False
     cleanup_cache: bool = False
     trust_remote_code: bool = False
-    cache_dir: Optional[str] = None
-    threads: Optional[int] = None
-    parent_pid: Optional[int] = None
+    cache_dir: str | None = None
+    threads: int | None = None
+    parent_pid: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,7 +159,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
 # ---------------------------------------------------------------------------------------------
 # The analysis.
 
-def model_paths(output_dir: Path, model_id: str, log_dir: Optional[Path] = None) -> ModelPaths:
+def model_paths(output_dir: Path, model_id: str, log_dir: Path | None = None) -> ModelPaths:
     """The files of a list entry: named from its id and the revision written in it."""
     from model_loader import parse_model_id
 
@@ -168,7 +168,7 @@ def model_paths(output_dir: Path, model_id: str, log_dir: Optional[Path] = None)
 
 
 def parallel_layer_results(
-    named_tensors: Iterable[tuple[str, "object"]], config: ESDConfig, devices: Sequence[str],
+    named_tensors: Iterable[tuple[str, object]], config: ESDConfig, devices: Sequence[str],
 ) -> Iterator[LayerResult]:
     """Like ``iter_layer_results`` but each tensor goes to the next free device's thread.
 
@@ -209,7 +209,7 @@ def parallel_layer_results(
             if next_index == produced:
                 return
             with cond:
-                cond.wait_for(lambda: next_index in done or bool(failure))
+                cond.wait_for(lambda i=next_index: i in done or bool(failure))
                 if failure:
                     raise failure[0]
                 results = done.pop(next_index)
@@ -328,7 +328,7 @@ def watch_parent(parent_pid: int) -> None:
     threading.Thread(target=poll, name="parent-watchdog", daemon=True).start()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     args = build_parser().parse_args(argv)

@@ -12,9 +12,9 @@ import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 # Hub ids: "name" or "org/name" with [A-Za-z0-9._-]; the hub forbids "--" and ".." in names,
 # so "org--name" can be mapped back to exactly one id.
@@ -33,7 +33,7 @@ def _is_plain(part: str, pattern: re.Pattern) -> bool:
     return bool(pattern.match(part)) and "--" not in part and ".." not in part and "~" not in part
 
 
-def model_stem(model_id: str, revision: Optional[str] = None) -> str:
+def model_stem(model_id: str, revision: str | None = None) -> str:
     """File-name stem for one model: ``org--name`` or ``org--name@rev``.
 
     Ids that are not plain hub ids (local paths, odd characters, very long names) get a
@@ -63,9 +63,9 @@ class ModelPaths:
 
     @classmethod
     def for_model(
-        cls, output_dir: Path, model_id: str, revision: Optional[str] = None,
-        log_dir: Optional[Path] = None,
-    ) -> "ModelPaths":
+        cls, output_dir: Path, model_id: str, revision: str | None = None,
+        log_dir: Path | None = None,
+    ) -> ModelPaths:
         output_dir = Path(output_dir)
         return cls(output_dir, Path(log_dir) if log_dir is not None else output_dir / "logs",
                    model_stem(model_id, revision))

@@ -20,9 +20,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
 
 from errors import ESDError, InputError
 from esd_worker import EXIT_OK, EXIT_TRANSIENT, add_esd_arguments, esd_argv, model_paths
@@ -53,20 +53,20 @@ class RunConfig:
     output_dir: Path
     log_dir: Path
     args: argparse.Namespace = field(repr=False)  # the ESD options, forwarded to every worker
-    gpus: Optional[tuple[int, ...]] = None        # None: CPU mode
+    gpus: tuple[int, ...] | None = None        # None: CPU mode
     num_gpus_per_job: int = 1
     gpu_memory_threshold: float = 500.0
     max_check: int = 10
     poll_interval: float = 10.0
     cpu_workers: int = 1
     overwrite: bool = False
-    limit: Optional[int] = None
+    limit: int | None = None
     skip_failed: bool = False
     max_retries: int = 2
     retry_backoff: float = 30.0
     cleanup_cache: bool = False
     trust_remote_code: bool = False
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
     progress: bool = True
 
 
@@ -128,7 +128,8 @@ def make_plan(entries: list[ListEntry], config: RunConfig, failures: FailureLog)
     return plan
 
 
-def worker_argv(entry: ListEntry, config: RunConfig, threads: Optional[int]) -> list[str]:
+def worker_argv(entry: ListEntry, config: RunConfig) -> list[str]:
+    """The worker's command line. Tokens travel in the environment, never here."""
     argv = [sys.executable, str(WORKER), "--model_id", entry.model_id,
             "--output_dir", str(config.output_dir), "--log_dir", str(config.log_dir),
             "--parent_pid", str(os.getpid()), *esd_argv(config.args)]
@@ -136,8 +137,6 @@ def worker_argv(entry: ListEntry, config: RunConfig, threads: Optional[int]) -> 
         argv += ["--base_model_relation", entry.base_model_relation]
     if entry.source_model:
         argv += ["--source_model", entry.source_model]
-    if threads is not None:
-        argv += ["--threads", str(threads)]
     if config.cleanup_cache:
         argv.append("--cleanup_cache")
     if config.trust_remote_code:
@@ -145,3 +144,249 @@ def worker_argv(entry: ListEntry, config: RunConfig, threads: Optional[int]) -> 
     if config.cache_dir:
         argv += ["--cache_dir", config.cache_dir]
     return argv
+
+
+# ---------------------------------------------------------------------------------------------
+# Running: dispatch, retries, failure records, progress.
+
+class Progress:
+    """A progress bar on a terminal, plain log lines otherwise."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.done, self.failed = total, 0, 0
+        self._bar = None
+        if enabled and total and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, unit="model", dynamic_ncols=True)
+
+    def finished(self, model_id: str, ok: bool, running: int, detail: str = "") -> None:
+        self.done += ok
+        self.failed += not ok
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(done=self.done, failed=self.failed, running=running)
+        else:
+            logger.info("[%d/%d] %s %s%s", self.done + self.failed, self.total,
+                        "done" if ok else "FAILED", model_id, f": {detail}" if detail else "")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+class Runner:
+    """Turns finished jobs into results, retries and failure records."""
+
+    def __init__(self, config: RunConfig, failures: FailureLog, progress: Progress,
+                 clock=time.monotonic):
+        self.config, self.failures, self.progress, self.clock = config, failures, progress, clock
+        self.attempts: dict[str, int] = {}
+        self.running = 0
+        self.stopping = False
+
+    def job(self, entry: ListEntry, paths: ModelPaths, not_before: float = 0.0) -> Job:
+        return Job(name=entry.model_id, argv=worker_argv(entry, self.config),
+                   log_path=paths.log, not_before=not_before, payload=(entry, paths))
+
+    def on_finish(self, result: JobResult) -> list[Job]:
+        entry, paths = result.job.payload
+        attempt = self.attempts.get(entry.model_id, 0) + 1
+        self.attempts[entry.model_id] = attempt
+        code = result.returncode
+        if code == EXIT_OK and is_complete(paths.csv, RESULT_COLUMNS):
+            self.failures.clear(entry.model_id)
+            self.progress.finished(entry.model_id, True, self.running)
+            return []
+        if self.stopping:
+            return []  # interrupted: neither a result nor a failure; the next run retries it
+        transient = code == EXIT_TRANSIENT or (code is not None and code < 0)
+        if transient and attempt <= self.config.max_retries:
+            delay = self.config.retry_backoff * 2 ** (attempt - 1)
+            logger.warning("%s: transient failure (exit %s), retry %d/%d in %.0f s; log %s",
+                           entry.model_id, code, attempt, self.config.max_retries, delay, paths.log)
+            return [self.job(entry, paths, not_before=self.clock() + delay)]
+        cause = self.cause(result, paths)
+        self.failures.record(entry.model_id, cause)
+        self.progress.finished(entry.model_id, False, self.running, cause)
+        return []
+
+    def cause(self, result: JobResult, paths: ModelPaths) -> str:
+        recorded = read_failure_cause(paths.failure)
+        if recorded:
+            return recorded
+        if result.returncode == EXIT_OK:
+            return f"worker exited 0 but {paths.csv.name} is missing or incomplete; log {paths.log}"
+        tail = " | ".join(line.strip() for line in result.tail(LOG_TAIL_LINES) if line.strip())
+        return f"worker exited with {result.returncode}; log {paths.log}: {tail or 'empty'}"
+
+
+def make_dispatcher(config: RunConfig) -> Dispatcher:
+    return Dispatcher(
+        gpus=list(config.gpus) if config.gpus else None, gpus_per_job=config.num_gpus_per_job,
+        memory_threshold_mb=config.gpu_memory_threshold, max_check=config.max_check,
+        poll_interval=config.poll_interval, cpu_slots=config.cpu_workers,
+    )
+
+
+def run(config: RunConfig, dispatcher: Dispatcher | None = None) -> int:
+    """Run the whole list; returns the process exit code."""
+    started = time.monotonic()
+    entries = read_model_list(config.model_list)
+    with RunLock(config.output_dir):
+        failures = FailureLog(config.output_dir)
+        plan = make_plan(entries, config, failures)
+        for entry, reason in plan.invalid:
+            failures.record(entry.model_id, reason)
+        mode = (f"GPUs {list(config.gpus)}, {config.num_gpus_per_job} per job" if config.gpus
+                else f"CPU, {config.cpu_workers} worker(s)")
+        logger.info("%d models: %d to run, %d already done, %d failed before and skipped, "
+                    "%d invalid; %s", len(plan.to_run) + len(plan.done) + len(plan.skipped_failed)
+                    + len(plan.invalid), len(plan.to_run), len(plan.done),
+                    len(plan.skipped_failed), len(plan.invalid), mode)
+        progress = Progress(len(plan.to_run), config.progress)
+        runner = Runner(config, failures, progress)
+        dispatcher = dispatcher or make_dispatcher(config)
+        interrupted = False
+        previous = install_signal_handlers(dispatcher, runner)
+        try:
+            dispatcher.run([runner.job(e, p) for e, p in plan.to_run], on_finish=runner.on_finish)
+        except KeyboardInterrupt:
+            dispatcher.stop()
+        finally:
+            restore_signal_handlers(previous)
+            progress.close()
+            interrupted = runner.stopping
+        failed = progress.failed + len(plan.invalid)
+        logger.info("%s: done %d, skipped %d, failed %d, in %s%s",
+                    "interrupted" if interrupted else "finished", progress.done,
+                    len(plan.done) + len(plan.skipped_failed), failed,
+                    format_duration(time.monotonic() - started),
+                    f"; failures in {failures.path}" if failed else "")
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_SOME_FAILED if failed else 0
+
+
+def install_signal_handlers(dispatcher: Dispatcher, runner: Runner) -> dict:
+    """SIGINT/SIGTERM stop dispatching and terminate every worker; results so far are kept."""
+
+    def handle(signum, _frame) -> None:
+        if not runner.stopping:
+            logger.warning("%s received: stopping workers", signal.Signals(signum).name)
+        runner.stopping = True
+        dispatcher.stop()
+
+    return {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def restore_signal_handlers(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def format_duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model_list", type=Path, help="CSV with model_id[,base_model_relation,source_model]")
+    p.add_argument("--output_dir", type=Path, required=True, help="one CSV per model goes here")
+    p.add_argument("--log_dir", type=Path, default=None, help="per-model logs (default: <output_dir>/logs)")
+    p.add_argument("--demo", action="store_true",
+                   help="build a small offline model zoo under <output_dir>/zoo and analyse it")
+    g = p.add_argument_group("scheduling")
+    g.add_argument("--gpus", type=int, nargs="*", default=None,
+                   help="GPU indices to use (default: all that NVML reports; none -> CPU)")
+    g.add_argument("--num_gpus_per_job", type=int, default=1, help="GPUs per model")
+    g.add_argument("--gpu_memory_threshold", type=float, default=500,
+                   help="MB: a GPU using less is free")
+    g.add_argument("--max_check", type=int, default=10,
+                   help="consecutive free readings before a GPU is used")
+    g.add_argument("--poll_interval", type=float, default=10.0, help="seconds between GPU polls")
+    g.add_argument("--cpu_workers", type=int, default=1,
+                   help="CPU mode: models analysed at once (the cores are split between them)")
+    g = p.add_argument_group("experiment control")
+    g.add_argument("--overwrite", action="store_true", help="recompute models that have a result")
+    g.add_argument("--limit", type=int, default=None, help="only the first N models of the list")
+    g.add_argument("--skip_failed", action="store_true",
+                   help="skip models listed in failed_models.txt instead of retrying them")
+    g.add_argument("--max_retries", type=int, default=2,
+                   help="retries of a transient failure (OOM, hub timeout) within the run")
+    g.add_argument("--retry_backoff", type=float, default=30.0,
+                   help="seconds before the first retry, doubled for each next one")
+    g.add_argument("--cleanup_cache", action="store_true",
+                   help="delete each hub model's downloaded files once its result is written")
+    g.add_argument("--trust_remote_code", action="store_true",
+                   help="allow a model's own code to run (only the adapter fallback needs it)")
+    g.add_argument("--cache_dir", default=None, help="Hugging Face cache (default: HF_HOME's)")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="progress bar on a terminal")
+    add_esd_arguments(p)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    for name in ("num_gpus_per_job", "max_check", "cpu_workers"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.limit is not None and args.limit < 0:
+        raise InputError(f"--limit must be 0 or more, got {args.limit}")
+    if args.max_retries < 0 or args.retry_backoff < 0 or args.poll_interval <= 0:
+        raise InputError("--max_retries and --retry_backoff must be >= 0, --poll_interval > 0")
+    if args.model_list is None:
+        raise InputError("--model_list is required (or --demo)")
+    gpus = choose_gpus(args)
+    if gpus and args.num_gpus_per_job > len(gpus):
+        raise InputError(f"--num_gpus_per_job {args.num_gpus_per_job} exceeds the "
+                         f"{len(gpus)} GPU(s) available: {list(gpus)}")
+    output_dir = args.output_dir.resolve()
+    return RunConfig(
+        model_list=args.model_list, output_dir=output_dir,
+        log_dir=(args.log_dir or output_dir / "logs").resolve(), args=args, gpus=gpus,
+        num_gpus_per_job=args.num_gpus_per_job, gpu_memory_threshold=args.gpu_memory_threshold,
+        max_check=args.max_check, poll_interval=args.poll_interval, cpu_workers=args.cpu_workers,
+        overwrite=args.overwrite, limit=args.limit, skip_failed=args.skip_failed,
+        max_retries=args.max_retries, retry_backoff=args.retry_backoff,
+        cleanup_cache=args.cleanup_cache, trust_remote_code=args.trust_remote_code,
+        cache_dir=args.cache_dir, progress=args.progress,
+    )
+
+
+def choose_gpus(args: argparse.Namespace) -> tuple[int, ...] | None:
+    """CPU mode for --device cpu or when no GPU is found; else --gpus, or every GPU NVML lists."""
+    if args.device == "cpu":
+        return None
+    if args.gpus is not None:
+        return tuple(args.gpus) or None
+    found = detect_gpus()
+    if not found and args.device.startswith("cuda"):
+        raise InputError(f"--device {args.device} asked for, but NVML reports no GPU")
+    return tuple(found) or None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.demo:
+            from demo import build_demo_zoo
+
+            device = "cpu" if args.device == "auto" and not detect_gpus() else args.device
+            model_list = build_demo_zoo(args.output_dir / "zoo")
+            args = argparse.Namespace(**{**vars(args), "model_list": model_list, "device": device})
+        return run(config_from_args(args))
+    except InputError as exc:
+        print(f"run_esd_experiment: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

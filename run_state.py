@@ -7,8 +7,8 @@ import json
 import os
 import socket
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from errors import InputError
 from paths import FAILED_MODELS_FILE, LOCK_FILE, write_text_atomic
@@ -28,7 +28,7 @@ def is_complete(csv_path: Path, columns: Sequence[str]) -> bool:
     return header == ",".join(columns)
 
 
-def read_failure_cause(failure_json: Path) -> Optional[str]:
+def read_failure_cause(failure_json: Path) -> str | None:
     """The one-line cause a worker recorded, or None when it left no record."""
     try:
         record = json.loads(failure_json.read_text(encoding="utf-8"))
@@ -60,7 +60,7 @@ class FailureLog:
     def __len__(self) -> int:
         return len(self._causes)
 
-    def cause(self, model_id: str) -> Optional[str]:
+    def cause(self, model_id: str) -> str | None:
         return self._causes.get(model_id)
 
     def record(self, model_id: str, cause: str) -> None:
@@ -87,9 +87,9 @@ class RunLock:
 
     def __init__(self, output_dir: Path):
         self.path = Path(output_dir) / LOCK_FILE
-        self._fd: Optional[int] = None
+        self._fd: int | None = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
