@@ -1,0 +1,60 @@
+"""Output file names: readable, injective, always inside the output directory."""
+
+from pathlib import Path
+
+import pytest
+
+from paths import ModelPaths, model_stem, write_atomic, write_text_atomic
+
+
+@pytest.mark.parametrize("model_id, revision, stem", [
+    ("meta-llama/Llama-2-7b-hf", None, "meta-llama--Llama-2-7b-hf"),
+    ("gpt2", None, "gpt2"),
+    ("org/name", "main", "org--name@main"),
+    ("org/name", "0123abcd" * 5, "org--name@" + "0123abcd" * 5),
+])
+def test_hub_ids_get_readable_stems(model_id, revision, stem):
+    assert model_stem(model_id, revision) == stem
+
+
+@pytest.mark.parametrize("model_id, revision", [
+    ("../../etc/passwd", None), ("/abs/path/model", None), ("org/name", "feature/x"),
+    ("org/../name", None), ("a/b/c", None), ("..", None), ("name with spaces", None),
+    ("org/name", "../../x"), ("~user/x", None), ("x" * 400, None),
+])
+def test_unusual_ids_stay_one_path_component(tmp_path, model_id, revision):
+    stem = model_stem(model_id, revision)
+    assert "/" not in stem and "\0" not in stem and stem not in {".", ".."}
+    assert "~" in stem, "non-hub ids carry a hash so they cannot collide with hub ids"
+    assert len(stem.encode()) < 200
+    paths = ModelPaths.for_model(tmp_path, model_id, revision)
+    for p in (paths.csv, paths.eigs, paths.log, paths.failure):
+        assert p.resolve().is_relative_to(tmp_path.resolve())
+
+
+def test_stems_are_injective_across_confusable_ids():
+    ids = [("org/name", None), ("org--name", None), ("org/name", "main"), ("org/name@main", None),
+           ("/tmp/org/name", None), ("/tmp/org_name", None), ("/tmp/org name", None),
+           ("org/Name", None), ("org/name", ""), ("org/name ", None)]
+    stems = {model_stem(m, r) for m, r in ids}
+    # ("org/name", "") and ("org/name ", None) denote the same model as ("org/name", None)
+    assert len(stems) == len(ids) - 2
+
+
+def test_empty_id_is_refused():
+    with pytest.raises(ValueError, match="empty"):
+        model_stem("  ")
+
+
+def test_write_atomic_keeps_old_file_on_error(tmp_path):
+    target = tmp_path / "out.csv"
+    write_text_atomic(target, "old\n")
+
+    def broken(tmp: Path) -> None:
+        tmp.write_text("partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        write_atomic(target, broken)
+    assert target.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.csv"], "no temporary file is left behind"

@@ -1,0 +1,69 @@
+"""Resume check, failure log and run lock."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from errors import InputError
+from run_state import FailureLog, RunLock, is_complete, read_failure_cause
+
+COLUMNS = ("model_id", "alpha")
+
+
+def test_is_complete_needs_current_header(tmp_path):
+    csv = tmp_path / "m.csv"
+    assert not is_complete(csv, COLUMNS)
+    csv.write_text("model_id,alpha\nm,2.0\n")
+    assert is_complete(csv, COLUMNS)
+    csv.write_text("model_id,alpha_old\nm,2.0\n")
+    assert not is_complete(csv, COLUMNS), "a result of another schema is recomputed"
+
+
+def test_failure_log_roundtrip_and_clear(tmp_path):
+    log = FailureLog(tmp_path)
+    log.record("org/a", "NoWeightsError: org/a:\n no weights")
+    log.record("org/b", "boom")
+    again = FailureLog(tmp_path)
+    assert again.cause("org/a") == "NoWeightsError: org/a: no weights", "causes are one line"
+    assert "org/b" in again and len(again) == 2
+    again.clear("org/a")
+    assert (tmp_path / "failed_models.txt").read_text() == "org/b\tboom\n"
+
+
+def test_failure_log_not_created_without_failures(tmp_path):
+    FailureLog(tmp_path).clear("org/a")
+    assert not (tmp_path / "failed_models.txt").exists()
+
+
+def test_read_failure_cause(tmp_path):
+    record = tmp_path / "m.failure.json"
+    assert read_failure_cause(record) is None
+    record.write_text('{"error": "ModelNotFoundError", "message": "org/x: not found"}')
+    assert read_failure_cause(record) == "ModelNotFoundError: org/x: not found"
+    record.write_text("{garbage")
+    assert read_failure_cause(record) is None
+
+
+def test_second_lock_is_refused_naming_the_holder(tmp_path):
+    with RunLock(tmp_path):
+        with pytest.raises(InputError, match=r"in use by another run \(pid \d+ on "):
+            with RunLock(tmp_path):
+                pass
+    with RunLock(tmp_path):  # released on exit
+        pass
+
+
+def test_lock_of_a_killed_run_is_not_stuck(tmp_path):
+    script = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parents[1])!r})
+        from run_state import RunLock
+        RunLock({str(tmp_path)!r}).__enter__()
+        os._exit(0)  # dies holding the lock, as a crashed run would
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True)
+    assert (tmp_path / ".esd_run.lock").exists()
+    with RunLock(tmp_path):
+        pass
