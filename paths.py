@@ -48,9 +48,12 @@ def model_stem(model_id: str, revision: str | None = None) -> str:
         stem = model_id.replace("/", "--") + (f"@{rev}" if rev else "")
         if len(stem) <= _MAX_READABLE:
             return stem
-    readable = _UNSAFE_CHARS.sub("_", model_id.replace("/", "--")).strip("._") or "model"
+    # The last two path components are the readable part of a local path; a leading "-" or
+    # "." would make the file look like an option or a hidden file.
+    parts = [p for p in model_id.replace("\\", "/").split("/") if p not in ("", ".", "..")]
+    readable = _UNSAFE_CHARS.sub("_", "--".join(parts[-2:]))[-_MAX_READABLE:].lstrip("-._")
     digest = hashlib.sha256(f"{model_id}\0{rev}".encode()).hexdigest()[:16]
-    return f"{readable[-_MAX_READABLE:]}~{digest}"  # the tail of a path is its readable part
+    return f"{readable or 'model'}~{digest}"
 
 
 @dataclass(frozen=True)

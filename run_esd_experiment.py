@@ -7,7 +7,8 @@ Reads the model list (CSV: model_id, optional base_model_relation and source_mod
 under --output_dir one ``<org--name>.csv`` per model (columns: net_esd.RESULT_COLUMNS),
 ``failed_models.txt`` (model id, tab, cause), and one log per model under --log_dir.
 Finished models are skipped on a rerun. Exit code: 0 when no model failed, 1 when some model
-failed, 2 for bad input (list, flags, a second run on the same output), 130 when interrupted.
+failed, 2 for bad input (list, flags, a second run on the same output), 128 + the signal
+number when interrupted (130 after Ctrl-C).
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from errors import ESDError, InputError
-from esd_worker import EXIT_OK, EXIT_TRANSIENT, add_esd_arguments, esd_argv, model_paths
-from gputracker import Dispatcher, Job, JobResult, detect_gpus
+from esd_worker import EXIT_TRANSIENT, add_esd_arguments, esd_argv, model_paths
+from gputracker import Dispatcher, Job, JobResult, detect_gpus, install_signal_handlers
 from net_esd import RESULT_COLUMNS
 from paths import ModelPaths
 from run_state import FailureLog, RunLock, is_complete, read_failure_cause
@@ -35,7 +36,6 @@ logger = logging.getLogger("run_esd_experiment")
 
 EXIT_SOME_FAILED = 1
 EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
 WORKER = Path(__file__).resolve().with_name("esd_worker.py")
 LOG_TAIL_LINES = 5
 
@@ -178,52 +178,55 @@ class Progress:
 class Runner:
     """Turns finished jobs into results, retries and failure records."""
 
-    def __init__(self, config: RunConfig, failures: FailureLog, progress: Progress,
-                 clock=time.monotonic):
-        self.config, self.failures, self.progress, self.clock = config, failures, progress, clock
-        self.attempts: dict[str, int] = {}
-        self.running = 0
-        self.stopping = False
+    def __init__(self, config: RunConfig, dispatcher: Dispatcher, failures: FailureLog,
+                 progress: Progress):
+        self.config, self.dispatcher = config, dispatcher
+        self.failures, self.progress = failures, progress
 
-    def job(self, entry: ListEntry, paths: ModelPaths, not_before: float = 0.0) -> Job:
+    def job(self, entry: ListEntry, paths: ModelPaths) -> Job:
         return Job(name=entry.model_id, argv=worker_argv(entry, self.config),
-                   log_path=paths.log, not_before=not_before, payload=(entry, paths))
+                   log_path=paths.log, payload=(entry, paths))
 
     def on_finish(self, result: JobResult) -> list[Job]:
         entry, paths = result.job.payload
-        attempt = self.attempts.get(entry.model_id, 0) + 1
-        self.attempts[entry.model_id] = attempt
-        code = result.returncode
-        if code == EXIT_OK and is_complete(paths.csv, RESULT_COLUMNS):
-            self.failures.clear(entry.model_id)
-            self.progress.finished(entry.model_id, True, self.running)
-            return []
-        if self.stopping:
+        running = self.dispatcher.running_jobs
+        if result.stopped:
             return []  # interrupted: neither a result nor a failure; the next run retries it
-        transient = code == EXIT_TRANSIENT or (code is not None and code < 0)
+        if result.ok and is_complete(paths.csv, RESULT_COLUMNS):
+            self.failures.clear(entry.model_id)
+            self.progress.finished(entry.model_id, True, running)
+            return []
+        # A worker killed by a signal it did not ask for (the kernel's OOM killer) may pass.
+        transient = result.returncode == EXIT_TRANSIENT or result.returncode < 0
+        attempt = result.job.attempt
         if transient and attempt <= self.config.max_retries:
             delay = self.config.retry_backoff * 2 ** (attempt - 1)
-            logger.warning("%s: transient failure (exit %s), retry %d/%d in %.0f s; log %s",
-                           entry.model_id, code, attempt, self.config.max_retries, delay, paths.log)
-            return [self.job(entry, paths, not_before=self.clock() + delay)]
+            logger.warning("%s: transient failure (%s), retry %d/%d in %.0f s; log %s",
+                           entry.model_id, result.describe(), attempt, self.config.max_retries,
+                           delay, paths.log)
+            return [replace(result.job, attempt=attempt + 1,
+                            not_before=self.dispatcher.now() + delay)]
         cause = self.cause(result, paths)
         self.failures.record(entry.model_id, cause)
-        self.progress.finished(entry.model_id, False, self.running, cause)
+        self.progress.finished(entry.model_id, False, running, cause)
         return []
 
     def cause(self, result: JobResult, paths: ModelPaths) -> str:
         recorded = read_failure_cause(paths.failure)
         if recorded:
             return recorded
-        if result.returncode == EXIT_OK:
+        if result.ok:
             return f"worker exited 0 but {paths.csv.name} is missing or incomplete; log {paths.log}"
-        tail = " | ".join(line.strip() for line in result.tail(LOG_TAIL_LINES) if line.strip())
-        return f"worker exited with {result.returncode}; log {paths.log}: {tail or 'empty'}"
+        try:
+            tail = " | ".join(line.strip() for line in result.tail(LOG_TAIL_LINES) if line.strip())
+        except OSError:
+            tail = ""
+        return f"worker {result.describe()}; log {paths.log}: {tail or 'empty'}"
 
 
 def make_dispatcher(config: RunConfig) -> Dispatcher:
     return Dispatcher(
-        gpus=list(config.gpus) if config.gpus else None, gpus_per_job=config.num_gpus_per_job,
+        list(config.gpus) if config.gpus else None, gpus_per_job=config.num_gpus_per_job,
         memory_threshold_mb=config.gpu_memory_threshold, max_check=config.max_check,
         poll_interval=config.poll_interval, cpu_slots=config.cpu_workers,
     )
@@ -233,56 +236,35 @@ def run(config: RunConfig, dispatcher: Dispatcher | None = None) -> int:
     """Run the whole list; returns the process exit code."""
     started = time.monotonic()
     entries = read_model_list(config.model_list)
+    dispatcher = dispatcher or make_dispatcher(config)
     with RunLock(config.output_dir):
         failures = FailureLog(config.output_dir)
         plan = make_plan(entries, config, failures)
         for entry, reason in plan.invalid:
             failures.record(entry.model_id, reason)
         mode = (f"GPUs {list(config.gpus)}, {config.num_gpus_per_job} per job" if config.gpus
-                else f"CPU, {config.cpu_workers} worker(s)")
+                else f"CPU, {config.cpu_workers} worker(s) of {dispatcher.threads_per_job} threads")
         logger.info("%d models: %d to run, %d already done, %d failed before and skipped, "
                     "%d invalid; %s", len(plan.to_run) + len(plan.done) + len(plan.skipped_failed)
                     + len(plan.invalid), len(plan.to_run), len(plan.done),
                     len(plan.skipped_failed), len(plan.invalid), mode)
         progress = Progress(len(plan.to_run), config.progress)
-        runner = Runner(config, failures, progress)
-        dispatcher = dispatcher or make_dispatcher(config)
-        interrupted = False
-        previous = install_signal_handlers(dispatcher, runner)
+        runner = Runner(config, dispatcher, failures, progress)
+        restore = install_signal_handlers(dispatcher)
         try:
-            dispatcher.run([runner.job(e, p) for e, p in plan.to_run], on_finish=runner.on_finish)
-        except KeyboardInterrupt:
-            dispatcher.stop()
+            dispatcher.run([runner.job(e, p) for e, p in plan.to_run], runner.on_finish)
         finally:
-            restore_signal_handlers(previous)
+            restore()
             progress.close()
-            interrupted = runner.stopping
         failed = progress.failed + len(plan.invalid)
         logger.info("%s: done %d, skipped %d, failed %d, in %s%s",
-                    "interrupted" if interrupted else "finished", progress.done,
+                    "interrupted" if dispatcher.stopped else "finished", progress.done,
                     len(plan.done) + len(plan.skipped_failed), failed,
                     format_duration(time.monotonic() - started),
                     f"; failures in {failures.path}" if failed else "")
-    if interrupted:
-        return EXIT_INTERRUPTED
+    if dispatcher.stopped:
+        return 128 + (dispatcher.stop_signum or signal.SIGINT)
     return EXIT_SOME_FAILED if failed else 0
-
-
-def install_signal_handlers(dispatcher: Dispatcher, runner: Runner) -> dict:
-    """SIGINT/SIGTERM stop dispatching and terminate every worker; results so far are kept."""
-
-    def handle(signum, _frame) -> None:
-        if not runner.stopping:
-            logger.warning("%s received: stopping workers", signal.Signals(signum).name)
-        runner.stopping = True
-        dispatcher.stop()
-
-    return {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-
-def restore_signal_handlers(previous: dict) -> None:
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
 
 
 def format_duration(seconds: float) -> str:

@@ -20,11 +20,13 @@ def test_hub_ids_get_readable_stems(model_id, revision, stem):
 @pytest.mark.parametrize("model_id, revision", [
     ("../../etc/passwd", None), ("/abs/path/model", None), ("org/name", "feature/x"),
     ("org/../name", None), ("a/b/c", None), ("..", None), ("name with spaces", None),
-    ("org/name", "../../x"), ("~user/x", None), ("x" * 400, None),
+    ("org/name", "../../x"), ("~user/x", None), ("x" * 400, None), ("-rf", None),
+    ("/a/b/.hidden", None),
 ])
 def test_unusual_ids_stay_one_path_component(tmp_path, model_id, revision):
     stem = model_stem(model_id, revision)
     assert "/" not in stem and "\0" not in stem and stem not in {".", ".."}
+    assert not stem.startswith(("-", ".")), "no name reads as an option or a hidden file"
     assert "~" in stem, "non-hub ids carry a hash so they cannot collide with hub ids"
     assert len(stem.encode()) < 200
     paths = ModelPaths.for_model(tmp_path, model_id, revision)

@@ -1,0 +1,109 @@
+"""The worker on tiny real models built by the demo: rows, adapters, eigenvalues, failures."""
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import esd_worker
+from demo import build_demo_zoo
+from net_esd import RESULT_COLUMNS, ESDConfig, iter_layer_results
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo")
+    build_demo_zoo(root)
+    return root
+
+
+def run_worker(*argv):
+    return esd_worker.main([*map(str, argv), "--device", "cpu"])
+
+
+def test_worker_writes_one_row_per_matrix(zoo, tmp_path):
+    assert run_worker("--model_id", zoo / "tiny-llama", "--output_dir", tmp_path) == 0
+    (csv,) = tmp_path.glob("*.csv")
+    df = pd.read_csv(csv, keep_default_na=False)
+    assert tuple(df.columns) == RESULT_COLUMNS
+    # 2 layers x (4 attention + 3 MLP) + embed_tokens + lm_head; norms are 1-D and skipped
+    assert len(df) == 2 * 7 + 2
+    assert df.layer_id.tolist() == list(range(len(df)))
+    assert set(df.layer_type) == {"linear", "embedding", "lm_head"}
+    assert (df.status == "ok").all()
+    assert (df.model_id == str(zoo / "tiny-llama")).all()
+    assert (df.revision == "").all() and (df.source_model == "").all()
+    assert not (tmp_path / "logs").exists() or not list((tmp_path / "logs").glob("*.failure.json"))
+
+
+def test_adapter_row_records_base_and_differs_from_base(zoo, tmp_path):
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    assert run_worker("--model_id", zoo / "tiny-llama", "--output_dir", base_dir) == 0
+    assert run_worker("--model_id", zoo / "tiny-llama-lora", "--base_model_relation", "adapter",
+                      "--source_model", zoo / "tiny-llama", "--output_dir", adapter_dir) == 0
+    base = pd.read_csv(next(base_dir.glob("*.csv"))).set_index("longname")
+    merged = pd.read_csv(next(adapter_dir.glob("*.csv"))).set_index("longname")
+    assert (merged.source_model == str(zoo / "tiny-llama")).all()
+    changed = merged.index[merged.norm != base.norm.loc[merged.index]]
+    assert sorted(changed) == sorted(n for n in base.index if n.endswith(("q_proj", "v_proj")))
+
+
+def test_save_eigs_matches_rows(zoo, tmp_path):
+    assert run_worker("--model_id", zoo / "tiny-gpt2", "--output_dir", tmp_path, "--save_eigs") == 0
+    df = pd.read_csv(next(tmp_path.glob("*.csv")))
+    with np.load(next(tmp_path.glob("*.eigs.npz"))) as eigs:
+        assert set(eigs.files) == set(df.longname[df.status == "ok"])
+        for _, row in df[df.status == "ok"].iterrows():
+            evals = eigs[row.longname]
+            assert len(evals) == row.num_evals
+            assert evals.max() == pytest.approx(row.spectral_norm, rel=1e-12)
+
+
+def test_missing_model_fails_with_record(tmp_path):
+    missing = tmp_path / "no-such-model"
+    missing.mkdir()
+    code = run_worker("--model_id", missing, "--output_dir", tmp_path / "out")
+    assert code == esd_worker.EXIT_FAILED
+    (record,) = (tmp_path / "out" / "logs").glob("*.failure.json")
+    failure = json.loads(record.read_text())
+    assert failure["transient"] is False
+    assert str(missing) in failure["message"]
+    assert not list((tmp_path / "out").glob("*.csv"))
+
+
+def test_failure_keeps_earlier_result(zoo, tmp_path):
+    """A model that broke after an earlier success keeps its complete earlier CSV."""
+    model = tmp_path / "model"
+    shutil.copytree(zoo / "tiny-gpt2", model)
+    out = tmp_path / "out"
+    assert run_worker("--model_id", model, "--output_dir", out) == 0
+    (csv,) = out.glob("*.csv")
+    before = csv.read_bytes()
+    (model / "model.safetensors").write_bytes(b"garbage, not a safetensors file")
+    assert run_worker("--model_id", model, "--output_dir", out) == esd_worker.EXIT_FAILED
+    assert csv.read_bytes() == before
+
+
+def test_parallel_layers_match_serial(tmp_path):
+    """The multi-device path returns the serial rows, in order, with the same layer ids."""
+    g = torch.Generator().manual_seed(0)
+    tensors = [(f"layers.{i}.w.weight", torch.randn(40 + i, 30, generator=g)) for i in range(7)]
+    tensors.insert(3, ("experts.weight", torch.randn(3, 20, 16, generator=g)))
+    tensors.insert(5, ("norm.weight", torch.ones(30)))
+    config = ESDConfig()
+    serial = [r.row for r in iter_layer_results(iter(tensors), config)]
+    parallel = [r.row for r in esd_worker.parallel_layer_results(iter(tensors), config,
+                                                                 ["cpu", "cpu", "cpu"])]
+    assert pd.DataFrame(parallel).equals(pd.DataFrame(serial))
+
+
+def test_parallel_layers_propagate_errors():
+    def stream():
+        yield "a.weight", torch.randn(20, 20)
+        raise RuntimeError("shard vanished")
+
+    with pytest.raises(RuntimeError, match="shard vanished"):
+        list(esd_worker.parallel_layer_results(stream(), ESDConfig(), ["cpu", "cpu"]))
