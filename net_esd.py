@@ -2,14 +2,30 @@
 
 Pure computation: tensors and options in, result rows out. No file I/O, no logging setup,
 no hub access; the device is passed in. The numerical contract is ``docs/metrics.md``.
+
+Three doors, one implementation:
+
+- ``iter_layer_results(named_tensors, config)``: a stream of ``(name, tensor)`` pairs (the
+  worker's loader reads them one at a time) to one ``LayerResult`` per layer.
+- ``net_esd_estimator(net, ...)``: TempBalance's call on an ``nn.Module``, returning a DataFrame.
+- ``fit_from_evals(evals, config, N=...)``: the fit and metric columns from saved eigenvalues.
+
+Eigenvalues are those of the smaller Gram matrix, accumulated from row chunks converted one at
+a time to the computation dtype, so memory stays O(M^2 + chunk) even for a 128k-row embedding.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Optional
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
+import torch
+
+from errors import InputError
+from esd_fit import METRIC_COLUMNS, spectral_metrics
 
 # The result schema: one definition, imported by the worker, the runner's resume check and
 # every report. Model-level columns are filled by the worker, layer columns by this module.
@@ -25,6 +41,16 @@ RESULT_COLUMNS = MODEL_COLUMNS + LAYER_COLUMNS
 
 FIX_FINGERS = ("xmin_mid", "xmin_peak", "DKS")
 STATUSES = ("ok", "fit_failed", "too_small", "nonfinite", "unsupported_dtype")
+PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
+
+# Storage dtypes analysed as numbers (half precisions are upcast chunk by chunk). Integer and
+# bool tensors are packed quantized data; float8 values mean nothing without their scales.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Last name components that hold weights besides "...weight": packed quantized weights (so
+# they get an unsupported_dtype row) and fused expert projections stored without ".weight".
+WEIGHT_NAME_ENDINGS = ("weight", "weight_packed", "_proj", "_blocks")
+EMBEDDING_OWNERS = ("wte", "wpe", "shared", "emb", "tok_emb", "pos_emb")
+LM_HEAD_OWNERS = ("lm_head", "embed_out")
 
 
 @dataclass(frozen=True)
@@ -41,6 +67,24 @@ class ESDConfig:
     precision: str = "float64"      # float64 (exact, default) | float32 (faster, documented error)
     device: str = "cpu"             # "cpu", "cuda", "cuda:1"
     keep_evals: bool = False        # attach each layer's eigenvalues to its result
+    chunk_elems: int = 1 << 19      # entries per Gram row chunk and per KS-scan block (4 MiB f64)
+
+    def __post_init__(self) -> None:
+        if self.fix_fingers not in FIX_FINGERS:
+            raise InputError(f"fix_fingers={self.fix_fingers!r} is not one of {FIX_FINGERS}")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"precision={self.precision!r} is not one of {tuple(PRECISIONS)}")
+        for name in ("xmin_pos", "bins", "chunk_elems"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.min_evals < 0 or not self.conv_norm > 0:
+            raise InputError(f"need min_evals >= 0 and conv_norm > 0, got {self.min_evals}, "
+                             f"{self.conv_norm}")
+        try:
+            torch.device(self.device)
+        except RuntimeError as exc:
+            raise InputError(f"device={self.device!r} is not a torch device such as 'cpu', "
+                             f"'cuda' or 'cuda:1'") from exc
 
 
 @dataclass
@@ -48,4 +92,273 @@ class LayerResult:
     """One result row (keys = LAYER_COLUMNS) and, when asked for, its eigenvalues."""
 
     row: dict[str, Any]
-    evals: Optional[np.ndarray] = None
+    evals: np.ndarray | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Which tensors are layers (metrics.md section 1).
+
+def is_weight_name(name: str) -> bool:
+    """True for weight tensors: ``*.weight``, packed ``qweight``/``weight_packed``, fused experts.
+
+    Biases, quantization scales and zero points, and buffers (masks, position ids) are not.
+    """
+    return name.rsplit(".", 1)[-1].endswith(WEIGHT_NAME_ENDINGS)
+
+
+def longname_of(name: str) -> str:
+    return name[: -len(".weight")] if name.endswith(".weight") else name
+
+
+def layer_type_of(name: str, ndim: int) -> str:
+    """``layer_type`` from a checkpoint name and the tensor's rank.
+
+    3-D tensors are fused experts unless a name component says ``conv`` (a Conv1d kernel);
+    4-D and up are convolutions, ``conv{ndim-2}d``. 2-D tensors owned by an embedding module
+    (``embed_tokens``, ``wte``, ``word_embeddings``, T5's ``shared``...) are ``embedding``,
+    ``lm_head`` / GPT-NeoX ``embed_out`` are ``lm_head``, everything else ``linear``.
+    """
+    parts = longname_of(name).lower().split(".")
+    if ndim >= 4 or (ndim == 3 and any("conv" in p for p in parts)):
+        return f"conv{ndim - 2}d"
+    if ndim == 3:
+        return "expert"
+    owner = parts[-1]
+    if owner in LM_HEAD_OWNERS or owner.endswith("lm_head"):
+        return "lm_head"
+    if "embed" in owner or owner in EMBEDDING_OWNERS:
+        return "embedding"
+    return "linear"
+
+
+@dataclass
+class _Layer:
+    """One result row's matrices: a 2-D weight, one expert, or a convolution's kernel slices."""
+
+    longname: str
+    layer_type: str
+    dtype: torch.dtype
+    mats: list[torch.Tensor] = field(repr=False)
+    evals_scale: float = 1.0  # conv slices are scaled by sqrt(conv_norm): eigenvalues by conv_norm
+
+    @property
+    def N(self) -> int:
+        return max(self.mats[0].shape)
+
+    @property
+    def M(self) -> int:
+        return min(self.mats[0].shape)
+
+    @property
+    def num_evals(self) -> int:
+        return self.M * len(self.mats)
+
+
+def split_layers(name: str, tensor: torch.Tensor, layer_type: str | None,
+                 conv_norm: float) -> Iterator[_Layer]:
+    """The result rows of one tensor: experts one by one, convolutions as pooled slices."""
+    layer_type = layer_type or layer_type_of(name, tensor.ndim)
+    longname = longname_of(name)
+    if layer_type == "expert":
+        for e in range(tensor.shape[0]):
+            yield _Layer(f"{longname}[{e}]", layer_type, tensor.dtype, [tensor[e]])
+    elif tensor.ndim >= 3:
+        kernel = tensor.reshape(tensor.shape[0], tensor.shape[1], -1)
+        mats = [kernel[:, :, k] for k in range(kernel.shape[2])]
+        yield _Layer(longname, layer_type, tensor.dtype, mats, evals_scale=conv_norm)
+    else:
+        yield _Layer(longname, layer_type, tensor.dtype, [tensor])
+
+
+# ---------------------------------------------------------------------------------------------
+# Eigenvalues (metrics.md section 2).
+
+def gram_eigenvalues(w: torch.Tensor, device: torch.device, dtype: torch.dtype,
+                     chunk_elems: int) -> torch.Tensor | None:
+    """Ascending eigenvalues of the smaller Gram matrix of ``w``; None if it is not finite.
+
+    ``G = sum_chunks C^T C`` over row chunks of the taller orientation, each chunk moved to
+    ``device`` in its stored dtype and only then converted, so neither a float64 copy of the
+    whole matrix nor a device copy of it ever exists. Negative round-off is clamped to 0.
+    """
+    if w.shape[0] < w.shape[1]:
+        w = w.T
+    m = w.shape[1]
+    rows = max(1, chunk_elems // m)
+    gram = torch.zeros((m, m), dtype=dtype, device=device)
+    for r0 in range(0, w.shape[0], rows):
+        chunk = w[r0:r0 + rows].to(device).to(dtype)
+        gram.addmm_(chunk.T, chunk)
+    if not bool(torch.isfinite(gram).all()):
+        return None
+    return torch.linalg.eigvalsh(gram).clamp_(min=0)
+
+
+def layer_eigenvalues(layer: _Layer, config: ESDConfig) -> torch.Tensor | None:
+    """The layer's ``num_evals`` eigenvalues (float64, ascending) on ``config.device``.
+
+    A convolution's ESD is the union of its slices' spectra, each scaled by conv_norm.
+    None when the weights hold NaN/Inf (or their Gram overflows the computation dtype).
+    """
+    device, dtype = torch.device(config.device), PRECISIONS[config.precision]
+    parts = []
+    for mat in layer.mats:
+        ev = gram_eigenvalues(mat, device, dtype, config.chunk_elems)
+        if ev is None:
+            return None
+        parts.append(ev)
+    evals = parts[0] if len(parts) == 1 else torch.sort(torch.cat(parts)).values
+    evals = evals.to(torch.float64)
+    if layer.evals_scale != 1.0:
+        evals = evals * layer.evals_scale
+    return evals
+
+
+def computation_eps(config: ESDConfig) -> float:
+    """Machine epsilon of the dtype the eigenvalues are computed in (for matrix_rank)."""
+    return float(torch.finfo(PRECISIONS[config.precision]).eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows.
+
+def _empty_metrics() -> dict[str, Any]:
+    out: dict[str, Any] = {c: math.nan for c in METRIC_COLUMNS}
+    out["warning"] = ""
+    return out
+
+
+def analyse_layer(layer: _Layer, layer_id: int, config: ESDConfig) -> LayerResult:
+    """One row: shapes always; metrics unless the layer is unsupported, too small or non-finite."""
+    n, m = layer.N, layer.M
+    row: dict[str, Any] = {
+        "layer_id": layer_id, "longname": layer.longname, "layer_type": layer.layer_type,
+        "N": n, "M": m, "Q": n / m if m > 0 else math.nan, "num_evals": layer.num_evals,
+        "fix_fingers": config.fix_fingers,
+    }
+    row.update(_empty_metrics())
+    evals = None
+    if layer.dtype not in FLOAT_DTYPES:
+        row["status"] = "unsupported_dtype"
+    elif m == 0 or layer.num_evals < config.min_evals:
+        row["status"] = "too_small"
+    else:
+        evals = layer_eigenvalues(layer, config)
+        if evals is None:
+            row["status"] = "nonfinite"
+        else:
+            metrics, ok = spectral_metrics(evals, n, computation_eps(config), config)
+            row.update(metrics, status="ok" if ok else "fit_failed")
+    kept = evals.cpu().numpy() if (config.keep_evals and evals is not None) else None
+    return LayerResult(row={c: row[c] for c in LAYER_COLUMNS}, evals=kept)
+
+
+def _as_tensor(tensor: Any) -> torch.Tensor:
+    return tensor if isinstance(tensor, torch.Tensor) else torch.as_tensor(tensor)
+
+
+def iter_layer_results(named_tensors: Iterable[tuple[str, Any]],
+                       config: ESDConfig) -> Iterator[LayerResult]:
+    """One ``LayerResult`` per layer of a ``(name, tensor)`` stream, in stream order.
+
+    Tensors with fewer than 2 dimensions and non-weights (see ``is_weight_name``) give no row.
+    A 3-D expert tensor gives one row per expert, with consecutive ``layer_id``s. Only the
+    current tensor is held: it is released before the next one is read.
+    """
+    _check_device(config)
+    layer_id = 0
+    with torch.no_grad():
+        for name, tensor in named_tensors:
+            t = _as_tensor(tensor)
+            del tensor
+            if t.ndim >= 2 and is_weight_name(name):
+                for layer in split_layers(name, t, None, config.conv_norm):
+                    result = analyse_layer(layer, layer_id, config)
+                    del layer  # holds a view of t
+                    layer_id += 1
+                    yield result
+            del t
+
+
+def fit_from_evals(evals: np.ndarray, config: ESDConfig, *, N: int | None = None) -> dict:
+    """The fit and metric columns (METRIC_COLUMNS, fix_fingers, status) of saved eigenvalues.
+
+    ``evals``: a layer's eigenvalues as saved with ``keep_evals`` (any order; negatives are
+    clamped to 0). ``N``: the layer's larger dimension, which sets matrix_rank's tolerance
+    (``lambda_max * N * eps``); it defaults to the number of eigenvalues, a square matrix.
+    The eigenvalues are assumed computed in ``config.precision``. This is the same function
+    the tensor path runs, so a saved layer refits to its row exactly.
+    """
+    arr = np.asarray(evals, dtype=np.float64)
+    if arr.ndim != 1 or arr.size == 0 or not np.isfinite(arr).all():
+        raise InputError(f"fit_from_evals needs a non-empty 1-D array of finite eigenvalues, "
+                         f"got shape {arr.shape} (finite: {bool(np.isfinite(arr).all())})")
+    _check_device(config)
+    t = torch.as_tensor(np.sort(arr), device=torch.device(config.device)).clamp_(min=0)
+    metrics, ok = spectral_metrics(t, arr.size if N is None else N, computation_eps(config),
+                                   config)
+    return {**metrics, "fix_fingers": config.fix_fingers, "status": "ok" if ok else "fit_failed"}
+
+
+def _check_device(config: ESDConfig) -> None:
+    dev = torch.device(config.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device={config.device!r} asked for, but torch sees no CUDA device")
+
+
+# ---------------------------------------------------------------------------------------------
+# The nn.Module door (TempBalance's net_esd_estimator).
+
+def module_layers(net: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """``(name.weight, weight, layer_type)`` for Linear, Conv2d, Embedding and HF Conv1D.
+
+    A weight shared by several modules (tied embeddings) is analysed once.
+    """
+    seen: set[int] = set()
+    for name, module in net.named_modules():
+        if isinstance(module, torch.nn.Conv2d):
+            layer_type = "conv2d"
+        elif isinstance(module, torch.nn.Embedding):
+            layer_type = "embedding"
+        elif isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":
+            layer_type = "lm_head" if layer_type_of(name, 2) == "lm_head" else "linear"
+        else:
+            continue
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or id(weight) in seen:
+            continue
+        seen.add(id(weight))
+        yield f"{name}.weight", weight.detach(), layer_type
+
+
+def net_esd_estimator(net: torch.nn.Module, EVALS_THRESH: float = 1e-5, bins: int = 100,
+                      fix_fingers: str = "xmin_mid", xmin_pos: int = 2, conv_norm: float = 0.5,
+                      filter_zeros: bool = False, device: str | None = None, eigs: bool = False,
+                      *, precision: str = "float64"):
+    """TempBalance's estimator: a DataFrame with one row per Linear/Conv2d/Embedding/Conv1D.
+
+    Columns: LAYER_COLUMNS, ``alphahat`` (= alpha_weighted) and, with ``eigs=True``, ``eigs``
+    (each layer's eigenvalues, float64 numpy, ascending). ``device=None`` computes each layer
+    on its parameter's own device. Layers with fewer than 10 eigenvalues get status too_small.
+    """
+    import pandas as pd
+
+    base = ESDConfig(fix_fingers=fix_fingers, xmin_pos=xmin_pos, bins=bins,
+                     evals_thresh=EVALS_THRESH, filter_zeros=filter_zeros, conv_norm=conv_norm,
+                     precision=precision, keep_evals=eigs, device=device or "cpu")
+    configs: dict[str, ESDConfig] = {}
+    rows = []
+    layer_id = 0
+    with torch.no_grad():
+        for name, weight, layer_type in module_layers(net):
+            dev = device or str(weight.device)
+            config = configs.setdefault(dev, replace(base, device=dev))
+            for layer in split_layers(name, weight, layer_type, conv_norm):
+                result = analyse_layer(layer, layer_id, config)
+                layer_id += 1
+                row = {**result.row, "alphahat": result.row["alpha_weighted"]}
+                if eigs:
+                    row["eigs"] = result.evals
+                rows.append(row)
+    columns = list(LAYER_COLUMNS) + ["alphahat"] + (["eigs"] if eigs else [])
+    return pd.DataFrame(rows, columns=columns)

@@ -1,0 +1,311 @@
+"""Reading weight checkpoints tensor by tensor, without building a model.
+
+Which files of a model directory hold its weights (``select_weight_files``), a refusal of
+packed quantized checkpoints (``check_not_quantized``), and ``CheckpointReader``: the
+tensor names, shapes and dtypes of a set of safetensors or ``.bin`` files, read from their
+headers when the reader is built, and then one tensor at a time on request.
+
+Order: tensor names are yielded in natural order (``layers.2`` before ``layers.10``) across
+all shards, whatever shard holds them. Peak memory is one tensor: safetensors files are read
+with ``safe_open(...).get_tensor`` and ``.bin`` files are memory-mapped
+(``torch.load(mmap=True, weights_only=True)``); only pre-1.6 non-zip ``.bin`` files, which
+cannot be mapped, are read whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import zipfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from errors import CorruptCheckpointError, NoWeightsError, UnsupportedFormatError
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+# Root-level .bin files that trainers leave beside the weights and that are not weights.
+_NOT_WEIGHTS_BIN = re.compile(r"^(training_args|optimizer|scheduler|scaler|rng_state.*)\.bin$")
+_DIGITS = re.compile(r"(\d+)")
+# safetensors header dtypes under torch's names, so both formats report dtypes alike.
+_SAFETENSORS_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+}
+FLOAT_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16"})
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that orders digit runs by value: ``layers.2`` before ``layers.10``."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part)
+                 for part in _DIGITS.split(name) if part)
+
+
+@dataclass(frozen=True)
+class WeightFiles:
+    """The files of one checkpoint: ``kind`` is ``safetensors`` or ``bin``."""
+
+    kind: str
+    index: str | None
+    shards: tuple[str, ...]
+
+    @property
+    def all(self) -> tuple[str, ...]:
+        return ((self.index,) if self.index else ()) + self.shards
+
+
+def select_weight_files(files: Sequence[str], model_id: str) -> WeightFiles:
+    """Choose the weight files among a repository's root-level file names.
+
+    safetensors win over ``.bin``; an index (``model.safetensors.index.json``) wins over
+    loose files, so a repository that also holds ``consolidated.safetensors`` is read once.
+    The index's shard list is read later, from the index itself (``index_shards``).
+    """
+    root = sorted(f for f in files if "/" not in f)
+    for kind, index, single, suffix in (("safetensors", SAFETENSORS_INDEX, SAFETENSORS_SINGLE,
+                                         ".safetensors"), ("bin", BIN_INDEX, BIN_SINGLE, ".bin")):
+        if index in root:
+            return WeightFiles(kind, index, ())
+        if single in root:
+            return WeightFiles(kind, None, (single,))
+        other_index = [f for f in root if f.endswith(f"{suffix}.index.json")]
+        if len(other_index) == 1:
+            return WeightFiles(kind, other_index[0], ())
+        loose = [f for f in root if f.endswith(suffix) and not _NOT_WEIGHTS_BIN.match(f)
+                 and not f.startswith("adapter_model")]
+        if loose:
+            return WeightFiles(kind, None, tuple(loose))
+    shown = ", ".join(root[:20]) or "no files"
+    raise NoWeightsError(
+        f"{model_id}: no safetensors or PyTorch .bin weights at the top level of the repository "
+        f"(found: {shown}); GGUF, TensorFlow, Flax and ONNX weights are not read")
+
+
+def read_json(path: Path, model_id: str) -> dict:
+    """A JSON object from ``path``; a broken file is a ``CorruptCheckpointError`` naming it."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptCheckpointError(f"{model_id}: cannot read {Path(path).name}: {exc}") from None
+    if not isinstance(data, dict):
+        raise CorruptCheckpointError(f"{model_id}: {Path(path).name} is not a JSON object")
+    return data
+
+
+def index_shards(index_path: Path, model_id: str) -> tuple[dict[str, str], tuple[str, ...]]:
+    """The ``weight_map`` of a sharded checkpoint's index and its shard file names."""
+    weight_map = read_json(index_path, model_id).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CorruptCheckpointError(
+            f"{model_id}: {index_path.name} has no weight_map; the index is damaged")
+    shards = tuple(sorted(set(weight_map.values()), key=natural_key))
+    for shard in shards:
+        if not isinstance(shard, str) or "/" in shard or shard.startswith("."):
+            raise CorruptCheckpointError(
+                f"{model_id}: {index_path.name} names an invalid shard file {shard!r}")
+    return weight_map, shards
+
+
+def check_not_quantized(config: dict[str, Any], model_id: str) -> None:
+    """Refuse checkpoints whose weights are packed integers rather than numbers.
+
+    Any ``quantization_config`` is refused: GPTQ, AWQ, bitsandbytes, compressed-tensors,
+    FP8 block scaling and the rest store weights whose values are not the layer's matrix.
+    """
+    quant = config.get("quantization_config")
+    if not quant:
+        return
+    method = str(quant.get("quant_method", "unknown")) if isinstance(quant, dict) else "unknown"
+    if isinstance(quant, dict) and quant.get("load_in_4bit"):
+        method += " 4-bit"
+    elif isinstance(quant, dict) and quant.get("load_in_8bit"):
+        method += " 8-bit"
+    raise UnsupportedFormatError(
+        f"{model_id}: quantized checkpoint ({method}); its stored weights are packed "
+        f"integers, not the layer matrices. Analyse the unquantized original model instead")
+
+
+class _SafetensorsFile:
+    def __init__(self, path: Path, model_id: str):
+        self.path, self.model_id = path, model_id
+        try:
+            self._handle = safe_open(str(path), framework="pt")
+        except (SafetensorError, OSError) as exc:
+            raise _corrupt(model_id, path, exc) from None
+
+    def meta(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        out = {}
+        for name in self._handle.keys():
+            tensor_slice = self._handle.get_slice(name)
+            dtype = str(tensor_slice.get_dtype())
+            out[name] = (tuple(tensor_slice.get_shape()), _SAFETENSORS_DTYPES.get(dtype, dtype))
+        return out
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self._handle.get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise _corrupt(self.model_id, self.path, exc, name) from None
+
+    def close(self) -> None:
+        self._handle = None
+
+
+class _TorchFile:
+    def __init__(self, path: Path, model_id: str):
+        self.path, self.model_id = path, model_id
+        mmap = zipfile.is_zipfile(path)
+        if not mmap:
+            logger.warning("%s: %s is a legacy (non-zip) PyTorch file; it is read whole",
+                           model_id, path.name)
+        try:
+            state = torch.load(str(path), map_location="cpu", mmap=mmap, weights_only=True)
+        except Exception as exc:  # torch raises many types for damaged pickles and zips
+            raise _corrupt(model_id, path, exc) from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise CorruptCheckpointError(
+                f"{model_id}: {path.name} holds a {type(state).__name__}, not a state dict")
+        self._state = _unique_tensors(state)
+
+    def meta(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        return {name: (tuple(t.shape), str(t.dtype).removeprefix("torch."))
+                for name, t in self._state.items()}
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._state[name]
+
+    def close(self) -> None:
+        self._state = {}
+
+
+def _unique_tensors(state: dict) -> dict[str, torch.Tensor]:
+    """Tensors of a .bin state dict, each storage view once (tied weights saved twice).
+
+    The first name in the file's order is kept: models register the embedding before the
+    ``lm_head`` tied to it, so the embedding keeps its own name.
+    """
+    seen: set[tuple] = set()
+    out = {}
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        view = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                tuple(tensor.stride()))
+        if tensor.numel() and view in seen:
+            logger.info("%s shares its storage with an earlier tensor; read once", name)
+            continue
+        seen.add(view)
+        out[name] = tensor
+    return out
+
+
+def _corrupt(model_id: str, path: Path, exc: BaseException,
+             tensor: str | None = None) -> CorruptCheckpointError:
+    what = f"tensor {tensor!r} of {path.name}" if tensor else path.name
+    size = path.stat().st_size if path.exists() else 0
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    detail = (lines[0] if lines else type(exc).__name__)[:300]
+    return CorruptCheckpointError(
+        f"{model_id}: cannot read {what} ({size} bytes): {detail}. The file is truncated or "
+        f"damaged; delete it from the cache and download it again")
+
+
+def _open_file(path: Path, model_id: str):
+    if not path.is_file():
+        raise CorruptCheckpointError(f"{model_id}: weight file {path.name} is missing")
+    if path.suffix == ".safetensors":
+        return _SafetensorsFile(path, model_id)
+    return _TorchFile(path, model_id)
+
+
+class CheckpointReader:
+    """Names, shapes and dtypes of a checkpoint's tensors, and each tensor on request.
+
+    Building the reader parses every file's header (safetensors) or maps it (``.bin``), so a
+    damaged or truncated file, or an index naming tensors its shards lack, fails here with
+    ``CorruptCheckpointError``. ``get`` keeps one file open at a time.
+    """
+
+    def __init__(self, root: Path, files: WeightFiles, model_id: str):
+        self.model_id = model_id
+        self.root = Path(root)
+        weight_map: dict[str, str] = {}
+        shards = files.shards
+        if files.index:
+            weight_map, shards = index_shards(self.root / files.index, model_id)
+        self.files = tuple(self.root / s for s in shards)
+        self._where: dict[str, Path] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
+        for path in self.files:
+            opened = _open_file(path, model_id)
+            try:
+                self._add(path, opened.meta())
+            finally:
+                opened.close()
+        missing = sorted(set(weight_map) - set(self._where), key=natural_key)
+        if missing:
+            raise CorruptCheckpointError(
+                f"{model_id}: the index names {len(missing)} tensor(s) that its shards do not "
+                f"hold: {', '.join(missing[:5])}; a shard is damaged or from another revision")
+        if not self._where:
+            raise NoWeightsError(f"{model_id}: the weight files hold no tensors")
+        self.names = tuple(sorted(self._where, key=natural_key))
+        self._open: tuple[Path, Any] | None = None
+
+    def _add(self, path: Path, meta: dict) -> None:
+        for name, info in meta.items():
+            if name in self._where:
+                raise CorruptCheckpointError(
+                    f"{self.model_id}: tensor {name!r} is stored twice, in "
+                    f"{self._where[name].name} and {path.name}")
+            self._where[name] = path
+            self._meta[name] = info
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._meta[name][0]
+
+    def dtype(self, name: str) -> str:
+        return self._meta[name][1]
+
+    def get(self, name: str) -> torch.Tensor:
+        path = self._where[name]
+        if self._open is None or self._open[0] != path:
+            self.close()
+            self._open = (path, _open_file(path, self.model_id))
+        tensor = self._open[1].get(name)
+        if tuple(tensor.shape) != self.shape(name):
+            raise CorruptCheckpointError(
+                f"{self.model_id}: tensor {name!r} of {path.name} has shape "
+                f"{tuple(tensor.shape)}, its header says {self.shape(name)}")
+        return tensor
+
+    def close(self) -> None:
+        if self._open is not None:
+            self._open[1].close()
+            self._open = None
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor, in natural name order, one in memory at a time."""
+        try:
+            for name in self.names:
+                yield name, self.get(name)
+        finally:
+            self.close()

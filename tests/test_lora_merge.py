@@ -1,0 +1,293 @@
+"""Adapters: the streamed per-tensor merge against peft's own merge_and_unload()."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from peft import IA3Config, LoraConfig, get_peft_model
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from errors import AdapterBaseError, NoWeightsError, ShapeMismatchError
+from lora_merge import pattern_key, unsupported_variant
+from model_loader import ModelRequest, open_model
+from tests.loader_fixtures import (
+    FakeHub,
+    bert,
+    gpt2,
+    llama,
+    peft_merged,
+    save_adapter,
+    save_model,
+    set_adapter_base,
+    write_hub_cache,
+)
+
+# Both sides add scale * B @ A to the same float32 weights; only matmul blocking may differ.
+MERGE_TOLERANCE = 1e-6
+SHA_ADAPTER = "c" * 40
+SHA_BASE = "d" * 40
+SHA_BASE_V2 = "e" * 40
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    """Saved base models and the in-memory models they were saved from."""
+    root = tmp_path_factory.mktemp("bases")
+    models = {"llama": llama(), "gpt2": gpt2(), "bert": bert(),
+              "llama_bias": llama(attention_bias=True),
+              "llama_tied": llama(tie_word_embeddings=True)}
+    dirs = {name: save_model(model, root / name) for name, model in models.items()}
+    models["llama_bf16"] = llama().to(torch.bfloat16)
+    dirs["llama_bf16"] = save_model(models["llama_bf16"], root / "llama_bf16")
+    return models, dirs
+
+
+def assert_matches_peft(ours: dict, ref: dict, tied=()) -> None:
+    assert set(ours) <= set(ref), sorted(set(ours) - set(ref))
+    assert set(ref) - set(ours) <= set(tied), sorted(set(ref) - set(ours))
+    for name, tensor in ours.items():
+        diff = (tensor.to(torch.float32) - ref[name].to(torch.float32)).abs().max().item()
+        assert diff <= MERGE_TOLERANCE, (name, diff)
+
+
+LORA_CASES = {
+    "q_v": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])),
+    "rslora": ("llama", dict(r=8, lora_alpha=4, use_rslora=True,
+                             target_modules=["q_proj", "v_proj", "down_proj"])),
+    "patterns": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"],
+                               rank_pattern={"layers.0.self_attn.q_proj": 2, "v_proj": 6},
+                               alpha_pattern={r"layers\.1\..*o_proj": 3})),
+    "gpt2_fan_in_fan_out": ("gpt2", dict(r=4, lora_alpha=8, fan_in_fan_out=True,
+                                         target_modules=["c_attn", "attn.c_proj"])),
+    "gpt2_conv1d_forced": ("gpt2", dict(r=4, lora_alpha=8, target_modules=["c_fc", "c_proj"])),
+    "embedding": ("llama", dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])),
+    "modules_to_save": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                      modules_to_save=["lm_head"])),
+    "untied_lm_head": ("llama_tied", dict(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                          modules_to_save=["lm_head"])),
+    "lora_bias": ("llama_bias", dict(r=4, lora_alpha=8, lora_bias=True,
+                                     target_modules=["q_proj", "k_proj"])),
+    "bert_seq_cls": ("bert", dict(r=4, lora_alpha=8, task_type="SEQ_CLS",
+                                  target_modules=["query", "value"])),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LORA_CASES))
+def test_lora_merge_matches_peft_with_source_model(bases, tmp_path, case):
+    models, dirs = bases
+    base_name, lora_kwargs = LORA_CASES[case]
+    adapter = save_adapter(models[base_name], tmp_path / "adapter", None, **lora_kwargs)
+    loaded = open_model(ModelRequest(str(adapter), "LoRA", str(dirs[base_name])))
+    assert loaded.is_adapter and loaded.source_model == str(dirs[base_name])
+    assert loaded.revision is None and loaded.base_revision is None
+    ours = dict(loaded.iter_tensors())
+    ref = peft_merged(dirs[base_name], adapter, seq_cls=base_name == "bert")
+    assert_matches_peft(ours, ref, tied=("lm_head.weight",) if base_name == "gpt2" else ())
+    changed = [n for n in ours if not torch.equal(
+        ours[n].to(torch.float32), models[base_name].state_dict()[n].to(torch.float32))]
+    assert changed, "the adapter changed nothing: the test would not see a wrong merge"
+
+
+def test_base_found_through_adapter_config(bases, tmp_path):
+    models, dirs = bases
+    adapter = save_adapter(models["llama"], tmp_path / "adapter", str(dirs["llama"]),
+                           r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    loaded = open_model(ModelRequest(str(adapter)))  # no relation, no source_model
+    assert loaded.is_adapter and loaded.source_model == str(dirs["llama"])
+    assert_matches_peft(dict(loaded.iter_tensors()), peft_merged(dirs["llama"], adapter))
+
+
+def test_bf16_base_merges_in_float32(bases, tmp_path):
+    models, dirs = bases
+    adapter = save_adapter(models["llama_bf16"].float(), tmp_path / "adapter", None,
+                           r=4, lora_alpha=8, target_modules=["q_proj"])
+    ours = dict(open_model(ModelRequest(str(adapter), source_model=str(dirs["llama_bf16"])))
+                .iter_tensors())
+    assert ours["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float32
+    assert ours["model.layers.0.self_attn.k_proj.weight"].dtype == torch.bfloat16
+    assert_matches_peft(ours, peft_merged(dirs["llama_bf16"], adapter))
+
+
+def _rewrite(path, rename) -> None:
+    with safe_open(str(path), "pt") as f:
+        tensors = {rename(k): f.get_tensor(k) for k in f.keys()}
+    save_file({k: v for k, v in tensors.items() if k}, str(path))
+
+
+def test_keys_match_across_prefixes_and_adapter_names(bases, tmp_path):
+    """Base saved as the bare model (no ``model.``), adapter keys with ``.default`` and
+    without ``base_model.model.``: still matched."""
+    models, dirs = bases
+    adapter = save_adapter(models["llama"], tmp_path / "adapter", None,
+                           r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    ref = peft_merged(dirs["llama"], adapter)
+    bare = save_model(copy.deepcopy(models["llama"]), tmp_path / "bare")
+    _rewrite(bare / "model.safetensors",
+             lambda k: None if k == "lm_head.weight" else k.removeprefix("model."))
+    _rewrite(adapter / "adapter_model.safetensors", lambda k: k.removeprefix(
+        "base_model.model.").replace(".lora_A.", ".lora_A.default.").replace(
+        ".lora_B.", ".lora_B.default."))
+    ours = dict(open_model(ModelRequest(str(adapter), "adapter", str(bare))).iter_tensors())
+    assert "layers.0.self_attn.q_proj.weight" in ours
+    assert_matches_peft({f"model.{k}": v for k, v in ours.items()}, ref, tied=("lm_head.weight",))
+
+
+def test_adapter_model_bin(bases, tmp_path):
+    models, dirs = bases
+    adapter = save_adapter(models["llama"], tmp_path / "adapter", str(dirs["llama"]), r=4,
+                           lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+        torch.save({k: f.get_tensor(k) for k in f.keys()}, adapter / "adapter_model.bin")
+    ref = peft_merged(dirs["llama"], adapter)
+    (adapter / "adapter_model.safetensors").unlink()
+    assert_matches_peft(dict(open_model(ModelRequest(str(adapter))).iter_tensors()), ref)
+
+
+@pytest.mark.parametrize("kind", ["dora", "ia3"])
+def test_variants_merge_through_peft_fallback(bases, tmp_path, kind, caplog):
+    models, dirs = bases
+    if kind == "dora":
+        config = LoraConfig(r=4, lora_alpha=8, use_dora=True, init_lora_weights=False,
+                            target_modules=["q_proj", "v_proj"])
+    else:
+        config = IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                           feedforward_modules=["down_proj"])
+    peft_model = get_peft_model(copy.deepcopy(models["llama"]), config)
+    with torch.no_grad():
+        for param in peft_model.parameters():
+            if param.requires_grad:  # IA3 starts at ones, DoRA's magnitude at the norms
+                param.add_(0.1 * torch.randn_like(param))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    set_adapter_base(tmp_path / "adapter", str(dirs["llama"]))
+    assert unsupported_variant(json.loads((tmp_path / "adapter" / "adapter_config.json")
+                                          .read_text())) == ("DoRA (use_dora)" if kind == "dora"
+                                                             else "IA3")
+    caplog.set_level("INFO", logger="model_loader")
+    ours = dict(open_model(ModelRequest(str(tmp_path / "adapter"))).iter_tensors())
+    assert "merging with peft" in caplog.text
+    ref = peft_merged(dirs["llama"], tmp_path / "adapter")
+    assert_matches_peft(ours, ref)
+    assert not torch.equal(ours["model.layers.0.self_attn.v_proj.weight"],
+                           models["llama"].state_dict()["model.layers.0.self_attn.v_proj.weight"])
+
+
+def test_pattern_key_matches_like_peft():
+    keys = ["layers.0.self_attn.q_proj", "v_proj", r"layers\.1\..*o_proj"]
+    assert pattern_key(keys, "model.layers.0.self_attn.q_proj") == keys[0]
+    assert pattern_key(keys, "model.layers.10.self_attn.q_proj") is None
+    assert pattern_key(keys, "model.layers.3.self_attn.v_proj") == "v_proj"
+    assert pattern_key(keys, "model.layers.1.self_attn.o_proj") == keys[2]
+
+
+# --- adapter errors -----------------------------------------------------------------------
+
+def test_missing_source_model_names_what_was_tried(bases, tmp_path):
+    models, _ = bases
+    adapter = save_adapter(models["llama"], tmp_path / "my-adapter", None, r=4,
+                           target_modules=["q_proj"])
+    missing = str(tmp_path / "no" / "such-base")
+    with pytest.raises(AdapterBaseError) as info:
+        open_model(ModelRequest(str(adapter), "lora", missing))
+    assert "my-adapter" in str(info.value) and "source_model" in str(info.value)
+    assert missing in str(info.value) and "no such local directory" in str(info.value)
+
+
+def test_no_base_anywhere(bases, tmp_path):
+    models, _ = bases
+    adapter = save_adapter(models["llama"], tmp_path / "orphan", None, r=4,
+                           target_modules=["q_proj"])
+    with pytest.raises(AdapterBaseError, match="orphan.*Tried nothing.*source_model"):
+        open_model(ModelRequest(str(adapter)))
+
+
+def test_adapter_config_base_missing_from_hub(bases, tmp_path):
+    models, _ = bases
+    adapter = save_adapter(models["llama"], tmp_path / "adapter", "org/deleted-base", r=4,
+                           target_modules=["q_proj"])
+    with pytest.raises(AdapterBaseError, match="base_model_name_or_path 'org/deleted-base'"
+                                               ".*not found"):
+        open_model(ModelRequest(str(adapter)), hub=FakeHub(tmp_path / "cache"))
+
+
+def test_shape_mismatch_names_base_and_tensor(bases, tmp_path):
+    models, _ = bases
+    adapter = save_adapter(models["llama"], tmp_path / "adapter", None, r=4,
+                           target_modules=["q_proj"])
+    wider = save_model(llama(hidden_size=48, num_attention_heads=4), tmp_path / "wider-base")
+    with pytest.raises(ShapeMismatchError) as info:
+        open_model(ModelRequest(str(adapter), "lora", str(wider)))
+    assert "wider-base" in str(info.value) and "q_proj" in str(info.value)
+
+
+def test_adapter_tensors_matching_nothing_are_an_error(bases, tmp_path):
+    models, dirs = bases
+    adapter = save_adapter(models["gpt2"], tmp_path / "gpt2-adapter", None, r=4,
+                           target_modules=["c_attn"], fan_in_fan_out=True)
+    with pytest.raises(ShapeMismatchError, match="gpt2-adapter: 4 adapter tensor.*match no "
+                                                 "tensor of the base model.*c_attn"):
+        open_model(ModelRequest(str(adapter), "lora", str(dirs["llama"])))
+
+
+def test_marked_adapter_without_adapter_config(bases):
+    _, dirs = bases
+    with pytest.raises(NoWeightsError, match="marked as an adapter.*'LoRA'.*adapter_config"):
+        open_model(ModelRequest(str(dirs["llama"]), "LoRA"))
+
+
+# --- adapters from the hub ----------------------------------------------------------------
+
+def test_adapter_and_base_from_offline_cache_record_both_commits(bases, tmp_path):
+    models, dirs = bases
+    cache = tmp_path / "hub"
+    write_hub_cache(cache, "org/base", SHA_BASE, dirs["llama"])
+    other = save_model(llama(seed=5), tmp_path / "other-base")
+    write_hub_cache(cache, "org/base", SHA_BASE_V2, other, refs=("v2",))
+    adapter = save_adapter(models["llama"], tmp_path / "adapter", "org/base", r=4,
+                           lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    write_hub_cache(cache, "org/adapter", SHA_ADAPTER, adapter)
+    loaded = open_model(ModelRequest("org/adapter"), cache_dir=str(cache))
+    assert (loaded.revision, loaded.source_model, loaded.base_revision) == (
+        SHA_ADAPTER, "org/base", SHA_BASE)
+    assert_matches_peft(dict(loaded.iter_tensors()), peft_merged(dirs["llama"], adapter))
+    pinned = open_model(ModelRequest("org/adapter", source_model="org/base@v2"),
+                        cache_dir=str(cache))
+    assert pinned.base_revision == SHA_BASE_V2
+
+
+def test_adapter_config_revision_pins_the_base(bases, tmp_path):
+    models, dirs = bases
+    cache = tmp_path / "hub"
+    write_hub_cache(cache, "org/base", SHA_BASE, dirs["llama"])
+    write_hub_cache(cache, "org/base", SHA_BASE_V2, dirs["llama"], refs=("v2",))
+    adapter = save_adapter(models["llama"], tmp_path / "adapter", "org/base", r=4,
+                           target_modules=["q_proj"])
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["revision"] = "v2"
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    loaded = open_model(ModelRequest(str(adapter)), cache_dir=str(cache))
+    assert loaded.base_revision == SHA_BASE_V2
+
+
+def test_adapter_downloads_only_adapter_files(bases, tmp_path):
+    models, dirs = bases
+    adapter = save_adapter(models["llama"], tmp_path / "adapter", "org/base", r=4,
+                           target_modules=["q_proj"])
+    (adapter / "training_args.bin").write_bytes(b"x")
+    (adapter / "optimizer.pt").write_bytes(b"x")
+    hub = FakeHub(tmp_path / "cache")
+    hub.add("org/adapter", adapter, SHA_ADAPTER)
+    hub.add("org/base", dirs["llama"], SHA_BASE)
+    loaded = open_model(ModelRequest("org/adapter", "peft"), hub=hub)
+    assert sorted(hub.downloaded) == [
+        ("org/adapter", "adapter_config.json"), ("org/adapter", "adapter_model.safetensors"),
+        ("org/base", "config.json"), ("org/base", "model.safetensors")]
+    assert len(loaded.cache_paths()) == 8  # 4 snapshot links + 4 blobs

@@ -1,0 +1,358 @@
+"""Model ids, streaming, checkpoint formats, the hub cache and error mapping of model_loader."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import httpx2
+import pytest
+import torch
+from huggingface_hub import HfApi
+from huggingface_hub import errors as hf_errors
+from safetensors.torch import save_file
+
+from checkpoint_io import natural_key
+from errors import (
+    CorruptCheckpointError,
+    GatedModelError,
+    InputError,
+    ModelNotFoundError,
+    NoWeightsError,
+    TransientError,
+    UnsupportedFormatError,
+    is_transient,
+)
+from model_loader import (
+    HubClient,
+    ModelRequest,
+    cleanup_cache,
+    open_model,
+    parse_model_id,
+    scrub,
+)
+from tests.loader_fixtures import (
+    FakeHub,
+    http_error,
+    llama,
+    save_model,
+    write_hub_cache,
+    write_safetensors,
+    write_sharded,
+)
+
+SHA_A = "a" * 40
+SHA_B = "b" * 40
+TOKEN = "hf_" + "Zq9" * 12  # token-shaped secret that must never be echoed
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Every test runs offline; a hub API call would be a bug, so it fails loudly."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the test reached for the network")
+
+    monkeypatch.setattr(HfApi, "model_info", refuse)
+
+
+def stream(model) -> dict[str, torch.Tensor]:
+    return dict(model.iter_tensors())
+
+
+def local(path) -> ModelRequest:
+    return ModelRequest(str(path))
+
+
+# --- model ids ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("org/name", ("org/name", None)),
+    ("org/name@main", ("org/name", "main")),
+    (f"  org/name@{SHA_A} ", ("org/name", SHA_A)),
+    ("gpt2", ("gpt2", None)),
+    ("org/name@refs/pr/1", ("org/name", "refs/pr/1")),
+])
+def test_parse_model_id(text, expected):
+    assert parse_model_id(text) == expected
+
+
+def test_parse_model_id_keeps_local_directory_with_at(tmp_path):
+    folder = tmp_path / "runs@v2"
+    folder.mkdir()
+    assert parse_model_id(str(folder)) == (str(folder), None)
+
+
+@pytest.mark.parametrize("text, cause", [
+    ("", "empty"), ("   ", "empty"), ("org/name@", "revision"), ("bad id/x", "neither"),
+    ("org/na--me", "neither"),
+])
+def test_parse_model_id_rejects(text, cause):
+    with pytest.raises(InputError, match=cause):
+        parse_model_id(text)
+
+
+# --- streaming ----------------------------------------------------------------------------
+
+def test_sharded_checkpoint_streams_in_natural_order_across_shards(tmp_path):
+    torch.manual_seed(0)
+    tensors = {f"model.layers.{i}.mlp.weight": torch.randn(4, 3) for i in range(12)}
+    tensors["model.embed_tokens.weight"] = torch.randn(5, 3)
+    names = sorted(tensors)  # lexicographic: layers.10 lands in shard 1 next to layers.1
+    shards = {"model-00001-of-00002.safetensors": {k: tensors[k] for k in names[:7]},
+              "model-00002-of-00002.safetensors": {k: tensors[k] for k in names[7:]}}
+    folder = write_sharded(tmp_path / "sharded", shards)
+    got = list(open_model(local(folder)).iter_tensors())
+    got_names = [n for n, _ in got]
+    assert got_names == sorted(tensors, key=natural_key)
+    assert got_names.index("model.layers.2.mlp.weight") < got_names.index(
+        "model.layers.10.mlp.weight")
+    for name, tensor in got:
+        assert torch.equal(tensor, tensors[name])
+
+
+def test_real_sharded_save_pretrained_matches_model(tmp_path):
+    model = llama()
+    folder = save_model(model, tmp_path / "llama", max_shard_size="20KB")
+    assert (folder / "model.safetensors.index.json").exists()
+    loaded = open_model(local(folder))
+    got = stream(loaded)
+    assert set(got) == set(model.state_dict())
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(got[name], tensor)
+    assert loaded.revision is None and not loaded.is_adapter and loaded.cache_paths() == []
+
+
+def test_bf16_stays_bf16_and_1d_tensors_are_yielded(tmp_path):
+    folder = write_safetensors(tmp_path / "m", {
+        "w.weight": torch.randn(4, 4, dtype=torch.bfloat16), "norm.weight": torch.ones(4)})
+    got = stream(open_model(local(folder)))
+    assert got["w.weight"].dtype == torch.bfloat16
+    assert got["norm.weight"].shape == (4,)
+
+
+def test_bin_checkpoint_loads_and_reads_tied_weights_once(tmp_path):
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    embed = torch.randn(6, 4)
+    state = {"transformer.wte.weight": embed, "h.0.w": torch.randn(4, 4), "lm_head.weight": embed}
+    torch.save(state, folder / "pytorch_model.bin")
+    torch.save({"x": torch.ones(1)}, folder / "training_args.bin")
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    got = stream(open_model(local(folder)))
+    assert sorted(got) == ["h.0.w", "transformer.wte.weight"]
+    assert torch.equal(got["transformer.wte.weight"], embed)
+
+
+def test_safetensors_win_over_bin(tmp_path):
+    folder = write_safetensors(tmp_path / "both", {"a.weight": torch.ones(2, 2)})
+    torch.save({"b.weight": torch.zeros(2, 2)}, folder / "pytorch_model.bin")
+    assert list(stream(open_model(local(folder)))) == ["a.weight"]
+
+
+def test_custom_code_config_streams_without_trust_remote_code(tmp_path):
+    config = {"model_type": "my_custom_arch", "architectures": ["MyCustomForCausalLM"],
+              "auto_map": {"AutoModelForCausalLM": "modeling_custom.MyCustomForCausalLM"}}
+    folder = write_safetensors(tmp_path / "custom", {"blocks.0.mix.weight": torch.randn(3, 5)},
+                               config)
+    (folder / "modeling_custom.py").write_text("raise RuntimeError('custom code was run')\n")
+    got = stream(open_model(local(folder), trust_remote_code=False))
+    assert list(got) == ["blocks.0.mix.weight"]
+
+
+# --- damaged and unusable checkpoints -----------------------------------------------------
+
+def test_truncated_safetensors_fails_at_open_naming_model_and_cause(tmp_path):
+    folder = save_model(llama(), tmp_path / "trunc-model")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(CorruptCheckpointError) as info:
+        open_model(local(folder))
+    assert str(folder) in str(info.value)
+    assert "model.safetensors" in str(info.value) and "truncated" in str(info.value)
+
+
+def test_file_damaged_after_open_fails_during_iteration(tmp_path):
+    folder = save_model(llama(), tmp_path / "later")
+    loaded = open_model(local(folder))
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:3000])
+    with pytest.raises(CorruptCheckpointError, match="model.safetensors"):
+        stream(loaded)
+
+
+@pytest.mark.parametrize("filename", ["model.safetensors", "pytorch_model.bin"])
+def test_garbage_weight_file(tmp_path, filename):
+    folder = tmp_path / "garbage"
+    folder.mkdir()
+    (folder / filename).write_bytes(b"not a checkpoint at all " * 20)
+    with pytest.raises(CorruptCheckpointError, match=f"garbage.*{filename}.*damaged"):
+        open_model(local(folder))
+
+
+def test_index_naming_missing_tensor(tmp_path):
+    folder = write_sharded(tmp_path / "idx", {"s1.safetensors": {"a": torch.ones(2)}})
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"]["ghost.weight"] = "s1.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CorruptCheckpointError, match="idx.*1 tensor.*ghost.weight"):
+        open_model(local(folder))
+
+
+def test_index_naming_missing_shard(tmp_path):
+    folder = write_sharded(tmp_path / "idx2", {"s1.safetensors": {"a": torch.ones(2)}})
+    (folder / "s1.safetensors").unlink()
+    with pytest.raises(CorruptCheckpointError, match="idx2.*s1.safetensors is missing"):
+        open_model(local(folder))
+
+
+def test_empty_directory_has_no_weights(tmp_path):
+    folder = tmp_path / "empty-model"
+    folder.mkdir()
+    with pytest.raises(NoWeightsError, match="empty-model.*no safetensors or PyTorch .bin"):
+        open_model(local(folder))
+
+
+def test_missing_local_directory(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="no such local directory"):
+        open_model(local(tmp_path / "nowhere" / "model"))
+
+
+@pytest.mark.parametrize("quant, named", [
+    ({"quant_method": "gptq", "bits": 4}, "gptq"),
+    ({"quant_method": "awq"}, "awq"),
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "bitsandbytes 4-bit"),
+    ({"quant_method": "compressed-tensors"}, "compressed-tensors"),
+])
+def test_quantized_checkpoint_is_refused_naming_method(tmp_path, quant, named):
+    packed = {"w.qweight": torch.zeros(4, 4, dtype=torch.int32)}
+    folder = write_safetensors(tmp_path / "quant", packed,
+                               {"model_type": "llama", "quantization_config": quant})
+    with pytest.raises(UnsupportedFormatError, match=f"quant.*{named}"):
+        open_model(local(folder))
+
+
+# --- the hub cache, offline ---------------------------------------------------------------
+
+@pytest.fixture
+def hub_cache(tmp_path):
+    """org/name with two snapshots: main -> SHA_A (ones), tag v2 -> SHA_B (twos)."""
+    cache = tmp_path / "hf_home" / "hub"
+    for commit, value, refs in ((SHA_A, 1.0, ("main",)), (SHA_B, 2.0, ("v2",))):
+        src = write_safetensors(tmp_path / f"src-{commit[0]}",
+                                {"w.weight": torch.full((3, 3), value)})
+        write_hub_cache(cache, "org/name", commit, src, refs)
+    return cache
+
+
+@pytest.mark.parametrize("model_id, commit, value", [
+    ("org/name", SHA_A, 1.0), ("org/name@main", SHA_A, 1.0),
+    (f"org/name@{SHA_B}", SHA_B, 2.0), ("org/name@v2", SHA_B, 2.0),
+])
+def test_offline_cache_resolves_revision_and_snapshot(hub_cache, monkeypatch, model_id,
+                                                      commit, value):
+    monkeypatch.setenv("HF_HOME", str(hub_cache.parent))
+    loaded = open_model(ModelRequest(model_id), cache_dir=str(hub_cache))
+    assert loaded.revision == commit and loaded.model_id == model_id
+    assert torch.equal(stream(loaded)["w.weight"], torch.full((3, 3), value))
+    assert loaded.cache_paths() == []  # everything was cached already
+
+
+def test_hub_client_reads_offline_flag_from_environment(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert HubClient().offline
+    assert not HubClient(offline=False).offline
+
+
+def test_offline_missing_repo_and_revision_name_cause(hub_cache):
+    with pytest.raises(ModelNotFoundError, match="org/other.*HF_HUB_OFFLINE=1"):
+        open_model(ModelRequest("org/other"), cache_dir=str(hub_cache))
+    with pytest.raises(ModelNotFoundError, match="org/name@v9.*local hub cache"):
+        open_model(ModelRequest("org/name@v9"), cache_dir=str(hub_cache))
+
+
+def test_unreachable_hub_falls_back_to_cache(hub_cache, monkeypatch):
+    def unreachable(*args, **kwargs):
+        raise httpx2.ConnectError("connection refused")
+
+    monkeypatch.setattr(HfApi, "model_info", unreachable)
+    hub = HubClient(cache_dir=str(hub_cache), offline=False)
+    assert hub.list_files("org/name", None) == (SHA_A, ["config.json", "model.safetensors"])
+    with pytest.raises(TransientError, match="org/absent.*network"):
+        open_model(ModelRequest("org/absent"), hub=hub)
+
+
+# --- the fake hub: what is downloaded, cleanup, error mapping -----------------------------
+
+def test_downloads_only_what_the_analysis_reads(tmp_path):
+    src = write_safetensors(tmp_path / "repo", {"w.weight": torch.ones(2, 2)})
+    torch.save({"w.weight": torch.ones(2, 2)}, src / "pytorch_model.bin")
+    for extra in ("README.md", "tf_model.h5", "training_args.bin", "tokenizer.json"):
+        (src / extra).write_text("x")
+    hub = FakeHub(tmp_path / "cache")
+    hub.add("org/model", src, SHA_A)
+    loaded = open_model(ModelRequest("org/model"), hub=hub)
+    assert sorted(n for _, n in hub.downloaded) == ["config.json", "model.safetensors"]
+    assert loaded.revision == SHA_A
+
+
+def test_cleanup_removes_downloaded_files_and_keeps_shared_blobs(tmp_path):
+    cache = tmp_path / "cache"
+    hub = FakeHub(cache)
+    first = write_safetensors(tmp_path / "r1", {"w.weight": torch.ones(2, 2)})
+    second = tmp_path / "r2"
+    second.mkdir()
+    (second / "config.json").write_bytes((first / "config.json").read_bytes())  # same blob
+    save_file({"w.weight": torch.zeros(2, 2)}, str(second / "model.safetensors"))
+    hub.add("org/model", first, SHA_A)
+    hub.add("org/model", second, SHA_B, refs=("v2",))
+    kept = open_model(ModelRequest("org/model@v2"), hub=hub)
+    loaded = open_model(ModelRequest("org/model"), hub=hub)
+    assert loaded.cache_paths() and all(p.exists() for p in loaded.cache_paths())
+    cleanup_cache(loaded)
+    repo = cache / "models--org--model"
+    assert not (repo / "snapshots" / SHA_A).exists()
+    assert torch.equal(stream(kept)["w.weight"], torch.zeros(2, 2))  # shared config blob kept
+    cleanup_cache(kept)
+    assert not repo.exists()
+
+
+def test_cleanup_never_touches_local_directories(tmp_path):
+    folder = save_model(llama(), tmp_path / "local-model")
+    before = sorted(os.listdir(folder))
+    cleanup_cache(open_model(local(folder)))
+    assert sorted(os.listdir(folder)) == before
+
+
+@pytest.mark.parametrize("exc, expected, cause", [
+    (http_error(hf_errors.GatedRepoError, 403, f"403 gated; token {TOKEN}"),
+     GatedModelError, "gated"),
+    (http_error(hf_errors.RepositoryNotFoundError, 401, f"401 Bearer {TOKEN}"),
+     ModelNotFoundError, "not found"),
+    (http_error(hf_errors.RevisionNotFoundError, 404, "404 no such revision"),
+     ModelNotFoundError, "revision not found"),
+    (http_error(hf_errors.HfHubHTTPError, 403, f"forbidden for {TOKEN}"),
+     GatedModelError, "access refused"),
+    (http_error(hf_errors.HfHubHTTPError, 503, "service unavailable"),
+     TransientError, "503"),
+    (httpx2.ConnectTimeout("timed out"), TransientError, "network"),
+    (hf_errors.LocalEntryNotFoundError("not cached"), ModelNotFoundError, "local hub cache"),
+])
+def test_hub_errors_are_mapped_and_scrubbed(tmp_path, monkeypatch, exc, expected, cause):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    hub = FakeHub(tmp_path / "cache")
+    hub.fail("org/secret", exc)
+    with pytest.raises(expected) as info:
+        open_model(ModelRequest("org/secret"), hub=hub, token=TOKEN)
+    message = str(info.value)
+    assert "org/secret" in message and cause in message
+    assert TOKEN not in message and info.value.__cause__ is None
+    assert is_transient(info.value) == (expected is TransientError)
+
+
+def test_scrub_masks_given_env_and_token_shaped_secrets(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "plainsecret")
+    text = scrub(f"a {TOKEN} b plainsecret c Authorization: Bearer xyz d given", "given")
+    assert TOKEN not in text and "plainsecret" not in text and "xyz" not in text
+    assert "given" not in text and text.startswith("a hf_*** b *** c")
