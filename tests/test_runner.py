@@ -1,0 +1,177 @@
+"""The runner's decisions on finished jobs, and a worker that outlives its runner."""
+
+import argparse
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import run_esd_experiment as runner_mod
+from gputracker import Dispatcher, JobResult
+from net_esd import RESULT_COLUMNS
+from paths import ModelPaths
+from run_state import FailureLog
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER_EXIT_WAIT_S = 20  # the watchdog polls every second; a loaded CI machine needs slack
+
+
+def make_config(tmp_path, **overrides) -> runner_mod.RunConfig:
+    args = runner_mod.build_parser().parse_args(["--output_dir", str(tmp_path), "--device", "cpu"])
+    fields = dict(model_list=tmp_path / "list.csv", output_dir=tmp_path,
+                  log_dir=tmp_path / "logs", args=args, max_retries=2, retry_backoff=5.0)
+    fields.update(overrides)
+    return runner_mod.RunConfig(**fields)
+
+
+class FakeClockDispatcher(Dispatcher):
+    def __init__(self):
+        super().__init__(None, cpu_slots=1, cpu_count=2, clock=lambda: 1000.0)
+
+
+def finished(runner, entry, paths, returncode, attempt=1, stopped=False):
+    job = runner.job(entry, paths)
+    if attempt > 1:
+        from dataclasses import replace
+
+        job = replace(job, attempt=attempt)
+    paths.log.parent.mkdir(parents=True, exist_ok=True)
+    paths.log.write_text("loading\nTraceback (most recent call last):\nValueError: bad header\n")
+    result = JobResult(job=job, returncode=returncode, gpus=(), threads=2, pid=1, start=0.0,
+                       end=1.0, started_at=0.0, log_path=paths.log, stopped=stopped)
+    return runner.on_finish(result)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    config = make_config(tmp_path)
+    failures = FailureLog(tmp_path)
+    runner = runner_mod.Runner(config, FakeClockDispatcher(), failures,
+                               runner_mod.Progress(3, enabled=False))
+    entry = runner_mod.ListEntry("org/model")
+    paths = ModelPaths.for_model(tmp_path, "org/model", log_dir=tmp_path / "logs")
+    return runner, failures, entry, paths
+
+
+def test_transient_failure_is_retried_with_backoff_then_recorded(setup):
+    runner, failures, entry, paths = setup
+    (retry,) = finished(runner, entry, paths, runner_mod.EXIT_TRANSIENT)
+    assert retry.attempt == 2 and retry.not_before == 1000.0 + 5.0
+    (retry,) = finished(runner, entry, paths, runner_mod.EXIT_TRANSIENT, attempt=2)
+    assert retry.attempt == 3 and retry.not_before == 1000.0 + 10.0, "backoff doubles"
+    assert finished(runner, entry, paths, runner_mod.EXIT_TRANSIENT, attempt=3) == []
+    assert "org/model" in failures and runner.progress.failed == 1
+
+
+def test_deterministic_failure_is_not_retried_and_quotes_the_log(setup):
+    runner, failures, entry, paths = setup
+    assert finished(runner, entry, paths, 1) == []
+    cause = failures.cause("org/model")
+    assert "exit code 1" in cause and "ValueError: bad header" in cause and str(paths.log) in cause
+
+
+def test_worker_failure_record_wins_over_log_tail(setup):
+    runner, failures, entry, paths = setup
+    paths.failure.parent.mkdir(parents=True, exist_ok=True)
+    paths.failure.write_text('{"error": "NoWeightsError", "message": "org/model: no weights"}')
+    finished(runner, entry, paths, 1)
+    assert failures.cause("org/model") == "NoWeightsError: org/model: no weights"
+
+
+def test_success_needs_a_complete_csv_and_clears_old_failure(setup):
+    runner, failures, entry, paths = setup
+    failures.record("org/model", "old failure")
+    assert finished(runner, entry, paths, 0) == []
+    assert "missing or incomplete" in failures.cause("org/model"), "exit 0 without a CSV fails"
+    paths.csv.write_text(",".join(RESULT_COLUMNS) + "\n")
+    finished(runner, entry, paths, 0)
+    assert "org/model" not in failures and runner.progress.done == 1
+
+
+def test_stopped_job_is_neither_result_nor_failure(setup):
+    runner, failures, entry, paths = setup
+    assert finished(runner, entry, paths, -15, stopped=True) == []
+    assert "org/model" not in failures
+    assert runner.progress.done == runner.progress.failed == 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--cpu_workers", "0"], "--cpu_workers must be at least 1"),
+    (["--limit", "-1"], "--limit must be 0 or more"),
+    (["--gpus", "0", "--num_gpus_per_job", "2", "--device", "cuda"], "exceeds the 1 GPU"),
+])
+def test_bad_flags_are_input_errors(tmp_path, flags, message):
+    args = runner_mod.build_parser().parse_args(
+        ["--model_list", "x.csv", "--output_dir", str(tmp_path), *flags])
+    with pytest.raises(runner_mod.InputError, match=message):
+        runner_mod.config_from_args(args)
+
+
+def test_worker_argv_keeps_flags_and_no_token(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_token_value")
+    args = runner_mod.build_parser().parse_args(
+        ["--output_dir", str(tmp_path), "--fix_fingers", "DKS", "--filter_zeros", "--save_eigs",
+         "--evals_thresh", "1e-7", "--device", "cpu"])
+    config = make_config(tmp_path, args=args, cleanup_cache=True)
+    argv = runner_mod.worker_argv(runner_mod.ListEntry("a/b", "lora", "c/d"), config)
+    worker_args = __import__("esd_worker").build_parser().parse_args(argv[2:])
+    assert (worker_args.fix_fingers, worker_args.filter_zeros, worker_args.save_eigs) == \
+        ("DKS", True, True)
+    assert worker_args.evals_thresh == 1e-7 and worker_args.cleanup_cache
+    assert (worker_args.base_model_relation, worker_args.source_model) == ("lora", "c/d")
+    assert not any("hf_secret" in a for a in argv), "tokens travel in the environment only"
+
+
+def test_worker_stops_when_its_runner_dies(tmp_path):
+    model = tmp_path / "slow"
+    model.mkdir()
+    g = torch.Generator().manual_seed(0)
+    save_file({f"layers.{i}.weight": torch.randn(1024, 1024, generator=g) for i in range(60)},
+              model / "model.safetensors")
+    pid_file = tmp_path / "worker.pid"
+    # A stand-in runner: starts the worker in its own session, as the dispatcher does, then dies.
+    parent = textwrap.dedent(f"""
+        import os, subprocess, sys, time
+        child = subprocess.Popen([sys.executable, {str(ROOT / "esd_worker.py")!r},
+            "--model_id", {str(model)!r}, "--output_dir", {str(tmp_path / "out")!r},
+            "--device", "cpu", "--parent_pid", str(os.getpid())], start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        open({str(pid_file)!r}, "w").write(str(child.pid))
+        time.sleep(3)
+        os._exit(0)
+    """)
+    subprocess.run([sys.executable, "-c", parent], check=True, timeout=60)
+    worker = int(pid_file.read_text())
+    deadline = time.monotonic() + WORKER_EXIT_WAIT_S
+    while time.monotonic() < deadline and Path(f"/proc/{worker}").exists():
+        state = Path(f"/proc/{worker}/stat").read_text().split()[2] if Path(
+            f"/proc/{worker}/stat").exists() else "X"
+        if state == "Z":
+            break
+        time.sleep(0.2)
+    alive = Path(f"/proc/{worker}/stat").exists() and \
+        Path(f"/proc/{worker}/stat").read_text().split()[2] != "Z"
+    assert not alive, "the orphaned worker stopped by itself"
+    assert not list((tmp_path / "out").glob("*.csv"))
+
+
+def test_summary_line_and_exit_code_for_empty_plan(tmp_path, caplog):
+    (tmp_path / "list.csv").write_text("model_id\norg/done\n")
+    (tmp_path / "org--done.csv").write_text(",".join(RESULT_COLUMNS) + "\n")
+    config = make_config(tmp_path)
+    with caplog.at_level("INFO"):
+        assert runner_mod.run(config, FakeClockDispatcher()) == 0
+    assert "finished: done 0, skipped 1, failed 0" in caplog.text
+
+
+def test_parser_defaults_match_the_seed():
+    args = runner_mod.build_parser().parse_args(["--output_dir", "x"])
+    assert isinstance(args, argparse.Namespace)
+    assert (args.num_gpus_per_job, args.gpu_memory_threshold, args.max_check) == (1, 500, 10)
+    assert (args.fix_fingers, args.evals_thresh, args.bins) == ("xmin_mid", 1e-5, 100)
+    assert args.filter_zeros is False and args.parallel_esd is False, "both can be turned on and off"
