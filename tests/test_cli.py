@@ -18,6 +18,8 @@ from demo import build_demo_zoo
 from net_esd import RESULT_COLUMNS
 from run_state import RunLock
 
+sys.path.insert(0, str(Path(__file__).parent))
+
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = ROOT / "run_esd_experiment.py"
 CLI_TIMEOUT_S = 180  # generous: a 2-core CI machine under load starts each worker in ~2 s
@@ -218,3 +220,31 @@ def test_interrupt_leaves_no_child_and_no_partial_file_then_resumes(zoo, tmp_pat
     assert proc.returncode == 0, proc.stderr
     assert "1 to run, 1 already done" in proc.stderr
     assert len(result_csvs(out)) == 2
+
+
+def test_hub_ids_from_offline_cache_record_commit(zoo, tmp_path):
+    """``org/name`` and ``org/name@rev`` resolve through a laid-out cache, offline."""
+    from loader_fixtures import write_hub_cache
+
+    commit = "c0ffee" + "0" * 34
+    hf_home = tmp_path / "hf_home"
+    write_hub_cache(hf_home / "hub", "tiny-org/tiny-gpt2", commit, zoo / "tiny-gpt2")
+    models = write_list(tmp_path / "models.csv", [("tiny-org/tiny-gpt2", "", ""),
+                                                  (f"tiny-org/tiny-gpt2@{commit}", "", ""),
+                                                  ("tiny-org/absent", "", "")])
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(RUNNER), "--model_list", str(models),
+                           "--output_dir", str(out), "--device", "cpu", "--no-progress",
+                           "--cleanup_cache"],
+                          capture_output=True, text=True, timeout=CLI_TIMEOUT_S, env=env)
+    assert proc.returncode == 1, proc.stderr
+    names = sorted(p.name for p in result_csvs(out))
+    assert names == ["tiny-org--tiny-gpt2.csv", f"tiny-org--tiny-gpt2@{commit}.csv"]
+    for name in names:
+        df = pd.read_csv(out / name)
+        assert (df.revision == commit).all()
+    cause = (out / "failed_models.txt").read_text()
+    assert cause.startswith("tiny-org/absent\t") and "offline" in cause.lower()
+    assert (hf_home / "hub" / "models--tiny-org--tiny-gpt2" / "snapshots" / commit).is_dir(), \
+        "--cleanup_cache keeps what was in the cache before the run"
