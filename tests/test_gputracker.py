@@ -125,6 +125,10 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
+def exist(folder: Path, names, suffix: str) -> bool:
+    return all((folder / f"{name}{suffix}").exists() for name in names)
+
+
 def read_pids(path: Path) -> list[int]:
     return [int(p) for p in path.read_text().split()]
 
@@ -240,8 +244,7 @@ def test_gpu_held_by_our_job_is_not_granted_even_when_it_reads_free(tmp_path, sc
     dispatcher = gpu_dispatcher([0, 1], fake)
     jobs = [blocker_job(name, scripts, tmp_path) for name in ("a", "b", "c")]
     with DispatchThread(dispatcher, jobs) as thread:
-        wait_until(lambda: (tmp_path / "a.seen").exists() and (tmp_path / "b.seen").exists(),
-                   "two jobs to start")  # fmt: skip
+        wait_until(lambda: exist(tmp_path, "ab", ".seen"), "two jobs to start")
         polls = fake.calls
         wait_until(lambda: fake.calls >= polls + 5, "five more polls")
         assert not (tmp_path / "c.seen").exists()
@@ -261,8 +264,7 @@ def test_multi_gpu_jobs_get_distinct_free_gpus(tmp_path, scripts):
     dispatcher = gpu_dispatcher([3, 4, 5, 6, 7], fake, gpus_per_job=2)
     jobs = [blocker_job(name, scripts, tmp_path) for name in ("a", "b")]
     with DispatchThread(dispatcher, jobs) as thread:
-        wait_until(lambda: (tmp_path / "a.seen").exists() and (tmp_path / "b.seen").exists(),
-                   "both jobs to start")  # fmt: skip
+        wait_until(lambda: exist(tmp_path, "ab", ".seen"), "both jobs to start")
         (tmp_path / "a.go").touch()
         (tmp_path / "b.go").touch()
         results = thread.result(timeout=HANG_GUARD_S)
@@ -282,13 +284,7 @@ def test_child_env_has_cuda_vars_and_parent_env_is_untouched(tmp_path, scripts):
 
     def argv(allocation: Allocation) -> list:
         gpu_list = ",".join(map(str, allocation.gpus))
-        return [
-            sys.executable,
-            scripts["blocker"],
-            tmp_path / "j.seen",
-            tmp_path / "j.go",
-            gpu_list,
-        ]
+        return [sys.executable, scripts["blocker"], tmp_path / "j.seen", tmp_path / "j.go", gpu_list]  # fmt: skip
 
     job = Job("j", argv, tmp_path / "logs" / "j.log", env={"ESD_EXTRA": "x"})
     [result] = dispatcher.run([job])
@@ -303,17 +299,12 @@ def test_child_env_has_cuda_vars_and_parent_env_is_untouched(tmp_path, scripts):
 
 
 def test_nonzero_exit_is_recorded_with_its_log_tail(tmp_path):
-    code = (
-        "import sys\n"
-        "for i in range(1, 6): print(f'line{i}', flush=True)\n"
-        "print('boom', file=sys.stderr, flush=True)\n"
-        "sys.exit(3)\n"
-    )
+    code = "import sys; print('line1\\nline5', flush=True); sys.exit('boom')"  # exit code 1
     job = py_job("bad", code, tmp_path / "deep" / "dir")
     [result] = Dispatcher(None).run([job])
-    assert result.returncode == 3
+    assert result.returncode == 1
     assert not result.ok and not result.stopped
-    assert result.describe() == "exit code 3"
+    assert result.describe() == "exit code 1"
     assert result.tail(2) == ["line5", "boom"]
     assert result.tail(100)[0].startswith("# ")  # the header; nothing before it
     assert result.log_path == tmp_path / "deep" / "dir" / "logs" / "bad.log"
@@ -343,9 +334,7 @@ def test_tail_reads_past_its_chunk_and_splits_carriage_returns(tmp_path):
 
 def test_background_process_left_by_a_finished_job_is_killed(tmp_path, scripts):
     pid_file = tmp_path / "pids"
-    job = Job(
-        "j", [sys.executable, scripts["sleeper"], pid_file, "obey", "exit"], tmp_path / "j.log"
-    )
+    job = Job("j", [sys.executable, scripts["sleeper"], pid_file, "obey", "exit"], tmp_path / "j.log")  # fmt: skip
     [result] = Dispatcher(None).run([job])
     assert result.ok
     _, grandchild = read_pids(pid_file)
@@ -372,7 +361,7 @@ def test_stop_terminates_every_job_and_its_children(tmp_path, scripts):
         return [dataclasses.replace(result.job, name=result.name + "-retry")]
 
     with DispatchThread(dispatcher, jobs, on_finish) as thread:
-        wait_until(lambda: all((tmp_path / f"{n}.pid").exists() for n in "ab"), "two jobs")
+        wait_until(lambda: exist(tmp_path, "ab", ".pid"), "two jobs")
         pids = read_pids(tmp_path / "a.pid") + read_pids(tmp_path / "b.pid")
         thread.stop(timeout=HANG_GUARD_S)
         results = thread.result(timeout=HANG_GUARD_S)
@@ -402,11 +391,8 @@ def test_job_ignoring_sigterm_is_killed_after_the_grace_period(tmp_path, scripts
 
 def test_exception_in_on_finish_terminates_running_jobs(tmp_path, scripts):
     dispatcher = Dispatcher(None, cpu_slots=2, grace_period=HANG_GUARD_S)
-    waits_for_b = py_job(
-        "a",
-        f"import os, time\nwhile not os.path.exists({str(tmp_path / 'b.pid')!r}): time.sleep(0.005)",
-        tmp_path,
-    )
+    code = f"import os, time\nwhile not os.path.exists({str(tmp_path / 'b.pid')!r}): time.sleep(0.005)"  # fmt: skip
+    waits_for_b = py_job("a", code, tmp_path)
 
     def on_finish(result):
         raise RuntimeError(f"runner bug after {result.name}")
@@ -475,7 +461,7 @@ def test_cpu_mode_runs_cpu_slots_jobs_at_once_with_thread_counts(tmp_path, scrip
         assert dispatcher.running_jobs == 2
         for name in first:
             (tmp_path / f"{name}.go").touch()
-        wait_until(lambda: all((tmp_path / f"{n}.seen").exists() for n in "abcd"), "all jobs")
+        wait_until(lambda: exist(tmp_path, "abcd", ".seen"), "all jobs")
         assert dispatcher.running_jobs <= 2
         for name in "abcd":
             (tmp_path / f"{name}.go").touch()
