@@ -323,6 +323,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         raise InputError(f"--limit must be 0 or more, got {args.limit}")
     if args.max_retries < 0 or args.retry_backoff < 0 or args.poll_interval <= 0:
         raise InputError("--max_retries and --retry_backoff must be >= 0, --poll_interval > 0")
+    if args.device.startswith("cuda:"):
+        raise InputError(f"--device {args.device}: the runner gives each job its GPUs; choose "
+                         "them with --gpus (esd_worker.py alone takes --device cuda:N)")
     if args.model_list is None:
         raise InputError("--model_list is required (or --demo)")
     gpus = choose_gpus(args)

@@ -104,6 +104,7 @@ def test_stopped_job_is_neither_result_nor_failure(setup):
     (["--cpu_workers", "0"], "--cpu_workers must be at least 1"),
     (["--limit", "-1"], "--limit must be 0 or more"),
     (["--gpus", "0", "--num_gpus_per_job", "2", "--device", "cuda"], "exceeds the 1 GPU"),
+    (["--device", "cuda:1"], "choose them with --gpus"),
 ])
 def test_bad_flags_are_input_errors(tmp_path, flags, message):
     args = runner_mod.build_parser().parse_args(
