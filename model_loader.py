@@ -66,7 +66,7 @@ _REVISION = re.compile(r"^[^\s@]+$")
 
 __all__ = [
     "ADAPTER_RELATIONS", "HubClient", "LoadedModel", "ModelRequest", "cleanup_cache",
-    "open_model", "parse_model_id",
+    "open_model", "parse_model_id", "scrub",
 ]
 
 

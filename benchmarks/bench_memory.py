@@ -12,7 +12,11 @@ RssAnon from /proc/<pid>/status every 20 ms:
   ours          model_loader.open_model(...).iter_tensors() -> net_esd.iter_layer_results
                 with the default ESDConfig()
   transformers  AutoModelForCausalLM.from_pretrained(dir) (what the peers do), then the
-                same estimator over model.named_parameters()
+                same estimator over model.named_parameters(). transformers 5 loads in the
+                checkpoint's dtype and leaves the weights memory-mapped: file-backed pages,
+                counted in VmRSS but not in RssAnon
+  transformers-fp32  the same with dtype=torch.float32: transformers 4's default, and what
+                WeightWatcher needs (numpy has no bfloat16)
 
 and prints peak RssAnon, peak / checkpoint size and wall time per child. Exit code: 0 when
 every child succeeded, 1 when one failed (its output is printed), 2 on bad arguments.
@@ -33,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_S = 0.02           # RssAnon sampling period
 SHARD_BYTES = 500 << 20   # safetensors shard size of the synthetic checkpoint
+CHILDREN = ("imports", "ours", "transformers", "transformers-fp32")
 TARGET_RATIO = 0.3        # ours: peak RssAnon at most this fraction of the checkpoint size
 # TinyLlama-1.1B shapes: 22 layers of these give a 2.2 GB bf16 checkpoint.
 LLAMA = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
@@ -55,11 +60,12 @@ def layer_shapes(layers: int) -> list[tuple[str, tuple[int, ...]]]:
     shapes = [("model.embed_tokens.weight", (LLAMA["vocab_size"], h))]
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
-                   (p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
-                   (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
-                   (p + "mlp.gate_proj.weight", (f, h)), (p + "mlp.up_proj.weight", (f, h)),
-                   (p + "mlp.down_proj.weight", (h, f))]
+        shapes += [
+            (p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
+            (p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
+            (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
+            (p + "mlp.gate_proj.weight", (f, h)), (p + "mlp.up_proj.weight", (f, h)),
+            (p + "mlp.down_proj.weight", (h, f))]
     return shapes + [("model.norm.weight", (h,)), ("lm_head.weight", (LLAMA["vocab_size"], h))]
 
 
@@ -142,22 +148,23 @@ def child_main(child: str, checkpoint: Path) -> None:
     if child == "ours":
         stream = open_model(ModelRequest(str(checkpoint))).iter_tensors()
     else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint))
+        dtype = torch.float32 if child == "transformers-fp32" else "auto"
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype)
         dtype = next(model.parameters()).dtype
         stream = ((n, p.detach()) for n, p in model.named_parameters())
     rows = [r.row for r in iter_layer_results(stream, ESDConfig())]
     ok = sum(r["status"] == "ok" for r in rows)
-    extra = f", model dtype {dtype}" if child == "transformers" else ""
+    extra = f", model dtype {dtype}" if child != "ours" else ""
     print(f"RESULT {len(rows)} layers analysed ({ok} ok){extra}")
 
 
 def print_table(runs: list[Run], size: int) -> bool:
     print(f"\ncheckpoint: {size / 2**30:.2f} GiB bf16 safetensors; "
           f"peak RssAnon sampled every {SAMPLE_S * 1000:.0f} ms\n")
-    print(f"{'run':<13} {'peak RssAnon':>13} {'/ checkpoint':>13} {'peak VmRSS':>11} "
+    print(f"{'run':<17} {'peak RssAnon':>13} {'/ checkpoint':>13} {'peak VmRSS':>11} "
           f"{'wall s':>8}  detail")
     for run in runs:
-        print(f"{run.child:<13} {run.peak_anon / 2**20:>9.0f} MiB {run.peak_anon / size:>13.3f} "
+        print(f"{run.child:<17} {run.peak_anon / 2**20:>9.0f} MiB {run.peak_anon / size:>13.3f} "
               f"{run.peak_rss / 2**20:>7.0f} MiB {run.wall_s:>8.1f}  {run.detail}")
     ours = next(r for r in runs if r.child == "ours")
     met = ours.peak_anon <= TARGET_RATIO * size
@@ -183,7 +190,7 @@ def main() -> int:
     checkpoint = workdir / "synthetic-llama"
     try:
         size = write_checkpoint(checkpoint, args.layers)
-        runs = [measure(kind, checkpoint) for kind in ("imports", "ours", "transformers")]
+        runs = [measure(kind, checkpoint) for kind in CHILDREN]
     except RuntimeError as exc:
         print(exc, file=sys.stderr)
         return 1

@@ -7,9 +7,10 @@ import json
 
 import pytest
 import torch
-from peft import IA3Config, LoraConfig, get_peft_model
+from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import ResNetConfig, ResNetForImageClassification
 
 from errors import AdapterBaseError, NoWeightsError, ShapeMismatchError
 from lora_merge import pattern_key, unsupported_variant
@@ -178,6 +179,21 @@ def test_variants_merge_through_peft_fallback(bases, tmp_path, kind, caplog):
     assert_matches_peft(ours, ref)
     assert not torch.equal(ours["model.layers.0.self_attn.v_proj.weight"],
                            models["llama"].state_dict()["model.layers.0.self_attn.v_proj.weight"])
+
+
+def test_lora_on_convolutions_merges_through_peft_fallback(tmp_path):
+    torch.manual_seed(0)
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
+    base = save_model(ResNetForImageClassification(config).eval(), tmp_path / "resnet")
+    adapter = save_adapter(ResNetForImageClassification.from_pretrained(str(base)),
+                           tmp_path / "adapter", str(base), r=2, target_modules=["convolution"])
+    ours = dict(open_model(ModelRequest(str(adapter))).iter_tensors())
+    merged = PeftModel.from_pretrained(ResNetForImageClassification.from_pretrained(str(base)),
+                                       str(adapter)).merge_and_unload()
+    assert_matches_peft(ours, merged.state_dict())
+    name = "resnet.embedder.embedder.convolution.weight"
+    assert ours[name].ndim == 4 and not torch.equal(
+        ours[name], ResNetForImageClassification.from_pretrained(str(base)).state_dict()[name])
 
 
 def test_pattern_key_matches_like_peft():

@@ -157,6 +157,15 @@ def test_float32_path_is_close_to_float64():
     assert ev32.dtype == np.float64
 
 
+def test_matrix_rank_uses_the_computation_dtype_eps():
+    """rank = #{lambda > lambda_max * N * eps}: float64 resolves all 8 decades, float32 not."""
+    lam = np.repeat(10.0 ** np.arange(-8, 1), 12)  # 1e-8 .. 1, each decade 12 times
+    w = with_spectrum(300, 108, lam, seed=6)
+    assert one(w)["matrix_rank"] == 108
+    eps32 = float(np.finfo(np.float32).eps)  # 300 * eps32 = 3.6e-5: five decades are above
+    assert one(w, precision="float32")["matrix_rank"] == int(np.sum(lam > 300 * eps32)) == 60
+
+
 # ---------------------------------------------------------------------------------------------
 # Edge cases (metrics.md section 1).
 
@@ -340,6 +349,12 @@ def test_ks_scan_blocks_do_not_change_the_fit():
 def test_bad_options_are_refused(kw):
     with pytest.raises(InputError):
         ESDConfig(**kw)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
+def test_cuda_without_a_device_is_refused():
+    with pytest.raises(InputError, match="no CUDA device"):
+        list(iter_layer_results([("a.weight", torch.randn(20, 20))], ESDConfig(device="cuda")))
 
 
 @pytest.mark.parametrize("evals", [np.array([]), np.array([1.0, np.nan]), np.ones((3, 3))])
