@@ -254,7 +254,8 @@ def analyse_layer(layer: _Layer, layer_id: int, config: ESDConfig) -> LayerResul
 
 
 def _as_tensor(tensor: Any) -> torch.Tensor:
-    return tensor if isinstance(tensor, torch.Tensor) else torch.as_tensor(tensor)
+    """A tensor outside autograd (a generator must not hold a no_grad context across yields)."""
+    return tensor.detach() if isinstance(tensor, torch.Tensor) else torch.as_tensor(tensor)
 
 
 def iter_layer_results(named_tensors: Iterable[tuple[str, Any]],
@@ -267,17 +268,16 @@ def iter_layer_results(named_tensors: Iterable[tuple[str, Any]],
     """
     _check_device(config)
     layer_id = 0
-    with torch.no_grad():
-        for name, tensor in named_tensors:
-            t = _as_tensor(tensor)
-            del tensor
-            if t.ndim >= 2 and is_weight_name(name):
-                for layer in split_layers(name, t, None, config.conv_norm):
-                    result = analyse_layer(layer, layer_id, config)
-                    del layer  # holds a view of t
-                    layer_id += 1
-                    yield result
-            del t
+    for name, tensor in named_tensors:
+        t = _as_tensor(tensor)
+        del tensor
+        if t.ndim >= 2 and is_weight_name(name):
+            for layer in split_layers(name, t, None, config.conv_norm):
+                result = analyse_layer(layer, layer_id, config)
+                del layer  # holds a view of t
+                layer_id += 1
+                yield result
+        del t
 
 
 def fit_from_evals(evals: np.ndarray, config: ESDConfig, *, N: int | None = None) -> dict:

@@ -306,15 +306,20 @@ def test_layer_type_from_name(name, ndim, expected):
 
 
 def test_stream_is_read_lazily_and_tensors_released():
-    """Only the current tensor is alive when the loader produces the next one."""
+    """Only the current tensor is alive when the loader produces the next one.
+
+    Each tensor views a NumPy buffer; the buffer lives as long as any view of its storage.
+    """
     refs, read = [], []
 
     def stream():
         for i in range(4):
             if refs:
-                assert refs[-1]() is None, "previous tensor still held"
-            t = torch.randn(30 + i, 20)
-            refs.append(weakref.ref(t))
+                assert refs[-1]() is None, "previous tensor's storage still held"
+            buf = np.random.default_rng(i).standard_normal((30 + i, 20))
+            refs.append(weakref.ref(buf))
+            t = torch.from_numpy(buf)
+            del buf
             read.append(i)
             yield f"l{i}.weight", t
             del t
