@@ -79,11 +79,11 @@ def ks_distances(logx: torch.Tensor, alphas: torch.Tensor, start: int, stop: int
     while a < stop:
         b = min(stop, a + max(1, chunk_elems // (n - a)))
         i = torch.arange(a, b, device=dev, dtype=dt)[:, None]
-        j = torch.arange(a, n, device=dev, dtype=dt)[None, :]
-        steps = j - i                                           # j - i, negative below the tail
-        expo = (1.0 - alphas[a:b, None]) * (logx[None, a:] - logx[a:b, None])
-        dev_abs = (1.0 - torch.exp(expo) - steps / (n - i)).abs_()
-        parts.append(torch.where(steps >= 0, dev_abs, 0.0).amax(dim=1))
+        steps = torch.arange(a, n, device=dev, dtype=dt)[None, :] - i  # j - i, < 0 off the tail
+        val = logx[None, a:] - logx[a:b, None]
+        val.mul_(1.0 - alphas[a:b, None]).exp_()                # (x_j / x_i)^(1 - alpha_i)
+        val.neg_().add_(1.0).sub_(steps / (n - i)).abs_()
+        parts.append(val.masked_fill_(steps < 0, 0.0).amax(dim=1))
         a = b
     d = torch.cat(parts)
     valid = torch.isfinite(alphas[start:stop]) & (alphas[start:stop] > 1.0)

@@ -203,14 +203,16 @@ def machine() -> str:
             f"({torch.get_num_threads()} threads), python {platform.python_version()}")
 
 
-def report(times: dict[str, list[float]], info: dict[str, dict],
+def report(times: dict[str, list[float]], info: dict[str, list[dict]],
            f32_err: dict[float, float]) -> None:
+    """Median wall seconds per run (whole process) and median in-process analysis seconds."""
     med = {m: statistics.median(v) for m, v in times.items()}
     print(f"\n{'run':<10}{'median s':>10}{'min s':>9}{'inner s':>9}  layers  imports")
     for m, v in times.items():
-        i = info[m]
-        print(f"{m:<10}{med[m]:>10.2f}{min(v):>9.2f}{i['inner_s']:>9.2f}  {i['layers']:>6}  "
-              f"{','.join(i['imported']) or 'none'}")
+        inner = statistics.median(i["inner_s"] for i in info[m])
+        last = info[m][-1]
+        print(f"{m:<10}{med[m]:>10.2f}{min(v):>9.2f}{inner:>9.2f}  {last['layers']:>6}  "
+              f"{','.join(last['imported']) or 'none'}")
     print()
     if "bare" in med:
         for m in ("ours", "ours_dks", "ours_f32"):
@@ -243,12 +245,13 @@ def main() -> int:
         print(f"checkpoint {path} ({path.stat().st_size / 1e9:.2f} GB); {machine()}")
         modes = [m for m in MODES if m not in args.skip]
         times: dict[str, list[float]] = {m: [] for m in modes}
-        info: dict[str, dict] = {}
+        info: dict[str, list[dict]] = {m: [] for m in modes}
         for r in range(args.repeats):
             for m in modes if r % 2 == 0 else reversed(modes):
-                wall, info[m] = timed_run(m, path)
+                wall, out = timed_run(m, path)
                 times[m].append(wall)
-                print(f"repeat {r} {m:<9} {wall:6.2f} s  {info[m]}", flush=True)
+                info[m].append(out)
+                print(f"repeat {r} {m:<9} {wall:6.2f} s  {out}", flush=True)
         report(times, info, float32_errors(path))
     return 0
 
