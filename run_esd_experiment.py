@@ -87,17 +87,19 @@ def read_model_list(path: Path) -> list[ListEntry]:
     if "model_id" not in columns:
         raise InputError(f"model list {path} has no model_id column (columns: "
                          f"{', '.join(sorted(columns)) or 'none'}); the first line must be a header")
-    entries, seen = [], set()
+    entries: dict[str, ListEntry] = {}
     for raw in reader:
         row = {(k or "").strip(): (v or "").strip() for k, v in raw.items() if isinstance(v, str)}
         entry = ListEntry(row.get("model_id", ""), row.get("base_model_relation", ""),
                           row.get("source_model", ""))
-        if entry.model_id and entry not in seen:
-            seen.add(entry)
-            entries.append(entry)
+        first = entries.setdefault(entry.model_id, entry) if entry.model_id else entry
+        if first != entry:  # one result file per model id: the first row wins
+            logger.warning("%s is listed twice with different adapter columns; using the "
+                           "first row (%r, %r)", entry.model_id, first.base_model_relation,
+                           first.source_model)
     if not entries:
         raise InputError(f"model list {path} names no model")
-    return entries
+    return list(entries.values())
 
 
 # ---------------------------------------------------------------------------------------------

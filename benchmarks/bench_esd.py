@@ -5,6 +5,8 @@ intermediate 2816, vocab 32000, untied embed_tokens and lm_head: 30 matrices, ~0
 --workdir (default: a temporary directory, removed afterwards), then times, alternating and
 each as a whole separate process (python start-up, imports and checkpoint reads included):
 
+  worker     the whole tool for one model: esd_worker.py on the checkpoint's directory
+             (model_loader stream -> estimator -> CSV), float64, xmin_mid (default)
   ours       iter_layer_results over safe_open, tensor by tensor, float64, xmin_mid (default)
   ours_dks   the same with fix_fingers=DKS (WeightWatcher's default fit)
   ours_f32   the same with precision=float32
@@ -32,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HIDDEN, LAYERS, INTERMEDIATE, VOCAB = 1024, 4, 2816, 32000
-MODES = ("ours", "ours_dks", "ours_f32", "bare", "ww")
+MODES = ("worker", "ours", "ours_dks", "ours_f32", "bare", "ww")
 ERROR_FLOORS = (1e-6, 1e-3)  # float32 error on eigenvalues >= floor * lambda_max
 
 
@@ -157,7 +159,28 @@ def child(mode: str, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # The parent: timing, the float32 error, the table.
 
+def worker_run(path: Path) -> tuple[float, dict]:
+    """esd_worker.py as a user runs it; its CSV gives the layer count."""
+    import csv
+
+    out = path.parent / "worker_out"
+    cmd = [sys.executable, str(ROOT / "esd_worker.py"), "--model_id", str(path.parent),
+           "--output_dir", str(out), "--device", "cpu"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    (result,) = out.glob("*.csv")
+    with open(result, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return wall, {"layers": len(rows), "ok": sum(r["status"] == "ok" for r in rows),
+                  "inner_s": wall, "imported": []}
+
+
 def timed_run(mode: str, path: Path) -> tuple[float, dict]:
+    if mode == "worker":
+        return worker_run(path)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--checkpoint", str(path)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -215,11 +238,12 @@ def report(times: dict[str, list[float]], info: dict[str, list[dict]],
               f"{','.join(last['imported']) or 'none'}")
     print()
     if "bare" in med:
-        for m in ("ours", "ours_dks", "ours_f32"):
-            print(f"{m}/bare = {med[m] / med['bare']:.2f}")
+        for m in ("worker", "ours", "ours_dks", "ours_f32"):
+            if m in med:
+                print(f"{m}/bare = {med[m] / med['bare']:.2f}")
     if "ww" in med:
-        print(f"ww/ours = {med['ww'] / med['ours']:.2f}   ww/ours_dks = "
-              f"{med['ww'] / med['ours_dks']:.2f}")
+        print("   ".join(f"ww/{m} = {med['ww'] / med[m]:.2f}"
+                         for m in ("worker", "ours", "ours_dks") if m in med))
     for floor, err in f32_err.items():
         print(f"float32 max relative eigenvalue error, eigenvalues >= {floor:g} lambda_max: "
               f"{err:.2e}")

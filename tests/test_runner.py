@@ -176,3 +176,13 @@ def test_parser_defaults_match_the_seed():
     assert (args.num_gpus_per_job, args.gpu_memory_threshold, args.max_check) == (1, 500, 10)
     assert (args.fix_fingers, args.evals_thresh, args.bins) == ("xmin_mid", 1e-5, 100)
     assert args.filter_zeros is False and args.parallel_esd is False, "both can be turned on and off"
+
+
+def test_model_list_keeps_first_row_of_a_duplicate_id(tmp_path, caplog):
+    path = tmp_path / "list.csv"
+    path.write_text("model_id,base_model_relation,source_model\n"
+                    "org/a,,\norg/b,lora,org/base\norg/a,,\norg/b,lora,org/other\n")
+    entries = runner_mod.read_model_list(path)
+    assert entries == [runner_mod.ListEntry("org/a"),
+                       runner_mod.ListEntry("org/b", "lora", "org/base")]
+    assert "org/b is listed twice with different adapter columns" in caplog.text
