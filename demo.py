@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import warnings
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,9 @@ def build_lora(base_path: Path, path: Path, seed: int, targets: tuple[str, ...])
     base = AutoModelForCausalLM.from_pretrained(base_path)
     config = LoraConfig(r=8, lora_alpha=16, target_modules=list(targets),
                         init_lora_weights=False)  # random A and B: the merge changes W
-    peft_model = get_peft_model(base, config)
+    with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(base, config)
     peft_model.save_pretrained(path, safe_serialization=True)
     return path
 

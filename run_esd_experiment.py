@@ -151,16 +151,34 @@ def worker_argv(entry: ListEntry, config: RunConfig) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Running: dispatch, retries, failure records, progress.
 
+class _BarSafeHandler(logging.Handler):
+    """Writes log records above the progress bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
 class Progress:
-    """A progress bar on a terminal, plain log lines otherwise."""
+    """A progress bar (done / failed / running, ETA) on a terminal, plain log lines otherwise."""
 
     def __init__(self, total: int, enabled: bool):
         self.total, self.done, self.failed = total, 0, 0
         self._bar = None
+        self._saved_handlers: list[logging.Handler] = []
         if enabled and total and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, unit="model", dynamic_ncols=True)
+            root = logging.getLogger()
+            self._saved_handlers = list(root.handlers)
+            handler = _BarSafeHandler()
+            if self._saved_handlers:
+                handler.setFormatter(self._saved_handlers[0].formatter)
+            root.handlers = [handler]
+            # Per-job start/exit lines would bury the bar; failures are still reported below.
+            logging.getLogger("gputracker").setLevel(logging.WARNING)
+            self._bar = tqdm(total=total, unit="model", dynamic_ncols=True, file=sys.stderr)
 
     def finished(self, model_id: str, ok: bool, running: int, detail: str = "") -> None:
         self.done += ok
@@ -168,13 +186,18 @@ class Progress:
         if self._bar is not None:
             self._bar.update(1)
             self._bar.set_postfix(done=self.done, failed=self.failed, running=running)
-        else:
-            logger.info("[%d/%d] %s %s%s", self.done + self.failed, self.total,
-                        "done" if ok else "FAILED", model_id, f": {detail}" if detail else "")
+        if not ok:
+            logger.warning("[%d/%d] FAILED %s: %s", self.done + self.failed, self.total,
+                           model_id, detail)
+        elif self._bar is None:
+            logger.info("[%d/%d] done %s", self.done + self.failed, self.total, model_id)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+            self._bar = None
+            logging.getLogger().handlers = self._saved_handlers
+            logging.getLogger("gputracker").setLevel(logging.NOTSET)
 
 
 class Runner:
@@ -267,6 +290,22 @@ def run(config: RunConfig, dispatcher: Dispatcher | None = None) -> int:
     if dispatcher.stopped:
         return 128 + (dispatcher.stop_signum or signal.SIGINT)
     return EXIT_SOME_FAILED if failed else 0
+
+
+def summary_table(config: RunConfig) -> str:
+    """One line per listed model with a result: layers, fitted layers and alpha statistics."""
+    import pandas as pd
+
+    lines = []
+    for entry in read_model_list(config.model_list):
+        paths = model_paths(config.output_dir, entry.model_id, config.log_dir)
+        if is_complete(paths.csv, RESULT_COLUMNS):
+            df = pd.read_csv(paths.csv)
+            ok = df[df.status == "ok"]
+            lines.append({"model": Path(entry.model_id).name, "layers": len(df),
+                          "fitted": len(ok), "mean_alpha": ok.alpha.mean(),
+                          "median_alpha": ok.alpha.median(), "result": paths.csv.name})
+    return pd.DataFrame(lines).to_string(index=False, float_format="%.2f") if lines else ""
 
 
 def format_duration(seconds: float) -> str:
@@ -369,7 +408,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             device = "cpu" if args.device == "auto" and not detect_gpus() else args.device
             model_list = build_demo_zoo(args.output_dir / "zoo")
             args = argparse.Namespace(**{**vars(args), "model_list": model_list, "device": device})
-        return run(config_from_args(args))
+        config = config_from_args(args)
+        code = run(config)
+        if args.demo:
+            print(summary_table(config))
+        return code
     except InputError as exc:
         print(f"run_esd_experiment: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -64,6 +64,9 @@ def test_demo_runs_end_to_end(tmp_path):
     adapters = [f for f in frames if f.source_model.iloc[0]]
     assert len(adapters) == 2, "both demo adapters name their base"
     assert "finished: done 5, skipped 0, failed 0" in proc.stderr
+    summary = proc.stdout.splitlines()
+    assert summary[0].split()[:3] == ["model", "layers", "fitted"]
+    assert len(summary) == 6 and "tiny-resnet" in proc.stdout
 
 
 def test_resume_overwrite_and_limit(zoo, tmp_path):
