@@ -5,7 +5,8 @@ Usage: python run_esd_experiment.py --model_list models.csv --output_dir results
 
 Reads the model list (CSV: model_id, optional base_model_relation and source_model). Writes
 under --output_dir one ``<org--name>.csv`` per model (columns: net_esd.RESULT_COLUMNS),
-``failed_models.txt`` (model id, tab, cause), and one log per model under --log_dir.
+``failed_models.txt`` (model id, tab, cause), one log per model under --log_dir and the
+run's own log, ``<log_dir>/esd_experiment.log``.
 Finished models are skipped on a rerun. Exit code: 0 when no model failed, 1 when some model
 failed, 2 for bad input (list, flags, a second run on the same output), 128 + the signal
 number when interrupted (130 after Ctrl-C).
@@ -22,6 +23,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -38,6 +40,7 @@ EXIT_SOME_FAILED = 1
 EXIT_BAD_INPUT = 2
 WORKER = Path(__file__).resolve().with_name("esd_worker.py")
 LOG_TAIL_LINES = 5
+RUN_LOG = "esd_experiment.log"  # the runner's own log, beside the per-model logs
 
 
 @dataclass(frozen=True)
@@ -172,10 +175,11 @@ class Progress:
 
             root = logging.getLogger()
             self._saved_handlers = list(root.handlers)
+            consoles = [h for h in root.handlers if type(h) is logging.StreamHandler]
             handler = _BarSafeHandler()
-            if self._saved_handlers:
-                handler.setFormatter(self._saved_handlers[0].formatter)
-            root.handlers = [handler]
+            if consoles:
+                handler.setFormatter(consoles[0].formatter)
+            root.handlers = [h for h in root.handlers if h not in consoles] + [handler]
             # Per-job start/exit lines would bury the bar; failures are still reported below.
             logging.getLogger("gputracker").setLevel(logging.WARNING)
             self._bar = tqdm(total=total, unit="model", dynamic_ncols=True, file=sys.stderr)
@@ -262,7 +266,7 @@ def run(config: RunConfig, dispatcher: Dispatcher | None = None) -> int:
     started = time.monotonic()
     entries = read_model_list(config.model_list)
     dispatcher = dispatcher or make_dispatcher(config)
-    with RunLock(config.output_dir):
+    with RunLock(config.output_dir), run_log(config.log_dir / RUN_LOG):
         failures = FailureLog(config.output_dir)
         plan = make_plan(entries, config, failures)
         for entry, reason in plan.invalid:
@@ -290,6 +294,21 @@ def run(config: RunConfig, dispatcher: Dispatcher | None = None) -> int:
     if dispatcher.stopped:
         return 128 + (dispatcher.stop_signum or signal.SIGINT)
     return EXIT_SOME_FAILED if failed else 0
+
+
+@contextmanager
+def run_log(path: Path):
+    """Copy this process's log lines to ``path`` (appended: one file tells every run's story)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
 
 
 def summary_table(config: RunConfig) -> str:

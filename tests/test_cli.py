@@ -147,6 +147,8 @@ def test_bad_models_fail_alone_and_skip_failed(zoo, tmp_path):
     assert "deleted-base" in causes[str(bad["orphan"])]
     assert "Corrupt" in causes[str(bad["corrupt"])] or "corrupt" in causes[str(bad["corrupt"])]
     assert "done 2, skipped 0, failed 3" in proc.stderr
+    run_log = (out / "logs" / "esd_experiment.log").read_text()
+    assert "done 2, skipped 0, failed 3" in run_log and f"FAILED {bad['missing']}" in run_log
 
     proc = cli("--model_list", models, "--output_dir", out, "--skip_failed")
     assert proc.returncode == 0, proc.stderr
