@@ -10,9 +10,12 @@ safetensors), and a model list naming them is written beside them.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import warnings
 from pathlib import Path
+
+from paths import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +23,7 @@ SEED = 0
 HIDDEN = 64        # small enough to build in seconds, large enough that every matrix is fitted
 VOCAB = 512
 LIST_COLUMNS = ("model_id", "base_model_relation", "source_model")
+DEMO_LIST = "demo_models.csv"  # written last: its presence means the zoo is complete
 
 
 def _save(model, path: Path) -> Path:
@@ -94,10 +98,11 @@ def build_demo_zoo(root: Path) -> Path:
         (str(lora_listed), "adapter", str(llama)),   # base named in the list
         (str(lora_found), "lora", ""),               # base read from adapter_config.json
     ]
-    list_path = root / "demo_models.csv"
-    with open(list_path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(LIST_COLUMNS)
-        writer.writerows(rows)
+    list_path = root / DEMO_LIST
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(LIST_COLUMNS)
+    writer.writerows(rows)
+    write_text_atomic(list_path, buffer.getvalue())
     logger.info("demo zoo of %d models written to %s", len(rows), root)
     return list_path

@@ -30,13 +30,10 @@ from esd_fit import METRIC_COLUMNS, spectral_metrics
 # The result schema: one definition, imported by the worker, the runner's resume check and
 # every report. Model-level columns are filled by the worker, layer columns by this module.
 MODEL_COLUMNS = ("model_id", "revision", "source_model")
-LAYER_COLUMNS = (
-    "layer_id", "longname", "layer_type", "N", "M", "Q", "num_evals",
-    "alpha", "xmin", "xmax", "D", "sigma", "num_pl_spikes",
-    "spectral_norm", "log_spectral_norm", "norm", "log_norm", "stable_rank",
-    "alpha_weighted", "log_alpha_norm", "matrix_rank", "entropy",
-    "warning", "fix_fingers", "status",
-)
+SHAPE_COLUMNS = ("layer_id", "longname", "layer_type", "N", "M", "Q", "num_evals")
+# METRIC_COLUMNS: alpha, xmin, xmax, D, sigma, num_pl_spikes, spectral_norm, log_spectral_norm,
+# norm, log_norm, stable_rank, alpha_weighted, log_alpha_norm, matrix_rank, entropy, warning.
+LAYER_COLUMNS = SHAPE_COLUMNS + METRIC_COLUMNS + ("fix_fingers", "status")
 RESULT_COLUMNS = MODEL_COLUMNS + LAYER_COLUMNS
 
 FIX_FINGERS = ("xmin_mid", "xmin_peak", "DKS")

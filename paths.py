@@ -27,6 +27,7 @@ _MAX_READABLE = 120
 
 FAILED_MODELS_FILE = "failed_models.txt"
 LOCK_FILE = ".esd_run.lock"
+OPTIONS_FILE = ".esd_options.json"  # the estimator options the directory's results used
 
 
 def _is_plain(part: str, pattern: re.Pattern) -> bool:
@@ -91,6 +92,16 @@ class ModelPaths:
         return self.log_dir / f"{self.stem}.failure.json"
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Read once: os.umask can only be read by setting it, which is not safe once threads run.
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
 
@@ -106,6 +117,7 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; results are shared like any file
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -28,11 +28,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from errors import ESDError, InputError
-from esd_worker import EXIT_TRANSIENT, add_esd_arguments, esd_argv, model_paths
+from esd_worker import (
+    EXIT_TRANSIENT,
+    add_esd_arguments,
+    esd_argv,
+    esd_config_from_args,
+    model_paths,
+)
 from gputracker import Dispatcher, Job, JobResult, detect_gpus, install_signal_handlers
 from net_esd import RESULT_COLUMNS
 from paths import ModelPaths
-from run_state import FailureLog, RunLock, is_complete, read_failure_cause
+from run_state import FailureLog, RunLock, check_options, is_complete, read_failure_cause
 
 logger = logging.getLogger("run_esd_experiment")
 
@@ -81,7 +87,13 @@ def read_model_list(path: Path) -> list[ListEntry]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"model list {path} does not exist")
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"model list {path} is not UTF-8 text ({exc.reason} at byte "
+                         f"{exc.start}): save it as UTF-8 CSV") from None
+    except OSError as exc:
+        raise InputError(f"model list {path} cannot be read: {exc.strerror}") from None
     lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
         raise InputError(f"model list {path} is empty")
@@ -95,6 +107,10 @@ def read_model_list(path: Path) -> list[ListEntry]:
         row = {(k or "").strip(): (v or "").strip() for k, v in raw.items() if isinstance(v, str)}
         entry = ListEntry(row.get("model_id", ""), row.get("base_model_relation", ""),
                           row.get("source_model", ""))
+        if any(not ch.isprintable() for ch in entry.model_id + entry.source_model):
+            logger.warning("%s, line %d: skipped, its ids hold tabs, line breaks or other "
+                           "control characters: %r", path, reader.line_num, entry.model_id)
+            continue
         first = entries.setdefault(entry.model_id, entry) if entry.model_id else entry
         if first != entry:  # one result file per model id: the first row wins
             logger.warning("%s is listed twice with different adapter columns; using the "
@@ -124,13 +140,21 @@ def make_plan(entries: list[ListEntry], config: RunConfig, failures: FailureLog)
         except ESDError as exc:
             plan.invalid.append((entry, str(exc)))
             continue
-        if not config.overwrite and is_complete(paths.csv, RESULT_COLUMNS):
+        if not config.overwrite and is_complete(paths.csv, RESULT_COLUMNS) and (
+                not config.args.save_eigs or paths.eigs.is_file()):
             plan.done.append(entry)
         elif config.skip_failed and entry.model_id in failures:
             plan.skipped_failed.append(entry)
         else:
             plan.to_run.append((entry, paths))
     return plan
+
+
+def estimator_options(args: argparse.Namespace) -> dict:
+    """The options that change the numbers (not where or how fast they are computed)."""
+    config = esd_config_from_args(args, "cpu")
+    return {name: getattr(config, name) for name in ("fix_fingers", "xmin_pos", "bins",
+            "evals_thresh", "filter_zeros", "conv_norm", "min_evals", "precision")}
 
 
 def worker_argv(entry: ListEntry, config: RunConfig) -> list[str]:
@@ -267,6 +291,7 @@ def run(config: RunConfig, dispatcher: Dispatcher | None = None) -> int:
     entries = read_model_list(config.model_list)
     dispatcher = dispatcher or make_dispatcher(config)
     with RunLock(config.output_dir), run_log(config.log_dir / RUN_LOG):
+        check_options(config.output_dir, estimator_options(config.args), config.overwrite)
         failures = FailureLog(config.output_dir)
         plan = make_plan(entries, config, failures)
         for entry, reason in plan.invalid:
@@ -383,6 +408,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         raise InputError(f"--limit must be 0 or more, got {args.limit}")
     if args.max_retries < 0 or args.retry_backoff < 0 or args.poll_interval <= 0:
         raise InputError("--max_retries and --retry_backoff must be >= 0, --poll_interval > 0")
+    esd_config_from_args(args, "cpu")  # refuses bad estimator options before any worker starts
     if args.device.startswith("cuda:"):
         raise InputError(f"--device {args.device}: the runner gives each job its GPUs; choose "
                          "them with --gpus (esd_worker.py alone takes --device cuda:N)")
@@ -422,10 +448,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.demo:
-            from demo import build_demo_zoo
+            from demo import DEMO_LIST, build_demo_zoo
 
             device = "cpu" if args.device == "auto" and not detect_gpus() else args.device
-            model_list = build_demo_zoo(args.output_dir / "zoo")
+            model_list = args.output_dir / "zoo" / DEMO_LIST
+            if not model_list.is_file():  # built once: a rerun resumes like any other run
+                model_list = build_demo_zoo(args.output_dir / "zoo")
             args = argparse.Namespace(**{**vars(args), "model_list": model_list, "device": device})
         config = config_from_args(args)
         code = run(config)
@@ -435,6 +463,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as exc:
         print(f"run_esd_experiment: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except ESDError as exc:  # the machine failed us (a GPU lost mid-run): results so far are kept
+        print(f"run_esd_experiment: error: {exc}", file=sys.stderr)
+        return EXIT_SOME_FAILED
 
 
 if __name__ == "__main__":

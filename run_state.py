@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from errors import InputError
-from paths import FAILED_MODELS_FILE, LOCK_FILE, write_text_atomic
+from paths import FAILED_MODELS_FILE, LOCK_FILE, OPTIONS_FILE, write_text_atomic
 
 
 def is_complete(csv_path: Path, columns: Sequence[str]) -> bool:
@@ -90,8 +90,12 @@ class RunLock:
         self._fd: int | None = None
 
     def __enter__(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise InputError(f"output directory {self.path.parent} cannot be used: "
+                             f"{exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -109,3 +113,24 @@ class RunLock:
         if self._fd is not None:
             os.close(self._fd)  # closing releases the flock; the file stays for the next run
             self._fd = None
+
+
+def check_options(output_dir: Path, options: dict, overwrite: bool) -> None:
+    """Keep one directory's results comparable: refuse other estimator options without
+    ``--overwrite``, and record the options in force."""
+    path = Path(output_dir) / OPTIONS_FILE
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        recorded = None
+    except (OSError, ValueError):
+        recorded = {}
+    if recorded is not None and recorded != options and not overwrite:
+        changed = ", ".join(f"{k}: {recorded.get(k)!r} -> {options.get(k)!r}"
+                            for k in sorted(set(recorded) | set(options))
+                            if recorded.get(k) != options.get(k))
+        raise InputError(f"{output_dir} holds results computed with other estimator options "
+                         f"({changed}); rerun with --overwrite to recompute them, or choose "
+                         "another --output_dir")
+    if recorded != options:
+        write_text_atomic(path, json.dumps(options, indent=1, sort_keys=True) + "\n")

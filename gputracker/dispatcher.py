@@ -8,7 +8,7 @@ and is granted again as soon as that job exits, without waiting for a poll; from
 poll on its readings count again, so a GPU someone else took meanwhile is noticed.
 
 CPU mode (no GPUs). ``cpu_slots`` jobs run at once, each with ``CUDA_VISIBLE_DEVICES=""`` and
-``OMP_NUM_THREADS``/``MKL_NUM_THREADS``/``OPENBLAS_NUM_THREADS``/``ESD_THREADS`` set to
+``OMP_NUM_THREADS``/``MKL_NUM_THREADS``/``OPENBLAS_NUM_THREADS`` set to
 ``max(1, cores // cpu_slots)``.
 
 Finished jobs wake the dispatch loop through a condition variable; the loop starts the next
@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from errors import InputError
-from gputracker.gpus import GPUStatus, nvml_query
+from gputracker.gpus import GPUQueryError, GPUStatus, nvml_query
 from gputracker.jobs import Allocation, Job, JobResult, Launcher, ProcessHandle, launch_in_session
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,9 @@ _MAX_WAIT = 1.0
 # After SIGKILL the kernel reaps at once unless a process is stuck in the driver.
 _KILL_WAIT = 5.0
 # Variables set to the per-job thread count in CPU mode.
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ESD_THREADS")
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+# Consecutive failed GPU readings that end a run (six polls: a minute at the default interval).
+MAX_QUERY_FAILURES = 6
 
 OnFinish = Callable[[JobResult], Iterable[Job] | None]
 Wait = Callable[[threading.Condition, float], object]
@@ -201,6 +203,7 @@ class Dispatcher:
         self._stop_reason: str | None = None
         self._stop_signum: int | None = None
         self._force = False
+        self._query_failures = 0
 
     # ----- public API -----------------------------------------------------------------
 
@@ -303,7 +306,7 @@ class Dispatcher:
                 return
             now = self._clock()
             if self._pool.polls and (next_poll is None or now >= next_poll):
-                self._pool.observe(self._query())
+                self._poll()
                 next_poll = now + self._poll_interval
             self._start_ready(now)
             with self._cond:
@@ -312,6 +315,23 @@ class Dispatcher:
                 if not self._pending and not self._running:
                     return
                 self._wait(self._cond, self._timeout(now, next_poll))
+
+    def _poll(self) -> None:
+        """One GPU reading. A failed reading (a driver hiccup) restarts every free count, so no
+        GPU is granted on stale readings; only ``MAX_QUERY_FAILURES`` failures in a row stop
+        the run, with the last error."""
+        try:
+            statuses = self._query()
+        except GPUQueryError as exc:
+            self._query_failures += 1
+            if self._query_failures >= MAX_QUERY_FAILURES:
+                raise
+            logger.warning("GPU query failed (%d in a row, giving up at %d): %s",
+                           self._query_failures, MAX_QUERY_FAILURES, exc)
+            self._pool.reset()
+            return
+        self._query_failures = 0
+        self._pool.observe(statuses)
 
     def _timeout(self, now: float, next_poll: float | None) -> float:
         deadlines = [job.not_before for job in self._pending if job.not_before is not None]

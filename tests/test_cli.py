@@ -253,3 +253,19 @@ def test_hub_ids_from_offline_cache_record_commit(zoo, tmp_path):
     assert cause.startswith("tiny-org/absent\t") and "offline" in cause.lower()
     assert (hf_home / "hub" / "models--tiny-org--tiny-gpt2" / "snapshots" / commit).is_dir(), \
         "--cleanup_cache keeps what was in the cache before the run"
+
+
+def test_rerun_with_other_options_is_refused_unless_overwrite(zoo, tmp_path):
+    models = write_list(tmp_path / "models.csv", [(zoo / "tiny-gpt2", "", "")])
+    out = tmp_path / "out"
+    assert cli("--model_list", models, "--output_dir", out).returncode == 0
+    proc = cli("--model_list", models, "--output_dir", out, "--fix_fingers", "DKS")
+    assert proc.returncode == 2
+    assert "fix_fingers: 'xmin_mid' -> 'DKS'" in proc.stderr and "--overwrite" in proc.stderr
+    proc = cli("--model_list", models, "--output_dir", out, "--save_eigs")
+    assert proc.returncode == 0, proc.stderr
+    assert "1 to run, 0 already done" in proc.stderr, "a result without its eigenvalues reruns"
+    assert len(list(out.glob("*.eigs.npz"))) == 1
+    proc = cli("--model_list", models, "--output_dir", out, "--fix_fingers", "DKS", "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert set(pd.read_csv(result_csvs(out)[0]).fix_fingers) == {"DKS"}

@@ -23,6 +23,7 @@ from gputracker import (
     Allocation,
     Dispatcher,
     DispatchThread,
+    GPUQueryError,
     GPUStatus,
     Job,
     JobResult,
@@ -30,6 +31,7 @@ from gputracker import (
     launch_in_session,
     nvml_query,
 )
+from gputracker.dispatcher import MAX_QUERY_FAILURES
 
 ROOT = Path(__file__).resolve().parents[1]
 # Upper bound for any wait on a child: a guard against a hang, never a measurement.
@@ -200,6 +202,39 @@ def test_gpu_is_granted_after_max_check_consecutive_free_readings(tmp_path):
     results = dispatcher.run([py_job("j", "pass", tmp_path)])
     assert launcher.launches == [{"visible": "0", "polls": 6}]
     assert results[0].ok
+
+
+class FlakyGPUs(FakeGPUs):
+    """Like FakeGPUs, but the polls numbered in ``failing`` raise GPUQueryError."""
+
+    def __init__(self, failing: set[int], *script: dict[int, float]):
+        super().__init__(*script)
+        self.failing = failing
+
+    def __call__(self) -> list[GPUStatus]:
+        if self.calls in self.failing:
+            self.calls += 1
+            raise GPUQueryError("NVML could not read the GPUs: GPU is lost")
+        return super().__call__()
+
+
+def test_a_failed_gpu_reading_restarts_the_free_count_and_the_run_goes_on(tmp_path):
+    # Polls 0 and 1 read free, poll 2 fails, then free: with max_check=3 the count restarts
+    # after the failure, so the grant needs polls 3, 4 and 5 (six calls in all).
+    fake = FlakyGPUs({2}, {0: 10.0})
+    launcher = RecordingLauncher(fake)
+    dispatcher = gpu_dispatcher([0], fake, max_check=3, launcher=launcher)
+    results = dispatcher.run([py_job("j", "pass", tmp_path)])
+    assert launcher.launches == [{"visible": "0", "polls": 6}]
+    assert results[0].ok
+
+
+def test_gpu_readings_failing_in_a_row_end_the_run(tmp_path):
+    fake = FlakyGPUs(set(range(1, 100)), {0: 10.0})
+    dispatcher = gpu_dispatcher([0], fake, max_check=2)
+    with pytest.raises(GPUQueryError, match="GPU is lost"):
+        dispatcher.run([py_job("j", "pass", tmp_path)])
+    assert fake.calls == 1 + MAX_QUERY_FAILURES
 
 
 class FastForward:

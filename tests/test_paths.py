@@ -60,3 +60,13 @@ def test_write_atomic_keeps_old_file_on_error(tmp_path):
         write_atomic(target, broken)
     assert target.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["out.csv"], "no temporary file is left behind"
+
+
+def test_written_files_follow_the_umask_not_mkstemp(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    os.umask(old)
+    target = tmp_path / "result.csv"
+    write_text_atomic(target, "x\n")
+    assert target.stat().st_mode & 0o777 == 0o666 & ~old

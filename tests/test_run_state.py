@@ -67,3 +67,27 @@ def test_lock_of_a_killed_run_is_not_stuck(tmp_path):
     assert (tmp_path / ".esd_run.lock").exists()
     with RunLock(tmp_path):
         pass
+
+
+OPTIONS = {"fix_fingers": "xmin_mid", "bins": 100}
+
+
+def test_options_are_recorded_and_other_options_refused(tmp_path):
+    from run_state import check_options
+
+    check_options(tmp_path, OPTIONS, overwrite=False)
+    check_options(tmp_path, OPTIONS, overwrite=False)  # same options: fine
+    other = {**OPTIONS, "fix_fingers": "DKS"}
+    with pytest.raises(InputError, match=r"fix_fingers: 'xmin_mid' -> 'DKS'.*--overwrite"):
+        check_options(tmp_path, other, overwrite=False)
+    check_options(tmp_path, other, overwrite=True)
+    with pytest.raises(InputError, match="'DKS' -> 'xmin_mid'"):
+        check_options(tmp_path, OPTIONS, overwrite=False)
+
+
+def test_unusable_output_directory_is_an_input_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(InputError, match=f"output directory {blocker} cannot be used"):
+        with RunLock(blocker):
+            pass

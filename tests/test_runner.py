@@ -186,3 +186,24 @@ def test_model_list_keeps_first_row_of_a_duplicate_id(tmp_path, caplog):
     assert entries == [runner_mod.ListEntry("org/a"),
                        runner_mod.ListEntry("org/b", "lora", "org/base")]
     assert "org/b is listed twice with different adapter columns" in caplog.text
+
+
+def test_bad_estimator_flags_are_refused_before_any_worker(tmp_path):
+    args = runner_mod.build_parser().parse_args(
+        ["--model_list", "x.csv", "--output_dir", str(tmp_path), "--bins", "0"])
+    with pytest.raises(runner_mod.InputError, match="bins must be at least 1"):
+        runner_mod.config_from_args(args)
+
+
+def test_model_list_that_is_not_utf8_is_an_input_error(tmp_path):
+    path = tmp_path / "list.csv"
+    path.write_bytes(b"\xff\xfemodel_id\norg/a\n")
+    with pytest.raises(runner_mod.InputError, match="is not UTF-8 text"):
+        runner_mod.read_model_list(path)
+
+
+def test_ids_with_control_characters_are_skipped(tmp_path, caplog):
+    path = tmp_path / "list.csv"
+    path.write_text('model_id\n"multi\nline/x"\n"tab\there/x"\norg/ok\n')
+    assert runner_mod.read_model_list(path) == [runner_mod.ListEntry("org/ok")]
+    assert caplog.text.count("control characters") == 2
