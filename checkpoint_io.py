@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -27,6 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from errors import CorruptCheckpointError, NoWeightsError, UnsupportedFormatError
+from net_esd import FLOAT_DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +46,12 @@ _SAFETENSORS_DTYPES = {
     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
     "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
 }
-FLOAT_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16"})
+# The floating dtypes of the analysis, by the names ``CheckpointReader.dtype`` reports.
+FLOAT_DTYPE_NAMES = frozenset(str(d).removeprefix("torch.") for d in FLOAT_DTYPES)
+# What torch's weights-only unpickler says when a pickle names a class or function other than
+# tensors and plain containers; it refuses the file before anything in it runs.
+_UNSAFE_PICKLE = re.compile(r"GLOBAL|Can only (build|create|append|extend)|must be imported "
+                            r"to load|for dict|persistent_load|persistent id")
 
 
 def natural_key(name: str) -> tuple:
@@ -172,6 +179,8 @@ class _TorchFile:
                            model_id, path.name)
         try:
             state = torch.load(str(path), map_location="cpu", mmap=mmap, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise _refused_pickle(model_id, path, exc) from None
         except Exception as exc:  # torch raises many types for damaged pickles and zips
             raise _corrupt(model_id, path, exc) from None
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -213,12 +222,36 @@ def _unique_tensors(state: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-def _corrupt(model_id: str, path: Path, exc: BaseException,
-             tensor: str | None = None) -> CorruptCheckpointError:
+def _refused_pickle(model_id: str, path: Path,
+                    exc: pickle.UnpicklingError) -> UnsupportedFormatError | CorruptCheckpointError:
+    """The error for a ``.bin`` that torch's weights-only unpickler refused.
+
+    torch wraps the unpickler's reason in advice to retry with ``weights_only=False``, which
+    would run whatever the file holds; only the reason (the exception torch raised it from)
+    is quoted.
+    """
+    inner = exc.__context__ if isinstance(exc.__context__, pickle.UnpicklingError) else None
+    reason = " ".join(str(inner).split()) if inner is not None else ""
+    if reason.startswith("Unsupported global"):  # drop torch's allowlisting advice
+        reason = reason.partition(" was not an allowed global")[0]
+    if _UNSAFE_PICKLE.search(reason if inner is not None else str(exc)):
+        return UnsupportedFormatError(
+            f"{model_id}: {path.name} holds pickled objects other than tensors; refused for "
+            f"safety (the file was not executed){f': {reason[:200]}' if reason else ''}. "
+            f"Analyse a revision with safetensors weights, or convert this file to safetensors "
+            f"where its source is trusted")
+    return _corrupt(model_id, path, exc,
+                    detail=reason or "not a pickle the weights-only loader can read")
+
+
+def _corrupt(model_id: str, path: Path, exc: BaseException, tensor: str | None = None,
+             detail: str | None = None) -> CorruptCheckpointError:
     what = f"tensor {tensor!r} of {path.name}" if tensor else path.name
     size = path.stat().st_size if path.exists() else 0
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    detail = (lines[0] if lines else type(exc).__name__)[:300]
+    if detail is None:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = lines[0] if lines else type(exc).__name__
+    detail = detail[:300]
     return CorruptCheckpointError(
         f"{model_id}: cannot read {what} ({size} bytes): {detail}. The file is truncated or "
         f"damaged; delete it from the cache and download it again")

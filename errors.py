@@ -52,11 +52,55 @@ class TransientError(ESDError):
     transient = True
 
 
+# Exception classes that mean "the network failed", by the top-level package defining them and
+# class name; matched along each exception's class hierarchy, so subclasses count too
+# (httpx's TransportError covers ConnectError, ReadTimeout, RemoteProtocolError, ...).
+# Names, not imports: nothing here loads an HTTP library.
+_NETWORK_CLASSES = {
+    "httpx": frozenset({"TransportError"}),
+    "httpx2": frozenset({"TransportError"}),
+    "requests": frozenset({"ConnectionError", "Timeout", "ChunkedEncodingError"}),
+    "urllib3": frozenset({"TimeoutError", "ProtocolError", "MaxRetryError"}),
+    "http": frozenset({"IncompleteRead"}),
+}
+# ConnectionError subclasses that are a refusal by configuration, not a network failure.
+_NOT_NETWORK = frozenset({"OfflineModeIsEnabled"})
+
+
+def _network_class(exc: BaseException) -> bool:
+    classes = type(exc).__mro__
+    if any(cls.__name__ in _NOT_NETWORK for cls in classes):
+        return False
+    if isinstance(exc, (TimeoutError, ConnectionError)):  # socket timeouts, refused, reset
+        return True
+    return any(cls.__name__ in _NETWORK_CLASSES.get(cls.__module__.partition(".")[0], ())
+               for cls in classes)
+
+
+def is_network_error(exc: BaseException) -> bool:
+    """True when ``exc``, or an exception it was raised from or while handling, is a network
+    failure: a timeout, a refused or dropped connection, a broken HTTP exchange.
+
+    The chain is followed through ``__cause__`` and ``__context__`` (unless suppressed with
+    ``from None``), because libraries wrap the network error in their own ("not in the local
+    cache", "max retries exceeded").
+    """
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        if _network_class(link):
+            return True
+        seen.add(id(link))
+        link = link.__cause__ if link.__cause__ is not None else (
+            None if link.__suppress_context__ else link.__context__)
+    return False
+
+
 def is_transient(exc: BaseException) -> bool:
-    """True when ``exc`` is worth retrying: our transient errors, OOM, and network timeouts."""
+    """True when ``exc`` is worth retrying: our transient errors, out of memory, and network
+    failures (``is_network_error``). Any other ``ESDError`` is not, whatever caused it."""
     if isinstance(exc, ESDError):
         return exc.transient
-    name = type(exc).__name__
-    if name in {"OutOfMemoryError", "ConnectionError", "Timeout", "ReadTimeout", "ConnectTimeout"}:
+    if type(exc).__name__ == "OutOfMemoryError":
         return True
-    return isinstance(exc, (TimeoutError, ConnectionError))
+    return is_network_error(exc)

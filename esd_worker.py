@@ -278,7 +278,8 @@ def run_model(config: WorkerConfig) -> ModelPaths:
     request = ModelRequest(config.model_id, config.base_model_relation, config.source_model)
     started = time.monotonic()
     model = open_model(request, cache_dir=config.cache_dir,
-                       trust_remote_code=config.trust_remote_code)
+                       trust_remote_code=config.trust_remote_code,
+                       cleanup_on_error=config.cleanup_cache)
     try:
         logger.info("%s: revision %s%s, analysing on %s", config.model_id, model.revision or "local",
                     f", adapter on {model.source_model}" if model.is_adapter else "",

@@ -14,7 +14,11 @@ with ``scale = lora_alpha / r`` or ``lora_alpha / sqrt(r)`` under ``use_rslora``
 matches them. Merged tensors are computed and returned in float32. ``modules_to_save``
 weights and saved ``base_layer`` weights replace the base tensor; a ``modules_to_save``
 weight with no base counterpart (an untied ``lm_head`` over a tied base) is yielded as an
-extra tensor. Adapter tensors that match no base tensor are an error, never ignored.
+extra tensor. A LoRA on an output head that the base ties to its input embedding (the base
+stores only the embedding) is merged into the embedding: peft merges in place into the one
+shared parameter, so its merged model holds ``embedding = lm_head = E + scale * B @ A``, and
+the stream yields that tensor once, under the embedding's name, as it yields every tied
+weight. Adapter tensors that match no base tensor are an error, never ignored.
 
 Adapters this arithmetic does not cover (DoRA, IA3, LoHa, LoKr, LoRA on convolutions, ...)
 go through ``merged_with_peft``: transformers builds the base model, peft merges, and the
@@ -28,14 +32,20 @@ import logging
 import math
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from checkpoint_io import FLOAT_DTYPES, CheckpointReader, natural_key, select_weight_files
+from checkpoint_io import (
+    FLOAT_DTYPE_NAMES,
+    CheckpointReader,
+    natural_key,
+    select_weight_files,
+)
 from errors import (
     CorruptCheckpointError,
     ShapeMismatchError,
@@ -61,10 +71,37 @@ _LORA_KEY = re.compile(
     r"(?:\.(?P<param>weight|bias))?$")
 _SAVED_MODULE_KEY = re.compile(r"^(?P<module>.+)\.modules_to_save(?:\.default)?\.(?P<rest>.+)$")
 _BASE_LAYER_KEY = re.compile(r"^(?P<module>.+)\.base_layer\.(?P<rest>.+)$")
+# Input-embedding tensors an output head is tied to, for a base transformers does not know.
+_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight",
+                       "embed_in.weight", "tok_embeddings.weight", "shared.weight")
 
 
 class NeedsPeftMerge(Exception):
     """Raised while planning when only peft itself can merge this adapter."""
+
+
+def tied_weights(base_config: Mapping[str, Any]) -> dict[str, str]:
+    """Tensors the base model ties to another one, ``{tied: stored}``, as transformers ties them.
+
+    Empty when ``tie_word_embeddings`` is false (it defaults to true when unset). The pairs come
+    from the ``_tied_weights_keys`` of the class ``architectures`` names; for a class
+    transformers does not have (custom code), ``lm_head.weight`` is tied to an input embedding
+    found by name (stored value ``""``).
+    """
+    text_config = base_config.get("text_config")
+    text_config = text_config if isinstance(text_config, Mapping) else {}
+    if not base_config.get("tie_word_embeddings", text_config.get("tie_word_embeddings", True)):
+        return {}
+    archs = base_config.get("architectures") or [""]
+    try:
+        import transformers
+
+        keys = getattr(getattr(transformers, str(archs[0]), None), "_tied_weights_keys", None)
+    except ImportError:  # a model class whose optional dependency is missing
+        keys = None
+    if isinstance(keys, Mapping) and keys:
+        return {str(k): str(v) for k, v in keys.items()}
+    return {"lm_head.weight": ""}
 
 
 def unsupported_variant(adapter_config: dict[str, Any]) -> str | None:
@@ -180,11 +217,13 @@ class _BaseNames:
 
     Exact match first; then without the adapter path's first component (adapter trained on
     ``*ForCausalLM``, base saved as the bare model); then base names without their first
-    component (the reverse), when that is unambiguous.
+    component (the reverse), when that is unambiguous. ``find_tied`` resolves a tensor the
+    base does not store because it is tied to another (``base_config`` says which).
     """
 
-    def __init__(self, names):
+    def __init__(self, names, base_config: Mapping[str, Any] | None = None):
         self.names = set(names)
+        self.base_config = base_config
         self.stripped: dict[str, list[str]] = {}
         for name in names:
             rest = name.partition(".")[2]
@@ -200,18 +239,42 @@ class _BaseNames:
         candidates = self.stripped.get(path, [])
         return candidates[0] if len(candidates) == 1 else None
 
+    @cached_property
+    def tied(self) -> dict[str, str]:  # transformers is imported only when a lookup needs it
+        return tied_weights(self.base_config) if self.base_config is not None else {}
+
+    def find_tied(self, path: str) -> str | None:
+        """The stored tensor that ``path`` shares, when the base ties ``path`` and lacks it."""
+        if self.find(path) is not None:
+            return None
+        for tied, stored in self.tied.items():
+            if tied in (path, path.partition(".")[2]):
+                return self.find(stored) if stored else self._embedding()
+        return None
+
+    def _embedding(self) -> str | None:
+        found = [n for n in self.names
+                 if any(n == s or n.endswith(f".{s}") for s in _EMBEDDING_SUFFIXES)]
+        return found[0] if len(found) == 1 else None
+
 
 class MergePlan:
-    """Every output tensor of base + LoRA adapter, checked against shapes before streaming."""
+    """Every output tensor of base + LoRA adapter, checked against shapes before streaming.
+
+    ``base_config`` (the base's ``config.json``) tells which tensors the base ties, so that a
+    LoRA on a tied ``lm_head`` lands in the embedding the base stores.
+    """
 
     def __init__(self, base: CheckpointReader, adapter: CheckpointReader,
-                 settings: LoraSettings, *, model_id: str, base_id: str, conv1d: bool):
+                 settings: LoraSettings, *, model_id: str, base_id: str, conv1d: bool,
+                 base_config: Mapping[str, Any] | None = None):
         self.base, self.adapter, self.settings = base, adapter, settings
         self.model_id, self.base_id, self.conv1d = model_id, base_id, conv1d
         self.ops: dict[str, _Op] = {}
         self._unused: list[str] = []
+        self._shared: set[str] = set()  # stored tensors that a tied module's adapter changes
         loras, replacements = _parse_adapter_keys(adapter.names, model_id)
-        finder = _BaseNames(base.names)
+        finder = _BaseNames(base.names, base_config)
         for lora in loras.values():
             self._plan_lora(lora, finder)
         for target, key in replacements.items():
@@ -228,6 +291,9 @@ class MergePlan:
 
     def _plan_lora(self, lora: _Lora, finder: _BaseNames) -> None:
         weight = finder.find(f"{lora.module}.weight")
+        shared = weight is None
+        if shared:
+            weight = finder.find_tied(f"{lora.module}.weight")
         if weight is None:
             self._unused += [k for k in (lora.a, lora.b, lora.b_bias) if k]
             return
@@ -239,17 +305,25 @@ class MergePlan:
             self._mismatch(f"{lora.a} {a_shape} and {lora.b} {b_shape} do not have the "
                            f"configured rank r={r}")
         op = self._op(weight)
+        if op.lora is not None and (shared or weight in self._shared):
+            raise NeedsPeftMerge(f"two LoRA modules on the tied weight {weight}")
         if op.lora is not None:
             raise CorruptCheckpointError(
                 f"{self.model_id}: two LoRA modules of the adapter target {weight!r}")
-        op.lora, op.scale, op.transpose = lora, scale, self._orientation(lora, weight)
+        if shared:
+            logger.info("%s: %s is tied to %s in %s; its LoRA is merged into that tensor",
+                        self.model_id, lora.module, weight, self.base_id)
+            self._shared.add(weight)
+        op.lora, op.scale = lora, scale
+        op.transpose = self._orientation(lora, weight, linear=shared)
         op.adapter_keys += [lora.a, lora.b]
         self._check_float(weight)
         if lora.b_bias is not None:
             self._plan_bias(lora, weight, scale, b_shape[0])
 
-    def _orientation(self, lora: _Lora, weight: str) -> bool:
-        """Whether B @ A is transposed before it is added to ``weight``."""
+    def _orientation(self, lora: _Lora, weight: str, linear: bool = False) -> bool:
+        """Whether B @ A is transposed before it is added to ``weight``; ``linear``: the
+        module is known to be an ``nn.Linear`` (a tied output head), never ``Conv1D``."""
         (r, fan_in), (fan_out, _) = self.adapter.shape(lora.a), self.adapter.shape(lora.b)
         shape = self.base.shape(weight)
         if lora.embedding:
@@ -261,7 +335,7 @@ class MergePlan:
         if not (plain or flipped):
             self._mismatch(f"{weight} {shape} vs B @ A {(fan_out, fan_in)} from {lora.b}")
         if plain and flipped:
-            return self.conv1d or self.settings.fan_in_fan_out
+            return not linear and (self.conv1d or self.settings.fan_in_fan_out)
         return flipped
 
     def _plan_bias(self, lora: _Lora, weight: str, scale: float, fan_out: int) -> None:
@@ -278,6 +352,8 @@ class MergePlan:
 
     def _plan_replacement(self, target: str, key: str, finder: _BaseNames) -> None:
         name = finder.find(target)
+        if name is None and ".base_layer." in key and ".modules_to_save." not in key:
+            name = finder.find_tied(target)  # peft saved a tied head's weight: the embedding
         if name is None:
             module = target.rpartition(".")[0]
             if ".modules_to_save." in key or self.settings.saves_module(module):
@@ -291,6 +367,9 @@ class MergePlan:
             self._mismatch(f"{key} {self.adapter.shape(key)} replaces {name} "
                            f"{self.base.shape(name)}")
         op = self._op(name)
+        if op.replace is not None:
+            raise NeedsPeftMerge(f"two adapter tensors ({op.replace}, {key}) set {name}, "
+                                 f"which the base ties")
         op.replace = key
         op.adapter_keys.append(key)
 
@@ -299,7 +378,7 @@ class MergePlan:
             f"{self.model_id}: adapter does not fit base model {self.base_id}: {detail}")
 
     def _check_float(self, name: str) -> None:
-        if self.base.dtype(name) not in FLOAT_DTYPES:
+        if self.base.dtype(name) not in FLOAT_DTYPE_NAMES:
             raise UnsupportedFormatError(
                 f"{self.model_id}: cannot merge LoRA into {name} of {self.base_id}: it is stored "
                 f"as {self.base.dtype(name)}, not floating point")

@@ -13,6 +13,10 @@ The hub comes in as a ``HubClient`` (tests pass fakes). ``HF_TOKEN``, ``HF_HOME`
 ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE`` act as in every Hugging Face tool; a ``token``
 argument overrides ``HF_TOKEN``. Hub failures become the named errors of ``errors.py``, and
 a token never appears in their messages.
+
+``config.json`` is fetched and checked before any weight file, so a refused (quantized)
+checkpoint costs no weight download. ``open_model(..., cleanup_on_error=True)`` removes the
+cache files it downloaded when it fails; after a success, ``cleanup_cache`` does.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,7 +50,9 @@ from errors import (
     ModelNotFoundError,
     NoWeightsError,
     TransientError,
+    is_network_error,
 )
+from hub_cache import remove_cache_files, snapshot_files
 from lora_merge import (
     CONV1D_MODEL_TYPES,
     LoraSettings,
@@ -119,7 +124,6 @@ class _Source:
     revision: str | None            # resolved commit; None for a local directory
     root: Path
     files: tuple[str, ...]             # every file name the repository holds
-    new_cache_files: tuple[Path, ...] = ()
 
     @property
     def label(self) -> str:
@@ -151,7 +155,6 @@ class LoadedModel:
 # Hub tokens as huggingface_hub prints them, and HTTP authorisation headers.
 _TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{16,}")
 _BEARER_PATTERN = re.compile(r"(Bearer\s+)\S+", re.IGNORECASE)
-_NETWORK_ERRORS = frozenset({"TransportError", "TimeoutError", "ConnectionError", "Timeout"})
 _FALSE = {"", "0", "false", "no", "off"}
 
 
@@ -201,7 +204,7 @@ class HubClient:
         try:
             info = HfApi(token=self.token).model_info(repo_id, revision=revision)
         except Exception as exc:
-            if not _is_network_error(exc):
+            if not is_network_error(exc):
                 raise
             try:
                 listing = self._cached_listing(repo_id, revision)
@@ -221,39 +224,28 @@ class HubClient:
                        if p.is_file())
         return folder.name, files
 
-    def download(self, repo_id: str, commit: str,
-                 filenames: list[str]) -> tuple[Path, list[Path]]:
-        """Fetch ``filenames`` of ``commit``: the snapshot folder, and the cache files
-        (snapshot links and their blobs) that were not there before."""
-        from huggingface_hub import snapshot_download, try_to_load_from_cache
+    def download(self, repo_id: str, commit: str, filenames: list[str],
+                 record: Callable[[list[Path]], None]) -> Path:
+        """Fetch ``filenames`` of ``commit`` and return the snapshot folder.
+
+        ``record`` is called with the cache files (snapshot links and their blobs) that were
+        not there before, also when the download fails part-way, so that they can be removed.
+        """
+        from huggingface_hub import constants, snapshot_download, try_to_load_from_cache
+        from huggingface_hub.file_download import repo_folder_name
 
         cached = {n for n in filenames if isinstance(
             try_to_load_from_cache(repo_id, n, cache_dir=self.cache_dir, revision=commit), str)}
-        folder = Path(snapshot_download(
-            repo_id, revision=commit, cache_dir=self.cache_dir, token=self.token,
-            local_files_only=self.offline, allow_patterns=[_glob_literal(n) for n in filenames]))
-        new: list[Path] = []
-        for name in sorted(set(filenames) - cached):
-            link = folder / name
-            if link.is_symlink():
-                new += [link, Path(os.path.realpath(link))]
-            elif link.is_file():
-                new.append(link)
-        return folder, new
-
-
-def _is_network_error(exc: BaseException) -> bool:
-    names = {cls.__name__ for cls in type(exc).__mro__}
-    return "OfflineModeIsEnabled" not in names and bool(names & _NETWORK_ERRORS)
-
-
-def _caused_by_network(exc: BaseException) -> bool:
-    seen = exc
-    while seen is not None:
-        if _is_network_error(seen) or "ConnectError" in str(seen) or "Timeout" in str(seen):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+        folder = (Path(self.cache_dir or constants.HF_HUB_CACHE)
+                  / repo_folder_name(repo_id=repo_id, repo_type="model") / "snapshots" / commit)
+        try:
+            folder = Path(snapshot_download(
+                repo_id, revision=commit, cache_dir=self.cache_dir, token=self.token,
+                local_files_only=self.offline,
+                allow_patterns=[_glob_literal(n) for n in filenames]))
+        finally:
+            record(snapshot_files(folder, sorted(set(filenames) - cached)))
+        return folder
 
 
 def _hub_error(exc: Exception, label: str, offline: bool, token: str | None) -> Exception:
@@ -272,7 +264,7 @@ def _hub_error(exc: Exception, label: str, offline: bool, token: str | None) -> 
     if isinstance(exc, hf.RevisionNotFoundError):
         return ModelNotFoundError(f"{label}: revision not found: {detail}")
     if isinstance(exc, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)):
-        if not offline and _caused_by_network(exc):
+        if not offline and is_network_error(exc):
             return TransientError(f"{label}: hub unreachable and not cached: {detail}")
         hint = "HF_HUB_OFFLINE=1 and it is not" if offline else "it is not"
         return ModelNotFoundError(f"{label}: {hint} in the local hub cache: {detail}")
@@ -284,7 +276,7 @@ def _hub_error(exc: Exception, label: str, offline: bool, token: str | None) -> 
         return TransientError(f"{label}: hub error {status}, worth retrying: {detail}")
     if isinstance(exc, hf.HfHubHTTPError):
         return ModelNotFoundError(f"{label}: hub refused the request ({status}): {detail}")
-    if _is_network_error(exc):
+    if is_network_error(exc):
         return TransientError(f"{label}: network failure talking to the hub: {detail}")
     return exc
 
@@ -303,11 +295,13 @@ def _hub_errors(label: str, offline: bool, token: str | None):
 
 
 class _Opener:
-    """Resolves and fetches files for one ``open_model`` call."""
+    """Resolves and fetches files for one ``open_model`` call; ``downloaded`` lists every
+    cache file the call added, for ``LoadedModel.cache_paths`` or a cleanup after failure."""
 
     def __init__(self, hub: HubClient, token: str | None):
         self.hub = hub
         self.token = token if token is not None else getattr(hub, "token", None)
+        self.downloaded: list[Path] = []
 
     def locate(self, model_id: str, revision: str | None) -> _Source:
         local = Path(model_id).expanduser()
@@ -330,7 +324,8 @@ class _Opener:
         if source.revision is None:
             return source
         with _hub_errors(source.label, self.hub.offline, self.token):
-            root, new = self.hub.download(source.model_id, source.revision, names)
+            root = self.hub.download(source.model_id, source.revision, names,
+                                     self.downloaded.extend)
         missing = [n for n in names if not (root / n).is_file()]
         if missing and self.hub.offline:
             raise ModelNotFoundError(
@@ -340,16 +335,21 @@ class _Opener:
             raise CorruptCheckpointError(
                 f"{source.label}: the repository lacks {', '.join(missing)}, named by its "
                 f"weight index")
-        return _Source(source.model_id, source.revision, root, source.files,
-                       source.new_cache_files + tuple(new))
+        return _Source(source.model_id, source.revision, root, source.files)
 
     def checkpoint(self, source: _Source) -> tuple[_Source, CheckpointReader, dict]:
-        """Fetch and open the weights of a full model; its ``config.json`` (or {})."""
+        """Fetch and open the weights of a full model; its ``config.json`` (or {}).
+
+        The config comes first: a quantized checkpoint is refused before any weight file is
+        downloaded.
+        """
         weights = select_weight_files(source.files, source.label)
-        config_files = [CONFIG_FILE] if CONFIG_FILE in source.files else []
-        source = self.fetch(source, config_files + list(weights.all))
-        config = read_json(source.root / CONFIG_FILE, source.label) if config_files else {}
+        config = {}
+        if CONFIG_FILE in source.files:
+            source = self.fetch(source, [CONFIG_FILE])
+            config = read_json(source.root / CONFIG_FILE, source.label)
         check_not_quantized(config, source.label)
+        source = self.fetch(source, list(weights.all))
         if weights.index:
             _, shards = index_shards(source.root / weights.index, source.label)
             source = self.fetch(source, list(shards))
@@ -358,17 +358,33 @@ class _Opener:
 
 def open_model(request: ModelRequest, *, token: str | None = None,
                cache_dir: str | None = None, trust_remote_code: bool = False,
-               hub: HubClient | None = None) -> LoadedModel:
-    """Resolve, fetch and check one model; stream its tensors with ``iter_tensors()``."""
+               hub: HubClient | None = None, cleanup_on_error: bool = False) -> LoadedModel:
+    """Resolve, fetch and check one model; stream its tensors with ``iter_tensors()``.
+
+    ``cleanup_on_error``: when opening fails, delete the hub cache files this call downloaded
+    (as ``cleanup_cache`` does after a success); files cached before are kept.
+    """
     hub = hub if hub is not None else HubClient(token=token, cache_dir=cache_dir)
     opener = _Opener(hub, token)
+    try:
+        return _open(opener, request, trust_remote_code)
+    except BaseException as exc:
+        if cleanup_on_error and opener.downloaded:
+            try:
+                remove_cache_files(opener.downloaded)
+            except OSError as cleanup_exc:  # the open failure stays the error reported
+                exc.add_note(f"removing its downloaded cache files failed too: {cleanup_exc}")
+        raise
+
+
+def _open(opener: _Opener, request: ModelRequest, trust_remote_code: bool) -> LoadedModel:
     model_id, revision = parse_model_id(request.model_id)
     source = opener.locate(model_id, revision)
     if request.marked_adapter or ADAPTER_CONFIG in source.files:
         return _open_adapter(opener, request, source, trust_remote_code)
     source, reader, _ = opener.checkpoint(source)
     return LoadedModel(request.model_id, source.revision, "", None, False, reader.nbytes,
-                       reader.iter_tensors, source.new_cache_files)
+                       reader.iter_tensors, tuple(opener.downloaded))
 
 
 def _open_adapter(opener: _Opener, request: ModelRequest, source: _Source,
@@ -383,13 +399,14 @@ def _open_adapter(opener: _Opener, request: ModelRequest, source: _Source,
         raise NoWeightsError(f"{label}: adapter holds {ADAPTER_CONFIG} but no "
                              f"{' or '.join(_ADAPTER_WEIGHTS)}")
     extra = [CONFIG_FILE] if CONFIG_FILE in source.files else []
-    source = opener.fetch(source, [ADAPTER_CONFIG, weights] + extra)
+    source = opener.fetch(source, [ADAPTER_CONFIG] + extra)
     adapter_config = read_json(source.root / ADAPTER_CONFIG, label)
     base_source = _resolve_base(opener, request, source, adapter_config)
     try:
         base_source, base_reader, base_config = opener.checkpoint(base_source)
     except ESDError as exc:  # same class, with the adapter named first
         raise type(exc)(f"{label}: its base model cannot be read: {exc}") from None
+    source = opener.fetch(source, [weights])  # after the base passed its checks
     variant = unsupported_variant(adapter_config)
     stream = None
     if variant is None:
@@ -398,7 +415,7 @@ def _open_adapter(opener: _Opener, request: ModelRequest, source: _Source,
         try:
             plan = MergePlan(base_reader, adapter_reader,
                              LoraSettings.from_config(adapter_config, label), model_id=label,
-                             base_id=base_source.label,
+                             base_id=base_source.label, base_config=base_config,
                              conv1d=base_config.get("model_type") in CONV1D_MODEL_TYPES)
             stream = plan.iter_tensors
         except NeedsPeftMerge as reason:
@@ -412,7 +429,7 @@ def _open_adapter(opener: _Opener, request: ModelRequest, source: _Source,
                          trust_remote_code=trust_remote_code)
     return LoadedModel(request.model_id, source.revision, base_source.model_id,
                        base_source.revision, True, base_reader.nbytes, stream,
-                       source.new_cache_files + base_source.new_cache_files)
+                       tuple(opener.downloaded))
 
 
 def _fetch_remote_code(opener: _Opener, base: _Source, config: dict,
@@ -476,40 +493,4 @@ def cleanup_cache(model: LoadedModel) -> None:
     local model directories are never touched. Empty snapshot folders are removed, and the
     repository's cache folder too once it holds no snapshot.
     """
-    repos: set[Path] = set()
-    links = [p for p in model.cache_paths() if _repo_folder(p) is not None]
-    blobs = [p for p in links if p.parent.name == "blobs"]
-    for path in links:
-        if path.parent.name != "blobs":
-            repos.add(_repo_folder(path))
-            path.unlink(missing_ok=True)
-    for blob in blobs:
-        if not _still_linked(blob, _repo_folder(blob)):
-            blob.unlink(missing_ok=True)
-    for repo in repos:
-        _prune(repo)
-
-
-def _repo_folder(path: Path) -> Path | None:
-    """The ``models--org--name`` cache folder holding ``path``; None outside a hub cache."""
-    for parent in path.parents:
-        if parent.name.startswith("models--") and parent.parent.is_dir():
-            return parent
-    return None
-
-
-def _still_linked(blob: Path, repo: Path) -> bool:
-    snapshots, target = repo / "snapshots", os.path.realpath(blob)
-    return snapshots.is_dir() and any(
-        p.is_symlink() and os.path.realpath(p) == target for p in snapshots.rglob("*"))
-
-
-def _prune(repo: Path) -> None:
-    snapshots = repo / "snapshots"
-    if snapshots.is_dir():
-        for folder in sorted(snapshots.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
-    if not snapshots.is_dir() or not any(snapshots.iterdir()):
-        shutil.rmtree(repo, ignore_errors=True)
-        logger.info("removed %s from the hub cache", repo.name)
+    remove_cache_files(model.cache_paths())

@@ -140,7 +140,8 @@ class FakeHub:
     """A hub of local folders that "downloads" into a real cache layout under ``cache``.
 
     ``add`` publishes a folder as a repository revision; ``fail`` makes every call for a
-    repository raise the given exception; ``downloaded`` records each fetched file name.
+    repository raise the given exception, ``fail_at`` makes downloading one file raise it
+    (after the files before it were fetched); ``downloaded`` records each fetched file name.
     """
 
     offline = False
@@ -150,6 +151,7 @@ class FakeHub:
         self.cache = cache
         self.repos: dict[str, dict[str, tuple[str, Path]]] = {}
         self.failures: dict[str, Exception] = {}
+        self.file_failures: dict[tuple[str, str], Exception] = {}
         self.downloaded: list[tuple[str, str]] = []
 
     def add(self, repo_id: str, folder: Path, commit: str, refs=("main",)) -> None:
@@ -159,6 +161,9 @@ class FakeHub:
 
     def fail(self, repo_id: str, exc: Exception) -> None:
         self.failures[repo_id] = exc
+
+    def fail_at(self, repo_id: str, filename: str, exc: Exception) -> None:
+        self.file_failures[(repo_id, filename)] = exc
 
     def list_files(self, repo_id: str, revision: str | None):
         if repo_id in self.failures:
@@ -170,7 +175,7 @@ class FakeHub:
         commit, folder = self.repos[repo_id][revision or "main"]
         return commit, sorted(p.name for p in folder.iterdir())
 
-    def download(self, repo_id: str, commit: str, filenames: list[str]):
+    def download(self, repo_id: str, commit: str, filenames: list[str], record):
         if repo_id in self.failures:
             raise self.failures[repo_id]
         _, folder = self.repos[repo_id][commit]
@@ -178,9 +183,10 @@ class FakeHub:
         snapshot = repo / "snapshots" / commit
         snapshot.mkdir(parents=True, exist_ok=True)
         (repo / "blobs").mkdir(exist_ok=True)
-        new = []
         for name in filenames:
             link = snapshot / name
+            if (repo_id, name) in self.file_failures:
+                raise self.file_failures[(repo_id, name)]
             if link.exists() or not (folder / name).exists():
                 continue
             blob = repo / "blobs" / hashlib.sha256((folder / name).read_bytes()).hexdigest()
@@ -188,5 +194,5 @@ class FakeHub:
                 shutil.copyfile(folder / name, blob)
             link.symlink_to(os.path.relpath(blob, snapshot))
             self.downloaded.append((repo_id, name))
-            new += [link, blob]
-        return snapshot, new
+            record([link, blob])
+        return snapshot

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import ResNetConfig, ResNetForImageClassification
 
-from errors import AdapterBaseError, NoWeightsError, ShapeMismatchError
-from lora_merge import pattern_key, unsupported_variant
+from checkpoint_io import FLOAT_DTYPE_NAMES
+from errors import AdapterBaseError, NoWeightsError, ShapeMismatchError, UnsupportedFormatError
+from lora_merge import pattern_key, tied_weights, unsupported_variant
 from model_loader import ModelRequest, open_model
 from tests.loader_fixtures import (
     FakeHub,
@@ -75,6 +78,10 @@ LORA_CASES = {
                                       modules_to_save=["lm_head"])),
     "untied_lm_head": ("llama_tied", dict(r=4, lora_alpha=8, target_modules=["q_proj"],
                                           modules_to_save=["lm_head"])),
+    "tied_lm_head_lora": ("llama_tied", dict(r=4, lora_alpha=8,
+                                             target_modules=["q_proj", "lm_head"])),
+    "gpt2_tied_lm_head_lora": ("gpt2", dict(r=4, lora_alpha=8,
+                                            target_modules=["c_attn", "lm_head"])),
     "lora_bias": ("llama_bias", dict(r=4, lora_alpha=8, lora_bias=True,
                                      target_modules=["q_proj", "k_proj"])),
     "bert_seq_cls": ("bert", dict(r=4, lora_alpha=8, task_type="SEQ_CLS",
@@ -92,10 +99,85 @@ def test_lora_merge_matches_peft_with_source_model(bases, tmp_path, case):
     assert loaded.revision is None and loaded.base_revision is None
     ours = dict(loaded.iter_tensors())
     ref = peft_merged(dirs[base_name], adapter, seq_cls=base_name == "bert")
-    assert_matches_peft(ours, ref, tied=("lm_head.weight",) if base_name == "gpt2" else ())
+    tied = ("lm_head.weight",) if base_name in ("gpt2", "llama_tied") else ()
+    assert_matches_peft(ours, ref, tied=tied)
     changed = [n for n in ours if not torch.equal(
         ours[n].to(torch.float32), models[base_name].state_dict()[n].to(torch.float32))]
     assert changed, "the adapter changed nothing: the test would not see a wrong merge"
+
+
+EMBED = "model.embed_tokens.weight"
+
+
+def _tied_head_adapter(bases, tmp_path, **lora_kwargs):
+    models, dirs = bases
+    adapter = save_adapter(models["llama_tied"], tmp_path / "adapter", None, r=4, lora_alpha=8,
+                           **lora_kwargs)
+    return adapter, peft_merged(dirs["llama_tied"], adapter)
+
+
+def test_lora_on_tied_lm_head_lands_in_the_embedding(bases, tmp_path):
+    """The base stores only the embedding; peft merges the head's LoRA into that one shared
+    tensor, so the merged model's embedding and lm_head are both E + scale * B @ A."""
+    models, dirs = bases
+    adapter, ref = _tied_head_adapter(bases, tmp_path, target_modules=["lm_head"])
+    ours = dict(open_model(ModelRequest(str(adapter), "lora", str(dirs["llama_tied"])))
+                .iter_tensors())
+    assert "lm_head.weight" not in ours  # a tied weight is yielded once, as for the base
+    assert torch.equal(ref["lm_head.weight"], ref[EMBED])
+    assert_matches_peft(ours, ref, tied=("lm_head.weight",))
+    assert not torch.equal(ours[EMBED], models["llama_tied"].state_dict()[EMBED])
+
+
+def test_tied_lm_head_of_a_class_transformers_lacks_found_by_name(bases, tmp_path):
+    _, dirs = bases
+    adapter, ref = _tied_head_adapter(bases, tmp_path, target_modules=["lm_head"])
+    custom = Path(shutil.copytree(dirs["llama_tied"], tmp_path / "custom-base"))
+    config = json.loads((custom / "config.json").read_text())
+    config.update(architectures=["MyTiedForCausalLM"], model_type="my_tied")
+    (custom / "config.json").write_text(json.dumps(config))
+    ours = dict(open_model(ModelRequest(str(adapter), "lora", str(custom))).iter_tensors())
+    assert_matches_peft(ours, ref, tied=("lm_head.weight",))
+
+
+def test_lora_on_tied_embedding_and_head_merges_through_peft(bases, tmp_path, caplog):
+    _, dirs = bases
+    adapter, ref = _tied_head_adapter(bases, tmp_path, target_modules=["embed_tokens", "lm_head"])
+    caplog.set_level("INFO", logger="model_loader")
+    ours = dict(open_model(ModelRequest(str(adapter), "lora", str(dirs["llama_tied"])))
+                .iter_tensors())
+    assert "two LoRA modules on the tied weight" in caplog.text
+    assert_matches_peft(ours, ref, tied=("lm_head.weight",))
+
+
+def test_tied_weights_from_config():
+    assert tied_weights({"architectures": ["LlamaForCausalLM"]}) == {"lm_head.weight": EMBED}
+    assert tied_weights({"architectures": ["LlamaForCausalLM"],
+                         "tie_word_embeddings": False}) == {}
+    assert tied_weights({"architectures": ["NoSuchModelClass"]}) == {"lm_head.weight": ""}
+
+
+def test_float_dtypes_come_from_net_esd():
+    import checkpoint_io
+    import net_esd
+
+    assert checkpoint_io.FLOAT_DTYPES is net_esd.FLOAT_DTYPES  # one definition
+    assert FLOAT_DTYPE_NAMES == {str(d).removeprefix("torch.") for d in net_esd.FLOAT_DTYPES}
+    assert {"float32", "bfloat16"} <= FLOAT_DTYPE_NAMES and "int8" not in FLOAT_DTYPE_NAMES
+
+
+def test_lora_into_integer_base_tensor_is_refused(bases, tmp_path):
+    models, dirs = bases
+    adapter = save_adapter(models["llama"], tmp_path / "adapter", None, r=4,
+                           target_modules=["q_proj"])
+    base = Path(shutil.copytree(dirs["llama"], tmp_path / "int-base"))
+    with safe_open(str(base / "model.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    name = "model.layers.0.self_attn.q_proj.weight"
+    tensors[name] = tensors[name].to(torch.int8)
+    save_file(tensors, str(base / "model.safetensors"))
+    with pytest.raises(UnsupportedFormatError, match=f"{name}.*int8, not floating point"):
+        open_model(ModelRequest(str(adapter), "lora", str(base)))
 
 
 def test_base_found_through_adapter_config(bases, tmp_path):

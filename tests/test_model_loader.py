@@ -10,7 +10,6 @@ import pytest
 import torch
 from huggingface_hub import HfApi
 from huggingface_hub import errors as hf_errors
-from safetensors.torch import save_file
 
 from checkpoint_io import natural_key
 from errors import (
@@ -21,12 +20,12 @@ from errors import (
     NoWeightsError,
     TransientError,
     UnsupportedFormatError,
+    is_network_error,
     is_transient,
 )
 from model_loader import (
     HubClient,
     ModelRequest,
-    cleanup_cache,
     open_model,
     parse_model_id,
     scrub,
@@ -187,8 +186,36 @@ def test_garbage_weight_file(tmp_path, filename):
     folder = tmp_path / "garbage"
     folder.mkdir()
     (folder / filename).write_bytes(b"not a checkpoint at all " * 20)
-    with pytest.raises(CorruptCheckpointError, match=f"garbage.*{filename}.*damaged"):
+    with pytest.raises(CorruptCheckpointError, match=f"garbage.*{filename}.*damaged") as info:
         open_model(local(folder))
+    assert "weights_only" not in str(info.value)
+
+
+class _RunsCommand:
+    """Pickles as a call to ``os.system``: what a malicious ``.bin`` would hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_bin_with_pickled_objects_is_refused_unexecuted(tmp_path, zipped):
+    folder = tmp_path / "pickled-model"
+    folder.mkdir()
+    marker = tmp_path / "code-was-run"
+    torch.save({"w.weight": torch.ones(2, 2), "extra": _RunsCommand(marker)},
+               folder / "pytorch_model.bin", _use_new_zipfile_serialization=zipped)
+    with pytest.raises(UnsupportedFormatError) as info:
+        open_model(local(folder))
+    message = str(info.value)
+    assert not marker.exists()
+    assert str(folder) in message and "pytorch_model.bin" in message
+    assert "holds pickled objects other than tensors; refused for safety (the file was not " \
+           "executed)" in message and "system" in message
+    assert "weights_only" not in message and "arbitrary code" not in message
 
 
 def test_index_naming_missing_tensor(tmp_path):
@@ -283,47 +310,7 @@ def test_unreachable_hub_falls_back_to_cache(hub_cache, monkeypatch):
         open_model(ModelRequest("org/absent"), hub=hub)
 
 
-# --- the fake hub: what is downloaded, cleanup, error mapping -----------------------------
-
-def test_downloads_only_what_the_analysis_reads(tmp_path):
-    src = write_safetensors(tmp_path / "repo", {"w.weight": torch.ones(2, 2)})
-    torch.save({"w.weight": torch.ones(2, 2)}, src / "pytorch_model.bin")
-    for extra in ("README.md", "tf_model.h5", "training_args.bin", "tokenizer.json"):
-        (src / extra).write_text("x")
-    hub = FakeHub(tmp_path / "cache")
-    hub.add("org/model", src, SHA_A)
-    loaded = open_model(ModelRequest("org/model"), hub=hub)
-    assert sorted(n for _, n in hub.downloaded) == ["config.json", "model.safetensors"]
-    assert loaded.revision == SHA_A
-
-
-def test_cleanup_removes_downloaded_files_and_keeps_shared_blobs(tmp_path):
-    cache = tmp_path / "cache"
-    hub = FakeHub(cache)
-    first = write_safetensors(tmp_path / "r1", {"w.weight": torch.ones(2, 2)})
-    second = tmp_path / "r2"
-    second.mkdir()
-    (second / "config.json").write_bytes((first / "config.json").read_bytes())  # same blob
-    save_file({"w.weight": torch.zeros(2, 2)}, str(second / "model.safetensors"))
-    hub.add("org/model", first, SHA_A)
-    hub.add("org/model", second, SHA_B, refs=("v2",))
-    kept = open_model(ModelRequest("org/model@v2"), hub=hub)
-    loaded = open_model(ModelRequest("org/model"), hub=hub)
-    assert loaded.cache_paths() and all(p.exists() for p in loaded.cache_paths())
-    cleanup_cache(loaded)
-    repo = cache / "models--org--model"
-    assert not (repo / "snapshots" / SHA_A).exists()
-    assert torch.equal(stream(kept)["w.weight"], torch.zeros(2, 2))  # shared config blob kept
-    cleanup_cache(kept)
-    assert not repo.exists()
-
-
-def test_cleanup_never_touches_local_directories(tmp_path):
-    folder = save_model(llama(), tmp_path / "local-model")
-    before = sorted(os.listdir(folder))
-    cleanup_cache(open_model(local(folder)))
-    assert sorted(os.listdir(folder)) == before
-
+# --- hub error mapping and retry policy -----------------------------------------------
 
 @pytest.mark.parametrize("exc, expected, cause", [
     (http_error(hf_errors.GatedRepoError, 403, f"403 gated; token {TOKEN}"),
@@ -349,6 +336,69 @@ def test_hub_errors_are_mapped_and_scrubbed(tmp_path, monkeypatch, exc, expected
     assert "org/secret" in message and cause in message
     assert TOKEN not in message and info.value.__cause__ is None
     assert is_transient(info.value) == (expected is TransientError)
+
+
+def _chained(outer: type, inner: BaseException) -> BaseException:
+    """``outer`` raised while handling ``inner``, as libraries wrap network errors."""
+    try:
+        try:
+            raise inner
+        except BaseException as exc:
+            raise outer("wrapped") from exc
+    except BaseException as exc:
+        return exc
+
+
+def _network_kinds():
+    import requests
+    import urllib3
+
+    kinds = [
+        ("httpx2.ConnectError", httpx2.ConnectError("connection refused"), True),
+        ("httpx2.RemoteProtocolError", httpx2.RemoteProtocolError("peer closed"), True),
+        ("httpx2.ReadTimeout", httpx2.ReadTimeout("timed out"), True),
+        ("requests.ConnectionError", requests.ConnectionError("refused"), True),
+        ("requests.ReadTimeout", requests.ReadTimeout("timed out"), True),
+        ("urllib3.ProtocolError", urllib3.exceptions.ProtocolError("aborted"), True),
+        ("urllib3.ReadTimeoutError", urllib3.exceptions.ReadTimeoutError(None, "/", "t"), True),
+        ("TimeoutError (socket.timeout)", TimeoutError("timed out"), True),
+        ("ConnectionResetError", ConnectionResetError("reset by peer"), True),
+        ("not cached, from ConnectError", _chained(hf_errors.LocalEntryNotFoundError,
+                                                   httpx2.ConnectError("refused")), True),
+        ("RuntimeError from ReadTimeout", _chained(RuntimeError, httpx2.ReadTimeout("t")), True),
+        ("OfflineModeIsEnabled", hf_errors.OfflineModeIsEnabled("offline"), False),
+        ("not cached", hf_errors.LocalEntryNotFoundError("not cached"), False),
+        ("httpx2.DecodingError", httpx2.DecodingError("bad gzip"), False),
+        ("ValueError naming Timeout", ValueError("Timeout must be positive"), False),
+    ]
+    try:
+        import httpx
+    except ImportError:
+        pass
+    else:
+        kinds.append(("httpx.ConnectError", httpx.ConnectError("refused"), True))
+    return [pytest.param(exc, network, id=name) for name, exc, network in kinds]
+
+
+@pytest.mark.parametrize("exc, network", _network_kinds())
+def test_loader_and_retry_policy_agree_on_network_errors(tmp_path, exc, network):
+    """One predicate: what the loader maps to TransientError is what the worker retries."""
+    assert is_network_error(exc) == network
+    assert is_transient(exc) == network
+    hub = FakeHub(tmp_path / "cache")
+    hub.fail("org/model", exc)
+    with pytest.raises(Exception) as info:
+        open_model(ModelRequest("org/model"), hub=hub)
+    assert isinstance(info.value, TransientError) == network
+    assert is_transient(info.value) == network
+
+
+def test_transient_keeps_oom_and_esd_flags():
+    assert is_transient(torch.OutOfMemoryError("CUDA out of memory"))
+    assert not is_network_error(torch.OutOfMemoryError("CUDA out of memory"))
+    assert is_transient(TransientError("hub 503"))
+    not_found = _chained(ModelNotFoundError, httpx2.ConnectError("refused"))
+    assert not is_transient(not_found)  # a named error decides for itself
 
 
 def test_scrub_masks_given_env_and_token_shaped_secrets(monkeypatch):
