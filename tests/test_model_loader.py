@@ -349,18 +349,40 @@ def _chained(outer: type, inner: BaseException) -> BaseException:
         return exc
 
 
-def _network_kinds():
-    import requests
-    import urllib3
+def _optional_kinds():
+    """requests and urllib3 (older huggingface_hub, other HTTP stacks) when installed."""
+    kinds = []
+    try:
+        import requests
+    except ImportError:
+        pass
+    else:
+        kinds += [("requests.ConnectionError", requests.ConnectionError("refused"), True),
+                  ("requests.ReadTimeout", requests.ReadTimeout("timed out"), True)]
+    try:
+        import urllib3
+    except ImportError:
+        pass
+    else:
+        kinds += [
+            ("urllib3.ProtocolError", urllib3.exceptions.ProtocolError("aborted"), True),
+            ("urllib3.ReadTimeoutError", urllib3.exceptions.ReadTimeoutError(None, "/", "t"),
+             True),
+        ]
+    try:
+        import httpx
+    except ImportError:
+        pass
+    else:
+        kinds.append(("httpx.ConnectError", httpx.ConnectError("refused"), True))
+    return kinds
 
+
+def _network_kinds():
     kinds = [
         ("httpx2.ConnectError", httpx2.ConnectError("connection refused"), True),
         ("httpx2.RemoteProtocolError", httpx2.RemoteProtocolError("peer closed"), True),
         ("httpx2.ReadTimeout", httpx2.ReadTimeout("timed out"), True),
-        ("requests.ConnectionError", requests.ConnectionError("refused"), True),
-        ("requests.ReadTimeout", requests.ReadTimeout("timed out"), True),
-        ("urllib3.ProtocolError", urllib3.exceptions.ProtocolError("aborted"), True),
-        ("urllib3.ReadTimeoutError", urllib3.exceptions.ReadTimeoutError(None, "/", "t"), True),
         ("TimeoutError (socket.timeout)", TimeoutError("timed out"), True),
         ("ConnectionResetError", ConnectionResetError("reset by peer"), True),
         ("not cached, from ConnectError", _chained(hf_errors.LocalEntryNotFoundError,
@@ -370,13 +392,8 @@ def _network_kinds():
         ("not cached", hf_errors.LocalEntryNotFoundError("not cached"), False),
         ("httpx2.DecodingError", httpx2.DecodingError("bad gzip"), False),
         ("ValueError naming Timeout", ValueError("Timeout must be positive"), False),
+        *_optional_kinds(),
     ]
-    try:
-        import httpx
-    except ImportError:
-        pass
-    else:
-        kinds.append(("httpx.ConnectError", httpx.ConnectError("refused"), True))
     return [pytest.param(exc, network, id=name) for name, exc, network in kinds]
 
 
