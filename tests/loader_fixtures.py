@@ -196,3 +196,8 @@ class FakeHub:
             self.downloaded.append((repo_id, name))
             record([link, blob])
         return snapshot
+
+
+def stream(model) -> dict[str, torch.Tensor]:
+    """Every tensor a loaded model streams, by name."""
+    return dict(model.iter_tensors())

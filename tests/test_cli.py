@@ -18,8 +18,6 @@ from demo import build_demo_zoo
 from net_esd import RESULT_COLUMNS
 from run_state import RunLock
 
-sys.path.insert(0, str(Path(__file__).parent))
-
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = ROOT / "run_esd_experiment.py"
 CLI_TIMEOUT_S = 180  # generous: a 2-core CI machine under load starts each worker in ~2 s
@@ -229,7 +227,7 @@ def test_interrupt_leaves_no_child_and_no_partial_file_then_resumes(zoo, tmp_pat
 
 def test_hub_ids_from_offline_cache_record_commit(zoo, tmp_path):
     """``org/name`` and ``org/name@rev`` resolve through a laid-out cache, offline."""
-    from loader_fixtures import write_hub_cache
+    from tests.loader_fixtures import write_hub_cache
 
     commit = "c0ffee" + "0" * 34
     hf_home = tmp_path / "hf_home"

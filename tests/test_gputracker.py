@@ -193,17 +193,6 @@ def test_gpu_at_or_above_threshold_is_never_granted(tmp_path):
     assert all(r.ok for r in results)
 
 
-def test_gpu_is_granted_after_max_check_consecutive_free_readings(tmp_path):
-    # Free, free, busy, then free for good: with max_check=3 the third free reading in a row
-    # is poll 6, so the job cannot start before it.
-    fake = FakeGPUs({0: 10.0}, {0: 10.0}, {0: 9000.0}, {0: 10.0})
-    launcher = RecordingLauncher(fake)
-    dispatcher = gpu_dispatcher([0], fake, max_check=3, launcher=launcher)
-    results = dispatcher.run([py_job("j", "pass", tmp_path)])
-    assert launcher.launches == [{"visible": "0", "polls": 6}]
-    assert results[0].ok
-
-
 class FlakyGPUs(FakeGPUs):
     """Like FakeGPUs, but the polls numbered in ``failing`` raise GPUQueryError."""
 
@@ -218,10 +207,15 @@ class FlakyGPUs(FakeGPUs):
         return super().__call__()
 
 
-def test_a_failed_gpu_reading_restarts_the_free_count_and_the_run_goes_on(tmp_path):
-    # Polls 0 and 1 read free, poll 2 fails, then free: with max_check=3 the count restarts
-    # after the failure, so the grant needs polls 3, 4 and 5 (six calls in all).
-    fake = FlakyGPUs({2}, {0: 10.0})
+@pytest.mark.parametrize("make_fake", [
+    # Free, free, busy, then free for good: with max_check=3 the third free reading in a row
+    # is poll 5 (the sixth call), so the job cannot start before it.
+    lambda: FakeGPUs({0: 10.0}, {0: 10.0}, {0: 9000.0}, {0: 10.0}),
+    # Free, free, a failed reading, then free: a failure restarts the count like a busy reading.
+    lambda: FlakyGPUs({2}, {0: 10.0}),
+], ids=["busy reading", "failed reading"])
+def test_gpu_is_granted_after_max_check_consecutive_free_readings(tmp_path, make_fake):
+    fake = make_fake()
     launcher = RecordingLauncher(fake)
     dispatcher = gpu_dispatcher([0], fake, max_check=3, launcher=launcher)
     results = dispatcher.run([py_job("j", "pass", tmp_path)])

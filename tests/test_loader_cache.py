@@ -19,27 +19,13 @@ from tests.loader_fixtures import (
     llama,
     save_adapter,
     save_model,
+    stream,
     write_hub_cache,
     write_safetensors,
 )
 
 SHA_A = "a" * 40
 SHA_B = "b" * 40
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Every test runs offline; a hub API call would be a bug, so it fails loudly."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the test reached for the network")
-
-    monkeypatch.setattr(HfApi, "model_info", refuse)
-
-
-def stream(model) -> dict[str, torch.Tensor]:
-    return dict(model.iter_tensors())
 
 
 def test_quantized_hub_model_is_refused_before_any_weight_download(tmp_path):

@@ -35,6 +35,7 @@ from tests.loader_fixtures import (
     http_error,
     llama,
     save_model,
+    stream,
     write_hub_cache,
     write_safetensors,
     write_sharded,
@@ -43,21 +44,6 @@ from tests.loader_fixtures import (
 SHA_A = "a" * 40
 SHA_B = "b" * 40
 TOKEN = "hf_" + "Zq9" * 12  # token-shaped secret that must never be echoed
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Every test runs offline; a hub API call would be a bug, so it fails loudly."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the test reached for the network")
-
-    monkeypatch.setattr(HfApi, "model_info", refuse)
-
-
-def stream(model) -> dict[str, torch.Tensor]:
-    return dict(model.iter_tensors())
 
 
 def local(path) -> ModelRequest:
