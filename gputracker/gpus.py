@@ -90,5 +90,5 @@ def detect_gpus() -> list[int]:
     try:
         return [status.index for status in nvml_query()]
     except InputError as exc:
-        logger.info("no GPU found: %s", exc)
+        logger.info("no NVIDIA GPU found, so models are analysed on CPUs (%s)", exc)
         return []
