@@ -30,7 +30,7 @@ import numpy as np
 
 from errors import ESDError, InputError, NoWeightsError, is_transient
 from net_esd import FIX_FINGERS, RESULT_COLUMNS, ESDConfig, LayerResult, iter_layer_results
-from paths import ModelPaths, write_atomic
+from paths import ModelPaths, write_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ def run_model(config: WorkerConfig) -> ModelPaths:
 def write_failure(paths: ModelPaths, model_id: str, exc: BaseException, transient: bool) -> None:
     record = {"model_id": model_id, "error": type(exc).__name__,
               "message": one_line(str(exc) or type(exc).__name__), "transient": transient}
-    write_atomic(paths.failure, lambda tmp: tmp.write_text(json.dumps(record), encoding="utf-8"))
+    write_text_atomic(paths.failure, json.dumps(record))
 
 
 def one_line(text: str, limit: int = 500) -> str:
