@@ -15,15 +15,11 @@ from typing import Protocol
 
 import torch
 
+from results import METRIC_COLUMNS  # the columns this module fills
+
 OVER_TRAINED_ALPHA = 2.0   # WeightWatcher's thresholds for the `warning` column
 UNDER_TRAINED_ALPHA = 6.0
 
-# The columns this module fills, in LAYER_COLUMNS order.
-METRIC_COLUMNS = (
-    "alpha", "xmin", "xmax", "D", "sigma", "num_pl_spikes",
-    "spectral_norm", "log_spectral_norm", "norm", "log_norm", "stable_rank",
-    "alpha_weighted", "log_alpha_norm", "matrix_rank", "entropy", "warning",
-)
 
 
 class FitOptions(Protocol):

@@ -3,7 +3,7 @@
 Usage: python esd_worker.py --model_id org/name[@revision] --output_dir results/ [ESD options]
 
 Reads the model from the Hugging Face hub or a local directory (an adapter is merged into
-its base tensor by tensor). Writes ``<output_dir>/<org--name>.csv`` (columns: net_esd.RESULT_COLUMNS),
+its base tensor by tensor). Writes ``<output_dir>/<org--name>.csv`` (columns: results.RESULT_COLUMNS),
 with ``--save_eigs`` also ``<org--name>.eigs.npz``, and on failure ``<log_dir>/<org--name>.failure.json``
 for the runner. Exit code: 0 success, 1 deterministic failure (retrying will not help),
 75 transient failure (worth a retry), 2 usage error.
@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from errors import ESDError, InputError, NoWeightsError, is_transient
-from net_esd import FIX_FINGERS, RESULT_COLUMNS, ESDConfig, LayerResult, iter_layer_results
+from net_esd import FIX_FINGERS, ESDConfig, LayerResult, iter_layer_results
 from paths import ModelPaths, write_atomic, write_text_atomic
+from results import EIGS_OPTIONS_KEY, RESULT_COLUMNS
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +241,8 @@ def analyse(config: WorkerConfig, model) -> tuple[list[dict], dict[str, np.ndarr
     else:
         stream = iter_layer_results(model.iter_tensors(), config.esd)
     model_cols = {"model_id": config.model_id, "revision": model.revision or "",
-                  "source_model": model.source_model or ""}
+                  "source_model": model.source_model or "",
+                  "esd_options": config.esd.options_key}
     rows, eigs = [], {}
     last_log = time.monotonic()
     for result in stream:
@@ -256,12 +258,19 @@ def analyse(config: WorkerConfig, model) -> tuple[list[dict], dict[str, np.ndarr
     return rows, eigs
 
 
-def write_results(paths: ModelPaths, rows: list[dict], eigs: dict[str, np.ndarray]) -> None:
+def write_results(paths: ModelPaths, rows: list[dict], eigs: dict[str, np.ndarray] | None,
+                  options: str) -> None:
+    """The model's CSV and, when ``eigs`` is not None, its ``.eigs.npz`` (written first, and
+    written even when empty, so that the result counts as done). Without ``eigs`` an earlier
+    run's ``.eigs.npz`` is removed: it would not match the new CSV beside it."""
     import pandas as pd
 
     frame = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
-    if eigs:
-        write_atomic(paths.eigs, lambda tmp: _save_npz(tmp, eigs))
+    if eigs is not None:
+        record = {**eigs, EIGS_OPTIONS_KEY: np.array(options)}
+        write_atomic(paths.eigs, lambda tmp: _save_npz(tmp, record))
+    else:
+        paths.eigs.unlink(missing_ok=True)
     write_atomic(paths.csv, lambda tmp: frame.to_csv(tmp, index=False))
 
 
@@ -285,7 +294,7 @@ def run_model(config: WorkerConfig) -> ModelPaths:
                     f", adapter on {model.source_model}" if model.is_adapter else "",
                     config.esd.device)
         rows, eigs = analyse(config, model)
-        write_results(paths, rows, eigs if config.save_eigs else {})
+        write_results(paths, rows, eigs if config.save_eigs else None, config.esd.options_key)
     finally:
         if config.cleanup_cache:
             cleanup_cache(model)

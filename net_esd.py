@@ -25,19 +25,12 @@ import numpy as np
 import torch
 
 from errors import InputError
-from esd_fit import METRIC_COLUMNS, spectral_metrics
+from esd_fit import spectral_metrics
 
-# The result schema: one definition, imported by the worker, the runner's resume check and
-# every report. Model-level columns are filled by the worker, layer columns by this module.
-MODEL_COLUMNS = ("model_id", "revision", "source_model")
-SHAPE_COLUMNS = ("layer_id", "longname", "layer_type", "N", "M", "Q", "num_evals")
-# METRIC_COLUMNS: alpha, xmin, xmax, D, sigma, num_pl_spikes, spectral_norm, log_spectral_norm,
-# norm, log_norm, stable_rank, alpha_weighted, log_alpha_norm, matrix_rank, entropy, warning.
-LAYER_COLUMNS = SHAPE_COLUMNS + METRIC_COLUMNS + ("fix_fingers", "status")
-RESULT_COLUMNS = MODEL_COLUMNS + LAYER_COLUMNS
+# The result schema lives in results.py (torch-free); layer columns are filled here.
+from results import LAYER_COLUMNS, METRIC_COLUMNS, OPTION_NAMES, options_key
 
 FIX_FINGERS = ("xmin_mid", "xmin_peak", "DKS")
-STATUSES = ("ok", "fit_failed", "too_small", "nonfinite", "unsupported_dtype")
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 
 # Storage dtypes analysed as numbers (half precisions are upcast chunk by chunk). Integer and
@@ -83,6 +76,11 @@ class ESDConfig:
             raise InputError(f"device={self.device!r} is not a torch device such as 'cpu', "
                              f"'cuda' or 'cuda:1'") from exc
 
+    @property
+    def options_key(self) -> str:
+        """The options that change the numbers, as the ``esd_options`` column records them."""
+        return options_key({name: getattr(self, name) for name in OPTION_NAMES})
+
 
 @dataclass
 class LayerResult:
@@ -105,6 +103,21 @@ def is_weight_name(name: str) -> bool:
 
 def longname_of(name: str) -> str:
     return name[: -len(".weight")] if name.endswith(".weight") else name
+
+
+def block_of(longname: str) -> int | None:
+    """The block a layer belongs to: the first purely numeric component of its name
+    (``model.layers.3.mlp.up_proj`` -> 3, ``encoder.block.2.layer.0.SelfAttention.q`` -> 2);
+    None outside numbered blocks (embeddings, final norms, heads)."""
+    for part in longname.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def storage_of(dtype: torch.dtype) -> str:
+    """The ``storage`` column of a tensor stored unquantized: its dtype name (``bfloat16``)."""
+    return str(dtype).removeprefix("torch.")
 
 
 def layer_type_of(name: str, ndim: int) -> str:
@@ -137,6 +150,7 @@ class _Layer:
     dtype: torch.dtype
     mats: list[torch.Tensor] = field(repr=False)
     evals_scale: float = 1.0  # conv slices are scaled by sqrt(conv_norm): eigenvalues by conv_norm
+    storage: str = ""         # the stored format; the dtype name when empty
 
     @property
     def N(self) -> int:
@@ -152,19 +166,22 @@ class _Layer:
 
 
 def split_layers(name: str, tensor: torch.Tensor, layer_type: str | None,
-                 conv_norm: float) -> Iterator[_Layer]:
+                 conv_norm: float, storage: str = "") -> Iterator[_Layer]:
     """The result rows of one tensor: experts one by one, convolutions as pooled slices."""
     layer_type = layer_type or layer_type_of(name, tensor.ndim)
     longname = longname_of(name)
+    storage = storage or storage_of(tensor.dtype)
     if layer_type == "expert":
         for e in range(tensor.shape[0]):
-            yield _Layer(f"{longname}[{e}]", layer_type, tensor.dtype, [tensor[e]])
+            yield _Layer(f"{longname}[{e}]", layer_type, tensor.dtype, [tensor[e]],
+                         storage=storage)
     elif tensor.ndim >= 3:
         kernel = tensor.reshape(tensor.shape[0], tensor.shape[1], -1)
         mats = [kernel[:, :, k] for k in range(kernel.shape[2])]
-        yield _Layer(longname, layer_type, tensor.dtype, mats, evals_scale=conv_norm)
+        yield _Layer(longname, layer_type, tensor.dtype, mats, evals_scale=conv_norm,
+                     storage=storage)
     else:
-        yield _Layer(longname, layer_type, tensor.dtype, [tensor])
+        yield _Layer(longname, layer_type, tensor.dtype, [tensor], storage=storage)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,7 +246,8 @@ def analyse_layer(layer: _Layer, layer_id: int, config: ESDConfig) -> LayerResul
     """One row: shapes always; metrics unless the layer is unsupported, too small or non-finite."""
     n, m = layer.N, layer.M
     row: dict[str, Any] = {
-        "layer_id": layer_id, "longname": layer.longname, "layer_type": layer.layer_type,
+        "layer_id": layer_id, "longname": layer.longname, "block": block_of(layer.longname),
+        "layer_type": layer.layer_type, "storage": layer.storage or storage_of(layer.dtype),
         "N": n, "M": m, "Q": n / m if m > 0 else math.nan, "num_evals": layer.num_evals,
         "fix_fingers": config.fix_fingers,
     }
@@ -255,9 +273,10 @@ def _as_tensor(tensor: Any) -> torch.Tensor:
     return tensor.detach() if isinstance(tensor, torch.Tensor) else torch.as_tensor(tensor)
 
 
-def iter_layer_results(named_tensors: Iterable[tuple[str, Any]],
+def iter_layer_results(named_tensors: Iterable[tuple],
                        config: ESDConfig) -> Iterator[LayerResult]:
-    """One ``LayerResult`` per layer of a ``(name, tensor)`` stream, in stream order.
+    """One ``LayerResult`` per layer of a ``(name, tensor)`` or ``(name, tensor, storage)``
+    stream, in stream order (``storage``: the stored format, default the dtype's name).
 
     Tensors with fewer than 2 dimensions and non-weights (see ``is_weight_name``) give no row.
     A 3-D expert tensor gives one row per expert, with consecutive ``layer_id``s. Only the
@@ -265,11 +284,12 @@ def iter_layer_results(named_tensors: Iterable[tuple[str, Any]],
     """
     _check_device(config)
     layer_id = 0
-    for name, tensor in named_tensors:
+    for item in named_tensors:
+        name, tensor, storage = item if len(item) == 3 else (*item, "")
         t = _as_tensor(tensor)
-        del tensor
+        del tensor, item
         if t.ndim >= 2 and is_weight_name(name):
-            for layer in split_layers(name, t, None, config.conv_norm):
+            for layer in split_layers(name, t, None, config.conv_norm, storage):
                 result = analyse_layer(layer, layer_id, config)
                 del layer  # holds a view of t
                 layer_id += 1

@@ -4,7 +4,7 @@ Usage: python run_esd_experiment.py --model_list models.csv --output_dir results
        python run_esd_experiment.py --demo --output_dir demo/
 
 Reads the model list (CSV: model_id, optional base_model_relation and source_model). Writes
-under --output_dir one ``<org--name>.csv`` per model (columns: net_esd.RESULT_COLUMNS),
+under --output_dir one ``<org--name>.csv`` per model (columns: results.RESULT_COLUMNS),
 ``failed_models.txt`` (model id, tab, cause), one log per model under --log_dir and the
 run's own log, ``<log_dir>/esd_experiment.log``.
 Finished models are skipped on a rerun. Exit code: 0 when no model failed, 1 when some model
@@ -36,9 +36,9 @@ from esd_worker import (
     model_paths,
 )
 from gputracker import Dispatcher, Job, JobResult, detect_gpus, install_signal_handlers
-from net_esd import RESULT_COLUMNS
 from paths import ModelPaths
-from run_state import FailureLog, RunLock, check_options, is_complete, read_failure_cause
+from results import eigs_options, is_current
+from run_state import FailureLog, RunLock, check_options, read_failure_cause
 
 logger = logging.getLogger("run_esd_experiment")
 
@@ -140,14 +140,21 @@ def make_plan(entries: list[ListEntry], config: RunConfig, failures: FailureLog)
         except ESDError as exc:
             plan.invalid.append((entry, str(exc)))
             continue
-        if not config.overwrite and is_complete(paths.csv, RESULT_COLUMNS) and (
-                not config.args.save_eigs or paths.eigs.is_file()):
+        if not config.overwrite and result_done(paths, config):
             plan.done.append(entry)
         elif config.skip_failed and entry.model_id in failures:
             plan.skipped_failed.append(entry)
         else:
             plan.to_run.append((entry, paths))
     return plan
+
+
+def result_done(paths: ModelPaths, config: RunConfig) -> bool:
+    """A model is done when its CSV (and, under --save_eigs, its eigenvalues) exists and was
+    computed with this run's estimator options."""
+    options = esd_config_from_args(config.args, "cpu").options_key
+    return is_current(paths.csv, options) and (
+        not config.args.save_eigs or eigs_options(paths.eigs) == options)
 
 
 def estimator_options(args: argparse.Namespace) -> dict:
@@ -245,7 +252,7 @@ class Runner:
         running = self.dispatcher.running_jobs
         if result.stopped:
             return []  # interrupted: neither a result nor a failure; the next run retries it
-        if result.ok and is_complete(paths.csv, RESULT_COLUMNS):
+        if result.ok and result_done(paths, self.config):
             self.failures.clear(entry.model_id)
             self.progress.finished(entry.model_id, True, running)
             return []
@@ -343,7 +350,7 @@ def summary_table(config: RunConfig) -> str:
     lines = []
     for entry in read_model_list(config.model_list):
         paths = model_paths(config.output_dir, entry.model_id, config.log_dir)
-        if is_complete(paths.csv, RESULT_COLUMNS):
+        if result_done(paths, config):
             df = pd.read_csv(paths.csv)
             ok = df[df.status == "ok"]
             lines.append({"model": Path(entry.model_id).name, "layers": len(df),

@@ -7,25 +7,10 @@ import json
 import os
 import socket
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 from errors import InputError
 from paths import FAILED_MODELS_FILE, LOCK_FILE, OPTIONS_FILE, write_text_atomic
-
-
-def is_complete(csv_path: Path, columns: Sequence[str]) -> bool:
-    """A result counts as finished when it exists with the current schema's header.
-
-    Results are written by rename, so an existing file is complete; a header from another
-    schema version means the model is analysed again.
-    """
-    try:
-        with open(csv_path, encoding="utf-8") as fh:
-            header = fh.readline().strip()
-    except (FileNotFoundError, IsADirectoryError):
-        return False
-    return header == ",".join(columns)
 
 
 def read_failure_cause(failure_json: Path) -> str | None:

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from demo import build_demo_zoo
-from net_esd import RESULT_COLUMNS
+from results import RESULT_COLUMNS
 from run_state import RunLock
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -241,7 +241,10 @@ def test_repeated_eigenvalues_still_fit():
 def test_half_precision_equals_its_float32_upcast(dtype):
     w = (torch.randn(120, 60, generator=torch.Generator().manual_seed(4)) * 0.05).to(dtype)
     for fit in FITS:
-        assert one(w, fix_fingers=fit) == one(w.float(), fix_fingers=fit)
+        half, upcast = one(w, fix_fingers=fit), one(w.float(), fix_fingers=fit)
+        assert half.pop("storage") == str(dtype).removeprefix("torch.")
+        assert upcast.pop("storage") == "float32"
+        assert half == upcast
 
 
 def test_conv_pools_scaled_slices():
@@ -270,7 +273,8 @@ def test_fused_experts_give_one_row_each():
     for e, row in enumerate(out[1:4]):
         alone = one(experts[e], name="alone.weight")
         assert row["layer_type"] == "expert"
-        assert {**row, "layer_id": 0, "layer_type": "linear", "longname": "alone"} == alone
+        assert {**row, "layer_id": 0, "layer_type": "linear", "longname": "alone",
+                "block": None} == alone
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int8, torch.uint8, torch.bool,

@@ -7,18 +7,30 @@ import textwrap
 import pytest
 
 from errors import InputError
-from run_state import FailureLog, RunLock, is_complete, read_failure_cause
+from net_esd import ESDConfig
+from results import is_current
+from run_state import FailureLog, RunLock, read_failure_cause
 
-COLUMNS = ("model_id", "alpha")
+COLUMNS = ("model_id", "esd_options")
 
 
-def test_is_complete_needs_current_header(tmp_path):
+def test_is_current_needs_current_header_and_options(tmp_path):
     csv = tmp_path / "m.csv"
-    assert not is_complete(csv, COLUMNS)
-    csv.write_text("model_id,alpha\nm,2.0\n")
-    assert is_complete(csv, COLUMNS)
-    csv.write_text("model_id,alpha_old\nm,2.0\n")
-    assert not is_complete(csv, COLUMNS), "a result of another schema is recomputed"
+    assert not is_current(csv, "opts-a", COLUMNS)
+    csv.write_text("model_id,esd_options\nm,opts-a\n")
+    assert is_current(csv, "opts-a", COLUMNS)
+    assert not is_current(csv, "opts-b", COLUMNS), "other estimator options are not done"
+    csv.write_text("model_id,esd_options_old\nm,opts-a\n")
+    assert not is_current(csv, "opts-a", COLUMNS), "a result of another schema is recomputed"
+    csv.write_text("model_id,esd_options\n")
+    assert not is_current(csv, "opts-a", COLUMNS), "a header alone is no result"
+
+
+def test_options_key_names_every_option_in_order():
+    key = ESDConfig(fix_fingers="DKS", evals_thresh=1e-6).options_key
+    assert key == ("fix_fingers=DKS;xmin_pos=2;bins=100;evals_thresh=1e-06;filter_zeros=False;"
+                   "conv_norm=0.5;min_evals=10;precision=float64")
+    assert ESDConfig(precision="float32").options_key != ESDConfig().options_key
 
 
 def test_failure_log_roundtrip_and_clear(tmp_path):

@@ -13,12 +13,20 @@ from safetensors.torch import save_file
 
 import run_esd_experiment as runner_mod
 from gputracker import Dispatcher, JobResult
-from net_esd import RESULT_COLUMNS
+from net_esd import ESDConfig
 from paths import ModelPaths
+from results import RESULT_COLUMNS
 from run_state import FailureLog
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER_EXIT_WAIT_S = 20  # the watchdog polls every second; a loaded CI machine needs slack
+
+
+def fake_result(path: Path, options: str | None = None) -> None:
+    """A result CSV of one row computed with ``options`` (default: the default options)."""
+    row = dict.fromkeys(RESULT_COLUMNS, "")
+    row["esd_options"] = options or ESDConfig().options_key
+    path.write_text(",".join(RESULT_COLUMNS) + "\n" + ",".join(row.values()) + "\n")
 
 
 def make_config(tmp_path, **overrides) -> runner_mod.RunConfig:
@@ -89,6 +97,9 @@ def test_success_needs_a_complete_csv_and_clears_old_failure(setup):
     assert finished(runner, entry, paths, 0) == []
     assert "missing or incomplete" in failures.cause("org/model"), "exit 0 without a CSV fails"
     paths.csv.write_text(",".join(RESULT_COLUMNS) + "\n")
+    finished(runner, entry, paths, 0)
+    assert "org/model" in failures, "a header without rows is no result"
+    fake_result(paths.csv)
     finished(runner, entry, paths, 0)
     assert "org/model" not in failures and runner.progress.done == 1
 
@@ -163,7 +174,7 @@ def test_worker_stops_when_its_runner_dies(tmp_path):
 
 def test_summary_line_and_exit_code_for_empty_plan(tmp_path, caplog):
     (tmp_path / "list.csv").write_text("model_id\norg/done\n")
-    (tmp_path / "org--done.csv").write_text(",".join(RESULT_COLUMNS) + "\n")
+    fake_result(tmp_path / "org--done.csv")
     config = make_config(tmp_path)
     with caplog.at_level("INFO"):
         assert runner_mod.run(config, FakeClockDispatcher()) == 0

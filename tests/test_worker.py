@@ -10,7 +10,8 @@ import torch
 
 import esd_worker
 from demo import build_demo_zoo
-from net_esd import RESULT_COLUMNS, ESDConfig, iter_layer_results
+from net_esd import ESDConfig, iter_layer_results
+from results import EIGS_OPTIONS_KEY, RESULT_COLUMNS
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +56,8 @@ def test_save_eigs_matches_rows(zoo, tmp_path):
     assert run_worker("--model_id", zoo / "tiny-gpt2", "--output_dir", tmp_path, "--save_eigs") == 0
     df = pd.read_csv(next(tmp_path.glob("*.csv")))
     with np.load(next(tmp_path.glob("*.eigs.npz"))) as eigs:
-        assert set(eigs.files) == set(df.longname[df.status == "ok"])
+        assert set(eigs.files) == set(df.longname[df.status == "ok"]) | {EIGS_OPTIONS_KEY}
+        assert str(eigs[EIGS_OPTIONS_KEY]) == df.esd_options[0] == ESDConfig().options_key
         for _, row in df[df.status == "ok"].iterrows():
             evals = eigs[row.longname]
             assert len(evals) == row.num_evals
