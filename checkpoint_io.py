@@ -22,13 +22,14 @@ import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError, safe_open
 
 from errors import CorruptCheckpointError, NoWeightsError, UnsupportedFormatError
-from net_esd import FLOAT_DTYPES
+
+if TYPE_CHECKING:  # torch is imported where tensors are read, so listing files stays light
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +47,9 @@ _SAFETENSORS_DTYPES = {
     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
     "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
 }
-# The floating dtypes of the analysis, by the names ``CheckpointReader.dtype`` reports.
-FLOAT_DTYPE_NAMES = frozenset(str(d).removeprefix("torch.") for d in FLOAT_DTYPES)
+# The floating dtypes of the analysis (net_esd.FLOAT_DTYPES), by the names
+# ``CheckpointReader.dtype`` reports.
+FLOAT_DTYPE_NAMES = frozenset({"float16", "bfloat16", "float32", "float64"})
 # What torch's weights-only unpickler says when a pickle names a class or function other than
 # tensors and plain containers; it refuses the file before anything in it runs.
 _UNSAFE_PICKLE = re.compile(r"GLOBAL|Can only (build|create|append|extend)|must be imported "
@@ -173,6 +175,8 @@ class _SafetensorsFile:
 class _TorchFile:
     def __init__(self, path: Path, model_id: str):
         self.path, self.model_id = path, model_id
+        import torch
+
         mmap = zipfile.is_zipfile(path)
         if not mmap:
             logger.warning("%s: %s is a legacy (non-zip) PyTorch file; it is read whole",
@@ -207,6 +211,8 @@ def _unique_tensors(state: dict) -> dict[str, torch.Tensor]:
     The first name in the file's order is kept: models register the embedding before the
     ``lm_head`` tied to it, so the embedding keeps its own name.
     """
+    import torch
+
     seen: set[tuple] = set()
     out = {}
     for name, tensor in state.items():

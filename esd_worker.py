@@ -25,13 +25,17 @@ import traceback
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from errors import ESDError, InputError, NoWeightsError, is_transient
-from net_esd import FIX_FINGERS, ESDConfig, LayerResult, iter_layer_results
+from esd_config import ESDConfig, add_esd_arguments, esd_config_from_args
 from paths import ModelPaths, write_atomic, write_text_atomic
 from results import EIGS_OPTIONS_KEY, RESULT_COLUMNS
+
+if TYPE_CHECKING:  # the estimator (and torch) is imported when a model is analysed
+    from net_esd import LayerResult
 
 logger = logging.getLogger(__name__)
 
@@ -60,35 +64,6 @@ class WorkerConfig:
     parent_pid: int | None = None
 
 
-# ---------------------------------------------------------------------------------------------
-# Command-line options shared with the runner, which forwards them to every worker.
-
-def add_esd_arguments(parser: argparse.ArgumentParser) -> None:
-    """The estimator's options, with the seed's names and the references' defaults."""
-    d = ESDConfig()
-    g = parser.add_argument_group("ESD estimator")
-    g.add_argument("--fix_fingers", choices=FIX_FINGERS, default=d.fix_fingers,
-                   help="how xmin is chosen (default: %(default)s)")
-    g.add_argument("--evals_thresh", type=float, default=d.evals_thresh,
-                   help="with --filter_zeros, fit only eigenvalues above this (default: %(default)g)")
-    g.add_argument("--bins", type=int, default=d.bins, help="histogram bins for xmin_peak")
-    g.add_argument("--xmin_pos", type=int, default=d.xmin_pos, help="xmin_mid: xmin index = n // xmin_pos")
-    g.add_argument("--conv_norm", type=float, default=d.conv_norm,
-                   help="conv slices are scaled by sqrt(conv_norm)")
-    g.add_argument("--min_evals", type=int, default=d.min_evals,
-                   help="layers with fewer eigenvalues get status too_small")
-    g.add_argument("--filter_zeros", action=argparse.BooleanOptionalAction, default=d.filter_zeros,
-                   help="drop eigenvalues <= --evals_thresh from the fit (WeightWatcher always does)")
-    g.add_argument("--precision", choices=("float64", "float32"), default=d.precision,
-                   help="eigenvalue arithmetic; float32 is faster, its error is in BENCHMARKS.md")
-    g.add_argument("--device", default="auto",
-                   help="auto (CUDA when visible, else CPU), cpu, cuda or cuda:N")
-    g.add_argument("--save_eigs", action="store_true",
-                   help="also write each model's eigenvalues to <name>.eigs.npz")
-    g.add_argument("--parallel_esd", action=argparse.BooleanOptionalAction, default=False,
-                   help="spread one model's layers across all GPUs its job holds")
-
-
 def resolve_device(requested: str) -> str:
     """``auto`` becomes ``cuda`` when a CUDA device is visible, else ``cpu``."""
     if requested != "auto":
@@ -96,30 +71,6 @@ def resolve_device(requested: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def esd_config_from_args(args: argparse.Namespace, device: str) -> ESDConfig:
-    return ESDConfig(
-        fix_fingers=args.fix_fingers, xmin_pos=args.xmin_pos, bins=args.bins,
-        evals_thresh=args.evals_thresh, filter_zeros=args.filter_zeros,
-        conv_norm=args.conv_norm, min_evals=args.min_evals, precision=args.precision,
-        device=device, keep_evals=args.save_eigs,
-    )
-
-
-def esd_argv(args: argparse.Namespace) -> list[str]:
-    """The estimator options of ``args`` as worker arguments (the runner's half of the contract)."""
-    argv = [
-        "--fix_fingers", args.fix_fingers, "--evals_thresh", repr(args.evals_thresh),
-        "--bins", str(args.bins), "--xmin_pos", str(args.xmin_pos),
-        "--conv_norm", repr(args.conv_norm), "--min_evals", str(args.min_evals),
-        "--precision", args.precision, "--device", args.device,
-        "--filter_zeros" if args.filter_zeros else "--no-filter_zeros",
-        "--parallel_esd" if args.parallel_esd else "--no-parallel_esd",
-    ]
-    if args.save_eigs:
-        argv.append("--save_eigs")
-    return argv
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,6 +127,8 @@ def parallel_layer_results(
     Rows come back in stream order with consecutive ``layer_id``s, exactly as the serial path
     numbers them. At most ``2 * len(devices)`` tensors are held at once.
     """
+    from net_esd import iter_layer_results
+
     todo: queue.Queue = queue.Queue(maxsize=len(devices))
     done: dict[int, list[LayerResult]] = {}
     cond = threading.Condition()
@@ -235,6 +188,8 @@ def analysis_devices(config: WorkerConfig) -> list[str]:
 
 def analyse(config: WorkerConfig, model) -> tuple[list[dict], dict[str, np.ndarray]]:
     """Run the estimator over a loaded model's tensor stream; returns rows and eigenvalues."""
+    from net_esd import iter_layer_results
+
     devices = analysis_devices(config)
     if len(devices) > 1:
         stream = parallel_layer_results(model.iter_tensors(), config.esd, devices)

@@ -29,8 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from checkpoint_io import (
     CONFIG_FILE,
@@ -53,14 +52,9 @@ from errors import (
     is_network_error,
 )
 from hub_cache import remove_cache_files, snapshot_files
-from lora_merge import (
-    CONV1D_MODEL_TYPES,
-    LoraSettings,
-    MergePlan,
-    NeedsPeftMerge,
-    merged_with_peft,
-    unsupported_variant,
-)
+
+if TYPE_CHECKING:  # torch and the merge are imported when tensors are read: the runner and
+    import torch  # --dry_run list and resolve models without them
 
 logger = logging.getLogger(__name__)
 
@@ -389,6 +383,15 @@ def _open(opener: _Opener, request: ModelRequest, trust_remote_code: bool) -> Lo
 
 def _open_adapter(opener: _Opener, request: ModelRequest, source: _Source,
                   trust_remote_code: bool) -> LoadedModel:
+    from lora_merge import (
+        CONV1D_MODEL_TYPES,
+        LoraSettings,
+        MergePlan,
+        NeedsPeftMerge,
+        merged_with_peft,
+        unsupported_variant,
+    )
+
     label = source.label
     if ADAPTER_CONFIG not in source.files:
         raise NoWeightsError(

@@ -25,12 +25,13 @@ import numpy as np
 import torch
 
 from errors import InputError
-from esd_fit import spectral_metrics
 
 # The result schema lives in results.py (torch-free); layer columns are filled here.
-from results import LAYER_COLUMNS, METRIC_COLUMNS, OPTION_NAMES, options_key
+from esd_config import FIX_FINGERS, ESDConfig  # noqa: F401  (the estimator's public options)
+from esd_fit import spectral_metrics
+from results import LAYER_COLUMNS, METRIC_COLUMNS
 
-FIX_FINGERS = ("xmin_mid", "xmin_peak", "DKS")
+# The computation dtype of each --precision (esd_config.PRECISION_NAMES).
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 
 # Storage dtypes analysed as numbers (half precisions are upcast chunk by chunk). Integer and
@@ -41,45 +42,6 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 WEIGHT_NAME_ENDINGS = ("weight", "weight_packed", "_proj", "_blocks")
 EMBEDDING_OWNERS = ("wte", "wpe", "shared", "emb", "tok_emb", "pos_emb")
 LM_HEAD_OWNERS = ("lm_head", "embed_out")
-
-
-@dataclass(frozen=True)
-class ESDConfig:
-    """Every option of the estimator, with the references' defaults."""
-
-    fix_fingers: str = "xmin_mid"   # xmin_mid | xmin_peak | DKS (metrics.md section 3)
-    xmin_pos: int = 2               # xmin_mid: i = n // xmin_pos
-    bins: int = 100                 # xmin_peak: histogram bins over log10(evals)
-    evals_thresh: float = 1e-5      # fit set threshold when filter_zeros is on
-    filter_zeros: bool = False      # TempBalance default; WeightWatcher always filters
-    conv_norm: float = 0.5          # 4-D conv slices are scaled by sqrt(conv_norm)
-    min_evals: int = 10             # fewer eigenvalues -> status "too_small"
-    precision: str = "float64"      # float64 (exact, default) | float32 (faster, documented error)
-    device: str = "cpu"             # "cpu", "cuda", "cuda:1"
-    keep_evals: bool = False        # attach each layer's eigenvalues to its result
-    chunk_elems: int = 1 << 19      # entries per Gram row chunk and per KS-scan block (4 MiB f64)
-
-    def __post_init__(self) -> None:
-        if self.fix_fingers not in FIX_FINGERS:
-            raise InputError(f"fix_fingers={self.fix_fingers!r} is not one of {FIX_FINGERS}")
-        if self.precision not in PRECISIONS:
-            raise InputError(f"precision={self.precision!r} is not one of {tuple(PRECISIONS)}")
-        for name in ("xmin_pos", "bins", "chunk_elems"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.min_evals < 0 or not self.conv_norm > 0:
-            raise InputError(f"need min_evals >= 0 and conv_norm > 0, got {self.min_evals}, "
-                             f"{self.conv_norm}")
-        try:
-            torch.device(self.device)
-        except RuntimeError as exc:
-            raise InputError(f"device={self.device!r} is not a torch device such as 'cpu', "
-                             f"'cuda' or 'cuda:1'") from exc
-
-    @property
-    def options_key(self) -> str:
-        """The options that change the numbers, as the ``esd_options`` column records them."""
-        return options_key({name: getattr(self, name) for name in OPTION_NAMES})
 
 
 @dataclass

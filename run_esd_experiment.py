@@ -28,13 +28,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from errors import ESDError, InputError
-from esd_worker import (
-    EXIT_TRANSIENT,
-    add_esd_arguments,
-    esd_argv,
-    esd_config_from_args,
-    model_paths,
-)
+from esd_config import add_esd_arguments, esd_argv, esd_config_from_args
+from esd_worker import EXIT_TRANSIENT, model_paths
 from gputracker import Dispatcher, Job, JobResult, detect_gpus, install_signal_handlers
 from paths import ModelPaths
 from results import eigs_options, is_current

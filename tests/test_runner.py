@@ -218,3 +218,13 @@ def test_ids_with_control_characters_are_skipped(tmp_path, caplog):
     path.write_text('model_id\n"multi\nline/x"\n"tab\there/x"\norg/ok\n')
     assert runner_mod.read_model_list(path) == [runner_mod.ListEntry("org/ok")]
     assert caplog.text.count("control characters") == 2
+
+
+def test_runner_imports_neither_torch_nor_transformers():
+    """Login nodes are slow and often lack GPU libraries: the runner process stays lean."""
+    code = ("import sys, run_esd_experiment as r; r.build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft', 'safetensors.torch') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
