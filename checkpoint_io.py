@@ -149,6 +149,7 @@ def check_not_quantized(config: dict[str, Any], model_id: str) -> None:
 class _SafetensorsFile:
     def __init__(self, path: Path, model_id: str):
         self.path, self.model_id = path, model_id
+        self.aliases: dict[str, str] = {}  # safetensors cannot store one tensor twice
         try:
             self._handle = safe_open(str(path), framework="pt")
         except (SafetensorError, OSError) as exc:
@@ -192,7 +193,7 @@ class _TorchFile:
         if not isinstance(state, dict):
             raise CorruptCheckpointError(
                 f"{model_id}: {path.name} holds a {type(state).__name__}, not a state dict")
-        self._state = _unique_tensors(state)
+        self._state, self.aliases = _unique_tensors(state)
 
     def meta(self) -> dict[str, tuple[tuple[int, ...], str]]:
         return {name: (tuple(t.shape), str(t.dtype).removeprefix("torch."))
@@ -205,27 +206,29 @@ class _TorchFile:
         self._state = {}
 
 
-def _unique_tensors(state: dict) -> dict[str, torch.Tensor]:
-    """Tensors of a .bin state dict, each storage view once (tied weights saved twice).
+def _unique_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors of a .bin state dict, each storage view once (tied weights saved twice), and
+    the names left out as aliases: ``{tied name: name kept}``.
 
     The first name in the file's order is kept: models register the embedding before the
     ``lm_head`` tied to it, so the embedding keeps its own name.
     """
     import torch
 
-    seen: set[tuple] = set()
-    out = {}
+    seen: dict[tuple, str] = {}
+    out, aliases = {}, {}
     for name, tensor in state.items():
         if not isinstance(tensor, torch.Tensor):
             continue
         view = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
                 tuple(tensor.stride()))
         if tensor.numel() and view in seen:
-            logger.info("%s shares its storage with an earlier tensor; read once", name)
+            logger.info("%s shares its storage with %s; read once", name, seen[view])
+            aliases[name] = seen[view]
             continue
-        seen.add(view)
+        seen[view] = name
         out[name] = tensor
-    return out
+    return out, aliases
 
 
 def _refused_pickle(model_id: str, path: Path,
@@ -289,13 +292,15 @@ class CheckpointReader:
         self.files = tuple(self.root / s for s in shards)
         self._where: dict[str, Path] = {}
         self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
+        self.aliases: dict[str, str] = {}  # tied names a .bin stores once: {alias: name kept}
         for path in self.files:
             opened = _open_file(path, model_id)
             try:
                 self._add(path, opened.meta())
+                self.aliases.update(opened.aliases)
             finally:
                 opened.close()
-        missing = sorted(set(weight_map) - set(self._where), key=natural_key)
+        missing = sorted(set(weight_map) - set(self._where) - set(self.aliases), key=natural_key)
         if missing:
             raise CorruptCheckpointError(
                 f"{model_id}: the index names {len(missing)} tensor(s) that its shards do not "
@@ -323,6 +328,14 @@ class CheckpointReader:
 
     def dtype(self, name: str) -> str:
         return self._meta[name][1]
+
+    def storage(self, name: str) -> str:
+        """The stored format of ``name`` (the result's ``storage`` column): its dtype name."""
+        return self._meta[name][1]
+
+    def files_of(self, name: str) -> tuple[Path, ...]:
+        """The checkpoint files that ``name`` is read from."""
+        return (self._where[name],)
 
     def get(self, name: str) -> torch.Tensor:
         path = self._where[name]

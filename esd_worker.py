@@ -173,8 +173,17 @@ def parallel_layer_results(
                 layer_id += 1
                 yield result
     finally:
+        # Stop the threads and wait for them: a thread left inside torch when the process
+        # exits aborts it (SIGABRT), which would read as a transient failure.
+        while True:
+            try:
+                todo.get_nowait()
+            except queue.Empty:
+                break
         for _ in threads:
             todo.put(None)
+        for t in threads:
+            t.join()
 
 
 def analysis_devices(config: WorkerConfig) -> list[str]:

@@ -104,6 +104,33 @@ def tied_weights(base_config: Mapping[str, Any]) -> dict[str, str]:
     return {"lm_head.weight": ""}
 
 
+def task_model_filter(task_type: str, base_config: Mapping[str, Any]):
+    """For an adapter whose task builds another model class than the base's own (a SEQ_CLS
+    adapter on a causal LM), a predicate telling which base tensors that class holds; None
+    when every base tensor is part of the merged model.
+
+    The class is the one peft builds (``AutoModelForSequenceClassification`` for SEQ_CLS, ...),
+    instantiated from the base's config on the meta device (no memory, no remote code); for a
+    config transformers cannot build, the base's LM head (``lm_head``) is what is left out.
+    """
+    name = _TASK_CLASSES.get(str(task_type or "").upper())
+    if name is None or name in ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM"):
+        return None
+    try:
+        import torch
+        import transformers
+
+        config = transformers.AutoConfig.for_model(**dict(base_config))
+        with torch.device("meta"):
+            model = getattr(transformers, name).from_config(config)
+        finder = _BaseNames([n for n, _ in model.named_parameters()])
+        return lambda n: finder.find(n) is not None
+    except Exception as exc:  # a custom architecture or a config the class cannot take
+        logger.info("cannot build %s from the base config (%s: %s); leaving out its lm_head",
+                    name, type(exc).__name__, exc)
+        return lambda n: not (n.startswith("lm_head.") or ".lm_head." in n)
+
+
 def unsupported_variant(adapter_config: dict[str, Any]) -> str | None:
     """The adapter type when the per-tensor LoRA merge does not cover it, else None."""
     peft_type = str(adapter_config.get("peft_type") or "LORA").upper()
@@ -267,7 +294,7 @@ class MergePlan:
 
     def __init__(self, base: CheckpointReader, adapter: CheckpointReader,
                  settings: LoraSettings, *, model_id: str, base_id: str, conv1d: bool,
-                 base_config: Mapping[str, Any] | None = None):
+                 base_config: Mapping[str, Any] | None = None, task_type: str = ""):
         self.base, self.adapter, self.settings = base, adapter, settings
         self.model_id, self.base_id, self.conv1d = model_id, base_id, conv1d
         self.ops: dict[str, _Op] = {}
@@ -284,7 +311,13 @@ class MergePlan:
             raise ShapeMismatchError(
                 f"{model_id}: {len(self._unused)} adapter tensor(s) match no tensor of the base "
                 f"model {base_id}: {shown}. Check that source_model is the adapter's base")
-        self.names = tuple(sorted(set(base.names) | set(self.ops), key=natural_key))
+        kept = task_model_filter(task_type, base_config or {})
+        names = set(self.ops) | {n for n in base.names if kept is None or kept(n)}
+        if kept is not None and names != set(base.names) | set(self.ops):
+            logger.info("%s: a %s adapter; %s tensors of %s that its model has no use for are "
+                        "not part of it: %s", model_id, task_type, len(set(base.names) - names),
+                        base_id, ", ".join(sorted(set(base.names) - names)[:5]))
+        self.names = tuple(sorted(names, key=natural_key))
 
     def _op(self, name: str) -> _Op:
         return self.ops.setdefault(name, _Op(base=name))
@@ -372,6 +405,17 @@ class MergePlan:
                                  f"which the base ties")
         op.replace = key
         op.adapter_keys.append(key)
+        if ".modules_to_save." in key or self.settings.saves_module(target.rpartition(".")[0]):
+            self._untie(name, finder)
+
+    def _untie(self, name: str, finder: _BaseNames) -> None:
+        """peft trains a copy of a saved module, so a weight the base ties to it keeps the
+        original value: yield that original under the tied name, as peft's merged model has it."""
+        for tied in finder.tied:
+            if tied not in self.ops and finder.find(tied) is None and finder.find_tied(tied) == name:
+                logger.info("%s: %s is saved by the adapter; %s, tied to it in %s, keeps the "
+                            "original weights", self.model_id, name, tied, self.base_id)
+                self.ops[tied] = _Op(base=name)
 
     def _mismatch(self, detail: str) -> None:
         raise ShapeMismatchError(
@@ -388,7 +432,7 @@ class MergePlan:
         op = self.ops.get(name)
         if op is None:
             return self.base.get(name)
-        value = self.adapter.get(op.replace) if op.replace else self.base.get(name)
+        value = self.adapter.get(op.replace) if op.replace else self.base.get(op.base)
         if op.lora is not None:
             a = self.adapter.get(op.lora.a).to(torch.float32)
             b = self.adapter.get(op.lora.b).to(torch.float32)

@@ -347,7 +347,11 @@ class _Opener:
         if weights.index:
             _, shards = index_shards(source.root / weights.index, source.label)
             source = self.fetch(source, list(shards))
-        return source, CheckpointReader(source.root, weights, source.label), config
+        from weight_forms import WeightFormsReader
+
+        reader = WeightFormsReader(CheckpointReader(source.root, weights, source.label), config,
+                                   source.label)
+        return source, reader, config
 
 
 def open_model(request: ModelRequest, *, token: str | None = None,
@@ -371,10 +375,16 @@ def open_model(request: ModelRequest, *, token: str | None = None,
         raise
 
 
+def is_adapter_repo(files) -> bool:
+    """An adapter holds ``adapter_config.json`` and adapter weights; a full model that carries
+    a stray ``adapter_config.json`` (a merged fine-tune, say) is read as the model it is."""
+    return ADAPTER_CONFIG in files and any(w in files for w in _ADAPTER_WEIGHTS)
+
+
 def _open(opener: _Opener, request: ModelRequest, trust_remote_code: bool) -> LoadedModel:
     model_id, revision = parse_model_id(request.model_id)
     source = opener.locate(model_id, revision)
-    if request.marked_adapter or ADAPTER_CONFIG in source.files:
+    if request.marked_adapter or is_adapter_repo(source.files):
         return _open_adapter(opener, request, source, trust_remote_code)
     source, reader, _ = opener.checkpoint(source)
     return LoadedModel(request.model_id, source.revision, "", None, False, reader.nbytes,
@@ -419,7 +429,8 @@ def _open_adapter(opener: _Opener, request: ModelRequest, source: _Source,
             plan = MergePlan(base_reader, adapter_reader,
                              LoraSettings.from_config(adapter_config, label), model_id=label,
                              base_id=base_source.label, base_config=base_config,
-                             conv1d=base_config.get("model_type") in CONV1D_MODEL_TYPES)
+                             conv1d=base_config.get("model_type") in CONV1D_MODEL_TYPES,
+                             task_type=str(adapter_config.get("task_type") or ""))
             stream = plan.iter_tensors
         except NeedsPeftMerge as reason:
             variant = str(reason)

@@ -17,6 +17,7 @@ a time to the computation dtype, so memory stays O(M^2 + chunk) even for a 128k-
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -42,6 +43,8 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 WEIGHT_NAME_ENDINGS = ("weight", "weight_packed", "_proj", "_blocks")
 EMBEDDING_OWNERS = ("wte", "wpe", "shared", "emb", "tok_emb", "pos_emb")
 LM_HEAD_OWNERS = ("lm_head", "embed_out")
+# Fused expert stacks stored without ".weight" (DBRX: experts.mlp.w1, v1, w2).
+_EXPERT_MATRIX = re.compile(r"^[wv]\d+$")
 
 
 @dataclass
@@ -55,12 +58,21 @@ class LayerResult:
 # ---------------------------------------------------------------------------------------------
 # Which tensors are layers (metrics.md section 1).
 
+def is_expert_stack(name: str) -> bool:
+    """True for a name inside a mixture-of-experts module (``experts``, ``moe``): a 3-D tensor
+    there is a stack of expert matrices, anywhere else a Conv1d kernel."""
+    return any("expert" in p or "moe" in p for p in name.lower().split("."))
+
+
 def is_weight_name(name: str) -> bool:
-    """True for weight tensors: ``*.weight``, packed ``qweight``/``weight_packed``, fused experts.
+    """True for weight tensors: ``*.weight``, packed ``qweight``/``weight_packed``, fused expert
+    stacks (``experts.gate_up_proj``, gpt-oss ``_blocks``, DBRX's ``experts.mlp.w1``/``v1``/``w2``).
 
     Biases, quantization scales and zero points, and buffers (masks, position ids) are not.
     """
-    return name.rsplit(".", 1)[-1].endswith(WEIGHT_NAME_ENDINGS)
+    last = name.rsplit(".", 1)[-1]
+    return last.endswith(WEIGHT_NAME_ENDINGS) or (
+        _EXPERT_MATRIX.match(last) is not None and is_expert_stack(name))
 
 
 def longname_of(name: str) -> str:
@@ -85,16 +97,17 @@ def storage_of(dtype: torch.dtype) -> str:
 def layer_type_of(name: str, ndim: int) -> str:
     """``layer_type`` from a checkpoint name and the tensor's rank.
 
-    3-D tensors are fused experts unless a name component says ``conv`` (a Conv1d kernel);
-    4-D and up are convolutions, ``conv{ndim-2}d``. 2-D tensors owned by an embedding module
+    3-D tensors are Conv1d / ConvTranspose1d kernels, ``conv1d``, unless they sit in a
+    mixture-of-experts module (``is_expert_stack``) and no name component says ``conv``: then
+    they are fused experts; 4-D and up are convolutions, ``conv{ndim-2}d``. 2-D tensors owned by an embedding module
     (``embed_tokens``, ``wte``, ``word_embeddings``, T5's ``shared``...) are ``embedding``,
     ``lm_head`` / GPT-NeoX ``embed_out`` are ``lm_head``, everything else ``linear``.
     """
     parts = longname_of(name).lower().split(".")
-    if ndim >= 4 or (ndim == 3 and any("conv" in p for p in parts)):
-        return f"conv{ndim - 2}d"
-    if ndim == 3:
+    if ndim == 3 and is_expert_stack(name) and not any("conv" in p for p in parts):
         return "expert"
+    if ndim >= 3:
+        return f"conv{ndim - 2}d"
     owner = parts[-1]
     if owner in LM_HEAD_OWNERS or owner.endswith("lm_head"):
         return "lm_head"

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import save_file
 
 from demo import build_demo_zoo
-from results import RESULT_COLUMNS
+from esd_config import ESDConfig
+from results import RESULT_COLUMNS, eigs_options
 from run_state import RunLock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -267,3 +268,49 @@ def test_rerun_with_other_options_is_refused_unless_overwrite(zoo, tmp_path):
     proc = cli("--model_list", models, "--output_dir", out, "--fix_fingers", "DKS", "--overwrite")
     assert proc.returncode == 0, proc.stderr
     assert set(pd.read_csv(result_csvs(out)[0]).fix_fingers) == {"DKS"}
+
+
+def test_results_never_mix_estimator_options(zoo, tmp_path):
+    """An --overwrite limited to part of the list, or interrupted, leaves results computed with
+    the old options; the next run with the new options recomputes exactly those."""
+    models = write_list(tmp_path / "models.csv", [(zoo / "tiny-gpt2", "", ""),
+                                                  (zoo / "tiny-resnet", "", "")])
+    out = tmp_path / "out"
+    assert cli("--model_list", models, "--output_dir", out).returncode == 0
+    proc = cli("--model_list", models, "--output_dir", out, "--overwrite", "--limit", "1",
+               "--fix_fingers", "DKS")
+    assert proc.returncode == 0, proc.stderr
+    proc = cli("--model_list", models, "--output_dir", out, "--fix_fingers", "DKS")
+    assert proc.returncode == 0, proc.stderr
+    assert "1 to run, 1 already done" in proc.stderr
+    frames = [pd.read_csv(p, keep_default_na=False) for p in result_csvs(out)]
+    assert len(frames) == 2
+    assert {opts for f in frames for opts in f.esd_options} == {
+        ESDConfig(fix_fingers="DKS").options_key}
+    assert {fit for f in frames for fit in f.fix_fingers} == {"DKS"}
+
+
+def test_eigenvalues_always_match_the_csv_beside_them(zoo, tmp_path):
+    models = write_list(tmp_path / "models.csv", [(zoo / "tiny-gpt2", "", "")])
+    out = tmp_path / "out"
+    assert cli("--model_list", models, "--output_dir", out, "--save_eigs").returncode == 0
+    (eigs,) = out.glob("*.eigs.npz")
+    proc = cli("--model_list", models, "--output_dir", out, "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert not eigs.exists(), "a result written without eigenvalues removes the old ones"
+    proc = cli("--model_list", models, "--output_dir", out, "--save_eigs")
+    assert "1 to run, 0 already done" in proc.stderr and eigs.exists()
+    assert eigs_options(eigs) == ESDConfig().options_key
+
+
+def test_model_without_eigenvalues_counts_as_done_under_save_eigs(tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    save_file({"tiny.weight": torch.randn(3, 3)}, small / "model.safetensors")
+    models = write_list(tmp_path / "models.csv", [(small, "", "")])
+    out = tmp_path / "out"
+    assert cli("--model_list", models, "--output_dir", out, "--save_eigs").returncode == 0
+    frame = pd.read_csv(next(iter(result_csvs(out))))
+    assert list(frame.status) == ["too_small"]
+    proc = cli("--model_list", models, "--output_dir", out, "--save_eigs")
+    assert proc.returncode == 0 and "0 to run, 1 already done" in proc.stderr

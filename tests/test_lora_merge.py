@@ -387,3 +387,32 @@ def test_adapter_downloads_only_adapter_files(bases, tmp_path):
         ("org/adapter", "adapter_config.json"), ("org/adapter", "adapter_model.safetensors"),
         ("org/base", "config.json"), ("org/base", "model.safetensors")]
     assert len(loaded.cache_paths()) == 8  # 4 snapshot links + 4 blobs
+
+
+def test_seq_cls_lora_on_a_causal_base_has_no_lm_head(bases, tmp_path):
+    """The merged model peft builds for a SEQ_CLS adapter is the sequence classifier: its
+    ``score`` head comes from the adapter, and the base's ``lm_head`` is not part of it."""
+    from transformers import AutoModelForSequenceClassification
+
+    _, dirs = bases
+    classifier = AutoModelForSequenceClassification.from_pretrained(str(dirs["llama"]))
+    adapter = save_adapter(classifier, tmp_path / "adapter", str(dirs["llama"]), r=4,
+                           lora_alpha=8, task_type="SEQ_CLS", target_modules=["q_proj"])
+    ours = dict(open_model(ModelRequest(str(adapter), "lora", str(dirs["llama"])))
+                .iter_tensors())
+    ref = peft_merged(dirs["llama"], adapter, seq_cls=True)
+    assert "lm_head.weight" not in ours and "score.weight" in ours
+    assert_matches_peft(ours, ref)
+
+
+def test_modules_to_save_on_a_tied_embedding_keeps_the_original_head(bases, tmp_path):
+    """peft trains a copy of a saved module: the tied GPT-2 ``lm_head`` keeps the original
+    embedding, so the merged model holds two different matrices and both get a row."""
+    models, dirs = bases
+    adapter = save_adapter(models["gpt2"], tmp_path / "adapter", str(dirs["gpt2"]), r=4,
+                           lora_alpha=8, target_modules=["c_attn"], modules_to_save=["wte"])
+    ours = dict(open_model(ModelRequest(str(adapter))).iter_tensors())
+    ref = peft_merged(dirs["gpt2"], adapter)
+    assert not torch.equal(ref["lm_head.weight"], ref["transformer.wte.weight"])
+    assert {"lm_head.weight", "transformer.wte.weight"} <= set(ours)
+    assert_matches_peft(ours, ref)

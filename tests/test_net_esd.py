@@ -17,6 +17,7 @@ from net_esd import (
     ESDConfig,
     fit_from_evals,
     gram_eigenvalues,
+    is_weight_name,
     iter_layer_results,
     layer_type_of,
     net_esd_estimator,
@@ -305,9 +306,21 @@ def test_non_weights_and_vectors_give_no_rows():
     ("model.layers.0.self_attn.q_proj.weight", 2, "linear"),
     ("model.layers.0.mlp.experts.down_proj", 3, "expert"),
     ("encoder.conv1.weight", 3, "conv1d"), ("resnet.conv.weight", 4, "conv2d"),
+    ("upsampler.0.weight", 3, "conv1d"), ("text_encoder.project.weight", 3, "conv1d"),
+    ("model.layers.0.block_sparse_moe.input_linear.weight", 3, "expert"),
+    ("transformer.blocks.0.ffn.experts.mlp.w1", 3, "expert"),
 ])
 def test_layer_type_from_name(name, ndim, expected):
     assert layer_type_of(name, ndim) == expected
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("transformer.blocks.0.ffn.experts.mlp.w1", True), ("ffn.experts.mlp.v1", True),
+    ("model.layers.0.mlp.experts.gate_up_proj", True), ("mlp.experts.gate_up_proj_bias", False),
+    ("model.layers.0.mlp.w1", False), ("x.weight_scale", False), ("model.norm.bias", False),
+])
+def test_weight_names(name, expected):
+    assert is_weight_name(name) is expected
 
 
 def test_stream_is_read_lazily_and_tensors_released():
