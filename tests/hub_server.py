@@ -17,7 +17,15 @@ A revision is a branch, a tag or a full commit sha. Errors carry ``X-Error-Code`
 (anonymous) or 404 (with a token), also for a private repository the token may not read;
 RevisionNotFound 404; EntryNotFound 404 (with X-Repo-Commit); GatedRepo 401 (anonymous) or 403
 (token not authorized) on file downloads of a gated repository (its metadata stays public).
-Files are answered directly, without the hub's redirect to a CDN.
+Files are answered directly, without the hub's redirect to a CDN. LFS files: ``LFS_SUFFIXES``,
+or 10 MiB and more.
+
+What huggingface_hub 2.4 does with the faults (read from its source, asserted by
+tests/test_hub_server.py): ``model_info`` makes one request, without retries. Tree listings
+retry 408/429/5xx and network errors (5 times, waiting 1, 2, 4, 8 s, or Retry-After + 1 s).
+``hf_hub_download`` makes its HEAD once without retries, then, with nothing cached, again with
+them; its GET retries 408/429 but not 5xx, and after a dropped or timed-out read resumes with
+``Range`` from the last whole 10 MiB chunk it wrote (5 times, 1 s apart).
 
 Faults, configured at run time, each bounded in count (``times``) or time; ``where`` narrows
 one to requests matching all of ``repo_id``, ``filename`` (repo file), ``path`` (URL path
@@ -28,6 +36,7 @@ prefix) and ``method``:
                                                        body bytes (0: before the headers)
     stall(seconds, after_bytes=0, times=1, **where)    pause the response after that many body
                                                        bytes (0: before the headers)
+                                                       (after K > 0 bytes: only longer bodies)
     throttle(bytes_per_s, repo_id=None, filename=None) cap bandwidth: all bodies, or one file's
     remove_file(repo_id, filename, after_listings=0)   the file vanishes (listings, downloads)
                                                        after that many more listings of its repo
@@ -164,10 +173,14 @@ class _Fault:
     after_bytes: int = 0
     seconds: float = 0.0
 
-    def matches(self, req: _Request) -> bool:
+    def matches(self, req: _Request, body_size: int) -> bool:
+        """``req`` is one this fault targets, and its body (of ``body_size``) is long enough
+        for it: a drop or stall after K bytes skips HEADs and shorter bodies."""
         want = self.where
-        return (all(want.get(k) in (None, getattr(req, k)) for k in ("repo_id", "filename", "method"))
-                and req.path.startswith(want.get("path") or ""))
+        return (all(want.get(k) in (None, getattr(req, k))
+                    for k in ("repo_id", "filename", "method"))
+                and req.path.startswith(want.get("path") or "")
+                and (self.after_bytes == 0 or self.after_bytes < body_size))
 
 
 class _Pacer:
@@ -286,10 +299,10 @@ class HubServer:
         with self._lock:
             self._faults.append(fault)
 
-    def _take(self, kind: str, req: _Request) -> _Fault | None:
+    def _take(self, kind: str, req: _Request, body_size: int = 0) -> _Fault | None:
         with self._lock:
             for fault in self._faults:
-                if fault.kind == kind and fault.matches(req):
+                if fault.kind == kind and fault.matches(req, body_size):
                     fault.times -= 1
                     if fault.times == 0:
                         self._faults.remove(fault)
@@ -409,9 +422,8 @@ class HubServer:
             body, next_cursor = self._tree(req, commit, files)
             if next_cursor is None:
                 return 200, {}, body
-            return 200, {"Link": f'<{self.endpoint}{req.path}?recursive={req.query_flag("recursive")}'
-                                 f'&expand={req.query_flag("expand")}&cursor={next_cursor}>; '
-                                 'rel="next"'}, body
+            query = f"recursive={req.query_flag('recursive')}&cursor={next_cursor}"
+            return 200, {"Link": f'<{self.endpoint}{req.path}?{query}>; rel="next"'}, body
         except _HubError as err:
             headers = {"X-Error-Message": err.message}
             if err.code:
@@ -603,7 +615,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, hub: HubServer, req: _Request, record: Served, headers: dict[str, str],
               body: bytes) -> None:
         """Write the response under the drop/stall/throttle faults, counting body bytes."""
-        drop, stall = hub._take("drop", req), hub._take("stall", req)
+        drop, stall = hub._take("drop", req, len(body)), hub._take("stall", req, len(body))
         pacers = [p for key, p in list(hub._pacers.items())
                   if key is None or key == (req.repo_id, req.filename)]
         if stall is not None and stall.after_bytes == 0:
@@ -612,7 +624,7 @@ class _Handler(BaseHTTPRequestHandler):
         if drop is not None and drop.after_bytes == 0:
             record.status = 0
             return self._hang_up()
-        cut = min(drop.after_bytes, len(body)) if drop is not None else len(body)
+        cut = drop.after_bytes if drop is not None else len(body)
         chunk = min([CHUNK] + [max(1024, int(p.rate) // 20) for p in pacers])
         try:
             self.send_response(record.status)

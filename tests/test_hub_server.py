@@ -124,7 +124,7 @@ def test_download_resumes_with_range_after_a_dropped_connection(hub, tmp_path):
     data = os.urandom(CLIENT_CHUNK + MIB)
     hub.add_repo("org/big", repo_folder(tmp_path / "big", {"model.safetensors": data}))
     cut = CLIENT_CHUNK + MIB // 2
-    hub.drop(cut, filename="model.safetensors", method="GET")
+    hub.drop(cut, filename="model.safetensors")  # skips the HEAD, which has no body
     assert Path(hf_hub_download("org/big", "model.safetensors")).read_bytes() == data
     assert gets(hub, "model.safetensors") == [
         (200, None, cut), (206, f"bytes={CLIENT_CHUNK}-", MIB)]
@@ -208,7 +208,7 @@ def test_stalled_transfers_end_at_the_client_timeouts(hub, tmp_path, monkeypatch
 
     # a body stalled mid-file: the read timeout fires and the client fetches it again
     monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", FAST_TIMEOUT_S)
-    hub.stall(STALL_S, after_bytes=50_000, method="GET")
+    hub.stall(STALL_S, after_bytes=50_000)  # the HEAD has no body: not stalled
     start = time.monotonic()
     assert Path(hf_hub_download("org/name", "model.safetensors")).read_bytes() == data
     assert time.monotonic() - start < STALL_S
