@@ -19,7 +19,7 @@ import logging
 import pickle
 import re
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from safetensors import SafetensorError, safe_open
 
 from errors import CorruptCheckpointError, NoWeightsError, UnsupportedFormatError
+from hub_files import SAFETENSORS_DTYPES
 
 if TYPE_CHECKING:  # torch is imported where tensors are read, so listing files stays light
     import torch
@@ -41,12 +42,6 @@ BIN_SINGLE = "pytorch_model.bin"
 # Root-level .bin files that trainers leave beside the weights and that are not weights.
 _NOT_WEIGHTS_BIN = re.compile(r"^(training_args|optimizer|scheduler|scaler|rng_state.*)\.bin$")
 _DIGITS = re.compile(r"(\d+)")
-# safetensors header dtypes under torch's names, so both formats report dtypes alike.
-_SAFETENSORS_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
-    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-}
 # The floating dtypes of the analysis (net_esd.FLOAT_DTYPES), by the names
 # ``CheckpointReader.dtype`` reports.
 FLOAT_DTYPE_NAMES = frozenset({"float16", "bfloat16", "float32", "float64"})
@@ -160,7 +155,7 @@ class _SafetensorsFile:
         for name in self._handle.keys():
             tensor_slice = self._handle.get_slice(name)
             dtype = str(tensor_slice.get_dtype())
-            out[name] = (tuple(tensor_slice.get_shape()), _SAFETENSORS_DTYPES.get(dtype, dtype))
+            out[name] = (tuple(tensor_slice.get_shape()), SAFETENSORS_DTYPES.get(dtype, dtype))
         return out
 
     def get(self, name: str) -> torch.Tensor:
@@ -266,6 +261,15 @@ def _corrupt(model_id: str, path: Path, exc: BaseException, tensor: str | None =
         f"damaged; delete it from the cache and download it again")
 
 
+def read_header(path: Path, model_id: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{tensor: (shape, dtype)}`` of one local weight file (safetensors or ``.bin``)."""
+    opened = _open_file(Path(path), model_id)
+    try:
+        return opened.meta()
+    finally:
+        opened.close()
+
+
 def _open_file(path: Path, model_id: str):
     if not path.is_file():
         raise CorruptCheckpointError(f"{model_id}: weight file {path.name} is missing")
@@ -274,33 +278,75 @@ def _open_file(path: Path, model_id: str):
     return _TorchFile(path, model_id)
 
 
+# A checkpoint file's header: tensor name -> (shape, dtype name as torch spells it).
+Header = dict[str, tuple[tuple[int, ...], str]]
+
+
+def local_headers(root: Path, files: WeightFiles, model_id: str
+                  ) -> tuple[dict[str, Header], dict[str, str], dict[str, str]]:
+    """The headers of a checkpoint on disk, by shard file name in reading order; the index's
+    weight map (empty without an index); the ``.bin`` aliases (tied names stored once).
+
+    Every safetensors header is parsed and every ``.bin`` mapped, so a damaged or truncated
+    file fails here with ``CorruptCheckpointError``.
+    """
+    weight_map: dict[str, str] = {}
+    shards = files.shards
+    if files.index:
+        weight_map, shards = index_shards(Path(root) / files.index, model_id)
+    headers: dict[str, Header] = {}
+    aliases: dict[str, str] = {}
+    for shard in shards:
+        opened = _open_file(Path(root) / shard, model_id)
+        try:
+            headers[shard] = opened.meta()
+            aliases.update(opened.aliases)
+        finally:
+            opened.close()
+    return headers, weight_map, aliases
+
+
 class CheckpointReader:
     """Names, shapes and dtypes of a checkpoint's tensors, and each tensor on request.
 
-    Building the reader parses every file's header (safetensors) or maps it (``.bin``), so a
-    damaged or truncated file, or an index naming tensors its shards lack, fails here with
-    ``CorruptCheckpointError``. ``get`` keeps one file open at a time.
+    The headers are known before any tensor is read: parsed from the files on disk
+    (``CheckpointReader(root, files, model_id)``) or given (``from_headers``: read from the hub
+    with range requests, so a sharded model can be fetched one shard at a time). An index naming
+    tensors its shards lack fails here with ``CorruptCheckpointError``. ``get`` asks ``fetch``
+    for a shard's path the first time one of its tensors is read, and keeps one file open at a
+    time. ``read_order`` lists the names shard by shard (natural order within a shard), the
+    order that reads each file once.
     """
 
     def __init__(self, root: Path, files: WeightFiles, model_id: str):
+        root = Path(root)
+        headers, weight_map, aliases = local_headers(root, files, model_id)
+        self._setup(headers, lambda shard: root / shard, model_id, weight_map, aliases)
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, Header], fetch: Callable[[str], Path],
+                     model_id: str, weight_map: Mapping[str, str] | None = None,
+                     sizes: Mapping[str, int] | None = None) -> CheckpointReader:
+        """A reader of shards not yet on disk: ``headers`` by shard file name in reading order,
+        ``fetch(shard)`` returns the shard's local path (downloading it first), ``sizes`` the
+        shards' byte sizes."""
+        reader = cls.__new__(cls)
+        reader._setup(dict(headers), fetch, model_id, dict(weight_map or {}), {}, sizes)
+        return reader
+
+    def _setup(self, headers: dict[str, Header], fetch: Callable[[str], Path], model_id: str,
+               weight_map: dict[str, str], aliases: dict[str, str],
+               sizes: Mapping[str, int] | None = None) -> None:
         self.model_id = model_id
-        self.root = Path(root)
-        weight_map: dict[str, str] = {}
-        shards = files.shards
-        if files.index:
-            weight_map, shards = index_shards(self.root / files.index, model_id)
-        self.files = tuple(self.root / s for s in shards)
-        self._where: dict[str, Path] = {}
-        self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
-        self.aliases: dict[str, str] = {}  # tied names a .bin stores once: {alias: name kept}
-        for path in self.files:
-            opened = _open_file(path, model_id)
-            try:
-                self._add(path, opened.meta())
-                self.aliases.update(opened.aliases)
-            finally:
-                opened.close()
-        missing = sorted(set(weight_map) - set(self._where) - set(self.aliases), key=natural_key)
+        self.files = tuple(headers)               # shard file names, in reading order
+        self.aliases = aliases                    # tied names a .bin stores once: {alias: kept}
+        self._fetch = fetch
+        self._sizes = dict(sizes) if sizes is not None else None
+        self._where: dict[str, str] = {}
+        self._meta: Header = {}
+        for shard, header in headers.items():
+            self._add(shard, header)
+        missing = sorted(set(weight_map) - set(self._where) - set(aliases), key=natural_key)
         if missing:
             raise CorruptCheckpointError(
                 f"{model_id}: the index names {len(missing)} tensor(s) that its shards do not "
@@ -308,20 +354,25 @@ class CheckpointReader:
         if not self._where:
             raise NoWeightsError(f"{model_id}: the weight files hold no tensors")
         self.names = tuple(sorted(self._where, key=natural_key))
-        self._open: tuple[Path, Any] | None = None
+        position = {shard: i for i, shard in enumerate(self.files)}
+        self.read_order = tuple(sorted(self.names, key=lambda n: position[self._where[n]]))
+        self._open: tuple[str, Any] | None = None
 
-    def _add(self, path: Path, meta: dict) -> None:
-        for name, info in meta.items():
+    def _add(self, shard: str, header: Header) -> None:
+        for name, info in header.items():
             if name in self._where:
                 raise CorruptCheckpointError(
                     f"{self.model_id}: tensor {name!r} is stored twice, in "
-                    f"{self._where[name].name} and {path.name}")
-            self._where[name] = path
+                    f"{self._where[name]} and {shard}")
+            self._where[name] = shard
             self._meta[name] = info
 
     @property
     def nbytes(self) -> int:
-        return sum(p.stat().st_size for p in self.files)
+        """The checkpoint's size in bytes: what reading it means reading."""
+        if self._sizes is not None:
+            return sum(self._sizes.get(f, 0) for f in self.files)
+        return sum(self._fetch(f).stat().st_size for f in self.files)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._meta[name][0]
@@ -333,19 +384,19 @@ class CheckpointReader:
         """The stored format of ``name`` (the result's ``storage`` column): its dtype name."""
         return self._meta[name][1]
 
-    def files_of(self, name: str) -> tuple[Path, ...]:
-        """The checkpoint files that ``name`` is read from."""
+    def files_of(self, name: str) -> tuple[str, ...]:
+        """The checkpoint files (shard names) that ``name`` is read from."""
         return (self._where[name],)
 
     def get(self, name: str) -> torch.Tensor:
-        path = self._where[name]
-        if self._open is None or self._open[0] != path:
+        shard = self._where[name]
+        if self._open is None or self._open[0] != shard:
             self.close()
-            self._open = (path, _open_file(path, self.model_id))
+            self._open = (shard, _open_file(self._fetch(shard), self.model_id))
         tensor = self._open[1].get(name)
         if tuple(tensor.shape) != self.shape(name):
             raise CorruptCheckpointError(
-                f"{self.model_id}: tensor {name!r} of {path.name} has shape "
+                f"{self.model_id}: tensor {name!r} of {shard} has shape "
                 f"{tuple(tensor.shape)}, its header says {self.shape(name)}")
         return tensor
 

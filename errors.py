@@ -52,6 +52,11 @@ class TransientError(ESDError):
     transient = True
 
 
+class NetworkError(TransientError):
+    """The hub could not be reached: no connection, no name resolution, a dropped transfer.
+    Several models failing so in a row is an outage, not a property of the models."""
+
+
 # Exception classes that mean "the network failed", by the top-level package defining them and
 # class name; matched along each exception's class hierarchy, so subclasses count too
 # (httpx's TransportError covers ConnectError, ReadTimeout, RemoteProtocolError, ...).

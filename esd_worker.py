@@ -1,12 +1,19 @@
-"""Analyse one model: load -> ESD -> per-layer CSV, written atomically.
+"""Analyse the models of one job: load -> ESD -> one per-layer CSV per model, written atomically.
 
 Usage: python esd_worker.py --model_id org/name[@revision] --output_dir results/ [ESD options]
+       python esd_worker.py --model_id BASE ADAPTER1 ADAPTER2 --source_model BASE \
+           --base_model_relation adapter --output_dir results/
 
-Reads the model from the Hugging Face hub or a local directory (an adapter is merged into
-its base tensor by tensor). Writes ``<output_dir>/<org--name>.csv`` (columns: results.RESULT_COLUMNS),
-with ``--save_eigs`` also ``<org--name>.eigs.npz``, and on failure ``<log_dir>/<org--name>.failure.json``
-for the runner. Exit code: 0 success, 1 deterministic failure (retrying will not help),
-75 transient failure (worth a retry), 2 usage error.
+Reads models from the Hugging Face hub or local directories; an adapter is merged into its
+base tensor by tensor. Several ids make one job: the models built on one base (the base itself,
+listed by the same id as ``--source_model``, and its adapters) share one pass over the base,
+which is read, and downloaded, once. Writes per model ``<output_dir>/<org--name>.csv``
+(columns: results.RESULT_COLUMNS), with ``--save_eigs`` also ``<org--name>.eigs.npz``, and on
+failure ``<log_dir>/<org--name>.failure.json`` for the runner; one model's failure leaves the
+others' results. With ``--stage_file`` it keeps the stage it is in there (resolve, download,
+merge, analyse, write). Exit code: 0 every model succeeded, 1 some model failed
+deterministically (retrying will not help), 75 every failure is transient (worth a retry),
+2 usage error.
 """
 
 from __future__ import annotations
@@ -22,8 +29,8 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +40,7 @@ from errors import ESDError, InputError, NoWeightsError, is_transient
 from esd_config import ESDConfig, add_esd_arguments, esd_config_from_args
 from paths import ModelPaths, write_atomic, write_text_atomic
 from results import EIGS_OPTIONS_KEY, RESULT_COLUMNS
+from run_state import StageLog
 
 if TYPE_CHECKING:  # the estimator (and torch) is imported when a model is analysed
     from net_esd import LayerResult
@@ -49,7 +57,7 @@ WATCHDOG_INTERVAL_S = 1.0
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    model_id: str
+    model_ids: tuple[str, ...]
     output_dir: Path
     log_dir: Path
     esd: ESDConfig
@@ -62,6 +70,15 @@ class WorkerConfig:
     cache_dir: str | None = None
     threads: int | None = None
     parent_pid: int | None = None
+    stage_file: Path | None = None
+
+    def requests(self):
+        """The job's models; an id equal to ``--source_model`` is the base itself."""
+        from model_loader import ModelRequest
+
+        return [ModelRequest(m) if self.source_model and m == self.source_model
+                else ModelRequest(m, self.base_model_relation, self.source_model)
+                for m in self.model_ids]
 
 
 def resolve_device(requested: str) -> str:
@@ -75,9 +92,12 @@ def resolve_device(requested: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model_id", required=True, help="org/name, org/name@revision or a local directory")
+    p.add_argument("--model_id", required=True, nargs="+",
+                   help="org/name, org/name@revision or a local directory; several ids (a base "
+                        "and its adapters) share one pass over the base")
     p.add_argument("--base_model_relation", default="", help="adapter, lora or peft for adapters")
-    p.add_argument("--source_model", default="", help="base model of an adapter")
+    p.add_argument("--source_model", default="",
+                   help="base model of the adapters (an id equal to it is the base itself)")
     p.add_argument("--output_dir", required=True, type=Path)
     p.add_argument("--log_dir", type=Path, default=None, help="default: <output_dir>/logs")
     p.add_argument("--cleanup_cache", action="store_true",
@@ -88,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--parent_pid", type=int, default=None,
                    help="exit when this process (the runner) is gone")
+    p.add_argument("--stage_file", type=Path, default=None,
+                   help="keep the current stage in this file (the runner reads it on a timeout)")
     add_esd_arguments(p)
     return p
 
@@ -96,15 +118,18 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--threads must be at least 1, got {args.threads}")
     output_dir = args.output_dir
+    ids = tuple(dict.fromkeys(m.strip() for m in args.model_id if m.strip()))
+    if not ids:
+        raise InputError("--model_id is empty")
     return WorkerConfig(
-        model_id=args.model_id.strip(), output_dir=output_dir,
+        model_ids=ids, output_dir=output_dir,
         log_dir=args.log_dir if args.log_dir is not None else output_dir / "logs",
         esd=esd_config_from_args(args, resolve_device(args.device)),
         base_model_relation=args.base_model_relation.strip(),
         source_model=args.source_model.strip(), save_eigs=args.save_eigs,
         parallel_esd=args.parallel_esd, cleanup_cache=args.cleanup_cache,
         trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir,
-        threads=args.threads, parent_pid=args.parent_pid,
+        threads=args.threads, parent_pid=args.parent_pid, stage_file=args.stage_file,
     )
 
 
@@ -119,59 +144,48 @@ def model_paths(output_dir: Path, model_id: str, log_dir: Path | None = None) ->
     return ModelPaths.for_model(output_dir, repo_id, revision, log_dir=log_dir)
 
 
-def parallel_layer_results(
-    named_tensors: Iterable[tuple[str, object]], config: ESDConfig, devices: Sequence[str],
-) -> Iterator[LayerResult]:
-    """Like ``iter_layer_results`` but each tensor goes to the next free device's thread.
-
-    Rows come back in stream order with consecutive ``layer_id``s, exactly as the serial path
-    numbers them. At most ``2 * len(devices)`` tensors are held at once.
-    """
-    from net_esd import iter_layer_results
-
+def on_devices(fn: Callable[[object, str], object], items: Iterable,
+               devices: Sequence[str]) -> Iterator[tuple[object, object]]:
+    """``(item, fn(item, device))`` for each item, in order, each computed on the next free
+    device's thread; an exception ``fn`` raises is returned as the value. At most
+    ``2 * len(devices)`` items are held at once."""
     todo: queue.Queue = queue.Queue(maxsize=len(devices))
-    done: dict[int, list[LayerResult]] = {}
+    done: dict[int, object] = {}
     cond = threading.Condition()
-    failure: list[BaseException] = []
 
     def work(device: str) -> None:
-        dev_config = replace(config, device=device)
-        while (item := todo.get()) is not None:
-            index, name, tensor = item
+        while (job := todo.get()) is not None:
+            index, item = job
             try:
-                out = list(iter_layer_results([(name, tensor)], dev_config))
-            except BaseException as exc:  # handed to the consumer, which re-raises
-                out = []
-                failure.append(exc)
+                value = fn(item, device)
+            except Exception as exc:  # handed to the consumer with its item
+                value = exc
             with cond:
-                done[index] = out
+                done[index] = value
                 cond.notify_all()
 
     threads = [threading.Thread(target=work, args=(d,), daemon=True) for d in devices]
     for t in threads:
         t.start()
-    next_index, produced, layer_id = 0, 0, 0
-    stream = iter(named_tensors)
+    held: dict[int, object] = {}
+    next_index, produced = 0, 0
+    stream = iter(items)
     try:
         while True:
             while produced - next_index < 2 * len(devices):
-                item = next(stream, None)
-                if item is None:
+                item = next(stream, _END)
+                if item is _END:
                     break
-                todo.put((produced, item[0], item[1]))
+                held[produced] = item
+                todo.put((produced, item))
                 produced += 1
             if next_index == produced:
                 return
             with cond:
-                cond.wait_for(lambda i=next_index: i in done or bool(failure))
-                if failure:
-                    raise failure[0]
-                results = done.pop(next_index)
+                cond.wait_for(lambda i=next_index: i in done)
+                value = done.pop(next_index)
+            yield held.pop(next_index), value
             next_index += 1
-            for result in results:
-                result.row["layer_id"] = layer_id
-                layer_id += 1
-                yield result
     finally:
         # Stop the threads and wait for them: a thread left inside torch when the process
         # exits aborts it (SIGABRT), which would read as a transient failure.
@@ -186,8 +200,32 @@ def parallel_layer_results(
             t.join()
 
 
+_END = object()
+
+
+def parallel_layer_results(named_tensors: Iterable[tuple], config: ESDConfig,
+                           devices: Sequence[str]) -> Iterator[LayerResult]:
+    """Like ``net_esd.iter_layer_results``, each tensor on the next free device's thread; rows
+    come back in stream order with consecutive ``layer_id``s. The first failure is raised."""
+    layer_id = 0
+    for _, value in on_devices(lambda item, dev: _layer_results(item, config, dev),
+                               named_tensors, devices):
+        if isinstance(value, Exception):
+            raise value
+        for result in value:
+            result.row["layer_id"] = layer_id
+            layer_id += 1
+            yield result
+
+
+def _layer_results(item: tuple, config: ESDConfig, device: str) -> list[LayerResult]:
+    from net_esd import iter_layer_results
+
+    return list(iter_layer_results([item], replace(config, device=device)))
+
+
 def analysis_devices(config: WorkerConfig) -> list[str]:
-    """Devices for one model: all visible GPUs under --parallel_esd, else the one asked for."""
+    """Devices for one job: all visible GPUs under --parallel_esd, else the one asked for."""
     if not config.parallel_esd or not config.esd.device.startswith("cuda"):
         return [config.esd.device]
     import torch
@@ -195,31 +233,69 @@ def analysis_devices(config: WorkerConfig) -> list[str]:
     return [f"cuda:{i}" for i in range(torch.cuda.device_count())] or [config.esd.device]
 
 
-def analyse(config: WorkerConfig, model) -> tuple[list[dict], dict[str, np.ndarray]]:
-    """Run the estimator over a loaded model's tensor stream; returns rows and eigenvalues."""
-    from net_esd import iter_layer_results
+@dataclass
+class ModelRun:
+    """One model of the job: its result rows and eigenvalues so far, or why it failed."""
 
+    model_id: str
+    paths: ModelPaths
+    model: object = None
+    rows: list[dict] = field(default_factory=list)
+    eigs: dict[str, np.ndarray] = field(default_factory=dict)
+    error: BaseException | None = None
+
+
+def analyse(config: WorkerConfig, runs: list[ModelRun], stage: StageLog) -> None:
+    """Stream every opened model (each base read once for all its models) through the
+    estimator, filling each run's rows; a model that fails keeps its error."""
+    from tensor_stream import stream_models
+
+    by_model = {id(r.model): r for r in runs if r.error is None}
+    if not by_model:
+        return
     devices = analysis_devices(config)
-    if len(devices) > 1:
-        stream = parallel_layer_results(model.iter_tensors(), config.esd, devices)
-    else:
-        stream = iter_layer_results(model.iter_tensors(), config.esd)
-    model_cols = {"model_id": config.model_id, "revision": model.revision or "",
-                  "source_model": model.source_model or "",
-                  "esd_options": config.esd.options_key}
-    rows, eigs = [], {}
+    fallback = any(r.model.checkpoint is None for r in by_model.values())
+    stage.set("merge" if fallback else "analyse")
+    items = stream_models([r.model for r in by_model.values()])
+    analysed = on_devices(lambda item, dev: _layer_results(
+        (item.name, item.tensor, item.storage), config.esd, dev) if item.error is None
+        else item.error, items, devices)
     last_log = time.monotonic()
-    for result in stream:
-        rows.append({**model_cols, **result.row})
-        if result.evals is not None:
-            eigs[result.row["longname"]] = result.evals
+    for item, value in analysed:
+        run = by_model[id(item.model)]
+        if run.error is not None:
+            continue
+        stage.set("analyse")
+        if isinstance(value, BaseException):
+            run.error = value
+            logger.error("%s failed while analysed: %s", run.model_id, one_line(str(value)))
+            continue
+        for result in value:
+            run.rows.append(result.row)
+            if result.evals is not None:
+                run.eigs[result.row["longname"]] = result.evals
         if time.monotonic() - last_log >= PROGRESS_EVERY_S:
             last_log = time.monotonic()
-            logger.info("%s: %d layers analysed, last %s", config.model_id, len(rows),
-                        result.row["longname"])
-    if not rows:
-        raise NoWeightsError(f"{config.model_id}: no weight matrix with two or more dimensions found")
-    return rows, eigs
+            logger.info("%s: %d layers analysed, last %s", run.model_id, len(run.rows),
+                        item.name)
+
+
+def finish(config: WorkerConfig, run: ModelRun) -> None:
+    """Write one model's result: rows in layer order, model columns filled."""
+    if not run.rows:
+        raise NoWeightsError(f"{run.model_id}: no weight matrix with two or more dimensions found")
+    from checkpoint_io import natural_key
+
+    model = run.model
+    fixed = {"model_id": run.model_id, "revision": model.revision or "",
+             "source_model": model.source_model or "", "esd_options": config.esd.options_key}
+    rows = sorted(run.rows, key=lambda r: natural_key(r["longname"]))
+    for layer_id, row in enumerate(rows):
+        row.update(fixed, layer_id=layer_id)
+    write_results(run.paths, rows, run.eigs if config.save_eigs else None,
+                  config.esd.options_key)
+    statuses = {s: sum(r["status"] == s for r in rows) for s in {r["status"] for r in rows}}
+    logger.info("%s: %d rows %s -> %s", run.model_id, len(rows), statuses, run.paths.csv)
 
 
 def write_results(paths: ModelPaths, rows: list[dict], eigs: dict[str, np.ndarray] | None,
@@ -243,37 +319,54 @@ def _save_npz(tmp: Path, eigs: dict[str, np.ndarray]) -> None:
         np.savez_compressed(fh, **eigs)
 
 
-def run_model(config: WorkerConfig) -> ModelPaths:
-    """Load, analyse and write one model. Raises ESDError subclasses on failure."""
-    from model_loader import ModelRequest, cleanup_cache, open_model
+def run_job(config: WorkerConfig, stage: StageLog) -> list[ModelRun]:
+    """Open, analyse and write every model of the job; each run says how its model ended."""
+    from hub_cache import CacheSession
+    from hub_files import default_cache_dir
+    from model_loader import open_models
 
-    paths = model_paths(config.output_dir, config.model_id, config.log_dir)
-    request = ModelRequest(config.model_id, config.base_model_relation, config.source_model)
+    runs = [ModelRun(m, model_paths(config.output_dir, m, config.log_dir))
+            for m in config.model_ids]
     started = time.monotonic()
-    model = open_model(request, cache_dir=config.cache_dir,
-                       trust_remote_code=config.trust_remote_code,
-                       cleanup_on_error=config.cleanup_cache)
-    try:
-        logger.info("%s: revision %s%s, analysing on %s", config.model_id, model.revision or "local",
-                    f", adapter on {model.source_model}" if model.is_adapter else "",
-                    config.esd.device)
-        rows, eigs = analyse(config, model)
-        write_results(paths, rows, eigs if config.save_eigs else None, config.esd.options_key)
-    finally:
-        if config.cleanup_cache:
-            cleanup_cache(model)
-    statuses = {s: sum(r["status"] == s for r in rows) for s in {r["status"] for r in rows}}
-    logger.info("%s: %d rows %s in %.1f s -> %s", config.model_id, len(rows), statuses,
-                time.monotonic() - started, paths.csv)
-    return paths
+    with CacheSession(default_cache_dir(config.cache_dir), config.cleanup_cache) as session:
+        stage.set("resolve")
+        opened = open_models(config.requests(), cache_dir=config.cache_dir,
+                             trust_remote_code=config.trust_remote_code, session=session,
+                             waiting=lambda: stage.during("download"))
+        for run, model in zip(runs, opened, strict=True):
+            if isinstance(model, ESDError):
+                run.error = model
+                continue
+            run.model = model
+            logger.info("%s: revision %s%s, analysing on %s", run.model_id,
+                        model.revision or "local",
+                        f", adapter on {model.source_model}" if model.is_adapter else "",
+                        config.esd.device)
+        analyse(config, runs, stage)
+        stage.set("write")
+        for run in runs:
+            if run.error is None:
+                try:
+                    finish(config, run)
+                except ESDError as exc:
+                    run.error = exc
+    logger.info("job of %d model(s) done in %.1f s", len(runs), time.monotonic() - started)
+    return runs
 
 
 # ---------------------------------------------------------------------------------------------
 # Process plumbing: the one place that turns exceptions into a failure record and exit code.
 
-def write_failure(paths: ModelPaths, model_id: str, exc: BaseException, transient: bool) -> None:
+def write_failure(paths: ModelPaths, model_id: str, exc: BaseException, transient: bool,
+                  stage: str = "") -> None:
+    """The record the runner turns into a ``failed_models.txt`` line: the cause, whether a
+    retry may help, whether the network failed (an outage when several models say so), and
+    the stage the job was in."""
+    from errors import NetworkError, is_network_error
+
     record = {"model_id": model_id, "error": type(exc).__name__,
-              "message": one_line(str(exc) or type(exc).__name__), "transient": transient}
+              "message": one_line(str(exc) or type(exc).__name__), "transient": transient,
+              "network": isinstance(exc, NetworkError) or is_network_error(exc), "stage": stage}
     write_text_atomic(paths.failure, json.dumps(record))
 
 
@@ -317,21 +410,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(config.threads)
-    paths = None
-    try:
-        paths = model_paths(config.output_dir, config.model_id, config.log_dir)
+    stage = StageLog(config.stage_file)
+    runs = []
+    for model_id in config.model_ids:
+        try:
+            paths = model_paths(config.output_dir, model_id, config.log_dir)
+        except ESDError as exc:
+            logger.error("%s: %s", model_id, exc)
+            return EXIT_USAGE
         paths.failure.unlink(missing_ok=True)
-        run_model(config)
+        runs.append(paths)
+    try:
+        finished = run_job(config, stage)
+    except Exception as exc:  # the job as a whole failed: every model shares the cause
+        finished = [ModelRun(m, p, error=exc) for m, p in zip(config.model_ids, runs,
+                                                               strict=True)]
+    return report(finished, stage.current)
+
+
+def report(runs: list[ModelRun], stage: str) -> int:
+    """Log and record each failed model; the job's exit code."""
+    failures = [run for run in runs if run.error is not None]
+    for run in failures:
+        transient = is_transient(run.error)
+        if not isinstance(run.error, ESDError):
+            traceback.print_exception(run.error)
+        logger.error("%s failed (%s): %s", run.model_id,
+                     "transient" if transient else "deterministic", one_line(str(run.error)))
+        write_failure(run.paths, run.model_id, run.error, transient, stage)
+    if not failures:
         return EXIT_OK
-    except Exception as exc:
-        transient = is_transient(exc)
-        if not isinstance(exc, ESDError):
-            traceback.print_exc()
-        logger.error("%s failed (%s): %s", config.model_id,
-                     "transient" if transient else "deterministic", one_line(str(exc)))
-        if paths is not None:
-            write_failure(paths, config.model_id, exc, transient)
-        return EXIT_TRANSIENT if transient else EXIT_FAILED
+    return EXIT_TRANSIENT if all(is_transient(r.error) for r in failures) else EXIT_FAILED
 
 
 if __name__ == "__main__":

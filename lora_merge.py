@@ -427,12 +427,30 @@ class MergePlan:
                 f"{self.model_id}: cannot merge LoRA into {name} of {self.base_id}: it is stored "
                 f"as {self.base.dtype(name)}, not floating point")
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """The merged value of one output tensor."""
+    def source_of(self, name: str) -> str | None:
+        """The base tensor output ``name`` starts from; None when the adapter alone gives it."""
         op = self.ops.get(name)
         if op is None:
-            return self.base.get(name)
-        value = self.adapter.get(op.replace) if op.replace else self.base.get(op.base)
+            return name
+        return None if op.replace else op.base
+
+    def storage(self, name: str) -> str:
+        """The stored format of the tensor output ``name`` starts from."""
+        op = self.ops.get(name)
+        if op is not None and op.replace:
+            return self.adapter.storage(op.replace)
+        return self.base.storage(name if op is None else op.base)
+
+    def tensor(self, name: str, base_value: torch.Tensor | None = None) -> torch.Tensor:
+        """The merged value of one output tensor; ``base_value``: its source base tensor, when
+        the caller has read it already (a shared pass reads each base tensor once)."""
+        op = self.ops.get(name)
+        source = self.source_of(name)
+        if source is not None and base_value is None:
+            base_value = self.base.get(source)
+        if op is None:
+            return base_value
+        value = self.adapter.get(op.replace) if op.replace else base_value
         if op.lora is not None:
             a = self.adapter.get(op.lora.a).to(torch.float32)
             b = self.adapter.get(op.lora.b).to(torch.float32)

@@ -7,6 +7,8 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from errors import InputError
@@ -119,3 +121,41 @@ def check_options(output_dir: Path, options: dict, overwrite: bool) -> None:
                          "another --output_dir")
     if recorded != options:
         write_text_atomic(path, json.dumps(options, indent=1, sort_keys=True) + "\n")
+
+
+class StageLog:
+    """Where a worker is: ``resolve``, ``download``, ``merge``, ``analyse`` or ``write``,
+    written to a small file the runner reads when it times a model out. Without a path it
+    only remembers the stage."""
+
+    def __init__(self, path: Path | None):
+        self.path = Path(path) if path is not None else None
+        self.current = ""
+
+    def set(self, stage: str) -> None:
+        if stage == self.current:
+            return
+        self.current = stage
+        if self.path is not None:
+            try:
+                write_text_atomic(self.path, stage + "\n")
+            except OSError:  # a stage report is worth no failure of the model
+                pass
+
+    @contextmanager
+    def during(self, stage: str) -> Iterator[None]:
+        """``stage`` for the duration of the block, then back to the stage before it."""
+        before = self.current
+        self.set(stage)
+        try:
+            yield
+        finally:
+            self.set(before)
+
+
+def read_stage(path: Path) -> str:
+    """The stage a worker last reported in ``path``; ``start`` when it reported none."""
+    try:
+        return Path(path).read_text(encoding="utf-8").strip() or "start"
+    except OSError:
+        return "start"

@@ -143,7 +143,7 @@ def test_tied_lm_head_of_a_class_transformers_lacks_found_by_name(bases, tmp_pat
 def test_lora_on_tied_embedding_and_head_merges_through_peft(bases, tmp_path, caplog):
     _, dirs = bases
     adapter, ref = _tied_head_adapter(bases, tmp_path, target_modules=["embed_tokens", "lm_head"])
-    caplog.set_level("INFO", logger="model_loader")
+    caplog.set_level("INFO", logger="adapters")
     ours = dict(open_model(ModelRequest(str(adapter), "lora", str(dirs["llama_tied"])))
                 .iter_tensors())
     assert "two LoRA modules on the tied weight" in caplog.text
@@ -252,7 +252,7 @@ def test_variants_merge_through_peft_fallback(bases, tmp_path, kind, caplog):
     assert unsupported_variant(json.loads((tmp_path / "adapter" / "adapter_config.json")
                                           .read_text())) == ("DoRA (use_dora)" if kind == "dora"
                                                              else "IA3")
-    caplog.set_level("INFO", logger="model_loader")
+    caplog.set_level("INFO", logger="adapters")
     ours = dict(open_model(ModelRequest(str(tmp_path / "adapter"))).iter_tensors())
     assert "merging with peft" in caplog.text
     ref = peft_merged(dirs["llama"], tmp_path / "adapter")

@@ -1,0 +1,218 @@
+"""The Hugging Face hub through ``huggingface_hub``: a revision's files and sizes, safetensors
+headers read with range requests, one file at a time into the cache; hub failures as the
+named errors of ``errors.py``, free of tokens.
+
+``HF_TOKEN``, ``HF_HOME``, ``HF_HUB_CACHE``, ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE`` act as in
+every Hugging Face tool. Offline, or when the hub cannot be reached, revisions resolve through
+the cache's ``refs/<branch>`` and ``snapshots/<commit>`` folders. Imports no torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from errors import (
+    ESDError,
+    GatedModelError,
+    InputError,
+    ModelNotFoundError,
+    NetworkError,
+    TransientError,
+    is_network_error,
+)
+
+if TYPE_CHECKING:
+    from hub_cache import CacheSession
+
+logger = logging.getLogger(__name__)
+
+# Seconds without an answer before a metadata request gives up (huggingface_hub sends no
+# timeout with model_info, so a stalled hub would hang the call for good).
+METADATA_TIMEOUT_S = 30.0
+
+# Hub tokens as huggingface_hub prints them, and HTTP authorisation headers.
+_TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{16,}")
+_BEARER_PATTERN = re.compile(r"(Bearer\s+)\S+", re.IGNORECASE)
+_FALSE = {"", "0", "false", "no", "off"}
+# safetensors header dtypes under torch's names, so every format reports dtypes alike.
+SAFETENSORS_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+}
+
+
+def scrub(text: str, token: str | None = None) -> str:
+    """``text`` with every hub token (given, from the environment, or token-shaped) masked."""
+    for secret in (token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")):
+        if secret:
+            text = text.replace(secret, "***")
+    return _TOKEN_PATTERN.sub("hf_***", _BEARER_PATTERN.sub(r"\1***", text))
+
+
+def env_offline() -> bool:
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return constants.HF_HUB_OFFLINE or flag.strip().lower() not in _FALSE
+
+
+def default_cache_dir(cache_dir: str | Path | None) -> Path:
+    """The hub cache a client uses: ``cache_dir`` or huggingface_hub's (``HF_HUB_CACHE``)."""
+    from huggingface_hub import constants
+
+    return Path(cache_dir) if cache_dir else Path(constants.HF_HUB_CACHE)
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A resolved revision: its commit, file names and (where the hub said) byte sizes."""
+
+    commit: str
+    files: tuple[str, ...]
+    sizes: dict[str, int] = field(default_factory=dict)
+
+
+class HubClient:
+    """List a revision, read headers, fetch files.
+
+    ``token=None`` lets huggingface_hub read ``HF_TOKEN`` or its token file; ``cache_dir=None``
+    uses ``HF_HUB_CACHE`` / ``HF_HOME``; ``offline=None`` follows ``HF_HUB_OFFLINE`` (read now,
+    so a process that sets it after importing huggingface_hub is still offline).
+    """
+
+    def __init__(self, token: str | None = None, cache_dir: str | None = None,
+                 offline: bool | None = None):
+        self.token = token
+        self.cache_dir = cache_dir
+        self.offline = env_offline() if offline is None else offline
+
+    def list_files(self, repo_id: str, revision: str | None) -> Listing:
+        """The commit ``revision`` (default: main) resolves to, its files and their sizes."""
+        if self.offline:
+            return self._cached_listing(repo_id, revision)
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            info = HfApi(token=self.token).model_info(
+                repo_id, revision=revision, files_metadata=True, timeout=METADATA_TIMEOUT_S)
+        except Exception as exc:
+            if not is_network_error(exc):
+                raise
+            try:
+                listing = self._cached_listing(repo_id, revision)
+            except LocalEntryNotFoundError:
+                raise exc from None
+            logger.warning("%s: hub unreachable (%s); using the cached snapshot", repo_id,
+                           scrub(str(exc), self.token))
+            return listing
+        siblings = list(info.siblings or ())
+        return Listing(str(info.sha), tuple(s.rfilename for s in siblings),
+                       {s.rfilename: int(s.size) for s in siblings if s.size is not None})
+
+    def _cached_listing(self, repo_id: str, revision: str | None) -> Listing:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=self.cache_dir,
+                                        local_files_only=True, allow_patterns=[]))
+        paths = sorted(p for p in folder.rglob("*") if p.is_file())
+        files = tuple(p.relative_to(folder).as_posix() for p in paths)
+        return Listing(folder.name, files,
+                       {f: p.stat().st_size for f, p in zip(files, paths, strict=True)})
+
+    def cached(self, repo_id: str, commit: str, filename: str) -> Path | None:
+        """The local path of a file already in the cache, else None."""
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, filename, cache_dir=self.cache_dir,
+                                       revision=commit)
+        return Path(found) if isinstance(found, str) else None
+
+    def download(self, repo_id: str, commit: str, filename: str,
+                 session: CacheSession | None = None) -> Path:
+        """One file of ``commit`` in the cache (fetched unless it is there); its local path.
+
+        ``session`` records the file as this run's before the download starts, so that a
+        cleanup removes it even when the process dies half-way (``hub_cache``).
+        """
+        from huggingface_hub import hf_hub_download
+
+        found = self.cached(repo_id, commit, filename)
+        if found is not None:
+            return found
+        if session is not None:
+            session.will_download(repo_id, commit, filename)
+        return Path(hf_hub_download(repo_id, filename, revision=commit,
+                                    cache_dir=self.cache_dir, token=self.token,
+                                    local_files_only=self.offline))
+
+    def safetensors_header(self, repo_id: str, commit: str, filename: str) -> dict:
+        """``{tensor: (shape, dtype)}`` of a safetensors file, from the cache when it is there,
+        else read from the hub with range requests (the file itself is not downloaded)."""
+        found = self.cached(repo_id, commit, filename)
+        if found is not None or self.offline:
+            from checkpoint_io import read_header
+
+            path = found if found is not None else self.download(repo_id, commit, filename)
+            return read_header(path, f"{repo_id}@{commit}")
+        from huggingface_hub import HfApi
+
+        meta = HfApi(token=self.token).parse_safetensors_file_metadata(
+            repo_id, filename, revision=commit, timeout=METADATA_TIMEOUT_S)
+        return {name: (tuple(info.shape), SAFETENSORS_DTYPES.get(info.dtype, info.dtype))
+                for name, info in meta.tensors.items()}
+
+
+def hub_error(exc: Exception, label: str, offline: bool, token: str | None) -> Exception:
+    """The project error for a huggingface_hub failure, its message free of tokens."""
+    from huggingface_hub import errors as hf
+
+    detail = " ".join(scrub(str(exc), token).split())[:600]
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if isinstance(exc, hf.GatedRepoError) or status in (401, 403) and not isinstance(
+            exc, hf.RepositoryNotFoundError):
+        return GatedModelError(f"{label}: access refused (gated or private repository; accept "
+                               f"its terms on the hub and set HF_TOKEN): {detail}")
+    if isinstance(exc, hf.RepositoryNotFoundError):
+        return ModelNotFoundError(f"{label}: repository not found on the hub (or private: set "
+                                  f"HF_TOKEN): {detail}")
+    if isinstance(exc, hf.RevisionNotFoundError):
+        return ModelNotFoundError(f"{label}: revision not found: {detail}")
+    if isinstance(exc, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)):
+        if not offline and is_network_error(exc):
+            return NetworkError(f"{label}: hub unreachable and not cached: {detail}")
+        hint = "HF_HUB_OFFLINE=1 and it is not" if offline else "it is not"
+        return ModelNotFoundError(f"{label}: {hint} in the local hub cache: {detail}")
+    if isinstance(exc, hf.EntryNotFoundError):
+        return ModelNotFoundError(f"{label}: file not found: {detail}")
+    if isinstance(exc, hf.HFValidationError):
+        return InputError(f"{label}: invalid hub id or revision: {detail}")
+    if isinstance(exc, hf.HfHubHTTPError) and (status == 429 or (status or 0) >= 500):
+        return TransientError(f"{label}: hub error {status}, worth retrying: {detail}")
+    if isinstance(exc, hf.HfHubHTTPError):
+        return ModelNotFoundError(f"{label}: hub refused the request ({status}): {detail}")
+    if is_network_error(exc):
+        return NetworkError(f"{label}: network failure talking to the hub: {detail}")
+    return exc
+
+
+@contextmanager
+def hub_errors(label: str, offline: bool, token: str | None) -> Iterator[None]:
+    """Turn huggingface_hub failures inside the block into the project's errors."""
+    try:
+        yield
+    except ESDError:
+        raise
+    except Exception as exc:
+        mapped = hub_error(exc, label, offline, token)
+        if mapped is exc:
+            raise
+        raise mapped from None

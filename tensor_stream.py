@@ -1,0 +1,224 @@
+"""Streaming the tensors of opened models: shards fetched one ahead, each read once for every
+model that needs it, released as soon as it is done.
+
+``ShardFetcher`` hands out a checkpoint's files in reading order: asking for one starts the
+download of the next in the background, so the analysis of one shard overlaps the download of
+the next, and at most two shards are on disk at once when each is released after use.
+
+``stream_models(models)`` reads every base checkpoint once, whatever number of models (a base
+and its adapters) are computed from it: each base tensor is read, then handed to each model,
+which yields its own tensor (the base's, or the base merged with the adapter's delta). A model
+that fails is reported once (``StreamItem.error``) and dropped; the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from checkpoint_io import natural_key
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+# Shards on disk at once while streaming: the one being read and the next one downloading.
+SHARDS_AHEAD = 1
+
+
+class ShardFetcher:
+    """A checkpoint's files, fetched in ``order`` one ahead of the reader.
+
+    ``download(file)`` returns a file's local path (fetching it); ``release(file)`` is called
+    once the reader is done with it (deleting it under ``--cleanup_cache``). ``waiting()``
+    gives a context the fetcher enters while the reader has to wait for a download (the
+    worker reports its stage as ``download`` then). Downloads run on one background thread.
+    """
+
+    def __init__(self, order: Sequence[str], download: Callable[[str], Path],
+                 release: Callable[[str], object] | None = None,
+                 waiting: Callable[[], AbstractContextManager] = nullcontext):
+        self.order = list(order)
+        self._download, self._release, self._waiting = download, release, waiting
+        self._futures: dict[str, Future] = {}
+        self._released: set[str] = set()
+        self._lock = threading.Lock()
+        self._queue: list[str] = []
+        self._thread: threading.Thread | None = None
+
+    def path(self, file: str) -> Path:
+        """The local path of ``file``, waiting for its download; starts the next one."""
+        future = self._start(file)
+        if not future.done():
+            with self._waiting():
+                future.result()
+        self._prefetch_after(file)
+        return future.result()
+
+    def fetch_all(self) -> list[Path]:
+        """Every file on disk (for readers that need the whole checkpoint at once)."""
+        return [self.path(f) for f in self.order]
+
+    def release(self, file: str) -> None:
+        with self._lock:
+            if file in self._released:
+                return
+            self._released.add(file)
+            future = self._futures.get(file)
+        if self._release is not None and future is not None and future.done() \
+                and future.exception() is None:
+            self._release(file)
+
+    def close(self) -> None:
+        """Wait for a download in flight (so nothing writes to the cache after the job ends)
+        and drop the queued ones."""
+        with self._lock:
+            for file in self._queue:
+                self._futures.pop(file).cancel()
+            self._queue.clear()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+
+    def _held(self) -> int:
+        return sum(1 for f, fut in self._futures.items() if f not in self._released)
+
+    def _prefetch_after(self, file: str) -> None:
+        if file not in self.order:
+            return
+        with self._lock:
+            later = self.order[self.order.index(file) + 1:]
+            upcoming = next((f for f in later if f not in self._futures), None)
+            if upcoming is None or self._held() > SHARDS_AHEAD:
+                return
+        self._start(upcoming)
+
+    def _start(self, file: str) -> Future:
+        with self._lock:
+            future = self._futures.get(file)
+            if future is None:
+                future = self._futures[file] = Future()
+                self._queue.append(file)
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._work, name="shard-fetcher",
+                                                    daemon=True)
+                    self._thread.start()
+            return future
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._thread = None
+                    return
+                file = self._queue.pop(0)
+                future = self._futures[file]
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(self._download(file))
+            except BaseException as exc:  # handed to the reader, which raises it
+                future.set_exception(exc)
+
+
+def read_order(reader) -> list[str]:
+    """``reader.names`` shard by shard: by the last file each tensor needs (``files_of``), then
+    in natural order, so every file is read in one stretch and can be released after it."""
+    position = {f: i for i, f in enumerate(reader.files)}
+    return sorted(reader.names, key=lambda n: (
+        max((position.get(f, 0) for f in reader.files_of(n)), default=0), natural_key(n)))
+
+
+@dataclass
+class StreamItem:
+    """One tensor of one model, or (``error`` set) the end of that model's stream."""
+
+    model: Any
+    name: str = ""
+    tensor: torch.Tensor | None = None
+    storage: str = ""
+    error: BaseException | None = None
+
+
+def stream_models(models: Iterable) -> Iterator[StreamItem]:
+    """The tensors of every model, each base checkpoint read once for all models built on it.
+
+    Each model offers ``checkpoint`` (its base: ``reader`` and ``fetcher``, shared by the
+    models opened from one base; None for a model streamed on its own), ``outputs_by_source()``
+    (``{base tensor name or None: [output names]}``), ``output(name, base_value)`` and
+    ``output_storage(name)``, or ``own_stream()`` when it has no checkpoint. A failure of the
+    base itself (a damaged shard, a download) ends every model of that base.
+    """
+    passes: dict[int, list] = {}
+    for model in models:
+        if model.checkpoint is None:
+            yield from _own_stream(model)
+        else:
+            passes.setdefault(id(model.checkpoint), []).append(model)
+    for group in passes.values():
+        yield from _shared_pass(group)
+
+
+def _own_stream(model) -> Iterator[StreamItem]:
+    try:
+        for name, tensor, storage in model.own_stream():
+            yield StreamItem(model, name, tensor, storage)
+    except Exception as exc:
+        yield StreamItem(model, error=exc)
+
+
+def _shared_pass(models: list) -> Iterator[StreamItem]:
+    checkpoint = models[0].checkpoint
+    reader, fetcher = checkpoint.reader, checkpoint.fetcher
+    plans = {id(m): m.outputs_by_source() for m in models}
+    order = read_order(reader)
+    last_use = {}
+    for index, name in enumerate(order):
+        for file in reader.files_of(name):
+            last_use[file] = index
+    active = list(models)
+    try:
+        for index, name in enumerate(order):
+            users = [m for m in active if name in plans[id(m)]]
+            if users:
+                try:
+                    base_value = reader.get(name)
+                except Exception as exc:
+                    for m in active:
+                        yield StreamItem(m, error=exc)
+                    return
+                for model in users:
+                    failed = yield from _outputs(model, plans[id(model)][name], base_value)
+                    if failed:
+                        active.remove(model)
+                del base_value
+            if fetcher is not None:
+                for file in reader.files_of(name):
+                    if last_use[file] == index:
+                        fetcher.release(file)
+        for model in list(active):
+            yield from _outputs(model, plans[id(model)].get(None, ()), None)
+    finally:
+        reader.close()
+        for model in models:
+            model.close()
+
+
+def _outputs(model, names: Sequence[str], base_value) -> Iterator[StreamItem]:
+    """A model's tensors made from one base tensor; returns True when the model failed."""
+    for out in names:
+        try:
+            tensor = model.output(out, base_value)
+            storage = model.output_storage(out)
+        except Exception as exc:
+            yield StreamItem(model, error=exc)
+            return True
+        yield StreamItem(model, out, tensor, storage)
+    return False
