@@ -19,6 +19,7 @@ Every other parameter of two or more dimensions must be on ``NOT_ANALYSED`` with
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from transformers.pytorch_utils import Conv1D
 from model_loader import ModelRequest, open_model
 from net_esd import ESDConfig, iter_layer_results
 from results import STATUSES
-from tests.zoo_models import BUILDERS, LAYOUTS, ZooModel, build_zoo
+from tests.zoo_models import BIN_INDEX, BUILDERS, LAYOUTS, ZooModel, build_zoo
 
 # Tensors of two or more dimensions deliberately given no row, by parameter-name regex.
 # (Every 1-D tensor -- biases, norm weights, Mamba's D and dt bias -- gets no row either:
@@ -251,6 +252,23 @@ def test_not_analysed_entries_are_all_used(zoo):
             for n in expected_rows(zm, ESDConfig().conv_norm)[1]]
     unused = [p for p in NOT_ANALYSED if not any(re.search(p, n) for n in left)]
     assert not unused
+
+
+@pytest.mark.parametrize("name", TIED)
+def test_bin_layout_is_transformers_4s(zoo, name):
+    """The .bin fixture holds what transformers 4 wrote: >= 2 shards, an index listing every
+    state_dict key, tied keys in one shard sharing one storage; transformers reads it back."""
+    path, model = zoo.paths[name, "bin"], zoo.models[name].model
+    weight_map = json.loads((path / BIN_INDEX).read_text())["weight_map"]
+    state = model.state_dict()
+    assert set(weight_map) == set(state) and len(set(weight_map.values())) >= 2
+    shared = [k for k in state if state[k].data_ptr() == model.get_input_embeddings().weight
+              .data_ptr()]
+    assert len(shared) >= 2 and len({weight_map[k] for k in shared}) == 1
+    shard = torch.load(path / weight_map[shared[0]], weights_only=True, mmap=True)
+    assert len({shard[k].untyped_storage().data_ptr() for k in shared}) == 1
+    reread = type(model).from_pretrained(path).state_dict()
+    assert all(torch.equal(reread[k], v) for k, v in state.items())
 
 
 @pytest.mark.parametrize("name, layout", list(_cases()))
