@@ -56,28 +56,15 @@ CONV_TYPES = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTr
               torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
 
 # Models whose checkpoints hold tied weights: transformers 4 listed every alias in the .bin
-# index and stored the tensor once.
+# index and stored the tensor once (the loader once refused these as damaged shards).
 TIED = ("gpt2", "falcon", "bert", "t5", "bart", "whisper", "mamba")
 DEFECTS = {
-    "tied_bin": "sharded .bin with tied weights listed in the index but stored once "
-                "(transformers 4) fails as 'a shard is damaged'",
-    "dbrx_experts": "DBRX's 2-D expert stacks ffn.experts.mlp.w1/v1/w2 (not named .weight) "
-                    "get no row; one row per expert expected",
-    "unnamed_conv": "1-D / transposed convolutions whose names lack 'conv' (HiFi-GAN "
-                    "upsampler.N, VITS project) become one 'expert' row per channel",
-    "weight_norm": "weight-normalised convolutions (weight_g/weight_v, parametrizations."
-                   "weight.original0/1) get no row; g * v / ||v|| expected",
     "rel_bias_label": "T5's relative_attention_bias (an nn.Embedding of buckets x heads) is "
                       "labelled linear, not embedding",
 }
 KNOWN = {  # (model, layout) -> defects that fail it on main
-    **{(m, "bin"): ("tied_bin",) for m in TIED},
-    **{("dbrx", lay): ("dbrx_experts",) for lay in LAYOUTS},
-    **{("hifigan", lay): ("unnamed_conv",) for lay in LAYOUTS},
-    **{("vits", lay): ("unnamed_conv", "weight_norm") for lay in LAYOUTS},
-    **{(m, lay): ("weight_norm",) for m in ("wav2vec2", "hubert") for lay in LAYOUTS},
     ("t5", "safetensors"): ("rel_bias_label",),
-    ("t5", "bin"): ("tied_bin", "rel_bias_label"),
+    ("t5", "bin"): ("rel_bias_label",),
 }
 
 
