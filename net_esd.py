@@ -41,7 +41,8 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Last name components that hold weights besides "...weight": packed quantized weights (so
 # they get an unsupported_dtype row) and fused expert projections stored without ".weight".
 WEIGHT_NAME_ENDINGS = ("weight", "weight_packed", "_proj", "_blocks")
-EMBEDDING_OWNERS = ("wte", "wpe", "shared", "emb", "tok_emb", "pos_emb")
+# Embedding tables not named "embed...": GPT-2, T5 and relative-position bucket tables.
+EMBEDDING_OWNERS = ("wte", "wpe", "shared", "emb", "tok_emb", "pos_emb", "relative_attention_bias")
 LM_HEAD_OWNERS = ("lm_head", "embed_out")
 # Fused expert stacks stored without ".weight" (DBRX: experts.mlp.w1, v1, w2).
 _EXPERT_MATRIX = re.compile(r"^[wv]\d+$")

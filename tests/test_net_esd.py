@@ -302,6 +302,7 @@ def test_non_weights_and_vectors_give_no_rows():
     ("bert.embeddings.word_embeddings.weight", 2, "embedding"),
     ("bert.embeddings.token_type_embeddings.weight", 2, "embedding"),
     ("lm_head.weight", 2, "lm_head"), ("gpt_neox.embed_out.weight", 2, "lm_head"),
+    ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", 2, "embedding"),
     ("model.layers.0.mlp.shared_experts.gate_proj.weight", 2, "linear"),
     ("model.layers.0.self_attn.q_proj.weight", 2, "linear"),
     ("model.layers.0.mlp.experts.down_proj", 3, "expert"),

@@ -58,23 +58,12 @@ CONV_TYPES = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTr
 # Models whose checkpoints hold tied weights: transformers 4 listed every alias in the .bin
 # index and stored the tensor once (the loader once refused these as damaged shards).
 TIED = ("gpt2", "falcon", "bert", "t5", "bart", "whisper", "mamba")
-DEFECTS = {
-    "rel_bias_label": "T5's relative_attention_bias (an nn.Embedding of buckets x heads) is "
-                      "labelled linear, not embedding",
-}
-KNOWN = {  # (model, layout) -> defects that fail it on main
-    ("t5", "safetensors"): ("rel_bias_label",),
-    ("t5", "bin"): ("rel_bias_label",),
-}
 
 
 def _cases():
     for name in BUILDERS:
         for layout in LAYOUTS:
-            defects = KNOWN.get((name, layout), ())
-            marks = [pytest.mark.xfail(strict=True, reason="; ".join(DEFECTS[d] for d in defects))
-                     ] if defects else []
-            yield pytest.param(name, layout, id=f"{name}-{layout}", marks=marks)
+            yield pytest.param(name, layout, id=f"{name}-{layout}")
 
 
 @pytest.fixture(scope="session")
