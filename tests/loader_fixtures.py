@@ -11,12 +11,10 @@ import copy
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import httpx2
 import torch
-from huggingface_hub import errors as hf_errors
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
 from transformers import (
@@ -136,66 +134,18 @@ def http_error(cls, status: int, message: str):
     return cls(message, response=httpx2.Response(status, request=request))
 
 
-class FakeHub:
-    """A hub of local folders that "downloads" into a real cache layout under ``cache``.
-
-    ``add`` publishes a folder as a repository revision; ``fail`` makes every call for a
-    repository raise the given exception, ``fail_at`` makes downloading one file raise it
-    (after the files before it were fetched); ``downloaded`` records each fetched file name.
-    """
+class FailingHub:
+    """A hub client whose every listing raises ``exc``: for the mapping of client exceptions
+    to the project's errors, apart from HTTP (the hub stand-in covers the HTTP side)."""
 
     offline = False
     token = None
 
-    def __init__(self, cache: Path):
-        self.cache = cache
-        self.repos: dict[str, dict[str, tuple[str, Path]]] = {}
-        self.failures: dict[str, Exception] = {}
-        self.file_failures: dict[tuple[str, str], Exception] = {}
-        self.downloaded: list[tuple[str, str]] = []
-
-    def add(self, repo_id: str, folder: Path, commit: str, refs=("main",)) -> None:
-        revisions = self.repos.setdefault(repo_id, {})
-        for rev in (*refs, commit):
-            revisions[rev] = (commit, folder)
-
-    def fail(self, repo_id: str, exc: Exception) -> None:
-        self.failures[repo_id] = exc
-
-    def fail_at(self, repo_id: str, filename: str, exc: Exception) -> None:
-        self.file_failures[(repo_id, filename)] = exc
+    def __init__(self, exc: BaseException):
+        self.exc = exc
 
     def list_files(self, repo_id: str, revision: str | None):
-        if repo_id in self.failures:
-            raise self.failures[repo_id]
-        if repo_id not in self.repos:
-            raise http_error(hf_errors.RepositoryNotFoundError, 404, f"404 {repo_id}")
-        if (revision or "main") not in self.repos[repo_id]:
-            raise http_error(hf_errors.RevisionNotFoundError, 404, f"404 {revision}")
-        commit, folder = self.repos[repo_id][revision or "main"]
-        return commit, sorted(p.name for p in folder.iterdir())
-
-    def download(self, repo_id: str, commit: str, filenames: list[str], record):
-        if repo_id in self.failures:
-            raise self.failures[repo_id]
-        _, folder = self.repos[repo_id][commit]
-        repo = self.cache / f"models--{repo_id.replace('/', '--')}"
-        snapshot = repo / "snapshots" / commit
-        snapshot.mkdir(parents=True, exist_ok=True)
-        (repo / "blobs").mkdir(exist_ok=True)
-        for name in filenames:
-            link = snapshot / name
-            if (repo_id, name) in self.file_failures:
-                raise self.file_failures[(repo_id, name)]
-            if link.exists() or not (folder / name).exists():
-                continue
-            blob = repo / "blobs" / hashlib.sha256((folder / name).read_bytes()).hexdigest()
-            if not blob.exists():
-                shutil.copyfile(folder / name, blob)
-            link.symlink_to(os.path.relpath(blob, snapshot))
-            self.downloaded.append((repo_id, name))
-            record([link, blob])
-        return snapshot
+        raise self.exc
 
 
 def stream(model) -> dict[str, torch.Tensor]:

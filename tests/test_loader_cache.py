@@ -1,149 +1,196 @@
-"""What opening a hub model downloads, and what cleaning up after it removes."""
+"""What reading a hub model downloads, in what order, and what ``--cleanup_cache`` removes:
+against the hub stand-in (tests/hub_server.py) with the real huggingface_hub client."""
 
 from __future__ import annotations
 
 import os
-from types import SimpleNamespace
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
-import httpx2
-import huggingface_hub
 import pytest
 import torch
-from huggingface_hub import HfApi
-from safetensors.torch import save_file
 
-from errors import ShapeMismatchError, TransientError, UnsupportedFormatError
-from model_loader import HubClient, ModelRequest, cleanup_cache, open_model
+from errors import ModelNotFoundError, ShapeMismatchError, UnsupportedFormatError
+from hub_cache import CacheSession, sweep
+from model_loader import HubClient, ModelRequest, open_model
 from tests.loader_fixtures import (
-    FakeHub,
     llama,
     save_adapter,
     save_model,
     stream,
-    write_hub_cache,
     write_safetensors,
+    write_sharded,
 )
 
-SHA_A = "a" * 40
-SHA_B = "b" * 40
+ROOT = Path(__file__).resolve().parents[1]
+KILL_WAIT_S = 60  # the child reaches its stalled download in a few seconds on a loaded machine
 
 
-def test_quantized_hub_model_is_refused_before_any_weight_download(tmp_path):
+def client(hub) -> HubClient:
+    return HubClient(cache_dir=str(hub.cache), offline=False)
+
+
+def full_gets(hub, repo_id: str) -> list[str]:
+    """Files of ``repo_id`` downloaded whole (range requests read headers only)."""
+    return [s.filename for s in hub.log if s.method == "GET" and s.repo_id == repo_id
+            and s.filename and s.range is None and s.status == 200]
+
+
+def cache_files(cache: Path) -> set[str]:
+    """Files of the repositories in the cache (not the cache's own bookkeeping)."""
+    return {str(p.relative_to(cache)) for p in cache.glob("models--*/**/*")
+            if p.is_file() or p.is_symlink()}
+
+
+def sharded(tmp_path: Path, name: str = "sharded") -> Path:
+    return save_model(llama(), tmp_path / name, max_shard_size="20KB")
+
+
+def test_quantized_hub_model_is_refused_before_any_weight_download(hub, tmp_path):
     src = write_safetensors(tmp_path / "repo", {"w.qweight": torch.zeros(4, 4, dtype=torch.int32)},
-                            {"model_type": "llama", "quantization_config": {"quant_method": "awq"}})
-    hub = FakeHub(tmp_path / "cache")
-    hub.add("org/quant", src, SHA_A)
-    with pytest.raises(UnsupportedFormatError, match="org/quant.*awq"):
-        open_model(ModelRequest("org/quant"), hub=hub)
-    assert hub.downloaded == [("org/quant", "config.json")]
+                            {"model_type": "llama", "quantization_config": {"quant_method": "xyz"}})
+    hub.add_repo("org/quant", src)
+    with pytest.raises(UnsupportedFormatError, match="org/quant.*xyz"):
+        open_model(ModelRequest("org/quant"), hub=client(hub))
+    assert full_gets(hub, "org/quant") == ["config.json"]
+    assert hub.request_count(filename="model.safetensors") == 0
 
 
-def test_downloads_only_what_the_analysis_reads(tmp_path):
+def test_downloads_only_what_the_analysis_reads(hub, tmp_path):
     src = write_safetensors(tmp_path / "repo", {"w.weight": torch.ones(2, 2)})
     torch.save({"w.weight": torch.ones(2, 2)}, src / "pytorch_model.bin")
     for extra in ("README.md", "tf_model.h5", "training_args.bin", "tokenizer.json"):
         (src / extra).write_text("x")
-    hub = FakeHub(tmp_path / "cache")
-    hub.add("org/model", src, SHA_A)
-    loaded = open_model(ModelRequest("org/model"), hub=hub)
-    assert sorted(n for _, n in hub.downloaded) == ["config.json", "model.safetensors"]
-    assert loaded.revision == SHA_A
+    commit = hub.add_repo("org/model", src)
+    loaded = open_model(ModelRequest("org/model"), hub=client(hub))
+    assert full_gets(hub, "org/model") == ["config.json"], "headers first, no weights yet"
+    assert torch.equal(stream(loaded)["w.weight"], torch.ones(2, 2))
+    assert sorted(full_gets(hub, "org/model")) == ["config.json", "model.safetensors"]
+    assert loaded.revision == commit
 
 
-def test_cleanup_removes_downloaded_files_and_keeps_shared_blobs(tmp_path):
-    cache = tmp_path / "cache"
-    hub = FakeHub(cache)
+def test_sharded_model_streams_shard_by_shard_and_cleanup_keeps_two_on_disk(hub, tmp_path):
+    folder = sharded(tmp_path)
+    shards = sorted(p.name for p in folder.glob("model-*.safetensors"))
+    assert len(shards) >= 4
+    hub.add_repo("org/big", folder)
+    snapshot_shards = []
+    with CacheSession(hub.cache, cleanup=True) as session:
+        loaded = open_model(ModelRequest("org/big"), hub=client(hub), session=session)
+        for name, tensor in loaded.iter_tensors():
+            present = {p.name for p in hub.cache.rglob("model-*.safetensors")}
+            snapshot_shards.append(len(present))
+            assert torch.equal(tensor, llama().state_dict()[name])
+    assert max(snapshot_shards) <= 2, "the shard being read and the next one"
+    assert sorted(full_gets(hub, "org/big")) == sorted(shards + ["config.json",
+                                                                 "model.safetensors.index.json"])
+    assert cache_files(hub.cache) == set(), "everything this run fetched is gone"
+
+
+def test_cleanup_keeps_what_was_cached_before_and_shared_blobs(hub, tmp_path):
     first = write_safetensors(tmp_path / "r1", {"w.weight": torch.ones(2, 2)})
-    second = tmp_path / "r2"
-    second.mkdir()
-    (second / "config.json").write_bytes((first / "config.json").read_bytes())  # same blob
-    save_file({"w.weight": torch.zeros(2, 2)}, str(second / "model.safetensors"))
-    hub.add("org/model", first, SHA_A)
-    hub.add("org/model", second, SHA_B, refs=("v2",))
-    kept = open_model(ModelRequest("org/model@v2"), hub=hub)
-    loaded = open_model(ModelRequest("org/model"), hub=hub)
-    assert loaded.cache_paths() and all(p.exists() for p in loaded.cache_paths())
-    cleanup_cache(loaded)
-    repo = cache / "models--org--model"
-    assert not (repo / "snapshots" / SHA_A).exists()
-    assert torch.equal(stream(kept)["w.weight"], torch.zeros(2, 2))  # shared config blob kept
-    cleanup_cache(kept)
-    assert not repo.exists()
+    second = write_safetensors(tmp_path / "r2", {"w.weight": torch.zeros(2, 2)})
+    old = hub.add_repo("org/model", second, branches=("v2",))
+    hub.add_repo("org/model", first)
+    stream(open_model(ModelRequest("org/model@v2"), hub=client(hub)))  # the user's cache
+    before = cache_files(hub.cache)
+    with CacheSession(hub.cache, cleanup=True) as session:
+        loaded = open_model(ModelRequest("org/model"), hub=client(hub), session=session)
+        assert torch.equal(stream(loaded)["w.weight"], torch.ones(2, 2))
+    assert cache_files(hub.cache) == before, "config.json's blob is shared with v2 and stays"
+    kept = open_model(ModelRequest(f"org/model@{old}"), hub=HubClient(
+        cache_dir=str(hub.cache), offline=True))
+    assert torch.equal(stream(kept)["w.weight"], torch.zeros(2, 2))
 
 
-def cache_files(cache) -> set[str]:
-    return {str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file() or p.is_symlink()}
+def test_cleanup_waits_for_the_last_job_reading_the_repository(hub, tmp_path):
+    hub.add_repo("org/base", sharded(tmp_path))
+    with CacheSession(hub.cache, cleanup=True) as reader_b:
+        with CacheSession(hub.cache, cleanup=True) as reader_a:
+            stream(open_model(ModelRequest("org/base"), hub=client(hub), session=reader_a))
+            reader_b.lease("org/base")  # a second job starts on the same base
+        assert cache_files(hub.cache), "job A found job B reading and left the files"
+        loaded = open_model(ModelRequest("org/base@main"), hub=client(hub), session=reader_b)
+        assert set(stream(loaded)) == set(llama().state_dict())
+        served = hub.bytes_served("org/base")
+    assert hub.bytes_served("org/base") == served
+    assert cache_files(hub.cache) == set(), "the last job cleaned up"
 
 
-@pytest.fixture
-def mismatched_adapter_hub(tmp_path):
-    """org/adapter names org/base as its base, but org/base is wider: opening it fails after
-    both were downloaded."""
-    hub = FakeHub(tmp_path / "cache")
+def test_failed_open_with_cleanup_removes_only_what_it_downloaded(hub, tmp_path):
     adapter = save_adapter(llama(), tmp_path / "adapter", "org/base", r=4,
                            target_modules=["q_proj"])
-    hub.add("org/adapter", adapter, SHA_A)
-    hub.add("org/base", save_model(llama(hidden_size=48), tmp_path / "wider"), SHA_B)
-    return hub
-
-
-def test_failed_open_with_cleanup_removes_only_what_it_downloaded(mismatched_adapter_hub):
-    hub = mismatched_adapter_hub
-    open_model(ModelRequest("org/base"), hub=hub)  # cached before: must survive the cleanup
+    hub.add_repo("org/adapter", adapter)
+    hub.add_repo("org/base", save_model(llama(hidden_size=48), tmp_path / "wider"))
+    stream(open_model(ModelRequest("org/base"), hub=client(hub)))  # cached before the run
     before = cache_files(hub.cache)
-    with pytest.raises(ShapeMismatchError, match="org/adapter"):
-        open_model(ModelRequest("org/adapter"), hub=hub, cleanup_on_error=True)
-    assert ("org/adapter", "adapter_model.safetensors") in hub.downloaded
+    with CacheSession(hub.cache, cleanup=True) as session:
+        with pytest.raises(ShapeMismatchError, match="org/adapter"):
+            open_model(ModelRequest("org/adapter"), hub=client(hub), session=session)
+    assert "adapter_model.safetensors" in full_gets(hub, "org/adapter")
     assert cache_files(hub.cache) == before
-    assert not (hub.cache / "models--org--adapter").exists()
 
 
-def test_failed_open_keeps_downloads_unless_asked(mismatched_adapter_hub):
-    hub = mismatched_adapter_hub
-    with pytest.raises(ShapeMismatchError):
-        open_model(ModelRequest("org/adapter"), hub=hub)
-    assert any(name.endswith("model.safetensors") for name in cache_files(hub.cache))
-    hub.downloaded.clear()
-    with pytest.raises(ShapeMismatchError):
-        open_model(ModelRequest("org/adapter", source_model="org/base"), hub=hub,
-                   cleanup_on_error=True)
-    assert hub.downloaded == []  # all cached already, so the cleanup removed nothing
-    assert any(name.endswith("model.safetensors") for name in cache_files(hub.cache))
+def test_shard_missing_from_the_hub_fails_the_model_naming_the_file(hub, tmp_path):
+    folder = sharded(tmp_path)
+    last = sorted(p.name for p in folder.glob("model-*.safetensors"))[-1]
+    hub.add_repo("org/model", folder)
+    loaded = open_model(ModelRequest("org/model"), hub=client(hub))
+    hub.remove_file("org/model", last)
+    with pytest.raises(ModelNotFoundError, match=f"org/model.*{last}"):
+        stream(loaded)
 
 
-def test_download_failing_part_way_is_cleaned_up(tmp_path):
-    folder = save_model(llama(), tmp_path / "sharded", max_shard_size="20KB")
-    shards = sorted(p.name for p in folder.glob("model-*.safetensors"))
-    hub = FakeHub(tmp_path / "cache")
-    hub.add("org/model", folder, SHA_A)
-    hub.fail_at("org/model", shards[1], httpx2.ReadTimeout("read timed out"))
-    with pytest.raises(TransientError, match="org/model.*network"):
-        open_model(ModelRequest("org/model"), hub=hub, cleanup_on_error=True)
-    assert ("org/model", shards[0]) in hub.downloaded
+def test_killed_download_leaves_nothing_a_sweep_does_not_remove_and_rerun_completes(
+        hub, tmp_path):
+    # Shards larger than the 100 kB a header read asks for, so only the download stalls.
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"model.layers.{i}.mlp.weight": torch.randn(200, 200, generator=g)
+               for i in range(6)}
+    folder = write_sharded(tmp_path / "model", {
+        f"model-0000{k + 1}-of-00003.safetensors": dict(list(tensors.items())[2 * k:2 * k + 2])
+        for k in range(3)})
+    second = "model-00002-of-00003.safetensors"
+    hub.add_repo("org/model", folder)
+    hub.stall(KILL_WAIT_S, filename=second, after_bytes=200_000)
+    marker = tmp_path / "stalled"
+    script = textwrap.dedent(f"""
+        import sys, pathlib
+        sys.path.insert(0, {str(ROOT)!r})
+        from hub_cache import CacheSession
+        from model_loader import ModelRequest, open_model
+        with CacheSession({str(hub.cache)!r}, cleanup=True) as session:
+            model = open_model(ModelRequest("org/model"), session=session)
+            for name, _ in model.iter_tensors():
+                pathlib.Path({str(marker)!r}).write_text(name)
+    """)
+    env = {**hub.env(hub.cache), "HF_HUB_DOWNLOAD_TIMEOUT": str(KILL_WAIT_S)}  # stays stalled
+    child = subprocess.Popen([sys.executable, "-c", script], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + KILL_WAIT_S
+    partial = hub.cache / "models--org--model" / "blobs"
+    while not (list(partial.glob("*.incomplete")) and marker.exists()) \
+            and time.monotonic() < deadline:
+        if child.poll() is not None:
+            pytest.fail(child.stderr.read().decode()[-2000:])
+        time.sleep(0.05)
+    assert marker.exists(), "the first shard was analysed while the second one downloads"
+    child.kill()
+    child.wait()
+    assert cache_files(hub.cache), "the killed job left its downloads behind"
+    hub.clear_faults()
+    assert sweep(hub.cache) == ["models--org--model"]
     assert cache_files(hub.cache) == set()
-
-
-def test_hub_client_records_files_of_a_failed_download(tmp_path, monkeypatch):
-    cache = tmp_path / "hub"
-    src = write_safetensors(tmp_path / "repo", {"w.weight": torch.ones(2, 2)})
-    info = SimpleNamespace(sha=SHA_A, siblings=[SimpleNamespace(rfilename=n)
-                                                for n in ("config.json", "model.safetensors")])
-    monkeypatch.setattr(HfApi, "model_info", lambda self, *a, **k: info)
-
-    def fetch_config_then_time_out(repo_id, **kwargs):
-        write_hub_cache(cache, repo_id, SHA_A, src)  # the whole snapshot arrives ...
-        (cache / "models--org--name" / "snapshots" / SHA_A / "model.safetensors").unlink()
-        raise httpx2.ReadTimeout("read timed out")  # ... but for the weights
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fetch_config_then_time_out)
-    hub = HubClient(cache_dir=str(cache), offline=False)
-    with pytest.raises(TransientError, match="org/name.*network"):
-        open_model(ModelRequest("org/name"), hub=hub, cleanup_on_error=True)
-    assert not (cache / "models--org--name" / "snapshots").exists()
+    loaded = open_model(ModelRequest("org/model"), hub=client(hub))
+    assert set(stream(loaded)) == set(tensors), "a rerun completes"
 
 
 def test_cleanup_never_touches_local_directories(tmp_path):
     folder = save_model(llama(), tmp_path / "local-model")
     before = sorted(os.listdir(folder))
-    cleanup_cache(open_model(ModelRequest(str(folder))))
+    with CacheSession(tmp_path / "cache", cleanup=True) as session:
+        stream(open_model(ModelRequest(str(folder)), session=session))
     assert sorted(os.listdir(folder)) == before

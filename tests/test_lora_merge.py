@@ -17,9 +17,8 @@ from transformers import ResNetConfig, ResNetForImageClassification
 from checkpoint_io import FLOAT_DTYPE_NAMES
 from errors import AdapterBaseError, NoWeightsError, ShapeMismatchError, UnsupportedFormatError
 from lora_merge import pattern_key, tied_weights, unsupported_variant
-from model_loader import ModelRequest, open_model
+from model_loader import HubClient, ModelRequest, open_model
 from tests.loader_fixtures import (
-    FakeHub,
     bert,
     gpt2,
     llama,
@@ -305,13 +304,14 @@ def test_no_base_anywhere(bases, tmp_path):
         open_model(ModelRequest(str(adapter)))
 
 
-def test_adapter_config_base_missing_from_hub(bases, tmp_path):
+def test_adapter_config_base_missing_from_hub(bases, tmp_path, hub):
     models, _ = bases
     adapter = save_adapter(models["llama"], tmp_path / "adapter", "org/deleted-base", r=4,
                            target_modules=["q_proj"])
     with pytest.raises(AdapterBaseError, match="base_model_name_or_path 'org/deleted-base'"
                                                ".*not found"):
-        open_model(ModelRequest(str(adapter)), hub=FakeHub(tmp_path / "cache"))
+        open_model(ModelRequest(str(adapter)),
+                   hub=HubClient(cache_dir=str(hub.cache), offline=False))
 
 
 def test_shape_mismatch_names_base_and_tensor(bases, tmp_path):
@@ -373,20 +373,22 @@ def test_adapter_config_revision_pins_the_base(bases, tmp_path):
     assert loaded.base_revision == SHA_BASE_V2
 
 
-def test_adapter_downloads_only_adapter_files(bases, tmp_path):
+def test_adapter_downloads_only_adapter_files(bases, tmp_path, hub):
     models, dirs = bases
     adapter = save_adapter(models["llama"], tmp_path / "adapter", "org/base", r=4,
                            target_modules=["q_proj"])
     (adapter / "training_args.bin").write_bytes(b"x")
     (adapter / "optimizer.pt").write_bytes(b"x")
-    hub = FakeHub(tmp_path / "cache")
-    hub.add("org/adapter", adapter, SHA_ADAPTER)
-    hub.add("org/base", dirs["llama"], SHA_BASE)
-    loaded = open_model(ModelRequest("org/adapter", "peft"), hub=hub)
-    assert sorted(hub.downloaded) == [
+    hub.add_repo("org/adapter", adapter)
+    hub.add_repo("org/base", dirs["llama"])
+    loaded = open_model(ModelRequest("org/adapter", "peft"),
+                        hub=HubClient(cache_dir=str(hub.cache), offline=False))
+    assert dict(loaded.iter_tensors())
+    whole = sorted((s.repo_id, s.filename) for s in hub.log if s.method == "GET"
+                   and s.filename and s.range is None and s.status == 200)
+    assert whole == [
         ("org/adapter", "adapter_config.json"), ("org/adapter", "adapter_model.safetensors"),
         ("org/base", "config.json"), ("org/base", "model.safetensors")]
-    assert len(loaded.cache_paths()) == 8  # 4 snapshot links + 4 blobs
 
 
 def test_seq_cls_lora_on_a_causal_base_has_no_lm_head(bases, tmp_path):

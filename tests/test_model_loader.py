@@ -31,7 +31,7 @@ from model_loader import (
     scrub,
 )
 from tests.loader_fixtures import (
-    FakeHub,
+    FailingHub,
     http_error,
     llama,
     save_model,
@@ -80,7 +80,9 @@ def test_parse_model_id_rejects(text, cause):
 
 # --- streaming ----------------------------------------------------------------------------
 
-def test_sharded_checkpoint_streams_in_natural_order_across_shards(tmp_path):
+def test_sharded_checkpoint_streams_shard_by_shard_in_natural_order(tmp_path):
+    """Each shard is read in one stretch (so it can be released after it), its tensors in
+    natural order; the worker orders the rows by layer afterwards."""
     torch.manual_seed(0)
     tensors = {f"model.layers.{i}.mlp.weight": torch.randn(4, 3) for i in range(12)}
     tensors["model.embed_tokens.weight"] = torch.randn(5, 3)
@@ -90,9 +92,10 @@ def test_sharded_checkpoint_streams_in_natural_order_across_shards(tmp_path):
     folder = write_sharded(tmp_path / "sharded", shards)
     got = list(open_model(local(folder)).iter_tensors())
     got_names = [n for n, _ in got]
-    assert got_names == sorted(tensors, key=natural_key)
+    expected = [n for shard in shards.values() for n in sorted(shard, key=natural_key)]
+    assert got_names == expected
     assert got_names.index("model.layers.2.mlp.weight") < got_names.index(
-        "model.layers.10.mlp.weight")
+        "model.layers.10.mlp.weight") < got_names.index("model.layers.4.mlp.weight")
     for name, tensor in got:
         assert torch.equal(tensor, tensors[name])
 
@@ -106,7 +109,7 @@ def test_real_sharded_save_pretrained_matches_model(tmp_path):
     assert set(got) == set(model.state_dict())
     for name, tensor in model.state_dict().items():
         assert torch.equal(got[name], tensor)
-    assert loaded.revision is None and not loaded.is_adapter and loaded.cache_paths() == []
+    assert loaded.revision is None and not loaded.is_adapter and loaded.checkpoint.fetcher is None
 
 
 def test_bf16_stays_bf16_and_1d_tensors_are_yielded(tmp_path):
@@ -269,7 +272,6 @@ def test_offline_cache_resolves_revision_and_snapshot(hub_cache, monkeypatch, mo
     loaded = open_model(ModelRequest(model_id), cache_dir=str(hub_cache))
     assert loaded.revision == commit and loaded.model_id == model_id
     assert torch.equal(stream(loaded)["w.weight"], torch.full((3, 3), value))
-    assert loaded.cache_paths() == []  # everything was cached already
 
 
 def test_hub_client_reads_offline_flag_from_environment(monkeypatch):
@@ -291,7 +293,8 @@ def test_unreachable_hub_falls_back_to_cache(hub_cache, monkeypatch):
 
     monkeypatch.setattr(HfApi, "model_info", unreachable)
     hub = HubClient(cache_dir=str(hub_cache), offline=False)
-    assert hub.list_files("org/name", None) == (SHA_A, ["config.json", "model.safetensors"])
+    listing = hub.list_files("org/name", None)
+    assert (listing.commit, listing.files) == (SHA_A, ("config.json", "model.safetensors"))
     with pytest.raises(TransientError, match="org/absent.*network"):
         open_model(ModelRequest("org/absent"), hub=hub)
 
@@ -314,10 +317,8 @@ def test_unreachable_hub_falls_back_to_cache(hub_cache, monkeypatch):
 ])
 def test_hub_errors_are_mapped_and_scrubbed(tmp_path, monkeypatch, exc, expected, cause):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    hub = FakeHub(tmp_path / "cache")
-    hub.fail("org/secret", exc)
     with pytest.raises(expected) as info:
-        open_model(ModelRequest("org/secret"), hub=hub, token=TOKEN)
+        open_model(ModelRequest("org/secret"), hub=FailingHub(exc), token=TOKEN)
     message = str(info.value)
     assert "org/secret" in message and cause in message
     assert TOKEN not in message and info.value.__cause__ is None
@@ -388,10 +389,8 @@ def test_loader_and_retry_policy_agree_on_network_errors(tmp_path, exc, network)
     """One predicate: what the loader maps to TransientError is what the worker retries."""
     assert is_network_error(exc) == network
     assert is_transient(exc) == network
-    hub = FakeHub(tmp_path / "cache")
-    hub.fail("org/model", exc)
     with pytest.raises(Exception) as info:
-        open_model(ModelRequest("org/model"), hub=hub)
+        open_model(ModelRequest("org/model"), hub=FailingHub(exc))
     assert isinstance(info.value, TransientError) == network
     assert is_transient(info.value) == network
 
