@@ -219,7 +219,8 @@ class SlurmBackend:
         self._started = self._clock()
         self._records = self._load()
         try:
-            self._queue = self._adopt(list(jobs), results, on_finish)
+            self._queue = []
+            self._adopt(list(jobs), results, on_finish)
             while self._stop_reason is None:
                 self._submit()
                 if self.options.detach or not self._tracked:
@@ -253,9 +254,9 @@ class SlurmBackend:
     # ----- adoption and collection -----------------------------------------------------------
 
     def _adopt(self, jobs: list[Job], results: list[JobResult],
-               on_finish: OnFinish | None) -> list[Job]:
+               on_finish: OnFinish | None) -> None:
         """Track the jobs an earlier run submitted that are still queued or running, collect
-        the ones that finished; returns the jobs left to submit."""
+        the ones that finished, and queue the rest for submission."""
         latest = {record.name: record for record in sorted(self._records.values(),
                                                            key=lambda r: r.submitted_at)}
         queued = self._cli.queued(record.task for record in latest.values())
@@ -269,11 +270,11 @@ class SlurmBackend:
                 # Superseded by a newer submission of the same job, or not asked for and
                 # finished well (the runner found its result): nothing left to collect.
                 self._forget(record)
-        to_submit, finished = [], []
+        finished = []
         for job in jobs:
             record = latest.get(job.name)
             if record is None or record.token not in self._records:
-                to_submit.append(job)
+                self._queue.append(job)
                 continue
             self._tracked[record.token] = replace(job, attempt=record.attempt)
             if record.task in queued:
@@ -282,8 +283,6 @@ class SlurmBackend:
             else:
                 finished.append(record.token)
         self._finish(finished, results, on_finish, queued={})
-        self._save()
-        return to_submit
 
     def _collect(self, results: list[JobResult], on_finish: OnFinish | None) -> None:
         """Results of tracked jobs whose task left the queue, or whose command ended well
@@ -310,7 +309,7 @@ class SlurmBackend:
             del self._tracked[token]
             self._forget(record)
             results.append(result)
-            logger.info("%s: %s (Slurm task %s)", result.name, result.describe(), record.task)
+            logger.info("%s: %s", result.name, result.describe())
             for retry in (on_finish(result) if on_finish else None) or ():
                 self._queue.append(retry)
         self._save()

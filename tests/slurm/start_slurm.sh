@@ -7,8 +7,8 @@
 # cgroup.conf and gres.conf for one node named after `hostname -s` with this machine's CPUs and
 # memory, creates the munge key if missing, and starts munged, slurmctld and slurmd. Accounting
 # is off (no slurmdbd, so no sacct). The node oversubscribes each CPU 4 times, so a 2-core
-# machine runs several 1-CPU test tasks at once, and declares 2 GPUs without devices (count
-# only, no CUDA_VISIBLE_DEVICES), so GPU requests are accepted and counted.
+# machine runs several 1-CPU test tasks at once, and declares 2 fake GPUs (device nodes that
+# alias /dev/null): Slurm allocates them and sets CUDA_VISIBLE_DEVICES, nothing uses them.
 # Exit code: 0 when `sinfo` shows the node idle (or busy), 1 with the reason otherwise.
 set -uo pipefail
 
@@ -18,6 +18,7 @@ LOG_DIR=/var/log/slurm
 READY_TIMEOUT_S=30
 OVERSUBSCRIBE=4     # tasks per CPU: the tests' workers mostly sleep or wait on I/O
 FAKE_GPUS=2
+FAKE_GPU_DIR=/var/lib/slurm-fake-gpus
 
 fail() { echo "start_slurm: $*" >&2; exit 1; }
 
@@ -39,6 +40,21 @@ if ready; then echo "start_slurm: node $NODE is $(node_state)"; exit 0; fi
 CPUS="$(nproc --all)"
 MEM_MB="$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)"
 mkdir -p "$CONF_DIR" "$LOG_DIR" /var/spool/slurmctld /var/spool/slurmd /run/munge
+# Slurm's gpu plugin wants one character device per GPU: nodes aliasing /dev/null stand in,
+# so Slurm hands out indices and sets CUDA_VISIBLE_DEVICES while nothing touches a device.
+mkdir -p "$FAKE_GPU_DIR"
+for i in $(seq 0 $((FAKE_GPUS - 1))); do
+    [ -c "$FAKE_GPU_DIR/gpu$i" ] || mknod "$FAKE_GPU_DIR/gpu$i" c 1 3 || FAKE_GPUS=0
+done
+if [ "$FAKE_GPUS" -gt 0 ]; then
+    printf 'AutoDetect=off\nNodeName=%s Name=gpu File=%s/gpu[0-%d]\n' \
+        "$NODE" "$FAKE_GPU_DIR" $((FAKE_GPUS - 1)) > "$CONF_DIR/gres.conf"
+    GRES="Gres=gpu:$FAKE_GPUS"
+else
+    echo "start_slurm: mknod failed: the node declares no GPUs" >&2
+    : > "$CONF_DIR/gres.conf"
+    GRES=""
+fi
 cat > "$CONF_DIR/slurm.conf.new" <<CONF
 # Written by tests/slurm/start_slurm.sh: a single-node test cluster.
 ClusterName=esdtest
@@ -68,11 +84,11 @@ MinJobAge=300
 SlurmctldTimeout=30
 SlurmdTimeout=30
 GresTypes=gpu
-NodeName=$NODE CPUs=$CPUS RealMemory=$MEM_MB Gres=gpu:$FAKE_GPUS State=UNKNOWN
+NodeName=$NODE CPUs=$CPUS RealMemory=$MEM_MB $GRES State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:$OVERSUBSCRIBE
 CONF
 mv "$CONF_DIR/slurm.conf.new" "$CONF_DIR/slurm.conf"
-echo "NodeName=$NODE Name=gpu Count=$FAKE_GPUS" > "$CONF_DIR/gres.conf"
+
 echo "CgroupAutomount=no" > "$CONF_DIR/cgroup.conf"
 
 if [ ! -s /etc/munge/munge.key ]; then
