@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parent  # put on the node's PYTHONPATH: it unpickles tasks
 STATE_FILE = "submissions.json"
+SIGNAL_DELAY_S = 90  # submitit's default warning before the time limit
 OnFinish = Callable[[JobResult], Iterable[Job] | None]
 
 
@@ -425,8 +426,11 @@ class SlurmBackend:
 
         o = self.options
         executor = submitit.SlurmExecutor(folder=self.state_dir / "submitit")
+        # submitit's SIGUSR2 comes this long before the limit (the task ignores it); never at
+        # the start, before the task has set itself to ignore it.
         params = dict(job_name=o.job_name, time=o.time_min, cpus_per_task=o.cpus_per_task,
                       array_parallelism=o.array_parallelism,
+                      signal_delay_s=min(SIGNAL_DELAY_S, o.time_min * 30),
                       setup=[*o.setup, f"export PYTHONPATH={shlex.quote(str(PROJECT_ROOT))}"
                                        "${PYTHONPATH:+:$PYTHONPATH}"])
         optional = dict(partition=o.partition, account=o.account, qos=o.qos,

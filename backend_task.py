@@ -7,8 +7,10 @@ outcome outlives the process that submitted it: a rerun collects it.
 
 A SIGTERM or SIGINT (scancel, the time limit, preemption, a Ray cancel) is passed on to the
 running command's process group, SIGKILL follows after the grace period, and the commands not
-started yet are recorded as not started. SIGUSR2 (submitit asks Slurm for it shortly before
-the time limit) is only noted: the command runs until Slurm's own SIGTERM.
+started yet are recorded as not started. SIGUSR2, which submitit asks Slurm to send before
+the time limit, is ignored by the task and by its commands (an ignored signal stays ignored
+across exec): without it the worker would die early; Slurm's own SIGTERM at the limit ends
+it, and marks the task's log with the cause.
 """
 
 from __future__ import annotations
@@ -29,20 +31,23 @@ from paths import write_text_atomic
 
 # Signals that end a task (scancel, time limit, preemption: SIGTERM; a Ray cancel: SIGINT).
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-# Sent by Slurm before the time limit when asked (submitit always asks): a warning only.
+# Sent by Slurm before the time limit when asked (submitit always asks): ignored.
 _WARN_SIGNAL = getattr(signal, "SIGUSR2", None)
+# How often a task checks whether its command has exited (the latency a job end may add).
+_WAIT_STEP_S = 0.05
 
 
 @dataclass(frozen=True)
 class TaskCommand:
     """One job as it travels to the node: ``argv`` as in ``gputracker.Job`` (a list, or a
-    callable given the node's ``Allocation``), extra ``env``, its log and its outcome file."""
+    callable given the node's ``Allocation``), extra ``env``, its log and its outcome file
+    (None: the outcome only travels back as ``run_commands``' return value)."""
 
     name: str
     argv: Sequence[str] | Callable[[Allocation], Sequence[str]]
     env: Mapping[str, str]
     log_path: Path
-    outcome_path: Path
+    outcome_path: Path | None = None
 
     def command(self, allocation: Allocation) -> list[str]:
         argv = self.argv(allocation) if callable(self.argv) else self.argv
@@ -121,7 +126,6 @@ class _Stopper:
     def __init__(self, grace_period: float):
         self.grace_period = grace_period
         self.received = ""
-        self.warned = ""
         self.current: GroupProcess | None = None
         self._previous: dict[int, object] = {}
 
@@ -131,14 +135,11 @@ class _Stopper:
         for signum in _STOP_SIGNALS:
             self._previous[signum] = signal.signal(signum, self._stop)
         if _WARN_SIGNAL is not None:
-            self._previous[_WARN_SIGNAL] = signal.signal(_WARN_SIGNAL, self._warn)
+            self._previous[_WARN_SIGNAL] = signal.signal(_WARN_SIGNAL, signal.SIG_IGN)
 
     def restore(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
-
-    def _warn(self, signum, frame) -> None:
-        self.warned = signal.Signals(signum).name
 
     def _stop(self, signum, frame) -> None:
         self.received = self.received or signal.Signals(signum).name
@@ -155,8 +156,9 @@ class _Stopper:
 
 def run_commands(commands: Sequence[TaskCommand], *, gpus: tuple[int, ...] | None = None,
                  threads: int | None = None, task: str = "", grace_period: float = 10.0,
-                 ) -> list[int | None]:
-    """Run ``commands`` in order on this node; returns their exit codes (None: not started).
+                 ) -> list[Outcome]:
+    """Run ``commands`` in order on this node; returns how each ended (also recorded in its
+    outcome file).
 
     ``gpus``: the GPUs the scheduler gave the task (None: read ``CUDA_VISIBLE_DEVICES`` and
     leave it as it is); ``threads``: the thread count for a CPU-only task; ``task``: the
@@ -168,21 +170,21 @@ def run_commands(commands: Sequence[TaskCommand], *, gpus: tuple[int, ...] | Non
     host = socket.gethostname()
     task = task or slurm_task_id(os.environ)
     try:
-        codes = []
+        outcomes = []
         for command in commands:
             if stopper.received:
                 now = time.time()
-                _record(command, Outcome(None, now, now, host, signal=stopper.received, task=task))
-                codes.append(None)
+                outcomes.append(_record(command, Outcome(None, now, now, host,
+                                                         signal=stopper.received, task=task)))
                 continue
-            codes.append(_run_one(command, gpus, threads, task, host, stopper))
-        return codes
+            outcomes.append(_run_one(command, gpus, threads, task, host, stopper))
+        return outcomes
     finally:
         stopper.restore()
 
 
 def _run_one(command: TaskCommand, gpus: tuple[int, ...] | None, threads: int | None,
-             task: str, host: str, stopper: _Stopper) -> int | None:
+             task: str, host: str, stopper: _Stopper) -> Outcome:
     start = time.time()
     given = visible_gpus(os.environ) if gpus is None else gpus
     try:
@@ -193,25 +195,41 @@ def _run_one(command: TaskCommand, gpus: tuple[int, ...] | None, threads: int | 
             log.write(f"# task {task or '-'} on {host}\n")
         handle = launch_in_session(argv, env, command.log_path)
     except (OSError, ValueError) as exc:
-        _record(command, Outcome(None, start, time.time(), host, gpus=given, threads=threads,
-                                 error=f"could not start {command.name}: {exc}", task=task))
-        return None
+        return _record(command, Outcome(None, start, time.time(), host, gpus=given,
+                                        threads=threads, task=task,
+                                        error=f"could not start {command.name}: {exc}"))
     stopper.current = handle
     code: int | None = None
     try:
-        code = handle.wait()
+        code = _wait(handle)
     except BaseException:  # a Ray cancel (KeyboardInterrupt): the command must not outlive us
         stopper.terminate(handle)
         code = handle.wait()
         raise
     finally:
         stopper.current = None
-        _record(command, Outcome(code, start, time.time(), host, pid=handle.pid, gpus=given,
-                                 threads=threads, signal=stopper.received or stopper.warned,
-                                 task=task))
-    return code
+        outcome = _record(command, Outcome(code, start, time.time(), host, pid=handle.pid,
+                                           gpus=given, threads=threads, task=task,
+                                           signal=stopper.received))
+    return outcome
 
 
-def _record(command: TaskCommand, outcome: Outcome) -> None:
-    command.outcome_path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(command.outcome_path, outcome.to_json())
+def _wait(handle: GroupProcess) -> int:
+    """``handle.wait()``, entered only once the command has exited: until then the wait is
+    a sleep loop, because a Ray cancel arrives as a Python-level interrupt that a thread
+    blocked in a system call would not see."""
+    while True:
+        try:
+            if os.waitid(os.P_PID, handle.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG):
+                break
+        except ChildProcessError:
+            break
+        time.sleep(_WAIT_STEP_S)
+    return handle.wait()
+
+
+def _record(command: TaskCommand, outcome: Outcome) -> Outcome:
+    if command.outcome_path is not None:
+        command.outcome_path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(command.outcome_path, outcome.to_json())
+    return outcome

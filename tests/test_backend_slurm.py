@@ -17,7 +17,7 @@ import pytest
 
 from backend_slurm import SlurmBackend, SlurmOptions
 from errors import InputError
-from slurm_fixtures import ROOT, probe_job, runs, wait_for, worker_argv
+from tests.slurm_fixtures import ROOT, probe_job, runs, wait_for, worker_argv
 
 START = ROOT / "tests" / "slurm" / "start_slurm.sh"
 POLL_S = 0.3            # squeue every 0.3 s: the tests wait on seconds-long jobs
