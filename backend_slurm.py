@@ -15,7 +15,9 @@ stdout/stderr per task), ``outcomes/<token>.json`` (written on the node) and the
 A task ended by Slurm (time limit, scancel, preemption, node failure) yields a result killed
 by SIGTERM whose ``detail`` says which. The compute nodes must see the project, its Python
 and ``state_dir`` at the same paths (a shared filesystem); a task that Slurm could not even
-start because it could not write its log there stops the run with an InputError.
+start because it could not write its log there stops the run with an InputError. A job's
+argv and ``env`` are pickled into ``state_dir``: secrets (a hub token) belong in the
+submitting environment, which sbatch passes on to the task, not in ``Job.env``.
 """
 
 from __future__ import annotations
@@ -327,8 +329,9 @@ class SlurmBackend:
         if outcome.error:
             returncode, detail = 1, outcome.error
         elif returncode is None or returncode < 0:
-            detail = self._ended_by(record, state, started=returncode is not None)
-            if returncode is None and state is not None and not state.ended_by_scheduler:
+            detail = self._ended_by(record, state, outcome)
+            if (returncode is None and not outcome.signal and state is not None
+                    and not state.ended_by_scheduler):
                 returncode = 1  # the task itself failed before running the command
             returncode = -signal.SIGTERM if returncode is None else returncode
         return JobResult(job=job, returncode=returncode, gpus=outcome.gpus,
@@ -336,16 +339,23 @@ class SlurmBackend:
                          end=outcome.end, started_at=outcome.start, log_path=job.log_path,
                          detail=detail)
 
-    def _ended_by(self, record: Submission, state: TaskState | None, started: bool) -> str:
+    def _ended_by(self, record: Submission, state: TaskState | None, outcome: Outcome) -> str:
+        """Why a job ended by a signal, or never started: Slurm's word where it has one."""
         log = self._slurm_log(record)
         where = f"Slurm task {record.task}, log {log}"
-        if state is None:
-            return f"the Slurm task ended without a trace of how ({where})"
-        if state.ended_by_scheduler:
+        started = outcome.returncode is not None
+        if state is not None and state.ended_by_scheduler:
             text = SCHEDULER_ENDED[state.state]
             if state.state == "TIMEOUT":
                 text += f" (--slurm_time {self.options.time_min} min)"
             return f"{text}{'' if started else ' before this job started'} ({where})"
+        if outcome.signal:
+            return (f"the task got {outcome.signal} (scancel, the time limit or preemption; "
+                    f"Slurm no longer says which) ({where})")
+        if started:
+            return ""  # killed by something else on the node (the kernel's OOM killer)
+        if state is None:
+            return f"the Slurm task ended without a trace of how ({where})"
         return (f"the Slurm task ended ({state.state}, exit {state.exit_code or '?'}) before "
                 f"running the job ({where}: {last_lines(log) or 'empty'})")
 

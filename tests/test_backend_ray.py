@@ -133,3 +133,30 @@ def test_ray_flags():
         address="10.0.0.1:6379", gpus_per_job=2, cpus_per_job=4)
     with pytest.raises(InputError, match="--ray_cpus_per_job must be at least 1"):
         ray_options_from_args(parser.parse_args(["--ray_cpus_per_job", "0"]), 1)
+
+
+# A run with no Ray yet: the backend starts a local one and shuts it down when done. In a
+# fresh interpreter, since the other tests share the module's Ray.
+LOCAL_RAY = """
+import sys
+sys.path[:0] = [{root!r}]
+import ray
+from backend_ray import RayBackend, RayOptions
+from tests.slurm_fixtures import probe_job
+from pathlib import Path
+(result,) = RayBackend(RayOptions(gpus_per_job=0)).run([probe_job(Path({tmp!r}), "solo")])
+print(result.returncode, ray.is_initialized())
+"""
+
+
+def test_without_an_address_a_local_ray_is_started_and_stopped(tmp_path):
+    import subprocess
+
+    pytest.importorskip("ray", reason="Ray is optional: pip install -r requirements-ray.txt")
+    from tests.slurm_fixtures import ROOT
+
+    proc = subprocess.run([sys.executable, "-c", LOCAL_RAY.format(root=str(ROOT),
+                                                                  tmp=str(tmp_path))],
+                          capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-2:] == ["0", "False"] and runs(tmp_path, "solo")

@@ -162,3 +162,11 @@ def test_slurm_flags():
         slurm_options_from_args(parser.parse_args(["--slurm_additional", "exclusive"]), 1)
     with pytest.raises(InputError, match="--slurm_time must be at least 1"):
         slurm_options_from_args(parser.parse_args(["--slurm_time", "0"]), 1)
+
+
+def test_backends_import_neither_torch_nor_transformers():
+    code = ("import sys, backend_slurm, backend_ray, backend_task, slurm_cli; "
+            "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, check=True)
+    assert proc.stdout.strip() == "[]"
