@@ -75,7 +75,8 @@ class JobResult:
     """How one run of one job ended. ``start``/``end`` are on the dispatcher's clock,
     ``started_at`` is wall-clock time (seconds since the epoch). ``returncode`` is negative
     when a signal ended the job (``-9``: SIGKILL). ``stopped`` marks jobs the dispatcher
-    itself terminated because it was stopped."""
+    itself terminated because it was stopped. ``detail`` is what a cluster backend knows
+    beyond the exit code (``Slurm cancelled the task at its time limit``)."""
 
     job: Job
     returncode: int
@@ -87,6 +88,7 @@ class JobResult:
     started_at: float
     log_path: Path
     stopped: bool = False
+    detail: str = ""
 
     @property
     def name(self) -> str:
@@ -101,7 +103,8 @@ class JobResult:
         return self.end - self.start
 
     def describe(self) -> str:
-        """``exit code 3`` or ``killed by SIGTERM``, plus ``(stopped by the dispatcher)``."""
+        """``exit code 3`` or ``killed by SIGTERM``, plus ``(stopped by the dispatcher)`` and
+        the backend's ``detail``."""
         if self.returncode < 0:
             try:
                 text = f"killed by {signal.Signals(-self.returncode).name}"
@@ -109,7 +112,8 @@ class JobResult:
                 text = f"killed by signal {-self.returncode}"
         else:
             text = f"exit code {self.returncode}"
-        return text + (" (stopped by the dispatcher)" if self.stopped else "")
+        text += " (stopped by the dispatcher)" if self.stopped else ""
+        return f"{text}: {self.detail}" if self.detail else text
 
     def tail(self, n_lines: int = 20) -> list[str]:
         """The last ``n_lines`` lines of the job's log, without line ends."""

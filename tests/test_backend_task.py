@@ -1,0 +1,172 @@
+"""The node side of the cluster backends (backend_task) and Slurm's answers (slurm_cli),
+with real subprocesses and no cluster."""
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from backend_slurm import SlurmOptions, add_slurm_arguments, slurm_options_from_args
+from backend_task import Outcome, TaskCommand, read_outcome, run_commands
+from errors import InputError, TransientError
+from gputracker.jobs import Job, JobResult
+from slurm_cli import SlurmCLI, cause_from_log, submission_error
+from tests.slurm_fixtures import PROBE, ROOT, runs, wait_for
+
+START_TIMEOUT_S = 30
+
+
+def command(tmp: Path, name: str, code: int = 0, hold: Path | None = None) -> TaskCommand:
+    return TaskCommand(name, [sys.executable, "-c", PROBE, str(tmp / f"{name}.marker"),
+                              str(code), str(hold or "")], {"PROBE_EXTRA": name},
+                       tmp / "logs" / f"{name}.log", tmp / "outcomes" / f"{name}.json")
+
+
+def test_commands_run_in_order_with_their_env_and_outcomes(tmp_path):
+    outcomes = run_commands([command(tmp_path, "a", 3), command(tmp_path, "b")], gpus=(),
+                            threads=2, task="7_1")
+    assert [o.returncode for o in outcomes] == [3, 0]
+    assert read_outcome(tmp_path / "outcomes" / "a.json") == outcomes[0]
+    (a,), (b,) = runs(tmp_path, "a"), runs(tmp_path, "b")
+    assert a["start"] < b["start"] and (a["cvd"], a["omp"], a["extra"]) == ("", "2", "a")
+    assert outcomes[0].pid == a["pid"] and outcomes[0].task == "7_1"
+    log = (tmp_path / "logs" / "a.log").read_text()
+    assert log.startswith("# task 7_1 on ") and "probe ran" in log
+
+
+def test_argv_builder_gets_the_nodes_allocation(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    seen = []
+    cmd = TaskCommand("x", lambda alloc: seen.append(alloc) or [sys.executable, "-c", ""],
+                      {}, tmp_path / "x.log")
+    (outcome,) = run_commands([cmd])
+    assert outcome.returncode == 0 and outcome.gpus == (2, 3) and seen[0].gpus == (2, 3)
+
+
+def test_a_command_that_cannot_start_is_an_error_outcome(tmp_path):
+    cmd = TaskCommand("x", [str(tmp_path / "no-such-program")], {}, tmp_path / "x.log",
+                      tmp_path / "x.json")
+    (outcome,) = run_commands([cmd])
+    assert outcome.returncode is None and "could not start x" in outcome.error
+    assert read_outcome(tmp_path / "x.json").error == outcome.error
+
+
+# The task as Slurm runs it: a process of its own, which the test signals as scancel does.
+TASK = textwrap.dedent("""
+    import pickle, sys
+    sys.path.insert(0, {root!r})
+    from backend_task import run_commands
+    run_commands(pickle.load(open(sys.argv[1], "rb")), grace_period=2.0)
+""")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_ends_the_command_and_skips_the_rest(tmp_path, signum):
+    import pickle
+
+    hold = tmp_path / "hold"
+    hold.touch()
+    commands = [command(tmp_path, "first", hold=hold), command(tmp_path, "second")]
+    (tmp_path / "task.pkl").write_bytes(pickle.dumps(commands))
+    proc = subprocess.Popen([sys.executable, "-c", TASK.format(root=str(ROOT)),
+                             str(tmp_path / "task.pkl")])
+    wait_for(lambda: runs(tmp_path, "first"), START_TIMEOUT_S, "the first command")
+    os.kill(proc.pid, signal.SIGUSR2)  # Slurm's early warning: ignored
+    os.kill(proc.pid, signum)
+    assert proc.wait(START_TIMEOUT_S) == 0
+    first = read_outcome(tmp_path / "outcomes" / "first.json")
+    second = read_outcome(tmp_path / "outcomes" / "second.json")
+    assert first.returncode == -signal.SIGTERM and first.signal == signum.name
+    assert second.returncode is None and second.signal == signum.name
+    assert not runs(tmp_path, "second")
+
+
+def test_unreadable_outcome_is_reported(tmp_path):
+    (tmp_path / "o.json").write_text("{not json")
+    assert "unreadable outcome" in read_outcome(tmp_path / "o.json").error
+    assert read_outcome(tmp_path / "missing.json") is None
+    outcome = Outcome(0, 1.0, 2.0, "node", gpus=(1,))
+    (tmp_path / "ok.json").write_text(outcome.to_json())
+    assert read_outcome(tmp_path / "ok.json") == outcome and json.loads(outcome.to_json())
+
+
+def test_describe_adds_the_backends_detail(tmp_path):
+    job = Job("m", ["true"], tmp_path / "m.log")
+    result = JobResult(job, -15, (), None, 0, 0.0, 1.0, 0.0, job.log_path,
+                       detail="Slurm ended the task at its time limit")
+    assert result.describe() == "killed by SIGTERM: Slurm ended the task at its time limit"
+    assert JobResult(job, 1, (), None, 0, 0.0, 1.0, 0.0, job.log_path).describe() == "exit code 1"
+
+
+@pytest.mark.parametrize("line, state", [
+    ("slurmstepd: error: *** JOB 5 ON vm CANCELLED AT 2026-11-26T00:22:21 DUE TO TIME LIMIT ***",
+     "TIMEOUT"),
+    ("slurmstepd: error: *** STEP 6.0 ON vm CANCELLED AT 2026-11-26T00:21:16 ***", "CANCELLED"),
+    ("slurmstepd: error: *** JOB 7 ON n1 CANCELLED AT 2026-11-26T00:21:16 DUE TO PREEMPTION ***",
+     "PREEMPTED"),
+    ("slurmstepd: error: Detected 1 oom_kill event in StepId=8.0.", "OUT_OF_MEMORY"),
+])
+def test_cause_read_from_the_slurm_log(tmp_path, line, state):
+    (tmp_path / "t.err").write_text(f"srun: got SIGCONT\n{line}\nsrun: error: task 0\n")
+    assert cause_from_log(tmp_path / "t.err").state == state
+    assert cause_from_log(tmp_path / "missing.err") is None
+
+
+def test_sbatch_refusals_and_outages_are_told_apart():
+    refused = submission_error("sbatch: error: Batch job submission failed: Invalid account")
+    assert isinstance(refused, InputError) and "Invalid account" in str(refused)
+    down = submission_error("sbatch: error: Batch job submission failed: Unable to contact "
+                            "slurm controller (connect failure)")
+    assert isinstance(down, TransientError) and "nothing was submitted" in str(down)
+
+
+def fake_run(stdout="", stderr="", returncode=0, calls=None):
+    def run(argv):
+        if calls is not None:
+            calls.append(list(argv))
+        return subprocess.CompletedProcess(argv, returncode, stdout, stderr)
+    return run
+
+
+def test_squeue_answers():
+    calls = []
+    cli = SlurmCLI(fake_run("12_0|RUNNING\n12_1|PENDING\n13|COMPLETED\n", calls=calls))
+    assert cli.queued(["12_0", "12_1", "12_2", "13"]) == {"12_0": "RUNNING", "12_1": "PENDING"}
+    assert calls == [["squeue", "-h", "-r", "-j", "12,13", "-o", "%i|%T"]]
+    assert SlurmCLI(fake_run(stderr="Invalid job id specified", returncode=1)).queued(["9"]) == {}
+    with pytest.raises(TransientError, match="squeue failed"):
+        SlurmCLI(fake_run(stderr="Socket timed out", returncode=1)).queued(["9"])
+
+
+def test_slurm_flags():
+    parser = argparse.ArgumentParser()
+    add_slurm_arguments(parser)
+    args = parser.parse_args(["--slurm_partition", "gpu", "--slurm_time", "90",
+                              "--slurm_setup", "module load cuda", "--slurm_setup", ". env",
+                              "--slurm_additional", "mail-type=FAIL", "--detach",
+                              "--slurm_models_per_task", "3"])
+    options = slurm_options_from_args(args, default_gpus=2, job_name="esd")
+    assert options == SlurmOptions(partition="gpu", time_min=90, gpus_per_task=2,
+                                   setup=("module load cuda", ". env"),
+                                   additional=(("mail-type", "FAIL"),), models_per_task=3,
+                                   detach=True, job_name="esd")
+    assert slurm_options_from_args(parser.parse_args(["--slurm_gpus_per_task", "0"]),
+                                   default_gpus=2).gpus_per_task == 0
+    with pytest.raises(InputError, match="expected KEY=VALUE"):
+        slurm_options_from_args(parser.parse_args(["--slurm_additional", "exclusive"]), 1)
+    with pytest.raises(InputError, match="--slurm_time must be at least 1"):
+        slurm_options_from_args(parser.parse_args(["--slurm_time", "0"]), 1)
+
+
+def test_backends_import_neither_torch_nor_transformers():
+    code = ("import sys, backend_slurm, backend_ray, backend_task, slurm_cli; "
+            "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, check=True)
+    assert proc.stdout.strip() == "[]"
