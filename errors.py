@@ -22,6 +22,10 @@ class ModelNotFoundError(ESDError):
     """The repository, revision or local directory does not exist."""
 
 
+class RevisionNotFoundError(ModelNotFoundError):
+    """The repository exists, the revision (branch, tag or commit) does not."""
+
+
 class GatedModelError(ESDError):
     """The hub refused access: gated or private repository, missing or wrong token."""
 

@@ -106,18 +106,26 @@ class CacheSession:
         return True
 
     def close(self) -> None:
-        """Release every lease; with ``cleanup``, first delete this run's files of each leased
-        repository that no other process reads."""
-        for folder, fd in list(self._leases.items()):
-            state = self.cache_dir / STATE_DIR / folder
-            try:
-                with _mutex(state):
-                    if self.cleanup and not _other_users(state, self._token):
-                        _sweep_locked(self.cache_dir, folder)
-                    (state / "users" / self._token).unlink(missing_ok=True)
-            finally:
-                os.close(fd)
-                del self._leases[folder]
+        """Release every lease; with ``cleanup``, first delete the recorded files of each
+        leased repository that no other process reads."""
+        for folder in list(self._leases):
+            self._unlease(folder)
+
+    def unlease(self, repo_id: str) -> None:
+        """Release the lease on one repository (as ``close`` does for all)."""
+        if repo_folder_name(repo_id) in self._leases:
+            self._unlease(repo_folder_name(repo_id))
+
+    def _unlease(self, folder: str) -> None:
+        fd = self._leases.pop(folder)
+        state = self.cache_dir / STATE_DIR / folder
+        try:
+            with _mutex(state):
+                if self.cleanup and not _other_users(state, self._token):
+                    _sweep_locked(self.cache_dir, folder)
+                (state / "users" / self._token).unlink(missing_ok=True)
+        finally:
+            os.close(fd)
 
 
 def sweep(cache_dir: Path | str) -> list[str]:

@@ -9,6 +9,7 @@ the cache's ``refs/<branch>`` and ``snapshots/<commit>`` folders. Imports no tor
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -24,6 +25,7 @@ from errors import (
     InputError,
     ModelNotFoundError,
     NetworkError,
+    RevisionNotFoundError,
     TransientError,
     is_network_error,
 )
@@ -185,7 +187,7 @@ def hub_error(exc: Exception, label: str, offline: bool, token: str | None) -> E
         return ModelNotFoundError(f"{label}: repository not found on the hub (or private: set "
                                   f"HF_TOKEN): {detail}")
     if isinstance(exc, hf.RevisionNotFoundError):
-        return ModelNotFoundError(f"{label}: revision not found: {detail}")
+        return RevisionNotFoundError(f"{label}: revision not found: {detail}")
     if isinstance(exc, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)):
         if not offline and is_network_error(exc):
             return NetworkError(f"{label}: hub unreachable and not cached: {detail}")
@@ -216,3 +218,22 @@ def hub_errors(label: str, offline: bool, token: str | None) -> Iterator[None]:
         if mapped is exc:
             raise
         raise mapped from None
+
+
+def hub_json(model_id: str, filename: str, cache_dir: str | None = None) -> dict | None:
+    """A small JSON file of a hub model (``org/name[@rev]``), fetched into the cache; None
+    when it cannot be had (not a hub id, no such file, no network: callers fall back)."""
+    from huggingface_hub import hf_hub_download
+
+    repo_id, _, revision = model_id.partition("@")
+    if not repo_id or Path(model_id).expanduser().exists() or repo_id.count("/") > 1:
+        return None
+    try:
+        path = hf_hub_download(repo_id, filename, revision=revision or None,
+                               cache_dir=cache_dir, local_files_only=env_offline(),
+                               etag_timeout=METADATA_TIMEOUT_S)
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except Exception as exc:  # any failure leaves the model to be handled on its own
+        logger.debug("%s: no %s (%s)", model_id, filename, scrub(str(exc)))
+        return None
+    return data if isinstance(data, dict) else None

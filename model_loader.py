@@ -189,7 +189,7 @@ class LoadedModel:
             yield item.name, item.tensor
 
 
-class _Opener:
+class Opener:
     """Resolves and fetches the files of the models of one job. Checkpoints are opened once
     per source, so the models of one base share it."""
 
@@ -297,7 +297,7 @@ def open_models(requests: Sequence[ModelRequest], *, token: str | None = None,
     while the reader waits for a download.
     """
     hub = hub if hub is not None else HubClient(token=token, cache_dir=cache_dir)
-    opener = _Opener(hub, token, session, waiting)
+    opener = Opener(hub, token, session, waiting)
     opened: list[LoadedModel | ESDError] = []
     for request in requests:
         try:
@@ -320,7 +320,7 @@ def open_model(request: ModelRequest, *, token: str | None = None,
     return model
 
 
-def _open(opener: _Opener, request: ModelRequest, trust_remote_code: bool) -> LoadedModel:
+def _open(opener: Opener, request: ModelRequest, trust_remote_code: bool) -> LoadedModel:
     model_id, revision = parse_model_id(request.model_id)
     source = opener.locate(model_id, revision)
     if request.marked_adapter or is_adapter_repo(source.files):

@@ -1,54 +1,55 @@
-"""ESD metrics for every model of a list: one worker subprocess per model, on GPUs or CPUs.
+"""ESD metrics for every model of a list: worker jobs on GPUs, CPUs, a Slurm cluster or Ray.
 
 Usage: python run_esd_experiment.py --model_list models.csv --output_dir results/ [--gpus 0 1 2 3]
+       python run_esd_experiment.py --model_list models.csv --output_dir results/ --dry_run
        python run_esd_experiment.py --demo --output_dir demo/
 
-Reads the model list (CSV: model_id, optional base_model_relation and source_model). Writes
-under --output_dir one ``<org--name>.csv`` per model (columns: results.RESULT_COLUMNS),
-``failed_models.txt`` (model id, tab, cause), one log per model under --log_dir and the
-run's own log, ``<log_dir>/esd_experiment.log``.
-Finished models are skipped on a rerun. Exit code: 0 when no model failed, 1 when some model
-failed, 2 for bad input (list, flags, a second run on the same output), 128 + the signal
+Reads the model list (CSV: model_id, optional base_model_relation, source_model, gguf_file).
+Writes under --output_dir one ``<org--name>.csv`` per model (columns: results.RESULT_COLUMNS),
+``failed_models.txt`` (model id, tab, cause), one log per model under --log_dir and the run's
+own log, ``<log_dir>/esd_experiment.log``; with --dry_run only ``preflight.csv``. A base and
+its listed adapters run as one job that reads the base once. Finished models are skipped on a
+rerun. Exit code: 0 when no model failed, 1 when some model failed or the hub could not be
+reached, 2 for bad input (list, flags, a second run on the same output), 128 + the signal
 number when interrupted (130 after Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import logging
 import os
 import signal
 import sys
 import time
 from collections.abc import Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from errors import ESDError, InputError
-from esd_config import add_esd_arguments, esd_argv, esd_config_from_args
-from esd_worker import EXIT_TRANSIENT, model_paths
+from esd_config import add_esd_arguments, esd_config_from_args
 from gputracker import Dispatcher, Job, JobResult, detect_gpus, install_signal_handlers
-from paths import ModelPaths
-from results import eigs_options, is_current
-from run_state import FailureLog, RunLock, check_options, read_failure_cause
+from model_list import JobSpec, group_jobs, local_adapter_config, read_model_list
+from run_plan import (
+    OutageWatch,
+    Outcome,
+    estimator_options,
+    make_plan,
+    model_outcomes,
+    model_paths,
+    outage_message,
+    stage_file_of,
+    worker_argv,
+)
+from run_progress import Progress, format_duration, run_log, summary_table
+from run_state import FailureLog, RunLock, check_options
 
 logger = logging.getLogger("run_esd_experiment")
 
 EXIT_SOME_FAILED = 1
 EXIT_BAD_INPUT = 2
-WORKER = Path(__file__).resolve().with_name("esd_worker.py")
-LOG_TAIL_LINES = 5
 RUN_LOG = "esd_experiment.log"  # the runner's own log, beside the per-model logs
-
-
-@dataclass(frozen=True)
-class ListEntry:
-    model_id: str
-    base_model_relation: str = ""
-    source_model: str = ""
+BACKENDS = ("local", "slurm", "ray")
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class RunConfig:
     model_list: Path
     output_dir: Path
     log_dir: Path
-    args: argparse.Namespace = field(repr=False)  # the ESD options, forwarded to every worker
+    args: argparse.Namespace = field(repr=False)  # ESD and backend options, forwarded
     gpus: tuple[int, ...] | None = None        # None: CPU mode
     num_gpus_per_job: int = 1
     gpu_memory_threshold: float = 500.0
@@ -69,295 +70,229 @@ class RunConfig:
     max_retries: int = 2
     retry_backoff: float = 30.0
     cleanup_cache: bool = False
-    trust_remote_code: bool = False
     cache_dir: str | None = None
     progress: bool = True
+    max_group: int = 8                 # models per job for a base and its adapters
+    model_timeout: float | None = None  # seconds one attempt may take (local backend)
+    backend: str = "local"
 
-
-# ---------------------------------------------------------------------------------------------
-# The model list.
-
-def read_model_list(path: Path) -> list[ListEntry]:
-    """Parse the list; tolerant of a BOM, blank lines, spaces and extra columns; de-duplicated."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"model list {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"model list {path} is not UTF-8 text ({exc.reason} at byte "
-                         f"{exc.start}): save it as UTF-8 CSV") from None
-    except OSError as exc:
-        raise InputError(f"model list {path} cannot be read: {exc.strerror}") from None
-    lines = [line for line in text.splitlines() if line.strip()]
-    if not lines:
-        raise InputError(f"model list {path} is empty")
-    reader = csv.DictReader(io.StringIO("\n".join(lines)), skipinitialspace=True)
-    columns = {(name or "").strip() for name in reader.fieldnames or []}
-    if "model_id" not in columns:
-        raise InputError(f"model list {path} has no model_id column (columns: "
-                         f"{', '.join(sorted(columns)) or 'none'}); the first line must be a header")
-    entries: dict[str, ListEntry] = {}
-    for raw in reader:
-        row = {(k or "").strip(): (v or "").strip() for k, v in raw.items() if isinstance(v, str)}
-        entry = ListEntry(row.get("model_id", ""), row.get("base_model_relation", ""),
-                          row.get("source_model", ""))
-        if any(not ch.isprintable() for ch in entry.model_id + entry.source_model):
-            logger.warning("%s, line %d: skipped, its ids hold tabs, line breaks or other "
-                           "control characters: %r", path, reader.line_num, entry.model_id)
-            continue
-        first = entries.setdefault(entry.model_id, entry) if entry.model_id else entry
-        if first != entry:  # one result file per model id: the first row wins
-            logger.warning("%s is listed twice with different adapter columns; using the "
-                           "first row (%r, %r)", entry.model_id, first.base_model_relation,
-                           first.source_model)
-    if not entries:
-        raise InputError(f"model list {path} names no model")
-    return list(entries.values())
-
-
-# ---------------------------------------------------------------------------------------------
-# Planning: which entries run, which are skipped.
-
-@dataclass
-class Plan:
-    to_run: list[tuple[ListEntry, ModelPaths]]
-    done: list[ListEntry]
-    skipped_failed: list[ListEntry]
-    invalid: list[tuple[ListEntry, str]]
-
-
-def make_plan(entries: list[ListEntry], config: RunConfig, failures: FailureLog) -> Plan:
-    plan = Plan([], [], [], [])
-    for entry in entries[: config.limit] if config.limit is not None else entries:
-        try:
-            paths = model_paths(config.output_dir, entry.model_id, config.log_dir)
-        except ESDError as exc:
-            plan.invalid.append((entry, str(exc)))
-            continue
-        if not config.overwrite and result_done(paths, config):
-            plan.done.append(entry)
-        elif config.skip_failed and entry.model_id in failures:
-            plan.skipped_failed.append(entry)
-        else:
-            plan.to_run.append((entry, paths))
-    return plan
-
-
-def result_done(paths: ModelPaths, config: RunConfig) -> bool:
-    """A model is done when its CSV (and, under --save_eigs, its eigenvalues) exists and was
-    computed with this run's estimator options."""
-    options = esd_config_from_args(config.args, "cpu").options_key
-    return is_current(paths.csv, options) and (
-        not config.args.save_eigs or eigs_options(paths.eigs) == options)
-
-
-def estimator_options(args: argparse.Namespace) -> dict:
-    """The options that change the numbers (not where or how fast they are computed)."""
-    config = esd_config_from_args(args, "cpu")
-    return {name: getattr(config, name) for name in ("fix_fingers", "xmin_pos", "bins",
-            "evals_thresh", "filter_zeros", "conv_norm", "min_evals", "precision")}
-
-
-def worker_argv(entry: ListEntry, config: RunConfig) -> list[str]:
-    """The worker's command line. Tokens travel in the environment, never here."""
-    argv = [sys.executable, str(WORKER), "--model_id", entry.model_id,
-            "--output_dir", str(config.output_dir), "--log_dir", str(config.log_dir),
-            "--parent_pid", str(os.getpid()), *esd_argv(config.args)]
-    if entry.base_model_relation:
-        argv += ["--base_model_relation", entry.base_model_relation]
-    if entry.source_model:
-        argv += ["--source_model", entry.source_model]
-    if config.cleanup_cache:
-        argv.append("--cleanup_cache")
-    if config.trust_remote_code:
-        argv.append("--trust_remote_code")
-    if config.cache_dir:
-        argv += ["--cache_dir", config.cache_dir]
-    return argv
-
-
-# ---------------------------------------------------------------------------------------------
-# Running: dispatch, retries, failure records, progress.
-
-class _BarSafeHandler(logging.Handler):
-    """Writes log records above the progress bar instead of through it."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        from tqdm import tqdm
-
-        tqdm.write(self.format(record), file=sys.stderr)
-
-
-class Progress:
-    """A progress bar (done / failed / running, ETA) on a terminal, plain log lines otherwise."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.done, self.failed = total, 0, 0
-        self._bar = None
-        self._saved_handlers: list[logging.Handler] = []
-        if enabled and total and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            root = logging.getLogger()
-            self._saved_handlers = list(root.handlers)
-            consoles = [h for h in root.handlers if type(h) is logging.StreamHandler]
-            handler = _BarSafeHandler()
-            if consoles:
-                handler.setFormatter(consoles[0].formatter)
-            root.handlers = [h for h in root.handlers if h not in consoles] + [handler]
-            # Per-job start/exit lines would bury the bar; failures are still reported below.
-            logging.getLogger("gputracker").setLevel(logging.WARNING)
-            self._bar = tqdm(total=total, unit="model", dynamic_ncols=True, file=sys.stderr)
-
-    def finished(self, model_id: str, ok: bool, running: int, detail: str = "") -> None:
-        self.done += ok
-        self.failed += not ok
-        if self._bar is not None:
-            self._bar.update(1)
-            self._bar.set_postfix(done=self.done, failed=self.failed, running=running)
-        if not ok:
-            logger.warning("[%d/%d] FAILED %s: %s", self.done + self.failed, self.total,
-                           model_id, detail)
-        elif self._bar is None:
-            logger.info("[%d/%d] done %s", self.done + self.failed, self.total, model_id)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-            logging.getLogger().handlers = self._saved_handlers
-            logging.getLogger("gputracker").setLevel(logging.NOTSET)
+    @property
+    def options_key(self) -> str:
+        return esd_config_from_args(self.args, "cpu").options_key
 
 
 class Runner:
-    """Turns finished jobs into results, retries and failure records."""
+    """Turns finished jobs into results, retries and failure records, model by model."""
 
-    def __init__(self, config: RunConfig, dispatcher: Dispatcher, failures: FailureLog,
-                 progress: Progress):
-        self.config, self.dispatcher = config, dispatcher
-        self.failures, self.progress = failures, progress
+    def __init__(self, config: RunConfig, backend, failures: FailureLog, progress: Progress,
+                 pins=None):
+        self.config, self.backend = config, backend
+        self.failures, self.progress, self.pins = failures, progress, pins
+        self.watch = OutageWatch()
+        self.outage: list[str] = []
 
-    def job(self, entry: ListEntry, paths: ModelPaths) -> Job:
-        return Job(name=entry.model_id, argv=worker_argv(entry, self.config),
-                   log_path=paths.log, payload=(entry, paths))
+    def job(self, spec: JobSpec, attempt: int = 1, not_before: float | None = None) -> Job:
+        paths = [model_paths(self.config.output_dir, e.model_id, self.config.log_dir)
+                 for e in spec.entries]
+        log = paths[0].log
+        local = self.config.backend == "local"
+        argv = worker_argv(spec, self.config.args, self.config.output_dir,
+                           self.config.log_dir, stage_file_of(log), os.getpid() if local else None)
+        return Job(name=spec.name, argv=argv, log_path=log, payload=(spec, paths),
+                   attempt=attempt, not_before=not_before, timeout=self.config.model_timeout)
 
     def on_finish(self, result: JobResult) -> list[Job]:
-        entry, paths = result.job.payload
-        running = self.dispatcher.running_jobs
+        spec, paths = result.job.payload
         if result.stopped:
             return []  # interrupted: neither a result nor a failure; the next run retries it
-        if result.ok and result_done(paths, self.config):
-            self.failures.clear(entry.model_id)
-            self.progress.finished(entry.model_id, True, running)
-            return []
-        # A worker killed by a signal it did not ask for (the kernel's OOM killer) may pass.
-        transient = result.returncode == EXIT_TRANSIENT or result.returncode < 0
-        attempt = result.job.attempt
-        if transient and attempt <= self.config.max_retries:
-            delay = self.config.retry_backoff * 2 ** (attempt - 1)
-            logger.warning("%s: transient failure (%s), retry %d/%d in %.0f s; log %s",
-                           entry.model_id, result.describe(), attempt, self.config.max_retries,
-                           delay, paths.log)
-            return [replace(result.job, attempt=attempt + 1,
-                            not_before=self.dispatcher.now() + delay)]
-        cause = self.cause(result, paths)
-        self.failures.record(entry.model_id, cause)
-        self.progress.finished(entry.model_id, False, running, cause)
-        return []
+        _share_log(result.job.log_path, paths[1:])
+        retry = []
+        for outcome in model_outcomes(result, spec, paths, self.config.options_key,
+                                      self.config.args.save_eigs):
+            if outcome.network:
+                if self.watch.network_failure(outcome):
+                    self.outage = list(self.watch.streak)
+                    self.backend.stop("the hub cannot be reached")
+                    return []
+            else:
+                self._record_held()
+            if outcome.state == "done":
+                self.failures.clear(outcome.entry.model_id)
+                self.progress.finished(outcome.entry.model_id, True, self.backend.running_jobs)
+            elif outcome.state == "retry" and result.job.attempt <= self.config.max_retries:
+                retry.append(outcome)
+            elif not outcome.network:
+                self._fail(outcome)
+        jobs = []
+        if retry:
+            delay = self.config.retry_backoff * 2 ** (result.job.attempt - 1)
+            for outcome in retry:
+                logger.warning("%s: transient failure (%s), retry %d/%d in %.0f s",
+                               outcome.entry.model_id, outcome.cause, result.job.attempt,
+                               self.config.max_retries, delay)
+            entries = tuple(o.entry for o in retry)
+            only_base = [e.model_id for e in entries] == [spec.base]
+            again = JobSpec(entries, "" if only_base else spec.base)
+            jobs.append(self.job(again, result.job.attempt + 1, self.backend.now() + delay))
+        if self.pins is not None and not jobs:
+            self.pins.done(spec.base)
+        return jobs
 
-    def cause(self, result: JobResult, paths: ModelPaths) -> str:
-        recorded = read_failure_cause(paths.failure)
-        if recorded:
-            return recorded
-        if result.ok:
-            return f"worker exited 0 but {paths.csv.name} is missing or incomplete; log {paths.log}"
-        try:
-            tail = " | ".join(line.strip() for line in result.tail(LOG_TAIL_LINES) if line.strip())
-        except OSError:
-            tail = ""
-        return f"worker {result.describe()}; log {paths.log}: {tail or 'empty'}"
+    def finish(self) -> None:
+        """At the end of a run without an outage: record the network failures held back."""
+        if not self.outage:
+            self._record_held()
+
+    def _record_held(self) -> None:
+        for held in self.watch.other():
+            self._fail(held)
+
+    def _fail(self, outcome: Outcome) -> None:
+        self.failures.record(outcome.entry.model_id, outcome.cause)
+        self.progress.finished(outcome.entry.model_id, False, self.backend.running_jobs,
+                               outcome.cause)
 
 
-def make_dispatcher(config: RunConfig) -> Dispatcher:
+def _share_log(job_log: Path, others: Sequence) -> None:
+    """Each model of a job gets the job's output in its own log."""
+    if not others or not job_log.is_file():
+        return
+    text = job_log.read_bytes()
+    for paths in others:
+        paths.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(paths.log, "ab") as fh:
+            fh.write(f"# output of the job shared with {job_log.name}\n".encode() + text)
+
+
+class BasePins:
+    """Under --cleanup_cache, a hub base whose models run in several jobs stays in the cache
+    until the last of those jobs has finished (a lease held by the runner), then goes."""
+
+    def __init__(self, cache_dir: Path, specs: Sequence[JobSpec]):
+        from hub_cache import CacheSession
+
+        self.session = CacheSession(cache_dir, cleanup=True)
+        self.jobs: dict[str, int] = {}
+        for spec in specs:
+            if spec.base and not Path(spec.base).expanduser().exists():
+                self.jobs[spec.base] = self.jobs.get(spec.base, 0) + 1
+        for base, count in self.jobs.items():
+            if count > 1:
+                self.session.lease(base.partition("@")[0])
+
+    def done(self, base: str) -> None:
+        if base in self.jobs:
+            self.jobs[base] -= 1
+            if self.jobs[base] == 0:
+                self.session.unlease(base.partition("@")[0])
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def make_backend(config: RunConfig):
+    """Where the workers run: the local dispatcher, Slurm (submitit) or Ray."""
+    args = config.args
+    gpus = 0 if args.device == "cpu" else config.num_gpus_per_job
+    if config.backend == "slurm":
+        from backend_slurm import SlurmBackend, slurm_options_from_args
+
+        return SlurmBackend(slurm_options_from_args(args, default_gpus=gpus, job_name="esd"),
+                            config.output_dir / "slurm")
+    if config.backend == "ray":
+        from backend_ray import RayBackend, ray_options_from_args
+
+        return RayBackend(ray_options_from_args(args, gpus_per_job=gpus))
     return Dispatcher(
         list(config.gpus) if config.gpus else None, gpus_per_job=config.num_gpus_per_job,
         memory_threshold_mb=config.gpu_memory_threshold, max_check=config.max_check,
-        poll_interval=config.poll_interval, cpu_slots=config.cpu_workers,
-    )
+        poll_interval=config.poll_interval, cpu_slots=config.cpu_workers)
 
 
-def run(config: RunConfig, dispatcher: Dispatcher | None = None) -> int:
+def adapter_config_reader(config: RunConfig):
+    """How the runner learns an adapter's base: its local ``adapter_config.json`` or, for a
+    hub adapter, the same file fetched (small; the worker reuses the cached copy)."""
+    from hub_files import hub_json
+
+    def read(model_id: str) -> dict | None:
+        return local_adapter_config(model_id) or hub_json(model_id, "adapter_config.json",
+                                                          config.cache_dir)
+    return read
+
+
+def run(config: RunConfig, backend=None) -> int:
     """Run the whole list; returns the process exit code."""
     started = time.monotonic()
     entries = read_model_list(config.model_list)
-    dispatcher = dispatcher or make_dispatcher(config)
+    backend = backend or make_backend(config)
     with RunLock(config.output_dir), run_log(config.log_dir / RUN_LOG):
         check_options(config.output_dir, estimator_options(config.args), config.overwrite)
         failures = FailureLog(config.output_dir)
-        plan = make_plan(entries, config, failures)
+        plan = make_plan(entries, config.output_dir, config.log_dir, config.options_key,
+                         config.args.save_eigs, config.overwrite, config.skip_failed, failures,
+                         config.limit)
         for entry, reason in plan.invalid:
             failures.record(entry.model_id, reason)
-        mode = (f"GPUs {list(config.gpus)}, {config.num_gpus_per_job} per job" if config.gpus
-                else f"CPU, {config.cpu_workers} worker(s) of {dispatcher.threads_per_job} threads")
+        specs = group_jobs([e for e, _ in plan.to_run], config.max_group,
+                           adapter_config_reader(config))
         logger.info("%d models: %d to run, %d already done, %d failed before and skipped, "
-                    "%d invalid; %s", len(plan.to_run) + len(plan.done) + len(plan.skipped_failed)
-                    + len(plan.invalid), len(plan.to_run), len(plan.done),
-                    len(plan.skipped_failed), len(plan.invalid), mode)
+                    "%d invalid; %d job(s), %s", plan.total, len(plan.to_run), len(plan.done),
+                    len(plan.skipped_failed), len(plan.invalid), len(specs),
+                    describe_backend(config, backend))
+        pins = sweep_cache(config, specs)
         progress = Progress(len(plan.to_run), config.progress)
-        runner = Runner(config, dispatcher, failures, progress)
-        restore = install_signal_handlers(dispatcher)
+        runner = Runner(config, backend, failures, progress, pins)
+        restore = install_signal_handlers(backend)
         try:
-            dispatcher.run([runner.job(e, p) for e, p in plan.to_run], runner.on_finish)
+            backend.run([runner.job(spec) for spec in specs], runner.on_finish)
+            runner.finish()
         finally:
             restore()
             progress.close()
+            if pins is not None:
+                pins.close()
+                sweep_cache(config, ())
         failed = progress.failed + len(plan.invalid)
-        logger.info("%s: done %d, skipped %d, failed %d, in %s%s",
-                    "interrupted" if dispatcher.stopped else "finished", progress.done,
+        state = "stopped" if runner.outage else (
+            "interrupted" if backend.stopped else "finished")
+        logger.info("%s: done %d, skipped %d, failed %d, in %s%s", state, progress.done,
                     len(plan.done) + len(plan.skipped_failed), failed,
                     format_duration(time.monotonic() - started),
                     f"; failures in {failures.path}" if failed else "")
-    if dispatcher.stopped:
-        return 128 + (dispatcher.stop_signum or signal.SIGINT)
+        detached = getattr(getattr(backend, "options", None), "detach", False)
+        if detached:
+            logger.info("submitted: Slurm job(s) %s, %d model job(s) queued or running; rerun "
+                        "the same command to collect the results; cancel with: %s",
+                        " ".join(backend.job_ids), len(backend.left_running),
+                        backend.scancel_command())
+    if runner.outage:
+        logger.error("%s", outage_message(runner.outage))
+        return EXIT_SOME_FAILED
+    if backend.stopped and not detached:
+        return 128 + (backend.stop_signum or signal.SIGINT)
     return EXIT_SOME_FAILED if failed else 0
 
 
-@contextmanager
-def run_log(path: Path):
-    """Copy this process's log lines to ``path`` (appended: one file tells every run's story)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-        handler.close()
+def describe_backend(config: RunConfig, backend) -> str:
+    if config.backend != "local":
+        return f"backend {config.backend}"
+    if config.gpus:
+        return f"GPUs {list(config.gpus)}, {config.num_gpus_per_job} per job"
+    return f"CPU, {config.cpu_workers} worker(s) of {backend.threads_per_job} threads"
 
 
-def summary_table(config: RunConfig) -> str:
-    """One line per listed model with a result: layers, fitted layers and alpha statistics."""
-    import pandas as pd
+def sweep_cache(config: RunConfig, specs: Sequence[JobSpec]) -> BasePins | None:
+    """Under --cleanup_cache: delete what killed runs left in the hub cache (files no live job
+    reads), and pin the bases whose models run in several jobs."""
+    if not config.cleanup_cache:
+        return None
+    from hub_cache import sweep
+    from hub_files import default_cache_dir
 
-    lines = []
-    for entry in read_model_list(config.model_list):
-        paths = model_paths(config.output_dir, entry.model_id, config.log_dir)
-        if result_done(paths, config):
-            df = pd.read_csv(paths.csv)
-            ok = df[df.status == "ok"]
-            lines.append({"model": Path(entry.model_id).name, "layers": len(df),
-                          "fitted": len(ok), "mean_alpha": ok.alpha.mean(),
-                          "median_alpha": ok.alpha.median(), "result": paths.csv.name})
-    return pd.DataFrame(lines).to_string(index=False, float_format="%.2f") if lines else ""
-
-
-def format_duration(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+    cache = default_cache_dir(config.cache_dir)
+    for folder in sweep(cache):
+        logger.info("removed from the hub cache what an earlier run left of %s", folder)
+    return BasePins(cache, specs) if specs else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,12 +301,17 @@ def format_duration(seconds: float) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model_list", type=Path, help="CSV with model_id[,base_model_relation,source_model]")
+    p.add_argument("--model_list", type=Path,
+                   help="CSV with model_id[,base_model_relation,source_model,gguf_file]")
     p.add_argument("--output_dir", type=Path, required=True, help="one CSV per model goes here")
     p.add_argument("--log_dir", type=Path, default=None, help="per-model logs (default: <output_dir>/logs)")
     p.add_argument("--demo", action="store_true",
                    help="build a small offline model zoo under <output_dir>/zoo and analyse it")
+    p.add_argument("--dry_run", action="store_true",
+                   help="resolve every model without downloading weights; write preflight.csv")
     g = p.add_argument_group("scheduling")
+    g.add_argument("--backend", choices=BACKENDS, default="local",
+                   help="where the workers run: this machine's GPUs/CPUs, Slurm, or Ray")
     g.add_argument("--gpus", type=int, nargs="*", default=None,
                    help="GPU indices to use (default: all that NVML reports; none -> CPU)")
     g.add_argument("--num_gpus_per_job", type=int, default=1, help="GPUs per model")
@@ -382,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--poll_interval", type=float, default=10.0, help="seconds between GPU polls")
     g.add_argument("--cpu_workers", type=int, default=1,
                    help="CPU mode: models analysed at once (the cores are split between them)")
+    g.add_argument("--max_group", type=int, default=8,
+                   help="at most this many models (a base and its adapters) share one job")
+    g.add_argument("--model_timeout", type=float, default=None,
+                   help="seconds one attempt at a job may take, then it is stopped (transient)")
     g = p.add_argument_group("experiment control")
     g.add_argument("--overwrite", action="store_true", help="recompute models that have a result")
     g.add_argument("--limit", type=int, default=None, help="only the first N models of the list")
@@ -392,31 +336,39 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--retry_backoff", type=float, default=30.0,
                    help="seconds before the first retry, doubled for each next one")
     g.add_argument("--cleanup_cache", action="store_true",
-                   help="delete each hub model's downloaded files once its result is written")
+                   help="delete each hub model's downloaded files once they are read "
+                        "(a shard at a time; never while another job reads them)")
     g.add_argument("--trust_remote_code", action="store_true",
                    help="allow a model's own code to run (only the adapter fallback needs it)")
     g.add_argument("--cache_dir", default=None, help="Hugging Face cache (default: HF_HOME's)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="progress bar on a terminal")
     add_esd_arguments(p)
+    from backend_ray import add_ray_arguments
+    from backend_slurm import add_slurm_arguments
+
+    add_slurm_arguments(p)
+    add_ray_arguments(p)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    for name in ("num_gpus_per_job", "max_check", "cpu_workers"):
+    for name in ("num_gpus_per_job", "max_check", "cpu_workers", "max_group"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.limit is not None and args.limit < 0:
         raise InputError(f"--limit must be 0 or more, got {args.limit}")
     if args.max_retries < 0 or args.retry_backoff < 0 or args.poll_interval <= 0:
         raise InputError("--max_retries and --retry_backoff must be >= 0, --poll_interval > 0")
+    if args.model_timeout is not None and not args.model_timeout > 0:
+        raise InputError(f"--model_timeout must be positive, got {args.model_timeout}")
     esd_config_from_args(args, "cpu")  # refuses bad estimator options before any worker starts
     if args.device.startswith("cuda:"):
         raise InputError(f"--device {args.device}: the runner gives each job its GPUs; choose "
                          "them with --gpus (esd_worker.py alone takes --device cuda:N)")
     if args.model_list is None:
         raise InputError("--model_list is required (or --demo)")
-    gpus = choose_gpus(args)
+    gpus = choose_gpus(args) if args.backend == "local" else None
     if gpus and args.num_gpus_per_job > len(gpus):
         raise InputError(f"--num_gpus_per_job {args.num_gpus_per_job} exceeds the "
                          f"{len(gpus)} GPU(s) available: {list(gpus)}")
@@ -428,8 +380,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         max_check=args.max_check, poll_interval=args.poll_interval, cpu_workers=args.cpu_workers,
         overwrite=args.overwrite, limit=args.limit, skip_failed=args.skip_failed,
         max_retries=args.max_retries, retry_backoff=args.retry_backoff,
-        cleanup_cache=args.cleanup_cache, trust_remote_code=args.trust_remote_code,
-        cache_dir=args.cache_dir, progress=args.progress,
+        cleanup_cache=args.cleanup_cache, cache_dir=args.cache_dir, progress=args.progress,
+        max_group=args.max_group, model_timeout=args.model_timeout, backend=args.backend,
     )
 
 
@@ -457,10 +409,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not model_list.is_file():  # built once: a rerun resumes like any other run
                 model_list = build_demo_zoo(args.output_dir / "zoo")
             args = argparse.Namespace(**{**vars(args), "model_list": model_list, "device": device})
+        if args.dry_run:
+            from preflight import preflight
+
+            if args.model_list is None:
+                raise InputError("--model_list is required (or --demo)")
+            return preflight(read_model_list(args.model_list)[:args.limit],
+                             args.output_dir, cache_dir=args.cache_dir)
         config = config_from_args(args)
         code = run(config)
         if args.demo:
-            print(summary_table(config))
+            print(summary_table(demo_results(config)))
         return code
     except InputError as exc:
         print(f"run_esd_experiment: error: {exc}", file=sys.stderr)
@@ -468,6 +427,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ESDError as exc:  # the machine failed us (a GPU lost mid-run): results so far are kept
         print(f"run_esd_experiment: error: {exc}", file=sys.stderr)
         return EXIT_SOME_FAILED
+
+
+def demo_results(config: RunConfig) -> list[tuple[str, Path]]:
+    from run_plan import result_done
+
+    out = []
+    for entry in read_model_list(config.model_list):
+        paths = model_paths(config.output_dir, entry.model_id, config.log_dir)
+        if result_done(paths, config.options_key, config.args.save_eigs):
+            out.append((entry.model_id, paths.csv))
+    return out
 
 
 if __name__ == "__main__":

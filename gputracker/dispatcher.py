@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import signal
 import threading
@@ -204,6 +205,7 @@ class Dispatcher:
         self._stop_signum: int | None = None
         self._force = False
         self._query_failures = 0
+        self._timed_out: dict[int, float] = {}  # running job key -> when SIGKILL is due
 
     # ----- public API -----------------------------------------------------------------
 
@@ -305,6 +307,7 @@ class Dispatcher:
                 self._terminate(results, on_finish)
                 return
             now = self._clock()
+            self._enforce_timeouts(now)
             if self._pool.polls and (next_poll is None or now >= next_poll):
                 self._poll()
                 next_poll = now + self._poll_interval
@@ -333,8 +336,27 @@ class Dispatcher:
         self._query_failures = 0
         self._pool.observe(statuses)
 
+    def _enforce_timeouts(self, now: float) -> None:
+        """SIGTERM to each job past its timeout, SIGKILL once the grace period is over too."""
+        for key, run in list(self._running.items()):
+            if run.job.timeout is None:
+                continue
+            if key not in self._timed_out and now >= run.start + run.job.timeout:
+                logger.warning("%s: timed out after %g s; SIGTERM (pid %d)", run.job.name,
+                               run.job.timeout, run.handle.pid)
+                self._timed_out[key] = now + self._grace_period
+                run.handle.send_signal(signal.SIGTERM)
+            elif key in self._timed_out and now >= self._timed_out[key]:
+                logger.warning("%s: still running after SIGTERM; SIGKILL (pid %d)",
+                               run.job.name, run.handle.pid)
+                self._timed_out[key] = math.inf
+                run.handle.send_signal(signal.SIGKILL)
+
     def _timeout(self, now: float, next_poll: float | None) -> float:
         deadlines = [job.not_before for job in self._pending if job.not_before is not None]
+        deadlines += [run.start + run.job.timeout for key, run in self._running.items()
+                      if run.job.timeout is not None and key not in self._timed_out]
+        deadlines += [t for t in self._timed_out.values() if t != math.inf]
         if next_poll is not None:
             deadlines.append(next_poll)
         later = [d - now for d in deadlines if d > now]
@@ -421,6 +443,7 @@ class Dispatcher:
                 started_at=run.started_at,
                 log_path=run.job.log_path,
                 stopped=key in stopped,
+                timed_out=self._timed_out.pop(key, None) is not None,
             )
             logger.info("%s: %s after %.1f s", result.name, result.describe(), result.duration)
             new.append(result)

@@ -42,7 +42,9 @@ class Job:
     ``env`` holds extra variables for the child; the dispatcher's own variables
     (``CUDA_VISIBLE_DEVICES``, ``CUDA_DEVICE_ORDER`` and, in CPU mode, the thread counts)
     take precedence. ``not_before`` is a time on the dispatcher's clock
-    (``Dispatcher.now()``) before which the job is not started. ``attempt`` and ``payload``
+    (``Dispatcher.now()``) before which the job is not started; ``timeout`` bounds how long
+    one run may take (the job's process group then gets SIGTERM, SIGKILL after the grace
+    period, and its result says ``timed_out``). ``attempt`` and ``payload``
     are the caller's: the dispatcher only carries them to the ``JobResult``.
     """
 
@@ -53,6 +55,7 @@ class Job:
     not_before: float | None = None
     attempt: int = 1
     payload: object = None
+    timeout: float | None = None  # seconds a run may take; then SIGTERM, SIGKILL after grace
 
     def __post_init__(self):
         object.__setattr__(self, "log_path", Path(self.log_path))
@@ -89,6 +92,7 @@ class JobResult:
     log_path: Path
     stopped: bool = False
     detail: str = ""
+    timed_out: bool = False
 
     @property
     def name(self) -> str:
@@ -113,6 +117,8 @@ class JobResult:
         else:
             text = f"exit code {self.returncode}"
         text += " (stopped by the dispatcher)" if self.stopped else ""
+        if self.timed_out:
+            text += f" (timed out after {self.job.timeout:g} s)"
         return f"{text}: {self.detail}" if self.detail else text
 
     def tail(self, n_lines: int = 20) -> list[str]:

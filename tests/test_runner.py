@@ -13,9 +13,11 @@ from safetensors.torch import save_file
 
 import run_esd_experiment as runner_mod
 from gputracker import Dispatcher, JobResult
+from model_list import JobSpec, ListEntry
 from net_esd import ESDConfig
 from paths import ModelPaths
 from results import RESULT_COLUMNS
+from run_plan import EXIT_TRANSIENT, worker_argv
 from run_state import FailureLog
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,16 +44,13 @@ class FakeClockDispatcher(Dispatcher):
         super().__init__(None, cpu_slots=1, cpu_count=2, clock=lambda: 1000.0)
 
 
-def finished(runner, entry, paths, returncode, attempt=1, stopped=False):
-    job = runner.job(entry, paths)
-    if attempt > 1:
-        from dataclasses import replace
-
-        job = replace(job, attempt=attempt)
+def finished(runner, entry, paths, returncode, attempt=1, stopped=False, timed_out=False):
+    job = runner.job(JobSpec((entry,)), attempt)
     paths.log.parent.mkdir(parents=True, exist_ok=True)
     paths.log.write_text("loading\nTraceback (most recent call last):\nValueError: bad header\n")
     result = JobResult(job=job, returncode=returncode, gpus=(), threads=2, pid=1, start=0.0,
-                       end=1.0, started_at=0.0, log_path=paths.log, stopped=stopped)
+                       end=1.0, started_at=0.0, log_path=paths.log, stopped=stopped,
+                       timed_out=timed_out)
     return runner.on_finish(result)
 
 
@@ -61,18 +60,18 @@ def setup(tmp_path):
     failures = FailureLog(tmp_path)
     runner = runner_mod.Runner(config, FakeClockDispatcher(), failures,
                                runner_mod.Progress(3, enabled=False))
-    entry = runner_mod.ListEntry("org/model")
+    entry = ListEntry("org/model")
     paths = ModelPaths.for_model(tmp_path, "org/model", log_dir=tmp_path / "logs")
     return runner, failures, entry, paths
 
 
 def test_transient_failure_is_retried_with_backoff_then_recorded(setup):
     runner, failures, entry, paths = setup
-    (retry,) = finished(runner, entry, paths, runner_mod.EXIT_TRANSIENT)
+    (retry,) = finished(runner, entry, paths, EXIT_TRANSIENT)
     assert retry.attempt == 2 and retry.not_before == 1000.0 + 5.0
-    (retry,) = finished(runner, entry, paths, runner_mod.EXIT_TRANSIENT, attempt=2)
+    (retry,) = finished(runner, entry, paths, EXIT_TRANSIENT, attempt=2)
     assert retry.attempt == 3 and retry.not_before == 1000.0 + 10.0, "backoff doubles"
-    assert finished(runner, entry, paths, runner_mod.EXIT_TRANSIENT, attempt=3) == []
+    assert finished(runner, entry, paths, EXIT_TRANSIENT, attempt=3) == []
     assert "org/model" in failures and runner.progress.failed == 1
 
 
@@ -128,9 +127,9 @@ def test_worker_argv_keeps_flags_and_no_token(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_secret_token_value")
     args = runner_mod.build_parser().parse_args(
         ["--output_dir", str(tmp_path), "--fix_fingers", "DKS", "--filter_zeros", "--save_eigs",
-         "--evals_thresh", "1e-7", "--device", "cpu"])
-    config = make_config(tmp_path, args=args, cleanup_cache=True)
-    argv = runner_mod.worker_argv(runner_mod.ListEntry("a/b", "lora", "c/d"), config)
+         "--evals_thresh", "1e-7", "--device", "cpu", "--cleanup_cache"])
+    argv = worker_argv(JobSpec((ListEntry("a/b", "lora", "c/d"),)), args, tmp_path,
+                       tmp_path / "logs", None, None)
     worker_args = __import__("esd_worker").build_parser().parse_args(argv[2:])
     assert (worker_args.fix_fingers, worker_args.filter_zeros, worker_args.save_eigs) == \
         ("DKS", True, True)
@@ -189,35 +188,11 @@ def test_parser_defaults_match_the_seed():
     assert args.filter_zeros is False and args.parallel_esd is False, "both can be turned on and off"
 
 
-def test_model_list_keeps_first_row_of_a_duplicate_id(tmp_path, caplog):
-    path = tmp_path / "list.csv"
-    path.write_text("model_id,base_model_relation,source_model\n"
-                    "org/a,,\norg/b,lora,org/base\norg/a,,\norg/b,lora,org/other\n")
-    entries = runner_mod.read_model_list(path)
-    assert entries == [runner_mod.ListEntry("org/a"),
-                       runner_mod.ListEntry("org/b", "lora", "org/base")]
-    assert "org/b is listed twice with different adapter columns" in caplog.text
-
-
 def test_bad_estimator_flags_are_refused_before_any_worker(tmp_path):
     args = runner_mod.build_parser().parse_args(
         ["--model_list", "x.csv", "--output_dir", str(tmp_path), "--bins", "0"])
     with pytest.raises(runner_mod.InputError, match="bins must be at least 1"):
         runner_mod.config_from_args(args)
-
-
-def test_model_list_that_is_not_utf8_is_an_input_error(tmp_path):
-    path = tmp_path / "list.csv"
-    path.write_bytes(b"\xff\xfemodel_id\norg/a\n")
-    with pytest.raises(runner_mod.InputError, match="is not UTF-8 text"):
-        runner_mod.read_model_list(path)
-
-
-def test_ids_with_control_characters_are_skipped(tmp_path, caplog):
-    path = tmp_path / "list.csv"
-    path.write_text('model_id\n"multi\nline/x"\n"tab\there/x"\norg/ok\n')
-    assert runner_mod.read_model_list(path) == [runner_mod.ListEntry("org/ok")]
-    assert caplog.text.count("control characters") == 2
 
 
 def test_runner_imports_neither_torch_nor_transformers():

@@ -1,0 +1,205 @@
+"""What a run does with its list: which models are done, which run, in which jobs, with which
+worker command line; and, as jobs end, what each model's outcome is.
+
+``make_plan`` sorts the listed models into done (a result computed with this run's estimator
+options), skipped, invalid and to run; ``worker_argv`` is the one place that turns a job into
+a worker command line; ``Outcomes`` reads how each model of a finished job ended (its result,
+its failure record, or the job's exit) and keeps the outage rule: several different models
+failing in a row because the hub cannot be reached stop the run, without recording them as
+failed. Imports neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from errors import ESDError
+from esd_config import esd_argv, esd_config_from_args
+from model_list import JobSpec, ListEntry
+from paths import ModelPaths
+from results import eigs_options, is_current
+from run_state import FailureLog, read_failure_cause, read_stage
+
+logger = logging.getLogger("run_esd_experiment")
+
+WORKER = Path(__file__).resolve().with_name("esd_worker.py")
+EXIT_TRANSIENT = 75  # the worker's "worth a retry" (esd_worker.EXIT_TRANSIENT)
+LOG_TAIL_LINES = 5
+OUTAGE_MODELS = 3  # different models failing in a row on the network: the hub is unreachable
+
+
+def model_paths(output_dir: Path, model_id: str, log_dir: Path | None = None) -> ModelPaths:
+    """The files of a list entry: named from its id and the revision written in it."""
+    from model_loader import parse_model_id
+
+    repo_id, revision = parse_model_id(model_id)
+    return ModelPaths.for_model(output_dir, repo_id, revision, log_dir=log_dir)
+
+
+@dataclass
+class Plan:
+    to_run: list[tuple[ListEntry, ModelPaths]] = field(default_factory=list)
+    done: list[ListEntry] = field(default_factory=list)
+    skipped_failed: list[ListEntry] = field(default_factory=list)
+    invalid: list[tuple[ListEntry, str]] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return len(self.to_run) + len(self.done) + len(self.skipped_failed) + len(self.invalid)
+
+
+def make_plan(entries: list[ListEntry], output_dir: Path, log_dir: Path, options: str,
+              save_eigs: bool, overwrite: bool, skip_failed: bool, failures: FailureLog,
+              limit: int | None = None) -> Plan:
+    plan = Plan()
+    for entry in entries[:limit] if limit is not None else entries:
+        try:
+            paths = model_paths(output_dir, entry.model_id, log_dir)
+        except ESDError as exc:
+            plan.invalid.append((entry, str(exc)))
+            continue
+        if not overwrite and result_done(paths, options, save_eigs):
+            plan.done.append(entry)
+        elif skip_failed and entry.model_id in failures:
+            plan.skipped_failed.append(entry)
+        else:
+            plan.to_run.append((entry, paths))
+    return plan
+
+
+def result_done(paths: ModelPaths, options: str, save_eigs: bool) -> bool:
+    """A model is done when its CSV (and, under --save_eigs, its eigenvalues) exists and was
+    computed with the estimator options ``options`` (an ``options_key``)."""
+    return is_current(paths.csv, options) and (
+        not save_eigs or eigs_options(paths.eigs) == options)
+
+
+def estimator_options(args) -> dict:
+    """The options that change the numbers (not where or how fast they are computed)."""
+    from results import OPTION_NAMES
+
+    config = esd_config_from_args(args, "cpu")
+    return {name: getattr(config, name) for name in OPTION_NAMES}
+
+
+def worker_argv(spec: JobSpec, args, output_dir: Path, log_dir: Path,
+                stage_file: Path | None, parent_pid: int | None) -> list[str]:
+    """The worker's command line for a job. Tokens travel in the environment, never here."""
+    argv = [sys.executable, str(WORKER), "--model_id", *(e.model_id for e in spec.entries),
+            "--output_dir", str(output_dir), "--log_dir", str(log_dir), *esd_argv(args)]
+    if spec.base:  # a base and its adapters: the adapters are marked, the base named
+        argv += ["--source_model", spec.base, "--base_model_relation", "adapter"]
+    else:
+        (entry,) = spec.entries
+        if entry.base_model_relation:
+            argv += ["--base_model_relation", entry.base_model_relation]
+        if entry.source_model:
+            argv += ["--source_model", entry.source_model]
+        if entry.gguf_file:
+            argv += ["--gguf_file", entry.gguf_file]
+    if parent_pid is not None:
+        argv += ["--parent_pid", str(parent_pid)]
+    if stage_file is not None:
+        argv += ["--stage_file", str(stage_file)]
+    if args.cleanup_cache:
+        argv.append("--cleanup_cache")
+    if args.trust_remote_code:
+        argv.append("--trust_remote_code")
+    if args.cache_dir:
+        argv += ["--cache_dir", args.cache_dir]
+    return argv
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one model of a finished job ended: ``done``, ``retry`` (transient), ``failed``."""
+
+    entry: ListEntry
+    state: str
+    cause: str = ""
+    network: bool = False
+
+
+def model_outcomes(result, spec: JobSpec, paths: list[ModelPaths], options: str,
+                   save_eigs: bool) -> list[Outcome]:
+    """Each model's outcome of a finished job (``gputracker.JobResult``), from its result
+    file, else its failure record, else the job's own end (exit code, signal, timeout)."""
+    out = []
+    for entry, model in zip(spec.entries, paths, strict=True):
+        if result_done(model, options, save_eigs) and not result.timed_out:
+            out.append(Outcome(entry, "done"))
+            continue
+        record = _failure_record(model.failure)
+        if result.timed_out:
+            stage = read_stage(stage_file_of(result.job.log_path))
+            out.append(Outcome(entry, "retry", f"timeout after {result.job.timeout:g} s in "
+                                               f"{stage}; log {model.log}"))
+        elif record is not None:
+            cause = read_failure_cause(model.failure) or "unknown error"
+            out.append(Outcome(entry, "retry" if record.get("transient") else "failed", cause,
+                               bool(record.get("network"))))
+        elif result.ok:
+            out.append(Outcome(entry, "failed", f"worker exited 0 but {model.csv.name} is "
+                                                f"missing or incomplete; log {model.log}"))
+        else:
+            # A worker killed by a signal it did not ask for (the kernel's OOM killer) may pass.
+            transient = result.returncode in (EXIT_TRANSIENT,) or result.returncode < 0
+            out.append(Outcome(entry, "retry" if transient else "failed",
+                               f"worker {result.describe()}; log {model.log}: "
+                               f"{_tail(result) or 'empty'}"))
+    return out
+
+
+def stage_file_of(log_path: Path) -> Path:
+    """Where a job's worker keeps its stage: beside the job's log."""
+    return Path(log_path).with_suffix(".stage")
+
+
+def _failure_record(path: Path) -> dict | None:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _tail(result) -> str:
+    try:
+        return " | ".join(line.strip() for line in result.tail(LOG_TAIL_LINES) if line.strip())
+    except OSError:
+        return ""
+
+
+class OutageWatch:
+    """Network failures of several different models in a row mean the hub is unreachable.
+
+    Such failures are held back instead of being recorded; a success or any other failure
+    ends the streak and lets them be recorded as the failures they are.
+    """
+
+    def __init__(self, threshold: int = OUTAGE_MODELS):
+        self.threshold = threshold
+        self.streak: dict[str, Outcome] = {}
+
+    def network_failure(self, outcome: Outcome) -> bool:
+        """Add a failure the network caused; True when it makes an outage."""
+        self.streak[outcome.entry.model_id] = outcome
+        return len(self.streak) >= self.threshold
+
+    def other(self) -> list[Outcome]:
+        """Any other outcome: the held failures, to record now."""
+        held, self.streak = list(self.streak.values()), {}
+        return [o for o in held if o.state == "failed"]
+
+
+def outage_message(models: list[str]) -> str:
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    return (f"the hub cannot be reached: {len(models)} models in a row failed on the network "
+            f"({', '.join(models[:5])}); nothing was recorded as failed. Check the network and "
+            f"HF_ENDPOINT ({endpoint}), or set HF_HUB_OFFLINE=1 to use the models already in "
+            f"the cache; rerun the same command to continue")

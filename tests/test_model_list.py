@@ -1,0 +1,78 @@
+"""The model list and the jobs made from it: a base and its adapters share one job."""
+
+from __future__ import annotations
+
+import pytest
+
+from errors import InputError
+from model_list import JobSpec, ListEntry, group_jobs, read_model_list
+
+
+def test_model_list_keeps_first_row_of_a_duplicate_id(tmp_path, caplog):
+    path = tmp_path / "list.csv"
+    path.write_text("model_id,base_model_relation,source_model\n"
+                    "org/a,,\norg/b,lora,org/base\norg/a,,\norg/b,lora,org/other\n")
+    entries = read_model_list(path)
+    assert entries == [ListEntry("org/a"), ListEntry("org/b", "lora", "org/base")]
+    assert "org/b is listed twice with other columns" in caplog.text
+
+
+def test_model_list_that_is_not_utf8_is_an_input_error(tmp_path):
+    path = tmp_path / "list.csv"
+    path.write_bytes(b"\xff\xfemodel_id\norg/a\n")
+    with pytest.raises(InputError, match="is not UTF-8 text"):
+        read_model_list(path)
+
+
+def test_ids_with_control_characters_are_skipped(tmp_path, caplog):
+    path = tmp_path / "list.csv"
+    path.write_text('model_id\n"multi\nline/x"\n"tab\there/x"\norg/ok\n')
+    assert read_model_list(path) == [ListEntry("org/ok")]
+    assert caplog.text.count("control characters") == 2
+
+
+def test_gguf_file_column(tmp_path):
+    path = tmp_path / "list.csv"
+    path.write_text("model_id,gguf_file\norg/q-gguf,model-Q4_K_M.gguf\n")
+    assert read_model_list(path) == [ListEntry("org/q-gguf", gguf_file="model-Q4_K_M.gguf")]
+
+
+def no_config(model_id):
+    return None
+
+
+def ids(jobs):
+    return [[e.model_id for e in job.entries] for job in jobs]
+
+
+def test_a_base_and_its_adapters_make_one_job_base_first():
+    entries = [ListEntry("org/a1", "lora", "org/base"), ListEntry("org/other"),
+               ListEntry("org/base"), ListEntry("org/a2", "adapter", "org/base"),
+               ListEntry("org/c1", "peft", "org/base2")]
+    jobs = group_jobs(entries, max_group=8, read_adapter_config=no_config)
+    assert ids(jobs) == [["org/base", "org/a1", "org/a2"], ["org/other"], ["org/c1"]]
+    assert jobs[0].base == "org/base" and jobs[2].base == "org/base2"
+    assert jobs[1] == JobSpec((ListEntry("org/other"),))
+
+
+def test_large_groups_are_split_and_the_base_goes_first():
+    entries = [ListEntry("org/base")] + [ListEntry(f"org/a{i}", "lora", "org/base")
+                                        for i in range(5)]
+    jobs = group_jobs(entries, max_group=2, read_adapter_config=no_config)
+    assert ids(jobs) == [["org/base", "org/a0"], ["org/a1", "org/a2"], ["org/a3", "org/a4"]]
+    assert {job.base for job in jobs} == {"org/base"}
+
+
+def test_adapter_base_read_from_its_adapter_config():
+    configs = {"org/a1": {"base_model_name_or_path": "org/base"},
+               "org/a2": {"base_model_name_or_path": "org/base", "revision": "v2"}}
+    entries = [ListEntry("org/base"), ListEntry("org/a1", "lora"), ListEntry("org/a2", "lora"),
+               ListEntry("org/unknown", "lora")]
+    jobs = group_jobs(entries, max_group=8, read_adapter_config=configs.get)
+    assert ids(jobs) == [["org/base", "org/a1"], ["org/a2"], ["org/unknown"]]
+    assert jobs[1].base == "org/base@v2" and jobs[2].base == ""
+
+
+def test_unmarked_rows_are_never_grouped():
+    entries = [ListEntry("org/base"), ListEntry("org/ft", "", "org/base")]
+    assert ids(group_jobs(entries, 8, no_config)) == [["org/base"], ["org/ft"]]
