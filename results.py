@@ -5,12 +5,24 @@ A result CSV has one row per layer, columns ``RESULT_COLUMNS`` in that order. It
 ``esd_options`` column records the estimator options the row was computed with
 (``options_key``), so a results directory never mixes incomparable numbers unnoticed: the
 runner's resume check (``is_current``) treats a result computed with other options as not done.
+
+``load_results(output_dir)`` reads every result CSV of a directory into one typed DataFrame
+(``summary=True``: one row per model, ``SUMMARY_COLUMNS``); ``read_results`` also says which
+files were skipped and why.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from errors import InputError
+
+if TYPE_CHECKING:  # pandas is imported by the functions that read results
+    import pandas as pd
 
 # Filled by the worker from the model list and the resolved revision.
 MODEL_COLUMNS = ("model_id", "revision", "source_model")
@@ -37,6 +49,21 @@ EIGS_OPTIONS_KEY = "__esd_options__"
 STRING_COLUMNS = ("model_id", "revision", "source_model", "longname", "layer_type", "storage",
                   "warning", "fix_fingers", "status", "esd_options")
 INTEGER_COLUMNS = ("layer_id", "block", "N", "M", "num_evals", "num_pl_spikes", "matrix_rank")
+FLOAT_COLUMNS = tuple(c for c in RESULT_COLUMNS
+                      if c not in STRING_COLUMNS and c not in INTEGER_COLUMNS)
+
+# The `warning` column's thresholds (WeightWatcher's): alpha below is over-trained, above
+# under-trained.
+OVER_TRAINED_ALPHA = 2.0
+UNDER_TRAINED_ALPHA = 6.0
+
+# One row per model (``summarize``); means are over fitted (status ok) layers.
+SUMMARY_COLUMNS = (
+    "model_id", "revision", "source_model", "layers", "fitted", "alpha_mean", "alpha_median",
+    "alpha_weighted_mean", "log_spectral_norm_mean", "log_norm_mean", "stable_rank_mean",
+    "entropy_mean", "over_trained", "under_trained", "delta_alpha_mean",
+)
+_MEANS = ("alpha_weighted", "log_spectral_norm", "log_norm", "stable_rank", "entropy")
 
 
 def options_key(options: Mapping[str, object]) -> str:
@@ -93,3 +120,201 @@ def eigs_options(npz_path: Path) -> str | None:
             return str(data[EIGS_OPTIONS_KEY])
     except (OSError, ValueError, zipfile.BadZipFile, EOFError):
         return None
+
+
+def parse_options_key(key: str) -> dict[str, str]:
+    """``options_key`` back to ``{name: text}`` (values as written; the caller types them)."""
+    pairs = dict(part.partition("=")[::2] for part in key.split(";") if part)
+    if tuple(pairs) != OPTION_NAMES:
+        raise InputError(f"estimator options {key!r} are not of this version's form "
+                         f"({'; '.join(OPTION_NAMES)})")
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a results directory.
+
+class BadResultError(InputError):
+    """A file among the results that is not a complete result CSV of this schema."""
+
+
+@dataclass(frozen=True)
+class LoadedResults:
+    """A results directory as read: the rows of every good CSV and the files left out."""
+
+    layers: pd.DataFrame                                   # RESULT_COLUMNS, typed
+    files: dict[str, Path] = field(default_factory=dict)  # model_id -> its CSV
+    skipped: dict[Path, str] = field(default_factory=dict)  # file -> why it was not read
+
+
+def result_files(output_dir: Path) -> list[Path]:
+    """The CSVs directly in ``output_dir`` (hidden and temporary files excluded), by name."""
+    return sorted(p for p in Path(output_dir).glob("*.csv")
+                  if not p.name.startswith(".") and p.is_file())
+
+
+def read_results(output_dir: Path) -> LoadedResults:
+    """Every result CSV of ``output_dir``, checked and typed.
+
+    A file that is not a complete result (another CSV, a truncated or older-schema one, a
+    second file of one model) is left out and named in ``skipped`` with the reason. Raises
+    InputError when the directory is missing or holds no readable result at all.
+    """
+    import pandas as pd
+
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        raise InputError(f"results directory {output_dir} does not exist")
+    paths = result_files(output_dir)
+    if not paths:
+        raise InputError(f"{output_dir} holds no result CSV (*.csv): is it an --output_dir of "
+                         "run_esd_experiment.py?")
+    frames, files, skipped = [], {}, {}
+    for path in paths:
+        try:
+            frame = _read_raw(path)
+        except BadResultError as exc:
+            skipped[path] = str(exc)
+            continue
+        model_id = frame["model_id"].iat[0]
+        if model_id in files:
+            skipped[path] = f"a second result of {model_id!r} (first: {files[model_id].name})"
+            continue
+        files[model_id] = path
+        frames.append(frame)
+    layers = None
+    if frames:
+        raw = pd.concat(frames, ignore_index=True)
+        numbers, bad = _parse_numbers(raw)
+        for model_id, why in bad.items():
+            skipped[files.pop(model_id)] = why
+        keep = raw["model_id"].isin(files.keys())
+        if keep.any():
+            layers = _typed(raw[keep], {c: v[keep] for c, v in numbers.items()})
+    if layers is None:
+        reasons = "; ".join(f"{p.name}: {why}" for p, why in skipped.items())
+        raise InputError(f"{output_dir} holds no readable result CSV ({reasons})")
+    return LoadedResults(layers, files, dict(sorted(skipped.items())))
+
+
+def load_results(output_dir: Path, summary: bool = False) -> pd.DataFrame:
+    """Every result CSV of ``output_dir`` as one DataFrame (``RESULT_COLUMNS``; strings as
+    strings, counts as nullable integers), or with ``summary=True`` one row per model
+    (``SUMMARY_COLUMNS``).
+
+    Files that are not complete results are left out with a ``UserWarning`` naming each;
+    ``df.attrs["skipped"]`` maps their paths to the reasons. Raises InputError (errors.py)
+    when the directory holds no readable result.
+    """
+    loaded = read_results(output_dir)
+    if loaded.skipped:
+        warnings.warn(f"{len(loaded.skipped)} file(s) in {output_dir} skipped: " + "; ".join(
+            f"{p.name}: {why}" for p, why in loaded.skipped.items()), stacklevel=2)
+    out = summarize(loaded.layers) if summary else loaded.layers
+    out.attrs["skipped"] = {str(p): why for p, why in loaded.skipped.items()}
+    return out
+
+
+def _read_raw(path: Path) -> pd.DataFrame:
+    """One CSV as strings, after the checks that need no parsing of numbers."""
+    import io
+
+    import pandas as pd
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BadResultError(f"cannot be read: {exc.strerror}") from None
+    header = data.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "replace").split(",")
+    if tuple(header) != RESULT_COLUMNS:
+        if "model_id" in header and "alpha" in header:
+            missing = [c for c in RESULT_COLUMNS if c not in header]
+            extra = [c for c in header if c not in RESULT_COLUMNS]
+            raise BadResultError(f"a result of another schema version (missing columns: "
+                                 f"{', '.join(missing) or 'none'}; unexpected: "
+                                 f"{', '.join(extra) or 'none'}, or another order)")
+        raise BadResultError(f"not a result CSV (columns: {', '.join(header[:6])[:120]})")
+    if not data.endswith(b"\n"):
+        raise BadResultError("truncated: its last line is incomplete")
+    try:
+        frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False,
+                            encoding="utf-8")
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        raise BadResultError(f"cannot be parsed: {' '.join(str(exc).split())[:200]}") from None
+    if frame.empty:
+        raise BadResultError("holds a header but no rows")
+    short = frame.index[frame["esd_options"] == ""]
+    if len(short):
+        raise BadResultError(f"truncated: line {short[0] + 2} has fewer fields than the header")
+    for column in ("model_id", "esd_options"):
+        if frame[column].nunique() > 1:
+            raise BadResultError(f"its rows disagree on {column}: a damaged or merged file")
+    bad_status = ~frame["status"].isin(STATUSES)
+    if bad_status.any():
+        line = frame.index[bad_status][0]
+        raise BadResultError(f"line {line + 2}: status {frame['status'].iat[line]!r} is not "
+                             f"one of {', '.join(STATUSES)}")
+    return frame
+
+
+def _parse_numbers(raw: pd.DataFrame) -> tuple[dict[str, pd.Series], dict[str, str]]:
+    """The numeric columns parsed, and ``{model_id: reason}`` for models whose numeric
+    columns hold something else (text, a fraction in a count)."""
+    import pandas as pd
+
+    numbers: dict[str, pd.Series] = {}
+    bad: dict[str, str] = {}
+    for column in FLOAT_COLUMNS + INTEGER_COLUMNS:
+        text = raw[column]
+        values = pd.to_numeric(text, errors="coerce")
+        wrong = values.isna()
+        if wrong.any():  # empty cells and "nan" are missing values, anything else is wrong
+            wrong[wrong] = ~text[wrong].str.strip().str.lower().isin(("", "nan"))
+        if column in INTEGER_COLUMNS:
+            wrong |= values.notna() & (values != values.round())
+        for model_id, value in zip(raw["model_id"][wrong], text[wrong], strict=True):
+            bad.setdefault(model_id, f"column {column} holds {value[:40]!r}, not a number")
+        numbers[column] = values
+    return numbers, bad
+
+
+def _typed(raw: pd.DataFrame, numbers: dict[str, pd.Series]) -> pd.DataFrame:
+    import pandas as pd
+
+    out = {}
+    for column in RESULT_COLUMNS:
+        if column in STRING_COLUMNS:
+            out[column] = raw[column]
+        elif column in INTEGER_COLUMNS:
+            out[column] = numbers[column].astype("Int64")
+        else:
+            out[column] = numbers[column].astype("float64")
+    return pd.DataFrame(out).reset_index(drop=True)
+
+
+def summarize(layers: pd.DataFrame) -> pd.DataFrame:
+    """One row per model (``SUMMARY_COLUMNS``), in the order models first appear in ``layers``.
+
+    Means, the median and the over/under-trained counts are over fitted (status ``ok``)
+    layers. ``delta_alpha_mean`` is the model's ``alpha_mean`` minus that of its
+    ``source_model`` when the source is among ``layers``, else NaN.
+    """
+    import pandas as pd
+
+    models = layers.groupby("model_id", sort=False).agg(
+        revision=("revision", "first"), source_model=("source_model", "first"),
+        layers=("longname", "size"))
+    ok = layers[layers["status"] == "ok"].assign(
+        _over=lambda d: d["alpha"] < OVER_TRAINED_ALPHA,
+        _under=lambda d: d["alpha"] > UNDER_TRAINED_ALPHA)
+    fitted = ok.groupby("model_id", sort=False).agg(
+        fitted=("alpha", "size"), alpha_mean=("alpha", "mean"),
+        alpha_median=("alpha", "median"),
+        **{f"{c}_mean": (c, "mean") for c in _MEANS},
+        over_trained=("_over", "sum"), under_trained=("_under", "sum"))
+    out = models.join(fitted, how="left")
+    for column in ("fitted", "over_trained", "under_trained"):
+        out[column] = out[column].fillna(0).astype("int64")
+    source_mean = out["source_model"].map(out["alpha_mean"])
+    out["delta_alpha_mean"] = pd.to_numeric(out["alpha_mean"] - source_mean)
+    return out.reset_index()[list(SUMMARY_COLUMNS)]
