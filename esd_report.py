@@ -172,29 +172,49 @@ def read_failed(results_dir: Path, log_dir: Path) -> list[tuple[str, str, Path |
 # ---------------------------------------------------------------------------------------------
 # Draw: figures as PNG bytes.
 
-def draw_report(data: ReportData) -> dict[str, bytes]:
-    """Every figure of the report, rendered; keys name them for the HTML writer."""
-    import report_figures as rf
-
-    images = {"alpha_mean": rf.alpha_mean_distribution(data.summary),
-              "depth_map": rf.depth_map(data.layers, list(data.summary["model_id"]))}
+def figure_specs(data: ReportData) -> list[tuple[str, str, tuple]]:
+    """``(name, report_figures function, its arguments)`` of every figure of the report."""
+    specs = [("alpha_mean", "alpha_mean_distribution", (data.summary,)),
+             ("depth_map", "depth_map", (data.layers[["model_id", "layer_id", "status", "alpha"]],
+                                         list(data.summary["model_id"])))]
     for view in data.models:
         if view.drawn:
-            images[f"{view.anchor}-alpha"] = rf.alpha_by_depth(view.layers, view.model_id)
+            specs.append((f"{view.anchor}-alpha", "alpha_by_depth", (view.layers, view.model_id)))
             if view.esd_rows is not None and len(view.esd_rows):
-                images[f"{view.anchor}-esd"] = rf.esd_figure(view.esd_rows, view.evals,
-                                                             view.fit_floor)
+                specs.append((f"{view.anchor}-esd", "esd_figure",
+                              (view.esd_rows, view.evals, view.fit_floor)))
     for i, (model, base, pair) in enumerate(data.pairs):
         title = f"{model.rsplit('/', 1)[-1]} against {base.rsplit('/', 1)[-1]}"
-        images[f"pair-{i}"] = rf.against_base(pair, title)
-    return {name: rf.to_png(fig) for name, fig in images.items()}
+        specs.append((f"pair-{i}", "against_base", (pair, title)))
+    return specs
+
+
+def render_figure(spec: tuple[str, str, tuple]) -> tuple[str, bytes]:
+    """Build one figure and render it to PNG (runs in a worker process when drawing in
+    parallel)."""
+    import report_figures
+
+    name, function, args = spec
+    return name, report_figures.to_png(getattr(report_figures, function)(*args))
+
+
+def draw_report(data: ReportData, workers: int = 1) -> dict[str, bytes]:
+    """Every figure of the report as PNG bytes, keyed by name for the HTML writer; rendered
+    by ``workers`` processes (rendering is most of a large report's time)."""
+    specs = figure_specs(data)
+    if workers <= 1 or len(specs) < 2 * workers:
+        return dict(map(render_figure, specs))
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers) as pool:
+        return dict(pool.map(render_figure, specs, chunksize=max(1, len(specs) // (4 * workers))))
 
 
 # ---------------------------------------------------------------------------------------------
 # The report command.
 
 def run_report(results_dir: Path, out_dir: Path | None, log_dir: Path | None,
-               max_figures: int) -> Path:
+               max_figures: int = MAX_FIGURES, workers: int = 1) -> Path:
     """Compute, draw and write the report; returns the path of index.html."""
     from report_html import write_report
 
@@ -205,7 +225,7 @@ def run_report(results_dir: Path, out_dir: Path | None, log_dir: Path | None,
                          "be read as a result; choose a subdirectory (default: report/)")
     data = compute_report(results_dir, out_dir, Path(log_dir or results_dir / "logs"),
                           max_figures)
-    images = draw_report(data)
+    images = draw_report(data, workers)
     return write_report(data, images)
 
 
@@ -347,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--log_dir", type=Path, default=None, help="default: RESULTS_DIR/logs")
     r.add_argument("--max_figures", type=int, default=MAX_FIGURES,
                    help="models (and fine-tune pairs) drawn in full (default: %(default)s)")
+    r.add_argument("--jobs", type=int, default=None,
+                   help="processes drawing figures (default: the CPUs this process may use)")
     f = sub.add_parser("refit", help="new results from saved eigenvalues with new fit options")
     f.add_argument("results_dir", type=Path)
     f.add_argument("--output_dir", type=Path, required=True, help="where the new results go")
@@ -367,7 +389,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "report":
             if args.max_figures < 0:
                 raise InputError(f"--max_figures must be 0 or more, got {args.max_figures}")
-            index = run_report(args.results_dir, args.out, args.log_dir, args.max_figures)
+            workers = args.jobs if args.jobs is not None else len(os.sched_getaffinity(0))
+            index = run_report(args.results_dir, args.out, args.log_dir, args.max_figures,
+                               max(1, workers))
             print(f"report written to {index}")
             return EXIT_OK
         overrides = {n: getattr(args, n) for n in REFIT_OPTIONS if getattr(args, n) is not None}

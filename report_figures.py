@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import LogLocator, MaxNLocator, NullLocator
 
 from results import OVER_TRAINED_ALPHA, UNDER_TRAINED_ALPHA
 
@@ -71,7 +71,9 @@ def alpha_by_depth(layers: pd.DataFrame, title: str) -> Figure:
         above = group[group["alpha"] > high]
         ax.plot(above["layer_id"], np.full(len(above), high), "^", color=color, markersize=5,
                 clip_on=False)
-    ax.set_xlim(-0.5, max(0.5, float(layers["layer_id"].max()) + 0.5))
+    last = float(layers["layer_id"].max())
+    pad = max(0.5, 0.015 * last)  # keep the first and last layers' markers whole
+    ax.set_xlim(-pad, last + pad)
     ax.set_xlabel("layer (depth order)")
     ax.set_title(title, fontsize=9, loc="left")
     if len(ok):
@@ -182,6 +184,9 @@ def esd_figure(rows: pd.DataFrame, evals: Mapping[str, np.ndarray],
             ax.axvline(xmin, color="#d95f02", linestyle=":", linewidth=1)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):  # minor log ticks cost most of the drawing time
+            axis.set_major_locator(LogLocator(numticks=5))
+            axis.set_minor_locator(NullLocator())
         ax.set_xlabel("eigenvalue")
         ax.set_title(_short(row["longname"], 40), fontsize=8)
         ax.legend(fontsize=6, loc="lower left", frameon=False)

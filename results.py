@@ -160,8 +160,6 @@ def read_results(output_dir: Path) -> LoadedResults:
     second file of one model) is left out and named in ``skipped`` with the reason. Raises
     InputError when the directory is missing or holds no readable result at all.
     """
-    import pandas as pd
-
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         raise InputError(f"results directory {output_dir} does not exist")
@@ -169,30 +167,28 @@ def read_results(output_dir: Path) -> LoadedResults:
     if not paths:
         raise InputError(f"{output_dir} holds no result CSV (*.csv): is it an --output_dir of "
                          "run_esd_experiment.py?")
-    frames, files, skipped = [], {}, {}
+    blobs, skipped = {}, {}
     for path in paths:
         try:
-            frame = _read_raw(path)
+            blobs[path] = _checked_bytes(path)
         except BadResultError as exc:
             skipped[path] = str(exc)
-            continue
-        model_id = frame["model_id"].iat[0]
-        if model_id in files:
-            skipped[path] = f"a second result of {model_id!r} (first: {files[model_id].name})"
-            continue
-        files[model_id] = path
-        frames.append(frame)
+    raw = _parse_all(blobs, skipped)
+    files: dict[str, Path] = {}
     layers = None
-    if frames:
-        raw = pd.concat(frames, ignore_index=True)
-        numbers, bad = _parse_numbers(raw)
-        for model_id, why in bad.items():
-            skipped[files.pop(model_id)] = why
-        keep = raw["model_id"].isin(files.keys())
+    if raw is not None:
+        order = list(blobs)
+        for index, model_id in raw.groupby("_file", sort=True)["model_id"].first().items():
+            if model_id in files:
+                skipped[order[index]] = (f"a second result of {model_id!r} (first: "
+                                         f"{files[model_id].name})")
+            else:
+                files[model_id] = order[index]
+        keep = raw["_file"].map(lambda i: order[i] not in skipped)
         if keep.any():
-            layers = _typed(raw[keep], {c: v[keep] for c, v in numbers.items()})
+            layers = _typed(raw[keep])
     if layers is None:
-        reasons = "; ".join(f"{p.name}: {why}" for p, why in skipped.items())
+        reasons = "; ".join(f"{p.name}: {why}" for p, why in sorted(skipped.items()))
         raise InputError(f"{output_dir} holds no readable result CSV ({reasons})")
     return LoadedResults(layers, files, dict(sorted(skipped.items())))
 
@@ -215,12 +211,11 @@ def load_results(output_dir: Path, summary: bool = False) -> pd.DataFrame:
     return out
 
 
-def _read_raw(path: Path) -> pd.DataFrame:
-    """One CSV as strings, after the checks that need no parsing of numbers."""
-    import io
+_HEADER = (",".join(RESULT_COLUMNS) + "\n").encode()
 
-    import pandas as pd
 
+def _checked_bytes(path: Path) -> bytes:
+    """A CSV's bytes after the checks that need no parsing: header, completeness, rows."""
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -236,59 +231,116 @@ def _read_raw(path: Path) -> pd.DataFrame:
         raise BadResultError(f"not a result CSV (columns: {', '.join(header[:6])[:120]})")
     if not data.endswith(b"\n"):
         raise BadResultError("truncated: its last line is incomplete")
+    if not data.split(b"\n", 1)[1].strip():
+        raise BadResultError("holds a header but no rows")
+    return data
+
+
+_NUMERIC = FLOAT_COLUMNS + INTEGER_COLUMNS
+# Parse numbers as float64 in the C parser (integers are checked and narrowed afterwards);
+# an empty cell or "nan" is a missing value, any other text makes the parse fail.
+_TYPED = {"dtype": {**dict.fromkeys(STRING_COLUMNS, str), **dict.fromkeys(_NUMERIC, "float64")},
+          "na_values": dict.fromkeys(_NUMERIC, ["", "nan", "NaN"])}
+
+
+def _parse(data: bytes, typed: bool = True) -> pd.DataFrame:
+    import io
+
+    import pandas as pd
+
+    options = _TYPED if typed else {"dtype": str}
     try:
-        frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False,
-                            encoding="utf-8")
+        return pd.read_csv(io.BytesIO(data), keep_default_na=False, encoding="utf-8", **options)
     except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
         raise BadResultError(f"cannot be parsed: {' '.join(str(exc).split())[:200]}") from None
-    if frame.empty:
-        raise BadResultError("holds a header but no rows")
-    short = frame.index[frame["esd_options"] == ""]
-    if len(short):
-        raise BadResultError(f"truncated: line {short[0] + 2} has fewer fields than the header")
+
+
+def _parse_all(blobs: dict[Path, bytes], skipped: dict[Path, str]) -> pd.DataFrame | None:
+    """All files' rows, typed, column ``_file`` the index of each row's file in ``blobs``;
+    files that cannot be parsed or whose rows are damaged go to ``skipped``. None when no
+    file is left."""
+    import numpy as np
+    import pandas as pd
+
+    if not blobs:
+        return None
+    counts = [data.count(b"\n") - 1 for data in blobs.values()]
+    try:  # one parse of every file's rows is much faster than a parse per file
+        frame = _parse(_HEADER + b"".join(d[d.index(b"\n") + 1:] for d in blobs.values()))
+        if len(frame) == sum(counts):
+            frame["_file"] = np.repeat(np.arange(len(blobs)), counts)
+        else:  # blank lines or quoted line breaks: the rows cannot be told apart by lines
+            frame = None
+    except BadResultError:  # text in a number, a line with too many fields: find the file
+        frame = None
+    if frame is None:
+        parts = []
+        for index, (path, data) in enumerate(blobs.items()):
+            try:
+                parts.append(_parse(data).assign(_file=index))
+            except BadResultError as exc:
+                skipped[path] = _not_a_number(data) or str(exc)
+        frame = pd.concat(parts, ignore_index=True) if parts else None
+    if frame is None:
+        return None
+    order = list(blobs)
+    for index in set(range(len(order))) - set(frame["_file"]):
+        skipped.setdefault(order[index], "holds a header but no rows")
+    for index, why in _row_problems(frame).items():
+        skipped[order[index]] = why
+    frame = frame[~frame["_file"].map(lambda i: order[i] in skipped)]
+    return frame if len(frame) else None
+
+
+def _not_a_number(data: bytes) -> str | None:
+    """Which numeric column of a CSV holds text, e.g. ``column alpha holds 'abc'``."""
+    import pandas as pd
+
+    try:
+        frame = _parse(data, typed=False)
+    except BadResultError:
+        return None
+    for column in _NUMERIC:
+        text = frame[column].str.strip()
+        wrong = pd.to_numeric(text, errors="coerce").isna() & ~text.str.lower().isin(("", "nan"))
+        if wrong.any():
+            return (f"line {wrong.idxmax() + 2}: column {column} holds "
+                    f"{text[wrong].iat[0][:40]!r}, not a number")
+    return None
+
+
+def _row_problems(frame: pd.DataFrame) -> dict[int, str]:
+    """``{file index: reason}`` for files with a truncated row, rows that disagree on the
+    model or the options, a status this schema does not have, or a fraction in a count."""
+    problems: dict[int, str] = {}
+    line = frame.groupby("_file").cumcount() + 2
+
+    def note(mask, why) -> None:
+        for index, at in zip(frame["_file"][mask], line[mask], strict=True):
+            problems.setdefault(index, why(at))
+
+    note(frame["esd_options"] == "", lambda at: f"truncated: line {at} has fewer fields than "
+                                                "the header")
     for column in ("model_id", "esd_options"):
-        if frame[column].nunique() > 1:
-            raise BadResultError(f"its rows disagree on {column}: a damaged or merged file")
-    bad_status = ~frame["status"].isin(STATUSES)
-    if bad_status.any():
-        line = frame.index[bad_status][0]
-        raise BadResultError(f"line {line + 2}: status {frame['status'].iat[line]!r} is not "
-                             f"one of {', '.join(STATUSES)}")
-    return frame
+        distinct = frame.groupby("_file")[column].nunique()
+        for index in distinct.index[distinct > 1]:
+            problems.setdefault(index, f"its rows disagree on {column}: a damaged or merged "
+                                       "file")
+    note(~frame["status"].isin(STATUSES),
+         lambda at: f"line {at}: a status that is not one of {', '.join(STATUSES)}")
+    for column in INTEGER_COLUMNS:
+        values = frame[column]
+        note(values.notna() & (values != values.round()),
+             lambda at, column=column: f"line {at}: column {column} holds a fraction")
+    return problems
 
 
-def _parse_numbers(raw: pd.DataFrame) -> tuple[dict[str, pd.Series], dict[str, str]]:
-    """The numeric columns parsed, and ``{model_id: reason}`` for models whose numeric
-    columns hold something else (text, a fraction in a count)."""
+def _typed(frame: pd.DataFrame) -> pd.DataFrame:
+    """RESULT_COLUMNS with their dtypes: str, nullable Int64, float64."""
     import pandas as pd
 
-    numbers: dict[str, pd.Series] = {}
-    bad: dict[str, str] = {}
-    for column in FLOAT_COLUMNS + INTEGER_COLUMNS:
-        text = raw[column]
-        values = pd.to_numeric(text, errors="coerce")
-        wrong = values.isna()
-        if wrong.any():  # empty cells and "nan" are missing values, anything else is wrong
-            wrong[wrong] = ~text[wrong].str.strip().str.lower().isin(("", "nan"))
-        if column in INTEGER_COLUMNS:
-            wrong |= values.notna() & (values != values.round())
-        for model_id, value in zip(raw["model_id"][wrong], text[wrong], strict=True):
-            bad.setdefault(model_id, f"column {column} holds {value[:40]!r}, not a number")
-        numbers[column] = values
-    return numbers, bad
-
-
-def _typed(raw: pd.DataFrame, numbers: dict[str, pd.Series]) -> pd.DataFrame:
-    import pandas as pd
-
-    out = {}
-    for column in RESULT_COLUMNS:
-        if column in STRING_COLUMNS:
-            out[column] = raw[column]
-        elif column in INTEGER_COLUMNS:
-            out[column] = numbers[column].astype("Int64")
-        else:
-            out[column] = numbers[column].astype("float64")
+    out = {c: frame[c].astype("Int64") if c in INTEGER_COLUMNS else frame[c]
+           for c in RESULT_COLUMNS}
     return pd.DataFrame(out).reset_index(drop=True)
 
 
