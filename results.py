@@ -250,8 +250,14 @@ def _parse(data: bytes, typed: bool = True) -> pd.DataFrame:
 
     options = _TYPED if typed else {"dtype": str}
     try:
-        return pd.read_csv(io.BytesIO(data), keep_default_na=False, encoding="utf-8", **options)
-    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        with warnings.catch_warnings():
+            # A first row longer than the header would otherwise lose its extra fields (or,
+            # without index_col=False, turn its first field into the index) with a warning.
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            return pd.read_csv(io.BytesIO(data), keep_default_na=False, encoding="utf-8",
+                               index_col=False, **options)
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError,
+            pd.errors.ParserWarning) as exc:
         raise BadResultError(f"cannot be parsed: {' '.join(str(exc).split())[:200]}") from None
 
 
