@@ -24,9 +24,11 @@ import argparse
 import logging
 import os
 import sys
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from errors import ESDError, InputError
 from esd_config import FIX_FINGERS, ESDConfig
@@ -42,13 +44,15 @@ from results import (
     summarize,
 )
 
+if TYPE_CHECKING:  # pandas comes with results.read_results
+    import pandas as pd
+
 logger = logging.getLogger("esd_report")
 
 EXIT_OK = 0
 EXIT_SOME_SKIPPED = 1
 EXIT_BAD_INPUT = 2
 MAX_FIGURES = 40          # models (and fine-tune pairs) drawn in full; the rest get numbers only
-ESD_LAYERS = 2            # ESD plots per drawn model: its lowest and highest fitted alpha
 REFIT_OPTIONS = ("fix_fingers", "xmin_pos", "bins", "filter_zeros", "evals_thresh")
 FITTED = ("ok", "fit_failed")  # statuses whose layers had eigenvalues to fit
 
@@ -56,7 +60,17 @@ FITTED = ("ok", "fit_failed")  # statuses whose layers had eigenvalues to fit
 # ---------------------------------------------------------------------------------------------
 # Compute: DataFrames and file paths, nothing drawn.
 
-@dataclass
+@dataclass(frozen=True)
+class EsdSelection:
+    """The layers of one model whose ESD is drawn, with their eigenvalues, or why none is."""
+
+    rows: pd.DataFrame | None = None      # result rows of the lowest- and highest-alpha layer
+    evals: dict = field(default_factory=dict)  # longname -> eigenvalues
+    note: str = ""                        # why there is no ESD figure
+    fit_floor: float = 0.0                # the fit set's lower bound (filter_zeros)
+
+
+@dataclass(frozen=True)
 class ModelView:
     """What the report shows of one model."""
 
@@ -64,24 +78,21 @@ class ModelView:
     anchor: str                     # HTML id of its section
     csv: Path
     log: Path | None
-    layers: object                  # its rows (DataFrame), in depth order
+    layers: pd.DataFrame            # its rows, in depth (layer_id) order
     drawn: bool                     # within --max_figures
-    esd_rows: object = None         # rows whose ESD is drawn (DataFrame), or None
-    evals: dict = field(default_factory=dict)
-    esd_note: str = ""              # why there is no ESD figure
-    fit_floor: float = 0.0
+    esd: EsdSelection = EsdSelection()
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReportData:
     results_dir: Path
     out_dir: Path
-    summary: object                 # DataFrame, SUMMARY_COLUMNS
-    layers: object                  # DataFrame, RESULT_COLUMNS
+    summary: pd.DataFrame           # SUMMARY_COLUMNS
+    layers: pd.DataFrame            # RESULT_COLUMNS
     models: list[ModelView]
-    pairs: list[tuple[str, str, object]]   # (model, base, DataFrame per layer), drawn ones
+    pairs: list[tuple[str, str, pd.DataFrame]]  # (model, base, pair_table), the drawn ones
     pairs_total: int
-    failed: list[tuple[str, str, Path | None]]
+    failed: list[tuple[str, str, Path | None]]  # (model_id, cause, log)
     skipped: dict[Path, str]
     max_figures: int
 
@@ -97,11 +108,10 @@ def compute_report(results_dir: Path, out_dir: Path, log_dir: Path,
     for i, model_id in enumerate(summary["model_id"]):
         csv = loaded.files[model_id]
         log = log_dir / f"{csv.stem}.log"
-        view = ModelView(model_id, f"model-{i}", csv, log if log.is_file() else None,
-                         by_model[model_id], drawn=i < max_figures)
-        if view.drawn:
-            _attach_esd(view)
-        models.append(view)
+        drawn = i < max_figures
+        models.append(ModelView(
+            model_id, f"model-{i}", csv, log if log.is_file() else None, by_model[model_id],
+            drawn, esd_selection(csv, by_model[model_id]) if drawn else EsdSelection()))
     pairs = [(m, b) for m, b in zip(summary["model_id"], summary["source_model"], strict=True)
              if b and b in by_model]
     drawn_pairs = [(m, b, pair_table(by_model[m], by_model[b])) for m, b in pairs[:max_figures]]
@@ -109,40 +119,37 @@ def compute_report(results_dir: Path, out_dir: Path, log_dir: Path,
                       read_failed(results_dir, log_dir), loaded.skipped, max_figures)
 
 
-def pair_table(model, base):
+def pair_table(model: pd.DataFrame, base: pd.DataFrame) -> pd.DataFrame:
     """A fine-tune's fitted alpha beside its base's, per layer the two share (base order)."""
-    cols = ["longname", "layer_id", "alpha"]
     ok_model = model[model["status"] == "ok"][["longname", "alpha"]]
-    ok_base = base[base["status"] == "ok"][cols].rename(columns={"alpha": "alpha_base"})
-    return ok_base.merge(ok_model, on="longname").sort_values("layer_id")
+    ok_base = base[base["status"] == "ok"][["longname", "layer_id", "alpha"]]
+    return (ok_base.rename(columns={"alpha": "alpha_base"}).merge(ok_model, on="longname")
+            .sort_values("layer_id"))
 
 
-def _attach_esd(view: ModelView) -> None:
-    """Load the eigenvalues of the model's lowest- and highest-alpha fitted layers."""
+def esd_selection(csv: Path, layers: pd.DataFrame) -> EsdSelection:
+    """The eigenvalues of the model's most extreme fitted layers (lowest and highest alpha),
+    from the ``.eigs.npz`` beside its CSV."""
     import numpy as np
 
-    eigs = view.csv.with_name(f"{view.csv.stem}.eigs.npz")
-    ok = view.layers[view.layers["status"] == "ok"]
+    eigs = csv.with_name(f"{csv.stem}.eigs.npz")
+    ok = layers[layers["status"] == "ok"]
     if not eigs.is_file():
-        view.esd_note = "no eigenvalues saved (run with --save_eigs to see ESD plots)"
-        return
+        return EsdSelection(note="no eigenvalues saved (run with --save_eigs to see ESD plots)")
     if ok.empty:
-        view.esd_note = "no fitted layer"
-        return
-    options = view.layers["esd_options"].iat[0]
+        return EsdSelection(note="no fitted layer")
+    options = layers["esd_options"].iat[0]
     picks = ok.loc[[ok["alpha"].idxmin(), ok["alpha"].idxmax()]].drop_duplicates("longname")
     try:
         with np.load(eigs, allow_pickle=False) as data:
             if EIGS_OPTIONS_KEY not in data.files or str(data[EIGS_OPTIONS_KEY]) != options:
-                view.esd_note = f"{eigs.name} was saved with other options than the CSV"
-                return
-            view.evals = {n: data[n] for n in picks["longname"][:ESD_LAYERS] if n in data.files}
-    except (OSError, ValueError, EOFError) as exc:
-        view.esd_note = f"{eigs.name} cannot be read: {exc}"
-        return
-    view.esd_rows = picks[picks["longname"].isin(view.evals.keys())]
+                return EsdSelection(note=f"{eigs.name} was saved with other options than the CSV")
+            evals = {n: data[n] for n in picks["longname"] if n in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        return EsdSelection(note=f"{eigs.name} cannot be read: {exc}")
     opts = parse_options_key(options)
-    view.fit_floor = float(opts["evals_thresh"]) if opts["filter_zeros"] == "True" else 0.0
+    floor = float(opts["evals_thresh"]) if opts["filter_zeros"] == "True" else 0.0
+    return EsdSelection(picks[picks["longname"].isin(evals.keys())], evals, "", floor)
 
 
 def read_failed(results_dir: Path, log_dir: Path) -> list[tuple[str, str, Path | None]]:
@@ -180,9 +187,9 @@ def figure_specs(data: ReportData) -> list[tuple[str, str, tuple]]:
     for view in data.models:
         if view.drawn:
             specs.append((f"{view.anchor}-alpha", "alpha_by_depth", (view.layers, view.model_id)))
-            if view.esd_rows is not None and len(view.esd_rows):
+            if view.esd.rows is not None and len(view.esd.rows):
                 specs.append((f"{view.anchor}-esd", "esd_figure",
-                              (view.esd_rows, view.evals, view.fit_floor)))
+                              (view.esd.rows, view.esd.evals, view.esd.fit_floor)))
     for i, (model, base, pair) in enumerate(data.pairs):
         title = f"{model.rsplit('/', 1)[-1]} against {base.rsplit('/', 1)[-1]}"
         specs.append((f"pair-{i}", "against_base", (pair, title)))
@@ -270,10 +277,11 @@ def refit(results_dir: Path, new_dir: Path, overrides: dict,
     done = []
     with RunLock(new_dir):
         check_options(new_dir, {n: getattr(config, n) for n in OPTION_NAMES}, overwrite)
-        for model_id, csv, rows in plans:
+        for n, (model_id, csv, rows) in enumerate(plans, 1):
             try:
                 _refit_model(csv, rows, config, new_dir)
                 done.append(model_id)
+                logger.info("[%d/%d] refit %s", n, len(plans), model_id)
             except ESDError as exc:
                 skipped[model_id] = str(exc)
     return done, skipped
@@ -302,7 +310,7 @@ def _refit_obstacle(rows, csv: Path, base_key: str) -> str:
             if EIGS_OPTIONS_KEY not in data.files or str(data[EIGS_OPTIONS_KEY]) != key:
                 return f"{eigs.name} was saved with other options than {csv.name}"
             missing = set(rows["longname"][rows["status"].isin(FITTED)]) - set(data.files)
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         return f"{eigs.name} cannot be read: {exc}"
     if missing:
         return f"{eigs.name} lacks the eigenvalues of {len(missing)} layer(s), e.g. {min(missing)}"
@@ -342,7 +350,7 @@ def _plain(value, column: str):
 
     if column in STRING_COLUMNS:
         return str(value)
-    if value is pd.NA:
+    if value is None or value is pd.NA:
         return None
     return int(value) if column in ("layer_id", "block", "N", "M", "num_evals") else value
 

@@ -26,10 +26,10 @@ h1{margin:18px 0 4px}h2{margin-top:34px;border-bottom:1px solid #ddd;padding-bot
 h3{margin:22px 0 6px;font-size:15px;word-break:break-all}
 nav a{margin-right:14px}.muted{color:#666}.note{color:#8a5a00}
 table{border-collapse:collapse;font-size:12.5px;margin:8px 0}
-th,td{border-bottom:1px solid #e3e3e3;padding:3px 8px;text-align:right;white-space:nowrap}
+th,td{border-bottom:1px solid #e3e3e3;padding:3px 6px;text-align:right;white-space:nowrap}
 th{background:#f4f4f6;position:sticky;top:0;white-space:normal;vertical-align:bottom}
-td.s,th.s{text-align:left;white-space:normal;word-break:break-all;min-width:7em;max-width:380px}
-td.id{min-width:16em}
+td.s,th.s{text-align:left;white-space:normal;word-break:break-all;min-width:4em;max-width:380px}
+td.id{min-width:15em}td.src{min-width:9em}
 table.sortable th{cursor:pointer;user-select:none}
 table.sortable th[data-order=asc]::after{content:" \\25B2"}
 table.sortable th[data-order=desc]::after{content:" \\25BC"}
@@ -142,7 +142,8 @@ def _summary(data) -> str:
             if c == "model_id":
                 cells.append(f'<td class="s id"><a href="#{anchors[value]}">{_e(value)}</a></td>')
             elif c in _TEXT_COLUMNS:
-                cells.append(f'<td class="s">{_e(value)}</td>')
+                kind = "s src" if c == "source_model" else "s"
+                cells.append(f'<td class="{kind}">{_e(value)}</td>')
             else:
                 text, v = _number(value)
                 cells.append(f'<td data-v="{v}">{text}</td>')
@@ -200,7 +201,7 @@ def _models(data, images) -> str:
             out.append(_img(images, f"{view.anchor}-alpha", f"alpha by depth of {view.model_id}"))
             name = f"{view.anchor}-esd"
             out.append(_img(images, name, f"ESD of {view.model_id}") if name in images
-                       else f"<p class=\"muted\">No ESD plot: {_e(view.esd_note)}.</p>")
+                       else f"<p class=\"muted\">No ESD plot: {_e(view.esd.note)}.</p>")
         else:
             out.append(f"<p class=\"muted\">Not drawn: the report draws the first "
                        f"{data.max_figures} models (--max_figures).</p>")
