@@ -26,7 +26,7 @@ TYPE_COLORS = {"embedding": "#1b9e77", "linear": "#7570b3", "lm_head": "#d95f02"
 OTHER_COLOR = "#666666"
 BAND_COLOR = "#f2e6e6"    # the over-trained (< 2) and under-trained (> 6) regions
 ALPHA_CLIP = (1.0, 10.0)  # alpha axis limits: a few wild fits must not flatten the rest
-HIST_WIDTH = 0.1          # alpha_mean histogram bin width
+HIST_MIN_PAD = 0.05       # alpha units beside the extreme alpha_mean values
 DEPTH_BINS = 40           # columns of the depth map (relative depth 0..1)
 MAX_LABELLED_ROWS = 60    # depth-map rows get model names up to this many models
 
@@ -94,9 +94,10 @@ def alpha_mean_distribution(summary: pd.DataFrame) -> Figure:
                                         values.max() if len(values) else 7),
                color=BAND_COLOR, zorder=0)
     if len(values):
-        low = math.floor(values.min() / HIST_WIDTH) * HIST_WIDTH
-        edges = np.arange(low, values.max() + HIST_WIDTH, HIST_WIDTH)
-        ax.hist(values, bins=edges if len(edges) > 1 else 1, color="#7570b3",
+        low, high = float(values.min()), float(values.max())
+        pad = max(HIST_MIN_PAD, 0.02 * (high - low))
+        bins = int(np.clip(3 * math.sqrt(len(values)), 5, 40))
+        ax.hist(values, bins=np.linspace(low - pad, high + pad, bins + 1), color="#7570b3",
                 edgecolor="white")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("mean alpha over fitted layers")

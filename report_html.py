@@ -29,7 +29,7 @@ table{border-collapse:collapse;font-size:12.5px;margin:8px 0}
 th,td{border-bottom:1px solid #e3e3e3;padding:3px 6px;text-align:right;white-space:nowrap}
 th{background:#f4f4f6;position:sticky;top:0;white-space:normal;vertical-align:bottom}
 td.s,th.s{text-align:left;white-space:normal;word-break:break-all;min-width:4em;max-width:380px}
-td.id{min-width:15em}td.src{min-width:9em}
+th.s{word-break:normal}td.id{min-width:15em}td.src{min-width:9em}
 table.sortable th{cursor:pointer;user-select:none}
 table.sortable th[data-order=asc]::after{content:" \\25B2"}
 table.sortable th[data-order=desc]::after{content:" \\25BC"}
