@@ -184,7 +184,7 @@ def read_results(output_dir: Path) -> LoadedResults:
                                          f"{files[model_id].name})")
             else:
                 files[model_id] = order[index]
-        keep = raw["_file"].map(lambda i: order[i] not in skipped)
+        keep = ~raw["_file"].isin([i for i, path in enumerate(order) if path in skipped])
         if keep.any():
             layers = _typed(raw[keep])
     if layers is None:
@@ -294,7 +294,7 @@ def _parse_all(blobs: dict[Path, bytes], skipped: dict[Path, str]) -> pd.DataFra
         skipped.setdefault(order[index], "holds a header but no rows")
     for index, why in _row_problems(frame).items():
         skipped[order[index]] = why
-    frame = frame[~frame["_file"].map(lambda i: order[i] in skipped)]
+    frame = frame[~frame["_file"].isin([i for i, path in enumerate(order) if path in skipped])]
     return frame if len(frame) else None
 
 
