@@ -17,8 +17,9 @@ names the way the model computes with them:
      ``pooler``, ``score``, ``cls``, ``fc``, ...) and anything under them come last;
   2. in between, encoder before unmarked before decoder; within each, embeddings, then other
      layers outside blocks (stems such as a ResNet's ``conv1``), then blocks;
-  3. a block is named by its numeric components (``layers.3`` -> 3, ``stages.1.layers.0`` ->
-     (1, 0)), compared as numbers, so ``layers.2`` comes before ``layers.10``;
+  3. blocks compare by the components before their first number (torchvision's ``layer1``
+     before ``layer2``), then by all their numbers (``layers.3`` -> 3, ``stages.1.layers.0``
+     -> (1, 0)) compared as numbers, so ``layers.2`` comes before ``layers.10``;
   4. inside a block, and wherever names still tie, components compare by a fixed rank --
      attention before cross-attention before the feed-forward part; ``q, k, v`` before ``o``;
      ``gate, up`` before ``down`` (``w1, w3`` before ``w2``, ``wi`` before ``wo``, ``fc1``
