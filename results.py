@@ -173,7 +173,8 @@ def read_results(output_dir: Path) -> LoadedResults:
             blobs[path] = _checked_bytes(path)
         except BadResultError as exc:
             skipped[path] = str(exc)
-    raw = _parse_all(blobs, skipped)
+    raw, damaged = _parse_all(blobs)
+    skipped.update(damaged)
     files: dict[str, Path] = {}
     layers = None
     if raw is not None:
@@ -261,15 +262,16 @@ def _parse(data: bytes, typed: bool = True) -> pd.DataFrame:
         raise BadResultError(f"cannot be parsed: {' '.join(str(exc).split())[:200]}") from None
 
 
-def _parse_all(blobs: dict[Path, bytes], skipped: dict[Path, str]) -> pd.DataFrame | None:
-    """All files' rows, typed, column ``_file`` the index of each row's file in ``blobs``;
-    files that cannot be parsed or whose rows are damaged go to ``skipped``. None when no
-    file is left."""
+def _parse_all(blobs: dict[Path, bytes]) -> tuple[pd.DataFrame | None, dict[Path, str]]:
+    """All files' rows, typed, column ``_file`` the index of each row's file in ``blobs``
+    (None when no file is left), and ``{file: reason}`` for the files that cannot be parsed
+    or whose rows are damaged."""
     import numpy as np
     import pandas as pd
 
+    skipped: dict[Path, str] = {}
     if not blobs:
-        return None
+        return None, skipped
     counts = [data.count(b"\n") - 1 for data in blobs.values()]
     try:  # one parse of every file's rows is much faster than a parse per file
         frame = _parse(_HEADER + b"".join(d[d.index(b"\n") + 1:] for d in blobs.values()))
@@ -288,14 +290,14 @@ def _parse_all(blobs: dict[Path, bytes], skipped: dict[Path, str]) -> pd.DataFra
                 skipped[path] = _not_a_number(data) or str(exc)
         frame = pd.concat(parts, ignore_index=True) if parts else None
     if frame is None:
-        return None
+        return None, skipped
     order = list(blobs)
     for index in set(range(len(order))) - set(frame["_file"]):
         skipped.setdefault(order[index], "holds a header but no rows")
     for index, why in _row_problems(frame).items():
         skipped[order[index]] = why
     frame = frame[~frame["_file"].isin([i for i, path in enumerate(order) if path in skipped])]
-    return frame if len(frame) else None
+    return (frame if len(frame) else None), skipped
 
 
 def _not_a_number(data: bytes) -> str | None:
