@@ -264,8 +264,9 @@ def refit(results_dir: Path, new_dir: Path, overrides: dict,
     config = config_from_key(base_key, **overrides)
     skipped = {p.name: why for p, why in loaded.skipped.items()}
     plans = []
+    by_model = dict(tuple(loaded.layers.groupby("model_id", sort=False)))
     for model_id, csv in loaded.files.items():
-        rows = loaded.layers[loaded.layers["model_id"] == model_id]
+        rows = by_model[model_id]
         reason = _refit_obstacle(rows, csv, base_key)
         if reason:
             skipped[model_id] = reason
@@ -293,7 +294,7 @@ def _directory_options(results_dir: Path, loaded: LoadedResults) -> str:
     return str(counts.index[0])
 
 
-def _refit_obstacle(rows, csv: Path, base_key: str) -> str:
+def _refit_obstacle(rows: pd.DataFrame, csv: Path, base_key: str) -> str:
     """Why a model cannot be refit to the directory's options, or ''."""
     import numpy as np
 
@@ -317,7 +318,7 @@ def _refit_obstacle(rows, csv: Path, base_key: str) -> str:
     return ""
 
 
-def _refit_model(csv: Path, rows, config: ESDConfig, new_dir: Path) -> None:
+def _refit_model(csv: Path, rows: pd.DataFrame, config: ESDConfig, new_dir: Path) -> None:
     """Rows exactly as the worker builds them, fits recomputed, written as the worker writes."""
     import math
 
