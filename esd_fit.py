@@ -15,11 +15,8 @@ from typing import Protocol
 
 import torch
 
-from results import METRIC_COLUMNS  # the columns this module fills
-
-OVER_TRAINED_ALPHA = 2.0   # WeightWatcher's thresholds for the `warning` column
-UNDER_TRAINED_ALPHA = 6.0
-
+# The columns this module fills, and the `warning` column's thresholds.
+from results import METRIC_COLUMNS, OVER_TRAINED_ALPHA, UNDER_TRAINED_ALPHA
 
 
 class FitOptions(Protocol):

@@ -324,21 +324,48 @@ def module_layers(net: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor, str
         yield f"{name}.weight", weight.detach(), layer_type
 
 
+# TempBalance's names for the fit methods: its Tempbalance class's ``pl_fitting`` values, and
+# its net_esd_estimator's ``fix_fingers=None`` (the full scan).
+PL_FITTING = {"median": "xmin_mid", "fix-finger": "xmin_peak", "goodness-of-fit": "DKS"}
+
+
+def fit_method(fix_fingers: str | None, pl_fitting: str | None = None) -> str:
+    """Our ``fix_fingers`` for either spelling: ``None`` is DKS (TempBalance's full scan);
+    ``pl_fitting``, when given, must agree with a ``fix_fingers`` other than the default."""
+    method = "DKS" if fix_fingers is None else fix_fingers
+    if pl_fitting is None:
+        return method
+    if pl_fitting not in PL_FITTING:
+        raise InputError(f"pl_fitting={pl_fitting!r} is not one of {tuple(PL_FITTING)} "
+                         f"(or pass fix_fingers, one of {FIX_FINGERS})")
+    if method not in ("xmin_mid", PL_FITTING[pl_fitting]):
+        raise InputError(f"fix_fingers={fix_fingers!r} and pl_fitting={pl_fitting!r} ask for "
+                         "different fits; pass one of them")
+    return PL_FITTING[pl_fitting]
+
+
 def net_esd_estimator(net: torch.nn.Module, EVALS_THRESH: float = 1e-5, bins: int = 100,
-                      fix_fingers: str = "xmin_mid", xmin_pos: int = 2, conv_norm: float = 0.5,
-                      filter_zeros: bool = False, device: str | None = None, eigs: bool = False,
-                      *, precision: str = "float64"):
+                      fix_fingers: str | None = "xmin_mid", xmin_pos: int = 2,
+                      conv_norm: float = 0.5, filter_zeros: bool = False,
+                      device: str | None = None, eigs: bool = False, *,
+                      precision: str = "float64", pl_fitting: str | None = None):
     """TempBalance's estimator: a DataFrame with one row per Linear/Conv2d/Embedding/Conv1D.
 
     Columns: LAYER_COLUMNS, ``alphahat`` (= alpha_weighted) and, with ``eigs=True``, ``eigs``
     (each layer's eigenvalues, float64 numpy, ascending). ``device=None`` computes each layer
     on its parameter's own device. Layers with fewer than 10 eigenvalues get status too_small.
+
+    TempBalance's spellings are accepted: ``fix_fingers=None`` is its full scan (our ``DKS``),
+    and ``pl_fitting`` is ``'median'`` (xmin_mid), ``'fix-finger'`` (xmin_peak) or
+    ``'goodness-of-fit'`` (DKS). Its use of the result works unchanged: ``metrics['alpha']``,
+    ``metrics['longname']``, ``pd.DataFrame({k: metrics[k] for k in metrics if k != 'eigs'})``.
     """
     import pandas as pd
 
-    base = ESDConfig(fix_fingers=fix_fingers, xmin_pos=xmin_pos, bins=bins,
-                     evals_thresh=EVALS_THRESH, filter_zeros=filter_zeros, conv_norm=conv_norm,
-                     precision=precision, keep_evals=eigs, device=device or "cpu")
+    base = ESDConfig(fix_fingers=fit_method(fix_fingers, pl_fitting), xmin_pos=xmin_pos,
+                     bins=bins, evals_thresh=EVALS_THRESH, filter_zeros=filter_zeros,
+                     conv_norm=conv_norm, precision=precision, keep_evals=eigs,
+                     device=device or "cpu")
     configs: dict[str, ESDConfig] = {}
     rows = []
     layer_id = 0

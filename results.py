@@ -5,12 +5,24 @@ A result CSV has one row per layer, columns ``RESULT_COLUMNS`` in that order. It
 ``esd_options`` column records the estimator options the row was computed with
 (``options_key``), so a results directory never mixes incomparable numbers unnoticed: the
 runner's resume check (``is_current``) treats a result computed with other options as not done.
+
+``load_results(output_dir)`` reads every result CSV of a directory into one typed DataFrame
+(``summary=True``: one row per model, ``SUMMARY_COLUMNS``); ``read_results`` also says which
+files were skipped and why.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from errors import InputError
+
+if TYPE_CHECKING:  # pandas is imported by the functions that read results
+    import pandas as pd
 
 # Filled by the worker from the model list and the resolved revision.
 MODEL_COLUMNS = ("model_id", "revision", "source_model")
@@ -37,6 +49,21 @@ EIGS_OPTIONS_KEY = "__esd_options__"
 STRING_COLUMNS = ("model_id", "revision", "source_model", "longname", "layer_type", "storage",
                   "warning", "fix_fingers", "status", "esd_options")
 INTEGER_COLUMNS = ("layer_id", "block", "N", "M", "num_evals", "num_pl_spikes", "matrix_rank")
+FLOAT_COLUMNS = tuple(c for c in RESULT_COLUMNS
+                      if c not in STRING_COLUMNS and c not in INTEGER_COLUMNS)
+
+# The `warning` column's thresholds (WeightWatcher's): alpha below is over-trained, above
+# under-trained.
+OVER_TRAINED_ALPHA = 2.0
+UNDER_TRAINED_ALPHA = 6.0
+
+# One row per model (``summarize``); means are over fitted (status ok) layers.
+SUMMARY_COLUMNS = (
+    "model_id", "revision", "source_model", "layers", "fitted", "alpha_mean", "alpha_median",
+    "alpha_weighted_mean", "log_spectral_norm_mean", "log_norm_mean", "stable_rank_mean",
+    "entropy_mean", "over_trained", "under_trained", "delta_alpha_mean",
+)
+_MEANS = ("alpha_weighted", "log_spectral_norm", "log_norm", "stable_rank", "entropy")
 
 
 def options_key(options: Mapping[str, object]) -> str:
@@ -93,3 +120,261 @@ def eigs_options(npz_path: Path) -> str | None:
             return str(data[EIGS_OPTIONS_KEY])
     except (OSError, ValueError, zipfile.BadZipFile, EOFError):
         return None
+
+
+def parse_options_key(key: str) -> dict[str, str]:
+    """``options_key`` back to ``{name: text}`` (values as written; the caller types them)."""
+    pairs = dict(part.partition("=")[::2] for part in key.split(";") if part)
+    if tuple(pairs) != OPTION_NAMES:
+        raise InputError(f"estimator options {key!r} are not of this version's form "
+                         f"({'; '.join(OPTION_NAMES)})")
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a results directory.
+
+class BadResultError(InputError):
+    """A file among the results that is not a complete result CSV of this schema."""
+
+
+@dataclass(frozen=True)
+class LoadedResults:
+    """A results directory as read: the rows of every good CSV and the files left out."""
+
+    layers: pd.DataFrame                                   # RESULT_COLUMNS, typed
+    files: dict[str, Path] = field(default_factory=dict)  # model_id -> its CSV
+    skipped: dict[Path, str] = field(default_factory=dict)  # file -> why it was not read
+
+
+def result_files(output_dir: Path) -> list[Path]:
+    """The CSVs directly in ``output_dir`` (hidden and temporary files excluded), by name."""
+    return sorted(p for p in Path(output_dir).glob("*.csv")
+                  if not p.name.startswith(".") and p.is_file())
+
+
+def read_results(output_dir: Path) -> LoadedResults:
+    """Every result CSV of ``output_dir``, checked and typed.
+
+    A file that is not a complete result (another CSV, a truncated or older-schema one, a
+    second file of one model) is left out and named in ``skipped`` with the reason. Raises
+    InputError when the directory is missing or holds no readable result at all.
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        raise InputError(f"results directory {output_dir} does not exist")
+    paths = result_files(output_dir)
+    if not paths:
+        raise InputError(f"{output_dir} holds no result CSV (*.csv): is it an --output_dir of "
+                         "run_esd_experiment.py?")
+    blobs, skipped = {}, {}
+    for path in paths:
+        try:
+            blobs[path] = _checked_bytes(path)
+        except BadResultError as exc:
+            skipped[path] = str(exc)
+    raw, damaged = _parse_all(blobs)
+    skipped.update(damaged)
+    files: dict[str, Path] = {}
+    layers = None
+    if raw is not None:
+        order = list(blobs)
+        for index, model_id in raw.groupby("_file", sort=True)["model_id"].first().items():
+            if model_id in files:
+                skipped[order[index]] = (f"a second result of {model_id!r} (first: "
+                                         f"{files[model_id].name})")
+            else:
+                files[model_id] = order[index]
+        keep = ~raw["_file"].isin([i for i, path in enumerate(order) if path in skipped])
+        if keep.any():
+            layers = _typed(raw[keep])
+    if layers is None:
+        reasons = "; ".join(f"{p.name}: {why}" for p, why in sorted(skipped.items()))
+        raise InputError(f"{output_dir} holds no readable result CSV ({reasons})")
+    return LoadedResults(layers, files, dict(sorted(skipped.items())))
+
+
+def load_results(output_dir: Path, summary: bool = False) -> pd.DataFrame:
+    """Every result CSV of ``output_dir`` as one DataFrame (``RESULT_COLUMNS``; strings as
+    strings, counts as nullable integers), or with ``summary=True`` one row per model
+    (``SUMMARY_COLUMNS``).
+
+    Files that are not complete results are left out with a ``UserWarning`` naming each;
+    ``df.attrs["skipped"]`` maps their paths to the reasons. Raises InputError (errors.py)
+    when the directory holds no readable result.
+    """
+    loaded = read_results(output_dir)
+    if loaded.skipped:
+        warnings.warn(f"{len(loaded.skipped)} file(s) in {output_dir} skipped: " + "; ".join(
+            f"{p.name}: {why}" for p, why in loaded.skipped.items()), stacklevel=2)
+    out = summarize(loaded.layers) if summary else loaded.layers
+    out.attrs["skipped"] = {str(p): why for p, why in loaded.skipped.items()}
+    return out
+
+
+_HEADER = (",".join(RESULT_COLUMNS) + "\n").encode()
+
+
+def _checked_bytes(path: Path) -> bytes:
+    """A CSV's bytes after the checks that need no parsing: header, completeness, rows."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BadResultError(f"cannot be read: {exc.strerror}") from None
+    header = data.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "replace").split(",")
+    if tuple(header) != RESULT_COLUMNS:
+        if "model_id" in header and "alpha" in header:
+            missing = [c for c in RESULT_COLUMNS if c not in header]
+            extra = [c for c in header if c not in RESULT_COLUMNS]
+            raise BadResultError(f"a result of another schema version (missing columns: "
+                                 f"{', '.join(missing) or 'none'}; unexpected: "
+                                 f"{', '.join(extra) or 'none'}, or another order)")
+        raise BadResultError(f"not a result CSV (columns: {', '.join(header[:6])[:120]})")
+    if not data.endswith(b"\n"):
+        raise BadResultError("truncated: its last line is incomplete")
+    if not data.split(b"\n", 1)[1].strip():
+        raise BadResultError("holds a header but no rows")
+    return data
+
+
+_NUMERIC = FLOAT_COLUMNS + INTEGER_COLUMNS
+# Parse numbers as float64 in the C parser (integers are checked and narrowed afterwards);
+# an empty cell or "nan" is a missing value, any other text makes the parse fail.
+_TYPED = {"dtype": {**dict.fromkeys(STRING_COLUMNS, str), **dict.fromkeys(_NUMERIC, "float64")},
+          "na_values": dict.fromkeys(_NUMERIC, ["", "nan", "NaN"])}
+
+
+def _parse(data: bytes, typed: bool = True) -> pd.DataFrame:
+    import io
+
+    import pandas as pd
+
+    options = _TYPED if typed else {"dtype": str}
+    try:
+        with warnings.catch_warnings():
+            # A first row longer than the header would otherwise lose its extra fields (or,
+            # without index_col=False, turn its first field into the index) with a warning.
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            return pd.read_csv(io.BytesIO(data), keep_default_na=False, encoding="utf-8",
+                               index_col=False, **options)
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError,
+            pd.errors.ParserWarning) as exc:
+        raise BadResultError(f"cannot be parsed: {' '.join(str(exc).split())[:200]}") from None
+
+
+def _parse_all(blobs: dict[Path, bytes]) -> tuple[pd.DataFrame | None, dict[Path, str]]:
+    """All files' rows, typed, column ``_file`` the index of each row's file in ``blobs``
+    (None when no file is left), and ``{file: reason}`` for the files that cannot be parsed
+    or whose rows are damaged."""
+    import numpy as np
+    import pandas as pd
+
+    skipped: dict[Path, str] = {}
+    if not blobs:
+        return None, skipped
+    counts = [data.count(b"\n") - 1 for data in blobs.values()]
+    try:  # one parse of every file's rows is much faster than a parse per file
+        frame = _parse(_HEADER + b"".join(d[d.index(b"\n") + 1:] for d in blobs.values()))
+        if len(frame) == sum(counts):
+            frame["_file"] = np.repeat(np.arange(len(blobs)), counts)
+        else:  # blank lines or quoted line breaks: the rows cannot be told apart by lines
+            frame = None
+    except BadResultError:  # text in a number, a line with too many fields: find the file
+        frame = None
+    if frame is None:
+        parts = []
+        for index, (path, data) in enumerate(blobs.items()):
+            try:
+                parts.append(_parse(data).assign(_file=index))
+            except BadResultError as exc:
+                skipped[path] = _not_a_number(data) or str(exc)
+        frame = pd.concat(parts, ignore_index=True) if parts else None
+    if frame is None:
+        return None, skipped
+    order = list(blobs)
+    for index in set(range(len(order))) - set(frame["_file"]):
+        skipped.setdefault(order[index], "holds a header but no rows")
+    for index, why in _row_problems(frame).items():
+        skipped[order[index]] = why
+    frame = frame[~frame["_file"].isin([i for i, path in enumerate(order) if path in skipped])]
+    return (frame if len(frame) else None), skipped
+
+
+def _not_a_number(data: bytes) -> str | None:
+    """Which numeric column of a CSV holds text, e.g. ``column alpha holds 'abc'``."""
+    import pandas as pd
+
+    try:
+        frame = _parse(data, typed=False)
+    except BadResultError:
+        return None
+    for column in _NUMERIC:
+        text = frame[column].str.strip()
+        wrong = pd.to_numeric(text, errors="coerce").isna() & ~text.str.lower().isin(("", "nan"))
+        if wrong.any():
+            return (f"line {wrong.idxmax() + 2}: column {column} holds "
+                    f"{text[wrong].iat[0][:40]!r}, not a number")
+    return None
+
+
+def _row_problems(frame: pd.DataFrame) -> dict[int, str]:
+    """``{file index: reason}`` for files with a truncated row, rows that disagree on the
+    model or the options, a status this schema does not have, or a fraction in a count."""
+    problems: dict[int, str] = {}
+    line = frame.groupby("_file").cumcount() + 2
+
+    def note(mask, why) -> None:
+        for index, at in zip(frame["_file"][mask], line[mask], strict=True):
+            problems.setdefault(index, why(at))
+
+    note(frame["esd_options"] == "", lambda at: f"truncated: line {at} has fewer fields than "
+                                                "the header")
+    for column in ("model_id", "esd_options"):
+        distinct = frame.groupby("_file")[column].nunique()
+        for index in distinct.index[distinct > 1]:
+            problems.setdefault(index, f"its rows disagree on {column}: a damaged or merged "
+                                       "file")
+    note(~frame["status"].isin(STATUSES),
+         lambda at: f"line {at}: a status that is not one of {', '.join(STATUSES)}")
+    for column in INTEGER_COLUMNS:
+        values = frame[column]
+        note(values.notna() & (values != values.round()),
+             lambda at, column=column: f"line {at}: column {column} holds a fraction")
+    return problems
+
+
+def _typed(frame: pd.DataFrame) -> pd.DataFrame:
+    """RESULT_COLUMNS with their dtypes: str, nullable Int64, float64."""
+    import pandas as pd
+
+    out = {c: frame[c].astype("Int64") if c in INTEGER_COLUMNS else frame[c]
+           for c in RESULT_COLUMNS}
+    return pd.DataFrame(out).reset_index(drop=True)
+
+
+def summarize(layers: pd.DataFrame) -> pd.DataFrame:
+    """One row per model (``SUMMARY_COLUMNS``), in the order models first appear in ``layers``.
+
+    Means, the median and the over/under-trained counts are over fitted (status ``ok``)
+    layers. ``delta_alpha_mean`` is the model's ``alpha_mean`` minus that of its
+    ``source_model`` when the source is among ``layers``, else NaN.
+    """
+    import pandas as pd
+
+    models = layers.groupby("model_id", sort=False).agg(
+        revision=("revision", "first"), source_model=("source_model", "first"),
+        layers=("longname", "size"))
+    ok = layers[layers["status"] == "ok"].assign(
+        _over=lambda d: d["alpha"] < OVER_TRAINED_ALPHA,
+        _under=lambda d: d["alpha"] > UNDER_TRAINED_ALPHA)
+    fitted = ok.groupby("model_id", sort=False).agg(
+        fitted=("alpha", "size"), alpha_mean=("alpha", "mean"),
+        alpha_median=("alpha", "median"),
+        **{f"{c}_mean": (c, "mean") for c in _MEANS},
+        over_trained=("_over", "sum"), under_trained=("_under", "sum"))
+    out = models.join(fitted, how="left")
+    for column in ("fitted", "over_trained", "under_trained"):
+        out[column] = out[column].fillna(0).astype("int64")
+    source_mean = out["source_model"].map(out["alpha_mean"])
+    out["delta_alpha_mean"] = pd.to_numeric(out["alpha_mean"] - source_mean)
+    return out.reset_index()[list(SUMMARY_COLUMNS)]
