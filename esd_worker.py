@@ -39,7 +39,7 @@ import numpy as np
 from errors import ESDError, InputError, NoWeightsError, is_transient
 from esd_config import ESDConfig, add_esd_arguments, esd_config_from_args
 from paths import ModelPaths, write_atomic, write_text_atomic
-from results import EIGS_OPTIONS_KEY, RESULT_COLUMNS
+from results import EIGS_OPTIONS_KEY, INTEGER_COLUMNS, RESULT_COLUMNS
 from run_state import StageLog
 
 if TYPE_CHECKING:  # the estimator (and torch) is imported when a model is analysed
@@ -284,14 +284,15 @@ def finish(config: WorkerConfig, run: ModelRun) -> None:
     """Write one model's result: rows in layer order, model columns filled."""
     if not run.rows:
         raise NoWeightsError(f"{run.model_id}: no weight matrix with two or more dimensions found")
-    from checkpoint_io import natural_key
+    from layer_order import in_depth_order
 
     model = run.model
     fixed = {"model_id": run.model_id, "revision": model.revision or "",
              "source_model": model.source_model or "", "esd_options": config.esd.options_key}
-    rows = sorted(run.rows, key=lambda r: natural_key(r["longname"]))
-    for layer_id, row in enumerate(rows):
-        row.update(fixed, layer_id=layer_id)
+    base_config = model.checkpoint.config if model.checkpoint is not None else None
+    rows = in_depth_order(run.rows, base_config)  # layer_id follows the model's depth
+    for row in rows:
+        row.update(fixed)
     write_results(run.paths, rows, run.eigs if config.save_eigs else None,
                   config.esd.options_key)
     statuses = {s: sum(r["status"] == s for r in rows) for s in {r["status"] for r in rows}}
@@ -306,6 +307,8 @@ def write_results(paths: ModelPaths, rows: list[dict], eigs: dict[str, np.ndarra
     import pandas as pd
 
     frame = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
+    # Counts stay integers where a row has none (a too_small layer has no rank): "12", not "12.0"
+    frame = frame.astype({c: "Int64" for c in INTEGER_COLUMNS})
     if eigs is not None:
         record = {**eigs, EIGS_OPTIONS_KEY: np.array(options)}
         write_atomic(paths.eigs, lambda tmp: _save_npz(tmp, record))

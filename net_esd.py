@@ -30,6 +30,7 @@ from errors import InputError
 # The result schema lives in results.py (torch-free); layer columns are filled here.
 from esd_config import FIX_FINGERS, ESDConfig  # noqa: F401  (the estimator's public options)
 from esd_fit import spectral_metrics
+from layer_order import block_index
 from results import LAYER_COLUMNS, METRIC_COLUMNS
 
 # The computation dtype of each --precision (esd_config.PRECISION_NAMES).
@@ -78,16 +79,6 @@ def is_weight_name(name: str) -> bool:
 
 def longname_of(name: str) -> str:
     return name[: -len(".weight")] if name.endswith(".weight") else name
-
-
-def block_of(longname: str) -> int | None:
-    """The block a layer belongs to: the first purely numeric component of its name
-    (``model.layers.3.mlp.up_proj`` -> 3, ``encoder.block.2.layer.0.SelfAttention.q`` -> 2);
-    None outside numbered blocks (embeddings, final norms, heads)."""
-    for part in longname.split("."):
-        if part.isdigit():
-            return int(part)
-    return None
 
 
 def storage_of(dtype: torch.dtype) -> str:
@@ -222,7 +213,7 @@ def analyse_layer(layer: _Layer, layer_id: int, config: ESDConfig) -> LayerResul
     """One row: shapes always; metrics unless the layer is unsupported, too small or non-finite."""
     n, m = layer.N, layer.M
     row: dict[str, Any] = {
-        "layer_id": layer_id, "longname": layer.longname, "block": block_of(layer.longname),
+        "layer_id": layer_id, "longname": layer.longname, "block": block_index(layer.longname),
         "layer_type": layer.layer_type, "storage": layer.storage or storage_of(layer.dtype),
         "N": n, "M": m, "Q": n / m if m > 0 else math.nan, "num_evals": layer.num_evals,
         "fix_fingers": config.fix_fingers,

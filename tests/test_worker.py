@@ -43,6 +43,11 @@ def test_worker_writes_one_row_per_matrix(zoo, tmp_path):
     assert (df.status == "ok").all()
     assert (df.model_id == str(zoo / "tiny-llama")).all()
     assert (df.revision == "").all() and (df.source_model == "").all()
+    # rows follow the model's depth: embedding, blocks 0..n, then the head
+    assert df.longname.iloc[0] == "model.embed_tokens" and df.longname.iloc[-1] == "lm_head"
+    blocks = df.block.replace("", -1).astype(int).tolist()
+    assert blocks[1:-1] == sorted(blocks[1:-1]) and blocks[0] == blocks[-1] == -1
+    assert df.longname.iloc[1] == "model.layers.0.self_attn.q_proj"
     assert not (tmp_path / "logs").exists() or not list((tmp_path / "logs").glob("*.failure.json"))
 
 
@@ -138,3 +143,24 @@ def test_parallel_esd_failure_exits_cleanly_without_abort(tmp_path):
         proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                               timeout=120)
         assert proc.returncode == 3, proc.stderr[-500:]
+
+
+def test_one_job_analyses_a_base_and_its_adapters_in_one_pass(zoo, tmp_path):
+    """A base and its adapters in one job: each gets its own CSV, equal to a run of its own,
+    and a broken adapter fails alone."""
+    broken = tmp_path / "broken-adapter"
+    shutil.copytree(zoo / "tiny-llama-lora", broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"\x00" * 32)
+    together, alone = tmp_path / "together", tmp_path / "alone"
+    code = run_worker("--model_id", zoo / "tiny-llama", zoo / "tiny-llama-lora", broken,
+                      "--source_model", zoo / "tiny-llama", "--base_model_relation", "adapter",
+                      "--output_dir", together)
+    assert code == esd_worker.EXIT_FAILED
+    for model in ("tiny-llama", "tiny-llama-lora"):
+        extra = () if model == "tiny-llama" else ("--source_model", zoo / "tiny-llama")
+        assert run_worker("--model_id", zoo / model, *extra, "--output_dir", alone) == 0
+    for csv in alone.glob("*.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(csv), pd.read_csv(together / csv.name))
+    (record,) = (together / "logs").glob("*.failure.json")
+    assert "broken-adapter" in record.name and "CorruptCheckpointError" in record.read_text()
+    assert len(list(together.glob("*.csv"))) == 2
