@@ -89,6 +89,19 @@ class CacheSession:
             if entry not in entries:
                 _write_manifest(state, entries + [entry])
 
+    def record(self, repo_id: str, path: Path) -> None:
+        """Record a file fetched into the cache by a client this session did not drive (its
+        snapshot path), so that a cleanup removes it; with ``cleanup`` only."""
+        if not self.cleanup:
+            return
+        folder = repo_folder_name(repo_id)
+        entry = Path(path).relative_to(self.cache_dir / folder).as_posix()
+        state = self.cache_dir / STATE_DIR / folder
+        with _mutex(state):
+            entries = _read_manifest(state)
+            if entry not in entries:
+                _write_manifest(state, entries + [entry])
+
     def release(self, repo_id: str, commit: str, filename: str) -> bool:
         """With ``cleanup``, delete ``filename`` now if this run downloaded it and no other
         process reads the repository; True when it was deleted."""

@@ -220,18 +220,24 @@ def hub_errors(label: str, offline: bool, token: str | None) -> Iterator[None]:
         raise mapped from None
 
 
-def hub_json(model_id: str, filename: str, cache_dir: str | None = None) -> dict | None:
-    """A small JSON file of a hub model (``org/name[@rev]``), fetched into the cache; None
-    when it cannot be had (not a hub id, no such file, no network: callers fall back)."""
-    from huggingface_hub import hf_hub_download
+def hub_json(model_id: str, filename: str, cache_dir: str | None = None,
+             session: CacheSession | None = None) -> dict | None:
+    """A small JSON file of a hub model (``org/name[@rev]``), fetched into the cache (and
+    recorded in ``session`` when it was not there, for a cleanup); None when it cannot be had
+    (not a hub id, no such file, no network: callers fall back)."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
     repo_id, _, revision = model_id.partition("@")
     if not repo_id or Path(model_id).expanduser().exists() or repo_id.count("/") > 1:
         return None
     try:
+        cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir,
+                                        revision=revision or None)
         path = hf_hub_download(repo_id, filename, revision=revision or None,
                                cache_dir=cache_dir, local_files_only=env_offline(),
                                etag_timeout=METADATA_TIMEOUT_S)
+        if session is not None and not isinstance(cached, str):
+            session.record(repo_id, Path(path))
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except Exception as exc:  # any failure leaves the model to be handled on its own
         logger.debug("%s: no %s (%s)", model_id, filename, scrub(str(exc)))

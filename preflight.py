@@ -80,22 +80,24 @@ class Row:
 COLUMNS = [f for f in Row.__dataclass_fields__ if f not in ("files", "shards")]
 
 
-def checkpoint_info(opener: Opener, source: Source) -> tuple[str, dict, list[int]]:
-    """A full model's format, the bytes of each weight file the analysis reads, shard sizes."""
+def checkpoint_info(opener: Opener, source: Source, row: Row,
+                    prefix: str = "") -> tuple[dict, list[int]]:
+    """A full model's format (into ``row.format``, even when it is refused), the bytes of
+    each weight file the analysis reads, and the shard sizes."""
     weights = select_weight_files(source.files, source.label)
-    fmt = weights.kind
+    row.format = prefix + weights.kind
     if CONFIG_FILE in source.files:
         config = read_json(opener.file(source, CONFIG_FILE), source.label)
         quant = config.get("quantization_config")
         if isinstance(quant, dict) and quant:
-            fmt = f"quantized:{quant.get('quant_method', 'unknown')}"
+            row.format = f"{prefix}quantized:{quant.get('quant_method', 'unknown')}"
         check_not_quantized(config, source.label)
     shards = list(weights.shards)
     if weights.index:
         _, shards = index_shards(opener.file(source, weights.index), source.label)
     key = (source.model_id, source.revision or "local")
     files = {(*key, s): source.sizes.get(s, 0) for s in shards}
-    return fmt, files, [source.sizes.get(s, 0) for s in shards]
+    return files, [source.sizes.get(s, 0) for s in shards]
 
 
 def check(opener: Opener, entry: ListEntry) -> Row:
@@ -109,7 +111,7 @@ def check(opener: Opener, entry: ListEntry) -> Row:
             _adapter(opener, request, source, row)
         else:
             row.kind = "model"
-            row.format, row.files, row.shards = checkpoint_info(opener, source)
+            row.files, row.shards = checkpoint_info(opener, source, row)
             row.weight_bytes = sum(row.files.values())
     except ESDError as exc:
         row.status = next((s for cls, s in _STATUSES if isinstance(exc, cls)), "error")
@@ -132,8 +134,7 @@ def _adapter(opener: Opener, request: ModelRequest, source: Source, row: Row) ->
     row.files[(source.model_id, source.revision or "local", weights)] = row.weight_bytes
     base = resolve_base(opener, request, source, adapter_config)
     row.source_model = base.label
-    fmt, files, row.shards = checkpoint_info(opener, base)
-    row.format = f"adapter+{fmt}"
+    files, row.shards = checkpoint_info(opener, base, row, prefix="adapter+")
     row.base_bytes = sum(files.values())
     row.files.update(files)
 

@@ -211,12 +211,16 @@ def make_backend(config: RunConfig):
 
 def adapter_config_reader(config: RunConfig):
     """How the runner learns an adapter's base: its local ``adapter_config.json`` or, for a
-    hub adapter, the same file fetched (small; the worker reuses the cached copy)."""
-    from hub_files import hub_json
+    hub adapter, the same file fetched (small; the worker reuses the cached copy, and under
+    --cleanup_cache it is recorded for removal like every download)."""
+    from hub_cache import CacheSession
+    from hub_files import default_cache_dir, hub_json
+
+    session = CacheSession(default_cache_dir(config.cache_dir), config.cleanup_cache)
 
     def read(model_id: str) -> dict | None:
         return local_adapter_config(model_id) or hub_json(model_id, "adapter_config.json",
-                                                          config.cache_dir)
+                                                          config.cache_dir, session)
     return read
 
 

@@ -1,0 +1,158 @@
+"""Whole runs against the hub stand-in, as a user runs them on a list of hub ids: a base and
+its adapters sharing one download, an unreachable hub, a hung download, the preflight, and
+tokens kept out of every message."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.loader_fixtures import llama, save_adapter, save_model, write_safetensors
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNNER = ROOT / "run_esd_experiment.py"
+CLI_TIMEOUT_S = 300     # a loaded 2-core CI machine starts each worker in a few seconds
+OUTAGE_BOUND_S = 90     # three failed jobs and a stop, with worker start-ups, on a slow machine
+TOKEN = "hf_" + "Zq9" * 12
+
+
+def run_cli(hub, *argv, env_extra=None, timeout=CLI_TIMEOUT_S):
+    env = {**hub.env(hub.cache), **(env_extra or {})}
+    return subprocess.run([sys.executable, str(RUNNER), *map(str, argv), "--device", "cpu",
+                           "--retry_backoff", "0", "--no-progress"],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def write_list(path: Path, rows) -> Path:
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["model_id", "base_model_relation", "source_model"])
+        writer.writerows(rows)
+    return path
+
+
+def shard_bytes(hub, repo_id: str) -> int:
+    """Bytes of whole-file downloads of a repo's safetensors shards."""
+    return sum(s.nbytes for s in hub.log if s.method == "GET" and s.repo_id == repo_id
+               and s.range is None and (s.filename or "").endswith(".safetensors"))
+
+
+@pytest.fixture
+def base_and_adapters(hub, tmp_path):
+    base = llama()
+    folder = save_model(base, tmp_path / "base", max_shard_size="60KB")
+    hub.add_repo("org/base", folder)
+    for i in range(6):
+        adapter = save_adapter(base, tmp_path / f"adapter{i}", "org/base", seed=i + 1, r=4,
+                               target_modules=["q_proj", "v_proj"])
+        hub.add_repo(f"org/adapter{i}", adapter)
+    size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    return size
+
+
+def test_adapters_share_one_download_of_their_base(hub, tmp_path, base_and_adapters):
+    models = write_list(tmp_path / "models.csv", [("org/base", "", "")] + [
+        (f"org/adapter{i}", "lora", "org/base" if i % 2 else "") for i in range(6)])
+    out = tmp_path / "out"
+    proc = run_cli(hub, "--model_list", models, "--output_dir", out, "--cleanup_cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "7 to run" in proc.stderr and "1 job(s)" in proc.stderr
+    assert len(list(out.glob("*.csv"))) == 7
+    assert shard_bytes(hub, "org/base") == base_and_adapters, "the base is fetched once"
+    assert not list(hub.cache.glob("models--*")), "--cleanup_cache left nothing behind"
+    adapters = pd.concat(pd.read_csv(p) for p in out.glob("org--adapter*.csv"))
+    assert set(adapters.source_model) == {"org/base"} and (adapters.status == "ok").all()
+
+
+def test_an_unreachable_hub_stops_the_run_without_failing_the_models(hub, tmp_path):
+    for i in range(6):
+        hub.add_repo(f"org/m{i}", write_safetensors(tmp_path / f"m{i}",
+                                                    {"w.weight": __import__("torch").ones(4, 4)}))
+    models = write_list(tmp_path / "models.csv", [(f"org/m{i}", "", "") for i in range(6)])
+    out = tmp_path / "out"
+    hub.down()
+    started = time.monotonic()
+    proc = run_cli(hub, "--model_list", models, "--output_dir", out)
+    took = time.monotonic() - started
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "the hub cannot be reached" in proc.stderr and "HF_HUB_OFFLINE=1" in proc.stderr
+    assert took < OUTAGE_BOUND_S
+    failed = out / "failed_models.txt"
+    assert not failed.exists() or not failed.read_text().strip()
+    hub.up()
+    proc = run_cli(hub, "--model_list", models, "--output_dir", out, "--skip_failed")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list(out.glob("*.csv"))) == 6, "a rerun picks every model up"
+
+
+def test_a_hung_download_times_out_naming_its_stage(hub, tmp_path):
+    folder = write_safetensors(tmp_path / "big", {
+        "w.weight": __import__("torch").randn(300, 300)})  # larger than a header read
+    hub.add_repo("org/slow", folder)
+    hub.stall(60, filename="model.safetensors", after_bytes=200_000)
+    models = write_list(tmp_path / "models.csv", [("org/slow", "", "")])
+    out = tmp_path / "out"
+    proc = run_cli(hub, "--model_list", models, "--output_dir", out, "--model_timeout", "8",
+                   "--max_retries", "0", env_extra={"HF_HUB_DOWNLOAD_TIMEOUT": "300"})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    cause = (out / "failed_models.txt").read_text()
+    assert cause.startswith("org/slow\ttimeout after 8 s in download"), cause
+
+
+def test_dry_run_resolves_everything_and_downloads_no_weights(hub, tmp_path):
+    torch = __import__("torch")
+    base = llama()
+    hub.add_repo("org/base", save_model(base, tmp_path / "base", max_shard_size="60KB"))
+    hub.add_repo("org/adapter", save_adapter(base, tmp_path / "adapter", "org/base", r=4,
+                                             target_modules=["q_proj"]))
+    hub.add_repo("org/gated", write_safetensors(tmp_path / "g", {"w.weight": torch.ones(2, 2)}),
+                 gated=True)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "README.md").write_text("nothing here")
+    hub.add_repo("org/empty", empty)
+    hub.add_repo("org/quant", write_safetensors(
+        tmp_path / "q", {"w.qweight": torch.zeros(2, 2, dtype=torch.int32)},
+        {"quantization_config": {"quant_method": "no-such-method"}}))
+    models = write_list(tmp_path / "models.csv", [
+        ("org/base", "", ""), ("org/adapter", "lora", ""), ("org/gated", "", ""),
+        ("org/missing", "", ""), ("org/base@no-such-branch", "", ""), ("org/empty", "", ""),
+        ("org/quant", "", "")])
+    out = tmp_path / "out"
+    proc = run_cli(hub, "--model_list", models, "--output_dir", out, "--dry_run",
+                   env_extra={"HF_TOKEN": TOKEN})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    rows = pd.read_csv(out / "preflight.csv", keep_default_na=False).set_index("model_id")
+    assert rows.status.to_dict() == {
+        "org/base": "ok", "org/adapter": "ok", "org/gated": "gated", "org/missing": "not_found",
+        "org/base@no-such-branch": "revision_not_found", "org/empty": "no_weights",
+        "org/quant": "unsupported"}
+    assert rows.loc["org/adapter", "kind"] == "adapter"
+    assert rows.loc["org/adapter", "source_model"].startswith("org/base@")
+    assert rows.loc["org/adapter", "base_bytes"] == rows.loc["org/base", "weight_bytes"] > 0
+    assert rows.loc["org/base", "format"] == "safetensors"
+    assert rows.loc["org/quant", "format"] == "quantized:no-such-method"
+    assert "2 of 7 models ok" in proc.stdout and "to download" in proc.stdout
+    assert shard_bytes(hub, "org/base") == 0 and [p.name for p in out.glob("*.csv")] == [
+        "preflight.csv"], "no weight downloaded, no model analysed"
+    assert TOKEN not in proc.stdout + proc.stderr + (out / "preflight.csv").read_text()
+
+
+def test_tokens_never_reach_a_log_or_a_result(hub, tmp_path):
+    torch = __import__("torch")
+    hub.add_repo("org/gated", write_safetensors(tmp_path / "g", {"w.weight": torch.ones(2, 2)}),
+                 gated=True)
+    models = write_list(tmp_path / "models.csv", [("org/gated", "", "")])
+    out = tmp_path / "out"
+    proc = run_cli(hub, "--model_list", models, "--output_dir", out,
+                   env_extra={"HF_TOKEN": TOKEN})
+    assert proc.returncode == 1
+    assert "access refused" in (out / "failed_models.txt").read_text()
+    written = [p.read_text(errors="replace") for p in out.rglob("*") if p.is_file()]
+    assert not any(TOKEN in text for text in written + [proc.stdout, proc.stderr])
