@@ -1,0 +1,182 @@
+"""Hub lists at scale, on the hub stand-in with throttled bandwidth: adapters sharing their
+base, the disk a sharded model needs, and download overlapped with analysis.
+
+Usage: python benchmarks/bench_hub.py [--mbps 40] [--adapters 6] [--workdir DIR]
+
+Builds a Llama-shaped base (fp32, about 190 MB in 6 shards) and k LoRA adapters of it, serves
+them from tests/hub_server.py on 127.0.0.1 at --mbps MB/s, and runs the real runner and worker
+as whole processes against it (HF_ENDPOINT), each with a fresh cache:
+
+  group       one run over the list "base's k adapters" with --cleanup_cache: one job reads
+              (and downloads) the base once for all of them
+  separate    k runs of one adapter each with --cleanup_cache (what a list gave before: each
+              adapter fetched the base anew); the wall times are summed
+  streamed    the worker on the base alone, from the hub, --cleanup_cache: the cache size is
+              sampled every 20 ms for its peak
+  download    the base's shards fetched alone (huggingface_hub, one after the other)
+  analysis    the worker on the base already in the cache (HF_HUB_OFFLINE=1)
+
+Prints base bytes fetched / base size, group / separate wall time, peak cache / (two largest
+shards + small files), and streamed / max(download, analysis). Exit code 0 when every run
+succeeded, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SAMPLE_S = 0.02
+SMALL_FILES = 1 << 20       # config, index: the margin the disk rule allows beside the shards
+TIMEOUT_S = 1800
+BASE = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=6,
+            num_attention_heads=12, num_key_value_heads=4, vocab_size=8192,
+            tie_word_embeddings=False)
+
+
+def build(workdir: Path, adapters: int) -> tuple[Path, list[Path]]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**BASE)).eval()
+    base = workdir / "base"
+    model.save_pretrained(base, max_shard_size="35MB")
+    out = []
+    for i in range(adapters):
+        torch.manual_seed(i + 1)
+        peft = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"],
+                                                init_lora_weights=False))
+        peft.save_pretrained(workdir / f"adapter{i}")
+        model = peft.unload()
+        out.append(workdir / f"adapter{i}")
+    return base, out
+
+
+def write_list(path: Path, rows: list[tuple[str, str, str]]) -> Path:
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["model_id", "base_model_relation", "source_model"])
+        writer.writerows(rows)
+    return path
+
+
+def timed(cmd: list[str], env: dict, watch: Path | None = None) -> tuple[float, int]:
+    """Wall time of ``cmd``; with ``watch``, the peak size of that folder meanwhile."""
+    peak, done = [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], folder_bytes(watch))
+            time.sleep(SAMPLE_S)
+
+    sampler = threading.Thread(target=sample, daemon=True) if watch else None
+    started = time.monotonic()
+    if sampler:
+        sampler.start()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    took = time.monotonic() - started
+    done.set()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:4])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return took, peak[0]
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def runner(list_path: Path, out: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "run_esd_experiment.py"), "--model_list", str(list_path),
+            "--output_dir", str(out), "--device", "cpu", "--no-progress", "--cleanup_cache"]
+
+
+def worker(model: str, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "esd_worker.py"), "--model_id", model, "--output_dir",
+            str(out), "--device", "cpu", *extra]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mbps", type=float, default=40.0, help="hub bandwidth, MB/s")
+    parser.add_argument("--adapters", type=int, default=6)
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    from tests.hub_server import HubServer
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-hub-"))
+    base, adapters = build(workdir, args.adapters)
+    shards = sorted(p.stat().st_size for p in base.glob("*.safetensors"))
+    base_bytes = sum(shards)
+    with HubServer() as hub:
+        hub.add_repo("org/base", base)
+        for i, adapter in enumerate(adapters):
+            hub.add_repo(f"org/adapter{i}", adapter)
+        hub.throttle(args.mbps * 1e6)
+
+        def env(name: str, **extra) -> dict:
+            cache = workdir / f"cache-{name}"
+            shutil.rmtree(cache, ignore_errors=True)
+            return {**hub.env(cache), "HF_HUB_DOWNLOAD_TIMEOUT": "120", **extra}, cache
+
+        def base_fetched(since: int) -> int:
+            return sum(s.nbytes for s in hub.log[since:] if s.repo_id == "org/base"
+                       and (s.filename or "").endswith(".safetensors"))
+
+        rows = [(f"org/adapter{i}", "lora", "org/base") for i in range(args.adapters)]
+        mark = len(hub.log)
+        group_s, _ = timed(runner(write_list(workdir / "group.csv", rows), workdir / "out-g"),
+                           env("group")[0])
+        group_bytes = base_fetched(mark)
+        separate_s = 0.0
+        mark = len(hub.log)
+        for i, row in enumerate(rows):
+            took, _ = timed(runner(write_list(workdir / f"one{i}.csv", [row]),
+                                   workdir / "out-s"), env(f"one{i}")[0])
+            separate_s += took
+        separate_bytes = base_fetched(mark)
+
+        streamed_env, cache = env("streamed")
+        streamed_s, peak = timed(worker("org/base", workdir / "out-w", "--cleanup_cache"),
+                                 streamed_env, watch=cache)
+        download_env, cache = env("download")
+        code = ("import sys; from huggingface_hub import hf_hub_download as d\n"
+                "for f in sys.argv[1:]: d('org/base', f)")
+        download_s, _ = timed([sys.executable, "-c", code,
+                               *sorted(p.name for p in base.glob("*.safetensors"))],
+                              download_env)
+        analysis_env = {**download_env, "HF_HUB_OFFLINE": "1"}
+        analysis_s, _ = timed(worker("org/base", workdir / "out-a"), analysis_env)
+
+    bound = shards[-1] + shards[-2] + SMALL_FILES
+    print(f"machine: {os.cpu_count()} CPUs; hub at {args.mbps:g} MB/s; base {base_bytes / 1e6:.0f}"
+          f" MB in {len(shards)} shards; {args.adapters} adapters")
+    print("| measure | value | target |\n|---|---|---|")
+    print(f"| base bytes fetched, group run / base | {group_bytes / base_bytes:.3f} | <= 1.1 |")
+    print(f"| base bytes fetched, separate runs / base | {separate_bytes / base_bytes:.2f} | |")
+    print(f"| wall, group run / {args.adapters} separate runs | {group_s:.1f} s / "
+          f"{separate_s:.1f} s = {group_s / separate_s:.2f} | <= 0.5 |")
+    print(f"| peak cache, streamed with --cleanup_cache / (two largest shards + 1 MiB) | "
+          f"{peak / 1e6:.0f} MB / {bound / 1e6:.0f} MB = {peak / bound:.2f} | <= 1 |")
+    print(f"| wall, streamed / max(download alone, analysis alone) | {streamed_s:.1f} s / "
+          f"max({download_s:.1f}, {analysis_s:.1f}) s = "
+          f"{streamed_s / max(download_s, analysis_s):.2f} | <= 1.15 |")
+    if args.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
