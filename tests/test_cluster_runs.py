@@ -1,0 +1,103 @@
+"""The runner on a real single-node Slurm and a real local Ray: same list, same contract,
+same rows as a local run; only where the workers run changes."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.test_backend_slurm import slurm  # noqa: F401  (the cluster fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNNER = ROOT / "run_esd_experiment.py"
+CLI_TIMEOUT_S = 600  # five Slurm tasks of a few seconds each on two busy cores
+SLURM_FLAGS = ("--backend", "slurm", "--slurm_cpus_per_task", "1", "--slurm_time", "10",
+               "--slurm_poll_interval", "0.5")
+
+
+def cli(*argv, timeout=CLI_TIMEOUT_S):
+    return subprocess.run([sys.executable, str(RUNNER), *map(str, argv), "--device", "cpu",
+                           "--retry_backoff", "0", "--no-progress"],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def five_models(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    rows = []
+    for i in range(5):
+        folder = root / f"m{i}"
+        folder.mkdir()
+        g = torch.Generator().manual_seed(i)
+        save_file({f"model.layers.{k}.mlp.weight": torch.randn(64, 48, generator=g)
+                   for k in range(3)}, folder / "model.safetensors")
+        rows.append([str(folder)])
+    with open(root / "models.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([["model_id"], *rows])
+    return root / "models.csv"
+
+
+@pytest.fixture(scope="module")
+def local_rows(five_models, tmp_path_factory) -> dict[str, pd.DataFrame]:
+    out = tmp_path_factory.mktemp("local")
+    proc = cli("--model_list", five_models, "--output_dir", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return {p.name: pd.read_csv(p) for p in out.glob("*.csv")}
+
+
+def assert_same_rows(out: Path, expected: dict[str, pd.DataFrame]) -> None:
+    got = {p.name: pd.read_csv(p) for p in out.glob("*.csv")}
+    assert sorted(got) == sorted(expected)
+    for name, frame in expected.items():
+        pd.testing.assert_frame_equal(got[name], frame)
+
+
+def test_slurm_array_rows_equal_a_local_run_and_a_rerun_submits_nothing(
+        slurm, five_models, local_rows, tmp_path):  # noqa: F811
+    out = tmp_path / "out"
+    proc = cli("--model_list", five_models, "--output_dir", out, *SLURM_FLAGS,
+               "--slurm_models_per_task", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_rows(out, local_rows)
+    scripts = sorted((out / "slurm" / "submitit").glob("*_submission.sh"))
+    assert len(scripts) == 1, "one array"
+    assert len(list((out / "logs").glob("*.log"))) >= 5, "each model keeps its log"
+    proc = cli("--model_list", five_models, "--output_dir", out, *SLURM_FLAGS)
+    assert proc.returncode == 0 and "0 to run, 5 already done" in proc.stderr
+    assert sorted((out / "slurm" / "submitit").glob("*_submission.sh")) == scripts
+
+
+def test_slurm_detach_then_rerun_collects_without_resubmitting(
+        slurm, five_models, local_rows, tmp_path):  # noqa: F811
+    out = tmp_path / "out"
+    proc = cli("--model_list", five_models, "--output_dir", out, *SLURM_FLAGS, "--detach")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "submitted: Slurm job(s)" in proc.stderr and "scancel" in proc.stderr
+    proc = cli("--model_list", five_models, "--output_dir", out, *SLURM_FLAGS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_rows(out, local_rows)
+    assert len(list((out / "slurm" / "submitit").glob("*_submission.sh"))) == 1, \
+        "the rerun waited for the detached jobs instead of submitting them again"
+
+
+def test_ray_rows_equal_a_local_run(five_models, local_rows, tmp_path):
+    pytest.importorskip("ray", reason="Ray is an optional install: requirements-ray.txt")
+    out = tmp_path / "out"
+    proc = cli("--model_list", five_models, "--output_dir", out, "--backend", "ray")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_rows(out, local_rows)
+
+
+def test_slurm_unknown_partition_is_bad_input(slurm, five_models, tmp_path):  # noqa: F811
+    out = tmp_path / "out"
+    proc = cli("--model_list", five_models, "--output_dir", out, *SLURM_FLAGS,
+               "--slurm_partition", "no-such-partition")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "partition" in proc.stderr.lower() and not list(out.glob("*.csv"))
