@@ -28,6 +28,7 @@ _MAX_READABLE = 120
 FAILED_MODELS_FILE = "failed_models.txt"
 LOCK_FILE = ".esd_run.lock"
 OPTIONS_FILE = ".esd_options.json"  # the estimator options the directory's results used
+PREFLIGHT_FILE = "preflight.csv"    # --dry_run's rows: beside the results, not one of them
 
 
 def _is_plain(part: str, pattern: re.Pattern) -> bool:

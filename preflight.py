@@ -48,11 +48,10 @@ from model_loader import (
     is_adapter_repo,
     parse_model_id,
 )
-from paths import write_text_atomic
+from paths import PREFLIGHT_FILE, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
-PREFLIGHT_FILE = "preflight.csv"
 # Small files the analysis reads beside the shards (config, index): a disk margin.
 SMALL_FILES_MARGIN = 10 * 2**20
 _STATUSES = ((RevisionNotFoundError, "revision_not_found"), (ModelNotFoundError, "not_found"),

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from errors import InputError
+from paths import PREFLIGHT_FILE
 
 if TYPE_CHECKING:  # pandas is imported by the functions that read results
     import pandas as pd
@@ -147,10 +148,15 @@ class LoadedResults:
     skipped: dict[Path, str] = field(default_factory=dict)  # file -> why it was not read
 
 
+# CSVs a run writes beside the results that are not results (``--dry_run``'s preflight).
+NOT_RESULTS = frozenset({PREFLIGHT_FILE})
+
+
 def result_files(output_dir: Path) -> list[Path]:
-    """The CSVs directly in ``output_dir`` (hidden and temporary files excluded), by name."""
+    """The CSVs directly in ``output_dir`` (hidden and temporary files and the preflight
+    excluded), by name."""
     return sorted(p for p in Path(output_dir).glob("*.csv")
-                  if not p.name.startswith(".") and p.is_file())
+                  if not p.name.startswith(".") and p.name not in NOT_RESULTS and p.is_file())
 
 
 def read_results(output_dir: Path) -> LoadedResults:
