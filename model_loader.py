@@ -328,5 +328,6 @@ def _open(opener: Opener, request: ModelRequest, trust_remote_code: bool) -> Loa
 
         return open_adapter(opener, request, source, trust_remote_code)
     checkpoint = opener.checkpoint(source)
-    return LoadedModel(request.model_id, source.revision, "", None, False,
-                       checkpoint.reader.nbytes, checkpoint)
+    # A full model's source_model (a fine-tune's base, as the list gives it) is recorded as is.
+    return LoadedModel(request.model_id, source.revision, request.source_model.strip(), None,
+                       False, checkpoint.reader.nbytes, checkpoint)

@@ -164,3 +164,10 @@ def test_one_job_analyses_a_base_and_its_adapters_in_one_pass(zoo, tmp_path):
     (record,) = (together / "logs").glob("*.failure.json")
     assert "broken-adapter" in record.name and "CorruptCheckpointError" in record.read_text()
     assert len(list(together.glob("*.csv"))) == 2
+
+
+def test_a_fine_tune_records_the_source_model_the_list_gives(zoo, tmp_path):
+    assert run_worker("--model_id", zoo / "tiny-gpt2", "--source_model", "openai/gpt2",
+                      "--output_dir", tmp_path) == 0
+    df = pd.read_csv(next(tmp_path.glob("*.csv")))
+    assert (df.source_model == "openai/gpt2").all()
