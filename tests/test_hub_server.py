@@ -277,7 +277,11 @@ def test_project_loader_streams_the_model_from_the_hub(hub, tmp_path):
     assert loaded.revision == sha and set(got) == set(saved)
     assert all(torch.equal(got[name], tensor) for name, tensor in saved.items())
     read = [p for p in folder.iterdir() if p.name != "generation_config.json"]
-    assert hub.bytes_served("org/llama") == sum(p.stat().st_size for p in read)
+    whole = sum(s.nbytes for s in hub.log if s.method == "GET" and s.filename and s.range is None)
+    assert whole == sum(p.stat().st_size for p in read), "every file it reads, once"
+    headers = {s.filename for s in hub.log if s.range is not None}
+    assert headers == {p.name for p in folder.glob("*.safetensors")}, \
+        "the shard headers come first, with range requests"
 
 
 def test_project_loader_maps_gated_and_missing_repos(hub, tmp_path):
