@@ -1,0 +1,329 @@
+"""GGUF files read by gguf_reader: every type the gguf package dequantizes, names, split files,
+llama.cpp's Q/K permutation, file choice and bad input.
+
+Oracle: the gguf package itself. Files are written by its GGUFWriter; types it can quantize are
+quantized by gguf.quants.quantize, the others (K-quants, IQ types) are random blocks whose
+scale fields decode to finite numbers; every tensor is read back with gguf's own GGUFReader and
+dequantized with gguf.quants.dequantize, and the ESD rows over our reader must equal the rows
+over those arrays.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFWriter
+from gguf.quants import dequantize, quantize
+
+from checkpoint_io import CheckpointReader, select_weight_files
+from errors import CorruptCheckpointError, InputError, UnsupportedFormatError
+from gguf_reader import (
+    GGUFCheckpoint,
+    gguf_models,
+    is_gguf_path,
+    local_gguf_paths,
+    select_gguf_files,
+)
+from net_esd import ESDConfig, iter_layer_results
+from tests.loader_fixtures import llama
+
+# Rows over our reader and over gguf's own dequantization see the same float32 numbers, so
+# they agree to the last bit; 1e-5 is the project's bound for one float32 rounding per weight.
+ESD_RTOL = 1e-5
+# The Q/K permutation reorders the rows summed into the Gram matrix: float64 round-off only.
+PERMUTED_RTOL = 1e-9
+T = GGMLQuantizationType
+PLAIN = {T.F32: np.float32, T.F16: np.float16}
+ROWS = 16  # rows per test matrix: 16 eigenvalues, above the estimator's min_evals of 10
+
+
+def random_blocks(qtype: T, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Raw blocks of ``qtype`` that gguf dequantizes to finite numbers: random bytes, with each
+    block that decodes to NaN/Inf (a scale field hit an fp16 Inf/NaN pattern) drawn again."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
+    for _ in range(200):
+        with np.errstate(invalid="ignore", over="ignore"):  # the NaN/Inf blocks being replaced
+            bad = ~np.isfinite(dequantize(raw, qtype)).all(axis=-1)
+        if not bad.any():
+            return raw.reshape(rows, cols // block * size)
+        raw[bad] = rng.integers(0, 256, size=(int(bad.sum()), size), dtype=np.uint8)
+    raise AssertionError(f"no finite {qtype.name} blocks drawn")
+
+
+def dequantizable_types() -> list[T]:
+    out = []
+    for qtype in T:
+        if qtype in PLAIN or qtype == T.BF16:
+            out.append(qtype)
+            continue
+        block, size = GGML_QUANT_SIZES[qtype]
+        try:
+            dequantize(np.zeros((1, size), dtype=np.uint8), qtype)
+        except NotImplementedError:
+            continue
+        out.append(qtype)
+    return out
+
+
+def stored(qtype: T, values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``values`` as ``qtype`` data: quantized by gguf where it can, random blocks elsewhere."""
+    if qtype in PLAIN:
+        return values.astype(PLAIN[qtype])
+    try:
+        return quantize(values, qtype)
+    except NotImplementedError:
+        return random_blocks(qtype, values.shape[0], values.shape[1], rng)
+
+
+def write_gguf(path: Path, tensors: dict, arch: str = "llama", metadata: dict | None = None,
+               split_max_tensors: int = 0) -> Path:
+    """A GGUF file (or split set) written by gguf's own GGUFWriter; ``tensors``: name ->
+    (array, qtype); quantized arrays are raw blocks."""
+    writer = GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
+    for key, value in (metadata or {}).items():
+        getattr(writer, f"add_{key}")(value)
+    for name, (data, qtype) in tensors.items():
+        if qtype in PLAIN or qtype == T.F32:
+            writer.add_tensor(name, data)
+        else:
+            writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def library_arrays(paths: list[Path]) -> dict[str, tuple[np.ndarray, str]]:
+    """GGUF name -> (gguf's own dequantization, type name), read with gguf's GGUFReader."""
+    out = {}
+    for path in paths:
+        for t in GGUFReader(path).tensors:
+            out[t.name] = (np.array(dequantize(t.data, t.tensor_type)), t.tensor_type.name)
+    return out
+
+
+def esd_rows(stream) -> list[dict]:
+    return [r.row for r in iter_layer_results(stream, ESDConfig())]
+
+
+def assert_rows_close(ours: list[dict], ref: list[dict], rtol: float) -> None:
+    assert [r["longname"] for r in ours] == [r["longname"] for r in ref]
+    for a, b in zip(ours, ref, strict=True):
+        for key, value in b.items():
+            if isinstance(value, float) and np.isfinite(value):
+                assert a[key] == pytest.approx(value, rel=rtol), (a["longname"], key)
+            else:
+                assert a[key] == value, (a["longname"], key)
+
+
+LLAMA_META = {"block_count": 2, "context_length": 64, "embedding_length": 32,
+              "feed_forward_length": 64, "head_count": 4, "head_count_kv": 2,
+              "layer_norm_rms_eps": 1e-6, "vocab_size": 96}
+
+
+# --- every type --------------------------------------------------------------------------
+
+def test_every_dequantizable_type_matches_gguf(tmp_path):
+    rng = np.random.default_rng(0)
+    types = dequantizable_types()
+    assert {T.Q4_0, T.Q8_0, T.Q4_K, T.Q6_K, T.IQ4_XS, T.BF16} <= set(types)
+    tensors = {}
+    for qtype in types:
+        cols = 256 if GGML_QUANT_SIZES[qtype][0] <= 256 else GGML_QUANT_SIZES[qtype][0]
+        values = rng.standard_normal((ROWS, cols)).astype(np.float32)
+        tensors[f"t.{qtype.name.lower()}.weight"] = (stored(qtype, values, rng), qtype)
+    path = write_gguf(tmp_path / "all.gguf", tensors, arch="madeup")
+    reader = GGUFCheckpoint([path], "all-types")
+    ref = library_arrays([path])
+    assert set(reader.names) == set(ref)  # unknown architecture: GGUF names kept
+    for name in reader.names:
+        array, qtype = ref[name]
+        got = reader.get(name)
+        assert reader.storage(name) == qtype
+        assert tuple(got.shape) == array.shape == reader.shape(name)
+        assert str(got.dtype).removeprefix("torch.") == reader.dtype(name)
+        assert np.array_equal(got.float().numpy(), array.astype(np.float32)), name
+    ours = esd_rows(reader.iter_tensors())
+    lib = esd_rows((n, torch.from_numpy(ref[n][0]), ref[n][1]) for n in reader.names)
+    assert len(ours) == len(types) and {r["status"] for r in ours} == {"ok"}
+    assert_rows_close(ours, lib, ESD_RTOL)
+    assert sorted(r["storage"] for r in ours) == sorted(t.name for t in types)
+
+
+def test_large_tensor_is_dequantized_in_chunks(tmp_path, monkeypatch):
+    """Chunk boundaries (rows not a multiple of the chunk) leave no seam."""
+    import gguf_reader
+
+    monkeypatch.setattr(gguf_reader, "CHUNK_ELEMS", 3 * 256)
+    rng = np.random.default_rng(1)
+    raw = random_blocks(T.Q4_K, 10, 512, rng)
+    path = write_gguf(tmp_path / "m.gguf", {"w.weight": (raw, T.Q4_K)}, arch="madeup")
+    got = GGUFCheckpoint([path], "m").get("w.weight")
+    assert np.array_equal(got.numpy(), dequantize(raw, T.Q4_K))
+
+
+# --- names, order, permutation --------------------------------------------------------------
+
+def llama_permute(w: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf.py ``LlamaModel.permute``, as written there."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+GGUF_OF_HF = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output",
+              "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+              "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def llama_as_gguf(tmp_path: Path, split_max_tensors: int = 0) -> tuple[Path, Path]:
+    """A tiny HF llama saved as safetensors, and converted to F32 GGUF as llama.cpp does
+    (Q/K rows permuted); returns (HF directory, first GGUF file)."""
+    model = llama(seed=3)
+    hf_dir = tmp_path / "hf"
+    model.save_pretrained(hf_dir)
+    tensors = {}
+    for name, param in model.state_dict().items():
+        w = param.numpy()
+        short = name.removeprefix("model.").removesuffix(".weight")
+        if short.startswith("layers."):
+            _, bid, rest = short.split(".", 2)
+            gguf = f"blk.{bid}.{GGUF_OF_HF[rest]}.weight"
+            if rest in ("self_attn.q_proj", "self_attn.k_proj"):
+                w = llama_permute(w, 4, 4 if rest.endswith("q_proj") else 2)
+        else:
+            gguf = f"{GGUF_OF_HF[short]}.weight"
+        tensors[gguf] = (np.ascontiguousarray(w), T.F32)
+    name = "tiny-00001-of-00003.gguf" if split_max_tensors else "tiny.gguf"
+    write_gguf(tmp_path / "tiny.gguf", tensors, metadata=LLAMA_META,
+               split_max_tensors=split_max_tensors)
+    return hf_dir, tmp_path / name
+
+
+def test_names_are_huggingface_and_rows_match_the_original(tmp_path):
+    hf_dir, gguf = llama_as_gguf(tmp_path)
+    reader = GGUFCheckpoint([gguf], "tiny-gguf")
+    original = CheckpointReader(hf_dir, select_weight_files(
+        [p.name for p in hf_dir.iterdir()], "hf"), "hf")
+    assert reader.names == original.names
+    assert reader.gguf_name("model.layers.1.self_attn.q_proj.weight") == "blk.1.attn_q.weight"
+    assert all(reader.storage(n) == "F32" for n in reader.names)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(reader.get(q), original.get(q))  # rows permuted by the converter
+    ours, ref = esd_rows(reader.iter_tensors()), esd_rows(original.iter_tensors())
+    assert len(ours) == 16
+    for a in (ours, ref):
+        for row in a:
+            row.pop("storage")
+    assert_rows_close(ours, ref, PERMUTED_RTOL)
+
+
+def test_split_gguf_reads_all_parts_in_order(tmp_path):
+    _, first = llama_as_gguf(tmp_path, split_max_tensors=8)
+    files = sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".gguf")
+    assert files == [f"tiny-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    paths = local_gguf_paths(tmp_path / files[1], "tiny")
+    assert [p.name for p in paths] == files
+    reader = GGUFCheckpoint(paths, "tiny")
+    assert len(reader.names) == 21 and reader.files == tuple(paths)
+    owner = [reader.files_of(n)[0] for n in reader.names]
+    assert owner == sorted(owner, key=paths.index)  # file by file
+    assert "lm_head.weight" in reader.names  # names mapped across parts, untied head kept
+    whole, _ = llama_as_gguf(tmp_path / "whole")
+    single = GGUFCheckpoint([tmp_path / "whole" / "tiny.gguf"], "tiny")
+    for name in reader.names:
+        assert torch.equal(reader.get(name), single.get(name))
+    with pytest.raises(CorruptCheckpointError, match="tiny-00003-of-00003.gguf is part 3 of 3.*read as part 2"):
+        GGUFCheckpoint([paths[0], paths[2], paths[1]], "tiny")
+    with pytest.raises(CorruptCheckpointError, match="part 1 of 3.*give all parts"):
+        GGUFCheckpoint([paths[0]], "tiny")
+
+
+# --- choosing files -------------------------------------------------------------------------
+
+REPO = ["README.md", "model.Q4_K_M.gguf", "model.Q4_K_S.gguf", "model.Q8_0.gguf",
+        "mmproj-model-f16.gguf", "big/model.Q6_K-00001-of-00002.gguf",
+        "big/model.Q6_K-00002-of-00002.gguf"]
+
+
+@pytest.mark.parametrize("wanted, expected", [
+    ("model.Q8_0.gguf", ("model.Q8_0.gguf",)),
+    ("q4_k_m", ("model.Q4_K_M.gguf",)),
+    ("big/model.Q6_K-00002-of-00002.gguf", ("big/model.Q6_K-00001-of-00002.gguf",
+                                            "big/model.Q6_K-00002-of-00002.gguf")),
+    ("Q6_K", ("big/model.Q6_K-00001-of-00002.gguf", "big/model.Q6_K-00002-of-00002.gguf")),
+])
+def test_select_gguf_files(wanted, expected):
+    assert select_gguf_files(REPO, wanted, "org/m-GGUF") == expected
+
+
+def test_select_gguf_files_refuses_ambiguity_and_gaps():
+    with pytest.raises(InputError, match="org/m.*Q4_K.*matches 2.*gguf_file"):
+        select_gguf_files(REPO, "Q4_K", "org/m")
+    with pytest.raises(InputError, match="holds 4 GGUF models"):
+        select_gguf_files(REPO, "", "org/m")
+    assert select_gguf_files(["a.gguf", "mmproj-a.gguf"], None, "org/m") == ("a.gguf",)
+    with pytest.raises(CorruptCheckpointError, match="lacks big/model.Q6_K-00002-of-00002"):
+        select_gguf_files(REPO[:-1], "Q6_K", "org/m")
+    assert is_gguf_path("/data/x.Q4_K_M.GGUF") and not is_gguf_path("org/model")
+    assert list(gguf_models(REPO)) == ["big/model.Q6_K-*-of-00002.gguf", "model.Q4_K_M.gguf",
+                                      "model.Q4_K_S.gguf", "model.Q8_0.gguf"]
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+def one_tensor_file(tmp_path: Path, qtype: T = T.Q8_0) -> Path:
+    rng = np.random.default_rng(2)
+    data = stored(qtype, rng.standard_normal((ROWS, 256)).astype(np.float32), rng)
+    return write_gguf(tmp_path / "one.gguf", {"blk.0.ffn_up.weight": (data, qtype)},
+                      arch="madeup")
+
+
+def set_type(path: Path, name: str, type_id: int) -> None:
+    """Overwrite the GGML type of tensor ``name`` in the header (after name, n_dims, dims)."""
+    raw = bytearray(path.read_bytes())
+    at = raw.index(name.encode()) + len(name)
+    n_dims = struct.unpack_from("<I", raw, at)[0]
+    struct.pack_into("<I", raw, at + 4 + 8 * n_dims, type_id)
+    path.write_bytes(bytes(raw))
+
+
+def test_truncated_gguf_names_the_tensor(tmp_path):
+    path = one_tensor_file(tmp_path)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CorruptCheckpointError,
+                       match=r"one.gguf is truncated: tensor blk.0.ffn_up.weight \(Q8_0\)"):
+        GGUFCheckpoint([path], "org/m")
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(CorruptCheckpointError, match="truncated: its header ends inside"):
+        GGUFCheckpoint([path], "org/m")
+    path.write_bytes(b"PK\x03\x04" + bytes(100))
+    with pytest.raises(CorruptCheckpointError, match="does not start with GGUF"):
+        GGUFCheckpoint([path], "org/m")
+
+
+def test_unknown_or_undequantizable_type_names_the_tensor(tmp_path):
+    path = one_tensor_file(tmp_path)
+    set_type(path, "blk.0.ffn_up.weight", 99)
+    with pytest.raises(UnsupportedFormatError,
+                       match="org/m: one.gguf: tensor blk.0.ffn_up.weight has GGML type 99"):
+        GGUFCheckpoint([path], "org/m")
+    set_type(path, "blk.0.ffn_up.weight", int(T.Q8_K))
+    with pytest.raises(UnsupportedFormatError, match="blk.0.ffn_up.weight is Q8_K.*cannot"):
+        GGUFCheckpoint([path], "org/m")
+
+
+def test_missing_local_file(tmp_path):
+    from errors import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match="no such GGUF file"):
+        local_gguf_paths(tmp_path / "x.gguf", "x")
