@@ -396,6 +396,9 @@ class _CTGroup:
 def _ct_groups(quant: dict, model_id: str) -> list[_CTGroup]:
     """The weight quantization of each config group; formats and options not read refused."""
     top = str(quant.get("format") or "dense").lower()
+    if top not in CT_FORMATS:
+        raise refuse(model_id, f"compressed-tensors format {top!r}",
+                     f"formats read: {', '.join(CT_FORMATS[:5])}")
     sparsity = quant.get("sparsity_config") or {}
     if isinstance(sparsity, dict) and str(sparsity.get("format") or "dense").lower() != "dense":
         raise refuse(model_id, f"compressed-tensors sparsity format {sparsity.get('format')!r}")

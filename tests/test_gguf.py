@@ -28,8 +28,8 @@ from gguf_reader import (
     local_gguf_paths,
     select_gguf_files,
 )
-from net_esd import ESDConfig, iter_layer_results
 from tests.loader_fixtures import llama
+from tests.test_quantized import assert_rows_close, esd_rows
 
 # Rows over our reader and over gguf's own dequantization see the same float32 numbers, so
 # they agree to the last bit; 1e-5 is the project's bound for one float32 rounding per weight.
@@ -106,20 +106,6 @@ def library_arrays(paths: list[Path]) -> dict[str, tuple[np.ndarray, str]]:
         for t in GGUFReader(path).tensors:
             out[t.name] = (np.array(dequantize(t.data, t.tensor_type)), t.tensor_type.name)
     return out
-
-
-def esd_rows(stream) -> list[dict]:
-    return [r.row for r in iter_layer_results(stream, ESDConfig())]
-
-
-def assert_rows_close(ours: list[dict], ref: list[dict], rtol: float) -> None:
-    assert [r["longname"] for r in ours] == [r["longname"] for r in ref]
-    for a, b in zip(ours, ref, strict=True):
-        for key, value in b.items():
-            if isinstance(value, float) and np.isfinite(value):
-                assert a[key] == pytest.approx(value, rel=rtol), (a["longname"], key)
-            else:
-                assert a[key] == value, (a["longname"], key)
 
 
 LLAMA_META = {"block_count": 2, "context_length": 64, "embedding_length": 32,

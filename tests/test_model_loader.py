@@ -236,12 +236,14 @@ def test_missing_local_directory(tmp_path):
 
 
 @pytest.mark.parametrize("quant, named", [
-    ({"quant_method": "gptq", "bits": 4}, "gptq"),
-    ({"quant_method": "awq"}, "awq"),
-    ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "bitsandbytes 4-bit"),
-    ({"quant_method": "compressed-tensors"}, "compressed-tensors"),
+    ({"quant_method": "hqq", "nbits": 4}, "hqq"),
+    ({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"}, "GPTQ.*'marlin'"),
+    ({"quant_method": "awq", "version": "gemv"}, "AWQ version 'gemv'"),
+    ({"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized"}, "nvfp4"),
 ])
-def test_quantized_checkpoint_is_refused_naming_method(tmp_path, quant, named):
+def test_quantized_checkpoint_not_read_is_refused_naming_method(tmp_path, quant, named):
+    """Formats that quantized.py reads pass the config check (tests/test_quantized.py reads
+    them); any other method or layout is refused, before weights are read, naming it."""
     packed = {"w.qweight": torch.zeros(4, 4, dtype=torch.int32)}
     folder = write_safetensors(tmp_path / "quant", packed,
                                {"model_type": "llama", "quantization_config": quant})
