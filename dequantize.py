@@ -216,12 +216,12 @@ def scale_grid(wshape: tuple[int, ...], sshape: tuple[int, ...], strategy: str |
     lead = tuple(wshape[:-2])
     inner = tuple(sshape[len(lead):]) if tuple(sshape[:len(lead)]) == lead and len(sshape) > \
         len(lead) else tuple(sshape)
-    if math.prod(sshape) == 1 and strategy in (None, "tensor"):
-        return Grid("tensor")
     if strategy in (None, "block") and block:
         br, bc = block
         if inner == (math.ceil(rows / br), math.ceil(cols / bc)):
             return Grid("block", (br, bc))
+    if math.prod(sshape) == 1 and strategy in (None, "tensor"):
+        return Grid("tensor")
     if strategy in (None, "group") and group and inner == (rows, math.ceil(cols / group)):
         return Grid("group", (group,))
     if strategy in (None, "channel") and inner in ((rows, 1), (rows,)):

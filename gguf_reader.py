@@ -225,6 +225,13 @@ def _can_dequantize(qtype) -> bool:
     return True
 
 
+def readable_types() -> list[str]:
+    """The GGML type names read: plain types, and every type gguf can dequantize."""
+    from gguf import GGMLQuantizationType
+
+    return [t.name for t in GGMLQuantizationType if t.name in _PLAIN or _can_dequantize(t)]
+
+
 def _check_split(headers: list[_Header], model_id: str) -> None:
     """Split parts carry ``split.no`` (from 0) and ``split.count``; all must be here, in order."""
     for i, header in enumerate(headers):

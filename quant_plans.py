@@ -55,6 +55,7 @@ class QuantFormat:
 
     check: Callable[[dict, str], None]
     plan: Callable[[TensorReader, dict, str], list[Packed]]
+    summary: str  # what is read, for --dry_run and the README
 
 
 def method_of(quant: dict) -> str:
@@ -129,10 +130,21 @@ def match_target(target: str, module: str) -> bool:
 
 def matrix_shape(reader: TensorReader, name: str, model_id: str) -> tuple[int, int]:
     shape = tuple(reader.shape(name))
+    if len(shape) > 2:
+        raise refuse(model_id, f"packed weight {name} of shape {shape} (fused experts)",
+                     "packed weights are read as matrices")
     if len(shape) != 2:
         raise CorruptCheckpointError(f"{model_id}: {name} has shape {shape}; a packed weight "
                                      f"is two-dimensional")
     return shape[0], shape[1]
+
+
+def stored_bytes(reader: TensorReader, name: str, model_id: str) -> int:
+    dtype = getattr(torch, reader.dtype(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise CorruptCheckpointError(f"{model_id}: {name} has dtype {reader.dtype(name)}, "
+                                     f"which torch does not know")
+    return math.prod(reader.shape(name)) * dtype.itemsize
 
 
 def _decode_scaled(t: dict[str, torch.Tensor], grid: Grid) -> torch.Tensor:
@@ -320,8 +332,7 @@ def _plan_bnb4(reader: TensorReader, names: set[str], module: str,
     roles = {"weight": ".weight", **BNB4_PARTS, **(BNB4_NESTED if nested else {})}
     parts = {**require(names, module, roles, "bitsandbytes 4-bit", model_id), "state": states[0]}
     n = math.prod(shape)
-    stored = math.prod(reader.shape(parts["weight"])) * \
-        torch.empty(0, dtype=getattr(torch, reader.dtype(parts["weight"]))).element_size()
+    stored = stored_bytes(reader, parts["weight"], model_id)
     if stored != math.ceil(n / 2):
         raise CorruptCheckpointError(f"{model_id}: {parts['weight']} holds {stored} bytes; "
                                      f"{n} 4-bit values of shape {shape} need {math.ceil(n / 2)}")
@@ -499,6 +510,10 @@ def _plan_ct(reader: TensorReader, quant: dict, model_id: str) -> list[Packed]:
                     f"{model_id}: {module}.weight is stored as {reader.dtype(module + '.weight')} "
                     f"without {module}.weight_scale; its values mean nothing without it")
             plans.append(_plan_ct_module(reader, names, module, False, groups, model_id))
+    if groups and not plans:
+        raise CorruptCheckpointError(
+            f"{model_id}: quantization_config quantizes weights ({groups[0].type}"
+            f"{groups[0].bits}), but no tensor of the checkpoint is stored that way")
     return plans
 
 
@@ -508,10 +523,15 @@ def _check_ct(quant: dict, model_id: str) -> None:
 
 # quant_method -> its reader. A new format: one check, one plan, one line here.
 QUANT_FORMATS: dict[str, QuantFormat] = {
-    "gptq": QuantFormat(_check_gptq, _plan_gptq),
-    "awq": QuantFormat(_check_awq, _plan_awq),
-    "fp8": QuantFormat(_check_fp8, _plan_fp8),
-    "fbgemm_fp8": QuantFormat(_check_fp8, _plan_fp8),
-    "bitsandbytes": QuantFormat(_check_bnb, _plan_bnb),
-    "compressed-tensors": QuantFormat(_check_ct, _plan_ct),
+    "gptq": QuantFormat(_check_gptq, _plan_gptq,
+                        "2, 3, 4, 8 bits; gptq and gptq_v2 layouts; desc_act (g_idx)"),
+    "awq": QuantFormat(_check_awq, _plan_awq, "4 bits, GEMM layout"),
+    "fp8": QuantFormat(_check_fp8, _plan_fp8, "float8_e4m3fn/e5m2 with weight_scale_inv block "
+                       "scales (weight_block_size, partial edge blocks) or weight_scale"),
+    "fbgemm_fp8": QuantFormat(_check_fp8, _plan_fp8, "float8 with per-channel weight_scale"),
+    "bitsandbytes": QuantFormat(_check_bnb, _plan_bnb, "4-bit nf4/fp4 with their quant state, "
+                                "nested (double) quantization; 8-bit (row-major SCB)"),
+    "compressed-tensors": QuantFormat(_check_ct, _plan_ct, "pack-quantized, int-quantized, "
+                                      "float-quantized, naive-quantized; tensor, channel, group "
+                                      "and block scales"),
 }

@@ -36,7 +36,8 @@ from checkpoint_io import TensorReader, natural_key
 from errors import CorruptCheckpointError, UnsupportedFormatError
 from quant_plans import QUANT_FORMATS, Packed, method_of
 
-__all__ = ["QUANT_FORMATS", "DequantizingReader", "dequantizing_reader", "quantization_format"]
+__all__ = ["QUANT_FORMATS", "DequantizingReader", "dequantizing_reader", "quantization_format",
+           "supported_formats"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,5 +140,18 @@ def dequantizing_reader(reader: TensorReader, quantization_config: dict,
     method = quantization_format({"quantization_config": quantization_config}, model_id)
     if method is None:
         raise UnsupportedFormatError(f"{model_id}: empty quantization_config")
-    return DequantizingReader(reader, QUANT_FORMATS[method].plan(reader, quantization_config,
-                                                                 model_id), model_id)
+    packed = QUANT_FORMATS[method].plan(reader, quantization_config, model_id)
+    if not packed and method != "compressed-tensors":  # whose schemes may leave weights as is
+        raise CorruptCheckpointError(
+            f"{model_id}: config.json declares {method} quantization, but no tensor of the "
+            f"checkpoint is stored that way; the weights are from another revision or damaged")
+    return DequantizingReader(reader, packed, model_id)
+
+
+def supported_formats() -> list[str]:
+    """One line per checkpoint format read (for ``--dry_run`` and the README)."""
+    from gguf_reader import readable_types
+
+    lines = ["safetensors and PyTorch .bin: float16, bfloat16, float32, float64 weights",
+             f"GGUF (.gguf, split files): {', '.join(readable_types())}"]
+    return lines + [f"{method}: {fmt.summary}" for method, fmt in QUANT_FORMATS.items()]

@@ -35,7 +35,7 @@ from checkpoint_io import (
 from dequantize import unpack_bits
 from errors import CorruptCheckpointError, UnsupportedFormatError
 from net_esd import ESDConfig, iter_layer_results
-from quantized import dequantizing_reader, quantization_format
+from quantized import dequantizing_reader, quantization_format, supported_formats
 from tests.loader_fixtures import llama
 
 # ESD rows over our weights vs the oracle's: one float32 rounding per weight moves eigenvalues
@@ -447,6 +447,21 @@ def test_parts_in_two_shards_and_the_interface(tmp_path):
     assert [(n, s) for n, _, s in items] == [(f"{m}.weight", "gptq-4bit-g32"),
                                              ("model.norm.weight", "float32")]
     assert_one_rounding(items[0][1], exact)
+
+
+def test_supported_formats_name_every_reader():
+    text = "\n".join(supported_formats())
+    for name in ("safetensors", "GGUF", "Q4_K", "IQ4_XS", "BF16", "gptq", "awq", "fp8",
+                 "fbgemm_fp8", "bitsandbytes", "compressed-tensors"):
+        assert name in text
+
+
+def test_declared_quantization_without_quantized_tensors(tmp_path):
+    folder = save_checkpoint(tmp_path / "plain", {"model.layers.0.mlp.up_proj.weight":
+                                                  torch.ones(4, 4)}, GPTQ4)
+    with pytest.raises(CorruptCheckpointError, match="declares gptq quantization, but no "
+                       "tensor"):
+        open_reader(folder)
 
 
 def test_quantization_format_from_config_alone():
