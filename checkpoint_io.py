@@ -136,7 +136,9 @@ class TensorReader(Protocol):
     ``Q4_K``, ``gptq-4bit-g128``, ``float8_e4m3fn+block128``...). ``files_of(name)``: the
     checkpoint files (names, as in ``files``) the tensor's parts live in, so a loader can fetch
     and delete shards in order (``tensor_stream.read_order``). ``get`` holds one tensor (its
-    dequantized copy) in memory, never the model.
+    dequantized copy) in memory, never the model. ``iter_tensors`` yields
+    ``(name, tensor, storage)``; ``CheckpointReader``'s yields ``(name, tensor)`` pairs, whose
+    storage is the dtype name the estimator derives itself.
     """
 
     names: tuple[str, ...]

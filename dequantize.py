@@ -1,7 +1,7 @@
 """Dequantization of quantized weight formats: pure functions, tensors in, float32 out.
 
-No file I/O and no checkpoint names: ``quantized.py`` finds the stored parts of each weight and
-calls these. One function per stored layout:
+No file I/O and no checkpoint names: ``quant_plans.py`` finds the stored parts of each weight
+and calls these. One function per stored layout:
 
 - ``dequantize_gptq``: GPTQ ``qweight``/``qzeros``/``scales``/``g_idx`` (2, 3, 4, 8 bits).
 - ``dequantize_awq``: AutoAWQ GEMM (4 bits, AWQ's packing order).
@@ -28,7 +28,6 @@ CHUNK_ELEMS = 1 << 20          # output entries per chunk: 4 MiB of float32
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # AutoAWQ packs columns 0,2,4,6,1,3,5,7 per word
 
 
-
 def unpack_bits(words: torch.Tensor, bits: int, count: int, dense: bool = True) -> torch.Tensor:
     """The unsigned ``bits``-bit integers packed in the int32 ``words`` of the last dimension.
 
@@ -40,15 +39,26 @@ def unpack_bits(words: torch.Tensor, bits: int, count: int, dense: bool = True) 
     """
     mask = (1 << bits) - 1
     if 32 % bits == 0 or not dense:
-        shifts = torch.arange(32 // bits, dtype=torch.int32) * bits
-        # Arithmetic shifts of negative words only fill bits that the mask drops.
-        return ((words.unsqueeze(-1) >> shifts) & mask).flatten(-2)[..., :count]
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    w = torch.cat([w, torch.zeros_like(w[..., :1])], dim=-1)
-    start = torch.arange(count, dtype=torch.int64) * bits
-    idx, off = start // 32, start % 32
-    pair = w[..., idx] | (w[..., idx + 1] << 32)  # 64 bits from the value's first word on
-    return ((pair >> off) & mask).to(torch.int32)
+        return _unpack_words(words, torch.arange(32 // bits, dtype=torch.int32) * bits,
+                             mask)[..., :count]
+    # 32 values fill ``bits`` words exactly: unpack run by run, value k of every run at once.
+    pad = -words.shape[-1] % bits
+    w = torch.nn.functional.pad(words.to(torch.int64) & 0xFFFFFFFF, (0, pad))
+    w = w.unflatten(-1, (-1, bits))
+    out = torch.empty((*w.shape[:-1], 32), dtype=torch.int32)
+    for k in range(32):
+        word, off = divmod(k * bits, 32)
+        v = w[..., word] >> off
+        if off + bits > 32:  # the value continues in the next word
+            v = v | (w[..., word + 1] << (32 - off))
+        out[..., k] = v & mask
+    return out.flatten(-2)[..., :count]
+
+
+def _unpack_words(words: torch.Tensor, shifts: torch.Tensor, mask: int) -> torch.Tensor:
+    """``(word >> shift) & mask`` for each shift, flattened word by word."""
+    # Arithmetic shifts of negative words only fill bits that the mask drops.
+    return ((words.unsqueeze(-1) >> shifts) & mask).flatten(-2)
 
 
 @dataclass(frozen=True)
@@ -65,21 +75,46 @@ class Grid:
     size: tuple[int, ...] = ()
     g_idx: torch.Tensor | None = None
 
-    def expand(self, t: torch.Tensor, r0: int, r1: int, cols: int) -> torch.Tensor:
-        """The part of ``t`` covering rows ``r0:r1``, broadcastable to ``(r1 - r0, cols)``."""
+    def apply_(self, out: torch.Tensor, t: torch.Tensor, r0: int,
+               op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        """``op(out, t)`` in place, ``out`` being rows ``r0:r0 + len(out)`` of the matrix and
+        ``t`` broadcast over the cells it covers through views (a per-column gather only for
+        an explicit ``g_idx``), so no scale-sized copy of the chunk is made."""
+        rows, cols = out.shape
         if self.kind == "tensor":
-            return t.reshape(1, 1)
-        if self.kind == "channel":
-            return t.reshape(-1, 1)[r0:r1]
-        if self.kind == "group":
-            groups = self.g_idx if self.g_idx is not None else torch.arange(cols) // self.size[0]
-            return t[r0:r1][:, groups]
-        if self.kind == "block":
+            op(out, t.reshape(1, 1))
+        elif self.kind == "channel":
+            op(out, t.reshape(-1, 1)[r0:r0 + rows])
+        elif self.kind == "group" and self.g_idx is not None:
+            op(out, t[r0:r0 + rows][:, self.g_idx])
+        elif self.kind == "group":
+            _runs_(out, t[r0:r0 + rows], self.size[0], op)
+        elif self.kind == "block":
             br, bc = self.size
-            rows = t[r0 // br:(r1 - 1) // br + 1].repeat_interleave(br, dim=0)
-            return rows[r0 % br:r0 % br + r1 - r0].repeat_interleave(bc, dim=1)[:, :cols]
-        block = torch.arange(r0 * cols, r1 * cols) // self.size[0]
-        return t[block].view(r1 - r0, cols)
+            per_row = t[r0 // br:(r0 + rows - 1) // br + 1].repeat_interleave(br, dim=0)
+            _runs_(out, per_row[r0 % br:r0 % br + rows], bc, op)
+        else:
+            _runs_(out.view(1, -1), t.reshape(1, -1), self.size[0], op, start=r0 * cols)
+
+
+def _runs_(out: torch.Tensor, t: torch.Tensor, run: int,
+           op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], start: int = 0) -> None:
+    """``op`` on runs of ``run`` consecutive columns of ``out`` with one value of ``t`` each:
+    column c (counted from ``start``) uses ``t[:, (start + c) // run]``; partial runs at both
+    ends (edge blocks, a flat chunk starting inside a block) included."""
+    cols = out.shape[1]
+    head = min(cols, (-start) % run)
+    first = start // run
+    if head:
+        op(out[:, :head], t[:, first:first + 1])
+        first += 1
+    full = (cols - head) // run
+    if full:
+        body = out[:, head:head + full * run].unflatten(1, (full, run))
+        op(body, t[:, first:first + full].unsqueeze(-1))
+    tail = head + full * run
+    if tail < cols:
+        op(out[:, tail:], t[:, first + full:first + full + 1])
 
 
 def dequantize_grid(rows: int, cols: int, values: Callable[[int, int], torch.Tensor],
@@ -87,17 +122,17 @@ def dequantize_grid(rows: int, cols: int, values: Callable[[int, int], torch.Ten
                     chunk_elems: int = CHUNK_ELEMS) -> torch.Tensor:
     """``(values - zero) * scale`` as float32 ``(rows, cols)``, ``values(r0, r1)`` giving the
     stored numbers of rows ``r0:r1``; filled in chunks of whole rows (a multiple of 32, so
-    packed words never straddle two chunks)."""
+    packed words never straddle two chunks), each converted, shifted and scaled in place."""
     out = torch.empty((rows, cols), dtype=torch.float32)
     scale = scale.to(torch.float32)
     zero = zero.to(torch.float32) if zero is not None else None
     step = max(32, chunk_elems // max(cols, 1) // 32 * 32)
     for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        q = values(r0, r1).to(torch.float32)
+        chunk = out[r0:r0 + step]
+        chunk.copy_(values(r0, r0 + chunk.shape[0]))
         if zero is not None:
-            q.sub_(grid.expand(zero, r0, r1, cols))  # small integers: exact
-        out[r0:r1] = q.mul_(grid.expand(scale, r0, r1, cols))
+            grid.apply_(chunk, zero, r0, torch.Tensor.sub_)  # small integers: exact
+        grid.apply_(chunk, scale, r0, torch.Tensor.mul_)
     return out
 
 
@@ -112,15 +147,17 @@ def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.T
     """
     in_features, out_features = g_idx.numel(), qweight.shape[1]
     zeros = unpack_bits(qzeros, bits, out_features) + zero_offset
+    size = math.ceil(in_features / scales.shape[0])
+    in_order = torch.equal(g_idx, torch.arange(in_features) // size)  # no act-order: views
     return dequantize_grid(
         out_features, in_features,
-        lambda r0, r1: unpack_bits(qweight[:, r0:r1].T, bits, in_features),
-        scales.T, Grid("group", g_idx=g_idx), zeros.T)
+        lambda r0, r1: unpack_bits(qweight[:, r0:r1].T.contiguous(), bits, in_features),
+        scales.T, Grid("group", (size,)) if in_order else Grid("group", g_idx=g_idx), zeros.T)
 
 
 def _unpack_awq(words: torch.Tensor, count: int) -> torch.Tensor:
-    vals = unpack_bits(words, 4, words.shape[-1] * 8)
-    return vals.unflatten(-1, (-1, 8))[..., list(AWQ_REVERSE_ORDER)].flatten(-2)[..., :count]
+    shifts = torch.tensor(AWQ_REVERSE_ORDER, dtype=torch.int32) * 4  # column k's nibble
+    return _unpack_words(words, shifts, 15)[..., :count]
 
 
 def dequantize_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
@@ -146,20 +183,25 @@ def dequantize_scaled(weight: torch.Tensor, scale: torch.Tensor, grid: Grid,
     """``(weight - zero) * scale`` for weights stored as float8 or int8 numbers with scales over
     their last two dimensions; leading dimensions (fused experts) are dequantized one by one,
     with their own scales when the scale has them. Returns float32 of ``weight``'s shape."""
-    lead = weight.shape[:-2]
+    lead = tuple(weight.shape[:-2])
     rows, cols = weight.shape[-2:]
     w = weight.reshape(-1, rows, cols)
     out = torch.empty(w.shape, dtype=torch.float32)
-    per = math.prod(lead) if lead else 1
-    scales = scale.reshape(per, *scale.shape[len(lead):]) if scale.ndim > 2 else None
-    zeros = zero.reshape(per, *zero.shape[len(lead):]) if zero is not None and zero.ndim > 2 \
-        else None
+    scales, zeros = _per_matrix(scale, lead), _per_matrix(zero, lead)
     for e in range(w.shape[0]):
         out[e] = dequantize_grid(
             rows, cols, lambda r0, r1, e=e: w[e, r0:r1],
             scales[e] if scales is not None else scale, grid,
             zeros[e] if zeros is not None else zero)
     return out.reshape(weight.shape)
+
+
+def _per_matrix(t: torch.Tensor | None, lead: tuple[int, ...]) -> torch.Tensor | None:
+    """``t`` with one entry per matrix of the leading dimensions ``lead``, when it has them
+    (the same test as ``scale_grid``); None when ``t`` is shared by every matrix."""
+    if t is None or not lead or tuple(t.shape[:len(lead)]) != lead:
+        return None
+    return t.reshape(math.prod(lead), *t.shape[len(lead):])
 
 
 def dequantize_packed(packed: torch.Tensor, bits: int, shape: tuple[int, int],
@@ -194,18 +236,17 @@ def dequantize_bnb4(packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch
     nibble. ``packed`` is the stored weight in any dtype (``bnb_4bit_quant_storage``)."""
     data = packed.reshape(-1).view(torch.uint8)
     qmap = quant_map.to(torch.float32)
+    pairs = torch.stack([qmap.repeat_interleave(16), qmap.repeat(16)], dim=-1)  # byte -> 2
     cols = shape[-1] if shape else 1
     rows = math.prod(shape) // cols if cols else 0
 
     def values(r0: int, r1: int) -> torch.Tensor:
         e0, e1 = r0 * cols, r1 * cols  # e0 is even: chunks are multiples of 32 rows
         byte = data[e0 // 2:(e1 + 1) // 2]
-        codes = torch.stack([byte >> 4, byte & 15], dim=-1).flatten()[:e1 - e0]
-        return qmap[codes.long()].view(r1 - r0, cols)
+        return pairs[byte.int()].flatten()[:e1 - e0].view(r1 - r0, cols)
 
     out = dequantize_grid(rows, cols, values, absmax, Grid("flat", (blocksize,)))
     return out.reshape(shape)
-
 
 
 def scale_grid(wshape: tuple[int, ...], sshape: tuple[int, ...], strategy: str | None,
@@ -214,13 +255,13 @@ def scale_grid(wshape: tuple[int, ...], sshape: tuple[int, ...], strategy: str |
     declared ``strategy`` (or inferred from the shapes when None); None if it does not fit."""
     rows, cols = wshape[-2:]
     lead = tuple(wshape[:-2])
-    inner = tuple(sshape[len(lead):]) if tuple(sshape[:len(lead)]) == lead and len(sshape) > \
-        len(lead) else tuple(sshape)
+    per_matrix = bool(lead) and tuple(sshape[:len(lead)]) == lead  # as _per_matrix decides
+    inner = tuple(sshape[len(lead):]) if per_matrix else tuple(sshape)
     if strategy in (None, "block") and block:
         br, bc = block
         if inner == (math.ceil(rows / br), math.ceil(cols / bc)):
             return Grid("block", (br, bc))
-    if math.prod(sshape) == 1 and strategy in (None, "tensor"):
+    if math.prod(inner) == 1 and strategy in (None, "tensor"):
         return Grid("tensor")
     if strategy in (None, "group") and group and inner == (rows, math.ceil(cols / group)):
         return Grid("group", (group,))

@@ -198,6 +198,9 @@ def _plan_gptq(reader: TensorReader, quant: dict, model_id: str) -> list[Packed]
                                         "scales": ".scales"}, "GPTQ", model_id,
                         optional={"g_idx": ".g_idx"})
         words, out_f = matrix_shape(reader, parts["qweight"], model_id)
+        if words * 32 % (bits * 32 // math.gcd(bits, 32)):  # 3 bits: 32 values fill 3 words
+            raise CorruptCheckpointError(f"{model_id}: {parts['qweight']} has {words} rows, "
+                                         f"which do not hold whole {bits}-bit inputs")
         in_f = words * 32 // bits
         groups = math.ceil(in_f / group) if group > 0 else 1
         expect_shape(reader, parts["scales"], (groups, out_f),
@@ -375,10 +378,8 @@ def _plan_bnb8(reader: TensorReader, names: set[str], module: str, model_id: str
 
 
 def _plan_bnb(reader: TensorReader, quant: dict, model_id: str) -> list[Packed]:
-    _check_bnb(quant, model_id)
     names = set(reader.names)
-    aux = [s for s in (*BNB4_PARTS.values(), *BNB4_NESTED.values())] + \
-        [BNB4_STATE + "nf4", BNB4_STATE + "fp4"]
+    aux = (*BNB4_PARTS.values(), *BNB4_NESTED.values(), BNB4_STATE + "nf4", BNB4_STATE + "fp4")
     four = {n[: -len(s)] for n in names for s in aux if n.endswith(s)}
     plans = [_plan_bnb4(reader, names, m, model_id) for m in sorted(four, key=natural_key)]
     plans += [_plan_bnb8(reader, names, m, model_id) for m in modules_with(names, ".SCB")]

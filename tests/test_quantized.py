@@ -291,6 +291,20 @@ def test_fp8_per_tensor_and_per_channel_scales(tmp_path, method, scale_shape, dt
     assert_esd_matches(reader, {f"{m}.weight": torch.from_numpy(exact).float()})
 
 
+@pytest.mark.parametrize("scale_shape, label", [((3, 40, 1), "channel"), ((3, 40), "channel"),
+                                               ((3,), "tensor"), ((1,), "tensor")])
+def test_fp8_fused_experts_with_their_own_scales(tmp_path, scale_shape, label):
+    rng = np.random.default_rng(6)
+    w = fp8(rng, 3, 40, 24)
+    s = torch.from_numpy(rng.uniform(1e-4, 1e-3, size=scale_shape).astype(np.float32))
+    name = "model.layers.0.mlp.experts.down_proj"
+    reader = open_reader(save_checkpoint(tmp_path / "e", {name: w, name + "_scale": s},
+                                         {"quant_method": "fp8"}))
+    assert reader.storage(name) == f"float8_e4m3fn+{label}"
+    exact = w.double().numpy() * s.double().numpy().reshape(scale_shape[0], -1, 1)
+    assert_one_rounding(reader.get(name), exact)
+
+
 # --- bitsandbytes (its own tooling and dequantization) -------------------------------------
 
 @pytest.fixture(scope="module")
