@@ -124,8 +124,8 @@ def dequantize_grid(rows: int, cols: int, values: Callable[[int, int], torch.Ten
     stored numbers of rows ``r0:r1``; filled in chunks of whole rows (a multiple of 32, so
     packed words never straddle two chunks), each converted, shifted and scaled in place."""
     out = torch.empty((rows, cols), dtype=torch.float32)
-    scale = scale.to(torch.float32)
-    zero = zero.to(torch.float32) if zero is not None else None
+    scale = scale.to(torch.float32).contiguous()
+    zero = zero.to(torch.float32).contiguous() if zero is not None else None
     step = max(32, chunk_elems // max(cols, 1) // 32 * 32)
     for r0 in range(0, rows, step):
         chunk = out[r0:r0 + step]

@@ -1,6 +1,6 @@
 """Dequantization cost next to the eigensolve, and peak memory, for a 1B-shaped Q4_K GGUF.
 
-Usage: python benchmarks/bench_dequant.py [--workdir DIR] [--layers 22] [--keep]
+Usage: python benchmarks/bench_dequant.py [--workdir DIR] [--layers 22] [--keep] [--repeats 3]
 
 Writes a Llama GGUF with TinyLlama-1.1B shapes (hidden 2048, MLP 5632, 4 KV heads, vocab
 32000; --layers decoder layers, 22 by default) under --workdir (default: a temporary
@@ -19,7 +19,10 @@ RssAnon and VmRSS from /proc/<pid>/status every 20 ms:
             (net_esd.gram_eigenvalues): seconds spent dequantizing vs in the eigensolve
 
 and prints each child's peak RssAnon, its excess over the previous child against the largest
-dequantized tensor (float32), and the eigen child's timings. Exit code: 0 when every child
+dequantized tensor (float32), and the eigen child's timings. Last, in one more child, the
+other formats' dequantization (dequantize.py: GPTQ 4- and 3-bit, AWQ, FP8 block scales,
+bitsandbytes nf4, compressed-tensors int4) of one MLP-shaped (5632 x 2048) matrix from random
+stored data, next to the float64 Gram + eigvalsh of that shape (median of --repeats runs). Exit code: 0 when every child
 succeeded, 1 when one failed (its output is printed), 2 on bad arguments.
 """
 
@@ -42,6 +45,7 @@ SAMPLE_S = 0.02        # RSS sampling period
 CHILDREN = ("imports", "open", "dequant", "eigen")
 HIDDEN, MLP, HEADS, KV_HEADS, VOCAB = 2048, 5632, 32, 4, 32000  # TinyLlama-1.1B
 TARGET_EXCESS = 1.25   # dequant - open: peak RssAnon <= this x the largest float32 tensor
+EIGEN = "float64 Gram + eigvalsh"
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,9 @@ def child_main(child: str, gguf: Path) -> None:
     if child == "imports":
         print("RESULT {}")
         return
+    if child.startswith("formats"):
+        formats_main(int(child.partition(":")[2] or 1))
+        return
     start = time.perf_counter()
     reader = GGUFCheckpoint([gguf], "bench")
     result = {"open_s": time.perf_counter() - start, "threads": torch.get_num_threads(),
@@ -176,6 +183,77 @@ def child_main(child: str, gguf: Path) -> None:
     reader.close()
     result.update(dequant_s=deq, eigen_s=eig, matrices=count, largest_bytes=largest)
     print("RESULT " + json.dumps(result))
+
+
+def stored_formats() -> dict:
+    """Random stored data of every torch-dequantized format for one (MLP, HIDDEN) matrix."""
+    import torch
+
+    from dequantize import (
+        Grid,
+        dequantize_awq,
+        dequantize_bnb4,
+        dequantize_gptq,
+        dequantize_packed,
+        dequantize_scaled,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    out_f, in_f, group = MLP, HIDDEN, 128
+
+    def words(*shape):
+        return torch.randint(-2**31, 2**31 - 1, shape, dtype=torch.int32, generator=g)
+
+    scales = torch.rand(in_f // group, out_f, generator=g).half()
+    g_idx = torch.arange(in_f) // group
+    fp8 = torch.randn(out_f, in_f, generator=g).to(torch.float8_e4m3fn)
+    block_scale = torch.rand(out_f // 128, in_f // 128, generator=g)
+    nibbles = torch.randint(0, 256, (out_f * in_f // 2,), dtype=torch.uint8, generator=g)
+    absmax = torch.rand(out_f * in_f // 64, generator=g)
+    gptq4 = (words(in_f // 8, out_f), words(in_f // group, out_f // 8))
+    gptq3 = (words(in_f * 3 // 32, out_f), words(in_f // group, out_f * 3 // 32))
+    awq = (words(in_f, out_f // 8), words(in_f // group, out_f // 8))
+    packed = words(out_f, in_f // 8)
+    qmap = torch.rand(16, generator=g)
+    return {
+        "gptq-4bit-g128": lambda: dequantize_gptq(*gptq4, scales, g_idx, 4),
+        "gptq-3bit-g128": lambda: dequantize_gptq(*gptq3, scales, g_idx, 3),
+        "awq-4bit-g128": lambda: dequantize_awq(*awq, scales, group),
+        "float8_e4m3fn+block128": lambda: dequantize_scaled(fp8, block_scale,
+                                                            Grid("block", (128, 128))),
+        "bnb-nf4-b64": lambda: dequantize_bnb4(nibbles, absmax, qmap, 64, (out_f, in_f)),
+        "int4+g128 (compressed-tensors)": lambda: dequantize_packed(
+            packed, 4, (out_f, in_f), scales.T.float(), Grid("group", (group,))),
+    }
+
+
+def formats_main(repeats: int) -> None:
+    """Each repeat times every format and the eigensolve in turn, so load hits them alike."""
+    import statistics
+
+    import torch
+
+    from net_esd import gram_eigenvalues
+
+    runs = stored_formats()
+    times: dict[str, list[float]] = {label: [] for label in [*runs, EIGEN]}
+    for _ in range(repeats):
+        for label, run in runs.items():
+            start = time.perf_counter()
+            w = run()
+            times[label].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        gram_eigenvalues(w, torch.device("cpu"), torch.float64, 1 << 19)
+        times[EIGEN].append(time.perf_counter() - start)
+    print("RESULT " + json.dumps({k: statistics.median(v) for k, v in times.items()}))
+
+
+def print_formats(detail: dict) -> None:
+    eig = detail[EIGEN]
+    print(f"\none {MLP} x {HIDDEN} matrix, median seconds:\n")
+    print(f"{'stored as':<32} {'dequantize s':>12} {'/ eigensolve':>13}")
+    for label, seconds in detail.items():
+        print(f"{label:<32} {seconds:>12.3f} {seconds / eig:>13.3f}")
 
 
 def print_table(runs: list[Run], size: int) -> bool:
@@ -208,20 +286,23 @@ def main() -> int:
                         help="where the synthetic GGUF is written (default: temp dir)")
     parser.add_argument("--layers", type=int, default=22, help="decoder layers (22: TinyLlama)")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic GGUF")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs per format in the per-format timing (median reported)")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "GGUF"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     if args.child:
         child_main(args.child[0], Path(args.child[1]))
         return 0
-    if args.layers < 1:
-        parser.error("--layers must be at least 1")
+    if args.layers < 1 or args.repeats < 1:
+        parser.error("--layers and --repeats must be at least 1")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-dequant-"))
     workdir.mkdir(parents=True, exist_ok=True)
     gguf = workdir / "synthetic-llama-Q4_K.gguf"
     try:
         size = write_gguf(gguf, args.layers)
         runs = [measure(kind, gguf) for kind in CHILDREN]
+        formats = measure(f"formats:{args.repeats}", gguf)
     except RuntimeError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -231,6 +312,7 @@ def main() -> int:
             if args.workdir is None:
                 shutil.rmtree(workdir, ignore_errors=True)
     print_table(runs, size)
+    print_formats(formats.detail)
     return 0
 
 
