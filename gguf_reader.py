@@ -44,9 +44,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from checkpoint_io import natural_key
 from errors import (
@@ -56,6 +56,9 @@ from errors import (
     NoWeightsError,
     UnsupportedFormatError,
 )
+
+if TYPE_CHECKING:  # torch is imported when a tensor is read, so listing types stays light
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +70,8 @@ _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?
            10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 # Unquantized GGML types, returned in their own dtype.
-_PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "F64": torch.float64, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
-          "I64": torch.int64}
+_PLAIN = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
+          "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64"}
 
 
 @dataclass(frozen=True)
@@ -249,6 +251,7 @@ def _hf_names(header: _Header, names: set[str], model_id: str) -> dict[str, str]
     does not know the architecture, which leaves the GGUF names."""
     arch = header.metadata.get("general.architecture", "")
     try:
+        import torch
         import transformers
         from transformers.modeling_gguf_pytorch_utils import (
             TENSOR_PROCESSORS,
@@ -277,12 +280,22 @@ def _hf_names(header: _Header, names: set[str], model_id: str) -> dict[str, str]
 class GGUFCheckpoint:
     """The tensors of one GGUF model (a file, or the parts of a split one in order)."""
 
-    def __init__(self, paths: Sequence[Path], model_id: str):
+    def __init__(self, paths: Sequence[Path], model_id: str,
+                 file_names: Sequence[str] | None = None):
+        """``paths``: the local files, split parts in order; ``file_names``: what ``files`` and
+        ``files_of`` call them (a hub loader passes the repository's file names), by default
+        the paths' base names."""
         self.model_id = model_id
-        self.files = tuple(Path(p) for p in paths)
-        if not self.files:
+        self._paths = tuple(Path(p) for p in paths)
+        if not self._paths:
             raise NoWeightsError(f"{model_id}: no GGUF file given")
-        headers = [_read_header(p, model_id) for p in self.files]
+        self.files = tuple(file_names) if file_names is not None else \
+            tuple(p.name for p in self._paths)
+        if len(self.files) != len(self._paths):
+            raise InputError(f"{model_id}: {len(self.files)} file names for "
+                             f"{len(self._paths)} GGUF files")
+        self._name_of = dict(zip(self._paths, self.files, strict=True))
+        headers = [_read_header(p, model_id) for p in self._paths]
         _check_split(headers, model_id)
         self.metadata = headers[0].metadata
         self.architecture = str(self.metadata.get("general.architecture", ""))
@@ -306,20 +319,19 @@ class GGUFCheckpoint:
 
     @property
     def nbytes(self) -> int:
-        return sum(p.stat().st_size for p in self.files)
+        return sum(p.stat().st_size for p in self._paths)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._info[name].shape
 
     def dtype(self, name: str) -> str:
-        plain = _PLAIN.get(self._info[name].qtype)
-        return str(plain or torch.float32).removeprefix("torch.")
+        return _PLAIN.get(self._info[name].qtype, "float32")
 
     def storage(self, name: str) -> str:
         return self._info[name].qtype
 
-    def files_of(self, name: str) -> tuple[Path, ...]:
-        return (self._info[name].path,)
+    def files_of(self, name: str) -> tuple[str, ...]:
+        return (self._name_of[self._info[name].path],)
 
     def gguf_name(self, name: str) -> str:
         return self._info[name].gguf_name
@@ -341,15 +353,20 @@ class GGUFCheckpoint:
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor: plain types in their own dtype, quantized ones dequantized to float32."""
+        import torch
+
         info = self._info[name]
         plain = _PLAIN.get(info.qtype)
-        if plain is not None:
-            raw = torch.empty(info.shape, dtype=torch.int16 if plain == torch.bfloat16 else plain)
-            self._read_into(info, raw.numpy().reshape(-1).view(np.uint8), 0)
-            return raw.view(torch.bfloat16) if plain == torch.bfloat16 else raw
-        return self._dequantized(info)
+        if plain is None:
+            return self._dequantized(info)
+        # numpy has no bfloat16: its bytes are read as int16 and viewed
+        raw = torch.empty(info.shape, dtype=torch.int16 if plain == "bfloat16" else
+                          getattr(torch, plain))
+        self._read_into(info, raw.numpy().reshape(-1).view(np.uint8), 0)
+        return raw.view(torch.bfloat16) if plain == "bfloat16" else raw
 
     def _dequantized(self, info: _TensorInfo) -> torch.Tensor:
+        import torch
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 

@@ -32,9 +32,16 @@ from dequantize import (
     scale_grid,
     unpack_bits,
 )
-from errors import CorruptCheckpointError, UnsupportedFormatError
-
-FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
+from errors import CorruptCheckpointError
+from quantized import (
+    FP8_DTYPES,
+    CTGroup,
+    awq_options,
+    ct_groups,
+    fp8_block,
+    gptq_options,
+    refuse,
+)
 
 
 @dataclass(frozen=True)
@@ -46,23 +53,6 @@ class Packed:
     shape: tuple[int, ...]
     storage: str
     decode: Callable[[dict[str, torch.Tensor]], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class QuantFormat:
-    """A registry entry: ``check(qconfig, model_id)`` refuses options the reader cannot read
-    (before any download); ``plan(reader, qconfig, model_id)`` lists the quantized weights."""
-
-    check: Callable[[dict, str], None]
-    plan: Callable[[TensorReader, dict, str], list[Packed]]
-    summary: str  # what is read, for --dry_run and the README
-
-
-def method_of(quant: dict) -> str:
-    method = str(quant.get("quant_method") or "").strip().lower()
-    if not method and (quant.get("load_in_4bit") or quant.get("load_in_8bit")):
-        return "bitsandbytes"  # configs written before transformers recorded quant_method
-    return method
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,22 +97,6 @@ def small_json(reader: TensorReader, name: str, model_id: str) -> dict:
     return data
 
 
-def refuse(model_id: str, what: str, hint: str = "") -> UnsupportedFormatError:
-    return UnsupportedFormatError(f"{model_id}: {what} is not read{'; ' + hint if hint else ''}")
-
-
-def int_option(quant: dict, keys: tuple[str, ...], default: int | None, what: str,
-               model_id: str) -> int | None:
-    for key in keys:
-        if quant.get(key) is not None:
-            try:
-                return int(quant[key])
-            except (TypeError, ValueError):
-                raise UnsupportedFormatError(f"{model_id}: {what} {key}={quant[key]!r} is not "
-                                             f"an integer") from None
-    return default
-
-
 def match_target(target: str, module: str) -> bool:
     """A compressed-tensors target that names modules (``re:`` pattern or exact name)."""
     return bool(re.match(target[3:], module)) if target.startswith("re:") else target == module
@@ -154,26 +128,6 @@ def _decode_scaled(t: dict[str, torch.Tensor], grid: Grid) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # GPTQ and AWQ.
 
-GPTQ_BITS = (2, 3, 4, 8)
-GPTQ_ZERO_OFFSET = {"gptq": 1, "gptq_v2": 0}  # v1 stores zero points minus one
-
-
-def _gptq_options(quant: dict, model_id: str) -> tuple[int, int, int]:
-    bits = int_option(quant, ("bits",), None, "GPTQ", model_id)
-    if bits not in GPTQ_BITS:
-        raise refuse(model_id, f"GPTQ with bits={bits}", "GPTQ is read at 2, 3, 4 and 8 bits")
-    group = int_option(quant, ("group_size",), -1, "GPTQ", model_id)
-    fmt = str(quant.get("checkpoint_format") or quant.get("format") or "gptq").lower()
-    if fmt not in GPTQ_ZERO_OFFSET:
-        raise refuse(model_id, f"GPTQ checkpoint_format {fmt!r}",
-                     "the gptq and gptq_v2 layouts are read; use a repository in either")
-    return bits, group, GPTQ_ZERO_OFFSET[fmt]
-
-
-def _check_gptq(quant: dict, model_id: str) -> None:
-    _gptq_options(quant, model_id)
-
-
 def _decode_gptq(t: dict[str, torch.Tensor], bits: int, group: int, offset: int,
                  in_features: int) -> torch.Tensor:
     if "g_idx" in t:
@@ -187,8 +141,8 @@ def _decode_gptq(t: dict[str, torch.Tensor], bits: int, group: int, offset: int,
     return dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], g_idx, bits, offset)
 
 
-def _plan_gptq(reader: TensorReader, quant: dict, model_id: str) -> list[Packed]:
-    bits, group, offset = _gptq_options(quant, model_id)
+def plan_gptq(reader: TensorReader, quant: dict, model_id: str) -> list[Packed]:
+    bits, group, offset = gptq_options(quant, model_id)
     names = set(reader.names)
     storage = f"gptq-{bits}bit-{f'g{group}' if group > 0 else 'channel'}" + \
         ("-act" if quant.get("desc_act") else "")
@@ -214,27 +168,8 @@ def _plan_gptq(reader: TensorReader, quant: dict, model_id: str) -> list[Packed]
     return plans
 
 
-def _awq_options(quant: dict, model_id: str) -> int:
-    bits = int_option(quant, ("bits", "w_bit"), 4, "AWQ", model_id)
-    if bits != 4:
-        raise refuse(model_id, f"AWQ with bits={bits}", "AWQ is read at 4 bits (GEMM packing)")
-    group = int_option(quant, ("group_size", "q_group_size"), 128, "AWQ", model_id)
-    if group is None or group <= 0:
-        raise refuse(model_id, f"AWQ with group_size={group}", "AWQ groups are positive")
-    version = str(quant.get("version") or "gemm").lower()
-    if version != "gemm":
-        raise refuse(model_id, f"AWQ version {version!r}", "only the GEMM layout is read")
-    if quant.get("zero_point") is False:
-        raise refuse(model_id, "AWQ without zero points")
-    return group
-
-
-def _check_awq(quant: dict, model_id: str) -> None:
-    _awq_options(quant, model_id)
-
-
-def _plan_awq(reader: TensorReader, quant: dict, model_id: str) -> list[Packed]:
-    group = _awq_options(quant, model_id)
+def plan_awq(reader: TensorReader, quant: dict, model_id: str) -> list[Packed]:
+    group = awq_options(quant, model_id)
     names = set(reader.names)
     plans = []
     for module in modules_with(names, ".qweight"):
@@ -254,21 +189,10 @@ def _plan_awq(reader: TensorReader, quant: dict, model_id: str) -> list[Packed]:
 # ---------------------------------------------------------------------------------------------
 # FP8 (fp8 block scales, per-tensor or per-channel scales, FBGEMM).
 
-def _fp8_block(quant: dict, model_id: str) -> tuple[int, int] | None:
-    block = quant.get("weight_block_size")
-    if block is None:
-        return None
-    if not (isinstance(block, (list, tuple)) and len(block) == 2
-            and all(isinstance(b, int) and b > 0 for b in block)):
-        raise refuse(model_id, f"FP8 weight_block_size={block!r}",
-                     "a block size is two positive integers")
-    return int(block[0]), int(block[1])
-
-
-def _plan_fp8(reader: TensorReader, quant: dict, model_id: str) -> list[Packed]:
+def plan_fp8(reader: TensorReader, quant: dict, model_id: str) -> list[Packed]:
     """Every float8 tensor ``X`` with its scale ``X_scale_inv`` (block scales, DeepSeek-V3 and
     Qwen3-FP8; despite the name they multiply) or ``X_scale`` (per tensor or channel)."""
-    block = _fp8_block(quant, model_id)
+    block = fp8_block(quant, model_id)
     names = set(reader.names)
     plans = []
     for name in sorted(names, key=natural_key):
@@ -293,10 +217,6 @@ def _plan_fp8(reader: TensorReader, quant: dict, model_id: str) -> list[Packed]:
     return plans
 
 
-def _check_fp8(quant: dict, model_id: str) -> None:
-    _fp8_block(quant, model_id)
-
-
 # ---------------------------------------------------------------------------------------------
 # bitsandbytes.
 
@@ -305,12 +225,6 @@ BNB4_NESTED = {"nested_absmax": ".weight.nested_absmax",
                "nested_quant_map": ".weight.nested_quant_map"}
 BNB4_STATE = ".weight.quant_state.bitsandbytes__"
 BNB8_FORMATS = {0: "row", 1: "col32", 2: "col_turing", 3: "col_ampere"}
-
-
-def _check_bnb(quant: dict, model_id: str) -> None:
-    if not any(quant.get(k) for k in ("load_in_4bit", "load_in_8bit", "_load_in_4bit",
-                                      "_load_in_8bit")):
-        raise refuse(model_id, "a bitsandbytes config with neither load_in_4bit nor load_in_8bit")
 
 
 def _plan_bnb4(reader: TensorReader, names: set[str], module: str,
@@ -377,7 +291,7 @@ def _plan_bnb8(reader: TensorReader, names: set[str], module: str, model_id: str
     return Packed(module + ".weight", parts, reader.shape(parts["weight"]), "bnb-int8", decode)
 
 
-def _plan_bnb(reader: TensorReader, quant: dict, model_id: str) -> list[Packed]:
+def plan_bnb(reader: TensorReader, quant: dict, model_id: str) -> list[Packed]:
     names = set(reader.names)
     aux = (*BNB4_PARTS.values(), *BNB4_NESTED.values(), BNB4_STATE + "nf4", BNB4_STATE + "fp4")
     four = {n[: -len(s)] for n in names for s in aux if n.endswith(s)}
@@ -389,59 +303,7 @@ def _plan_bnb(reader: TensorReader, quant: dict, model_id: str) -> list[Packed]:
 # ---------------------------------------------------------------------------------------------
 # compressed-tensors.
 
-CT_FORMATS = ("pack-quantized", "int-quantized", "float-quantized", "naive-quantized", "dense",
-              "mixed-precision")
-CT_STRATEGIES = ("tensor", "channel", "group", "block")
-
-
-@dataclass(frozen=True)
-class _CTGroup:
-    targets: tuple[str, ...]
-    type: str
-    bits: int
-    strategy: str
-    group_size: int | None
-    block: tuple[int, int] | None
-    symmetric: bool
-
-
-def _ct_groups(quant: dict, model_id: str) -> list[_CTGroup]:
-    """The weight quantization of each config group; formats and options not read refused."""
-    top = str(quant.get("format") or "dense").lower()
-    if top not in CT_FORMATS:
-        raise refuse(model_id, f"compressed-tensors format {top!r}",
-                     f"formats read: {', '.join(CT_FORMATS[:5])}")
-    sparsity = quant.get("sparsity_config") or {}
-    if isinstance(sparsity, dict) and str(sparsity.get("format") or "dense").lower() != "dense":
-        raise refuse(model_id, f"compressed-tensors sparsity format {sparsity.get('format')!r}")
-    if quant.get("transform_config"):
-        raise refuse(model_id, "compressed-tensors with a transform_config (rotated weights)")
-    groups = []
-    for name, group in (quant.get("config_groups") or {}).items():
-        fmt = str(group.get("format") or top).lower()
-        w = group.get("weights") or {}
-        if fmt not in CT_FORMATS or (fmt == "mixed-precision" and w):
-            raise refuse(model_id, f"compressed-tensors format {fmt!r} (group {name})",
-                         f"formats read: {', '.join(CT_FORMATS[:5])}")
-        if not w:
-            continue  # activations only: the weights are stored as they are
-        typ, bits = str(w.get("type", "int")), int(w.get("num_bits", 8))
-        strategy = str(w.get("strategy") or "tensor")
-        if not ((typ == "int" and 1 <= bits <= 8) or (typ == "float" and bits == 8)):
-            raise refuse(model_id, f"compressed-tensors {typ}{bits} weights (group {name})",
-                         "1- to 8-bit integers and float8 are read")
-        if strategy not in CT_STRATEGIES:
-            raise refuse(model_id, f"compressed-tensors {strategy} strategy (group {name})")
-        block = w.get("block_structure")
-        if isinstance(block, str):
-            block = [int(b) for b in block.lower().split("x")]
-        groups.append(_CTGroup(tuple(group.get("targets") or ()), typ, bits, strategy,
-                               w.get("group_size"), tuple(block) if block else None,
-                               bool(w.get("symmetric", True))))
-    return groups
-
-
-def _ct_group_of(module: str, groups: list[_CTGroup], typ: str, model_id: str) -> _CTGroup:
+def _ct_group_of(module: str, groups: list[CTGroup], typ: str, model_id: str) -> CTGroup:
     """The config group quantizing ``module``: one naming it (``re:`` or exact), else one
     targeting a class (``Linear``), among those storing ``typ`` numbers."""
     fits = [g for g in groups if g.type == typ]
@@ -453,7 +315,7 @@ def _ct_group_of(module: str, groups: list[_CTGroup], typ: str, model_id: str) -
     return (named or by_class)[0]
 
 
-def _decode_ct(t: dict[str, torch.Tensor], g: _CTGroup, grid: Grid,
+def _decode_ct(t: dict[str, torch.Tensor], g: CTGroup, grid: Grid,
                shape: tuple[int, ...] | None) -> torch.Tensor:
     zero = t.get("zero")
     if "g_idx" in t:
@@ -467,7 +329,7 @@ def _decode_ct(t: dict[str, torch.Tensor], g: _CTGroup, grid: Grid,
 
 
 def _plan_ct_module(reader: TensorReader, names: set[str], module: str, packed: bool,
-                    groups: list[_CTGroup], model_id: str) -> Packed:
+                    groups: list[CTGroup], model_id: str) -> Packed:
     stored = module + (".weight_packed" if packed else ".weight")
     dtype = reader.dtype(stored)
     g = _ct_group_of(module, groups, "float" if dtype in FP8_DTYPES else "int", model_id)
@@ -499,8 +361,8 @@ def _plan_ct_module(reader: TensorReader, names: set[str], module: str, packed: 
     return Packed(module + ".weight", parts, shape, f"{number}+{grid_label(grid)}", decode)
 
 
-def _plan_ct(reader: TensorReader, quant: dict, model_id: str) -> list[Packed]:
-    groups = _ct_groups(quant, model_id)
+def plan_ct(reader: TensorReader, quant: dict, model_id: str) -> list[Packed]:
+    groups = ct_groups(quant, model_id)
     names = set(reader.names)
     plans = [_plan_ct_module(reader, names, m, True, groups, model_id)
              for m in modules_with(names, ".weight_packed")]
@@ -518,21 +380,3 @@ def _plan_ct(reader: TensorReader, quant: dict, model_id: str) -> list[Packed]:
     return plans
 
 
-def _check_ct(quant: dict, model_id: str) -> None:
-    _ct_groups(quant, model_id)
-
-
-# quant_method -> its reader. A new format: one check, one plan, one line here.
-QUANT_FORMATS: dict[str, QuantFormat] = {
-    "gptq": QuantFormat(_check_gptq, _plan_gptq,
-                        "2, 3, 4, 8 bits; gptq and gptq_v2 layouts; desc_act (g_idx)"),
-    "awq": QuantFormat(_check_awq, _plan_awq, "4 bits, GEMM layout"),
-    "fp8": QuantFormat(_check_fp8, _plan_fp8, "float8_e4m3fn/e5m2 with weight_scale_inv block "
-                       "scales (weight_block_size, partial edge blocks) or weight_scale"),
-    "fbgemm_fp8": QuantFormat(_check_fp8, _plan_fp8, "float8 with per-channel weight_scale"),
-    "bitsandbytes": QuantFormat(_check_bnb, _plan_bnb, "4-bit nf4/fp4 with their quant state, "
-                                "nested (double) quantization; 8-bit (row-major SCB)"),
-    "compressed-tensors": QuantFormat(_check_ct, _plan_ct, "pack-quantized, int-quantized, "
-                                      "float-quantized, naive-quantized; tensor, channel, group "
-                                      "and block scales"),
-}

@@ -28,6 +28,7 @@ from gguf_reader import (
     local_gguf_paths,
     select_gguf_files,
 )
+from tensor_stream import read_order
 from tests.loader_fixtures import llama
 from tests.test_quantized import assert_rows_close, esd_rows
 
@@ -219,10 +220,11 @@ def test_split_gguf_reads_all_parts_in_order(tmp_path):
     assert files == [f"tiny-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
     paths = local_gguf_paths(tmp_path / files[1], "tiny")
     assert [p.name for p in paths] == files
-    reader = GGUFCheckpoint(paths, "tiny")
-    assert len(reader.names) == 21 and reader.files == tuple(paths)
+    reader = GGUFCheckpoint(paths, "tiny", file_names=[f"repo/{f}" for f in files])
+    assert len(reader.names) == 21 and reader.files == tuple(f"repo/{f}" for f in files)
     owner = [reader.files_of(n)[0] for n in reader.names]
-    assert owner == sorted(owner, key=paths.index)  # file by file
+    assert owner == sorted(owner, key=reader.files.index)  # file by file
+    assert read_order(reader) == list(reader.names)  # the loader's order: each part once
     assert "lm_head.weight" in reader.names  # names mapped across parts, untied head kept
     whole, _ = llama_as_gguf(tmp_path / "whole")
     single = GGUFCheckpoint([tmp_path / "whole" / "tiny.gguf"], "tiny")

@@ -36,6 +36,7 @@ from dequantize import unpack_bits
 from errors import CorruptCheckpointError, UnsupportedFormatError
 from net_esd import ESDConfig, iter_layer_results
 from quantized import dequantizing_reader, quantization_format, supported_formats
+from tensor_stream import read_order
 from tests.loader_fixtures import llama
 
 # ESD rows over our weights vs the oracle's: one float32 rounding per weight moves eigenvalues
@@ -450,13 +451,14 @@ def test_parts_in_two_shards_and_the_interface(tmp_path):
                                      [f"{m}.qzeros", f"{m}.scales", f"{m}.g_idx"]])
     reader = open_reader(folder)
     assert reader.names == (f"{m}.weight", "model.norm.weight")
-    assert [p.name for p in reader.files_of(f"{m}.weight")] == [
-        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
-    assert [p.name for p in reader.files_of("model.norm.weight")] == [
-        "model-00001-of-00002.safetensors"]
+    assert reader.files_of(f"{m}.weight") == ("model-00001-of-00002.safetensors",
+                                              "model-00002-of-00002.safetensors")
+    assert reader.files_of("model.norm.weight") == ("model-00001-of-00002.safetensors",)
+    # the loader's order: a weight once all its parts' shards are there, each shard read once
+    assert read_order(reader) == ["model.norm.weight", f"{m}.weight"]
     assert reader.storage("model.norm.weight") == "float32" == reader.base.storage(
         "model.norm.weight")
-    assert reader.nbytes == sum(p.stat().st_size for p in reader.files)
+    assert reader.nbytes == sum((folder / f).stat().st_size for f in reader.files)
     items = list(reader.iter_tensors())
     assert [(n, s) for n, _, s in items] == [(f"{m}.weight", "gptq-4bit-g32"),
                                              ("model.norm.weight", "float32")]
