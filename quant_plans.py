@@ -180,7 +180,8 @@ def plan_awq(reader: TensorReader, quant: dict, model_id: str) -> list[Packed]:
         expect_shape(reader, parts["scales"], (groups, out_f),
                      f"{groups} groups of {group} inputs, {out_f} outputs", model_id)
         expect_shape(reader, parts["qzeros"], (groups, words), "packed like qweight", model_id)
-        decode = lambda t: dequantize_awq(t["qweight"], t["qzeros"], t["scales"], group)  # noqa: E731
+        decode = lambda t: dequantize_awq(  # noqa: E731
+            t["qweight"], t["qzeros"], t["scales"], group)
         plans.append(Packed(module + ".weight", parts, (out_f, in_f), f"awq-4bit-g{group}",
                             decode))
     return plans

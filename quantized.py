@@ -287,17 +287,24 @@ def _plan(name: str) -> Callable[[TensorReader, dict, str], list[Packed]]:
 
 # quant_method -> its reader. A new format: one check, one plan, one line here.
 QUANT_FORMATS: dict[str, QuantFormat] = {
-    "gptq": QuantFormat(check_gptq, _plan("plan_gptq"),
-                        "2, 3, 4, 8 bits; gptq and gptq_v2 layouts; desc_act (g_idx)"),
+    "gptq": QuantFormat(
+        check_gptq, _plan("plan_gptq"),
+        "2, 3, 4, 8 bits; gptq and gptq_v2 layouts; desc_act (g_idx)"),
     "awq": QuantFormat(check_awq, _plan("plan_awq"), "4 bits, GEMM layout"),
-    "fp8": QuantFormat(check_fp8, _plan("plan_fp8"), "float8_e4m3fn/e5m2 with weight_scale_inv block "
-                       "scales (weight_block_size, partial edge blocks) or weight_scale"),
-    "fbgemm_fp8": QuantFormat(check_fp8, _plan("plan_fp8"), "float8 with per-channel weight_scale"),
-    "bitsandbytes": QuantFormat(check_bnb, _plan("plan_bnb"), "4-bit nf4/fp4 with their quant state, "
-                                "nested (double) quantization; 8-bit (row-major SCB)"),
-    "compressed-tensors": QuantFormat(check_ct, _plan("plan_ct"), "pack-quantized, int-quantized, "
-                                      "float-quantized, naive-quantized; tensor, channel, group "
-                                      "and block scales"),
+    "fp8": QuantFormat(
+        check_fp8, _plan("plan_fp8"),
+        "float8_e4m3fn/e5m2 with weight_scale_inv block scales (weight_block_size, partial "
+        "edge blocks) or weight_scale"),
+    "fbgemm_fp8": QuantFormat(check_fp8, _plan("plan_fp8"),
+                              "float8 with per-channel weight_scale"),
+    "bitsandbytes": QuantFormat(
+        check_bnb, _plan("plan_bnb"),
+        "4-bit nf4/fp4 with their quant state, nested (double) quantization; 8-bit (row-major "
+        "SCB)"),
+    "compressed-tensors": QuantFormat(
+        check_ct, _plan("plan_ct"),
+        "pack-quantized, int-quantized, float-quantized, naive-quantized; tensor, channel, "
+        "group and block scales"),
 }
 
 

@@ -22,8 +22,9 @@ and prints each child's peak RssAnon, its excess over the previous child against
 dequantized tensor (float32), and the eigen child's timings. Last, in one more child, the
 other formats' dequantization (dequantize.py: GPTQ 4- and 3-bit, AWQ, FP8 block scales,
 bitsandbytes nf4, compressed-tensors int4) of one MLP-shaped (5632 x 2048) matrix from random
-stored data, next to the float64 Gram + eigvalsh of that shape (median of --repeats runs). Exit code: 0 when every child
-succeeded, 1 when one failed (its output is printed), 2 on bad arguments.
+stored data, next to the float64 Gram + eigvalsh of that shape (median of --repeats runs).
+Exit code: 0 when every child succeeded, 1 when one failed (its output is printed), 2 on bad
+arguments.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def matrices(layers: int) -> list[tuple[str, tuple[int, int]]]:
         out += [(f"blk.{b}.attn_q.weight", (HIDDEN, HIDDEN)),
                 (f"blk.{b}.attn_k.weight", (kv, HIDDEN)), (f"blk.{b}.attn_v.weight", (kv, HIDDEN)),
                 (f"blk.{b}.attn_output.weight", (HIDDEN, HIDDEN)),
-                (f"blk.{b}.ffn_gate.weight", (MLP, HIDDEN)), (f"blk.{b}.ffn_up.weight", (MLP, HIDDEN)),
+                (f"blk.{b}.ffn_gate.weight", (MLP, HIDDEN)),
+                (f"blk.{b}.ffn_up.weight", (MLP, HIDDEN)),
                 (f"blk.{b}.ffn_down.weight", (HIDDEN, MLP))]
     return out + [("output.weight", (VOCAB, HIDDEN))]
 

@@ -230,7 +230,8 @@ def test_split_gguf_reads_all_parts_in_order(tmp_path):
     single = GGUFCheckpoint([tmp_path / "whole" / "tiny.gguf"], "tiny")
     for name in reader.names:
         assert torch.equal(reader.get(name), single.get(name))
-    with pytest.raises(CorruptCheckpointError, match="tiny-00003-of-00003.gguf is part 3 of 3.*read as part 2"):
+    with pytest.raises(CorruptCheckpointError,
+                       match="tiny-00003-of-00003.gguf is part 3 of 3.*read as part 2"):
         GGUFCheckpoint([paths[0], paths[2], paths[1]], "tiny")
     with pytest.raises(CorruptCheckpointError, match="part 1 of 3.*give all parts"):
         GGUFCheckpoint([paths[0]], "tiny")
