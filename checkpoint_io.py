@@ -99,7 +99,8 @@ def select_weight_files(files: Sequence[str], model_id: str) -> WeightFiles:
     shown = ", ".join(root[:20]) or "no files"
     raise NoWeightsError(
         f"{model_id}: no safetensors or PyTorch .bin weights at the top level of the repository "
-        f"(found: {shown}); GGUF, TensorFlow, Flax and ONNX weights are not read")
+        f"(found: {shown}); TensorFlow, Flax and ONNX weights are not read (GGUF files are, "
+        f"with --gguf_file or the gguf_file list column naming one)")
 
 
 def read_json(path: Path, model_id: str) -> dict:
@@ -167,10 +168,6 @@ def check_quantization(config: dict[str, Any], model_id: str) -> str | None:
 
     return quantization_format(config, model_id)
 
-
-# The name model_loader imports, from when every quantized checkpoint was refused. Unknown
-# methods are still refused here, before any weight download; the known ones now pass.
-check_not_quantized = check_quantization
 
 
 class _SafetensorsFile:

@@ -154,7 +154,7 @@ def esd_selection(csv: Path, layers: pd.DataFrame) -> EsdSelection:
 
 def read_failed(results_dir: Path, log_dir: Path) -> list[tuple[str, str, Path | None]]:
     """``(model_id, cause, log or None)`` from failed_models.txt (empty when there is none)."""
-    from esd_worker import model_paths
+    from paths import model_paths
 
     path = results_dir / FAILED_MODELS_FILE
     try:

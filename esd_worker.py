@@ -38,7 +38,7 @@ import numpy as np
 
 from errors import ESDError, InputError, NoWeightsError, is_transient
 from esd_config import ESDConfig, add_esd_arguments, esd_config_from_args
-from paths import ModelPaths, write_atomic, write_text_atomic
+from paths import ModelPaths, model_paths, write_atomic, write_text_atomic
 from results import EIGS_OPTIONS_KEY, INTEGER_COLUMNS, RESULT_COLUMNS
 from run_state import StageLog
 
@@ -71,13 +71,14 @@ class WorkerConfig:
     threads: int | None = None
     parent_pid: int | None = None
     stage_file: Path | None = None
+    gguf_file: str = ""
 
     def requests(self):
         """The job's models; an id equal to ``--source_model`` is the base itself."""
         from model_loader import ModelRequest
 
         return [ModelRequest(m) if self.source_model and m == self.source_model
-                else ModelRequest(m, self.base_model_relation, self.source_model)
+                else ModelRequest(m, self.base_model_relation, self.source_model, self.gguf_file)
                 for m in self.model_ids]
 
 
@@ -108,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--parent_pid", type=int, default=None,
                    help="exit when this process (the runner) is gone")
+    p.add_argument("--gguf_file", default="",
+                   help="for a repository of GGUF files: the one to read (a file name, one "
+                        "part of a split set, or a tag such as Q4_K_M)")
     p.add_argument("--stage_file", type=Path, default=None,
                    help="keep the current stage in this file (the runner reads it on a timeout)")
     add_esd_arguments(p)
@@ -130,19 +134,12 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         parallel_esd=args.parallel_esd, cleanup_cache=args.cleanup_cache,
         trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir,
         threads=args.threads, parent_pid=args.parent_pid, stage_file=args.stage_file,
+        gguf_file=args.gguf_file.strip(),
     )
 
 
 # ---------------------------------------------------------------------------------------------
 # The analysis.
-
-def model_paths(output_dir: Path, model_id: str, log_dir: Path | None = None) -> ModelPaths:
-    """The files of a list entry: named from its id and the revision written in it."""
-    from model_loader import parse_model_id
-
-    repo_id, revision = parse_model_id(model_id)
-    return ModelPaths.for_model(output_dir, repo_id, revision, log_dir=log_dir)
-
 
 def on_devices(fn: Callable[[object, str], object], items: Iterable,
                devices: Sequence[str]) -> Iterator[tuple[object, object]]:
@@ -328,7 +325,7 @@ def run_job(config: WorkerConfig, stage: StageLog) -> list[ModelRun]:
     from hub_files import default_cache_dir
     from model_loader import open_models
 
-    runs = [ModelRun(m, model_paths(config.output_dir, m, config.log_dir))
+    runs = [ModelRun(m, model_paths(config.output_dir, m, config.log_dir, config.gguf_file))
             for m in config.model_ids]
     started = time.monotonic()
     with CacheSession(default_cache_dir(config.cache_dir), config.cleanup_cache) as session:
@@ -417,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = []
     for model_id in config.model_ids:
         try:
-            paths = model_paths(config.output_dir, model_id, config.log_dir)
+            paths = model_paths(config.output_dir, model_id, config.log_dir, config.gguf_file)
         except ESDError as exc:
             logger.error("%s: %s", model_id, exc)
             return EXIT_USAGE

@@ -36,6 +36,12 @@ class ListEntry:
     def is_adapter(self) -> bool:
         return self.base_model_relation.strip().lower() in ADAPTER_RELATIONS
 
+    @property
+    def key(self) -> str:
+        """The entry's name in ``failed_models.txt`` and the log: its id, and for one GGUF
+        file of a repository that file (``org/name#model-Q4_K_M.gguf``)."""
+        return f"{self.model_id}#{self.gguf_file}" if self.gguf_file else self.model_id
+
 
 def read_model_list(path: Path) -> list[ListEntry]:
     """Parse the list; tolerant of a BOM, blank lines, spaces and extra columns; de-duplicated."""
@@ -67,7 +73,7 @@ def read_model_list(path: Path) -> list[ListEntry]:
             logger.warning("%s, line %d: skipped, its ids hold tabs, line breaks or other "
                            "control characters: %r", path, reader.line_num, entry.model_id)
             continue
-        first = entries.setdefault(entry.model_id, entry) if entry.model_id else entry
+        first = entries.setdefault(entry.key, entry) if entry.model_id else entry
         if first != entry:  # one result file per model id: the first row wins
             logger.warning("%s is listed twice with other columns; using the first row (%r, "
                            "%r)", entry.model_id, first.base_model_relation, first.source_model)
@@ -111,7 +117,8 @@ def group_jobs(entries: Sequence[ListEntry], max_group: int,
     A group starts where its first member stands in the list and holds at most
     ``max_group`` models; a larger group is split, the base going with the first part.
     """
-    bases = {e.model_id: adapter_base(e, read_adapter_config) for e in entries if e.is_adapter}
+    bases = {e.model_id: adapter_base(e, read_adapter_config) for e in entries
+             if e.is_adapter and not e.gguf_file}
     members: dict[str, list[ListEntry]] = {}
     for entry in entries:
         if bases.get(entry.model_id):
@@ -119,18 +126,18 @@ def group_jobs(entries: Sequence[ListEntry], max_group: int,
     jobs: list[JobSpec] = []
     placed: set[str] = set()
     for entry in entries:
-        if entry.model_id in placed:
+        if entry.key in placed:
             continue
         base = bases.get(entry.model_id) or (entry.model_id if entry.model_id in members else "")
         if not base or base not in members:
             jobs.append(JobSpec((entry,)))
-            placed.add(entry.model_id)
+            placed.add(entry.key)
             continue
         listed_base = [e for e in entries if e.model_id == base and not e.is_adapter]
         group = listed_base + members[base]
         for start in range(0, len(group), max_group):
             jobs.append(JobSpec(tuple(group[start:start + max_group]), base))
-        placed.update(e.model_id for e in group)
+        placed.update(e.key for e in group)
     return jobs
 
 

@@ -31,7 +31,7 @@ from checkpoint_io import (
     CONFIG_FILE,
     CheckpointReader,
     WeightFiles,
-    check_not_quantized,
+    check_quantization,
     index_shards,
     read_json,
     select_weight_files,
@@ -73,7 +73,9 @@ def parse_model_id(text: str) -> tuple[str, str | None]:
     text = (text or "").strip()
     if not text:
         raise InputError("model id is empty")
-    if Path(text).expanduser().is_dir() or looks_like_path(text.partition("@")[0]):
+    local = Path(text).expanduser()
+    if local.is_dir() or (local.is_file() and text.lower().endswith(".gguf")) \
+            or looks_like_path(text.partition("@")[0]):
         return text, None
     repo_id, at, revision = text.partition("@")
     if at and not _REVISION.match(revision):
@@ -93,10 +95,18 @@ class ModelRequest:
     model_id: str
     base_model_relation: str = ""
     source_model: str = ""
+    gguf_file: str = ""  # one GGUF model of a repository holding several
 
     @property
     def marked_adapter(self) -> bool:
         return (self.base_model_relation or "").strip().lower() in ADAPTER_RELATIONS
+
+
+def is_gguf_repo(files) -> bool:
+    """A repository (or local file) of GGUF weights and no safetensors or .bin weights."""
+    names = [f.lower() for f in files]
+    return any(n.endswith(".gguf") for n in names) and not any(
+        n.endswith((".safetensors", ".bin")) for n in names)
 
 
 def is_adapter_repo(files) -> bool:
@@ -201,6 +211,12 @@ class Opener:
 
     def locate(self, model_id: str, revision: str | None) -> Source:
         local = Path(model_id).expanduser()
+        if local.is_file() and local.name.lower().endswith(".gguf"):  # one local GGUF file
+            from gguf_reader import local_gguf_paths
+
+            paths = local_gguf_paths(local, model_id)
+            return Source(model_id, None, local.parent, tuple(p.name for p in paths),
+                          {p.name: p.stat().st_size for p in paths})
         if local.is_dir():
             files = tuple(sorted(p.name for p in local.iterdir() if p.is_file()))
             return Source(model_id, None, local, files,
@@ -241,25 +257,44 @@ class Opener:
                 return self.session.release(source.model_id, source.revision, shard)
         return ShardFetcher(order, lambda shard: self.file(source, shard), release, self.waiting)
 
-    def checkpoint(self, source: Source) -> Checkpoint:
+    def checkpoint(self, source: Source, gguf_file: str = "") -> Checkpoint:
         """Open a full model's checkpoint (once per source). ``config.json`` comes first: a
-        quantized checkpoint is refused before any weight file is downloaded."""
-        key = (source.model_id, source.revision)
+        quantization no reader handles is refused before any weight file is downloaded."""
+        key = (source.model_id, source.revision, gguf_file)
         if key in self.checkpoints:
             return self.checkpoints[key]
-        weights = select_weight_files(source.files, source.label)
-        config = {}
-        if CONFIG_FILE in source.files:
-            source = self.with_root(source, CONFIG_FILE)
-            config = read_json(source.root / CONFIG_FILE, source.label)
-        check_not_quantized(config, source.label)
-        reader, fetcher = self._reader(source, weights)
-        from weight_forms import WeightFormsReader
+        if gguf_file or is_gguf_repo(source.files):
+            opened = self._gguf(source, gguf_file)
+        else:
+            weights = select_weight_files(source.files, source.label)
+            config = {}
+            if CONFIG_FILE in source.files:
+                source = self.with_root(source, CONFIG_FILE)
+                config = read_json(source.root / CONFIG_FILE, source.label)
+            method = check_quantization(config, source.label)
+            reader, fetcher = self._reader(source, weights)
+            if method is not None:
+                from quantized import dequantizing_reader
 
-        opened = Checkpoint(source, WeightFormsReader(reader, config, source.label), config,
-                            fetcher)
+                reader = dequantizing_reader(reader, config["quantization_config"],
+                                             source.label)
+            from weight_forms import WeightFormsReader
+
+            opened = Checkpoint(source, WeightFormsReader(reader, config, source.label),
+                                config, fetcher)
         self.checkpoints[key] = opened
         return opened
+
+    def _gguf(self, source: Source, gguf_file: str) -> Checkpoint:
+        """A GGUF model: its file (or the parts of a split one), fetched whole, since each
+        file's header describes it; tensors are dequantized as they are read."""
+        from gguf_reader import GGUFCheckpoint, select_gguf_files
+
+        names = select_gguf_files(source.files, gguf_file or None, source.label)
+        fetcher = self.fetcher(source, names)
+        paths = fetcher.fetch_all() if fetcher is not None else [source.root / n for n in names]
+        reader = GGUFCheckpoint(paths, source.label, file_names=names)
+        return Checkpoint(source, reader, {}, fetcher)
 
     def _reader(self, source: Source, weights: WeightFiles):
         if not source.on_hub:
@@ -327,7 +362,7 @@ def _open(opener: Opener, request: ModelRequest, trust_remote_code: bool) -> Loa
         from adapters import open_adapter
 
         return open_adapter(opener, request, source, trust_remote_code)
-    checkpoint = opener.checkpoint(source)
+    checkpoint = opener.checkpoint(source, request.gguf_file)
     # A full model's source_model (a fine-tune's base, as the list gives it) is recorded as is.
     return LoadedModel(request.model_id, source.revision, request.source_model.strip(), None,
                        False, checkpoint.reader.nbytes, checkpoint)

@@ -35,26 +35,31 @@ def _is_plain(part: str, pattern: re.Pattern) -> bool:
     return bool(pattern.match(part)) and "--" not in part and ".." not in part and "~" not in part
 
 
-def model_stem(model_id: str, revision: str | None = None) -> str:
-    """File-name stem for one model: ``org--name`` or ``org--name@rev``.
+def model_stem(model_id: str, revision: str | None = None, variant: str = "") -> str:
+    """File-name stem for one model: ``org--name``, ``org--name@rev``, and with a ``variant``
+    (one GGUF file of a repository of several) ``org--name+model-Q4_K_M.gguf``.
 
     Ids that are not plain hub ids (local paths, odd characters, very long names) get a
-    sanitised readable prefix plus ``~`` and a hash of the exact input; ``~`` never occurs in
-    the plain form, so two different inputs never share a stem.
+    sanitised readable prefix plus ``~`` and a hash of the exact input; neither ``~`` nor
+    ``+`` occurs in a plain id, so two different inputs never share a stem.
     """
     model_id = model_id.strip()
     if not model_id:
         raise ValueError("model id is empty")
     rev = (revision or "").strip()
-    if _is_plain(model_id, _HUB_ID) and (not rev or _is_plain(rev, _SAFE_REVISION)):
-        stem = model_id.replace("/", "--") + (f"@{rev}" if rev else "")
+    variant = variant.strip()
+    if _is_plain(model_id, _HUB_ID) and (not rev or _is_plain(rev, _SAFE_REVISION)) and (
+            not variant or _is_plain(variant, _SAFE_REVISION)):
+        stem = model_id.replace("/", "--") + (f"@{rev}" if rev else "") + (
+            f"+{variant}" if variant else "")
         if len(stem) <= _MAX_READABLE:
             return stem
     # The last two path components are the readable part of a local path; a leading "-" or
     # "." would make the file look like an option or a hidden file.
     parts = [p for p in model_id.replace("\\", "/").split("/") if p not in ("", ".", "..")]
     readable = _UNSAFE_CHARS.sub("_", "--".join(parts[-2:]))[-_MAX_READABLE:].lstrip("-._")
-    digest = hashlib.sha256(f"{model_id}\0{rev}".encode()).hexdigest()[:16]
+    key = f"{model_id}\0{rev}" + (f"\0{variant}" if variant else "")
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return f"{readable or 'model'}~{digest}"
 
 
@@ -69,11 +74,11 @@ class ModelPaths:
     @classmethod
     def for_model(
         cls, output_dir: Path, model_id: str, revision: str | None = None,
-        log_dir: Path | None = None,
+        log_dir: Path | None = None, variant: str = "",
     ) -> ModelPaths:
         output_dir = Path(output_dir)
         return cls(output_dir, Path(log_dir) if log_dir is not None else output_dir / "logs",
-                   model_stem(model_id, revision))
+                   model_stem(model_id, revision, variant))
 
     @property
     def csv(self) -> Path:
@@ -91,6 +96,17 @@ class ModelPaths:
     def failure(self) -> Path:
         """JSON record a worker leaves when it fails: the runner turns it into a report line."""
         return self.log_dir / f"{self.stem}.failure.json"
+
+
+def model_paths(output_dir: Path, model_id: str, log_dir: Path | None = None,
+                gguf_file: str = "") -> ModelPaths:
+    """The files of a list entry: named from its id, the revision written in it and, for one
+    GGUF file of a repository, that file."""
+    from model_loader import parse_model_id
+
+    repo_id, revision = parse_model_id(model_id)
+    return ModelPaths.for_model(output_dir, repo_id, revision, log_dir=log_dir,
+                                variant=gguf_file)
 
 
 def _current_umask() -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from checkpoint_io import (
     CONFIG_FILE,
-    check_not_quantized,
+    check_quantization,
     index_shards,
     read_json,
     select_weight_files,
@@ -46,6 +46,7 @@ from model_loader import (
     Opener,
     Source,
     is_adapter_repo,
+    is_gguf_repo,
     parse_model_id,
 )
 from paths import PREFLIGHT_FILE, write_text_atomic
@@ -79,10 +80,18 @@ class Row:
 COLUMNS = [f for f in Row.__dataclass_fields__ if f not in ("files", "shards")]
 
 
-def checkpoint_info(opener: Opener, source: Source, row: Row,
-                    prefix: str = "") -> tuple[dict, list[int]]:
+def checkpoint_info(opener: Opener, source: Source, row: Row, prefix: str = "",
+                    gguf_file: str = "") -> tuple[dict, list[int]]:
     """A full model's format (into ``row.format``, even when it is refused), the bytes of
     each weight file the analysis reads, and the shard sizes."""
+    key = (source.model_id, source.revision or "local")
+    if gguf_file or is_gguf_repo(source.files):
+        from gguf_reader import select_gguf_files
+
+        row.format = prefix + "gguf"
+        names = select_gguf_files(source.files, gguf_file or None, source.label)
+        sizes = [source.sizes.get(n, 0) for n in names]
+        return {(*key, n): size for n, size in zip(names, sizes, strict=True)}, [sum(sizes)]
     weights = select_weight_files(source.files, source.label)
     row.format = prefix + weights.kind
     if CONFIG_FILE in source.files:
@@ -90,17 +99,16 @@ def checkpoint_info(opener: Opener, source: Source, row: Row,
         quant = config.get("quantization_config")
         if isinstance(quant, dict) and quant:
             row.format = f"{prefix}quantized:{quant.get('quant_method', 'unknown')}"
-        check_not_quantized(config, source.label)
+        check_quantization(config, source.label)
     shards = list(weights.shards)
     if weights.index:
         _, shards = index_shards(opener.file(source, weights.index), source.label)
-    key = (source.model_id, source.revision or "local")
     files = {(*key, s): source.sizes.get(s, 0) for s in shards}
     return files, [source.sizes.get(s, 0) for s in shards]
 
 
 def check(opener: Opener, entry: ListEntry) -> Row:
-    row = Row(entry.model_id)
+    row = Row(entry.key)
     try:
         model_id, revision = parse_model_id(entry.model_id)
         source = opener.locate(model_id, revision)
@@ -110,7 +118,8 @@ def check(opener: Opener, entry: ListEntry) -> Row:
             _adapter(opener, request, source, row)
         else:
             row.kind = "model"
-            row.files, row.shards = checkpoint_info(opener, source, row)
+            row.files, row.shards = checkpoint_info(opener, source, row,
+                                                    gguf_file=entry.gguf_file)
             row.weight_bytes = sum(row.files.values())
     except ESDError as exc:
         row.status = next((s for cls, s in _STATUSES if isinstance(exc, cls)), "error")

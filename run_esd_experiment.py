@@ -30,13 +30,13 @@ from errors import ESDError, InputError
 from esd_config import add_esd_arguments, esd_config_from_args
 from gputracker import Dispatcher, Job, JobResult, detect_gpus, install_signal_handlers
 from model_list import JobSpec, group_jobs, local_adapter_config, read_model_list
+from paths import model_paths
 from run_plan import (
     OutageWatch,
     Outcome,
     estimator_options,
     make_plan,
     model_outcomes,
-    model_paths,
     outage_message,
     stage_file_of,
     worker_argv,
@@ -92,7 +92,7 @@ class Runner:
         self.outage: list[str] = []
 
     def job(self, spec: JobSpec, attempt: int = 1, not_before: float | None = None) -> Job:
-        paths = [model_paths(self.config.output_dir, e.model_id, self.config.log_dir)
+        paths = [model_paths(self.config.output_dir, e.model_id, self.config.log_dir, e.gguf_file)
                  for e in spec.entries]
         log = paths[0].log
         local = self.config.backend == "local"
@@ -117,8 +117,8 @@ class Runner:
             else:
                 self._record_held()
             if outcome.state == "done":
-                self.failures.clear(outcome.entry.model_id)
-                self.progress.finished(outcome.entry.model_id, True, self.backend.running_jobs)
+                self.failures.clear(outcome.entry.key)
+                self.progress.finished(outcome.entry.key, True, self.backend.running_jobs)
             elif outcome.state == "retry" and result.job.attempt <= self.config.max_retries:
                 retry.append(outcome)
             elif not outcome.network:
@@ -128,7 +128,7 @@ class Runner:
             delay = self.config.retry_backoff * 2 ** (result.job.attempt - 1)
             for outcome in retry:
                 logger.warning("%s: transient failure (%s), retry %d/%d in %.0f s",
-                               outcome.entry.model_id, outcome.cause, result.job.attempt,
+                               outcome.entry.key, outcome.cause, result.job.attempt,
                                self.config.max_retries, delay)
             entries = tuple(o.entry for o in retry)
             only_base = [e.model_id for e in entries] == [spec.base]
@@ -148,8 +148,8 @@ class Runner:
             self._fail(held)
 
     def _fail(self, outcome: Outcome) -> None:
-        self.failures.record(outcome.entry.model_id, outcome.cause)
-        self.progress.finished(outcome.entry.model_id, False, self.backend.running_jobs,
+        self.failures.record(outcome.entry.key, outcome.cause)
+        self.progress.finished(outcome.entry.key, False, self.backend.running_jobs,
                                outcome.cause)
 
 
@@ -236,7 +236,7 @@ def run(config: RunConfig, backend=None) -> int:
                          config.args.save_eigs, config.overwrite, config.skip_failed, failures,
                          config.limit)
         for entry, reason in plan.invalid:
-            failures.record(entry.model_id, reason)
+            failures.record(entry.key, reason)
         specs = group_jobs([e for e, _ in plan.to_run], config.max_group,
                            adapter_config_reader(config))
         logger.info("%d models: %d to run, %d already done, %d failed before and skipped, "
@@ -438,7 +438,7 @@ def demo_results(config: RunConfig) -> list[tuple[str, Path]]:
 
     out = []
     for entry in read_model_list(config.model_list):
-        paths = model_paths(config.output_dir, entry.model_id, config.log_dir)
+        paths = model_paths(config.output_dir, entry.model_id, config.log_dir, entry.gguf_file)
         if result_done(paths, config.options_key, config.args.save_eigs):
             out.append((entry.model_id, paths.csv))
     return out

@@ -21,7 +21,7 @@ from pathlib import Path
 from errors import ESDError
 from esd_config import esd_argv, esd_config_from_args
 from model_list import JobSpec, ListEntry
-from paths import ModelPaths
+from paths import ModelPaths, model_paths
 from results import eigs_options, is_current
 from run_state import FailureLog, read_failure_cause, read_stage
 
@@ -31,14 +31,6 @@ WORKER = Path(__file__).resolve().with_name("esd_worker.py")
 EXIT_TRANSIENT = 75  # the worker's "worth a retry" (esd_worker.EXIT_TRANSIENT)
 LOG_TAIL_LINES = 5
 OUTAGE_MODELS = 3  # different models failing in a row on the network: the hub is unreachable
-
-
-def model_paths(output_dir: Path, model_id: str, log_dir: Path | None = None) -> ModelPaths:
-    """The files of a list entry: named from its id and the revision written in it."""
-    from model_loader import parse_model_id
-
-    repo_id, revision = parse_model_id(model_id)
-    return ModelPaths.for_model(output_dir, repo_id, revision, log_dir=log_dir)
 
 
 @dataclass
@@ -59,13 +51,13 @@ def make_plan(entries: list[ListEntry], output_dir: Path, log_dir: Path, options
     plan = Plan()
     for entry in entries[:limit] if limit is not None else entries:
         try:
-            paths = model_paths(output_dir, entry.model_id, log_dir)
+            paths = model_paths(output_dir, entry.model_id, log_dir, entry.gguf_file)
         except ESDError as exc:
             plan.invalid.append((entry, str(exc)))
             continue
         if not overwrite and result_done(paths, options, save_eigs):
             plan.done.append(entry)
-        elif skip_failed and entry.model_id in failures:
+        elif skip_failed and entry.key in failures:
             plan.skipped_failed.append(entry)
         else:
             plan.to_run.append((entry, paths))
@@ -188,7 +180,7 @@ class OutageWatch:
 
     def network_failure(self, outcome: Outcome) -> bool:
         """Add a failure the network caused; True when it makes an outage."""
-        self.streak[outcome.entry.model_id] = outcome
+        self.streak[outcome.entry.key] = outcome
         return len(self.streak) >= self.threshold
 
     def other(self) -> list[Outcome]:

@@ -28,7 +28,6 @@ from safetensors.torch import save_file
 
 from checkpoint_io import (
     CheckpointReader,
-    check_not_quantized,
     check_quantization,
     select_weight_files,
 )
@@ -485,7 +484,6 @@ def test_quantization_format_from_config_alone():
     assert quantization_format({"quantization_config": {}}, "m") is None
     assert check_quantization({"quantization_config": {"load_in_4bit": True}}, "m") == \
         "bitsandbytes"
-    assert check_not_quantized is check_quantization  # the name model_loader imports
     for method in ("gptq", "awq", "fp8", "fbgemm_fp8", "compressed-tensors"):
         assert quantization_format({"quantization_config": {"quant_method": method,
                                                             "bits": 4}}, "m") == method
