@@ -160,6 +160,10 @@ def preflight(entries: list[ListEntry], output_dir: Path, cache_dir: str | None 
     out = Path(output_dir) / PREFLIGHT_FILE
     write_text_atomic(out, buffer.getvalue())
     print(totals(rows, out))
+    if any(r.status == "unsupported" for r in rows):
+        from quantized import supported_formats
+
+        print("formats read:\n  " + "\n  ".join(supported_formats()))
     return 0 if all(r.status == "ok" for r in rows) else 1
 
 

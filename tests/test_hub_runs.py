@@ -139,6 +139,7 @@ def test_dry_run_resolves_everything_and_downloads_no_weights(hub, tmp_path):
     assert rows.loc["org/base", "format"] == "safetensors"
     assert rows.loc["org/quant", "format"] == "quantized:no-such-method"
     assert "2 of 7 models ok" in proc.stdout and "to download" in proc.stdout
+    assert "formats read:" in proc.stdout and "gptq" in proc.stdout, "a refusal lists the formats"
     assert shard_bytes(hub, "org/base") == 0 and [p.name for p in out.glob("*.csv")] == [
         "preflight.csv"], "no weight downloaded, no model analysed"
     assert TOKEN not in proc.stdout + proc.stderr + (out / "preflight.csv").read_text()
