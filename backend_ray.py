@@ -26,7 +26,7 @@ from pathlib import Path
 
 from backend_task import Outcome, TaskCommand, run_commands
 from errors import InputError
-from gputracker.jobs import Job, JobResult
+from gputracker.jobs import Job, JobResult, StopState
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def _ray_task(commands: list[TaskCommand], cpu_only: bool, threads: int | None,
                         grace_period=grace_period)
 
 
-class RayBackend:
+class RayBackend(StopState):
     """Runs ``gputracker.Job``s as Ray tasks. See the module doc."""
 
     def __init__(self, options: RayOptions, *, clock: Callable[[], float] = time.monotonic):
@@ -97,8 +97,6 @@ class RayBackend:
         self._wake = threading.Event()
         self._queue: list[Job] = []
         self._running: dict[object, tuple[Job, float, float]] = {}  # ref -> job, start times
-        self._stop_reason: str | None = None
-        self._stop_signum: int | None = None
         self._force = False
 
     @property
@@ -109,18 +107,6 @@ class RayBackend:
     def pending_jobs(self) -> list[Job]:
         return list(self._queue)
 
-    @property
-    def stopped(self) -> bool:
-        return self._stop_reason is not None
-
-    @property
-    def stop_reason(self) -> str | None:
-        return self._stop_reason
-
-    @property
-    def stop_signum(self) -> int | None:
-        return self._stop_signum
-
     def now(self) -> float:
         return self._clock()
 
@@ -128,8 +114,7 @@ class RayBackend:
              force: bool = False) -> None:
         """Cancel the tasks and return from ``run()``; safe in a signal handler. ``force``
         kills the Ray workers at once instead of letting the commands stop."""
-        if self._stop_reason is None:
-            self._stop_signum, self._stop_reason = signum, reason
+        self._note_stop(reason, signum)
         self._force = self._force or force
         self._wake.set()
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from backend_task import Outcome, TaskCommand, read_outcome, run_commands
 from errors import InputError
-from gputracker.jobs import Job, JobResult
+from gputracker.jobs import Job, JobResult, StopState
 from paths import write_text_atomic
 from slurm_cli import (
     SCHEDULER_ENDED,
@@ -158,7 +158,7 @@ class Submission:
     submitted_at: float
 
 
-class SlurmBackend:
+class SlurmBackend(StopState):
     """Runs ``gputracker.Job``s as Slurm array tasks. See the module doc."""
 
     def __init__(self, options: SlurmOptions, state_dir: Path, *, cli: SlurmCLI | None = None,
@@ -172,8 +172,6 @@ class SlurmBackend:
         self._records: dict[str, Submission] = {}          # token -> record, all runs
         self._tracked: dict[str, Job] = {}                 # token -> job of this run
         self._queue: list[Job] = []
-        self._stop_reason: str | None = None
-        self._stop_signum: int | None = None
         self._started = clock()
         self.left_running: dict[str, str] = {}             # name -> Slurm task, after run()
 
@@ -187,18 +185,6 @@ class SlurmBackend:
     def pending_jobs(self) -> list[Job]:
         return list(self._queue)
 
-    @property
-    def stopped(self) -> bool:
-        return self._stop_reason is not None
-
-    @property
-    def stop_reason(self) -> str | None:
-        return self._stop_reason
-
-    @property
-    def stop_signum(self) -> int | None:
-        return self._stop_signum
-
     def now(self) -> float:
         return self._clock()
 
@@ -206,8 +192,7 @@ class SlurmBackend:
              force: bool = False) -> None:
         """Stop waiting; safe in a signal handler. The jobs keep running on Slurm unless
         ``cancel_on_exit`` (``force`` changes nothing: nothing local is left to kill)."""
-        if self._stop_reason is None:
-            self._stop_signum, self._stop_reason = signum, reason
+        self._note_stop(reason, signum)
         self._wake.set()
 
     def run(self, jobs: Iterable[Job] = (), on_finish: OnFinish | None = None) -> list[JobResult]:

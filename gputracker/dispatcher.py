@@ -32,7 +32,15 @@ from dataclasses import dataclass
 
 from errors import InputError
 from gputracker.gpus import GPUQueryError, GPUStatus, nvml_query
-from gputracker.jobs import Allocation, Job, JobResult, Launcher, ProcessHandle, launch_in_session
+from gputracker.jobs import (
+    Allocation,
+    Job,
+    JobResult,
+    Launcher,
+    ProcessHandle,
+    StopState,
+    launch_in_session,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +152,7 @@ def _check(ok: bool, message: str) -> None:
         raise InputError(message)
 
 
-class Dispatcher:
+class Dispatcher(StopState):
     """Runs jobs on free GPUs (or CPU slots), one child process per job. See the module doc."""
 
     def __init__(
@@ -201,8 +209,6 @@ class Dispatcher:
         self._keys = itertools.count()
         self._woken = False
         self._active = False
-        self._stop_reason: str | None = None
-        self._stop_signum: int | None = None
         self._force = False
         self._query_failures = 0
         self._timed_out: dict[int, float] = {}  # running job key -> when SIGKILL is due
@@ -228,19 +234,6 @@ class Dispatcher:
         with self._cond:
             return list(self._pending)
 
-    @property
-    def stopped(self) -> bool:
-        return self._stop_reason is not None
-
-    @property
-    def stop_reason(self) -> str | None:
-        return self._stop_reason
-
-    @property
-    def stop_signum(self) -> int | None:
-        """The signal that stopped the dispatcher (``install_signal_handlers``), if any."""
-        return self._stop_signum
-
     def now(self) -> float:
         """The dispatcher's clock, the one ``Job.not_before`` is measured on."""
         return self._clock()
@@ -258,9 +251,7 @@ class Dispatcher:
         Safe in a signal handler. ``force`` skips what is left of the grace period (SIGKILL
         now), for a second Ctrl-C. A stopped dispatcher stays stopped: it starts no job again.
         """
-        if self._stop_reason is None:
-            self._stop_signum = signum
-            self._stop_reason = reason
+        self._note_stop(reason, signum)
         if force:
             self._force = True
         with self._cond:

@@ -214,3 +214,29 @@ def launch_in_session(argv: Sequence[str], env: Mapping[str, str], log_path: Pat
             close_fds=True,
         )
     return GroupProcess(popen)
+
+
+class StopState:
+    """Why a backend stopped: the part of the backend interface (``stopped``,
+    ``stop_reason``, ``stop_signum``) that the local dispatcher and the cluster backends
+    share. The first ``_note_stop`` wins; a stopped backend stays stopped."""
+
+    _stop_reason: str | None = None
+    _stop_signum: int | None = None
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop_reason is not None
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self._stop_reason
+
+    @property
+    def stop_signum(self) -> int | None:
+        """The signal that stopped the backend (``install_signal_handlers``), if any."""
+        return self._stop_signum
+
+    def _note_stop(self, reason: str, signum: int | None) -> None:
+        if self._stop_reason is None:
+            self._stop_signum, self._stop_reason = signum, reason

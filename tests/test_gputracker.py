@@ -57,6 +57,12 @@ import os, signal, subprocess, sys, time
 if sys.argv[2] == "ignore":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 grandchild = subprocess.Popen([sys.executable, "-c", GRANDCHILD_CODE, *sys.argv[1:3]])
+if sys.argv[2] == "obey":  # die of SIGTERM, but only once the grandchild has noted its own
+    def die(signum, frame):
+        grandchild.wait()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+    signal.signal(signal.SIGTERM, die)
 while not os.path.exists(sys.argv[1] + ".ready"):
     time.sleep(0.005)
 with open(sys.argv[1] + ".tmp", "w") as f:
