@@ -601,3 +601,28 @@ def test_nvml_query_reads_every_gpu():
     assert [r.index for r in readings] == list(range(len(readings)))
     assert all(0 <= r.memory_used_mb <= r.memory_total_mb for r in readings)
     assert detect_gpus() == [r.index for r in readings]
+
+
+# A job timeout well above a job's start-up on a loaded machine, well below the hang guard.
+JOB_TIMEOUT_S = 3.0
+
+
+@pytest.mark.parametrize("sigterm, signum", [("obey", signal.SIGTERM),
+                                             ("ignore", signal.SIGKILL)])
+def test_a_job_past_its_timeout_is_stopped_and_says_so(tmp_path, scripts, sigterm, signum):
+    """SIGTERM at the timeout, SIGKILL once the grace period is over too; the result says
+    ``timed_out``, and the next job starts at once."""
+    dispatcher = Dispatcher(None, cpu_slots=1, grace_period=0.5)
+    slow = dataclasses.replace(sleeper_job("a", scripts, tmp_path, sigterm),
+                               timeout=JOB_TIMEOUT_S)
+    quick = Job("b", [sys.executable, "-c", "pass"], tmp_path / "logs" / "b.log")
+    started = time.monotonic()
+    results = dispatcher.run([slow, quick])
+    assert time.monotonic() - started < HANG_GUARD_S
+    first, second = results
+    assert first.name == "a" and first.timed_out and first.returncode == -signum
+    assert f"timed out after {JOB_TIMEOUT_S:g} s" in first.describe()
+    assert first.duration >= JOB_TIMEOUT_S
+    assert second.name == "b" and second.ok and not second.timed_out
+    for pid in read_pids(tmp_path / "a.pid"):
+        wait_until(lambda pid=pid: not alive(pid), f"pid {pid} to die")
