@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import esd_lapack
 from errors import InputError
 
 # The result schema lives in results.py (torch-free); layer columns are filled here.
@@ -35,6 +36,7 @@ from results import LAYER_COLUMNS, METRIC_COLUMNS
 
 # The computation dtype of each --precision (esd_config.PRECISION_NAMES).
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
+_NUMPY_DTYPES = {torch.float64: np.float64, torch.float32: np.float32}
 
 # Storage dtypes analysed as numbers (half precisions are upcast chunk by chunk). Integer and
 # bool tensors are packed quantized data; float8 values mean nothing without their scales.
@@ -161,14 +163,42 @@ def gram_eigenvalues(w: torch.Tensor, device: torch.device, dtype: torch.dtype,
     ``G = sum_chunks C^T C`` over row chunks of the taller orientation, each chunk moved to
     ``device`` in its stored dtype and only then converted, so neither a float64 copy of the
     whole matrix nor a device copy of it ever exists. Negative round-off is clamped to 0.
+
+    On the CPU, BLAS ``syrk`` and LAPACK ``syevr`` (``esd_lapack``): half the Gram flops of a
+    ``gemm``, eigenvalues without eigenvectors, and the GIL left free for a thread reading the
+    next tensor. Elsewhere (CUDA), or where SciPy's routines cannot be bound, torch's
+    ``addmm_`` and ``eigvalsh``.
     """
     if w.shape[0] < w.shape[1]:
         w = w.T
-    m = w.shape[1]
-    rows = max(1, chunk_elems // m)
-    gram = torch.zeros((m, m), dtype=dtype, device=device)
+    rows = max(1, chunk_elems // w.shape[1])
+    if device.type == "cpu" and esd_lapack.AVAILABLE:
+        return _lapack_gram_eigenvalues(w, dtype, rows)
+    return _torch_gram_eigenvalues(w, device, dtype, rows)
+
+
+def _row_chunks(w: torch.Tensor, device: torch.device, dtype: torch.dtype,
+                rows: int) -> Iterator[torch.Tensor]:
     for r0 in range(0, w.shape[0], rows):
-        chunk = w[r0:r0 + rows].to(device).to(dtype)
+        # Moved first, converted second: a half-precision chunk crosses to the GPU at half size.
+        yield w[r0:r0 + rows].to(device).to(dtype)
+
+
+def _lapack_gram_eigenvalues(w: torch.Tensor, dtype: torch.dtype,
+                             rows: int) -> torch.Tensor | None:
+    gram = esd_lapack.gram_buffer(w.shape[1], _NUMPY_DTYPES[dtype])
+    for chunk in _row_chunks(w, torch.device("cpu"), dtype, rows):
+        # A chunk already in the computation dtype is a view of w: syrk reads it in place.
+        esd_lapack.syrk_update(gram, chunk.numpy(force=True))
+    if not np.isfinite(gram).all():
+        return None
+    return torch.from_numpy(esd_lapack.symmetric_eigenvalues(gram)).clamp_(min=0)
+
+
+def _torch_gram_eigenvalues(w: torch.Tensor, device: torch.device, dtype: torch.dtype,
+                            rows: int) -> torch.Tensor | None:
+    gram = torch.zeros((w.shape[1], w.shape[1]), dtype=dtype, device=device)
+    for chunk in _row_chunks(w, device, dtype, rows):
         gram.addmm_(chunk.T, chunk)
     if not bool(torch.isfinite(gram).all()):
         return None

@@ -443,7 +443,11 @@ def test_analysis_path_imports_neither_transformers_nor_peft():
     assert out.stdout.strip() == "[]"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.cuda
+@needs_cuda
 @pytest.mark.parametrize("fit", FITS)
 def test_cuda_matches_cpu(fit):
     g = torch.Generator().manual_seed(11)
@@ -455,3 +459,18 @@ def test_cuda_matches_cpu(fit):
     gpu = rows(named, fix_fingers=fit, device="cuda")
     for a, b in zip(cpu, gpu, strict=True):
         assert_rows_close(a, b, DEVICE_RTOL)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(3000, 256), (256, 1200)])
+def test_cuda_torch_path_matches_cpu_lapack_path(shape, dtype):
+    """CUDA keeps torch (addmm_ + eigvalsh); the CPU takes syrk + syevr: same contract."""
+    w = with_spectrum(*shape, np.logspace(-7, 1, min(shape)), seed=12).to(dtype)
+    cpu = gram_eigenvalues(w, torch.device("cpu"), torch.float64, 1 << 19).numpy()
+    gpu = gram_eigenvalues(w.cuda(), torch.device("cuda"), torch.float64, 1 << 19).cpu().numpy()
+    big = cpu >= EVALS_FLOOR * cpu[-1]
+    np.testing.assert_allclose(gpu[big], cpu[big], rtol=DEVICE_RTOL)
+    ref = svd_evals(w)
+    np.testing.assert_allclose(gpu[big], ref[big], rtol=EVALS_RTOL)
