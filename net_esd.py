@@ -11,7 +11,8 @@ Three doors, one implementation:
 - ``fit_from_evals(evals, config, N=...)``: the fit and metric columns from saved eigenvalues.
 
 Eigenvalues are those of the smaller Gram matrix, accumulated from row chunks converted one at
-a time to the computation dtype, so memory stays O(M^2 + chunk) even for a 128k-row embedding.
+a time to the computation dtype, so memory stays O(M^2 + chunk) even for a 128k-row embedding;
+on the CPU by BLAS syrk and LAPACK syevr (``esd_lapack``), on a GPU by torch.
 """
 
 from __future__ import annotations
@@ -160,9 +161,10 @@ def gram_eigenvalues(w: torch.Tensor, device: torch.device, dtype: torch.dtype,
                      chunk_elems: int) -> torch.Tensor | None:
     """Ascending eigenvalues of the smaller Gram matrix of ``w``; None if it is not finite.
 
-    ``G = sum_chunks C^T C`` over row chunks of the taller orientation, each chunk moved to
-    ``device`` in its stored dtype and only then converted, so neither a float64 copy of the
-    whole matrix nor a device copy of it ever exists. Negative round-off is clamped to 0.
+    ``G = sum_chunks C^T C`` over row chunks of the taller orientation, one chunk at a time
+    converted to the computation dtype (on the CPU into one reused buffer; for a GPU after
+    moving it in its stored dtype), so neither a float64 copy of the whole matrix nor a device
+    copy of it ever exists. Negative round-off is clamped to 0.
 
     On the CPU, BLAS ``syrk`` and LAPACK ``syevr`` (``esd_lapack``): half the Gram flops of a
     ``gemm``, eigenvalues without eigenvectors, and the GIL left free for a thread reading the
@@ -177,18 +179,19 @@ def gram_eigenvalues(w: torch.Tensor, device: torch.device, dtype: torch.dtype,
     return _torch_gram_eigenvalues(w, device, dtype, rows)
 
 
-def _row_chunks(w: torch.Tensor, device: torch.device, dtype: torch.dtype,
-                rows: int) -> Iterator[torch.Tensor]:
-    for r0 in range(0, w.shape[0], rows):
-        # Moved first, converted second: a half-precision chunk crosses to the GPU at half size.
-        yield w[r0:r0 + rows].to(device).to(dtype)
-
-
 def _lapack_gram_eigenvalues(w: torch.Tensor, dtype: torch.dtype,
                              rows: int) -> torch.Tensor | None:
-    gram = esd_lapack.gram_buffer(w.shape[1], _NUMPY_DTYPES[dtype])
-    for chunk in _row_chunks(w, torch.device("cpu"), dtype, rows):
-        # A chunk already in the computation dtype is a view of w: syrk reads it in place.
+    np_dtype = _NUMPY_DTYPES[dtype]
+    gram = esd_lapack.gram_buffer(w.shape[1], np_dtype)
+    # Chunks are converted into one reused buffer (a fresh array per chunk costs page faults);
+    # a matrix already in the computation dtype is read in place, chunk by chunk.
+    buf = None
+    if w.dtype != dtype or w.device.type != "cpu":
+        buf = torch.from_numpy(np.empty((min(rows, w.shape[0]), w.shape[1]), dtype=np_dtype))
+    for r0 in range(0, w.shape[0], rows):
+        chunk = w[r0:r0 + rows]
+        if buf is not None:
+            chunk = buf[:chunk.shape[0]].copy_(chunk)
         esd_lapack.syrk_update(gram, chunk.numpy(force=True))
     if not np.isfinite(gram).all():
         return None
@@ -198,7 +201,9 @@ def _lapack_gram_eigenvalues(w: torch.Tensor, dtype: torch.dtype,
 def _torch_gram_eigenvalues(w: torch.Tensor, device: torch.device, dtype: torch.dtype,
                             rows: int) -> torch.Tensor | None:
     gram = torch.zeros((w.shape[1], w.shape[1]), dtype=dtype, device=device)
-    for chunk in _row_chunks(w, device, dtype, rows):
+    for r0 in range(0, w.shape[0], rows):
+        # Moved first, converted second: a half-precision chunk crosses to the GPU at half size.
+        chunk = w[r0:r0 + rows].to(device).to(dtype)
         gram.addmm_(chunk.T, chunk)
     if not bool(torch.isfinite(gram).all()):
         return None

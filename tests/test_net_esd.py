@@ -3,6 +3,7 @@
 import math
 import subprocess
 import sys
+import tracemalloc
 import weakref
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import net_esd
 from errors import InputError
 from esd_fit import METRIC_COLUMNS
 from net_esd import (
@@ -131,8 +133,24 @@ def test_tall_chunked_path_equals_one_piece():
         assert_rows_close(a, b, CHUNK_RTOL)
 
 
-def test_gram_converts_one_chunk_at_a_time():
-    """No float64 copy of the whole matrix: every converted piece has <= chunk_elems entries."""
+def test_gram_converts_one_chunk_at_a_time(monkeypatch):
+    """No float64 copy of the whole matrix, on either path.
+
+    LAPACK path (CPU): its NumPy allocations, which tracemalloc sees, peak at the Gram and one
+    chunk's buffer (and the Gram's finiteness mask), far below the matrix's float64 size.
+    torch path (CUDA, or where SciPy cannot be bound): every converted piece has at most
+    chunk_elems entries.
+    """
+    w = torch.randn(20000, 50, generator=torch.Generator().manual_seed(3))
+    tracemalloc.start()
+    try:
+        ev = gram_eigenvalues(w, torch.device("cpu"), torch.float64, chunk_elems=5000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(ev) == 50
+    assert peak <= 2 * (50 * 50 + 5000) * 8 + 16384 < w.numel() * 8 // 10
+
     converted = []
 
     class Spy(torch.Tensor):
@@ -143,8 +161,9 @@ def test_gram_converts_one_chunk_at_a_time():
                 converted.append((out.dtype, out.numel()))
             return out
 
-    w = torch.randn(3000, 20).as_subclass(Spy)
-    ev = gram_eigenvalues(w, torch.device("cpu"), torch.float64, chunk_elems=400)
+    monkeypatch.setattr(net_esd.esd_lapack, "AVAILABLE", False)
+    ev = gram_eigenvalues(torch.randn(3000, 20).as_subclass(Spy), torch.device("cpu"),
+                          torch.float64, chunk_elems=400)
     assert len(ev) == 20
     f64 = [numel for dtype, numel in converted if dtype == torch.float64]
     assert len(f64) == 3000 // 20 and max(f64) == 400
