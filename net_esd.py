@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -181,21 +181,43 @@ def gram_eigenvalues(w: torch.Tensor, device: torch.device, dtype: torch.dtype,
 
 def _lapack_gram_eigenvalues(w: torch.Tensor, dtype: torch.dtype,
                              rows: int) -> torch.Tensor | None:
-    np_dtype = _NUMPY_DTYPES[dtype]
-    gram = esd_lapack.gram_buffer(w.shape[1], np_dtype)
-    # Chunks are converted into one reused buffer (a fresh array per chunk costs page faults);
-    # a matrix already in the computation dtype is read in place, chunk by chunk.
-    buf = None
-    if w.dtype != dtype or w.device.type != "cpu":
-        buf = torch.from_numpy(np.empty((min(rows, w.shape[0]), w.shape[1]), dtype=np_dtype))
+    gram = esd_lapack.gram_buffer(w.shape[1], _NUMPY_DTYPES[dtype])
+    as_array = _chunk_converter(w, dtype, min(rows, w.shape[0]))
     for r0 in range(0, w.shape[0], rows):
-        chunk = w[r0:r0 + rows]
-        if buf is not None:
-            chunk = buf[:chunk.shape[0]].copy_(chunk)
-        esd_lapack.syrk_update(gram, chunk.numpy(force=True))
+        esd_lapack.syrk_update(gram, as_array(w[r0:r0 + rows]))
     if not np.isfinite(gram).all():
         return None
     return torch.from_numpy(esd_lapack.symmetric_eigenvalues(gram)).clamp_(min=0)
+
+
+def _chunk_converter(w: torch.Tensor, dtype: torch.dtype,
+                     rows: int) -> Callable[[torch.Tensor], np.ndarray]:
+    """Row chunks of ``w`` as NumPy arrays in the computation dtype.
+
+    A CPU matrix already in that dtype is read in place. Otherwise each chunk is converted
+    into one reused buffer (a fresh array per chunk costs page faults) by NumPy, on this
+    thread: torch's conversion would wake its OpenMP threads between BLAS calls, and the two
+    thread pools waiting for each other cost several times the conversion on a busy machine.
+    """
+    if w.dtype == dtype and w.device.type == "cpu":
+        return lambda chunk: chunk.numpy(force=True)
+    buf = np.empty((rows, w.shape[1]), dtype=_NUMPY_DTYPES[dtype])
+    if w.dtype != torch.bfloat16:
+        def convert(chunk: torch.Tensor) -> np.ndarray:
+            out = buf[:chunk.shape[0]]
+            np.copyto(out, chunk.numpy(force=True))
+            return out
+        return convert
+    bits = np.empty((rows, w.shape[1]), dtype=np.uint32)
+
+    def convert_bf16(chunk: torch.Tensor) -> np.ndarray:
+        # NumPy has no bfloat16; a bfloat16 is the upper half of a float32's bits.
+        k = chunk.shape[0]
+        half = chunk.detach().cpu().view(torch.int16).numpy().view(np.uint16)
+        np.left_shift(half, 16, out=bits[:k], dtype=np.uint32)
+        np.copyto(buf[:k], bits[:k].view(np.float32))
+        return buf[:k]
+    return convert_bf16
 
 
 def _torch_gram_eigenvalues(w: torch.Tensor, device: torch.device, dtype: torch.dtype,

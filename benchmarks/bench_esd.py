@@ -29,7 +29,11 @@ Prints per run the median wall seconds (whole process) and the median in-process
 untimed, the float32 path's largest relative eigenvalue error against float64 (CPU).
 
 Usage: python benchmarks/bench_esd.py [--repeats 3] [--device cpu|cuda] [--shape small|7b]
-       [--layers N] [--workdir DIR] [--skip ww ...] [--only runner bare ...]
+       [--layers N] [--threads N] [--workdir DIR] [--skip ww ...] [--only runner bare ...]
+--threads N runs every child with N BLAS and OpenMP threads (OMP_NUM_THREADS,
+OPENBLAS_NUM_THREADS, MKL_NUM_THREADS; the worker with --threads N, the runner with as many
+CPU workers as that leaves each N cores): on a machine shared with other work, two threads
+that wait for each other at every BLAS block can cost several times one thread's time.
 Exit code: 0 when every run succeeded, 1 when a run failed (its output is printed).
 """
 
@@ -48,6 +52,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+CHILD_ENV = dict(os.environ)  # --threads N sets the thread counts of every BLAS and OpenMP
 SHAPES = {  # hidden, default layers, MLP, vocab, stored dtype
     "small": (1024, 4, 2816, 32000, "float32"),
     "7b": (4096, 2, 11008, 32000, "bfloat16"),
@@ -229,9 +234,12 @@ def child(mode: str, path: Path, device: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # The parent: timing, the float32 error, the table.
 
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 def run_process(cmd: list[str], what: str) -> tuple[float, subprocess.CompletedProcess]:
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=CHILD_ENV)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n"
@@ -244,8 +252,10 @@ def tool_run(mode: str, path: Path, device: str) -> tuple[float, dict]:
     out = path.parent / f"{mode}_out"
     shutil.rmtree(out, ignore_errors=True)
     common = ["--output_dir", str(out), "--device", device]
+    threads = CHILD_ENV.get("OMP_NUM_THREADS")
     if mode == "worker":
         cmd = [sys.executable, str(ROOT / "esd_worker.py"), "--model_id", str(path.parent)]
+        cmd += ["--threads", threads] if threads else []
     else:
         model_list = path.parent / "models.csv"
         model_list.write_text(f"model_id\n{path.parent}\n")
@@ -253,6 +263,8 @@ def tool_run(mode: str, path: Path, device: str) -> tuple[float, dict]:
                str(model_list), "--no-progress"]
         if device.startswith("cuda"):  # one real NVML reading, then dispatch at once
             common += ["--gpus", "0", "--max_check", "1", "--poll_interval", "0.5"]
+        elif threads:  # the runner gives each worker cores // cpu_workers threads
+            cmd += ["--cpu_workers", str(max(1, len(os.sched_getaffinity(0)) // int(threads)))]
     wall, _ = run_process(cmd + common, f"{mode} run")
     (result,) = out.glob("*.csv")
     with open(result, newline="") as fh:
@@ -294,6 +306,7 @@ def float32_errors(path: Path) -> dict[float, float]:
 def machine(device: str) -> str:
     import platform
 
+    import scipy.linalg  # noqa: F401  (loads SciPy's BLAS, so threadpoolctl lists it)
     import torch
 
     cpu, cpuinfo = platform.processor(), Path("/proc/cpuinfo")
@@ -343,12 +356,16 @@ def main() -> int:
     p.add_argument("--workdir", type=Path, default=None, help="keep the checkpoint here")
     p.add_argument("--skip", nargs="*", default=[], choices=MODES, help="runs to leave out")
     p.add_argument("--only", nargs="*", default=None, choices=MODES, help="runs to do")
+    p.add_argument("--threads", type=int, default=None,
+                   help="BLAS/OpenMP threads of every run (default: the libraries' own)")
     p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         child(args.child, args.checkpoint, args.device)
         return 0
+    if args.threads is not None:
+        CHILD_ENV.update(dict.fromkeys(THREAD_VARS, str(args.threads)))
     cuda = args.device.startswith("cuda")
     modes = [m for m in (args.only or MODES) if m not in args.skip
              and m not in (CPU_ONLY if cuda else CUDA_ONLY)

@@ -146,3 +146,19 @@ def test_eigenvalues_of_known_matrices(scale):
     np.testing.assert_allclose(esd_lapack.symmetric_eigenvalues(diag),
                                np.array([0.0, 1e-10, 2.0, 3.0, 1e6]) * scale, rtol=1e-15)
     assert esd_lapack.symmetric_eigenvalues(esd_lapack.gram_buffer(0, np.float32)).size == 0
+
+
+@pytest.mark.parametrize("special", [float("inf"), float("nan"), -float("inf")])
+def test_half_precision_chunks_keep_special_values(special):
+    """bfloat16 chunks are converted by their bits: NaN/Inf stay non-finite (status nonfinite),
+    and subnormals, signs and zeros convert exactly (the same Gram as the float32 upcast)."""
+    w = (torch.randn(300, 40, generator=torch.Generator().manual_seed(8)) * 1e-39)
+    w[::7, ::3] = -w[::7, ::3] * 1e38  # normal values beside bfloat16 subnormals
+    w[5, 5] = 0.0
+    w = w.to(torch.bfloat16)
+    for dtype in (torch.float64, torch.float32):
+        np.testing.assert_array_equal(gram_eigenvalues(w, CPU, dtype, SMALL_CHUNK),
+                                      gram_eigenvalues(w.float(), CPU, dtype, SMALL_CHUNK))
+    w[17, 3] = special
+    assert gram_eigenvalues(w, CPU, torch.float64, SMALL_CHUNK) is None
+    assert gram_eigenvalues(w.half(), CPU, torch.float32, SMALL_CHUNK) is None
