@@ -12,14 +12,15 @@ The same routines are taken here from SciPy's Cython API (the function pointers 
 and called through ctypes, which releases the GIL. Same library (SciPy's OpenBLAS), same
 results. Each pointer's C signature, which the capsule names, is checked before it is bound.
 
-Pure computation on NumPy arrays, in Fortran (column-major) order. ``AVAILABLE`` is False where
-this SciPy's Cython API lacks the expected 32-bit-integer signatures; callers then take
-another path.
+Pure computation on NumPy arrays, in Fortran (column-major) order. ``available()`` is False
+where SciPy is missing or its Cython API lacks the expected 32-bit-integer signatures; callers
+then take another path.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import re
 
 import numpy as np
@@ -53,7 +54,10 @@ def _bind(module, routine: str, signature: str, letter: str):
     return ctypes.CFUNCTYPE(None, *[_P] * (signature.count(",") + 1))(_capsule_pointer(capsule, name))
 
 
-def _bind_all() -> dict[str, object]:
+@functools.cache
+def _routines() -> dict[str, object]:
+    """The four bound routines, or {} where any cannot be bound. SciPy is imported on first
+    use, so a process that computes on a GPU never loads it."""
     try:
         from scipy.linalg import cython_blas, cython_lapack
     except ImportError:
@@ -65,8 +69,9 @@ def _bind_all() -> dict[str, object]:
     return out if all(out.values()) else {}
 
 
-_ROUTINES = _bind_all()
-AVAILABLE = bool(_ROUTINES)
+def available() -> bool:
+    """True where SciPy's syrk and syevr could be bound (callers use another path otherwise)."""
+    return bool(_routines())
 
 
 def _int(value: int):
@@ -104,7 +109,7 @@ def syrk_update(gram: np.ndarray, x: np.ndarray) -> None:
         x = np.ascontiguousarray(x)
         trans, lda = "N", m
     one = ctypes.byref(ctype(1.0))
-    _ROUTINES[f"{letter}syrk"](_char("L"), _char(trans), _int(m), _int(rows), one,
+    _routines()[f"{letter}syrk"](_char("L"), _char(trans), _int(m), _int(rows), one,
                                _P(x.ctypes.data), _int(lda), one, _P(gram.ctypes.data), _int(m))
 
 
@@ -125,7 +130,7 @@ def symmetric_eigenvalues(gram: np.ndarray) -> np.ndarray:
     found, info, zero = ctypes.c_int(0), ctypes.c_int(0), ctypes.byref(ctype(0.0))
 
     def call(work: np.ndarray, lwork: int, iwork: np.ndarray, liwork: int) -> None:
-        _ROUTINES[f"{letter}syevr"](
+        _routines()[f"{letter}syevr"](
             _char("N"), _char("A"), _char("L"), _int(n), _P(gram.ctypes.data), _int(max(1, n)),
             zero, zero, _int(1), _int(n), zero, ctypes.byref(found), _P(evals.ctypes.data),
             _P(no_vectors.ctypes.data), _int(1), _P(no_support.ctypes.data), _P(work.ctypes.data),

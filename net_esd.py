@@ -174,7 +174,7 @@ def gram_eigenvalues(w: torch.Tensor, device: torch.device, dtype: torch.dtype,
     if w.shape[0] < w.shape[1]:
         w = w.T
     rows = max(1, chunk_elems // w.shape[1])
-    if device.type == "cpu" and esd_lapack.AVAILABLE:
+    if device.type == "cpu" and esd_lapack.available():
         return _lapack_gram_eigenvalues(w, dtype, rows)
     return _torch_gram_eigenvalues(w, device, dtype, rows)
 

@@ -4,7 +4,10 @@ metrics.md section 2: eigenvalues agree with a float64 SVD of the stored weights
 relative for every eigenvalue >= 1e-6 lambda_max; float32 has its documented error.
 """
 
+import subprocess
+import sys
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ import esd_lapack
 import net_esd
 from net_esd import gram_eigenvalues
 
+ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 EVALS_RTOL = 1e-9     # metrics.md section 2: the default (float64) path vs a float64 SVD
 EVALS_FLOOR = 1e-6    # ... for every eigenvalue >= EVALS_FLOOR * lambda_max
@@ -63,7 +67,7 @@ CASES = {
 
 def test_the_cpu_path_is_lapack():
     """Everything below exercises the syrk + syevr path, not the torch fallback."""
-    assert esd_lapack.AVAILABLE
+    assert esd_lapack.available()
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
@@ -86,7 +90,7 @@ def test_eigenvalues_match_float64_svd(case, dtype, chunk_elems):
 def test_lapack_and_torch_paths_agree(case, monkeypatch):
     w = CASES[case]().float()
     fast = gram_eigenvalues(w, CPU, torch.float64, SMALL_CHUNK).numpy()
-    monkeypatch.setattr(net_esd.esd_lapack, "AVAILABLE", False)  # as where binding fails
+    monkeypatch.setattr(net_esd.esd_lapack, "available", lambda: False)  # as where binding fails
     calls = []
     monkeypatch.setattr(torch.linalg, "eigvalsh",
                         lambda g, _f=torch.linalg.eigvalsh: calls.append(g.shape) or _f(g))
@@ -162,3 +166,13 @@ def test_half_precision_chunks_keep_special_values(special):
     w[17, 3] = special
     assert gram_eigenvalues(w, CPU, torch.float64, SMALL_CHUNK) is None
     assert gram_eigenvalues(w.half(), CPU, torch.float32, SMALL_CHUNK) is None
+
+
+def test_scipy_is_loaded_only_when_the_cpu_path_runs():
+    """A worker that computes on a GPU never pays SciPy's import."""
+    code = ("import sys, torch, net_esd; before = 'scipy' in sys.modules; "
+            "net_esd.gram_eigenvalues(torch.ones(20, 20), torch.device('cpu'), torch.float64, 400); "
+            "print(before, 'scipy.linalg' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == ["False", "True"]

@@ -161,7 +161,7 @@ def test_gram_converts_one_chunk_at_a_time(monkeypatch):
                 converted.append((out.dtype, out.numel()))
             return out
 
-    monkeypatch.setattr(net_esd.esd_lapack, "AVAILABLE", False)
+    monkeypatch.setattr(net_esd.esd_lapack, "available", lambda: False)
     ev = gram_eigenvalues(torch.randn(3000, 20).as_subclass(Spy), torch.device("cpu"),
                           torch.float64, chunk_elems=400)
     assert len(ev) == 20
