@@ -14,6 +14,7 @@ separate process (python start-up, imports and checkpoint reads included):
             as a user runs it, dispatcher and worker process included
   worker    esd_worker.py on the checkpoint's directory (loader -> estimator -> CSV)
   ours      net_esd.iter_layer_results over safe_open, float64, xmin_mid (default)
+  ours_ahead  the same with checkpoint_io.read_ahead: the next tensor read during the solve
   ours_dks  the same with fix_fingers=DKS (WeightWatcher's default fit)
   ours_f32  the same with precision=float32
   bare      torch float64 Gram (W.T @ W, a gemm) + torch.linalg.eigvalsh per matrix: the
@@ -57,7 +58,8 @@ SHAPES = {  # hidden, default layers, MLP, vocab, stored dtype
     "small": (1024, 4, 2816, 32000, "float32"),
     "7b": (4096, 2, 11008, 32000, "bfloat16"),
 }
-MODES = ("runner", "worker", "ours", "ours_dks", "ours_f32", "bare", "limit", "batched", "ww")
+MODES = ("runner", "worker", "ours", "ours_ahead", "ours_dks", "ours_f32", "bare", "limit",
+         "batched", "ww")
 CPU_ONLY, CUDA_ONLY = {"limit", "ww"}, {"batched"}
 PROCESS_MODES = {"runner", "worker"}  # timed from outside only: their wall time is the figure
 ERROR_FLOORS = (1e-6, 1e-3)  # float32 error on eigenvalues >= floor * lambda_max
@@ -66,7 +68,8 @@ BATCH = 8  # same-shaped Grams per batched eigvalsh call (8 x 4096^2 float64 = 1
 TARGETS = (("runner", "bare", 0.8, "wall"), ("ww", "runner", 3.0, "wall>="),
            ("ours", "limit", 1.1, "inner"), ("worker", "bare", None, "wall"),
            ("ours", "bare", None, "wall"), ("ours_f32", "bare", None, "wall"),
-           ("ww", "ours", None, "wall>="), ("batched", "bare", None, "inner"))
+           ("ww", "ours", None, "wall>="), ("ours_ahead", "ours", None, "inner"),
+           ("batched", "bare", None, "inner"))
 
 
 def checkpoint_shapes(shape: str, layers: int) -> dict[str, tuple[int, ...]]:
@@ -121,11 +124,15 @@ def matrices(path: Path):
 
 
 def run_ours(path: Path, mode: str, device: str) -> dict:
+    from checkpoint_io import read_ahead
     from net_esd import ESDConfig, iter_layer_results
 
     config = ESDConfig(fix_fingers="DKS" if mode == "ours_dks" else "xmin_mid",
                        precision="float32" if mode == "ours_f32" else "float64", device=device)
-    rows = [r.row for r in iter_layer_results(tensor_stream(path), config)]
+    stream = tensor_stream(path)
+    if mode == "ours_ahead":
+        stream = read_ahead(stream)
+    rows = [r.row for r in iter_layer_results(stream, config)]
     return {"layers": len(rows), "ok": sum(r["status"] == "ok" for r in rows)}
 
 
