@@ -14,7 +14,8 @@ separate process (python start-up, imports and checkpoint reads included):
             as a user runs it, dispatcher and worker process included
   worker    esd_worker.py on the checkpoint's directory (loader -> estimator -> CSV)
   ours      net_esd.iter_layer_results over safe_open, float64, xmin_mid (default)
-  ours_ahead  the same with checkpoint_io.read_ahead: the next tensor read during the solve
+  ours_ahead  the same through the worker's esd_worker.on_devices: the next tensors read on
+            this thread while a device thread solves (its layer_ids restart per tensor)
   ours_dks  the same with fix_fingers=DKS (WeightWatcher's default fit)
   ours_f32  the same with precision=float32
   bare      torch float64 Gram (W.T @ W, a gemm) + torch.linalg.eigvalsh per matrix: the
@@ -124,15 +125,21 @@ def matrices(path: Path):
 
 
 def run_ours(path: Path, mode: str, device: str) -> dict:
-    from checkpoint_io import read_ahead
     from net_esd import ESDConfig, iter_layer_results
 
     config = ESDConfig(fix_fingers="DKS" if mode == "ours_dks" else "xmin_mid",
                        precision="float32" if mode == "ours_f32" else "float64", device=device)
-    stream = tensor_stream(path)
     if mode == "ours_ahead":
-        stream = read_ahead(stream)
-    rows = [r.row for r in iter_layer_results(stream, config)]
+        from esd_worker import on_devices
+
+        rows = []
+        for _, value in on_devices(lambda item, dev: list(iter_layer_results([item], config)),
+                                   tensor_stream(path), [device]):
+            if isinstance(value, BaseException):
+                raise value
+            rows += [r.row for r in value]
+    else:
+        rows = [r.row for r in iter_layer_results(tensor_stream(path), config)]
     return {"layers": len(rows), "ok": sum(r["status"] == "ok" for r in rows)}
 
 
