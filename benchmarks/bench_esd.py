@@ -276,7 +276,8 @@ def tool_run(mode: str, path: Path, device: str) -> tuple[float, dict]:
         cmd = [sys.executable, str(ROOT / "run_esd_experiment.py"), "--model_list",
                str(model_list), "--no-progress"]
         if device.startswith("cuda"):  # one real NVML reading, then dispatch at once
-            common += ["--gpus", "0", "--max_check", "1", "--poll_interval", "0.5"]
+            common += ["--gpus", "0", "--max_check", "1", "--poll_interval", "0.5",
+                       "--gpu_memory_threshold", "2048"]
         elif threads:  # the runner gives each worker cores // cpu_workers threads
             cmd += ["--cpu_workers", str(max(1, len(os.sched_getaffinity(0)) // int(threads)))]
     wall, _ = run_process(cmd + common, f"{mode} run")
