@@ -407,6 +407,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.parent_pid is not None:
         watch_parent(config.parent_pid)
     if config.threads is not None:
+        # BLAS reads its thread count when SciPy loads it (on the first CPU eigenvalues, later
+        # than this), torch when asked.
+        from gputracker import THREAD_VARS
+
+        os.environ.update(dict.fromkeys(THREAD_VARS, str(config.threads)))
         import torch
 
         torch.set_num_threads(config.threads)

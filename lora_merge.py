@@ -463,15 +463,6 @@ class MergePlan:
             value = value.to(torch.float32) + bias * op.scale
         return value
 
-    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Base and adapter merged, in natural name order, one tensor at a time."""
-        try:
-            for name in self.names:
-                yield name, self.tensor(name)
-        finally:
-            self.base.close()
-            self.adapter.close()
-
 
 _TASK_CLASSES = {
     "CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
