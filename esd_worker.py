@@ -319,6 +319,27 @@ def _save_npz(tmp: Path, eigs: dict[str, np.ndarray]) -> None:
         np.savez_compressed(fh, **eigs)
 
 
+def _depth_order_ahead(runs: list[ModelRun]) -> threading.Thread:
+    """Build the depth order of each model's config (transformers' class on the meta device,
+    cached by layer_order) on a thread, so that it overlaps the download and the analysis
+    instead of following them."""
+    from layer_order import model_order
+
+    configs = [r.model.checkpoint.config for r in runs
+               if r.error is None and r.model.checkpoint is not None]
+
+    def build() -> None:
+        for model_config in configs:
+            try:
+                model_order(model_config)
+            except Exception as exc:  # finish() falls back to the name rule and says why
+                logger.debug("depth order of a config could not be built ahead: %s", exc)
+
+    thread = threading.Thread(target=build, name="depth-order", daemon=True)
+    thread.start()
+    return thread
+
+
 def run_job(config: WorkerConfig, stage: StageLog) -> list[ModelRun]:
     """Open, analyse and write every model of the job; each run says how its model ended."""
     from hub_cache import CacheSession
@@ -342,7 +363,9 @@ def run_job(config: WorkerConfig, stage: StageLog) -> list[ModelRun]:
                         model.revision or "local",
                         f", adapter on {model.source_model}" if model.is_adapter else "",
                         config.esd.device)
+        ordering = _depth_order_ahead(runs)
         analyse(config, runs, stage)
+        ordering.join()  # the model classes' parameter order, built while the model streamed
         stage.set("write")
         for run in runs:
             if run.error is None:

@@ -29,12 +29,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Shards on disk at once while streaming: the one being read and the next one downloading.
-SHARDS_AHEAD = 1
+# Files held at once while streaming (downloaded or downloading, not yet released): the one
+# being read and the next one, which downloads meanwhile.
+MAX_HELD = 2
 
 
 class ShardFetcher:
-    """A checkpoint's files, fetched in ``order`` one ahead of the reader.
+    """A checkpoint's files, fetched in ``order`` one ahead of the reader: downloads start as
+    soon as fewer than ``MAX_HELD`` files are held, from the moment the fetcher is made.
 
     ``download(file)`` returns a file's local path (fetching it); ``release(file)`` is called
     once the reader is done with it (deleting it under ``--cleanup_cache``). ``waiting()``
@@ -52,14 +54,15 @@ class ShardFetcher:
         self._lock = threading.Lock()
         self._queue: list[str] = []
         self._thread: threading.Thread | None = None
+        self._closed = False
+        self._top_up()  # the first shards download while the rest of the job is set up
 
     def path(self, file: str) -> Path:
-        """The local path of ``file``, waiting for its download; starts the next one."""
+        """The local path of ``file``, waiting for its download."""
         future = self._start(file)
         if not future.done():
             with self._waiting():
                 future.result()
-        self._prefetch_after(file)
         return future.result()
 
     def fetch_all(self) -> list[Path]:
@@ -75,11 +78,13 @@ class ShardFetcher:
         if self._release is not None and future is not None and future.done() \
                 and future.exception() is None:
             self._release(file)
+        self._top_up()
 
     def close(self) -> None:
-        """Wait for a download in flight (so nothing writes to the cache after the job ends)
-        and drop the queued ones."""
+        """Start no more downloads, drop the queued ones, and wait for one in flight (so
+        nothing writes to the cache after the job ends)."""
         with self._lock:
+            self._closed = True
             for file in self._queue:
                 self._futures.pop(file).cancel()
             self._queue.clear()
@@ -87,18 +92,15 @@ class ShardFetcher:
         if thread is not None:
             thread.join()
 
-    def _held(self) -> int:
-        return sum(1 for f, fut in self._futures.items() if f not in self._released)
-
-    def _prefetch_after(self, file: str) -> None:
-        if file not in self.order:
-            return
-        with self._lock:
-            later = self.order[self.order.index(file) + 1:]
-            upcoming = next((f for f in later if f not in self._futures), None)
-            if upcoming is None or self._held() > SHARDS_AHEAD:
-                return
-        self._start(upcoming)
+    def _top_up(self) -> None:
+        """Start the next downloads in order while fewer than ``MAX_HELD`` files are held."""
+        while True:
+            with self._lock:
+                held = sum(1 for f in self._futures if f not in self._released)
+                upcoming = next((f for f in self.order if f not in self._futures), None)
+                if self._closed or upcoming is None or held >= MAX_HELD:
+                    return
+            self._start(upcoming)
 
     def _start(self, file: str) -> Future:
         with self._lock:
@@ -126,6 +128,8 @@ class ShardFetcher:
                 future.set_result(self._download(file))
             except BaseException as exc:  # handed to the reader, which raises it
                 future.set_exception(exc)
+            else:
+                self._top_up()
 
 
 def read_order(reader) -> list[str]:
@@ -207,6 +211,8 @@ def _shared_pass(models: list) -> Iterator[StreamItem]:
             yield from _outputs(model, plans[id(model)].get(None, ()), None)
     finally:
         reader.close()
+        if fetcher is not None:
+            fetcher.close()
         for model in models:
             model.close()
 
