@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from child_memory import run_sampled  # benchmarks/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_S = 0.02        # RSS sampling period
@@ -115,39 +115,12 @@ def write_gguf(path: Path, layers: int) -> int:
     return path.stat().st_size
 
 
-def rss(pid: int) -> tuple[int, int]:
-    """(RssAnon, VmRSS) of ``pid`` in bytes; zeros once the process is gone."""
-    found = {}
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                if key in ("RssAnon", "VmRSS"):
-                    found[key] = int(value.split()[0]) * 1024
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return found.get("RssAnon", 0), found.get("VmRSS", 0)
-
-
 def measure(child: str, gguf: Path) -> Run:
     """Run one child, sampling its memory; raises RuntimeError with its output on failure."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", child, str(gguf)]
-    start = time.monotonic()
-    with tempfile.TemporaryFile(mode="w+") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        peak_anon = peak_rss = 0
-        while proc.poll() is None:
-            anon, total = rss(proc.pid)
-            peak_anon, peak_rss = max(peak_anon, anon), max(peak_rss, total)
-            time.sleep(SAMPLE_S)
-        wall = time.monotonic() - start
-        log.seek(0)
-        output = log.read()
-    if proc.returncode != 0:
-        raise RuntimeError(f"child {child!r} exited with {proc.returncode}:\n{output[-4000:]}")
+    peak_anon, peak_rss, wall, output = run_sampled(cmd, ROOT, SAMPLE_S)
     lines = [ln for ln in output.splitlines() if ln.startswith("RESULT ")]
-    return Run(child, peak_anon, peak_rss, wall,
-               json.loads(lines[-1].removeprefix("RESULT ")) if lines else {})
+    return Run(child, peak_anon, peak_rss, wall, json.loads(lines[-1].removeprefix("RESULT ")) if lines else {})
 
 
 def child_main(child: str, gguf: Path) -> None:
