@@ -471,5 +471,15 @@ def report(runs: list[ModelRun], stage: str) -> int:
     return EXIT_TRANSIENT if all(is_transient(r.error) for r in failures) else EXIT_FAILED
 
 
+def exit_now(code: int) -> None:
+    """End the process with ``code`` once its output is flushed. Every result is written and
+    fsynced by then; skipping the interpreter's teardown of torch and transformers saves about
+    a second per job, which a list of hundreds of models pays for every model."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
