@@ -138,8 +138,7 @@ class TensorReader(Protocol):
     checkpoint files (names, as in ``files``) the tensor's parts live in, so a loader can fetch
     and delete shards in order (``tensor_stream.read_order``). ``get`` holds one tensor (its
     dequantized copy) in memory, never the model. ``iter_tensors`` yields
-    ``(name, tensor, storage)``; ``CheckpointReader``'s yields ``(name, tensor)`` pairs, whose
-    storage is the dtype name the estimator derives itself.
+    ``(name, tensor, storage)`` (``stream_tensors``).
     """
 
     names: tuple[str, ...]
@@ -154,6 +153,17 @@ class TensorReader(Protocol):
     def get(self, name: str) -> torch.Tensor: ...
     def iter_tensors(self) -> Iterator[tuple]: ...
     def close(self) -> None: ...
+
+
+def stream_tensors(reader: TensorReader) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """``(name, tensor, storage)`` of every tensor of ``reader``, in its ``names`` order, one
+    in memory at a time; the reader is closed at the end (the ``iter_tensors`` of every
+    reader)."""
+    try:
+        for name in reader.names:
+            yield name, reader.get(name), reader.storage(name)
+    finally:
+        reader.close()
 
 
 def check_quantization(config: dict[str, Any], model_id: str) -> str | None:
@@ -383,8 +393,6 @@ class CheckpointReader:
         if not self._where:
             raise NoWeightsError(f"{model_id}: the weight files hold no tensors")
         self.names = tuple(sorted(self._where, key=natural_key))
-        position = {shard: i for i, shard in enumerate(self.files)}
-        self.read_order = tuple(sorted(self.names, key=lambda n: position[self._where[n]]))
         self._open: tuple[str, Any] | None = None
 
     def _add(self, shard: str, header: Header) -> None:
@@ -434,10 +442,5 @@ class CheckpointReader:
             self._open[1].close()
             self._open = None
 
-    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every tensor, in natural name order, one in memory at a time."""
-        try:
-            for name in self.names:
-                yield name, self.get(name)
-        finally:
-            self.close()
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor, str]]:
+        return stream_tensors(self)

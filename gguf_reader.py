@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from checkpoint_io import natural_key
+from checkpoint_io import natural_key, stream_tensors
 from errors import (
     CorruptCheckpointError,
     InputError,
@@ -391,12 +391,7 @@ class GGUFCheckpoint:
             self._open = None
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor, str]]:
-        """``(name, tensor, storage)`` file by file, one tensor in memory at a time."""
-        try:
-            for name in self.names:
-                yield name, self.get(name), self.storage(name)
-        finally:
-            self.close()
+        return stream_tensors(self)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -483,8 +483,9 @@ def _model_class(adapter_config: dict[str, Any], base_config: dict[str, Any]):
 
 def merged_with_peft(base_dir: Path, adapter_dir: Path, adapter_config: dict[str, Any],
                      base_config: dict[str, Any], *, model_id: str, variant: str,
-                     trust_remote_code: bool) -> Iterator[tuple[str, torch.Tensor]]:
-    """Merge with ``PeftModel.merge_and_unload()`` and stream the merged weights.
+                     trust_remote_code: bool) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """Merge with ``PeftModel.merge_and_unload()`` and stream the merged weights as
+    ``(name, tensor, storage)``.
 
     The base is built by transformers in float32 (so the merge is float32 arithmetic), the
     merged model is saved to a temporary safetensors directory and freed, and that copy is

@@ -188,8 +188,7 @@ class LoadedModel:
             self.plan.adapter.close()
 
     def own_stream(self) -> Iterator[tuple[str, torch.Tensor, str]]:
-        for name, tensor in self._own():
-            yield name, tensor, str(tensor.dtype).removeprefix("torch.")
+        return self._own()
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """All tensors (1-D ones included), shard by shard, merged for an adapter."""

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from checkpoint_io import TensorReader, natural_key
+from checkpoint_io import TensorReader, natural_key, stream_tensors
 from errors import CorruptCheckpointError, UnsupportedFormatError
 
 if TYPE_CHECKING:  # torch and the plans are imported when a reader is built
@@ -105,12 +105,7 @@ class DequantizingReader:
         self.base.close()
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor, str]]:
-        """``(name, tensor, storage)`` in natural name order, one tensor in memory at a time."""
-        try:
-            for name in self.names:
-                yield name, self.get(name), self.storage(name)
-        finally:
-            self.close()
+        return stream_tensors(self)
 
 
 # ---------------------------------------------------------------------------------------------

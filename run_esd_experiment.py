@@ -98,14 +98,15 @@ class Runner:
         local = self.config.backend == "local"
         argv = worker_argv(spec, self.config.args, self.config.output_dir,
                            self.config.log_dir, stage_file_of(log), os.getpid() if local else None)
-        return Job(name=spec.name, argv=argv, log_path=log, payload=(spec, paths),
+        start = log.stat().st_size if log.is_file() else 0  # where this run's output begins
+        return Job(name=spec.name, argv=argv, log_path=log, payload=(spec, paths, start),
                    attempt=attempt, not_before=not_before, timeout=self.config.model_timeout)
 
     def on_finish(self, result: JobResult) -> list[Job]:
-        spec, paths = result.job.payload
+        spec, paths, start = result.job.payload
         if result.stopped:
             return []  # interrupted: neither a result nor a failure; the next run retries it
-        _share_log(result.job.log_path, paths[1:])
+        _share_log(result.job.log_path, start, paths[1:])
         retry = []
         for outcome in model_outcomes(result, spec, paths, self.config.options_key,
                                       self.config.args.save_eigs):
@@ -153,11 +154,13 @@ class Runner:
                                outcome.cause)
 
 
-def _share_log(job_log: Path, others: Sequence) -> None:
-    """Each model of a job gets the job's output in its own log."""
+def _share_log(job_log: Path, start: int, others: Sequence) -> None:
+    """Each model of a job gets this run's output of the job in its own log."""
     if not others or not job_log.is_file():
         return
-    text = job_log.read_bytes()
+    with open(job_log, "rb") as fh:
+        fh.seek(start)
+        text = fh.read()
     for paths in others:
         paths.log.parent.mkdir(parents=True, exist_ok=True)
         with open(paths.log, "ab") as fh:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from errors import ESDError
 from esd_config import esd_argv, esd_config_from_args
+from esd_worker import EXIT_TRANSIENT
 from model_list import JobSpec, ListEntry
 from paths import ModelPaths, model_paths
 from results import eigs_options, is_current
@@ -28,7 +29,6 @@ from run_state import FailureLog, read_failure_cause, read_stage
 logger = logging.getLogger("run_esd_experiment")
 
 WORKER = Path(__file__).resolve().with_name("esd_worker.py")
-EXIT_TRANSIENT = 75  # the worker's "worth a retry" (esd_worker.EXIT_TRANSIENT)
 LOG_TAIL_LINES = 5
 OUTAGE_MODELS = 3  # different models failing in a row on the network: the hub is unreachable
 
@@ -123,7 +123,7 @@ def model_outcomes(result, spec: JobSpec, paths: list[ModelPaths], options: str,
     file, else its failure record, else the job's own end (exit code, signal, timeout)."""
     out = []
     for entry, model in zip(spec.entries, paths, strict=True):
-        if result_done(model, options, save_eigs) and not result.timed_out:
+        if result_done(model, options, save_eigs):  # also in a job that timed out later
             out.append(Outcome(entry, "done"))
             continue
         record = _failure_record(model.failure)
@@ -140,7 +140,7 @@ def model_outcomes(result, spec: JobSpec, paths: list[ModelPaths], options: str,
                                                 f"missing or incomplete; log {model.log}"))
         else:
             # A worker killed by a signal it did not ask for (the kernel's OOM killer) may pass.
-            transient = result.returncode in (EXIT_TRANSIENT,) or result.returncode < 0
+            transient = result.returncode == EXIT_TRANSIENT or result.returncode < 0
             out.append(Outcome(entry, "retry" if transient else "failed",
                                f"worker {result.describe()}; log {model.log}: "
                                f"{_tail(result) or 'empty'}"))

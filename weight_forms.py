@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from checkpoint_io import natural_key
+from checkpoint_io import natural_key, stream_tensors
 from errors import CorruptCheckpointError
 from net_esd import is_expert_stack, is_weight_name
 
@@ -142,13 +142,8 @@ class WeightFormsReader:
     def close(self) -> None:
         self.reader.close()
 
-    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every tensor, in natural name order, one in memory at a time."""
-        try:
-            for name in self.names:
-                yield name, self.get(name)
-        finally:
-            self.close()
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor, str]]:
+        return stream_tensors(self)
 
 
 def weight_norm(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -203,3 +204,25 @@ def test_runner_imports_neither_torch_nor_transformers():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_timed_out_job_keeps_the_models_it_finished(setup, tmp_path):
+    runner, failures, _, _ = setup
+    spec = JobSpec((ListEntry("org/base"), ListEntry("org/lora", "lora", "org/base")),
+                   "org/base")
+    (tmp_path / "logs").mkdir(exist_ok=True)
+    (tmp_path / "logs" / "org--base.log").write_text("old run\n")
+    job = runner.job(spec)
+    done, pending = job.payload[1]
+    fake_result(done.csv)
+    job.log_path.with_suffix(".stage").write_text("analyse\n")
+    with open(job.log_path, "a") as fh:
+        fh.write("this run\n")
+    result = JobResult(job=replace(job, timeout=5.0), returncode=-15, gpus=(), threads=2,
+                       pid=1, start=0.0, end=6.0, started_at=0.0, log_path=job.log_path,
+                       timed_out=True)
+    (retry,) = runner.on_finish(result)
+    assert [e.model_id for e in retry.payload[0].entries] == ["org/lora"]
+    assert retry.payload[0].base == "org/base" and runner.progress.done == 1
+    shared = pending.log.read_text()
+    assert "this run" in shared and "old run" not in shared, "a member's log gets this run only"
