@@ -144,3 +144,21 @@ def symmetric_eigenvalues(gram: np.ndarray) -> np.ndarray:
         raise ESDError(f"LAPACK {letter}syevr failed on a {n} x {n} Gram matrix "
                        f"(info={info.value}, {found.value} of {n} eigenvalues)")
     return evals
+
+
+def blas_threads() -> int:
+    """The threads the loaded BLAS libraries run on (the most of any), 1 when none is seen."""
+    from threadpoolctl import threadpool_info
+
+    _routines()  # SciPy's BLAS loaded, so that it is among the libraries seen
+    return max((i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"),
+               default=1)
+
+
+def set_blas_threads(count: int) -> None:
+    """Run the BLAS libraries loaded so far on ``count`` threads from now on (one loaded
+    later reads its count from ``OPENBLAS_NUM_THREADS`` and the like). Call it between
+    eigenvalue computations, from the thread that runs them."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=count, user_api="blas")

@@ -44,6 +44,7 @@ from run_state import StageLog
 
 if TYPE_CHECKING:  # the estimator (and torch) is imported when a model is analysed
     from net_esd import LayerResult
+    from tensor_stream import ShardFetcher
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +231,37 @@ def analysis_devices(config: WorkerConfig) -> list[str]:
     return [f"cuda:{i}" for i in range(torch.cuda.device_count())] or [config.esd.device]
 
 
+class CpuShare:
+    """The cores the CPU estimator takes while a model streams from the hub.
+
+    While the reader waits for downloads, the network bounds the job and the eigensolver has
+    time to spare: it then leaves one core to the download (the HTTP client's thread, and
+    whatever else moves the bytes) rather than competing with it for every core. Once the
+    reader finds its files already downloaded, or the last one has arrived, the estimator
+    takes every core again. Set before each matrix, on the thread that solves it.
+    """
+
+    def __init__(self, fetchers: Sequence[ShardFetcher | None]):
+        self.fetchers = [f for f in fetchers if f is not None]
+        self.full: int | None = None  # the BLAS threads the process started with
+        self.current: int | None = None
+
+    def before_solve(self, device: str) -> None:
+        if not self.fetchers or device != "cpu":
+            return
+        import esd_lapack
+
+        if self.full is None:
+            self.full = self.current = esd_lapack.blas_threads()
+        bound = any(f.network_bound for f in self.fetchers)
+        wanted = max(1, self.full - 1) if bound else self.full
+        if wanted != self.current:
+            esd_lapack.set_blas_threads(wanted)
+            logger.debug("BLAS on %d thread(s) while %s", wanted,
+                         "the download bounds the job" if bound else "the analysis does")
+            self.current = wanted
+
+
 @dataclass
 class ModelRun:
     """One model of the job: its result rows and eigenvalues so far, or why it failed."""
@@ -254,7 +286,9 @@ def analyse(config: WorkerConfig, runs: list[ModelRun], stage: StageLog) -> None
     fallback = any(r.model.checkpoint is None for r in by_model.values())
     stage.set("merge" if fallback else "analyse")
     items = stream_models([r.model for r in by_model.values()])
-    analysed = on_devices(lambda item, dev: _layer_results(
+    share = CpuShare([r.model.checkpoint.fetcher for r in by_model.values()
+                      if r.model.checkpoint is not None])
+    analysed = on_devices(lambda item, dev: share.before_solve(dev) or _layer_results(
         (item.name, item.tensor, item.storage), config.esd, dev) if item.error is None
         else item.error, items, devices)
     last_log = time.monotonic()
@@ -321,8 +355,8 @@ def _save_npz(tmp: Path, eigs: dict[str, np.ndarray]) -> None:
 
 def _depth_order_ahead(runs: list[ModelRun]) -> threading.Thread:
     """Build the depth order of each model's config (transformers' class on the meta device,
-    cached by layer_order) on a thread, so that it overlaps the download and the analysis
-    instead of following them."""
+    or layer_order's disk cache) and import the CSV writer's pandas on a thread, so that both
+    overlap the download and the analysis instead of following them."""
     from layer_order import model_order
 
     configs = [r.model.checkpoint.config for r in runs
@@ -334,6 +368,7 @@ def _depth_order_ahead(runs: list[ModelRun]) -> threading.Thread:
                 model_order(model_config)
             except Exception as exc:  # finish() falls back to the name rule and says why
                 logger.debug("depth order of a config could not be built ahead: %s", exc)
+        import pandas  # noqa: F401  (write_results needs it once the last tensor is done)
 
     thread = threading.Thread(target=build, name="depth-order", daemon=True)
     thread.start()
@@ -430,14 +465,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.parent_pid is not None:
         watch_parent(config.parent_pid)
     if config.threads is not None:
-        # BLAS reads its thread count when SciPy loads it (on the first CPU eigenvalues, later
-        # than this), torch when asked.
+        # SciPy's BLAS reads its thread count when it loads and torch when it is imported,
+        # both later than this (torch's import, a second, overlaps the first downloads);
+        # NumPy's BLAS is loaded already.
+        from esd_lapack import set_blas_threads
         from gputracker import THREAD_VARS
 
         os.environ.update(dict.fromkeys(THREAD_VARS, str(config.threads)))
-        import torch
-
-        torch.set_num_threads(config.threads)
+        set_blas_threads(config.threads)
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(config.threads)
     stage = StageLog(config.stage_file)
     runs = []
     for model_id in config.model_ids:

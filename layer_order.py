@@ -31,17 +31,27 @@ The rule reproduces the parameter order of Llama, GPT-2, BERT, T5 and ResNet che
 
 For the worker: ``rows = in_depth_order(rows, config)`` sorts result rows by depth and
 renumbers ``layer_id``; ``config`` is the model's ``config.json`` (the base's, for an adapter),
-or None. Building the meta instance imports transformers (about 2 s once per process, then
-milliseconds per config; see BENCHMARKS.md).
+or None. Building the meta instance imports transformers (about 2.5 s of CPU once per process,
+then milliseconds per config; see BENCHMARKS.md), so what a config's class gives (its parameter
+order, the renamings looked up, or that it cannot be built) is kept on disk, one small JSON file
+per config and transformers version, under ``$ESD_CACHE_DIR/layer-order`` (default
+``$XDG_CACHE_HOME/esd-experiment``, else ``~/.cache/esd-experiment``). The fine-tunes of one
+base share their config, so on a list of them only the first worker imports transformers for
+the order. A name the file has no renaming for builds the class again and adds it; a file that
+cannot be read or written is ignored (the class is built, as without the cache).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +163,8 @@ class ModelOrder:
 
     def __init__(self, positions: Mapping[str, int], rename: Callable[[str], str]):
         self.positions = dict(positions)   # parameter name -> index in named_parameters()
-        self.rename = rename               # checkpoint key -> parameter name
+        self.rename = rename               # checkpoint key -> parameter name (may raise
+        #                                    NotRecorded when it comes from the disk cache)
         # Trailing runs of parameter names, for checkpoints with one prefix more or less than
         # the class (``layers.0.x`` vs ``model.layers.0.x``); a run two parameters share is
         # ambiguous (None).
@@ -210,29 +221,46 @@ def _claim(index: dict, key: str, value) -> None:
 
 def model_order(config: Mapping | None) -> ModelOrder | None:
     """The parameter order of the transformers class ``config["architectures"][0]``, built on
-    the meta device; None without a config, a class, or when the class cannot be built."""
+    the meta device or read from the disk cache; None without a config, a class, or when the
+    class cannot be built."""
+    text = _config_json(config)
+    return None if text is None else _model_order(text)
+
+
+def _config_json(config: Mapping | None) -> str | None:
     if not config or not isinstance(config.get("architectures"), list):
         return None
     archs = config["architectures"]
     if not archs or not isinstance(archs[0], str):
         return None
     try:
-        text = json.dumps(dict(config), sort_keys=True)
+        return json.dumps(dict(config), sort_keys=True)
     except (TypeError, ValueError):
         return None
-    return _model_order(text)
 
 
 @lru_cache(maxsize=16)
 def _model_order(config_json: str) -> ModelOrder | None:
-    config = json.loads(config_json)
-    model = _meta_model(config)
+    cached = _read_cached(config_json)
+    return _built_order(config_json) if cached is _MISSING else cached
+
+
+@lru_cache(maxsize=16)
+def _built_order(config_json: str) -> ModelOrder | None:
+    """The order from the class itself (importing transformers); recorded on disk when the
+    class cannot be built or renames nothing, else once ``depth_order`` has used it."""
+    model = _meta_model(json.loads(config_json))
     if model is None:
+        _write_cached(config_json, None)
         return None
     positions: dict[str, int] = {}
     for name, _ in model.named_parameters(remove_duplicate=False):
         positions.setdefault(name, len(positions))
-    return ModelOrder(positions, _renamer(model))
+    rename = _renamer(model)
+    order = ModelOrder(positions, rename if rename is _identity else _Recording(rename))
+    if rename is _identity:
+        _write_cached(config_json, order)
+    return order
 
 
 def _meta_model(config: dict):
@@ -295,6 +323,113 @@ def _identity(key: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# The disk cache of what a config's class gives.
+
+CACHE_FORMAT = 1
+_MISSING = object()
+
+
+class NotRecorded(LookupError):
+    """A renaming the cached file does not hold: the class must be built to answer it."""
+
+
+class _Recording:
+    """transformers' renaming of checkpoint keys, remembering each answer for the disk cache."""
+
+    def __init__(self, rename: Callable[[str], str]):
+        self.rename = rename
+        self.seen: dict[str, str] = {}
+        self.written = -1  # how many renamings the disk holds (-1: none written yet)
+
+    def __call__(self, key: str) -> str:
+        if key not in self.seen:
+            self.seen[key] = self.rename(key)
+        return self.seen[key]
+
+
+class _Recorded:
+    """The renamings a cached file holds; any other key raises ``NotRecorded``."""
+
+    def __init__(self, table: Mapping[str, str]):
+        self.seen = dict(table)
+
+    def __call__(self, key: str) -> str:
+        try:
+            return self.seen[key]
+        except KeyError:
+            raise NotRecorded(key) from None
+
+
+def cache_dir() -> Path:
+    """Where depth orders are kept: ``$ESD_CACHE_DIR/layer-order``, by default under
+    ``$XDG_CACHE_HOME/esd-experiment`` or ``~/.cache/esd-experiment``."""
+    root = os.environ.get("ESD_CACHE_DIR")
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        root = str(Path(xdg) / "esd-experiment")
+    return Path(root) / "layer-order"
+
+
+def _cache_path(config_json: str) -> Path | None:
+    """The file of one config under this transformers (and torch) version; None when
+    transformers is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        versions = {p: version(p) for p in ("transformers", "torch")}
+    except PackageNotFoundError:
+        return None
+    key = json.dumps({"format": CACHE_FORMAT, "config": config_json, **versions}, sort_keys=True)
+    return cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
+
+
+def _read_cached(config_json: str):
+    """The cached ``ModelOrder`` (None: the class cannot be built), or ``_MISSING``."""
+    path = _cache_path(config_json)
+    if path is None:
+        return _MISSING
+    try:
+        entry = json.loads(path.read_text())
+        if entry.get("format") != CACHE_FORMAT:
+            return _MISSING
+        if entry["parameters"] is None:
+            return None
+        positions = {str(n): i for i, n in enumerate(entry["parameters"])}
+        renames = entry["renames"]
+        if renames is None:
+            return ModelOrder(positions, _identity)
+        return ModelOrder(positions, _Recorded({str(k): str(v) for k, v in renames.items()}))
+    except FileNotFoundError:
+        return _MISSING
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        logger.debug("ignoring the cached depth order %s: %s", path, exc)
+        return _MISSING
+
+
+def _write_cached(config_json: str, order: ModelOrder | None) -> None:
+    """Record ``order`` (None: the class cannot be built) for this config, atomically; a
+    cache that cannot be written is skipped."""
+    path = _cache_path(config_json)
+    if path is None:
+        return
+    renames = None
+    if order is not None and order.rename is not _identity:
+        renames = dict(getattr(order.rename, "seen", {}))
+    entry = {"format": CACHE_FORMAT,
+             "parameters": None if order is None else list(order.positions),
+             "renames": renames}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(entry))
+        os.replace(tmp, path)
+    except OSError as exc:
+        logger.debug("cannot cache the depth order in %s: %s", path, exc)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
 # Ranks.
 
 def depth_order(names: Sequence[str], config: Mapping | None = None) -> dict[str, int]:
@@ -305,8 +440,22 @@ def depth_order(names: Sequence[str], config: Mapping | None = None) -> dict[str
     describe these names, the name rule orders them. Duplicate names share one rank.
     """
     unique = list(dict.fromkeys(names))
-    order = model_order(config)
-    keys = _model_keys(unique, order) if order is not None else None
+    text = _config_json(config)
+    order = None if text is None else _model_order(text)
+    keys = None
+    if order is not None:
+        try:
+            keys = _model_keys(unique, order)
+        except NotRecorded:  # a name the cached renamings lack: ask the class itself
+            known = order.rename.seen
+            order = _built_order(text)
+            if order is not None and isinstance(order.rename, _Recording):
+                order.rename.seen = {**known, **order.rename.seen}
+            keys = None if order is None else _model_keys(unique, order)
+        recording = getattr(order, "rename", None)
+        if isinstance(recording, _Recording) and recording.written != len(recording.seen):
+            _write_cached(text, order)  # with the renamings these names needed
+            recording.written = len(recording.seen)
     if keys is None:
         keys = {n: name_key(n) for n in unique}
     return {n: rank for rank, n in enumerate(sorted(unique, key=keys.__getitem__))}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -266,11 +267,14 @@ class Opener:
             opened = self._gguf(source, gguf_file)
         else:
             weights = select_weight_files(source.files, source.label)
+            index = self._index_ahead(source, weights)
             config = {}
             if CONFIG_FILE in source.files:
                 source = self.with_root(source, CONFIG_FILE)
                 config = read_json(source.root / CONFIG_FILE, source.label)
             method = check_quantization(config, source.label)
+            if index is not None:
+                index.join()  # its errors, if any, come again from _reader's own fetch
             reader, fetcher = self._reader(source, weights)
             if method is not None:
                 from quantized import dequantizing_reader
@@ -283,6 +287,22 @@ class Opener:
                                 config, fetcher)
         self.checkpoints[key] = opened
         return opened
+
+    def _index_ahead(self, source: Source, weights: WeightFiles) -> threading.Thread | None:
+        """Fetch a hub checkpoint's weight index on a thread while ``config.json`` is fetched
+        (two small files, one round trip of the hub's latency instead of two)."""
+        if not source.on_hub or not weights.index or weights.index not in source.files:
+            return None
+
+        def fetch() -> None:
+            try:
+                self.file(source, weights.index)
+            except Exception as exc:  # noqa: BLE001  (reported by the fetch that needs it)
+                logger.debug("%s: fetching %s ahead failed: %s", source.label, weights.index, exc)
+
+        thread = threading.Thread(target=fetch, name="index-ahead", daemon=True)
+        thread.start()
+        return thread
 
     def _gguf(self, source: Source, gguf_file: str) -> Checkpoint:
         """A GGUF model: its file (or the parts of a split one), fetched whole, since each

@@ -42,6 +42,7 @@ class ShardFetcher:
     once the reader is done with it (deleting it under ``--cleanup_cache``). ``waiting()``
     gives a context the fetcher enters while the reader has to wait for a download (the
     worker reports its stage as ``download`` then). Downloads run on one background thread.
+    ``network_bound`` says whether the network is what the reader waits for now.
     """
 
     def __init__(self, order: Sequence[str], download: Callable[[str], Path],
@@ -55,15 +56,29 @@ class ShardFetcher:
         self._queue: list[str] = []
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._last_asked: str | None = None
+        self._last_waited = False  # whether the reader waited for the last file it asked for
         self._top_up()  # the first shards download while the rest of the job is set up
 
     def path(self, file: str) -> Path:
         """The local path of ``file``, waiting for its download."""
         future = self._start(file)
+        if file != self._last_asked:
+            self._last_asked, self._last_waited = file, not future.done()
         if not future.done():
             with self._waiting():
                 future.result()
         return future.result()
+
+    @property
+    def network_bound(self) -> bool:
+        """True when the reader had to wait for the download of the last file it asked for
+        and files are still downloading or to come: the analysis outpaces the network."""
+        if not self._last_waited:
+            return False
+        with self._lock:
+            return any(f not in self._futures or not self._futures[f].done()
+                       for f in self.order)
 
     def fetch_all(self) -> list[Path]:
         """Every file on disk (for readers that need the whole checkpoint at once)."""

@@ -4,9 +4,12 @@ A test that requests the ``hub`` fixture talks to a local stand-in of the Huggin
 (tests/hub_server.py) at 127.0.0.1, and to nothing else.
 """
 
+import atexit
 import os
+import shutil
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,10 @@ sys.path.insert(0, str(ROOT))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Depth orders cached on disk (layer_order) go to a folder of this session, never the user's.
+_CACHE = tempfile.mkdtemp(prefix="esd-test-cache-")
+os.environ["ESD_CACHE_DIR"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

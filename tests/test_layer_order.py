@@ -2,6 +2,10 @@
 ranked with their config (meta-device instance) and by the name rule alone."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -212,3 +216,90 @@ def test_config_builds_once_per_distinct_config(saved):
     depth_order(names, config)
     depth_order(names, dict(config))
     assert layer_order._model_order.cache_info().misses == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The disk cache: each worker is a new process, so what one learned from the class is read by
+# the next without importing transformers.
+
+ORDER_SCRIPT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import layer_order
+names, config = json.load(sys.stdin)
+ranks = layer_order.depth_order(names, config)
+print(json.dumps({"order": sorted(names, key=ranks.__getitem__),
+                  "transformers": "transformers" in sys.modules}))
+"""
+
+
+def order_in_new_process(names, config, cache_dir):
+    """(names in depth order, whether transformers was imported), from a fresh interpreter."""
+    proc = subprocess.run([sys.executable, "-c", ORDER_SCRIPT, str(Path(__file__).parents[1])],
+                          input=json.dumps([names, config]), capture_output=True, text=True,
+                          env={**os.environ, "ESD_CACHE_DIR": str(cache_dir)}, check=True)
+    out = json.loads(proc.stdout)
+    return out["order"], out["transformers"]
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])  # renames nothing / legacy experts
+def test_cached_order_is_the_built_one_without_importing_transformers(saved, family, tmp_path):
+    names, config, model = saved[family]
+    expected = ordered(names, config)
+    if family == "llama":
+        assert expected == model_sequence(model, names)
+    first, imported = order_in_new_process(names, config, tmp_path)
+    assert first == expected and imported
+    assert len(list((tmp_path / "layer-order").glob("*.json"))) == 1
+    second, imported = order_in_new_process(names, config, tmp_path)
+    assert second == expected and not imported
+
+
+def test_names_the_cached_renamings_lack_build_the_class_and_are_added(saved, tmp_path):
+    names, config, _ = saved["mixtral"]
+    layer0 = [n for n in names if ".layers.1." not in n]
+    assert len(layer0) < len(names)
+    expected = ordered(names, config)
+    assert order_in_new_process(layer0, config, tmp_path) == (ordered(layer0, config), True)
+    # layer 1's expert names need renamings the file lacks: the class is built again
+    assert order_in_new_process(names, config, tmp_path) == (expected, True)
+    assert order_in_new_process(names, config, tmp_path) == (expected, False)
+    assert order_in_new_process(layer0, config, tmp_path) == (ordered(layer0, config), False)
+
+
+def test_unbuildable_class_is_cached_and_ordered_by_the_rule(saved, tmp_path):
+    names, config, model = saved["llama"]
+    remote = {**config, "architectures": ["MyRemoteCausalLM"]}
+    expected = model_sequence(model, names)  # the name rule's order (see the test above)
+    assert order_in_new_process(names, remote, tmp_path) == (expected, True)
+    assert order_in_new_process(names, remote, tmp_path) == (expected, False)
+
+
+def test_damaged_or_unwritable_cache_is_ignored(saved, tmp_path):
+    names, config, model = saved["llama"]
+    expected = model_sequence(model, names)
+    order_in_new_process(names, config, tmp_path)
+    (entry,) = (tmp_path / "layer-order").glob("*.json")
+    entry.write_text('{"format": 1, "parameters": [')
+    assert order_in_new_process(names, config, tmp_path) == (expected, True)
+    assert json.loads(entry.read_text())["parameters"]  # rewritten whole
+    entry.write_text(json.dumps({"format": 1, "parameters": 5, "renames": None}))
+    assert order_in_new_process(names, config, tmp_path) == (expected, True)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")  # the cache folder would have to be inside a regular file
+    assert order_in_new_process(names, config, blocked) == (expected, True)
+
+
+def test_cache_key_holds_the_config_and_the_transformers_version(saved, monkeypatch):
+    _, config, _ = saved["llama"]
+    text = layer_order._config_json(config)
+    path = layer_order._cache_path(text)
+    assert path.parent == Path(os.environ["ESD_CACHE_DIR"]) / "layer-order"
+    assert layer_order._cache_path(layer_order._config_json({**config, "num_hidden_layers": 3})) \
+        != path
+    import importlib.metadata
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda p: "0.0.1" if p == "transformers" else real(p))
+    assert layer_order._cache_path(text) != path

@@ -51,6 +51,33 @@ def test_worker_writes_one_row_per_matrix(zoo, tmp_path):
     assert not (tmp_path / "logs").exists() or not list((tmp_path / "logs").glob("*.failure.json"))
 
 
+def test_threads_flag_reaches_torch_and_blas_without_importing_torch_first(zoo, tmp_path):
+    """``--threads N`` holds for torch and the eigensolver's BLAS, while torch's import (about
+    a second) is left to overlap the first downloads rather than precede them."""
+    script = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ.pop(var, None)
+        import esd_worker, esd_lapack
+        from esd_config import ESDConfig
+        seen = {{}}
+        real = esd_worker.run_job
+        def run_job(config, stage):
+            seen["torch before the job"] = "torch" in sys.modules
+            return real(config, stage)
+        esd_worker.run_job = run_job
+        code = esd_worker.main(["--model_id", {str(zoo / "tiny-llama")!r}, "--output_dir",
+                                {str(tmp_path)!r}, "--device", "cpu", "--threads", "1"])
+        import torch
+        print(code, seen["torch before the job"], torch.get_num_threads(),
+              esd_lapack.blas_threads())
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["0", "False", "1", "1"]
+
+
 def test_adapter_row_records_base_and_differs_from_base(zoo, tmp_path):
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
     assert run_worker("--model_id", zoo / "tiny-llama", "--output_dir", base_dir) == 0
