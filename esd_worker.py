@@ -375,6 +375,26 @@ def _depth_order_ahead(runs: list[ModelRun]) -> threading.Thread:
     return thread
 
 
+def _estimator_ahead(device: str) -> None:
+    """Import the estimator (torch, about a second of CPU; SciPy's LAPACK for the CPU) on a
+    thread while the first weight files download, so that the analysis starts as soon as the
+    first shard is in rather than a second later. Started once the hub's listing, config and
+    index are read: an import running beside those requests delays the first download."""
+
+    def load() -> None:
+        try:
+            import net_esd  # noqa: F401
+
+            if device == "cpu":
+                import esd_lapack
+
+                esd_lapack.available()
+        except Exception as exc:  # the analysis imports it again and reports the failure
+            logger.debug("importing the estimator ahead failed: %s", exc)
+
+    threading.Thread(target=load, name="estimator-import", daemon=True).start()
+
+
 def run_job(config: WorkerConfig, stage: StageLog) -> list[ModelRun]:
     """Open, analyse and write every model of the job; each run says how its model ended."""
     from hub_cache import CacheSession
@@ -388,7 +408,8 @@ def run_job(config: WorkerConfig, stage: StageLog) -> list[ModelRun]:
         stage.set("resolve")
         opened = open_models(config.requests(), cache_dir=config.cache_dir,
                              trust_remote_code=config.trust_remote_code, session=session,
-                             waiting=lambda: stage.during("download"))
+                             waiting=lambda: stage.during("download"),
+                             on_fetch=lambda: _estimator_ahead(config.esd.device))
         for run, model in zip(runs, opened, strict=True):
             if isinstance(model, ESDError):
                 run.error = model

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +39,7 @@ from checkpoint_io import (
 )
 from errors import CorruptCheckpointError, ESDError, InputError, ModelNotFoundError
 from hub_files import HubClient, Listing, hub_errors, scrub
-from tensor_stream import ShardFetcher, stream_models
+from tensor_stream import MAX_HELD, ShardFetcher, stream_models
 
 if TYPE_CHECKING:  # torch and the merge are imported when tensors are read
     import torch
@@ -204,8 +204,9 @@ class Opener:
     per source, so the models of one base share it."""
 
     def __init__(self, hub: HubClient, token: str | None, session: CacheSession | None,
-                 waiting) -> None:
+                 waiting, on_fetch: Callable[[], object] | None = None) -> None:
         self.hub, self.session, self.waiting = hub, session, waiting
+        self.on_fetch = on_fetch  # called once, when the first weight download starts
         self.token = token if token is not None else getattr(hub, "token", None)
         self.checkpoints: dict[tuple[str, str | None], Checkpoint] = {}
 
@@ -255,7 +256,13 @@ class Opener:
         if self.session is not None and self.session.cleanup:
             def release(shard: str) -> bool:
                 return self.session.release(source.model_id, source.revision, shard)
-        return ShardFetcher(order, lambda shard: self.file(source, shard), release, self.waiting)
+        # Without cleanup every file stays in the cache anyway: no reason to hold any back.
+        fetcher = ShardFetcher(order, lambda shard: self.file(source, shard), release,
+                               self.waiting, max_held=None if release is None else MAX_HELD)
+        if self.on_fetch is not None:
+            on_fetch, self.on_fetch = self.on_fetch, None
+            on_fetch()
+        return fetcher
 
     def checkpoint(self, source: Source, gguf_file: str = "") -> Checkpoint:
         """Open a full model's checkpoint (once per source). ``config.json`` comes first: a
@@ -343,15 +350,17 @@ class Opener:
 def open_models(requests: Sequence[ModelRequest], *, token: str | None = None,
                 cache_dir: str | None = None, trust_remote_code: bool = False,
                 hub: HubClient | None = None, session: CacheSession | None = None,
-                waiting=nullcontext) -> list[LoadedModel | ESDError]:
+                waiting=nullcontext, on_fetch: Callable[[], object] | None = None
+                ) -> list[LoadedModel | ESDError]:
     """Open the models of one job; each entry is the opened model or the error that stopped it.
 
     ``session`` (a ``hub_cache.CacheSession``) leases the repositories read and records the
     files downloaded, for a safe ``--cleanup_cache``; ``waiting()`` is the context entered
-    while the reader waits for a download.
+    while the reader waits for a download; ``on_fetch()`` is called once, as the first weight
+    files start downloading (the worker imports the estimator then, while they download).
     """
     hub = hub if hub is not None else HubClient(token=token, cache_dir=cache_dir)
-    opener = Opener(hub, token, session, waiting)
+    opener = Opener(hub, token, session, waiting, on_fetch)
     opened: list[LoadedModel | ESDError] = []
     for request in requests:
         try:

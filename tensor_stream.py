@@ -1,9 +1,10 @@
-"""Streaming the tensors of opened models: shards fetched one ahead, each read once for every
+"""Streaming the tensors of opened models: shards fetched ahead, each read once for every
 model that needs it, released as soon as it is done.
 
-``ShardFetcher`` hands out a checkpoint's files in reading order: asking for one starts the
-download of the next in the background, so the analysis of one shard overlaps the download of
-the next, and at most two shards are on disk at once when each is released after use.
+``ShardFetcher`` hands out a checkpoint's files in reading order, downloading them in the
+background ahead of the reader, so the analysis of one shard overlaps the download of the
+next; under --cleanup_cache, where each is deleted once read, it keeps at most two shards on
+disk at once (the one read and the next).
 
 ``stream_models(models)`` reads every base checkpoint once, whatever number of models (a base
 and its adapters) are computed from it: each base tensor is read, then handed to each model,
@@ -29,14 +30,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Files held at once while streaming (downloaded or downloading, not yet released): the one
-# being read and the next one, which downloads meanwhile.
+# Files held at once while streaming with --cleanup_cache (downloaded or downloading, not yet
+# released): the one being read and the next one, which downloads meanwhile.
 MAX_HELD = 2
 
 
 class ShardFetcher:
-    """A checkpoint's files, fetched in ``order`` one ahead of the reader: downloads start as
-    soon as fewer than ``MAX_HELD`` files are held, from the moment the fetcher is made.
+    """A checkpoint's files, fetched in ``order`` ahead of the reader, from the moment the
+    fetcher is made: back to back, or, with ``max_held`` (``MAX_HELD`` under --cleanup_cache,
+    where each file is deleted once read), as soon as fewer than that many files are held.
 
     ``download(file)`` returns a file's local path (fetching it); ``release(file)`` is called
     once the reader is done with it (deleting it under ``--cleanup_cache``). ``waiting()``
@@ -47,8 +49,10 @@ class ShardFetcher:
 
     def __init__(self, order: Sequence[str], download: Callable[[str], Path],
                  release: Callable[[str], object] | None = None,
-                 waiting: Callable[[], AbstractContextManager] = nullcontext):
+                 waiting: Callable[[], AbstractContextManager] = nullcontext,
+                 max_held: int | None = MAX_HELD):
         self.order = list(order)
+        self.max_held = max_held
         self._download, self._release, self._waiting = download, release, waiting
         self._futures: dict[str, Future] = {}
         self._released: set[str] = set()
@@ -73,12 +77,12 @@ class ShardFetcher:
     @property
     def network_bound(self) -> bool:
         """True when the reader had to wait for the download of the last file it asked for
-        and files are still downloading or to come: the analysis outpaces the network."""
+        and a download is running now: the analysis outpaces the network. False while the
+        downloads wait for the reader (``max_held`` files held) or are all done."""
         if not self._last_waited:
             return False
         with self._lock:
-            return any(f not in self._futures or not self._futures[f].done()
-                       for f in self.order)
+            return any(f.running() for f in self._futures.values())
 
     def fetch_all(self) -> list[Path]:
         """Every file on disk (for readers that need the whole checkpoint at once)."""
@@ -108,12 +112,13 @@ class ShardFetcher:
             thread.join()
 
     def _top_up(self) -> None:
-        """Start the next downloads in order while fewer than ``MAX_HELD`` files are held."""
+        """Start the next downloads in order while fewer than ``max_held`` files are held."""
         while True:
             with self._lock:
                 held = sum(1 for f in self._futures if f not in self._released)
                 upcoming = next((f for f in self.order if f not in self._futures), None)
-                if self._closed or upcoming is None or held >= MAX_HELD:
+                if self._closed or upcoming is None or (self.max_held is not None
+                                                        and held >= self.max_held):
                     return
             self._start(upcoming)
 

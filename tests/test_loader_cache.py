@@ -27,6 +27,7 @@ from tests.loader_fixtures import (
 
 ROOT = Path(__file__).resolve().parents[1]
 KILL_WAIT_S = 60  # the child reaches its stalled download in a few seconds on a loaded machine
+DOWNLOAD_WAIT_S = 30  # a few small shards from 127.0.0.1: well under a second when unloaded
 
 
 def client(hub) -> HubClient:
@@ -135,12 +136,29 @@ def test_failed_open_with_cleanup_removes_only_what_it_downloaded(hub, tmp_path)
 
 def test_shard_missing_from_the_hub_fails_the_model_naming_the_file(hub, tmp_path):
     folder = sharded(tmp_path)
-    last = sorted(p.name for p in folder.glob("model-*.safetensors"))[-1]
+    shards = sorted(p.name for p in folder.glob("model-*.safetensors"))
+    assert len(shards) >= 4  # under --cleanup_cache the last is not fetched before the first two
+    hub.add_repo("org/model", folder)
+    with CacheSession(hub.cache, cleanup=True) as session:
+        loaded = open_model(ModelRequest("org/model"), hub=client(hub), session=session)
+        hub.remove_file("org/model", shards[-1])
+        with pytest.raises(ModelNotFoundError, match=f"org/model.*{shards[-1]}"):
+            stream(loaded)
+
+
+def test_without_cleanup_shards_download_back_to_back_ahead_of_the_reader(hub, tmp_path):
+    """Without --cleanup_cache every file stays in the cache anyway, so no download waits for
+    the reader: all shards arrive while nothing has been read yet."""
+    folder = sharded(tmp_path)
+    shards = sorted(p.name for p in folder.glob("model-*.safetensors"))
+    assert len(shards) >= 4
     hub.add_repo("org/model", folder)
     loaded = open_model(ModelRequest("org/model"), hub=client(hub))
-    hub.remove_file("org/model", last)
-    with pytest.raises(ModelNotFoundError, match=f"org/model.*{last}"):
-        stream(loaded)
+    deadline = time.monotonic() + DOWNLOAD_WAIT_S
+    while len([p for p in hub.cache.rglob("model-*.safetensors")]) < len(shards):
+        assert time.monotonic() < deadline, "the shards did not all download ahead"
+        time.sleep(0.01)
+    assert set(stream(loaded)) == set(llama().state_dict())
 
 
 def test_killed_download_leaves_nothing_a_sweep_does_not_remove_and_rerun_completes(

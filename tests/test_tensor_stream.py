@@ -47,18 +47,19 @@ def test_fetcher_says_when_the_reader_waits_for_the_network():
     downloads.gates["s1"].set()
     reader.join(WAIT_S)
     assert got["s1"] == Path("/shards/s1")
-    assert fetcher.network_bound  # s2 and s3 are still to come, and the reader waited last
     wait_until(lambda: downloads.started == ["s1", "s2"])  # one ahead: s2 while s1 is read
-    assert len(downloads.started) <= MAX_HELD
+    assert fetcher.network_bound  # s2 downloads, and the reader waited for the last file
     downloads.gates["s2"].set()
+    # s2 is in, s3 waits until s1 is released: the downloads wait for the reader now
+    wait_until(lambda: not fetcher.network_bound)
+    assert downloads.started == ["s1", "s2"] and MAX_HELD == 2
     fetcher.release("s1")
     wait_until(lambda: downloads.started == files)
-    fetcher.path("s2")  # arrived before the reader asked: the analysis is what bounds now
+    fetcher.path("s2")  # arrived before the reader asked: the analysis is what bounds
     assert not fetcher.network_bound
     downloads.gates["s3"].set()
     fetcher.release("s2")
-    wait_until(lambda: fetcher._futures["s3"].done())
-    fetcher.path("s3")
+    assert fetcher.path("s3") == Path("/shards/s3")
     assert not fetcher.network_bound  # nothing left to download
     fetcher.close()
 
