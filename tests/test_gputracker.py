@@ -87,7 +87,7 @@ while not os.path.exists(sys.argv[2]):
 
 # A runner in miniature: two CPU slots of SLEEPER jobs, stopped by a signal.
 RUNNER = """
-import logging, sys
+import logging, signal, sys
 sys.path.insert(0, {root!r})
 from gputracker import Dispatcher, Job, install_signal_handlers
 out, mode, sleeper, sigterm, grace = sys.argv[1:]
@@ -95,6 +95,10 @@ logging.basicConfig(filename=out + "/runner.log", level=logging.INFO)
 dispatcher = Dispatcher(None, cpu_slots=2, grace_period=float(grace))
 if mode == "handlers":
     install_signal_handlers(dispatcher)
+else:  # Python's own Ctrl-C, whatever the shell that started the tests left (a background
+    # job's SIGINT is ignored, and Python then keeps it ignored)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {{signal.SIGINT}})
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 jobs = [Job(f"j{{i}}", [sys.executable, sleeper, f"{{out}}/pid{{i}}", sigterm, "sleep"],
             f"{{out}}/j{{i}}.log") for i in range(3)]
 results = dispatcher.run(jobs)
