@@ -288,9 +288,14 @@ def analyse(config: WorkerConfig, runs: list[ModelRun], stage: StageLog) -> None
     items = stream_models([r.model for r in by_model.values()])
     share = CpuShare([r.model.checkpoint.fetcher for r in by_model.values()
                       if r.model.checkpoint is not None])
-    analysed = on_devices(lambda item, dev: share.before_solve(dev) or _layer_results(
-        (item.name, item.tensor, item.storage), config.esd, dev) if item.error is None
-        else item.error, items, devices)
+
+    def solve(item, device: str):
+        if item.error is not None:
+            return item.error
+        share.before_solve(device)
+        return _layer_results((item.name, item.tensor, item.storage), config.esd, device)
+
+    analysed = on_devices(solve, items, devices)
     last_log = time.monotonic()
     for item, value in analysed:
         run = by_model[id(item.model)]

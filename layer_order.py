@@ -370,14 +370,23 @@ def cache_dir() -> Path:
     return Path(root) / "layer-order"
 
 
-def _cache_path(config_json: str) -> Path | None:
-    """The file of one config under this transformers (and torch) version; None when
-    transformers is not installed."""
+@lru_cache(maxsize=1)
+def _versions() -> dict[str, str] | None:
+    """The installed transformers and torch versions (read once: each lookup scans the
+    installed packages); None when transformers is not installed."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        versions = {p: version(p) for p in ("transformers", "torch")}
+        return {p: version(p) for p in ("transformers", "torch")}
     except PackageNotFoundError:
+        return None
+
+
+def _cache_path(config_json: str) -> Path | None:
+    """The file of one config under this transformers (and torch) version; None when
+    transformers is not installed."""
+    versions = _versions()
+    if versions is None:
         return None
     key = json.dumps({"format": CACHE_FORMAT, "config": config_json, **versions}, sort_keys=True)
     return cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
