@@ -43,6 +43,7 @@ METADATA_TIMEOUT_S = 30.0
 _TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{16,}")
 _BEARER_PATTERN = re.compile(r"(Bearer\s+)\S+", re.IGNORECASE)
 _FALSE = {"", "0", "false", "no", "off"}
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 # safetensors header dtypes under torch's names, so every format reports dtypes alike.
 SAFETENSORS_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -95,6 +96,8 @@ class HubClient:
         self.token = token
         self.cache_dir = cache_dir
         self.offline = env_offline() if offline is None else offline
+        self._refs: dict[tuple[str, str], str] = {}  # (repo, commit) -> the branch or tag asked
+
 
     def list_files(self, repo_id: str, revision: str | None) -> Listing:
         """The commit ``revision`` (default: main) resolves to, its files and their sizes."""
@@ -117,6 +120,8 @@ class HubClient:
                            scrub(str(exc), self.token))
             return listing
         siblings = list(info.siblings or ())
+        if not _COMMIT.match(revision or ""):
+            self._refs[(repo_id, str(info.sha))] = revision or "main"
         return Listing(str(info.sha), tuple(s.rfilename for s in siblings),
                        {s.rfilename: int(s.size) for s in siblings if s.size is not None})
 
@@ -148,13 +153,38 @@ class HubClient:
         from huggingface_hub import hf_hub_download
 
         found = self.cached(repo_id, commit, filename)
-        if found is not None:
-            return found
-        if session is not None:
-            session.will_download(repo_id, commit, filename)
-        return Path(hf_hub_download(repo_id, filename, revision=commit,
-                                    cache_dir=self.cache_dir, token=self.token,
-                                    local_files_only=self.offline))
+        if found is None:
+            if session is not None:
+                session.will_download(repo_id, commit, filename)
+            found = Path(hf_hub_download(repo_id, filename, revision=commit,
+                                         cache_dir=self.cache_dir, token=self.token,
+                                         local_files_only=self.offline))
+        if session is None or not session.cleanup:
+            self._write_ref(repo_id, commit)
+        return found
+
+    def _write_ref(self, repo_id: str, commit: str) -> None:
+        """Point the cache's ``refs/<branch>`` at ``commit`` once one of its files is cached,
+        as huggingface_hub does when it downloads by branch: files are fetched here by commit,
+        and without the ref a later offline run (``HF_HUB_OFFLINE=1``) of ``org/name`` could
+        not tell which snapshot ``main`` is. Not under ``--cleanup_cache``, whose files go
+        (a ref to a deleted snapshot would hide the one the ref named before)."""
+        ref = self._refs.get((repo_id, commit))
+        if ref is None or any(part in ("", ".", "..") for part in ref.split("/")):
+            return
+        from hub_cache import repo_folder_name
+
+        path = default_cache_dir(self.cache_dir) / repo_folder_name(repo_id) / "refs" / ref
+        try:
+            if path.is_file() and path.read_text(encoding="utf-8").strip() == commit:
+                return
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(commit, encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as exc:  # a read-only cache: the files are there, only offline lookup
+            logger.debug("%s: could not record %s -> %s in the cache: %s", repo_id, ref,
+                         commit, exc)
 
     def safetensors_header(self, repo_id: str, commit: str, filename: str) -> dict:
         """``{tensor: (shape, dtype)}`` of a safetensors file, from the cache when it is there,

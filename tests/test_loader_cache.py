@@ -161,6 +161,37 @@ def test_without_cleanup_shards_download_back_to_back_ahead_of_the_reader(hub, t
     assert set(stream(loaded)) == set(llama().state_dict())
 
 
+def test_a_cache_filled_online_serves_the_same_ids_offline(hub, tmp_path):
+    """Files are fetched by commit; the cache still records which commit ``main`` and a tag
+    were, as huggingface_hub does, so ``HF_HUB_OFFLINE=1`` (the way out of an outage) finds
+    ``org/model`` and ``org/model@v1`` without their commits."""
+    old = hub.add_repo("org/model", write_safetensors(tmp_path / "r1", {"w.weight": torch.zeros(2, 2)}),
+                       tags=("v1",))
+    new = hub.add_repo("org/model", write_safetensors(tmp_path / "r2", {"w.weight": torch.ones(2, 2)}))
+    for request in (ModelRequest("org/model"), ModelRequest("org/model@v1")):
+        stream(open_model(request, hub=client(hub)))
+    offline = HubClient(cache_dir=str(hub.cache), offline=True)
+    for request, commit, value in ((ModelRequest("org/model"), new, 1.0),
+                                   (ModelRequest("org/model@v1"), old, 0.0)):
+        loaded = open_model(request, hub=offline)
+        assert loaded.revision == commit
+        assert torch.equal(stream(loaded)["w.weight"], torch.full((2, 2), value))
+
+
+def test_cleanup_records_no_ref_to_the_snapshot_it_deletes(hub, tmp_path):
+    """A ref left by a run under --cleanup_cache would name a snapshot that is gone, hiding
+    the one the user's cache had for that branch."""
+    old = hub.add_repo("org/model", write_safetensors(tmp_path / "r1", {"w.weight": torch.zeros(2, 2)}))
+    stream(open_model(ModelRequest("org/model"), hub=client(hub)))  # the user's cache: main = old
+    hub.add_repo("org/model", write_safetensors(tmp_path / "r2", {"w.weight": torch.ones(2, 2)}))
+    with CacheSession(hub.cache, cleanup=True) as session:
+        stream(open_model(ModelRequest("org/model"), hub=client(hub), session=session))
+    kept = open_model(ModelRequest("org/model"), hub=HubClient(cache_dir=str(hub.cache),
+                                                                offline=True))
+    assert kept.revision == old
+    assert torch.equal(stream(kept)["w.weight"], torch.zeros(2, 2))
+
+
 def test_killed_download_leaves_nothing_a_sweep_does_not_remove_and_rerun_completes(
         hub, tmp_path):
     # Shards larger than the 100 kB a header read asks for, so only the download stalls.
