@@ -102,7 +102,20 @@ def timed(cmd: list[str], env: dict, watch: Path | None = None) -> tuple[float, 
 
 
 def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+    """Bytes of the files under ``folder``; a file deleted while it is walked counts 0, and
+    a folder deleted under the walk makes it start again."""
+    while True:
+        total = 0
+        try:
+            for path in folder.rglob("*"):
+                try:
+                    if path.is_file() and not path.is_symlink():
+                        total += path.stat().st_size
+                except FileNotFoundError:
+                    pass
+        except FileNotFoundError:
+            continue
+        return total
 
 
 def runner(list_path: Path, out: Path) -> list[str]:
