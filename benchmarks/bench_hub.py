@@ -1,11 +1,15 @@
 """Hub lists at scale, on the hub stand-in with throttled bandwidth: adapters sharing their
 base, the disk a sharded model needs, and download overlapped with analysis.
 
-Usage: python benchmarks/bench_hub.py [--mbps 40] [--adapters 6] [--repeats 1] [--workdir DIR]
+Usage: python benchmarks/bench_hub.py [--mbps 40] [--adapters 6] [--repeats 1] [--size small]
+                                      [--workdir DIR]
 (--adapters 0: only the disk and overlap measures, on the base alone)
 
-Builds a Llama-shaped base (fp32, 201 MB in 7 shards of up to 35 MB) and k LoRA adapters of it, serves
-them from tests/hub_server.py on 127.0.0.1 at --mbps MB/s, and runs the real runner and worker
+Builds a Llama-shaped base and k LoRA adapters of it (--size small: fp32, hidden 768, 201 MB
+in 7 shards of up to 35 MB, where the worker's fixed start-up of about 1.5 s, mostly
+importing torch, weighs as much as three shards' download; --size large: bf16, hidden 2048,
+as a 1B model's layers, about 750 MB in shards of up to 200 MB, where shards take seconds as
+real ones, of 2 to 5 GB, take minutes), serves them from tests/hub_server.py on 127.0.0.1 at --mbps MB/s, and runs the real runner and worker
 as whole processes against it (HF_ENDPOINT), each with a fresh cache:
 
   group       one run over the list "base's k adapters" with --cleanup_cache: one job reads
@@ -47,20 +51,27 @@ sys.path.insert(0, str(ROOT))
 SAMPLE_S = 0.02
 SMALL_FILES = 1 << 20       # config, index: the margin the disk rule allows beside the shards
 TIMEOUT_S = 1800
-BASE = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=6,
-            num_attention_heads=12, num_key_value_heads=4, vocab_size=8192,
-            tie_word_embeddings=False)
+# The bases --size builds: Llama configs, the dtype they are saved in, their shard size.
+SIZES = {
+    "small": (dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=6,
+                   num_attention_heads=12, num_key_value_heads=4, vocab_size=8192,
+                   tie_word_embeddings=False), "float32", "35MB"),
+    "large": (dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=6,
+                   num_attention_heads=16, num_key_value_heads=16, vocab_size=16384,
+                   tie_word_embeddings=False), "bfloat16", "200MB"),
+}
 
 
-def build(workdir: Path, adapters: int) -> tuple[Path, list[Path]]:
+def build(workdir: Path, adapters: int, size: str = "small") -> tuple[Path, list[Path]]:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    shape, dtype, shard = SIZES[size]
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**BASE)).eval()
+    model = LlamaForCausalLM(LlamaConfig(**shape)).to(getattr(torch, dtype)).eval()
     base = workdir / "base"
-    model.save_pretrained(base, max_shard_size="35MB")
+    model.save_pretrained(base, max_shard_size=shard)
     out = []
     for i in range(adapters):
         torch.manual_seed(i + 1)
@@ -132,6 +143,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mbps", type=float, default=40.0, help="hub bandwidth, MB/s")
     parser.add_argument("--adapters", type=int, default=6)
+    parser.add_argument("--size", choices=sorted(SIZES), default="small",
+                        help="the base's shape and shard size (see above)")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs of the overlap measure (streamed, download, analysis), "
@@ -140,7 +153,7 @@ def main() -> int:
     from tests.hub_server import HubServer
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-hub-"))
-    base, adapters = build(workdir, args.adapters)
+    base, adapters = build(workdir, args.adapters, args.size)
     shards = sorted(p.stat().st_size for p in base.glob("*.safetensors"))
     base_bytes = sum(shards)
     with HubServer() as hub:
@@ -198,8 +211,8 @@ def main() -> int:
         ratios = [s / max(d, a) for s, d, a in zip(streamed, download, analysis, strict=True)]
 
     bound = shards[-1] + shards[-2] + SMALL_FILES
-    print(f"machine: {os.cpu_count()} CPUs; hub at {args.mbps:g} MB/s; base {base_bytes / 1e6:.0f}"
-          f" MB in {len(shards)} shards; {args.adapters} adapters")
+    print(f"machine: {os.cpu_count()} CPUs; hub at {args.mbps:g} MB/s; --size {args.size}: base "
+          f"{base_bytes / 1e6:.0f} MB in {len(shards)} shards; {args.adapters} adapters")
     print("| measure | value | target |\n|---|---|---|")
     if rows:
         print(f"| base bytes fetched, group run / base | {group_bytes / base_bytes:.3f} | <= 1.1 |")
