@@ -68,7 +68,10 @@ class ShardFetcher:
         """The local path of ``file``, waiting for its download."""
         future = self._start(file)
         if file != self._last_asked:
-            self._last_asked, self._last_waited = file, not future.done()
+            # Every stream waits for its first file, whatever bounds the job: only a wait for
+            # a later one says that the network is slower than the analysis.
+            first = self._last_asked is None
+            self._last_asked, self._last_waited = file, not first and not future.done()
         if not future.done():
             with self._waiting():
                 future.result()
@@ -77,8 +80,9 @@ class ShardFetcher:
     @property
     def network_bound(self) -> bool:
         """True when the reader had to wait for the download of the last file it asked for
-        and a download is running now: the analysis outpaces the network. False while the
-        downloads wait for the reader (``max_held`` files held) or are all done."""
+        (not the first: that one is waited for in any case) and a download is running now:
+        the analysis outpaces the network. False while the downloads wait for the reader
+        (``max_held`` files held) or are all done."""
         if not self._last_waited:
             return False
         with self._lock:

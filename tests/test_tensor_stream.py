@@ -1,6 +1,7 @@
 """The shard fetcher on its own: downloads one ahead of the reader, and whether the reader is
 waiting for the network; the worker's CPU share that follows it."""
 
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -34,33 +35,43 @@ def wait_until(condition):
         time.sleep(0.005)
 
 
+def read_in_thread(fetcher, file, got):
+    reader = threading.Thread(target=lambda: got.setdefault(file, fetcher.path(file)))
+    reader.start()
+    return reader
+
+
 def test_fetcher_says_when_the_reader_waits_for_the_network():
     files = ["s1", "s2", "s3"]
     downloads = GatedDownloads(files)
-    fetcher = ShardFetcher(files, downloads)
+    waiting = threading.Event()
+    fetcher = ShardFetcher(files, downloads, waiting=lambda: contextlib.nullcontext(waiting.set()))
     assert not fetcher.network_bound  # nothing asked yet
     wait_until(lambda: downloads.started == ["s1"])  # the first download starts at once
     got = {}
-    reader = threading.Thread(target=lambda: got.setdefault("s1", fetcher.path("s1")))
-    reader.start()
-    wait_until(lambda: fetcher.network_bound)  # the reader waits for s1
+    reader = read_in_thread(fetcher, "s1", got)
+    assert waiting.wait(WAIT_S)
+    assert not fetcher.network_bound, "every stream waits for its first file: that says nothing"
     downloads.gates["s1"].set()
     reader.join(WAIT_S)
     assert got["s1"] == Path("/shards/s1")
     wait_until(lambda: downloads.started == ["s1", "s2"])  # one ahead: s2 while s1 is read
-    assert fetcher.network_bound  # s2 downloads, and the reader waited for the last file
+    assert not fetcher.network_bound
+    reader = read_in_thread(fetcher, "s2", got)  # s1 analysed before s2 is in
+    wait_until(lambda: fetcher.network_bound)
     downloads.gates["s2"].set()
+    reader.join(WAIT_S)
     # s2 is in, s3 waits until s1 is released: the downloads wait for the reader now
-    wait_until(lambda: not fetcher.network_bound)
     assert downloads.started == ["s1", "s2"] and MAX_HELD == 2
+    assert not fetcher.network_bound
     fetcher.release("s1")
     wait_until(lambda: downloads.started == files)
-    fetcher.path("s2")  # arrived before the reader asked: the analysis is what bounds
-    assert not fetcher.network_bound
+    assert fetcher.network_bound  # the reader waited for s2, and s3 downloads
     downloads.gates["s3"].set()
+    wait_until(lambda: not fetcher.network_bound)  # nothing left to download
     fetcher.release("s2")
-    assert fetcher.path("s3") == Path("/shards/s3")
-    assert not fetcher.network_bound  # nothing left to download
+    assert fetcher.path("s3") == Path("/shards/s3")  # in before the reader asked
+    assert not fetcher.network_bound
     fetcher.close()
 
 
