@@ -19,10 +19,13 @@ cannot be mapped, are read whole.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
 import pickle
 import re
+import sys
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -365,12 +368,21 @@ class CheckpointReader:
     @classmethod
     def from_headers(cls, headers: Mapping[str, Header], fetch: Callable[[str], Path],
                      model_id: str, weight_map: Mapping[str, str] | None = None,
-                     sizes: Mapping[str, int] | None = None) -> CheckpointReader:
+                     sizes: Mapping[str, int] | None = None,
+                     spans: Mapping[str, Mapping[str, tuple[int, int]]] | None = None,
+                     read_growing: Callable[[str, int, int], bytearray | None] | None = None
+                     ) -> CheckpointReader:
         """A reader of shards not yet on disk: ``headers`` by shard file name in reading order,
         ``fetch(shard)`` returns the shard's local path (downloading it first), ``sizes`` the
-        shards' byte sizes."""
+        shards' byte sizes.
+
+        With ``spans`` (``{shard: {tensor: (begin, end)}}``, offsets in the safetensors data)
+        and ``read_growing(shard, begin, end)`` (bytes of a shard while it downloads, or None),
+        a tensor is read as soon as its own bytes are in, not once its whole shard is."""
         reader = cls.__new__(cls)
         reader._setup(dict(headers), fetch, model_id, dict(weight_map or {}), {}, sizes)
+        reader._spans = {k: dict(v) for k, v in (spans or {}).items()}
+        reader._read_growing = read_growing
         return reader
 
     def _setup(self, headers: dict[str, Header], fetch: Callable[[str], Path], model_id: str,
@@ -394,6 +406,9 @@ class CheckpointReader:
             raise NoWeightsError(f"{model_id}: the weight files hold no tensors")
         self.names = tuple(sorted(self._where, key=natural_key))
         self._open: tuple[str, Any] | None = None
+        self._spans: dict[str, dict[str, tuple[int, int]]] = {}
+        self._read_growing: Callable[[str, int, int], bytearray | None] | None = None
+        self._data_start: dict[str, int] = {}
 
     def _add(self, shard: str, header: Header) -> None:
         for name, info in header.items():
@@ -427,15 +442,47 @@ class CheckpointReader:
 
     def get(self, name: str) -> torch.Tensor:
         shard = self._where[name]
-        if self._open is None or self._open[0] != shard:
-            self.close()
-            self._open = (shard, _open_file(self._fetch(shard), self.model_id))
-        tensor = self._open[1].get(name)
+        if self._open is not None and self._open[0] != shard:
+            self.close()  # one file open at a time: a released shard's space is freed
+        tensor = None
+        if self._open is None and self._read_growing is not None:
+            tensor = self._get_growing(shard, name)
+        if tensor is None:
+            if self._open is None:
+                self._open = (shard, _open_file(self._fetch(shard), self.model_id))
+            tensor = self._open[1].get(name)
         if tuple(tensor.shape) != self.shape(name):
             raise CorruptCheckpointError(
                 f"{self.model_id}: tensor {name!r} of {shard} has shape "
                 f"{tuple(tensor.shape)}, its header says {self.shape(name)}")
         return tensor
+
+    def _get_growing(self, shard: str, name: str) -> torch.Tensor | None:
+        """``name`` read from its shard while the shard downloads, or None (not downloading,
+        a span or dtype this cannot read, a data offset that disagrees with the file)."""
+        import torch
+
+        span = self._spans.get(shard, {}).get(name)
+        dtype = _torch_dtype(self.dtype(name))
+        if span is None or dtype is None or sys.byteorder != "little":
+            return None
+        numel = math.prod(self.shape(name))
+        if numel == 0 or span[1] - span[0] != numel * dtype.itemsize:
+            return None
+        start = self._data_start.get(shard)
+        if start is None:
+            prefix = self._read_growing(shard, 0, 8)  # the header's length, then the header
+            if prefix is None:
+                return None
+            start = 8 + int.from_bytes(prefix, "little")
+            total = (self._sizes or {}).get(shard, 0)
+            if total and total - start != max(end for _, end in self._spans[shard].values()):
+                return None  # the header read from the hub does not describe this file
+            self._data_start[shard] = start
+        data = self._read_growing(shard, start + span[0], start + span[1])
+        if data is None:
+            return None
+        return torch.frombuffer(data, dtype=dtype).reshape(self.shape(name))
 
     def close(self) -> None:
         if self._open is not None:
@@ -444,3 +491,12 @@ class CheckpointReader:
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor, str]]:
         return stream_tensors(self)
+
+
+@functools.cache
+def _torch_dtype(name: str):
+    """torch's dtype of a header's dtype name (as torch spells it), or None."""
+    import torch
+
+    dtype = getattr(torch, name, None) if name in SAFETENSORS_DTYPES.values() else None
+    return dtype if isinstance(dtype, torch.dtype) else None

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +81,7 @@ class Listing:
     commit: str
     files: tuple[str, ...]
     sizes: dict[str, int] = field(default_factory=dict)
+    etags: dict[str, str] = field(default_factory=dict)  # what the cache names each blob
 
 
 class HubClient:
@@ -97,6 +98,9 @@ class HubClient:
         self.cache_dir = cache_dir
         self.offline = env_offline() if offline is None else offline
         self._refs: dict[tuple[str, str], str] = {}  # (repo, commit) -> the branch or tag asked
+        # (repo, commit, file) -> {tensor: (begin, end)} in the data of a safetensors file whose
+        # header was read from the hub: what reading its tensors while it downloads needs
+        self.spans: dict[tuple[str, str, str], dict[str, tuple[int, int]]] = {}
 
 
     def list_files(self, repo_id: str, revision: str | None) -> Listing:
@@ -122,8 +126,10 @@ class HubClient:
         siblings = list(info.siblings or ())
         if not _COMMIT.match(revision or ""):
             self._refs[(repo_id, str(info.sha))] = revision or "main"
+        etags = {s.rfilename: s.lfs.sha256 if s.lfs is not None else s.blob_id
+                 for s in siblings if s.lfs is not None or s.blob_id}
         return Listing(str(info.sha), tuple(s.rfilename for s in siblings),
-                       {s.rfilename: int(s.size) for s in siblings if s.size is not None})
+                       {s.rfilename: int(s.size) for s in siblings if s.size is not None}, etags)
 
     def _cached_listing(self, repo_id: str, revision: str | None) -> Listing:
         from huggingface_hub import snapshot_download
@@ -144,11 +150,15 @@ class HubClient:
         return Path(found) if isinstance(found, str) else None
 
     def download(self, repo_id: str, commit: str, filename: str,
-                 session: CacheSession | None = None) -> Path:
+                 session: CacheSession | None = None, etag: str | None = None,
+                 on_growing: Callable[[Path], object] | None = None) -> Path:
         """One file of ``commit`` in the cache (fetched unless it is there); its local path.
 
         ``session`` records the file as this run's before the download starts, so that a
-        cleanup removes it even when the process dies half-way (``hub_cache``).
+        cleanup removes it even when the process dies half-way (``hub_cache``). With
+        ``etag`` (the blob's name, from the listing) and ``on_growing``, a download that
+        writes the file from its first byte to its last (huggingface_hub's HTTP download, not
+        Xet's) hands ``on_growing`` the file it writes, so its beginning can be read meanwhile.
         """
         from huggingface_hub import hf_hub_download
 
@@ -156,9 +166,16 @@ class HubClient:
         if found is None:
             if session is not None:
                 session.will_download(repo_id, commit, filename)
+            progress = None
+            if etag and on_growing is not None and not self.offline:
+                from hub_cache import repo_folder_name
+
+                blobs = default_cache_dir(self.cache_dir) / repo_folder_name(repo_id) / "blobs"
+                progress = _growing_file_progress(blobs, etag, on_growing)
             found = Path(hf_hub_download(repo_id, filename, revision=commit,
                                          cache_dir=self.cache_dir, token=self.token,
-                                         local_files_only=self.offline))
+                                         local_files_only=self.offline,
+                                         **({"tqdm_class": progress} if progress else {})))
         if session is None or not session.cleanup:
             self._write_ref(repo_id, commit)
         return found
@@ -199,8 +216,46 @@ class HubClient:
 
         meta = HfApi(token=self.token).parse_safetensors_file_metadata(
             repo_id, filename, revision=commit, timeout=METADATA_TIMEOUT_S)
+        self.spans[(repo_id, commit, filename)] = {
+            name: (int(info.data_offsets[0]), int(info.data_offsets[1]))
+            for name, info in meta.tensors.items()}
         return {name: (tuple(info.shape), SAFETENSORS_DTYPES.get(info.dtype, info.dtype))
                 for name, info in meta.tensors.items()}
+
+
+# The progress bar huggingface_hub's plain HTTP download opens: that download writes its
+# temporary file in order, from the first byte (resuming after a dropped connection at the
+# end). Xet's download, which opens another, may write a file's parts in any order.
+_SEQUENTIAL_DOWNLOAD = "huggingface_hub.http_get"
+
+
+def _growing_file_progress(blobs: Path, etag: str, on_growing: Callable[[Path], object]):
+    """A ``tqdm_class`` for ``hf_hub_download`` that finds, when the plain HTTP download of the
+    blob ``etag`` opens its progress bar, the temporary file it writes (``blobs/<etag>.*
+    .incomplete``, made just before) and hands it to ``on_growing``. Nothing is handed over
+    where the file cannot be told apart (several candidates) or the download is Xet's."""
+    import glob
+    import time
+
+    from huggingface_hub.utils import tqdm as hub_tqdm
+
+    started = time.time()
+
+    class GrowingFile(hub_tqdm):
+        def __init__(self, *args, **kwargs):
+            sequential = kwargs.get("name") == _SEQUENTIAL_DOWNLOAD and not kwargs.get("initial")
+            super().__init__(*args, **kwargs)
+            if not sequential:
+                return
+            try:
+                found = [p for p in blobs.glob(f"{glob.escape(etag)}*.incomplete")
+                         if p.stat().st_mtime >= started - 1]
+            except OSError:
+                return
+            if len(found) == 1:
+                on_growing(found[0])
+
+    return GrowingFile
 
 
 def hub_error(exc: Exception, label: str, offline: bool, token: str | None) -> Exception:

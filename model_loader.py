@@ -6,8 +6,9 @@ local directory and checks what can be checked before any weight is read: ``conf
 (read from the hub with range requests), an adapter's tensors against its base's shapes.
 Models built on the same base checkpoint (a base and its LoRA adapters) share one opened
 checkpoint, so ``tensor_stream.stream_models`` reads and downloads each base shard once for
-all of them. Shards are fetched one ahead of the reader and, under ``--cleanup_cache``,
-deleted once read (``hub_cache``: never while another job reads them).
+all of them. Shards are fetched ahead of the reader (a tensor is read once its own bytes are
+in, while the rest of its shard downloads) and, under ``--cleanup_cache``, deleted once read
+(``hub_cache``: never while another job reads them).
 
 What is fetched: ``config.json``, the safetensors shards and their index (``.bin`` only when a
 repository has no safetensors), and for an adapter ``adapter_config.json`` and
@@ -125,6 +126,7 @@ class Source:
     root: Path                     # local directory, or the cache's snapshot folder
     files: tuple[str, ...]         # every file name the repository holds
     sizes: dict[str, int] = field(default_factory=dict, compare=False)
+    etags: dict[str, str] = field(default_factory=dict, compare=False)  # hub blob names
 
     @property
     def label(self) -> str:
@@ -229,17 +231,23 @@ class Opener:
             listing: Listing = self.hub.list_files(model_id, revision)
         if self.session is not None:
             self.session.lease(model_id)
-        return Source(model_id, listing.commit, Path(), listing.files, listing.sizes)
+        return Source(model_id, listing.commit, Path(), listing.files, listing.sizes,
+                      listing.etags)
 
-    def file(self, source: Source, name: str) -> Path:
-        """The local path of one file of ``source`` (downloaded for a hub model)."""
+    def file(self, source: Source, name: str,
+             on_growing: Callable[[Path], object] | None = None) -> Path:
+        """The local path of one file of ``source`` (downloaded for a hub model; a download
+        that can be read while it grows hands its file to ``on_growing``)."""
         if not source.on_hub:
             return source.root / name
         if name not in source.files:
             raise CorruptCheckpointError(f"{source.label}: the repository lacks {name}, named by "
                                          f"its weight index")
         with hub_errors(f"{source.label} ({name})", self.hub.offline, self.token):
-            return self.hub.download(source.model_id, source.revision, name, self.session)
+            if on_growing is None or not source.etags.get(name):
+                return self.hub.download(source.model_id, source.revision, name, self.session)
+            return self.hub.download(source.model_id, source.revision, name, self.session,
+                                     etag=source.etags[name], on_growing=on_growing)
 
     def with_root(self, source: Source, name: str) -> Source:
         """``source`` with its snapshot folder known (after fetching ``name`` from the hub)."""
@@ -247,7 +255,8 @@ class Opener:
         if not source.on_hub:
             return source
         root = path.parents[len(Path(name).parts) - 1]
-        return Source(source.model_id, source.revision, root, source.files, source.sizes)
+        return Source(source.model_id, source.revision, root, source.files, source.sizes,
+                      source.etags)
 
     def fetcher(self, source: Source, order: Sequence[str]) -> ShardFetcher | None:
         if not source.on_hub:
@@ -257,8 +266,9 @@ class Opener:
             def release(shard: str) -> bool:
                 return self.session.release(source.model_id, source.revision, shard)
         # Without cleanup every file stays in the cache anyway: no reason to hold any back.
-        fetcher = ShardFetcher(order, lambda shard: self.file(source, shard), release,
-                               self.waiting, max_held=None if release is None else MAX_HELD)
+        fetcher = ShardFetcher(order, lambda shard, growing=None: self.file(source, shard, growing),
+                               release, self.waiting,
+                               max_held=None if release is None else MAX_HELD, growing=True)
         if self.on_fetch is not None:
             on_fetch, self.on_fetch = self.on_fetch, None
             on_fetch()
@@ -342,8 +352,11 @@ class Opener:
         with hub_errors(source.label, self.hub.offline, self.token):
             headers = {s: self.hub.safetensors_header(source.model_id, source.revision, s)
                        for s in shards}
+        spans = {s: self.hub.spans[key] for s in shards
+                 if (key := (source.model_id, source.revision, s)) in getattr(self.hub, "spans", {})}
         reader = CheckpointReader.from_headers(headers, fetcher.path, source.label, weight_map,
-                                               {s: source.sizes.get(s, 0) for s in shards})
+                                               {s: source.sizes.get(s, 0) for s in shards},
+                                               spans, fetcher.read_growing)
         return reader, fetcher
 
 

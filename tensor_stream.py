@@ -4,7 +4,9 @@ model that needs it, released as soon as it is done.
 ``ShardFetcher`` hands out a checkpoint's files in reading order, downloading them in the
 background ahead of the reader, so the analysis of one shard overlaps the download of the
 next; under --cleanup_cache, where each is deleted once read, it keeps at most two shards on
-disk at once (the one read and the next).
+disk at once (the one read and the next). A download that writes its file in order hands the
+file over as it grows (``read_growing``), so the tensors at a shard's start are read, and
+analysed, while the rest of it downloads.
 
 ``stream_models(models)`` reads every base checkpoint once, whatever number of models (a base
 and its adapters) are computed from it: each base tensor is read, then handed to each model,
@@ -15,7 +17,9 @@ that fails is reported once (``StreamItem.error``) and dropped; the others go on
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
@@ -33,6 +37,9 @@ logger = logging.getLogger(__name__)
 # Files held at once while streaming with --cleanup_cache (downloaded or downloading, not yet
 # released): the one being read and the next one, which downloads meanwhile.
 MAX_HELD = 2
+# How often a reader waiting for the bytes of a tensor checks the file that downloads them
+# (huggingface_hub writes 10 MB at a time: tens of milliseconds at hub speeds).
+GROWING_POLL_S = 0.02
 
 
 class ShardFetcher:
@@ -47,13 +54,17 @@ class ShardFetcher:
     ``network_bound`` says whether the network is what the reader waits for now.
     """
 
-    def __init__(self, order: Sequence[str], download: Callable[[str], Path],
+    def __init__(self, order: Sequence[str], download: Callable[..., Path],
                  release: Callable[[str], object] | None = None,
                  waiting: Callable[[], AbstractContextManager] = nullcontext,
-                 max_held: int | None = MAX_HELD):
+                 max_held: int | None = MAX_HELD, growing: bool = False):
         self.order = list(order)
         self.max_held = max_held
         self._download, self._release, self._waiting = download, release, waiting
+        # With ``growing``, download(file, on_growing) may hand over the file it writes in
+        # order while it downloads (``read_growing`` reads from it): {file: open descriptor}
+        self._growing_ok = growing
+        self._growing: dict[str, int] = {}
         self._futures: dict[str, Future] = {}
         self._released: set[str] = set()
         self._lock = threading.Lock()
@@ -88,18 +99,71 @@ class ShardFetcher:
         with self._lock:
             return any(f.running() for f in self._futures.values())
 
+    def read_growing(self, file: str, begin: int, end: int) -> bytearray | None:
+        """Bytes ``[begin, end)`` of ``file`` read while it downloads, once the download has
+        written them (waiting meanwhile); None when ``file`` is not downloading into a file
+        that can be read so (``path`` then gives it whole) or the download ends first."""
+        with self._lock:
+            future = self._futures.get(file)
+            fd = self._growing.get(file)
+            if future is None or future.done() or fd is None:
+                return None
+            fd = os.dup(fd)  # the download's end closes the original
+        try:
+            waited = os.fstat(fd).st_size < end
+            if waited:
+                with self._waiting():
+                    while os.fstat(fd).st_size < end:
+                        if future.done():
+                            return None
+                        time.sleep(GROWING_POLL_S)
+            if file != self._last_asked:
+                first = self._last_asked is None
+                self._last_asked, self._last_waited = file, not first and waited
+            data = bytearray(end - begin)
+            view, done = memoryview(data), 0
+            while done < len(data):
+                n = os.preadv(fd, [view[done:]], begin + done)
+                if n <= 0:
+                    return None
+                done += n
+            return data
+        finally:
+            os.close(fd)
+
+    def _grow(self, file: str, path: Path) -> None:
+        """The download of ``file`` writes ``path`` in order, from its first byte."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return
+        with self._lock:
+            old = self._growing.pop(file, None)
+            self._growing[file] = fd
+        if old is not None:
+            os.close(old)
+
+    def _done_growing(self, file: str) -> None:
+        with self._lock:
+            fd = self._growing.pop(file, None)
+        if fd is not None:
+            os.close(fd)  # under --cleanup_cache an open descriptor would keep a deleted file
+
     def fetch_all(self) -> list[Path]:
         """Every file on disk (for readers that need the whole checkpoint at once)."""
         return [self.path(f) for f in self.order]
 
     def release(self, file: str) -> None:
+        """The reader is done with ``file``: delete it (under --cleanup_cache) once it is
+        downloaded (at once, or when a download it was read from while growing ends)."""
         with self._lock:
             if file in self._released:
                 return
             self._released.add(file)
             future = self._futures.get(file)
-        if self._release is not None and future is not None and future.done() \
-                and future.exception() is None:
+            if future is not None and not future.done():
+                return  # _work releases it once the download ends
+        if self._release is not None and future is not None and future.exception() is None:
             self._release(file)
         self._top_up()
 
@@ -114,6 +178,8 @@ class ShardFetcher:
             thread = self._thread
         if thread is not None:
             thread.join()
+        for file in list(self._growing):
+            self._done_growing(file)
 
     def _top_up(self) -> None:
         """Start the next downloads in order while fewer than ``max_held`` files are held."""
@@ -149,11 +215,21 @@ class ShardFetcher:
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                future.set_result(self._download(file))
+                if self._growing_ok:
+                    path = self._download(file, lambda p, file=file: self._grow(file, p))
+                else:
+                    path = self._download(file)
             except BaseException as exc:  # handed to the reader, which raises it
+                self._done_growing(file)
                 future.set_exception(exc)
-            else:
-                self._top_up()
+                continue
+            self._done_growing(file)
+            with self._lock:
+                future.set_result(path)
+                released = file in self._released
+            if released and self._release is not None:  # read whole while it downloaded
+                self._release(file)
+            self._top_up()
 
 
 def read_order(reader) -> list[str]:

@@ -192,6 +192,41 @@ def test_cleanup_records_no_ref_to_the_snapshot_it_deletes(hub, tmp_path):
     assert torch.equal(stream(kept)["w.weight"], torch.zeros(2, 2))
 
 
+# huggingface_hub writes a download 10 MB at a time: a file of three 8 MB tensors, sent at
+# 8 MB/s, has its first tensor on disk after about 1.3 s and the whole file after 3 s.
+GROWING_TENSOR = (2048, 1024)   # float32: 8 MiB
+GROWING_RATE = 8e6              # bytes/s
+
+
+@pytest.mark.parametrize("cleanup", [False, True], ids=["kept", "cleanup"])
+def test_a_shard_is_read_while_it_downloads(hub, tmp_path, cleanup):
+    """A tensor is read as soon as its own bytes are in, not once its whole shard is: the
+    analysis of a shard overlaps its own download, not only the next one's."""
+    torch.manual_seed(0)
+    tensors = {f"{n}.weight": torch.randn(GROWING_TENSOR) for n in ("a", "b", "c")}
+    folder = write_safetensors(tmp_path / "repo", tensors)
+    size = (folder / "model.safetensors").stat().st_size
+    hub.add_repo("org/model", folder)
+    hub.throttle(GROWING_RATE, repo_id="org/model", filename="model.safetensors")
+
+    def sent() -> int:
+        return max((s.nbytes for s in hub.log if s.filename == "model.safetensors"
+                    and s.method == "GET" and s.range is None), default=0)
+
+    read, sent_at_first = {}, None
+    with CacheSession(hub.cache, cleanup=cleanup) as session:
+        loaded = open_model(ModelRequest("org/model"), hub=client(hub), session=session)
+        for name, tensor in loaded.iter_tensors():
+            if sent_at_first is None:
+                sent_at_first = sent()
+            read[name] = tensor
+    assert sent_at_first < size, "the first tensor waited for the whole shard"
+    assert read.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert torch.equal(read[name], tensor), name
+    assert (cache_files(hub.cache) == set()) == cleanup
+
+
 def test_killed_download_leaves_nothing_a_sweep_does_not_remove_and_rerun_completes(
         hub, tmp_path):
     # Shards larger than the 100 kB a header read asks for, so only the download stalls.

@@ -112,3 +112,75 @@ def test_cpu_share_without_downloads_changes_nothing(blas_two_threads):
     share = CpuShare([None])  # a local checkpoint has no fetcher
     share.before_solve("cpu")
     assert share.full is None and esd_lapack.blas_threads() == 2
+
+
+class GrowingDownloads:
+    """Downloads that write their file in steps the test lets through, handing the file over
+    as it is made (as huggingface_hub's HTTP download does), then renaming it into place."""
+
+    def __init__(self, folder: Path, contents: dict[str, bytes], step: int):
+        self.folder, self.contents, self.step = folder, contents, step
+        self.steps = {f: threading.Semaphore(0) for f in contents}
+        self.handed = {f: threading.Event() for f in contents}
+
+    def __call__(self, file, on_growing):
+        partial = self.folder / f"{file}.incomplete"
+        data = self.contents[file]
+        with open(partial, "wb", buffering=0) as fh:
+            on_growing(partial)
+            self.handed[file].set()
+            for start in range(0, len(data), self.step):
+                assert self.steps[file].acquire(timeout=WAIT_S), f"{file} stalled"
+                fh.write(data[start:start + self.step])
+        final = self.folder / file
+        partial.rename(final)
+        return final
+
+
+def test_a_file_is_read_while_it_downloads_and_released_once_it_is_in(tmp_path):
+    contents = {"s1": bytes(range(256)) * 4, "s2": b"\x07" * 512}
+    downloads = GrowingDownloads(tmp_path, contents, step=256)
+    released = []
+    fetcher = ShardFetcher(["s1", "s2"], downloads, release=released.append, growing=True)
+    assert downloads.handed["s1"].wait(WAIT_S)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fetcher.read_growing("s1", 200, 300)))
+    reader.start()
+    downloads.steps["s1"].release()  # bytes 0-255 are in: 200-300 is not whole yet
+    time.sleep(0.1)
+    assert not got, "read bytes the download had not written"
+    downloads.steps["s1"].release()
+    reader.join(WAIT_S)
+    assert bytes(got[0]) == contents["s1"][200:300]
+    fetcher.release("s1")  # done with s1 while it still downloads: deleted once it is in
+    assert released == []
+    for _ in range(2):
+        downloads.steps["s1"].release()
+    wait_until(lambda: released == ["s1"])
+    assert fetcher.read_growing("s1", 0, 10) is None  # in whole: read the file itself
+    assert fetcher.path("s1") == tmp_path / "s1"
+    for _ in range(2):
+        downloads.steps["s2"].release()
+    assert fetcher.path("s2").read_bytes() == contents["s2"]
+    fetcher.close()
+
+
+def test_a_download_that_fails_ends_the_wait_for_its_bytes(tmp_path):
+    handed, fail = threading.Event(), threading.Event()
+
+    def failing(file, on_growing):
+        partial = tmp_path / "s1.incomplete"
+        partial.write_bytes(b"\x01" * 10)
+        on_growing(partial)
+        handed.set()
+        assert fail.wait(WAIT_S)
+        raise ConnectionError("dropped")
+
+    fetcher = ShardFetcher(["s1"], failing, growing=True)
+    assert handed.wait(WAIT_S)
+    assert bytes(fetcher.read_growing("s1", 2, 6)) == b"\x01" * 4
+    threading.Timer(0.1, fail.set).start()
+    assert fetcher.read_growing("s1", 0, 100) is None  # the download ended before byte 100
+    with pytest.raises(ConnectionError):
+        fetcher.path("s1")
+    fetcher.close()
