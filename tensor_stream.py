@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -101,35 +101,47 @@ class ShardFetcher:
 
     def read_growing(self, file: str, begin: int, end: int) -> bytearray | None:
         """Bytes ``[begin, end)`` of ``file`` read while it downloads, once the download has
-        written them (waiting meanwhile); None when ``file`` is not downloading into a file
-        that can be read so (``path`` then gives it whole) or the download ends first."""
-        with self._lock:
-            future = self._futures.get(file)
-            fd = self._growing.get(file)
-            if future is None or future.done() or fd is None:
-                return None
-            fd = os.dup(fd)  # the download's end closes the original
-        try:
-            waited = os.fstat(fd).st_size < end
-            if waited:
-                with self._waiting():
-                    while os.fstat(fd).st_size < end:
-                        if future.done():
-                            return None
-                        time.sleep(GROWING_POLL_S)
-            if file != self._last_asked:
-                first = self._last_asked is None
-                self._last_asked, self._last_waited = file, not first and waited
-            data = bytearray(end - begin)
-            view, done = memoryview(data), 0
-            while done < len(data):
-                n = os.preadv(fd, [view[done:]], begin + done)
-                if n <= 0:
+        written them (waiting meanwhile, and for the download to start); None when the
+        download ends first or does not hand its file over (``path`` then gives it whole)."""
+        if not self._growing_ok:
+            return None
+        future = self._start(file)
+        with ExitStack() as waiting:
+            waited = False
+            while (fd := self._growing_fd(file)) is None:
+                if future.done():
                     return None
-                done += n
-            return data
-        finally:
-            os.close(fd)
+                if not waited:
+                    waiting.enter_context(self._waiting())
+                    waited = True
+                time.sleep(GROWING_POLL_S)
+            try:
+                while os.fstat(fd).st_size < end:
+                    if future.done():
+                        return None
+                    if not waited:
+                        waiting.enter_context(self._waiting())
+                        waited = True
+                    time.sleep(GROWING_POLL_S)
+                if file != self._last_asked:
+                    first = self._last_asked is None
+                    self._last_asked, self._last_waited = file, not first and waited
+                data = bytearray(end - begin)
+                view, done = memoryview(data), 0
+                while done < len(data):
+                    n = os.preadv(fd, [view[done:]], begin + done)
+                    if n <= 0:
+                        return None
+                    done += n
+                return data
+            finally:
+                os.close(fd)
+
+    def _growing_fd(self, file: str) -> int | None:
+        """A descriptor of the file ``file``'s download writes (the caller closes it)."""
+        with self._lock:
+            fd = self._growing.get(file)
+            return None if fd is None else os.dup(fd)  # the download's end closes its own
 
     def _grow(self, file: str, path: Path) -> None:
         """The download of ``file`` writes ``path`` in order, from its first byte."""

@@ -184,3 +184,22 @@ def test_a_download_that_fails_ends_the_wait_for_its_bytes(tmp_path):
     with pytest.raises(ConnectionError):
         fetcher.path("s1")
     fetcher.close()
+
+
+def test_a_file_whose_download_has_not_started_is_still_read_while_it_grows(tmp_path):
+    contents = {"s1": b"\x01" * 512, "s2": b"\x02" * 512}
+    downloads = GrowingDownloads(tmp_path, contents, step=256)
+    fetcher = ShardFetcher(["s1", "s2"], downloads, growing=True)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fetcher.read_growing("s2", 0, 10)))
+    reader.start()  # s2 waits behind s1's download
+    for _ in range(2):
+        downloads.steps["s1"].release()
+    assert downloads.handed["s2"].wait(WAIT_S)
+    downloads.steps["s2"].release()  # the first half of s2 only
+    reader.join(WAIT_S)
+    assert bytes(got[0]) == b"\x02" * 10
+    assert not fetcher._futures["s2"].done(), "read before s2 was in whole"
+    downloads.steps["s2"].release()
+    assert fetcher.path("s2").read_bytes() == contents["s2"]
+    fetcher.close()
