@@ -128,11 +128,13 @@ class ShardFetcher:
                     self._last_asked, self._last_waited = file, not first and waited
                 data = bytearray(end - begin)
                 view, done = memoryview(data), 0
-                while done < len(data):
-                    n = os.preadv(fd, [view[done:]], begin + done)
-                    if n <= 0:
-                        return None
-                    done += n
+                with open(fd, "rb", buffering=0, closefd=False) as fh:
+                    fh.seek(begin)
+                    while done < len(data):
+                        n = fh.readinto(view[done:])
+                        if not n:
+                            return None
+                        done += n
                 return data
             finally:
                 os.close(fd)
