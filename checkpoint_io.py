@@ -370,14 +370,15 @@ class CheckpointReader:
                      model_id: str, weight_map: Mapping[str, str] | None = None,
                      sizes: Mapping[str, int] | None = None,
                      spans: Mapping[str, Mapping[str, tuple[int, int]]] | None = None,
-                     read_growing: Callable[[str, int, int], bytearray | None] | None = None
+                     read_growing: Callable[..., bytearray | None] | None = None
                      ) -> CheckpointReader:
         """A reader of shards not yet on disk: ``headers`` by shard file name in reading order,
         ``fetch(shard)`` returns the shard's local path (downloading it first), ``sizes`` the
         shards' byte sizes.
 
         With ``spans`` (``{shard: {tensor: (begin, end)}}``, offsets in the safetensors data)
-        and ``read_growing(shard, begin, end)`` (bytes of a shard while it downloads, or None),
+        and ``read_growing(shard, begin, end, note)`` (bytes of a shard while it downloads, or
+        None; ``note=False`` for the reads of a header, which say nothing of the download's pace),
         a tensor is read as soon as its own bytes are in, not once its whole shard is."""
         reader = cls.__new__(cls)
         reader._setup(dict(headers), fetch, model_id, dict(weight_map or {}), {}, sizes)
@@ -407,7 +408,7 @@ class CheckpointReader:
         self.names = tuple(sorted(self._where, key=natural_key))
         self._open: tuple[str, Any] | None = None
         self._spans: dict[str, dict[str, tuple[int, int]]] = {}
-        self._read_growing: Callable[[str, int, int], bytearray | None] | None = None
+        self._read_growing: Callable[..., bytearray | None] | None = None
         self._data_start: dict[str, int] = {}
 
     def _add(self, shard: str, header: Header) -> None:
@@ -471,7 +472,7 @@ class CheckpointReader:
             return None
         start = self._data_start.get(shard)
         if start is None:
-            prefix = self._read_growing(shard, 0, 8)  # the header's length, then the header
+            prefix = self._read_growing(shard, 0, 8, False)  # the header's length, then it
             if prefix is None:
                 return None
             start = 8 + int.from_bytes(prefix, "little")

@@ -102,7 +102,6 @@ class HubClient:
         # header was read from the hub: what reading its tensors while it downloads needs
         self.spans: dict[tuple[str, str, str], dict[str, tuple[int, int]]] = {}
 
-
     def list_files(self, repo_id: str, revision: str | None) -> Listing:
         """The commit ``revision`` (default: main) resolves to, its files and their sizes."""
         if self.offline:
@@ -225,7 +224,8 @@ class HubClient:
 
 # The progress bar huggingface_hub's plain HTTP download opens: that download writes its
 # temporary file in order, from the first byte (resuming after a dropped connection at the
-# end). Xet's download, which opens another, may write a file's parts in any order.
+# end; starting again from the first byte, with the same bytes, where a server ignores the
+# resumed range). Xet's download, which opens another, may write a file's parts in any order.
 _SEQUENTIAL_DOWNLOAD = "huggingface_hub.http_get"
 
 

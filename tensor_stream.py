@@ -72,37 +72,44 @@ class ShardFetcher:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._last_asked: str | None = None
-        self._last_waited = False  # whether the reader waited for the last file it asked for
+        self._asked = False        # whether the reader has asked for anything yet
+        self._last_waited = False  # whether it waited for the network the last time it asked
         self._top_up()  # the first shards download while the rest of the job is set up
 
     def path(self, file: str) -> Path:
         """The local path of ``file``, waiting for its download."""
         future = self._start(file)
         if file != self._last_asked:
-            # Every stream waits for its first file, whatever bounds the job: only a wait for
-            # a later one says that the network is slower than the analysis.
-            first = self._last_asked is None
-            self._last_asked, self._last_waited = file, not first and not future.done()
+            self._last_asked = file
+            self._note_wait(not future.done())
         if not future.done():
             with self._waiting():
                 future.result()
         return future.result()
 
+    def _note_wait(self, waited: bool) -> None:
+        """Record whether the reader waited for the network this time. The first time does
+        not count: every stream waits for its first bytes, whatever bounds the job."""
+        self._last_waited = waited and self._asked
+        self._asked = True
+
     @property
     def network_bound(self) -> bool:
-        """True when the reader had to wait for the download of the last file it asked for
-        (not the first: that one is waited for in any case) and a download is running now:
-        the analysis outpaces the network. False while the downloads wait for the reader
-        (``max_held`` files held) or are all done."""
+        """True when the reader had to wait for the download the last time it asked for a
+        file (``path``) or a tensor's bytes (``read_growing``), not the first time, and a
+        download is running now: the analysis outpaces the network. False while the
+        downloads wait for the reader (``max_held`` files held) or are all done."""
         if not self._last_waited:
             return False
         with self._lock:
             return any(f.running() for f in self._futures.values())
 
-    def read_growing(self, file: str, begin: int, end: int) -> bytearray | None:
+    def read_growing(self, file: str, begin: int, end: int,
+                     note: bool = True) -> bytearray | None:
         """Bytes ``[begin, end)`` of ``file`` read while it downloads, once the download has
         written them (waiting meanwhile, and for the download to start); None when the
-        download ends first or does not hand its file over (``path`` then gives it whole)."""
+        download ends first or does not hand its file over (``path`` then gives it whole).
+        ``note=False``: a read that says nothing of the pace (a file's header)."""
         if not self._growing_ok:
             return None
         future = self._start(file)
@@ -123,9 +130,8 @@ class ShardFetcher:
                         waiting.enter_context(self._waiting())
                         waited = True
                     time.sleep(GROWING_POLL_S)
-                if file != self._last_asked:
-                    first = self._last_asked is None
-                    self._last_asked, self._last_waited = file, not first and waited
+                if note:
+                    self._note_wait(waited)
                 data = bytearray(end - begin)
                 view, done = memoryview(data), 0
                 with open(fd, "rb", buffering=0, closefd=False) as fh:

@@ -203,3 +203,33 @@ def test_a_file_whose_download_has_not_started_is_still_read_while_it_grows(tmp_
     downloads.steps["s2"].release()
     assert fetcher.path("s2").read_bytes() == contents["s2"]
     fetcher.close()
+
+
+def test_waits_for_a_tensors_bytes_say_when_the_network_bounds(tmp_path):
+    """Read by tensor, the signal follows the pace: the first wait (the stream's first bytes)
+    says nothing, nor does a header's read; a later wait means that the analysis caught up
+    with the download; bytes found already written mean that the analysis is the slower."""
+    downloads = GrowingDownloads(tmp_path, {"s1": bytes(range(256)) * 4}, step=256)
+    fetcher = ShardFetcher(["s1"], downloads, growing=True)
+    assert downloads.handed["s1"].wait(WAIT_S)
+
+    def read_while(step, begin, end):
+        got = []
+        reader = threading.Thread(
+            target=lambda: got.append(fetcher.read_growing("s1", begin, end)))
+        reader.start()
+        time.sleep(0.05)  # the reader finds the bytes missing and waits
+        downloads.steps["s1"].release()
+        reader.join(WAIT_S)
+        assert bytes(got[0]) == bytes(range(256))[begin % 256:end % 256 or 256], step
+
+    downloads.steps["s1"].release()  # bytes 0-255
+    assert bytes(fetcher.read_growing("s1", 0, 8, note=False)) == bytes(range(8))
+    read_while("first", 300, 400)  # waited for bytes 256-511: the first noted read
+    assert not fetcher.network_bound
+    read_while("second", 600, 700)  # waited again, and the download goes on
+    assert fetcher.network_bound
+    assert bytes(fetcher.read_growing("s1", 700, 760)) == bytes(range(700 - 512, 760 - 512))
+    assert not fetcher.network_bound  # written before it was asked: the analysis is slower
+    downloads.steps["s1"].release()
+    fetcher.close()
