@@ -2,14 +2,15 @@
 base, the disk a sharded model needs, and download overlapped with analysis.
 
 Usage: python benchmarks/bench_hub.py [--mbps 40] [--adapters 6] [--repeats 1] [--size small]
-                                      [--workdir DIR]
+                                      [--max_shard_size 35MB] [--workdir DIR]
 (--adapters 0: only the disk and overlap measures, on the base alone)
 
 Builds a Llama-shaped base and k LoRA adapters of it (--size small: fp32, hidden 768, 201 MB
 in 7 shards of up to 35 MB, where the worker's fixed start-up of about 1.5 s, mostly
 importing torch, weighs as much as three shards' download; --size large: bf16, hidden 2048,
 as a 1B model's layers, about 750 MB in shards of up to 200 MB, where shards take seconds as
-real ones, of 2 to 5 GB, take minutes), serves them from tests/hub_server.py on 127.0.0.1 at --mbps MB/s, and runs the real runner and worker
+real ones, of 2 to 5 GB, take minutes; --max_shard_size overrides the shard size, e.g. 5GB,
+the hub's default, for one file), serves them from tests/hub_server.py on 127.0.0.1 at --mbps MB/s, and runs the real runner and worker
 as whole processes against it (HF_ENDPOINT), each with a fresh cache:
 
   group       one run over the list "base's k adapters" with --cleanup_cache: one job reads
@@ -62,7 +63,8 @@ SIZES = {
 }
 
 
-def build(workdir: Path, adapters: int, size: str = "small") -> tuple[Path, list[Path]]:
+def build(workdir: Path, adapters: int, size: str = "small",
+          max_shard_size: str | None = None) -> tuple[Path, list[Path]]:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -71,7 +73,7 @@ def build(workdir: Path, adapters: int, size: str = "small") -> tuple[Path, list
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**shape)).to(getattr(torch, dtype)).eval()
     base = workdir / "base"
-    model.save_pretrained(base, max_shard_size=shard)
+    model.save_pretrained(base, max_shard_size=max_shard_size or shard)
     out = []
     for i in range(adapters):
         torch.manual_seed(i + 1)
@@ -145,6 +147,8 @@ def main() -> int:
     parser.add_argument("--adapters", type=int, default=6)
     parser.add_argument("--size", choices=sorted(SIZES), default="small",
                         help="the base's shape and shard size (see above)")
+    parser.add_argument("--max_shard_size", default=None,
+                        help="shard size the base is saved with (default: the --size's)")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs of the overlap measure (streamed, download, analysis), "
@@ -153,7 +157,7 @@ def main() -> int:
     from tests.hub_server import HubServer
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-hub-"))
-    base, adapters = build(workdir, args.adapters, args.size)
+    base, adapters = build(workdir, args.adapters, args.size, args.max_shard_size)
     shards = sorted(p.stat().st_size for p in base.glob("*.safetensors"))
     base_bytes = sum(shards)
     with HubServer() as hub:
@@ -210,7 +214,7 @@ def main() -> int:
             statistics.median(v) for v in (streamed, cold, kept, download, analysis))
         ratios = [s / max(d, a) for s, d, a in zip(streamed, download, analysis, strict=True)]
 
-    bound = shards[-1] + shards[-2] + SMALL_FILES
+    bound = sum(shards[-2:]) + SMALL_FILES
     print(f"machine: {os.cpu_count()} CPUs; hub at {args.mbps:g} MB/s; --size {args.size}: base "
           f"{base_bytes / 1e6:.0f} MB in {len(shards)} shards; {args.adapters} adapters")
     print("| measure | value | target |\n|---|---|---|")
