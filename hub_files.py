@@ -189,15 +189,13 @@ class HubClient:
         if ref is None or any(part in ("", ".", "..") for part in ref.split("/")):
             return
         from hub_cache import repo_folder_name
+        from paths import write_text_atomic
 
         path = default_cache_dir(self.cache_dir) / repo_folder_name(repo_id) / "refs" / ref
         try:
             if path.is_file() and path.read_text(encoding="utf-8").strip() == commit:
                 return
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(commit, encoding="utf-8")
-            os.replace(tmp, path)
+            write_text_atomic(path, commit)
         except OSError as exc:  # a read-only cache: the files are there, only offline lookup
             logger.debug("%s: could not record %s -> %s in the cache: %s", repo_id, ref,
                          commit, exc)

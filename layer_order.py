@@ -43,7 +43,6 @@ cannot be read or written is ignored (the class is built, as without the cache).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -427,15 +426,12 @@ def _write_cached(config_json: str, order: ModelOrder | None) -> None:
     entry = {"format": CACHE_FORMAT,
              "parameters": None if order is None else list(order.positions),
              "renames": renames}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    from paths import write_text_atomic
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(entry))
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(entry))
     except OSError as exc:
         logger.debug("cannot cache the depth order in %s: %s", path, exc)
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------

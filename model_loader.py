@@ -352,8 +352,8 @@ class Opener:
         with hub_errors(source.label, self.hub.offline, self.token):
             headers = {s: self.hub.safetensors_header(source.model_id, source.revision, s)
                        for s in shards}
-        spans = {s: self.hub.spans[key] for s in shards
-                 if (key := (source.model_id, source.revision, s)) in getattr(self.hub, "spans", {})}
+        spans = {s: found for s in shards
+                 if (found := self.hub.spans.get((source.model_id, source.revision, s)))}
         reader = CheckpointReader.from_headers(headers, fetcher.path, source.label, weight_map,
                                                {s: source.sizes.get(s, 0) for s in shards},
                                                spans, fetcher.read_growing)

@@ -113,17 +113,15 @@ class ShardFetcher:
         if not self._growing_ok:
             return None
         future = self._start(file)
+        fd: int | None = None
         with ExitStack() as waiting:
-            waited = False
-            while (fd := self._growing_fd(file)) is None:
-                if future.done():
-                    return None
-                if not waited:
-                    waiting.enter_context(self._waiting())
-                    waited = True
-                time.sleep(GROWING_POLL_S)
             try:
-                while os.fstat(fd).st_size < end:
+                waited = False
+                while True:  # for the download to hand its file over, then for the bytes
+                    if fd is None:
+                        fd = self._growing_fd(file)
+                    if fd is not None and os.fstat(fd).st_size >= end:
+                        break
                     if future.done():
                         return None
                     if not waited:
@@ -143,7 +141,8 @@ class ShardFetcher:
                         done += n
                 return data
             finally:
-                os.close(fd)
+                if fd is not None:
+                    os.close(fd)
 
     def _growing_fd(self, file: str) -> int | None:
         """A descriptor of the file ``file``'s download writes (the caller closes it)."""
