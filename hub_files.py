@@ -184,8 +184,9 @@ class HubClient:
         as huggingface_hub does when it downloads by branch: files are fetched here by commit,
         and without the ref a later offline run (``HF_HUB_OFFLINE=1``) of ``org/name`` could
         not tell which snapshot ``main`` is. Not under ``--cleanup_cache``, whose files go
-        (a ref to a deleted snapshot would hide the one the ref named before)."""
-        ref = self._refs.get((repo_id, commit))
+        (a ref to a deleted snapshot would hide the one the ref named before). Once per
+        listing: the first file cached records it, the next ones find nothing to do."""
+        ref = self._refs.pop((repo_id, commit), None)
         if ref is None or any(part in ("", ".", "..") for part in ref.split("/")):
             return
         from hub_cache import repo_folder_name
