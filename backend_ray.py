@@ -164,7 +164,8 @@ class RayBackend(StopState):
             runtime_env={"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}},
         )
         for job in ready:
-            command = TaskCommand(job.name, job.argv, job.env, job.log_path)
+            command = TaskCommand(job.name, job.argv, job.env, job.log_path,
+                                  timeout=job.timeout)
             ref = remote.remote([command], cpu_only,
                                 self.options.cpus_per_job if cpu_only else None,
                                 self.options.grace_period)
@@ -221,7 +222,7 @@ class RayBackend(StopState):
             returncode, detail = -signal.SIGTERM, f"not started: the task got {outcome.signal}"
         return JobResult(job, returncode, outcome.gpus, outcome.threads, outcome.pid, start,
                          start + (outcome.end - outcome.start), started_at, job.log_path,
-                         stopped, detail=detail)
+                         stopped, detail=detail, timed_out=outcome.timed_out)
 
     def _cancel(self, results: list[JobResult], on_finish: OnFinish | None) -> None:
         """Cancel every running task, wait for them (the commands get the grace period),

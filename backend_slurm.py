@@ -313,7 +313,7 @@ class SlurmBackend(StopState):
         returncode, detail = outcome.returncode, ""
         if outcome.error:
             returncode, detail = 1, outcome.error
-        elif returncode is None or returncode < 0:
+        elif (returncode is None or returncode < 0) and not outcome.timed_out:
             detail = self._ended_by(record, state, outcome)
             if (returncode is None and not outcome.signal and state is not None
                     and not state.ended_by_scheduler):
@@ -322,7 +322,7 @@ class SlurmBackend(StopState):
         return JobResult(job=job, returncode=returncode, gpus=outcome.gpus,
                          threads=outcome.threads, pid=outcome.pid, start=outcome.start,
                          end=outcome.end, started_at=outcome.start, log_path=job.log_path,
-                         detail=detail)
+                         detail=detail, timed_out=outcome.timed_out)
 
     def _ended_by(self, record: Submission, state: TaskState | None, outcome: Outcome) -> str:
         """Why a job ended by a signal, or never started: Slurm's word where it has one."""
@@ -395,7 +395,8 @@ class SlurmBackend(StopState):
         per_task = self.options.models_per_task
         chunks = [jobs[i:i + per_task] for i in range(0, len(jobs), per_task)]
         tokens = [[uuid.uuid4().hex for _ in chunk] for chunk in chunks]
-        tasks = [[TaskCommand(job.name, job.argv, job.env, job.log_path, self._outcome_path(t))
+        tasks = [[TaskCommand(job.name, job.argv, job.env, job.log_path, self._outcome_path(t),
+                              job.timeout)
                   for job, t in zip(chunk, chunk_tokens, strict=True)]
                  for chunk, chunk_tokens in zip(chunks, tokens, strict=True)]
         cpu_only = self.options.gpus_per_task == 0

@@ -41,13 +41,17 @@ _WAIT_STEP_S = 0.05
 class TaskCommand:
     """One job as it travels to the node: ``argv`` as in ``gputracker.Job`` (a list, or a
     callable given the node's ``Allocation``), extra ``env``, its log and its outcome file
-    (None: the outcome only travels back as ``run_commands``' return value)."""
+    (None: the outcome only travels back as ``run_commands``' return value), and
+    ``timeout``, the seconds it may run (``gputracker.Job.timeout``: SIGTERM to its process
+    group, SIGKILL after the grace period; counted from its start on the node, not in the
+    queue)."""
 
     name: str
     argv: Sequence[str] | Callable[[Allocation], Sequence[str]]
     env: Mapping[str, str]
     log_path: Path
     outcome_path: Path | None = None
+    timeout: float | None = None
 
     def command(self, allocation: Allocation) -> list[str]:
         argv = self.argv(allocation) if callable(self.argv) else self.argv
@@ -62,7 +66,8 @@ class Outcome:
     """How one command ended on its node. Times are wall-clock (seconds since the epoch).
 
     ``returncode`` is None when the command never started: ``signal`` then names what stopped
-    the task first, ``error`` what kept it from starting."""
+    the task first, ``error`` what kept it from starting. ``timed_out``: the task stopped it
+    at its ``timeout``."""
 
     returncode: int | None
     start: float
@@ -74,6 +79,7 @@ class Outcome:
     signal: str = ""
     error: str = ""
     task: str = field(default="")  # the scheduler's name for the task ("1234_5")
+    timed_out: bool = False
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -200,8 +206,13 @@ def _run_one(command: TaskCommand, gpus: tuple[int, ...] | None, threads: int | 
                                         error=f"could not start {command.name}: {exc}"))
     stopper.current = handle
     code: int | None = None
+    timed_out = False
     try:
-        code = _wait(handle)
+        code = _wait(handle, None if command.timeout is None else start + command.timeout)
+        if code is None:  # past its timeout: stopped as a scancel stops the task
+            timed_out = True
+            stopper.terminate(handle)
+            code = _wait(handle)
     except BaseException:  # a Ray cancel (KeyboardInterrupt): the command must not outlive us
         stopper.terminate(handle)
         code = handle.wait()
@@ -210,20 +221,23 @@ def _run_one(command: TaskCommand, gpus: tuple[int, ...] | None, threads: int | 
         stopper.current = None
         outcome = _record(command, Outcome(code, start, time.time(), host, pid=handle.pid,
                                            gpus=given, threads=threads, task=task,
-                                           signal=stopper.received))
+                                           signal=stopper.received, timed_out=timed_out))
     return outcome
 
 
-def _wait(handle: GroupProcess) -> int:
+def _wait(handle: GroupProcess, deadline: float | None = None) -> int | None:
     """``handle.wait()``, entered only once the command has exited: until then the wait is
     a sleep loop, because a Ray cancel arrives as a Python-level interrupt that a thread
-    blocked in a system call would not see."""
+    blocked in a system call would not see. None once ``deadline`` (``time.time()``) has
+    passed with the command still running."""
     while True:
         try:
             if os.waitid(os.P_PID, handle.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG):
                 break
         except ChildProcessError:
             break
+        if deadline is not None and time.time() >= deadline:
+            return None
         time.sleep(_WAIT_STEP_S)
     return handle.wait()
 

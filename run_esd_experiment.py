@@ -73,7 +73,7 @@ class RunConfig:
     cache_dir: str | None = None
     progress: bool = True
     max_group: int = 8                 # models per job for a base and its adapters
-    model_timeout: float | None = None  # seconds one attempt may take (local backend)
+    model_timeout: float | None = None  # seconds one attempt may take, on any backend
     backend: str = "local"
 
     @property

@@ -18,6 +18,7 @@ from tests.slurm_fixtures import probe_job, runs, wait_for, worker_argv
 LOGICAL_GPUS = 2
 START_TIMEOUT_S = 60  # the first task waits for Ray to start a worker process
 SETTLE_S = 1.0        # a job given a GPU starts well within this once Ray has its workers
+JOB_TIMEOUT_S = 2     # --model_timeout: seconds, enforced by the task in its Ray worker
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +79,18 @@ def test_retries_wait_for_not_before(ray_cluster, tmp_path):
     assert [r.job.attempt for r in results] == [1, 2] and len(runs(tmp_path, "flaky")) == 2
     first, second = runs(tmp_path, "flaky")
     assert second["start"] - first["start"] >= 1.0
+
+
+def test_model_timeout_stops_the_command_in_its_task(ray_cluster, tmp_path):
+    hold = tmp_path / "hold"
+    hold.touch()
+    (result,) = RayBackend(options(gpus_per_job=0)).run(
+        [probe_job(tmp_path, "hung", hold=hold, timeout=JOB_TIMEOUT_S)])
+    assert result.returncode == -signal.SIGTERM and result.timed_out and not result.stopped
+    assert result.describe() == f"killed by SIGTERM (timed out after {JOB_TIMEOUT_S:g} s)"
+    assert result.duration >= JOB_TIMEOUT_S
+    pid = runs(tmp_path, "hung")[0]["pid"]
+    wait_for(lambda: not _alive(pid), 10, "the command to be gone")
 
 
 def test_stop_cancels_the_tasks_and_their_commands(ray_cluster, tmp_path):

@@ -23,6 +23,7 @@ START = ROOT / "tests" / "slurm" / "start_slurm.sh"
 POLL_S = 0.3            # squeue every 0.3 s: the tests wait on seconds-long jobs
 QUEUE_TIMEOUT_S = 60    # a free single-node cluster starts a task within a few seconds
 TIME_LIMIT_WAIT_S = 150  # Slurm's limits are whole minutes, checked about once a minute
+JOB_TIMEOUT_S = 3       # --model_timeout: seconds, enforced by the task on the node
 
 
 @pytest.fixture(scope="session")
@@ -167,6 +168,20 @@ def test_time_limit_kill_is_transient_with_its_cause(slurm, tmp_path):
     assert "time limit (--slurm_time 1 min)" in results["long"].detail
     assert results["next"].returncode == -signal.SIGTERM
     assert "before this job started" in results["next"].detail and not runs(tmp_path, "next")
+
+
+def test_model_timeout_stops_the_job_on_its_node_and_the_task_goes_on(slurm, tmp_path):
+    hold = tmp_path / "hold"
+    hold.touch()
+    jobs = [probe_job(tmp_path, "hung", hold=hold, timeout=JOB_TIMEOUT_S),
+            probe_job(tmp_path, "after", timeout=JOB_TIMEOUT_S)]
+    backend = SlurmBackend(options(models_per_task=2, poll_interval=0.5), tmp_path / "state")
+    results = {r.name: r for r in backend.run(jobs)}
+    hung = results["hung"]
+    assert hung.returncode == -signal.SIGTERM and hung.timed_out and hung.detail == ""
+    assert hung.describe() == f"killed by SIGTERM (timed out after {JOB_TIMEOUT_S:g} s)"
+    assert hung.duration >= JOB_TIMEOUT_S and len(runs(tmp_path, "hung")) == 1
+    assert results["after"].ok and not results["after"].timed_out
 
 
 def test_stop_leaves_jobs_running_or_cancels_them(slurm, tmp_path, caplog):

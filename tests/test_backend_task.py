@@ -87,6 +87,34 @@ def test_a_stop_signal_ends_the_command_and_skips_the_rest(tmp_path, signum):
     assert not runs(tmp_path, "second")
 
 
+# A command that stays past its timeout: it holds until the test ends it (the probe), or
+# ignores SIGTERM as a worker stuck in uninterruptible I/O might.
+TIMEOUT_S = 1.0
+GRACE_S = 1.5
+STUBBORN = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "print('holding', flush=True); time.sleep(60)")
+
+
+def test_a_command_past_its_timeout_is_stopped_and_the_next_one_runs(tmp_path):
+    hold = tmp_path / "hold"
+    hold.touch()
+    slow = command(tmp_path, "slow", hold=hold)
+    slow = TaskCommand(slow.name, slow.argv, slow.env, slow.log_path, slow.outcome_path,
+                       timeout=TIMEOUT_S)
+    stubborn = TaskCommand("stubborn", [sys.executable, "-c", STUBBORN], {},
+                           tmp_path / "logs" / "stubborn.log", timeout=TIMEOUT_S)
+    outcomes = run_commands([slow, stubborn, command(tmp_path, "next")], gpus=(),
+                            grace_period=GRACE_S)
+    stopped, killed, after = outcomes
+    assert stopped.returncode == -signal.SIGTERM and stopped.timed_out and not stopped.signal
+    assert TIMEOUT_S <= stopped.end - stopped.start < TIMEOUT_S + GRACE_S
+    assert read_outcome(tmp_path / "outcomes" / "slow.json") == stopped
+    assert killed.returncode == -signal.SIGKILL and killed.timed_out
+    assert killed.end - killed.start >= TIMEOUT_S + GRACE_S
+    assert "holding" in (tmp_path / "logs" / "stubborn.log").read_text()
+    assert after.returncode == 0 and not after.timed_out and runs(tmp_path, "next")
+
+
 def test_unreadable_outcome_is_reported(tmp_path):
     (tmp_path / "o.json").write_text("{not json")
     assert "unreadable outcome" in read_outcome(tmp_path / "o.json").error

@@ -4,6 +4,7 @@ same rows as a local run; only where the workers run changes."""
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from tests.test_backend_slurm import slurm  # noqa: F401  (the cluster fixture)
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = ROOT / "run_esd_experiment.py"
 CLI_TIMEOUT_S = 600  # five Slurm tasks of a few seconds each on two busy cores
+HUNG_TIMEOUT_S = 10  # --model_timeout for a stalled download: past the worker's start on Slurm
 SLURM_FLAGS = ("--backend", "slurm", "--slurm_cpus_per_task", "1", "--slurm_time", "10",
                "--slurm_poll_interval", "0.5")
 
@@ -101,3 +103,23 @@ def test_slurm_unknown_partition_is_bad_input(slurm, five_models, tmp_path):  # 
                "--slurm_partition", "no-such-partition")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "partition" in proc.stderr.lower() and not list(out.glob("*.csv"))
+
+
+def test_slurm_model_timeout_names_the_workers_stage(slurm, hub, tmp_path):  # noqa: F811
+    from tests.loader_fixtures import write_safetensors
+
+    folder = write_safetensors(tmp_path / "big", {"w.weight": torch.randn(300, 300)})
+    hub.add_repo("org/slow", folder)
+    hub.stall(60, filename="model.safetensors", after_bytes=200_000)  # past the header reads
+    models = tmp_path / "models.csv"
+    models.write_text("model_id\norg/slow\n")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(RUNNER), "--model_list", models, "--output_dir", out, "--device",
+         "cpu", "--no-progress", *SLURM_FLAGS, "--model_timeout", str(HUNG_TIMEOUT_S),
+         "--max_retries", "0"],
+        capture_output=True, text=True, timeout=CLI_TIMEOUT_S,
+        env={**os.environ, **hub.env(hub.cache), "HF_HUB_DOWNLOAD_TIMEOUT": "300"})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    cause = (out / "failed_models.txt").read_text()
+    assert cause.startswith(f"org/slow\ttimeout after {HUNG_TIMEOUT_S} s in download"), cause
