@@ -370,8 +370,8 @@ class CheckpointReader:
                      model_id: str, weight_map: Mapping[str, str] | None = None,
                      sizes: Mapping[str, int] | None = None,
                      spans: Mapping[str, Mapping[str, tuple[int, int]]] | None = None,
-                     read_growing: Callable[..., bytearray | None] | None = None
-                     ) -> CheckpointReader:
+                     read_growing: Callable[..., bytearray | None] | None = None,
+                     copy: bool = False) -> CheckpointReader:
         """A reader of shards not yet on disk: ``headers`` by shard file name in reading order,
         ``fetch(shard)`` returns the shard's local path (downloading it first), ``sizes`` the
         shards' byte sizes.
@@ -379,11 +379,16 @@ class CheckpointReader:
         With ``spans`` (``{shard: {tensor: (begin, end)}}``, offsets in the safetensors data)
         and ``read_growing(shard, begin, end, note)`` (bytes of a shard while it downloads, or
         None; ``note=False`` for the reads of a header, which say nothing of the download's pace),
-        a tensor is read as soon as its own bytes are in, not once its whole shard is."""
+        a tensor is read as soon as its own bytes are in, not once its whole shard is.
+
+        ``copy``: each tensor is copied out of its file rather than mapped from it, for files
+        deleted once read (--cleanup_cache): a mapped tensor still being analysed would keep
+        a deleted shard's disk space until it is freed."""
         reader = cls.__new__(cls)
         reader._setup(dict(headers), fetch, model_id, dict(weight_map or {}), {}, sizes)
         reader._spans = {k: dict(v) for k, v in (spans or {}).items()}
         reader._read_growing = read_growing
+        reader._copy = copy
         return reader
 
     def _setup(self, headers: dict[str, Header], fetch: Callable[[str], Path], model_id: str,
@@ -410,6 +415,7 @@ class CheckpointReader:
         self._spans: dict[str, dict[str, tuple[int, int]]] = {}
         self._read_growing: Callable[..., bytearray | None] | None = None
         self._data_start: dict[str, int] = {}
+        self._copy = False
 
     def _add(self, shard: str, header: Header) -> None:
         for name, info in header.items():
@@ -452,6 +458,8 @@ class CheckpointReader:
             if self._open is None:
                 self._open = (shard, _open_file(self._fetch(shard), self.model_id))
             tensor = self._open[1].get(name)
+            if self._copy:
+                tensor = tensor.clone()
         if tuple(tensor.shape) != self.shape(name):
             raise CorruptCheckpointError(
                 f"{self.model_id}: tensor {name!r} of {shard} has shape "
@@ -492,6 +500,13 @@ class CheckpointReader:
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor, str]]:
         return stream_tensors(self)
+
+
+def tensor_nbytes(reader: TensorReader, name: str) -> int | None:
+    """The bytes ``reader.get(name)`` takes in memory (its shape and dtype); None for a dtype
+    torch lacks."""
+    dtype = _torch_dtype(reader.dtype(name))
+    return None if dtype is None else math.prod(reader.shape(name)) * dtype.itemsize
 
 
 @functools.cache

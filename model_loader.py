@@ -356,7 +356,8 @@ class Opener:
                  if (found := self.hub.spans.get((source.model_id, source.revision, s)))}
         reader = CheckpointReader.from_headers(headers, fetcher.path, source.label, weight_map,
                                                {s: source.sizes.get(s, 0) for s in shards},
-                                               spans, fetcher.read_growing)
+                                               spans, fetcher.read_growing,
+                                               copy=fetcher.max_held is not None)
         return reader, fetcher
 
 

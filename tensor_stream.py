@@ -6,7 +6,9 @@ background ahead of the reader, so the analysis of one shard overlaps the downlo
 next; under --cleanup_cache, where each is deleted once read, it keeps at most two shards on
 disk at once (the one read and the next). A download that writes its file in order hands the
 file over as it grows (``read_growing``), so the tensors at a shard's start are read, and
-analysed, while the rest of it downloads.
+analysed, while the rest of it downloads. When a download waits for a slot, the rest of the
+shard being read goes to memory (up to ``DRAIN_MAX_BYTES``) and the shard is released, so the
+next download starts while its tensors are analysed.
 
 ``stream_models(models)`` reads every base checkpoint once, whatever number of models (a base
 and its adapters) are computed from it: each base tensor is read, then handed to each model,
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from checkpoint_io import natural_key
+from checkpoint_io import natural_key, tensor_nbytes
 
 if TYPE_CHECKING:
     import torch
@@ -40,6 +42,12 @@ MAX_HELD = 2
 # How often a reader waiting for the bytes of a tensor checks the file that downloads them
 # (huggingface_hub writes 10 MB at a time: tens of milliseconds at hub speeds).
 GROWING_POLL_S = 0.02
+# When a download waits for a held file's release, the rest of the file being read is read
+# into memory at once (and the file released) if it is no larger than this: the memory a
+# stream may add to keep the network busy. It covers the whole of a small shard, where the
+# worker's start-up would otherwise leave the network idle once two shards are in, and the
+# tail of a large one, whose analysis then overlaps the next download.
+DRAIN_MAX_BYTES = 256 << 20
 
 
 class ShardFetcher:
@@ -167,6 +175,21 @@ class ShardFetcher:
             fd = self._growing.pop(file, None)
         if fd is not None:
             os.close(fd)  # under --cleanup_cache an open descriptor would keep a deleted file
+
+    def slot_wanted(self) -> bool:
+        """True when a download waits for a held file's release (``max_held`` files held)."""
+        with self._lock:
+            if self.max_held is None or self._closed:
+                return False
+            held = sum(1 for f in self._futures if f not in self._released)
+            return held >= self.max_held and any(f not in self._futures for f in self.order)
+
+    def downloaded(self, file: str) -> bool:
+        """Whether ``file`` is whole on disk (its download has ended without an error)."""
+        with self._lock:
+            future = self._futures.get(file)
+        return future is not None and future.done() and not future.cancelled() \
+            and future.exception() is None
 
     def fetch_all(self) -> list[Path]:
         """Every file on disk (for readers that need the whole checkpoint at once)."""
@@ -307,12 +330,18 @@ def _shared_pass(models: list) -> Iterator[StreamItem]:
         for file in reader.files_of(name):
             last_use[file] = index
     active = list(models)
+    drained: dict[str, torch.Tensor] = {}  # tensors read ahead to release their file
     try:
         for index, name in enumerate(order):
             users = [m for m in active if name in plans[id(m)]]
             if users:
                 try:
-                    base_value = reader.get(name)
+                    if fetcher is not None and name not in drained:
+                        needed = {n for m in active for n in plans[id(m)] if n is not None}
+                        drained = _drain(reader, fetcher, order, index, last_use, needed)
+                    base_value = drained.pop(name, None)
+                    if base_value is None:
+                        base_value = reader.get(name)
                 except Exception as exc:
                     for m in active:
                         yield StreamItem(m, error=exc)
@@ -334,6 +363,29 @@ def _shared_pass(models: list) -> Iterator[StreamItem]:
             fetcher.close()
         for model in models:
             model.close()
+
+
+def _drain(reader, fetcher: ShardFetcher, order: Sequence[str], index: int,
+           last_use: dict[str, int], needed: set[str]) -> dict[str, torch.Tensor]:
+    """When a download waits for a slot, the tensors left in the file that ``order[index]``
+    is read from, read now and the file released: ``{name: tensor}`` of the ``needed`` ones;
+    {} when nothing waits, the file is not whole yet, or the rest is over ``DRAIN_MAX_BYTES``."""
+    files = reader.files_of(order[index])
+    if len(files) != 1 or not fetcher.slot_wanted() or not fetcher.downloaded(files[0]):
+        return {}
+    file = files[0]
+    names = [n for n in order[index:last_use[file] + 1] if n in needed]
+    if any(reader.files_of(n) != (file,) for n in names):
+        return {}
+    sizes = [tensor_nbytes(reader, n) for n in names]
+    if None in sizes or sum(sizes) > DRAIN_MAX_BYTES:
+        return {}
+    values = {n: reader.get(n) for n in names}
+    reader.close()  # its open handle would keep the deleted file's space
+    fetcher.release(file)
+    logger.debug("read the last %d tensor(s) of %s ahead (%d bytes) to start the next download",
+                 len(names), file, sum(sizes))
+    return values
 
 
 def _outputs(model, names: Sequence[str], base_value) -> Iterator[StreamItem]:

@@ -277,3 +277,33 @@ def test_cleanup_never_touches_local_directories(tmp_path):
     with CacheSession(tmp_path / "cache", cleanup=True) as session:
         stream(open_model(ModelRequest(str(folder)), session=session))
     assert sorted(os.listdir(folder)) == before
+
+
+def test_a_download_waiting_for_a_slot_starts_once_the_shard_is_read_into_memory(
+        hub, tmp_path, monkeypatch):
+    """Under --cleanup_cache, with two shards in and the third waiting for a release, the
+    reader reads the rest of the first shard into memory and releases it at its first
+    tensor, rather than after its last one has been analysed."""
+    import tensor_stream
+
+    hub.add_repo("org/big", sharded(tmp_path))
+    expected = llama().state_dict()
+    for budget, drained in ((tensor_stream.DRAIN_MAX_BYTES, True), (0, False)):
+        monkeypatch.setattr(tensor_stream, "DRAIN_MAX_BYTES", budget)
+        with CacheSession(hub.cache, cleanup=True) as session:
+            loaded = open_model(ModelRequest("org/big"), hub=client(hub), session=session)
+            fetcher = loaded.checkpoint.fetcher
+            first, third = fetcher.order[0], fetcher.order[2]
+            deadline = time.monotonic() + DOWNLOAD_WAIT_S
+            while not fetcher.slot_wanted():
+                assert time.monotonic() < deadline, "two shards never arrived"
+                time.sleep(0.01)
+            tensors = loaded.iter_tensors()
+            got = dict([next(tensors)])
+            on_disk = {Path(p).name for p in cache_files(hub.cache)}
+            assert (first not in on_disk) is drained, on_disk
+            assert (third in fetcher._futures) is drained, "the third download has its slot"
+            got.update(tensors)
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[n], expected[n]) for n in expected), "bit-identical"
+        assert cache_files(hub.cache) == set()

@@ -410,3 +410,24 @@ def test_scrub_masks_given_env_and_token_shaped_secrets(monkeypatch):
     text = scrub(f"a {TOKEN} b plainsecret c Authorization: Bearer xyz d given", "given")
     assert TOKEN not in text and "plainsecret" not in text and "xyz" not in text
     assert "given" not in text and text.startswith("a hf_*** b *** c")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
+def test_copied_reads_keep_no_mapping_of_a_deleted_shard(tmp_path):
+    """Under --cleanup_cache a shard is deleted once read, while its last tensors are still
+    analysed: read mapped from the file, they would keep its disk space until then."""
+    from checkpoint_io import CheckpointReader, read_header
+
+    values = {"a.weight": torch.randn(64, 32), "b.weight": torch.randn(16, 8)}
+    for copy in (True, False):
+        path = write_safetensors(tmp_path / f"copy-{copy}", values) / "model.safetensors"
+        reader = CheckpointReader.from_headers(
+            {path.name: read_header(path, "m")}, lambda shard, p=path: p, "m", copy=copy)
+        read = {n: reader.get(n) for n in values}
+        reader.close()
+        path.unlink()
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            mapped = str(path) in maps.read()
+        assert mapped is not copy
+        assert all(torch.equal(read[n], values[n]) for n in values)
+        del read
