@@ -42,6 +42,11 @@ if TYPE_CHECKING:  # torch is imported where tensors are read, so listing files 
 
 logger = logging.getLogger(__name__)
 
+# Bytes per element of the dtypes a safetensors header names (as torch spells them): what a
+# tensor's span must measure, known before torch is imported.
+DTYPE_SIZES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1,
+               "float8_e5m2": 1, "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1,
+               "bool": 1}
 CONFIG_FILE = "config.json"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -370,7 +375,7 @@ class CheckpointReader:
                      model_id: str, weight_map: Mapping[str, str] | None = None,
                      sizes: Mapping[str, int] | None = None,
                      spans: Mapping[str, Mapping[str, tuple[int, int]]] | None = None,
-                     read_growing: Callable[..., bytearray | None] | None = None,
+                     read_growing: Callable[..., bytearray | memoryview | None] | None = None,
                      copy: bool = False) -> CheckpointReader:
         """A reader of shards not yet on disk: ``headers`` by shard file name in reading order,
         ``fetch(shard)`` returns the shard's local path (downloading it first), ``sizes`` the
@@ -413,7 +418,7 @@ class CheckpointReader:
         self.names = tuple(sorted(self._where, key=natural_key))
         self._open: tuple[str, Any] | None = None
         self._spans: dict[str, dict[str, tuple[int, int]]] = {}
-        self._read_growing: Callable[..., bytearray | None] | None = None
+        self._read_growing: Callable[..., bytearray | memoryview | None] | None = None
         self._data_start: dict[str, int] = {}
         self._copy = False
 
@@ -466,6 +471,28 @@ class CheckpointReader:
                 f"{tuple(tensor.shape)}, its header says {self.shape(name)}")
         return tensor
 
+    def read_through_spans(self) -> set[str]:
+        """The shards whose every tensor ``get`` reads by its span (``read_growing``), never
+        from the file as a whole: those a fetcher may hold in memory instead of on disk."""
+        if self._read_growing is None:
+            return set()
+        out = set()
+        for shard in self.files:
+            spans = self._spans.get(shard, {})
+            names = [n for n, where in self._where.items() if where == shard]
+            if names and all(self._span_fits(spans.get(n), n) for n in names):
+                out.add(shard)
+        return out
+
+    def _span_fits(self, span: tuple[int, int] | None, name: str) -> bool:
+        """Whether ``span`` holds exactly ``name``'s bytes, in a dtype read as it is stored
+        (without importing torch: a fetcher asks while the worker is still importing it)."""
+        size = DTYPE_SIZES.get(self.dtype(name))
+        if span is None or size is None or sys.byteorder != "little":
+            return False
+        numel = math.prod(self.shape(name))
+        return numel > 0 and span[1] - span[0] == numel * size
+
     def _get_growing(self, shard: str, name: str) -> torch.Tensor | None:
         """``name`` read from its shard while the shard downloads, or None (not downloading,
         a span or dtype this cannot read, a data offset that disagrees with the file)."""
@@ -473,10 +500,7 @@ class CheckpointReader:
 
         span = self._spans.get(shard, {}).get(name)
         dtype = _torch_dtype(self.dtype(name))
-        if span is None or dtype is None or sys.byteorder != "little":
-            return None
-        numel = math.prod(self.shape(name))
-        if numel == 0 or span[1] - span[0] != numel * dtype.itemsize:
+        if dtype is None or not self._span_fits(span, name):
             return None
         start = self._data_start.get(shard)
         if start is None:
@@ -500,13 +524,6 @@ class CheckpointReader:
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor, str]]:
         return stream_tensors(self)
-
-
-def tensor_nbytes(reader: TensorReader, name: str) -> int | None:
-    """The bytes ``reader.get(name)`` takes in memory (its shape and dtype); None for a dtype
-    torch lacks."""
-    dtype = _torch_dtype(reader.dtype(name))
-    return None if dtype is None else math.prod(reader.shape(name)) * dtype.itemsize
 
 
 @functools.cache

@@ -40,7 +40,7 @@ from checkpoint_io import (
 )
 from errors import CorruptCheckpointError, ESDError, InputError, ModelNotFoundError
 from hub_files import HubClient, Listing, hub_errors, scrub
-from tensor_stream import MAX_HELD, ShardFetcher, stream_models
+from tensor_stream import AHEAD_MEMORY_BYTES, MAX_HELD, ShardFetcher, stream_models
 
 if TYPE_CHECKING:  # torch and the merge are imported when tensors are read
     import torch
@@ -268,7 +268,8 @@ class Opener:
         # Without cleanup every file stays in the cache anyway: no reason to hold any back.
         fetcher = ShardFetcher(order, lambda shard, growing=None: self.file(source, shard, growing),
                                release, self.waiting,
-                               max_held=None if release is None else MAX_HELD, growing=True)
+                               max_held=None if release is None else MAX_HELD, growing=True,
+                               memory=0 if release is None else AHEAD_MEMORY_BYTES)
         if self.on_fetch is not None:
             on_fetch, self.on_fetch = self.on_fetch, None
             on_fetch()
@@ -358,6 +359,7 @@ class Opener:
                                                {s: source.sizes.get(s, 0) for s in shards},
                                                spans, fetcher.read_growing,
                                                copy=fetcher.max_held is not None)
+        fetcher.in_memory_ok(reader.read_through_spans())
         return reader, fetcher
 
 

@@ -6,9 +6,9 @@ background ahead of the reader, so the analysis of one shard overlaps the downlo
 next; under --cleanup_cache, where each is deleted once read, it keeps at most two shards on
 disk at once (the one read and the next). A download that writes its file in order hands the
 file over as it grows (``read_growing``), so the tensors at a shard's start are read, and
-analysed, while the rest of it downloads. When a download waits for a slot, the rest of the
-shard being read goes to memory (up to ``DRAIN_MAX_BYTES``) and the shard is released, so the
-next download starts while its tensors are analysed.
+analysed, while the rest of it downloads. Under --cleanup_cache, a shard downloaded ahead of
+the reader may wait in memory rather than on disk (up to ``AHEAD_MEMORY_BYTES`` in all), so
+the downloads go on while the analysis catches up.
 
 ``stream_models(models)`` reads every base checkpoint once, whatever number of models (a base
 and its adapters) are computed from it: each base tensor is read, then handed to each model,
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from checkpoint_io import natural_key, tensor_nbytes
+from checkpoint_io import natural_key
 
 if TYPE_CHECKING:
     import torch
@@ -42,12 +42,12 @@ MAX_HELD = 2
 # How often a reader waiting for the bytes of a tensor checks the file that downloads them
 # (huggingface_hub writes 10 MB at a time: tens of milliseconds at hub speeds).
 GROWING_POLL_S = 0.02
-# When a download waits for a held file's release, the rest of the file being read is read
-# into memory at once (and the file released) if it is no larger than this: the memory a
-# stream may add to keep the network busy. It covers the whole of a small shard, where the
-# worker's start-up would otherwise leave the network idle once two shards are in, and the
-# tail of a large one, whose analysis then overlaps the next download.
-DRAIN_MAX_BYTES = 256 << 20
+# Under --cleanup_cache, the bytes of downloaded shards the reader has not reached yet that a
+# stream may hold in memory in place of the disk, when the next download waits for a slot:
+# the memory it may add to keep the network busy. Small shards (tens of MB) arrive two by
+# two during the worker's start-up; without it the network would then idle until the first
+# is analysed. A shard larger than this waits on disk as before.
+AHEAD_MEMORY_BYTES = 256 << 20
 
 
 class ShardFetcher:
@@ -60,14 +60,25 @@ class ShardFetcher:
     gives a context the fetcher enters while the reader has to wait for a download (the
     worker reports its stage as ``download`` then). Downloads run on one background thread.
     ``network_bound`` says whether the network is what the reader waits for now.
+
+    With ``memory`` (bytes) and ``max_held``, when the next download waits for a slot, a file
+    that is whole and that the reader has not asked for yet is moved to memory (read, then
+    released on disk) if it fits: its reads are then served from memory. Only the files named
+    by ``in_memory_ok`` move, those the reader reads with ``read_growing`` alone.
     """
 
     def __init__(self, order: Sequence[str], download: Callable[..., Path],
                  release: Callable[[str], object] | None = None,
                  waiting: Callable[[], AbstractContextManager] = nullcontext,
-                 max_held: int | None = MAX_HELD, growing: bool = False):
+                 max_held: int | None = MAX_HELD, growing: bool = False, memory: int = 0):
         self.order = list(order)
         self.max_held = max_held
+        self.memory = memory
+        self._movable: set[str] = set()     # files the reader can read from memory
+        self._in_memory: dict[str, bytearray] = {}
+        self._moving: set[str] = set()      # being read into memory now
+        self._asked_for: set[str] = set()   # files the reader has asked for
+        self._movers: list[threading.Thread] = []
         self._download, self._release, self._waiting = download, release, waiting
         # With ``growing``, download(file, on_growing) may hand over the file it writes in
         # order while it downloads (``read_growing`` reads from it): {file: open descriptor}
@@ -84,8 +95,18 @@ class ShardFetcher:
         self._last_waited = False  # whether it waited for the network the last time it asked
         self._top_up()  # the first shards download while the rest of the job is set up
 
+    def in_memory_ok(self, files: Iterable[str]) -> None:
+        """``files`` are read through ``read_growing`` only: they may wait in memory."""
+        with self._lock:
+            self._movable.update(files)
+        self._top_up()
+
     def path(self, file: str) -> Path:
         """The local path of ``file``, waiting for its download."""
+        if self._memory_copy(file) is not None:
+            raise RuntimeError(f"{file} is held in memory and can only be read by its "
+                               f"tensors' spans: its bytes disagree with the header read from "
+                               f"the hub")
         future = self._start(file)
         if file != self._last_asked:
             self._last_asked = file
@@ -113,13 +134,19 @@ class ShardFetcher:
             return any(f.running() for f in self._futures.values())
 
     def read_growing(self, file: str, begin: int, end: int,
-                     note: bool = True) -> bytearray | None:
+                     note: bool = True) -> bytearray | memoryview | None:
         """Bytes ``[begin, end)`` of ``file`` read while it downloads, once the download has
         written them (waiting meanwhile, and for the download to start); None when the
         download ends first or does not hand its file over (``path`` then gives it whole).
-        ``note=False``: a read that says nothing of the pace (a file's header)."""
+        ``note=False``: a read that says nothing of the pace (a file's header). A file moved
+        to memory is read from there."""
         if not self._growing_ok:
             return None
+        held = self._memory_copy(file)
+        if held is not None:
+            if note:
+                self._note_wait(False)
+            return memoryview(held)[begin:end]
         future = self._start(file)
         fd: int | None = None
         with ExitStack() as waiting:
@@ -176,20 +203,59 @@ class ShardFetcher:
         if fd is not None:
             os.close(fd)  # under --cleanup_cache an open descriptor would keep a deleted file
 
-    def slot_wanted(self) -> bool:
-        """True when a download waits for a held file's release (``max_held`` files held)."""
-        with self._lock:
-            if self.max_held is None or self._closed:
-                return False
-            held = sum(1 for f in self._futures if f not in self._released)
-            return held >= self.max_held and any(f not in self._futures for f in self.order)
+    def _memory_copy(self, file: str) -> bytearray | None:
+        """``file``'s bytes once moved to memory (waiting for a move under way); marks it as
+        asked for, so that it is not moved from now on."""
+        while True:
+            with self._lock:
+                self._asked_for.add(file)
+                if file not in self._moving:
+                    return self._in_memory.get(file)
+            time.sleep(GROWING_POLL_S)
 
-    def downloaded(self, file: str) -> bool:
-        """Whether ``file`` is whole on disk (its download has ended without an error)."""
+    def _held_on_disk(self) -> list[str]:
+        return [f for f in self._futures if f not in self._released and f not in self._in_memory]
+
+    def _to_move(self) -> str | None:
+        """A whole file the reader has not asked for, that fits in the memory left (under
+        the lock)."""
+        used = sum(len(b) for b in self._in_memory.values())
+        for file in self._held_on_disk():
+            future = self._futures[file]
+            if (file not in self._movable or file in self._asked_for or file in self._moving
+                    or not future.done() or future.cancelled() or future.exception()):
+                continue
+            try:
+                if used + future.result().stat().st_size <= self.memory:
+                    return file
+            except OSError:  # gone from disk: read (and failed) from there
+                continue
+        return None
+
+    def _move_to_memory(self, file: str) -> None:
+        """Read ``file`` into memory, then release it on disk."""
+        path = self._futures[file].result()
+        try:
+            data = bytearray(path.stat().st_size)
+            with open(path, "rb", buffering=0) as fh:
+                view, done = memoryview(data), 0
+                while done < len(data):
+                    n = fh.readinto(view[done:])
+                    if not n:
+                        raise OSError(f"{path} ended at byte {done} of {len(data)}")
+                    done += n
+        except OSError as exc:  # stays on disk, read from there
+            logger.debug("could not move %s to memory: %s", file, exc)
+            with self._lock:
+                self._moving.discard(file)
+                self._movable.discard(file)
+            return
         with self._lock:
-            future = self._futures.get(file)
-        return future is not None and future.done() and not future.cancelled() \
-            and future.exception() is None
+            self._in_memory[file] = data
+            self._moving.discard(file)
+        if self._release is not None:
+            self._release(file)
+        logger.debug("%s (%d bytes) waits in memory for the reader", file, len(data))
 
     def fetch_all(self) -> list[Path]:
         """Every file on disk (for readers that need the whole checkpoint at once)."""
@@ -202,9 +268,12 @@ class ShardFetcher:
             if file in self._released:
                 return
             self._released.add(file)
-            future = self._futures.get(file)
-            if future is not None and not future.done():
-                return  # _work releases it once the download ends
+            if self._in_memory.pop(file, None) is not None:
+                future = None  # released on disk when it moved
+            else:
+                future = self._futures.get(file)
+                if future is not None and not future.done():
+                    return  # _work releases it once the download ends
         if self._release is not None and future is not None and future.exception() is None:
             self._release(file)
         self._top_up()
@@ -220,19 +289,38 @@ class ShardFetcher:
             thread = self._thread
         if thread is not None:
             thread.join()
+        for mover in list(self._movers):
+            mover.join()
         for file in list(self._growing):
             self._done_growing(file)
+        with self._lock:
+            self._in_memory.clear()
 
     def _top_up(self) -> None:
-        """Start the next downloads in order while fewer than ``max_held`` files are held."""
+        """Start the next downloads in order while fewer than ``max_held`` files are held on
+        disk. When the disk holds that many, move a file to memory where one may go: on a
+        thread of its own, beside the download under way, so the network is not kept waiting
+        for the copy; the next download starts once it is done."""
         while True:
             with self._lock:
-                held = sum(1 for f in self._futures if f not in self._released)
                 upcoming = next((f for f in self.order if f not in self._futures), None)
-                if self._closed or upcoming is None or (self.max_held is not None
-                                                        and held >= self.max_held):
+                if self._closed or upcoming is None:
+                    return
+                if self.max_held is not None and len(self._held_on_disk()) >= self.max_held:
+                    moving = self._to_move() if self.memory else None
+                    if moving is not None:
+                        self._moving.add(moving)
+                        mover = threading.Thread(target=self._move_then_top_up,
+                                                 args=(moving,), name="shard-to-memory",
+                                                 daemon=True)
+                        self._movers.append(mover)
+                        mover.start()
                     return
             self._start(upcoming)
+
+    def _move_then_top_up(self, file: str) -> None:
+        self._move_to_memory(file)
+        self._top_up()
 
     def _start(self, file: str) -> Future:
         with self._lock:
@@ -330,18 +418,12 @@ def _shared_pass(models: list) -> Iterator[StreamItem]:
         for file in reader.files_of(name):
             last_use[file] = index
     active = list(models)
-    drained: dict[str, torch.Tensor] = {}  # tensors read ahead to release their file
     try:
         for index, name in enumerate(order):
             users = [m for m in active if name in plans[id(m)]]
             if users:
                 try:
-                    if fetcher is not None and name not in drained:
-                        needed = {n for m in active for n in plans[id(m)] if n is not None}
-                        drained = _drain(reader, fetcher, order, index, last_use, needed)
-                    base_value = drained.pop(name, None)
-                    if base_value is None:
-                        base_value = reader.get(name)
+                    base_value = reader.get(name)
                 except Exception as exc:
                     for m in active:
                         yield StreamItem(m, error=exc)
@@ -363,29 +445,6 @@ def _shared_pass(models: list) -> Iterator[StreamItem]:
             fetcher.close()
         for model in models:
             model.close()
-
-
-def _drain(reader, fetcher: ShardFetcher, order: Sequence[str], index: int,
-           last_use: dict[str, int], needed: set[str]) -> dict[str, torch.Tensor]:
-    """When a download waits for a slot, the tensors left in the file that ``order[index]``
-    is read from, read now and the file released: ``{name: tensor}`` of the ``needed`` ones;
-    {} when nothing waits, the file is not whole yet, or the rest is over ``DRAIN_MAX_BYTES``."""
-    files = reader.files_of(order[index])
-    if len(files) != 1 or not fetcher.slot_wanted() or not fetcher.downloaded(files[0]):
-        return {}
-    file = files[0]
-    names = [n for n in order[index:last_use[file] + 1] if n in needed]
-    if any(reader.files_of(n) != (file,) for n in names):
-        return {}
-    sizes = [tensor_nbytes(reader, n) for n in names]
-    if None in sizes or sum(sizes) > DRAIN_MAX_BYTES:
-        return {}
-    values = {n: reader.get(n) for n in names}
-    reader.close()  # its open handle would keep the deleted file's space
-    fetcher.release(file)
-    logger.debug("read the last %d tensor(s) of %s ahead (%d bytes) to start the next download",
-                 len(names), file, sum(sizes))
-    return values
 
 
 def _outputs(model, names: Sequence[str], base_value) -> Iterator[StreamItem]:

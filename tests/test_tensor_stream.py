@@ -233,3 +233,76 @@ def test_waits_for_a_tensors_bytes_say_when_the_network_bounds(tmp_path):
     assert not fetcher.network_bound  # written before it was asked: the analysis is slower
     downloads.steps["s1"].release()
     fetcher.close()
+
+
+class FileDownloads:
+    """Downloads that write real files, each when the test opens its gate."""
+
+    def __init__(self, folder: Path, contents: dict[str, bytes]):
+        self.folder, self.contents = folder, contents
+        self.gates = {f: threading.Event() for f in contents}
+        self.started: list[str] = []
+
+    def __call__(self, file, on_growing=None):
+        self.started.append(file)
+        assert self.gates[file].wait(WAIT_S), f"{file} was never let through"
+        path = self.folder / file
+        path.write_bytes(self.contents[file])
+        return path
+
+
+def test_a_whole_file_not_asked_for_yet_waits_in_memory_so_the_next_download_starts(tmp_path):
+    contents = {f"s{i}": bytes([i]) * 1000 for i in range(1, 5)}
+    downloads = FileDownloads(tmp_path, contents)
+    deleted = []
+
+    def release(file):
+        deleted.append(file)
+        (tmp_path / file).unlink()
+
+    fetcher = ShardFetcher(list(contents), downloads, release, growing=True, memory=1500)
+    fetcher.in_memory_ok(list(contents))
+    for file in ("s1", "s2"):
+        downloads.gates[file].set()
+    wait_until(lambda: "s3" in downloads.started)
+    assert deleted == ["s1"], "s1 left the disk for memory, s3 took its place"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s2"]
+    assert bytes(fetcher.read_growing("s1", 10, 20)) == b"\x01" * 10
+    with pytest.raises(RuntimeError, match="s1 is held in memory"):
+        fetcher.path("s1")
+    assert fetcher.path("s2").read_bytes() == contents["s2"]  # asked for: it stays on disk
+    downloads.gates["s3"].set()
+    wait_until(lambda: (tmp_path / "s3").exists())
+    time.sleep(0.2)  # time enough for a move, and a fourth download, to start
+    assert downloads.started == ["s1", "s2", "s3"], "no memory left for s3: s4 waits"
+    fetcher.release("s1")
+    wait_until(lambda: "s4" in downloads.started)
+    assert deleted == ["s1", "s3"], "s1 released on disk once, when it moved; s3 moved"
+    downloads.gates["s4"].set()
+    assert fetcher.path("s4").read_bytes() == contents["s4"]
+    assert bytes(fetcher.read_growing("s3", 0, 1000)) == contents["s3"]
+    fetcher.close()
+
+
+def test_no_file_moves_beyond_the_memory_or_once_the_reader_asked_for_it(tmp_path):
+    contents = {f"s{i}": bytes([i]) * 1000 for i in range(1, 4)}
+    for memory, asked in ((999, []), (5000, ["s1", "s2"])):
+        downloads = FileDownloads(tmp_path, contents)
+        fetcher = ShardFetcher(list(contents), downloads, lambda f: None, growing=True,
+                               memory=memory)
+        fetcher.in_memory_ok(list(contents))
+        got: dict = {}
+        readers = [read_in_thread(fetcher, file, got) for file in asked]
+        wait_until(lambda f=fetcher, a=asked: len(f._asked_for) == len(a))
+        for file in ("s1", "s2"):
+            downloads.gates[file].set()
+        wait_until(lambda: (tmp_path / "s2").exists())
+        time.sleep(0.2)  # time enough for a move, and a third download, to start
+        assert downloads.started == ["s1", "s2"], (memory, asked)
+        assert all((tmp_path / f).exists() for f in ("s1", "s2"))
+        downloads.gates["s3"].set()
+        for reader in readers:
+            reader.join(WAIT_S)
+        fetcher.close()
+        for file in contents:
+            (tmp_path / file).unlink(missing_ok=True)
