@@ -115,20 +115,26 @@ def timed(cmd: list[str], env: dict, watch: Path | None = None) -> tuple[float, 
 
 
 def folder_bytes(folder: Path) -> int:
-    """Bytes of the files under ``folder``; a file deleted while it is walked counts 0, and
-    a folder deleted under the walk makes it start again."""
-    while True:
-        total = 0
+    """Bytes of the repositories' files in the hub cache ``folder``: their ``blobs/``, where
+    huggingface_hub writes every file and its downloads in progress (the snapshots hold links
+    to them, ``.locks`` empty files). A few directory reads, so that sampling every
+    ``SAMPLE_S`` takes no time from the stand-in hub, which runs in this process."""
+    total = 0
+    try:
+        repos = list(os.scandir(folder))
+    except FileNotFoundError:
+        return 0
+    for repo in repos:
         try:
-            for path in folder.rglob("*"):
-                try:
-                    if path.is_file() and not path.is_symlink():
-                        total += path.stat().st_size
-                except FileNotFoundError:
-                    pass
-        except FileNotFoundError:
+            entries = list(os.scandir(os.path.join(repo.path, "blobs")))
+        except (FileNotFoundError, NotADirectoryError):
             continue
-        return total
+        for entry in entries:
+            try:
+                total += entry.stat(follow_symlinks=False).st_size
+            except FileNotFoundError:  # deleted while it was walked
+                pass
+    return total
 
 
 def runner(list_path: Path, out: Path) -> list[str]:
