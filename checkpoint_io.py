@@ -361,8 +361,9 @@ class CheckpointReader:
     with range requests, so a sharded model can be fetched one shard at a time). An index naming
     tensors its shards lack fails here with ``CorruptCheckpointError``. ``get`` asks ``fetch``
     for a shard's path the first time one of its tensors is read, and keeps one file open at a
-    time. ``read_order`` lists the names shard by shard (natural order within a shard), the
-    order that reads each file once.
+    time. ``read_order`` lists the names shard by shard (within a shard, in the order of
+    their bytes when the hub's header gave it, else in natural order), the order that reads
+    each file once.
     """
 
     def __init__(self, root: Path, files: WeightFiles, model_id: str):
@@ -470,6 +471,12 @@ class CheckpointReader:
                 f"{self.model_id}: tensor {name!r} of {shard} has shape "
                 f"{tuple(tensor.shape)}, its header says {self.shape(name)}")
         return tensor
+
+    def data_offset(self, name: str) -> int | None:
+        """Where ``name``'s bytes begin in its shard's data, when the header read from the hub
+        gave it (None for a file read from disk)."""
+        span = self._spans.get(self._where[name], {}).get(name)
+        return None if span is None else span[0]
 
     def read_through_spans(self) -> set[str]:
         """The shards whose every tensor ``get`` reads by its span (``read_growing``), never

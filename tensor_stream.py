@@ -363,11 +363,20 @@ class ShardFetcher:
 
 
 def read_order(reader) -> list[str]:
-    """``reader.names`` shard by shard: by the last file each tensor needs (``files_of``), then
-    in natural order, so every file is read in one stretch and can be released after it."""
+    """``reader.names`` shard by shard: by the last file each tensor needs (``files_of``), so
+    every file is read in one stretch and can be released after it; within a file, in the
+    order its bytes lie where the reader knows it (``data_offset``: the order a download
+    writes them, which safetensors sorts by dtype and by name as text, ``layers.10`` before
+    ``layers.2``), else in natural order."""
     position = {f: i for i, f in enumerate(reader.files)}
-    return sorted(reader.names, key=lambda n: (
-        max((position.get(f, 0) for f in reader.files_of(n)), default=0), natural_key(n)))
+    offset = getattr(reader, "data_offset", lambda name: None)
+
+    def key(name: str) -> tuple:
+        file = max((position.get(f, 0) for f in reader.files_of(name)), default=0)
+        at = offset(name)
+        return (file, 1, natural_key(name)) if at is None else (file, 0, at)
+
+    return sorted(reader.names, key=key)
 
 
 @dataclass

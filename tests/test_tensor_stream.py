@@ -306,3 +306,21 @@ def test_no_file_moves_beyond_the_memory_or_once_the_reader_asked_for_it(tmp_pat
         fetcher.close()
         for file in contents:
             (tmp_path / file).unlink(missing_ok=True)
+
+
+def test_a_shard_from_the_hub_is_read_in_the_order_its_bytes_arrive():
+    """safetensors lays a file out by name as text (``layers.10`` before ``layers.2``): read
+    in natural order, the reader would wait for ``layers.2`` while ``layers.10`` sat unread."""
+    from checkpoint_io import CheckpointReader
+    from tensor_stream import read_order
+
+    names = ["model.layers.10.w.weight", "model.layers.2.w.weight", "model.norm.weight"]
+    header = {n: ((4, 4), "float32") for n in names}
+    spans = {n: (i * 64, (i + 1) * 64) for i, n in enumerate(sorted(names))}
+    reader = CheckpointReader.from_headers(
+        {"s1.safetensors": header, "s2.safetensors": {"lm_head.weight": ((4, 4), "float32")}},
+        lambda shard: Path("/unused") / shard, "m", spans={"s1.safetensors": spans})
+    assert read_order(reader) == [*sorted(names), "lm_head.weight"]
+    local = CheckpointReader.from_headers({"s1.safetensors": header}, lambda s: Path(s), "m")
+    assert read_order(local) == ["model.layers.2.w.weight", "model.layers.10.w.weight",
+                                 "model.norm.weight"], "no offsets: natural order"
