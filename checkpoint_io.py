@@ -459,7 +459,9 @@ class CheckpointReader:
             self.close()  # one file open at a time: a released shard's space is freed
         tensor = None
         if self._open is None and self._read_growing is not None:
-            tensor = self._get_growing(shard, name)
+            tensor = self._get_span(shard, name, self._read_growing)
+            if tensor is None and self._copy:  # whole now: its span read from the file
+                tensor = self._get_span(shard, name, self._read_file)
         if tensor is None:
             if self._open is None:
                 self._open = (shard, _open_file(self._fetch(shard), self.model_id))
@@ -479,7 +481,7 @@ class CheckpointReader:
         return None if span is None else span[0]
 
     def read_through_spans(self) -> set[str]:
-        """The shards whose every tensor ``get`` reads by its span (``read_growing``), never
+        """The shards whose every tensor ``get`` reads by its span (``_get_span``), never
         from the file as a whole: those a fetcher may hold in memory instead of on disk."""
         if self._read_growing is None:
             return set()
@@ -500,9 +502,12 @@ class CheckpointReader:
         numel = math.prod(self.shape(name))
         return numel > 0 and span[1] - span[0] == numel * size
 
-    def _get_growing(self, shard: str, name: str) -> torch.Tensor | None:
-        """``name`` read from its shard while the shard downloads, or None (not downloading,
-        a span or dtype this cannot read, a data offset that disagrees with the file)."""
+    def _get_span(self, shard: str, name: str,
+                  read: Callable[..., bytearray | memoryview | None]) -> torch.Tensor | None:
+        """``name`` made of the bytes of its span, as ``read(shard, begin, end, note)`` gives
+        them (``read_growing``: while the shard downloads, or from memory; ``_read_file``:
+        from the whole file, into memory of its own); None when ``read`` gives none, or for a
+        span or dtype this cannot read, or a data offset that disagrees with the file."""
         import torch
 
         span = self._spans.get(shard, {}).get(name)
@@ -511,7 +516,7 @@ class CheckpointReader:
             return None
         start = self._data_start.get(shard)
         if start is None:
-            prefix = self._read_growing(shard, 0, 8, False)  # the header's length, then it
+            prefix = read(shard, 0, 8, False)  # the header's length, then the header
             if prefix is None:
                 return None
             start = 8 + int.from_bytes(prefix, "little")
@@ -519,10 +524,26 @@ class CheckpointReader:
             if total and total - start != max(end for _, end in self._spans[shard].values()):
                 return None  # the header read from the hub does not describe this file
             self._data_start[shard] = start
-        data = self._read_growing(shard, start + span[0], start + span[1])
+        data = read(shard, start + span[0], start + span[1])
         if data is None:
             return None
         return torch.frombuffer(data, dtype=dtype).reshape(self.shape(name))
+
+    def _read_file(self, shard: str, begin: int, end: int, note: bool = True) -> bytearray:
+        """Bytes ``[begin, end)`` of the whole shard on disk: one copy, where mapping the file
+        and copying the tensor out of it would fault every page in first."""
+        data = bytearray(end - begin)
+        view, done = memoryview(data), 0
+        with open(self._fetch(shard), "rb", buffering=0) as fh:
+            fh.seek(begin)
+            while done < len(data):
+                n = fh.readinto(view[done:])
+                if not n:
+                    raise CorruptCheckpointError(
+                        f"{self.model_id}: {shard} ends before byte {end} that its header "
+                        f"places a tensor at")
+                done += n
+        return data
 
     def close(self) -> None:
         if self._open is not None:

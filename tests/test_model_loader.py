@@ -419,11 +419,19 @@ def test_copied_reads_keep_no_mapping_of_a_deleted_shard(tmp_path):
     from checkpoint_io import CheckpointReader, read_header
 
     values = {"a.weight": torch.randn(64, 32), "b.weight": torch.randn(16, 8)}
-    for copy in (True, False):
-        path = write_safetensors(tmp_path / f"copy-{copy}", values) / "model.safetensors"
+    for copy, by_span in ((True, False), (True, True), (False, False)):
+        path = write_safetensors(tmp_path / f"copy-{copy}-{by_span}", values) / "model.safetensors"
+        spans = {}
+        if by_span:  # as read from the hub; the download is over (read_growing gives None)
+            size = int.from_bytes(path.read_bytes()[:8], "little")
+            header = json.loads(path.read_bytes()[8:8 + size])
+            spans = {path.name: {n: tuple(header[n]["data_offsets"]) for n in values}}
         reader = CheckpointReader.from_headers(
-            {path.name: read_header(path, "m")}, lambda shard, p=path: p, "m", copy=copy)
+            {path.name: read_header(path, "m")}, lambda shard, p=path: p, "m",
+            sizes={path.name: path.stat().st_size}, spans=spans,
+            read_growing=(lambda *args: None) if by_span else None, copy=copy)
         read = {n: reader.get(n) for n in values}
+        assert (reader._open is None) is by_span, "by span: the file is read, never mapped"
         reader.close()
         path.unlink()
         with open("/proc/self/maps", encoding="utf-8") as maps:
