@@ -532,17 +532,11 @@ class CheckpointReader:
     def _read_file(self, shard: str, begin: int, end: int, note: bool = True) -> bytearray:
         """Bytes ``[begin, end)`` of the whole shard on disk: one copy, where mapping the file
         and copying the tensor out of it would fault every page in first."""
-        data = bytearray(end - begin)
-        view, done = memoryview(data), 0
         with open(self._fetch(shard), "rb", buffering=0) as fh:
-            fh.seek(begin)
-            while done < len(data):
-                n = fh.readinto(view[done:])
-                if not n:
-                    raise CorruptCheckpointError(
-                        f"{self.model_id}: {shard} ends before byte {end} that its header "
-                        f"places a tensor at")
-                done += n
+            data = read_range(fh, begin, end - begin)
+        if data is None:
+            raise CorruptCheckpointError(f"{self.model_id}: {shard} ends before byte {end} "
+                                         f"that its header places a tensor at")
         return data
 
     def close(self) -> None:
@@ -552,6 +546,20 @@ class CheckpointReader:
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor, str]]:
         return stream_tensors(self)
+
+
+def read_range(fh, begin: int, size: int) -> bytearray | None:
+    """``size`` bytes of the unbuffered binary file ``fh`` from ``begin``, in a buffer of their
+    own; None when the file ends first."""
+    data = bytearray(size)
+    view, done = memoryview(data), 0
+    fh.seek(begin)
+    while done < size:
+        n = fh.readinto(view[done:])
+        if not n:
+            return None
+        done += n
+    return data
 
 
 @functools.cache

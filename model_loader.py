@@ -244,10 +244,8 @@ class Opener:
             raise CorruptCheckpointError(f"{source.label}: the repository lacks {name}, named by "
                                          f"its weight index")
         with hub_errors(f"{source.label} ({name})", self.hub.offline, self.token):
-            if on_growing is None or not source.etags.get(name):
-                return self.hub.download(source.model_id, source.revision, name, self.session)
             return self.hub.download(source.model_id, source.revision, name, self.session,
-                                     etag=source.etags[name], on_growing=on_growing)
+                                     etag=source.etags.get(name), on_growing=on_growing)
 
     def with_root(self, source: Source, name: str) -> Source:
         """``source`` with its snapshot folder known (after fetching ``name`` from the hub)."""

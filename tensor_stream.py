@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from checkpoint_io import natural_key
+from checkpoint_io import natural_key, read_range
 
 if TYPE_CHECKING:
     import torch
@@ -165,16 +165,8 @@ class ShardFetcher:
                     time.sleep(GROWING_POLL_S)
                 if note:
                     self._note_wait(waited)
-                data = bytearray(end - begin)
-                view, done = memoryview(data), 0
                 with open(fd, "rb", buffering=0, closefd=False) as fh:
-                    fh.seek(begin)
-                    while done < len(data):
-                        n = fh.readinto(view[done:])
-                        if not n:
-                            return None
-                        done += n
-                return data
+                    return read_range(fh, begin, end - begin)
             finally:
                 if fd is not None:
                     os.close(fd)
@@ -236,14 +228,10 @@ class ShardFetcher:
         """Read ``file`` into memory, then release it on disk."""
         path = self._futures[file].result()
         try:
-            data = bytearray(path.stat().st_size)
             with open(path, "rb", buffering=0) as fh:
-                view, done = memoryview(data), 0
-                while done < len(data):
-                    n = fh.readinto(view[done:])
-                    if not n:
-                        raise OSError(f"{path} ended at byte {done} of {len(data)}")
-                    done += n
+                data = read_range(fh, 0, os.fstat(fh.fileno()).st_size)
+            if data is None:
+                raise OSError(f"{path} shrank while it was read")
         except OSError as exc:  # stays on disk, read from there
             logger.debug("could not move %s to memory: %s", file, exc)
             with self._lock:

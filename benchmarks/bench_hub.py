@@ -10,8 +10,9 @@ in 7 shards of up to 35 MB, where the worker's fixed start-up of about 1.5 s, mo
 importing torch, weighs as much as three shards' download; --size large: bf16, hidden 2048,
 as a 1B model's layers, about 750 MB in shards of up to 200 MB, where shards take seconds as
 real ones, of 2 to 5 GB, take minutes; --max_shard_size overrides the shard size, e.g. 5GB,
-the hub's default, for one file), serves them from tests/hub_server.py on 127.0.0.1 at --mbps MB/s, and runs the real runner and worker
-as whole processes against it (HF_ENDPOINT), each with a fresh cache:
+the hub's default, for one file), serves them from tests/hub_server.py on 127.0.0.1 at
+--mbps MB/s, and runs the real runner and worker as whole processes against it (HF_ENDPOINT),
+each with a fresh cache:
 
   group       one run over the list "base's k adapters" with --cleanup_cache: one job reads
               (and downloads) the base once for all of them
