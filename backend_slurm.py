@@ -422,22 +422,25 @@ class SlurmBackend(StopState):
 
         o = self.options
         executor = submitit.SlurmExecutor(folder=self.state_dir / "submitit")
-        # submitit's SIGUSR2 comes this long before the limit (the task ignores it); never at
-        # the start, before the task has set itself to ignore it.
+        # submitit always asks Slurm for a SIGUSR2 before the time limit, sent to the task;
+        # Slurm may send it up to a minute earlier than asked (sbatch(1)), so under a short
+        # limit it can come at once, before the task's Python has set itself to ignore it, and
+        # kill the task. It goes to the batch shell alone ("B:"), which ignores it (as does
+        # srun, started from it), so the task never sees it.
+        warn_s = min(SIGNAL_DELAY_S, o.time_min * 30)
         params = dict(job_name=o.job_name, time=o.time_min, cpus_per_task=o.cpus_per_task,
-                      array_parallelism=o.array_parallelism,
-                      signal_delay_s=min(SIGNAL_DELAY_S, o.time_min * 30),
-                      setup=[*o.setup, f"export PYTHONPATH={shlex.quote(str(PROJECT_ROOT))}"
-                                       "${PYTHONPATH:+:$PYTHONPATH}"])
+                      array_parallelism=o.array_parallelism, signal_delay_s=warn_s,
+                      setup=["trap '' USR2", *o.setup,
+                             f"export PYTHONPATH={shlex.quote(str(PROJECT_ROOT))}"
+                             "${PYTHONPATH:+:$PYTHONPATH}"])
         optional = dict(partition=o.partition, account=o.account, qos=o.qos,
                         constraint=o.constraint, mem=o.mem_gb,
                         gpus_per_node=o.gpus_per_task or None)
         params.update({key: value for key, value in optional.items() if value is not None})
-        additional = dict(o.additional)
+        additional = {"signal": f"B:USR2@{warn_s}", **dict(o.additional)}
         if delay:
             additional["begin"] = f"now+{delay}"
-        if additional:
-            params["additional_parameters"] = additional
+        params["additional_parameters"] = additional
         executor.update_parameters(**params)
         return executor
 

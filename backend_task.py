@@ -8,9 +8,10 @@ outcome outlives the process that submitted it: a rerun collects it.
 A SIGTERM or SIGINT (scancel, the time limit, preemption, a Ray cancel) is passed on to the
 running command's process group, SIGKILL follows after the grace period, and the commands not
 started yet are recorded as not started. SIGUSR2, which submitit asks Slurm to send before
-the time limit, is ignored by the task and by its commands (an ignored signal stays ignored
-across exec): without it the worker would die early; Slurm's own SIGTERM at the limit ends
-it, and marks the task's log with the cause.
+the time limit, goes to the batch shell alone, which ignores it (``backend_slurm``); should it
+reach the task all the same, the task and its commands ignore it too (an ignored signal stays
+ignored across exec): it would kill the worker early, while Slurm's own SIGTERM at the limit
+ends it and marks the task's log with the cause.
 """
 
 from __future__ import annotations

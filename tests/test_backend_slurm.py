@@ -164,10 +164,29 @@ def test_time_limit_kill_is_transient_with_its_cause(slurm, tmp_path):
     finally:
         timer.cancel()
     assert not backend.stopped, "Slurm enforced the limit"
+    (script,) = submission_scripts(tmp_path / "state")
+    text = script.read_text()
+    assert "#SBATCH --signal=B:USR2@30" in text and "\ntrap '' USR2\n" in text
     assert results["long"].returncode == -signal.SIGTERM
     assert "time limit (--slurm_time 1 min)" in results["long"].detail
     assert results["next"].returncode == -signal.SIGTERM
     assert "before this job started" in results["next"].detail and not runs(tmp_path, "next")
+
+
+def test_time_limit_warning_sent_at_once_kills_nothing(slurm, tmp_path):
+    # Slurm may send the warning signal up to a minute before the time asked: under a short
+    # limit, right as the task starts. It goes to the batch shell, which must survive it.
+    hold = tmp_path / "hold"
+    hold.touch()
+    job = probe_job(tmp_path, "warned", hold=hold)
+    first = SlurmBackend(options(detach=True), tmp_path / "state")
+    first.run([job])
+    wait_for(lambda: runs(tmp_path, "warned"), QUEUE_TIMEOUT_S, "the job to start")
+    subprocess.run(["scancel", "--batch", "--signal=USR2", *first.job_ids], check=True)
+    hold.unlink()
+    (result,) = SlurmBackend(options(), tmp_path / "state").run([job])
+    assert result.ok, result.describe()
+    assert len(runs(tmp_path, "warned")) == 1
 
 
 def test_model_timeout_stops_the_job_on_its_node_and_the_task_goes_on(slurm, tmp_path):
