@@ -426,10 +426,10 @@ class SlurmBackend(StopState):
         # Slurm may send it up to a minute earlier than asked (sbatch(1)), so under a short
         # limit it can come at once, before the task's Python has set itself to ignore it, and
         # kill the task. It goes to the batch shell alone ("B:"), which ignores it (as does
-        # srun, started from it), so the task never sees it.
-        warn_s = min(SIGNAL_DELAY_S, o.time_min * 30)
+        # srun, started from it), so the task never sees it: ``signal`` below replaces the
+        # one submitit writes.
         params = dict(job_name=o.job_name, time=o.time_min, cpus_per_task=o.cpus_per_task,
-                      array_parallelism=o.array_parallelism, signal_delay_s=warn_s,
+                      array_parallelism=o.array_parallelism,
                       setup=["trap '' USR2", *o.setup,
                              f"export PYTHONPATH={shlex.quote(str(PROJECT_ROOT))}"
                              "${PYTHONPATH:+:$PYTHONPATH}"])
@@ -437,7 +437,8 @@ class SlurmBackend(StopState):
                         constraint=o.constraint, mem=o.mem_gb,
                         gpus_per_node=o.gpus_per_task or None)
         params.update({key: value for key, value in optional.items() if value is not None})
-        additional = {"signal": f"B:USR2@{warn_s}", **dict(o.additional)}
+        additional = {"signal": f"B:USR2@{min(SIGNAL_DELAY_S, o.time_min * 30)}",
+                      **dict(o.additional)}
         if delay:
             additional["begin"] = f"now+{delay}"
         params["additional_parameters"] = additional

@@ -132,17 +132,24 @@ def test_detached_results_collected_and_finished_list_submits_nothing(slurm, tmp
     assert len(submission_scripts(tmp_path / "state")) == 1, "a finished list submits nothing"
 
 
-def test_cancelled_task_is_transient_and_a_rerun_completes_it(slurm, tmp_path):
+def signalled_while_held(tmp_path, name: str, *scancel_args: str, until_gone: bool = False):
+    """A probe job submitted and left running (held), given ``scancel *scancel_args`` once
+    it has started (and, with ``until_gone``, once Slurm no longer lists it), then let go."""
     hold = tmp_path / "hold"
     hold.touch()
-    job = probe_job(tmp_path, "slow", hold=hold)
+    job = probe_job(tmp_path, name, hold=hold)
     first = SlurmBackend(options(detach=True), tmp_path / "state")
     first.run([job])
-    wait_for(lambda: runs(tmp_path, "slow"), QUEUE_TIMEOUT_S, "the job to start")
-    subprocess.run(["scancel", *first.job_ids], check=True)
-    wait_for(lambda: not squeue(*first.job_ids), QUEUE_TIMEOUT_S, "the cancel")
+    wait_for(lambda: runs(tmp_path, name), QUEUE_TIMEOUT_S, "the job to start")
+    subprocess.run(["scancel", *scancel_args, *first.job_ids], check=True)
+    if until_gone:
+        wait_for(lambda: not squeue(*first.job_ids), QUEUE_TIMEOUT_S, "the cancel")
     hold.unlink()
+    return job
 
+
+def test_cancelled_task_is_transient_and_a_rerun_completes_it(slurm, tmp_path):
+    job = signalled_while_held(tmp_path, "slow", until_gone=True)
     second = SlurmBackend(options(), tmp_path / "state")
     results = second.run([job], retry_signalled(second))
     cancelled, retried = results
@@ -176,14 +183,7 @@ def test_time_limit_kill_is_transient_with_its_cause(slurm, tmp_path):
 def test_time_limit_warning_sent_at_once_kills_nothing(slurm, tmp_path):
     # Slurm may send the warning signal up to a minute before the time asked: under a short
     # limit, right as the task starts. It goes to the batch shell, which must survive it.
-    hold = tmp_path / "hold"
-    hold.touch()
-    job = probe_job(tmp_path, "warned", hold=hold)
-    first = SlurmBackend(options(detach=True), tmp_path / "state")
-    first.run([job])
-    wait_for(lambda: runs(tmp_path, "warned"), QUEUE_TIMEOUT_S, "the job to start")
-    subprocess.run(["scancel", "--batch", "--signal=USR2", *first.job_ids], check=True)
-    hold.unlink()
+    job = signalled_while_held(tmp_path, "warned", "--batch", "--signal=USR2")
     (result,) = SlurmBackend(options(), tmp_path / "state").run([job])
     assert result.ok, result.describe()
     assert len(runs(tmp_path, "warned")) == 1
