@@ -76,7 +76,7 @@ class ShardFetcher:
         self.memory = memory
         self._movable: set[str] = set()     # files the reader can read from memory
         self._in_memory: dict[str, bytearray] = {}
-        self._moving: set[str] = set()      # being read into memory now
+        self._moving: dict[str, int] = {}   # being read into memory now: {file: size}
         self._asked_for: set[str] = set()   # files the reader has asked for
         self._movers: list[threading.Thread] = []
         self._download, self._release, self._waiting = download, release, waiting
@@ -208,20 +208,21 @@ class ShardFetcher:
     def _held_on_disk(self) -> list[str]:
         return [f for f in self._futures if f not in self._released and f not in self._in_memory]
 
-    def _to_move(self) -> str | None:
-        """A whole file the reader has not asked for, that fits in the memory left (under
-        the lock)."""
-        used = sum(len(b) for b in self._in_memory.values())
+    def _to_move(self) -> tuple[str, int] | None:
+        """A whole file the reader has not asked for, and its size, that fits in the memory
+        left by the files in memory and those on their way there (under the lock)."""
+        used = sum(len(b) for b in self._in_memory.values()) + sum(self._moving.values())
         for file in self._held_on_disk():
             future = self._futures[file]
             if (file not in self._movable or file in self._asked_for or file in self._moving
                     or not future.done() or future.cancelled() or future.exception()):
                 continue
             try:
-                if used + future.result().stat().st_size <= self.memory:
-                    return file
+                size = future.result().stat().st_size
             except OSError:  # gone from disk: read (and failed) from there
                 continue
+            if used + size <= self.memory:
+                return file, size
         return None
 
     def _move_to_memory(self, file: str) -> None:
@@ -235,12 +236,12 @@ class ShardFetcher:
         except OSError as exc:  # stays on disk, read from there
             logger.debug("could not move %s to memory: %s", file, exc)
             with self._lock:
-                self._moving.discard(file)
+                self._moving.pop(file, None)
                 self._movable.discard(file)
             return
         with self._lock:
             self._in_memory[file] = data
-            self._moving.discard(file)
+            self._moving.pop(file, None)
         if self._release is not None:
             self._release(file)
         logger.debug("%s (%d bytes) waits in memory for the reader", file, len(data))
@@ -295,9 +296,10 @@ class ShardFetcher:
                 if self._closed or upcoming is None:
                     return
                 if self.max_held is not None and len(self._held_on_disk()) >= self.max_held:
-                    moving = self._to_move() if self.memory else None
-                    if moving is not None:
-                        self._moving.add(moving)
+                    found = self._to_move() if self.memory else None
+                    if found is not None:
+                        moving, size = found
+                        self._moving[moving] = size
                         mover = threading.Thread(target=self._move_then_top_up,
                                                  args=(moving,), name="shard-to-memory",
                                                  daemon=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import esd_lapack
+import tensor_stream
 from esd_worker import CpuShare
 from tensor_stream import MAX_HELD, ShardFetcher
 
@@ -281,6 +282,38 @@ def test_a_whole_file_not_asked_for_yet_waits_in_memory_so_the_next_download_sta
     downloads.gates["s4"].set()
     assert fetcher.path("s4").read_bytes() == contents["s4"]
     assert bytes(fetcher.read_growing("s3", 0, 1000)) == contents["s3"]
+    fetcher.close()
+
+
+def test_a_file_on_its_way_to_memory_counts_against_the_memory(tmp_path, monkeypatch):
+    """While one file is being read into memory, a second that completes meanwhile does not
+    move too when both would not fit: the memory counts the move under way."""
+    contents = {f"s{i}": bytes([i]) * 1000 for i in range(1, 4)}
+    downloads = FileDownloads(tmp_path, contents)
+    copying, copied = threading.Event(), threading.Event()
+    read_range = tensor_stream.read_range
+
+    def slow_copy(fh, begin, size):  # a move reads on the mover's thread: held open there
+        if threading.current_thread().name == "shard-to-memory":
+            copying.set()
+            assert copied.wait(WAIT_S), "the test never let the move finish"
+        return read_range(fh, begin, size)
+
+    monkeypatch.setattr(tensor_stream, "read_range", slow_copy)
+    fetcher = ShardFetcher(list(contents), downloads, lambda f: None, growing=True,
+                           memory=1500)
+    fetcher.in_memory_ok(list(contents))
+    downloads.gates["s1"].set()
+    assert copying.wait(WAIT_S), "s1 never started moving"
+    downloads.gates["s2"].set()
+    wait_until(lambda: fetcher._futures["s2"].done())
+    time.sleep(0.2)  # time enough for a second move, or a third download, to start
+    assert set(fetcher._moving) == {"s1"}, "s2 moved too: 2000 bytes for a memory of 1500"
+    assert downloads.started == ["s1", "s2"], "the disk still holds two files"
+    copied.set()
+    wait_until(lambda: "s3" in downloads.started)
+    assert set(fetcher._in_memory) == {"s1"}
+    downloads.gates["s3"].set()
     fetcher.close()
 
 
