@@ -19,6 +19,7 @@ deterministically (retrying will not help), 75 every failure is transient (worth
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import logging
@@ -403,17 +404,21 @@ def _estimator_ahead(device: str) -> None:
 def run_job(config: WorkerConfig, stage: StageLog) -> list[ModelRun]:
     """Open, analyse and write every model of the job; each run says how its model ended."""
     from hub_cache import CacheSession
-    from hub_files import default_cache_dir
+    from hub_files import HubClient, default_cache_dir
     from model_loader import open_models
 
     runs = [ModelRun(m, model_paths(config.output_dir, m, config.log_dir, config.gguf_file))
             for m in config.model_ids]
     started = time.monotonic()
-    with CacheSession(default_cache_dir(config.cache_dir), config.cleanup_cache) as session:
+    # Weight files download in a process of their own (download_process.py), out of the
+    # lock the analysis needs; ended with the job, which by then downloads nothing.
+    hub = HubClient(cache_dir=config.cache_dir, download_process=True)
+    with CacheSession(default_cache_dir(config.cache_dir), config.cleanup_cache) as session, \
+            contextlib.closing(hub):
         stage.set("resolve")
         opened = open_models(config.requests(), cache_dir=config.cache_dir,
-                             trust_remote_code=config.trust_remote_code, session=session,
-                             waiting=lambda: stage.during("download"),
+                             trust_remote_code=config.trust_remote_code, hub=hub,
+                             session=session, waiting=lambda: stage.during("download"),
                              on_fetch=lambda: _estimator_ahead(config.esd.device))
         for run, model in zip(runs, opened, strict=True):
             if isinstance(model, ESDError):

@@ -31,6 +31,7 @@ from errors import (
 )
 
 if TYPE_CHECKING:
+    from download_process import DownloadProcess
     from hub_cache import CacheSession
 
 logger = logging.getLogger(__name__)
@@ -93,10 +94,14 @@ class HubClient:
     """
 
     def __init__(self, token: str | None = None, cache_dir: str | None = None,
-                 offline: bool | None = None):
+                 offline: bool | None = None, download_process: bool = False):
         self.token = token
         self.cache_dir = cache_dir
         self.offline = env_offline() if offline is None else offline
+        # With ``download_process``, weight files download in a forked process of their own
+        # (``download_process.py``) from the first ``start_download_process()`` on.
+        self._process_wanted = download_process and not self.offline
+        self._process: DownloadProcess | None = None
         self._refs: dict[tuple[str, str], str] = {}  # (repo, commit) -> the branch or tag asked
         # (repo, commit, file) -> {tensor: (begin, end)} in the data of a safetensors file whose
         # header was read from the hub: what reading its tensors while it downloads needs
@@ -148,9 +153,32 @@ class HubClient:
                                        revision=commit)
         return Path(found) if isinstance(found, str) else None
 
+    def start_download_process(self) -> None:
+        """Fork the download process, if this client was asked for one and it is not there
+        yet (``download_process.enabled()`` says where it can be). Call it from the main
+        thread, before other threads start (see ``DownloadProcess``)."""
+        if not self._process_wanted or self._process is not None:
+            return
+        import download_process
+
+        self._process_wanted = False
+        if not download_process.enabled():
+            return
+        try:
+            self._process = download_process.DownloadProcess()
+        except OSError as exc:  # no memory or process slot for it: download on a thread
+            logger.warning("downloads stay in this process: could not start one for them "
+                           "(%s)", exc)
+
+    def close(self) -> None:
+        """End the download process, if any (files already downloaded stay)."""
+        process, self._process = self._process, None
+        if process is not None:
+            process.close()
+
     def download(self, repo_id: str, commit: str, filename: str,
                  session: CacheSession | None = None, etag: str | None = None,
-                 on_growing: Callable[[Path], object] | None = None) -> Path:
+                 on_growing: Callable[[Path], object] | None = None, label: str = "") -> Path:
         """One file of ``commit`` in the cache (fetched unless it is there); its local path.
 
         ``session`` records the file as this run's before the download starts, so that a
@@ -158,6 +186,8 @@ class HubClient:
         ``etag`` (the blob's name, from the listing) and ``on_growing``, a download that
         writes the file from its first byte to its last (huggingface_hub's HTTP download, not
         Xet's) hands ``on_growing`` the file it writes, so its beginning can be read meanwhile.
+        In the download process, when there is one, failures come as the project's errors,
+        their text naming ``label``.
         """
         from huggingface_hub import hf_hub_download
 
@@ -165,16 +195,24 @@ class HubClient:
         if found is None:
             if session is not None:
                 session.will_download(repo_id, commit, filename)
-            progress = None
+            blobs = None
             if etag and on_growing is not None and not self.offline:
                 from hub_cache import repo_folder_name
 
                 blobs = default_cache_dir(self.cache_dir) / repo_folder_name(repo_id) / "blobs"
-                progress = _growing_file_progress(blobs, etag, on_growing)
-            found = Path(hf_hub_download(repo_id, filename, revision=commit,
-                                         cache_dir=self.cache_dir, token=self.token,
-                                         local_files_only=self.offline,
-                                         **({"tqdm_class": progress} if progress else {})))
+            if self._process is not None:
+                from download_process import Request
+
+                found = self._process.download(
+                    Request(repo_id, filename, commit, self.cache_dir, self.token,
+                            label or f"{repo_id}@{commit} ({filename})",
+                            None if blobs is None else str(blobs), etag), on_growing)
+            else:
+                progress = growing_file_progress(blobs, etag, on_growing) if blobs else None
+                found = Path(hf_hub_download(repo_id, filename, revision=commit,
+                                             cache_dir=self.cache_dir, token=self.token,
+                                             local_files_only=self.offline,
+                                             **({"tqdm_class": progress} if progress else {})))
         if session is None or not session.cleanup:
             self._write_ref(repo_id, commit)
         return found
@@ -228,7 +266,7 @@ class HubClient:
 _SEQUENTIAL_DOWNLOAD = "huggingface_hub.http_get"
 
 
-def _growing_file_progress(blobs: Path, etag: str, on_growing: Callable[[Path], object]):
+def growing_file_progress(blobs: Path, etag: str, on_growing: Callable[[Path], object]):
     """A ``tqdm_class`` for ``hf_hub_download`` that finds, when the plain HTTP download of the
     blob ``etag`` opens its progress bar, the temporary file it writes (``blobs/<etag>.*
     .incomplete``, made just before) and hands it to ``on_growing``. Nothing is handed over

@@ -243,9 +243,11 @@ class Opener:
         if name not in source.files:
             raise CorruptCheckpointError(f"{source.label}: the repository lacks {name}, named by "
                                          f"its weight index")
-        with hub_errors(f"{source.label} ({name})", self.hub.offline, self.token):
+        label = f"{source.label} ({name})"
+        with hub_errors(label, self.hub.offline, self.token):
             return self.hub.download(source.model_id, source.revision, name, self.session,
-                                     etag=source.etags.get(name), on_growing=on_growing)
+                                     etag=source.etags.get(name), on_growing=on_growing,
+                                     label=label)
 
     def with_root(self, source: Source, name: str) -> Source:
         """``source`` with its snapshot folder known (after fetching ``name`` from the hub)."""
@@ -259,6 +261,7 @@ class Opener:
     def fetcher(self, source: Source, order: Sequence[str]) -> ShardFetcher | None:
         if not source.on_hub:
             return None
+        self.hub.start_download_process()  # before on_fetch starts the estimator's import
         release = None
         if self.session is not None and self.session.cleanup:
             def release(shard: str) -> bool:

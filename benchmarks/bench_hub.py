@@ -2,7 +2,7 @@
 base, the disk a sharded model needs, and download overlapped with analysis.
 
 Usage: python benchmarks/bench_hub.py [--mbps 40] [--adapters 6] [--repeats 1] [--size small]
-                                      [--max_shard_size 35MB] [--workdir DIR]
+                                      [--max_shard_size 35MB] [--workdir DIR] [--compare_thread]
 (--adapters 0: only the disk and overlap measures, on the base alone)
 
 Builds a Llama-shaped base and k LoRA adapters of it (--size small: fp32, hidden 768, 201 MB
@@ -22,7 +22,9 @@ each with a fresh cache:
               sampled every 20 ms for its peak. Run three times per round: once as the first model
               of its config (layer_order's disk cache of depth orders emptied, so the worker
               imports transformers for the order), once as any later model of that config,
-              and once more like the latter without --cleanup_cache (no disk bound)
+              and once more like the latter without --cleanup_cache (no disk bound); with
+              --compare_thread, a fourth time like the second with the worker's downloads on a
+              thread of its own instead of a process of their own (ESD_DOWNLOAD_PROCESS=0)
   download    the base's shards fetched alone (huggingface_hub, one after the other)
   analysis    the worker on the base already in the cache (HF_HUB_OFFLINE=1), depth order
               cached
@@ -157,6 +159,9 @@ def main() -> int:
     parser.add_argument("--max_shard_size", default=None,
                         help="shard size the base is saved with (default: the --size's)")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--compare_thread", action="store_true",
+                        help="also run the streamed worker with its downloads on a thread of "
+                             "its own process (ESD_DOWNLOAD_PROCESS=0), alternated with the rest")
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs of the overlap measure (streamed, download, analysis), "
                              "alternated; medians are reported")
@@ -202,11 +207,14 @@ def main() -> int:
         files = sorted(p.name for p in base.glob("*.safetensors"))
         order_cache = workdir / "esd-cache"  # layer_order's disk cache of depth orders
         streamed, cold, kept, download, analysis, peak = [], [], [], [], [], 0
+        threaded = []  # as streamed, the downloads on a thread of the worker
         for _ in range(args.repeats):  # the runs alternate, so they share the load
-            for runs in (cold, streamed, kept):
+            for runs in (cold, streamed, kept, *([threaded] if args.compare_thread else [])):
                 if runs is cold:
                     shutil.rmtree(order_cache, ignore_errors=True)
-                streamed_env, cache = env("streamed", ESD_CACHE_DIR=str(order_cache))
+                streamed_env, cache = env("streamed", ESD_CACHE_DIR=str(order_cache),
+                                          **({"ESD_DOWNLOAD_PROCESS": "0"}
+                                             if runs is threaded else {}))
                 cleanup = ["--cleanup_cache"] if runs is not kept else []
                 took, seen = timed(worker("org/base", workdir / "out-w", *cleanup),
                                    streamed_env, watch=cache)
@@ -241,9 +249,18 @@ def main() -> int:
     print(f"| the same without --cleanup_cache (no two-shard bound: downloads never wait) | "
           f"{kept_s:.1f} s / max({download_s:.1f}, {analysis_s:.1f}) s = "
           f"{kept_s / max(download_s, analysis_s):.2f} | |")
+    if threaded:
+        threaded_s = statistics.median(threaded)
+        print(f"| the same with the downloads on a thread of the worker (ESD_DOWNLOAD_PROCESS=0)"
+              f" | {threaded_s:.1f} s / max({download_s:.1f}, {analysis_s:.1f}) s = "
+              f"{threaded_s / max(download_s, analysis_s):.2f} | |")
     if args.repeats > 1:
         print(f"\nstreamed / max(download, analysis), run by run: "
               f"{', '.join(f'{r:.2f}' for r in ratios)} (medians above)")
+        if threaded:
+            print("the same, downloads on a thread: " + ", ".join(
+                f"{t / max(d, a):.2f}" for t, d, a in zip(threaded, download, analysis,
+                                                          strict=True)))
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

@@ -1,0 +1,234 @@
+"""Hub downloads in a process of their own, forked from the worker, so that the HTTP client
+does not share the worker's interpreter lock with the analysis.
+
+The client takes the lock for every socket read (16 KiB over HTTPS, a TLS record each): a
+200 MB shard is about 12,000 hand-offs, each of which stalls the thread that imports torch
+or runs the estimator's Python while the download goes on. A forked process pays no import
+again (it is a copy of the worker with huggingface_hub loaded) and runs one call,
+``hf_hub_download``; everything else stays in the worker: the cache lookup, the records
+``--cleanup_cache`` keeps, the refs, the reading of a file while it grows.
+
+One download at a time, as the shard fetcher asks for them. The process sends back three
+kinds of message: ``growing`` (the temporary file the download writes, which the worker opens
+before the download goes on), ``done`` (the file's path in the cache) and ``error`` (the
+failure as the project's error, mapped where the whole exception is, with its cause, and
+free of tokens). It ends with the worker: when its pipe closes, and through the kernel's
+parent-death signal when the worker is killed.
+
+``ESD_DOWNLOAD_PROCESS=0`` keeps downloads on a thread of the worker (platforms without
+``fork``, or a debugger that must see them).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from errors import TransientError
+
+logger = logging.getLogger(__name__)
+
+ENV_SWITCH = "ESD_DOWNLOAD_PROCESS"
+_FALSE = {"0", "false", "no", "off"}
+# Seconds the worker waits, once it closes the pipe, for an idle download process to exit
+# before it kills it (one in the middle of a download is killed: nothing waits for it).
+EXIT_WAIT_S = 2.0
+# How often a download process checks that the worker is alive, where the kernel's
+# parent-death signal is not available.
+PARENT_POLL_S = 0.5
+_PR_SET_PDEATHSIG = 1
+CLOSED = "the job's download process was closed"
+
+
+def enabled() -> bool:
+    """Whether downloads may run in a process of their own here: ``fork`` is there (Linux;
+    macOS's system libraries are not safe to use in a forked child) and not switched off."""
+    if not hasattr(os, "fork") or not sys.platform.startswith("linux"):
+        return False
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in _FALSE
+
+
+@dataclass(frozen=True)
+class Request:
+    """One ``hf_hub_download`` call, and what the process needs to report it."""
+
+    repo_id: str
+    filename: str
+    revision: str
+    cache_dir: str | None
+    token: str | None
+    label: str                 # names the file in an error: "org/model@rev (file)"
+    blobs: str | None = None   # the repository's blobs folder, where a growing file is found
+    etag: str | None = None
+
+
+class DownloadProcess:
+    """A forked process that runs one hub download at a time for this worker.
+
+    Fork it from the thread that lives as long as the process (the main thread: the kernel's
+    parent-death signal follows the thread that forked) and before other threads start
+    importing or holding locks the child would need.
+    """
+
+    def __init__(self) -> None:
+        from multiprocessing import Pipe
+
+        ours, theirs = Pipe()
+        parent = os.getpid()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the download process: never returns into the worker's code
+            code = 0
+            try:
+                ours.close()
+                _serve(theirs, parent)
+            except BaseException:  # noqa: BLE001  (the worker sees the pipe close)
+                code = 1
+            finally:
+                os._exit(code)
+        theirs.close()
+        self.pid = pid
+        self._conn = ours
+        self._lock = threading.Lock()
+        self._ended: str | None = None  # why the process can no longer download
+        logger.debug("download process %d started", pid)
+
+    def download(self, request: Request,
+                 on_growing: Callable[[Path], object] | None = None) -> Path:
+        """The file ``request`` names, downloaded by the process; ``on_growing`` gets the
+        file it writes as soon as it starts (the process waits until the worker has it)."""
+        with self._lock:
+            if self._ended is not None:
+                raise TransientError(f"{request.label}: {self._ended}")
+            try:
+                self._conn.send((request, on_growing is not None))
+                while True:
+                    kind, value = self._conn.recv()
+                    if kind == "growing":
+                        try:
+                            on_growing(Path(value))
+                        finally:
+                            self._conn.send("opened")
+                    elif kind == "done":
+                        return Path(value)
+                    else:
+                        raise value
+            except (EOFError, OSError) as exc:
+                self._ended = f"the download process ended ({self._exit_status()})"
+                raise TransientError(f"{request.label}: {self._ended}") from exc
+
+    def _exit_status(self) -> str:
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            return "exit status unknown"
+        if pid == 0:
+            return "still running, its pipe broken"
+        if os.WIFSIGNALED(status):
+            return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+        return f"exit code {os.waitstatus_to_exitcode(status)}"
+
+    def close(self) -> None:
+        """End the process: idle, it exits when it reads the pipe's end (killed if it does
+        not within ``EXIT_WAIT_S``); in the middle of a download, which nothing waits for once
+        the job ends, it is killed (the thread that waits for that download gets an error)."""
+        idle = self._lock.acquire(blocking=False)
+        try:
+            if self._ended == CLOSED:
+                return
+            self._ended = CLOSED
+            if idle:
+                self._conn.close()
+        finally:
+            if idle:
+                self._lock.release()
+        deadline = time.monotonic() + (EXIT_WAIT_S if idle else 0.0)
+        while True:
+            try:
+                pid, _ = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                return  # already reaped
+            if pid:
+                return
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.01)
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
+def _serve(conn, parent: int) -> None:
+    """The download process's loop: one request, its messages, until the pipe closes."""
+    _end_with(parent)
+    while True:
+        try:
+            request, growing = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            path = _download(conn, request, growing)
+        except Exception as exc:  # noqa: BLE001  (sent to the worker, which raises it)
+            conn.send(("error", _portable(exc, request)))
+        else:
+            conn.send(("done", str(path)))
+
+
+def _end_with(parent: int) -> None:
+    """Die with the worker: the kernel's parent-death signal, else a polling thread."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+            raise OSError(ctypes.get_errno(), "prctl")
+    except (OSError, AttributeError):
+        def poll() -> None:
+            while os.getppid() == parent:
+                time.sleep(PARENT_POLL_S)
+            os._exit(1)
+
+        threading.Thread(target=poll, name="worker-watch", daemon=True).start()
+    if os.getppid() != parent:  # the worker died before the signal was asked for
+        os._exit(1)
+
+
+def _download(conn, request: Request, growing: bool) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    from hub_files import growing_file_progress
+
+    progress = None
+    if growing and request.blobs and request.etag:
+        def hand_over(path: Path) -> None:
+            conn.send(("growing", str(path)))
+            conn.recv()  # the worker has opened it: the download may go on, and end
+
+        progress = growing_file_progress(Path(request.blobs), request.etag, hand_over)
+    return Path(hf_hub_download(request.repo_id, request.filename, revision=request.revision,
+                                cache_dir=request.cache_dir, token=request.token,
+                                **({"tqdm_class": progress} if progress else {})))
+
+
+def _portable(exc: Exception, request: Request) -> Exception:
+    """``exc`` as the worker can receive it: mapped to the project's error here, where its
+    causes are (whether the network failed is read along them); otherwise the exception
+    itself if it survives pickling, else its type and text."""
+    from hub_files import hub_error, scrub
+
+    mapped = hub_error(exc, request.label, False, request.token)
+    try:
+        return pickle.loads(pickle.dumps(mapped))
+    except Exception:  # noqa: BLE001  (an exception holding a response, a lock, ...)
+        text = scrub(f"{type(exc).__name__}: {exc}", request.token)
+        return RuntimeError(f"{request.label}: {' '.join(text.split())[:600]}")
