@@ -22,6 +22,7 @@ parent-death signal when the worker is killed.
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import os
 import pickle
@@ -91,6 +92,7 @@ class DownloadProcess:
             code = 0
             try:
                 ours.close()
+                _drop_inherited(keep=theirs.fileno())
                 _serve(theirs, parent)
             except BaseException:  # noqa: BLE001  (the worker sees the pipe close)
                 code = 1
@@ -168,6 +170,17 @@ class DownloadProcess:
             os.waitpid(self.pid, 0)
         except (ProcessLookupError, ChildProcessError):
             pass
+
+
+def _drop_inherited(keep: int) -> None:
+    """Close every descriptor the worker had open but stdio and ``keep``: a lease's ``flock``
+    that the worker releases by closing its descriptor must not live on in a copy here (nor a
+    listening socket, nor a file the worker deletes). The objects copied from the worker
+    are first frozen out of the garbage collector, so that none of their finalizers closes a
+    descriptor number this process has since reused."""
+    gc.freeze()
+    os.closerange(3, keep)
+    os.closerange(keep + 1, max(keep + 1, os.sysconf("SC_OPEN_MAX")))
 
 
 def _serve(conn, parent: int) -> None:

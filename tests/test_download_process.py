@@ -1,0 +1,215 @@
+"""Hub downloads in a forked process of their own (download_process.py), against the hub
+stand-in with the real huggingface_hub client: the file read while the process writes it,
+failures crossing the process as the project's errors, and the process's end (closed, killed,
+or its worker killed)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import download_process
+from download_process import DownloadProcess
+from errors import GatedModelError, ModelNotFoundError, NetworkError, TransientError
+from hub_cache import CacheSession
+from model_loader import HubClient, ModelRequest, open_model
+from tests.loader_fixtures import write_safetensors
+
+ROOT = Path(__file__).resolve().parents[1]
+WAIT_S = 60  # a forked process's download from 127.0.0.1 takes well under a second unloaded
+TOKEN = "hf_" + "Qx7" * 12
+# A file of three 8 MiB float32 tensors sent at 8 MB/s: its first tensor is on disk after
+# about 1.3 s (huggingface_hub writes 10 MB at a time) and the whole file after 3 s.
+TENSOR = (2048, 1024)
+RATE = 8e6
+
+
+def three_tensors(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    tensors = {f"{n}.weight": torch.randn(TENSOR) for n in ("a", "b", "c")}
+    return write_safetensors(tmp_path / "repo", tensors), tensors
+
+
+@contextlib.contextmanager
+def process_client(hub, token: str | None = None):
+    """A HubClient whose weight files download in a forked process, ended at the block's end."""
+    client = HubClient(token=token, cache_dir=str(hub.cache), offline=False,
+                       download_process=True)
+    client.start_download_process()
+    assert client._process is not None, "this machine forks: the process must start"
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    return state != "Z"
+
+
+def children(pid: int) -> set[int]:
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found.update(int(c) for c in (task / "children").read_text().split())
+    return found
+
+
+def test_a_shard_is_read_while_the_download_process_writes_it(hub, tmp_path):
+    """The process hands the file it writes to the worker, which reads each tensor as soon as
+    its bytes are in; the tensors are those published, and the process is a child of ours."""
+    folder, tensors = three_tensors(tmp_path)
+    size = (folder / "model.safetensors").stat().st_size
+    hub.add_repo("org/model", folder)
+    hub.throttle(RATE, repo_id="org/model", filename="model.safetensors")
+
+    def sent() -> int:
+        return max((s.nbytes for s in hub.log if s.filename == "model.safetensors"
+                    and s.method == "GET" and s.range is None), default=0)
+
+    read, sent_at_first = {}, None
+    with process_client(hub) as client, CacheSession(hub.cache, cleanup=True) as session:
+        assert client._process.pid in children(os.getpid())
+        loaded = open_model(ModelRequest("org/model"), hub=client, session=session)
+        for name, tensor in loaded.iter_tensors():
+            if sent_at_first is None:
+                sent_at_first = sent()
+            read[name] = tensor
+        pid = client._process.pid
+    assert not alive(pid), "closed with the client"
+    assert sent_at_first < size, "the first tensor waited for the whole shard"
+    assert read.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert torch.equal(read[name], tensor), name
+
+
+def test_failures_cross_the_process_as_the_projects_errors(hub, tmp_path):
+    """What stops a download in the process reaches the worker as the error the worker's own
+    download would raise: named after the file, network failures told apart, and the token
+    nowhere; the process goes on serving the next download."""
+    folder, _ = three_tensors(tmp_path)
+    commit = hub.add_repo("org/model", folder)
+    gated = hub.add_repo("org/gated", folder, gated=True)
+    with process_client(hub, token=TOKEN) as client:
+        with pytest.raises(ModelNotFoundError, match=r"org/model@.* \(absent.safetensors\)"):
+            client.download("org/model", commit, "absent.safetensors",
+                            label=f"org/model@{commit} (absent.safetensors)")
+        with pytest.raises(GatedModelError, match="access refused") as refused:
+            client.download("org/gated", gated, "model.safetensors", label="org/gated")
+        assert TOKEN not in str(refused.value)
+        hub.down()
+        try:
+            with pytest.raises(NetworkError, match="org/model"):
+                client.download("org/model", commit, "model.safetensors", label="org/model")
+        finally:
+            hub.up()
+        path = client.download("org/model", commit, "model.safetensors")
+        assert path.read_bytes() == (folder / "model.safetensors").read_bytes()
+
+
+def test_an_exception_that_cannot_be_pickled_crosses_as_its_type_and_text():
+    class Holding(Exception):
+        def __init__(self, text):
+            super().__init__(text)
+            self.lock = threading.Lock()
+
+    request = download_process.Request("org/model", "w.safetensors", "abc", None, TOKEN,
+                                       "org/model@abc (w.safetensors)")
+    crossed = download_process._portable(Holding(f"failed with {TOKEN}"), request)
+    assert type(crossed) is RuntimeError
+    assert str(crossed).startswith("org/model@abc (w.safetensors): Holding: failed with")
+    assert TOKEN not in str(crossed)
+
+
+def test_a_killed_download_process_fails_the_download_naming_the_file(hub, tmp_path):
+    folder, _ = three_tensors(tmp_path)
+    commit = hub.add_repo("org/model", folder)
+    hub.stall(WAIT_S, filename="model.safetensors", after_bytes=200_000)
+    with process_client(hub) as client:
+        pid = client._process.pid
+        threading.Timer(1.0, os.kill, (pid, signal.SIGKILL)).start()
+        with pytest.raises(TransientError, match=r"org/model \(w\).*killed by SIGKILL"):
+            client.download("org/model", commit, "model.safetensors", label="org/model (w)")
+        with pytest.raises(TransientError, match="download process ended"):
+            client.download("org/model", commit, "config.json", label="org/model (config)")
+
+
+def test_closing_in_the_middle_of_a_download_ends_it_at_once(hub, tmp_path):
+    """The job is over: nothing waits for the download, and the thread that waited for it
+    gets an error instead of hanging."""
+    folder, _ = three_tensors(tmp_path)
+    commit = hub.add_repo("org/model", folder)
+    hub.stall(WAIT_S, filename="model.safetensors", after_bytes=200_000)
+    client = HubClient(cache_dir=str(hub.cache), offline=False, download_process=True)
+    client.start_download_process()
+    pid = client._process.pid
+    errors = []
+
+    def download():
+        try:
+            client.download("org/model", commit, "model.safetensors")
+        except TransientError as exc:
+            errors.append(exc)
+
+    waiter = threading.Thread(target=download)
+    waiter.start()
+    deadline = time.monotonic() + WAIT_S
+    while not any(s.filename == "model.safetensors" and s.method == "GET" for s in hub.log):
+        assert time.monotonic() < deadline, "the download never started"
+        time.sleep(0.02)
+    started = time.monotonic()
+    client.close()
+    closed_in = time.monotonic() - started
+    waiter.join(WAIT_S)
+    assert closed_in < download_process.EXIT_WAIT_S, "killed at once, not waited for"
+    assert not alive(pid)
+    assert len(errors) == 1 and "download process" in str(errors[0])
+
+
+def test_the_download_process_dies_with_its_worker(hub, tmp_path):
+    """A worker killed with SIGKILL (no chance to close anything) takes its download process
+    with it; a rerun then downloads the file whole and completes."""
+    folder, _ = three_tensors(tmp_path)
+    hub.add_repo("org/model", folder)
+    hub.stall(WAIT_S, filename="model.safetensors", after_bytes=200_000)
+    out = tmp_path / "out"
+    env = {**hub.env(hub.cache), "HF_HUB_DOWNLOAD_TIMEOUT": str(WAIT_S)}
+    worker = [sys.executable, str(ROOT / "esd_worker.py"), "--model_id", "org/model",
+              "--output_dir", str(out), "--device", "cpu", "--cleanup_cache"]
+    proc = subprocess.Popen(worker, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while not any(s.filename == "model.safetensors" and s.method == "GET"
+                      and s.range is None for s in hub.log):
+            if proc.poll() is not None:
+                pytest.fail(proc.stderr.read().decode()[-3000:])
+            assert time.monotonic() < deadline, "the worker never started its download"
+            time.sleep(0.05)
+        (downloader,) = children(proc.pid)  # the download process, downloading
+        proc.kill()
+        proc.wait(WAIT_S)
+        deadline = time.monotonic() + WAIT_S
+        while alive(downloader):
+            assert time.monotonic() < deadline, "the download process outlived its worker"
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.stderr.close()
+    hub.clear_faults()
+    rerun = subprocess.run(worker, env=env, capture_output=True, text=True, timeout=WAIT_S * 3)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    rows = (out / "org--model.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3, "a header and the three tensors' rows"
