@@ -6,6 +6,7 @@ or its worker killed)."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import subprocess
@@ -18,7 +19,6 @@ import pytest
 import torch
 
 import download_process
-from download_process import DownloadProcess
 from errors import GatedModelError, ModelNotFoundError, NetworkError, TransientError
 from hub_cache import CacheSession
 from model_loader import HubClient, ModelRequest, open_model
@@ -94,6 +94,27 @@ def test_a_shard_is_read_while_the_download_process_writes_it(hub, tmp_path):
     assert read.keys() == tensors.keys()
     for name, tensor in tensors.items():
         assert torch.equal(read[name], tensor), name
+
+
+def test_a_lock_the_worker_releases_by_closing_is_not_kept_by_the_process(hub, tmp_path):
+    """A cache lease is an flock that closing its descriptor releases: the process must not
+    hold a copy of the descriptor, or the lease would outlive its release."""
+    folder, _ = three_tensors(tmp_path)
+    commit = hub.add_repo("org/model", folder)
+    lease = tmp_path / "lease"
+    held = os.open(lease, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    with process_client(hub) as client:
+        client.download("org/model", commit, "config.json")  # the process is past its start
+        pid = client._process.pid
+        open_files = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        assert str(lease) not in open_files
+        os.close(held)
+        other = os.open(lease, os.O_RDWR)
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while a copy holds it
+        finally:
+            os.close(other)
 
 
 def test_failures_cross_the_process_as_the_projects_errors(hub, tmp_path):
