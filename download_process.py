@@ -112,22 +112,35 @@ class DownloadProcess:
         with self._lock:
             if self._ended is not None:
                 raise TransientError(f"{request.label}: {self._ended}")
+            answered = False  # left before the process's answer: the pipe is out of step
             try:
                 self._conn.send((request, on_growing is not None))
                 while True:
                     kind, value = self._conn.recv()
                     if kind == "growing":
-                        try:
-                            on_growing(Path(value))
-                        finally:
-                            self._conn.send("opened")
-                    elif kind == "done":
-                        return Path(value)
+                        self._hand_over(on_growing, Path(value))
                     else:
+                        answered = True
+                        if kind == "done":
+                            return Path(value)
                         raise value
             except (EOFError, OSError) as exc:
+                answered = True
                 self._ended = f"the download process ended ({self._exit_status()})"
                 raise TransientError(f"{request.label}: {self._ended}") from exc
+            finally:
+                if not answered and self._ended is None:
+                    self._ended = "a download was interrupted before the process answered"
+
+    def _hand_over(self, on_growing: Callable[[Path], object], path: Path) -> None:
+        """Give the growing file to the worker's reader, then let the download go on. A
+        reader that cannot take it reads the file once whole; the download goes on alike."""
+        try:
+            on_growing(path)
+        except Exception as exc:  # noqa: BLE001
+            logger.debug("the growing file %s could not be handed over: %s", path, exc)
+        finally:
+            self._conn.send("opened")
 
     def _exit_status(self) -> str:
         try:

@@ -52,6 +52,14 @@ def process_client(hub, token: str | None = None):
         client.close()
 
 
+def blob_name(commit: str, filename: str) -> str:
+    """What the cache names a file's blob (its LFS sha256), as the hub's listing gives it."""
+    from huggingface_hub import HfApi
+
+    info = HfApi().model_info("org/model", revision=commit, files_metadata=True)
+    return next(s.lfs.sha256 for s in info.siblings if s.rfilename == filename)
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -234,3 +242,40 @@ def test_the_download_process_dies_with_its_worker(hub, tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     rows = (out / "org--model.csv").read_text().splitlines()
     assert len(rows) == 1 + 3, "a header and the three tensors' rows"
+
+
+def test_a_hand_over_that_fails_leaves_the_download_and_the_next_one_whole(hub, tmp_path):
+    folder, _ = three_tensors(tmp_path)
+    commit = hub.add_repo("org/model", folder)
+    etag = blob_name(commit, "model.safetensors")
+    with process_client(hub) as client:
+        def refuse(path):
+            raise OSError(f"cannot open {path}")
+
+        path = client.download("org/model", commit, "model.safetensors", etag=etag,
+                               on_growing=refuse)
+        assert path.read_bytes() == (folder / "model.safetensors").read_bytes()
+        assert client.download("org/model", commit, "config.json").read_bytes() == (
+            folder / "config.json").read_bytes(), "the next answer is the next file's"
+
+
+def test_a_request_left_before_its_answer_refuses_the_next_one(hub, tmp_path):
+    """An interrupt between a request and its answer leaves that answer in the pipe: a later
+    download must not take it for its own."""
+    folder, _ = three_tensors(tmp_path)
+    commit = hub.add_repo("org/model", folder)
+    hub.stall(2.0, filename="model.safetensors", after_bytes=200_000)
+    etag = blob_name(commit, "model.safetensors")
+    with process_client(hub) as client:
+        original = client._process._hand_over
+
+        def hand_over(on_growing, path):
+            original(on_growing, path)
+            raise KeyboardInterrupt  # as a Ctrl-C reaching the waiting thread
+
+        client._process._hand_over = hand_over
+        with pytest.raises(KeyboardInterrupt):
+            client.download("org/model", commit, "model.safetensors", etag=etag,
+                            on_growing=lambda path: None)
+        with pytest.raises(TransientError, match="interrupted before the process answered"):
+            client.download("org/model", commit, "config.json", label="org/model (config)")
