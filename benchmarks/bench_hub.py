@@ -30,16 +30,21 @@ each with a fresh cache:
               cached
 
 Prints base bytes fetched / base size, group / separate wall time, peak cache / (two largest
-shards + small files), and streamed / max(download, analysis) (with --repeats N, the
-medians of N alternated runs of each, and the ratio of each round). Exit code 0 when every run
+shards + small files), streamed / max(download, analysis) (with --repeats N, the
+medians of N alternated runs of each, and the ratio of each round), and the CPU the download
+alone (its client, with Python's start-up and huggingface_hub's import; the stand-in hub) and
+the analysis alone take: where the three together need more than the machine's cores during
+the download, streaming cannot reach max(download, analysis). Exit code 0 when every run
 succeeded, 1 otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -115,6 +120,18 @@ def timed(cmd: list[str], env: dict, watch: Path | None = None) -> tuple[float, 
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:4])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return took, peak[0]
+
+
+@contextlib.contextmanager
+def cpu_used():
+    """CPU seconds (user and system) that the block's child processes (``children``) and
+    this process (``self``: the hub stand-in serving them) take."""
+    used: dict[str, float] = {}
+    kids, own = resource.getrusage(resource.RUSAGE_CHILDREN), time.process_time()
+    yield used
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    used["children"] = after.ru_utime - kids.ru_utime + after.ru_stime - kids.ru_stime
+    used["self"] = time.process_time() - own
 
 
 def folder_bytes(folder: Path) -> int:
@@ -208,6 +225,7 @@ def main() -> int:
         order_cache = workdir / "esd-cache"  # layer_order's disk cache of depth orders
         streamed, cold, kept, download, analysis, peak = [], [], [], [], [], 0
         threaded = []  # as streamed, the downloads on a thread of the worker
+        client_cpu, hub_cpu, analysis_cpu = [], [], []  # CPU-s of download and analysis alone
         for _ in range(args.repeats):  # the runs alternate, so they share the load
             for runs in (cold, streamed, kept, *([threaded] if args.compare_thread else [])):
                 if runs is cold:
@@ -222,9 +240,14 @@ def main() -> int:
                 if cleanup:
                     peak = max(peak, seen)
             download_env, cache = env("download", ESD_CACHE_DIR=str(order_cache))
-            download.append(timed([sys.executable, "-c", code, *files], download_env)[0])
+            with cpu_used() as used:
+                download.append(timed([sys.executable, "-c", code, *files], download_env)[0])
+            client_cpu.append(used["children"])
+            hub_cpu.append(used["self"])  # the stand-in's threads, in this process
             analysis_env = {**download_env, "HF_HUB_OFFLINE": "1"}
-            analysis.append(timed(worker("org/base", workdir / "out-a"), analysis_env)[0])
+            with cpu_used() as used:
+                analysis.append(timed(worker("org/base", workdir / "out-a"), analysis_env)[0])
+            analysis_cpu.append(used["children"])
         streamed_s, cold_s, kept_s, download_s, analysis_s = (
             statistics.median(v) for v in (streamed, cold, kept, download, analysis))
         ratios = [s / max(d, a) for s, d, a in zip(streamed, download, analysis, strict=True)]
@@ -249,6 +272,11 @@ def main() -> int:
     print(f"| the same without --cleanup_cache (no two-shard bound: downloads never wait) | "
           f"{kept_s:.1f} s / max({download_s:.1f}, {analysis_s:.1f}) s = "
           f"{kept_s / max(download_s, analysis_s):.2f} | |")
+    client_s, hub_s, analysis_cpu_s = (statistics.median(v)
+                                        for v in (client_cpu, hub_cpu, analysis_cpu))
+    print(f"| CPU: analysis alone; download alone, its client and the hub stand-in | "
+          f"{analysis_cpu_s:.1f} CPU-s ({analysis_cpu_s / analysis_s:.2f} of "
+          f"{os.cpu_count()} cores); {client_s:.1f} + {hub_s:.1f} CPU-s | |")
     if threaded:
         threaded_s = statistics.median(threaded)
         print(f"| the same with the downloads on a thread of the worker (ESD_DOWNLOAD_PROCESS=0)"
