@@ -21,6 +21,7 @@ parent-death signal when the worker is killed.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import logging
@@ -40,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 ENV_SWITCH = "ESD_DOWNLOAD_PROCESS"
 _FALSE = {"0", "false", "no", "off"}
+# Seconds a new download process has to say it is ready: a fork and the closing of the HTTP
+# client take milliseconds; one stuck on a lock copied from the worker never is.
+START_WAIT_S = 10.0
 # Seconds the worker waits, once it closes the pipe, for an idle download process to exit
 # before it kills it (one in the middle of a download is killed: nothing waits for it).
 EXIT_WAIT_S = 2.0
@@ -76,8 +80,10 @@ class DownloadProcess:
     """A forked process that runs one hub download at a time for this worker.
 
     Fork it from the thread that lives as long as the process (the main thread: the kernel's
-    parent-death signal follows the thread that forked) and before other threads start
-    importing or holding locks the child would need.
+    parent-death signal follows the thread that forked) and while no other thread of the
+    worker is inside huggingface_hub (its fork hook closes the HTTP client, which takes the
+    client's locks). A process that does not say it is ready within ``START_WAIT_S`` (stuck
+    on such a lock) is killed, and ``OSError`` raised: the caller downloads on a thread.
     """
 
     def __init__(self) -> None:
@@ -93,7 +99,9 @@ class DownloadProcess:
             try:
                 ours.close()
                 _drop_inherited(keep=theirs.fileno())
-                _serve(theirs, parent)
+                _end_with(parent)
+                theirs.send("ready")
+                _serve(theirs)
             except BaseException:  # noqa: BLE001  (the worker sees the pipe close)
                 code = 1
             finally:
@@ -103,34 +111,53 @@ class DownloadProcess:
         self._conn = ours
         self._lock = threading.Lock()
         self._ended: str | None = None  # why the process can no longer download
+        try:
+            ready = ours.poll(START_WAIT_S) and ours.recv() == "ready"
+        except (EOFError, OSError):
+            ready = False
+        if not ready:
+            self._ended = CLOSED
+            ours.close()
+            self._reap(kill=True)
+            raise OSError(f"the download process did not start within {START_WAIT_S:g} s")
         logger.debug("download process %d started", pid)
 
     def download(self, request: Request,
                  on_growing: Callable[[Path], object] | None = None) -> Path:
         """The file ``request`` names, downloaded by the process; ``on_growing`` gets the
-        file it writes as soon as it starts (the process waits until the worker has it)."""
+        file it writes as soon as it starts (the process waits until the worker has it). A
+        failure of the download is raised as the process reported it; a process gone
+        (killed, or closed with the job) as ``TransientError``."""
         with self._lock:
             if self._ended is not None:
                 raise TransientError(f"{request.label}: {self._ended}")
-            answered = False  # left before the process's answer: the pipe is out of step
-            try:
-                self._conn.send((request, on_growing is not None))
-                while True:
-                    kind, value = self._conn.recv()
-                    if kind == "growing":
-                        self._hand_over(on_growing, Path(value))
-                    else:
-                        answered = True
-                        if kind == "done":
-                            return Path(value)
-                        raise value
-            except (EOFError, OSError) as exc:
-                answered = True
-                self._ended = f"the download process ended ({self._exit_status()})"
-                raise TransientError(f"{request.label}: {self._ended}") from exc
-            finally:
-                if not answered and self._ended is None:
-                    self._ended = "a download was interrupted before the process answered"
+            kind, value = self._exchange(request, on_growing)
+        if kind == "done":
+            return Path(value)
+        if kind == "error":
+            raise value
+        raise TransientError(f"{request.label}: {value}") from None
+
+    def _exchange(self, request: Request, on_growing) -> tuple[str, object]:
+        """Send ``request`` and read the process's messages up to its answer (under the
+        lock): ``("done", path)``, ``("error", exception)`` or ``("ended", why)``."""
+        answered = False  # left before the process's answer: the pipe is out of step
+        try:
+            self._conn.send((request, on_growing is not None))
+            while True:
+                kind, value = self._conn.recv()
+                if kind != "growing":
+                    answered = True
+                    return kind, value
+                self._hand_over(on_growing, Path(value))
+        except (EOFError, OSError):  # the pipe: the process is gone
+            answered = True
+            self._ended = f"the download process ended ({self._reap()})"
+            self._conn.close()
+            return "ended", self._ended
+        finally:
+            if not answered and self._ended is None:
+                self._ended = "a download was interrupted before the process answered"
 
     def _hand_over(self, on_growing: Callable[[Path], object], path: Path) -> None:
         """Give the growing file to the worker's reader, then let the download go on. A
@@ -142,13 +169,27 @@ class DownloadProcess:
         finally:
             self._conn.send("opened")
 
-    def _exit_status(self) -> str:
-        try:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-        except ChildProcessError:
-            return "exit status unknown"
-        if pid == 0:
-            return "still running, its pipe broken"
+    def _reap(self, kill: bool = False, wait_s: float = EXIT_WAIT_S) -> str:
+        """Wait up to ``wait_s`` for the process to end (killing it first with ``kill``, or
+        once the wait is over), and say how it ended. A killed process's pipe closes a
+        moment before it can be reaped."""
+        if kill:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                return "exit status unknown"
+            if pid:
+                break
+            if time.monotonic() >= deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+                _, status = os.waitpid(self.pid, 0)
+                return "stuck, killed"
+            time.sleep(0.005)
         if os.WIFSIGNALED(status):
             return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
         return f"exit code {os.waitstatus_to_exitcode(status)}"
@@ -156,33 +197,20 @@ class DownloadProcess:
     def close(self) -> None:
         """End the process: idle, it exits when it reads the pipe's end (killed if it does
         not within ``EXIT_WAIT_S``); in the middle of a download, which nothing waits for once
-        the job ends, it is killed (the thread that waits for that download gets an error)."""
+        the job ends, it is killed (the thread that waits for that download gets an error).
+        Downloads asked for from now on are refused."""
         idle = self._lock.acquire(blocking=False)
         try:
             if self._ended == CLOSED:
                 return
-            self._ended = CLOSED
+            ended, self._ended = self._ended, CLOSED
             if idle:
                 self._conn.close()
         finally:
             if idle:
                 self._lock.release()
-        deadline = time.monotonic() + (EXIT_WAIT_S if idle else 0.0)
-        while True:
-            try:
-                pid, _ = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:
-                return  # already reaped
-            if pid:
-                return
-            if time.monotonic() >= deadline:
-                break
-            time.sleep(0.01)
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
+        if ended is None or not ended.startswith("the download process ended"):
+            self._reap(kill=not idle)
 
 
 def _drop_inherited(keep: int) -> None:
@@ -196,9 +224,8 @@ def _drop_inherited(keep: int) -> None:
     os.closerange(keep + 1, max(keep + 1, os.sysconf("SC_OPEN_MAX")))
 
 
-def _serve(conn, parent: int) -> None:
+def _serve(conn) -> None:
     """The download process's loop: one request, its messages, until the pipe closes."""
-    _end_with(parent)
     while True:
         try:
             request, growing = conn.recv()

@@ -171,14 +171,15 @@ class HubClient:
                            "(%s)", exc)
 
     def close(self) -> None:
-        """End the download process, if any (files already downloaded stay)."""
-        process, self._process = self._process, None
-        if process is not None:
-            process.close()
+        """End the download process, if any (files already downloaded stay); the
+        downloads it would have run are refused from now on."""
+        if self._process is not None:
+            self._process.close()
 
     def download(self, repo_id: str, commit: str, filename: str,
                  session: CacheSession | None = None, etag: str | None = None,
-                 on_growing: Callable[[Path], object] | None = None, label: str = "") -> Path:
+                 on_growing: Callable[[Path], object] | None = None, label: str = "",
+                 background: bool = False) -> Path:
         """One file of ``commit`` in the cache (fetched unless it is there); its local path.
 
         ``session`` records the file as this run's before the download starts, so that a
@@ -186,8 +187,10 @@ class HubClient:
         ``etag`` (the blob's name, from the listing) and ``on_growing``, a download that
         writes the file from its first byte to its last (huggingface_hub's HTTP download, not
         Xet's) hands ``on_growing`` the file it writes, so its beginning can be read meanwhile.
-        In the download process, when there is one, failures come as the project's errors,
-        their text naming ``label``.
+        ``background``: a download the shard fetcher runs ahead of the reader, which goes to
+        the download process when there is one (its failures come as the project's errors,
+        their text naming ``label``); the others (small files, an adapter's) run here, so
+        that none of them waits behind a shard in flight.
         """
         from huggingface_hub import hf_hub_download
 
@@ -200,7 +203,7 @@ class HubClient:
                 from hub_cache import repo_folder_name
 
                 blobs = default_cache_dir(self.cache_dir) / repo_folder_name(repo_id) / "blobs"
-            if self._process is not None:
+            if background and self._process is not None:
                 from download_process import Request
 
                 found = self._process.download(

@@ -235,9 +235,11 @@ class Opener:
                       listing.etags)
 
     def file(self, source: Source, name: str,
-             on_growing: Callable[[Path], object] | None = None) -> Path:
+             on_growing: Callable[[Path], object] | None = None,
+             background: bool = False) -> Path:
         """The local path of one file of ``source`` (downloaded for a hub model; a download
-        that can be read while it grows hands its file to ``on_growing``)."""
+        that can be read while it grows hands its file to ``on_growing``; ``background``:
+        the shard fetcher's, run in the hub client's download process where it has one)."""
         if not source.on_hub:
             return source.root / name
         if name not in source.files:
@@ -247,7 +249,7 @@ class Opener:
         with hub_errors(label, self.hub.offline, self.token):
             return self.hub.download(source.model_id, source.revision, name, self.session,
                                      etag=source.etags.get(name), on_growing=on_growing,
-                                     label=label)
+                                     label=label, background=background)
 
     def with_root(self, source: Source, name: str) -> Source:
         """``source`` with its snapshot folder known (after fetching ``name`` from the hub)."""
@@ -267,8 +269,10 @@ class Opener:
             def release(shard: str) -> bool:
                 return self.session.release(source.model_id, source.revision, shard)
         # Without cleanup every file stays in the cache anyway: no reason to hold any back.
-        fetcher = ShardFetcher(order, lambda shard, growing=None: self.file(source, shard, growing),
-                               release, self.waiting,
+        def download(shard: str, growing=None) -> Path:
+            return self.file(source, shard, growing, background=True)
+
+        fetcher = ShardFetcher(order, download, release, self.waiting,
                                max_held=None if release is None else MAX_HELD, growing=True,
                                memory=0 if release is None else AHEAD_MEMORY_BYTES)
         if self.on_fetch is not None:
@@ -287,13 +291,18 @@ class Opener:
         else:
             weights = select_weight_files(source.files, source.label)
             index = self._index_ahead(source, weights)
-            config = {}
-            if CONFIG_FILE in source.files:
-                source = self.with_root(source, CONFIG_FILE)
-                config = read_json(source.root / CONFIG_FILE, source.label)
-            method = check_quantization(config, source.label)
-            if index is not None:
-                index.join()  # its errors, if any, come again from _reader's own fetch
+            try:
+                config = {}
+                if CONFIG_FILE in source.files:
+                    source = self.with_root(source, CONFIG_FILE)
+                    config = read_json(source.root / CONFIG_FILE, source.label)
+                method = check_quantization(config, source.label)
+            finally:
+                # Its errors, if any, come again from _reader's own fetch. Joined even when
+                # this model is refused: no request of it may be in flight when the next
+                # model's fetcher forks the download process.
+                if index is not None:
+                    index.join()
             reader, fetcher = self._reader(source, weights)
             if method is not None:
                 from quantized import dequantizing_reader

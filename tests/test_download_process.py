@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import download_process
+from download_process import DownloadProcess, Request
 from errors import GatedModelError, ModelNotFoundError, NetworkError, TransientError
 from hub_cache import CacheSession
 from model_loader import HubClient, ModelRequest, open_model
@@ -40,12 +41,19 @@ def three_tensors(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
 
 
 @contextlib.contextmanager
-def process_client(hub, token: str | None = None):
-    """A HubClient whose weight files download in a forked process, ended at the block's end."""
+def process_client(hub, token: str | None = None, monkeypatch=None):
+    """A HubClient whose shard downloads run in a forked process, ended at the block's end.
+    With ``monkeypatch``, huggingface_hub's download fails in this process once the process
+    is forked (the process keeps the real one): what still downloads here fails the test."""
     client = HubClient(token=token, cache_dir=str(hub.cache), offline=False,
                        download_process=True)
     client.start_download_process()
     assert client._process is not None, "this machine forks: the process must start"
+    if monkeypatch is not None:
+        def here(*args, **kwargs):
+            raise AssertionError(f"downloaded in the worker's own process: {args}")
+
+        monkeypatch.setattr("huggingface_hub.hf_hub_download", here)
     try:
         yield client
     finally:
@@ -76,12 +84,13 @@ def children(pid: int) -> set[int]:
     return found
 
 
-def test_a_shard_is_read_while_the_download_process_writes_it(hub, tmp_path):
-    """The process hands the file it writes to the worker, which reads each tensor as soon as
-    its bytes are in; the tensors are those published, and the process is a child of ours."""
+def test_a_shard_is_read_while_the_download_process_writes_it(hub, tmp_path, monkeypatch):
+    """The process downloads the shard (none is downloaded in the worker's own process) and
+    hands the file it writes to the worker, which reads each tensor as soon as its bytes are
+    in; the tensors are those published."""
     folder, tensors = three_tensors(tmp_path)
     size = (folder / "model.safetensors").stat().st_size
-    hub.add_repo("org/model", folder)
+    commit = hub.add_repo("org/model", folder)
     hub.throttle(RATE, repo_id="org/model", filename="model.safetensors")
 
     def sent() -> int:
@@ -89,7 +98,12 @@ def test_a_shard_is_read_while_the_download_process_writes_it(hub, tmp_path):
                     and s.method == "GET" and s.range is None), default=0)
 
     read, sent_at_first = {}, None
-    with process_client(hub) as client, CacheSession(hub.cache, cleanup=True) as session:
+    # The small files download in the worker's own thread: in the cache first, so that
+    # everything the block below downloads is the process's.
+    HubClient(cache_dir=str(hub.cache), offline=False).download("org/model", commit,
+                                                                "config.json")
+    with process_client(hub, monkeypatch=monkeypatch) as client, \
+            CacheSession(hub.cache, cleanup=True) as session:
         assert client._process.pid in children(os.getpid())
         loaded = open_model(ModelRequest("org/model"), hub=client, session=session)
         for name, tensor in loaded.iter_tensors():
@@ -113,7 +127,7 @@ def test_a_lock_the_worker_releases_by_closing_is_not_kept_by_the_process(hub, t
     held = os.open(lease, os.O_RDWR | os.O_CREAT)
     fcntl.flock(held, fcntl.LOCK_EX)
     with process_client(hub) as client:
-        client.download("org/model", commit, "config.json")  # the process is past its start
+        client.download("org/model", commit, "config.json", background=True)  # the process is past its start
         pid = client._process.pid
         open_files = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
         assert str(lease) not in open_files
@@ -134,18 +148,18 @@ def test_failures_cross_the_process_as_the_projects_errors(hub, tmp_path):
     gated = hub.add_repo("org/gated", folder, gated=True)
     with process_client(hub, token=TOKEN) as client:
         with pytest.raises(ModelNotFoundError, match=r"org/model@.* \(absent.safetensors\)"):
-            client.download("org/model", commit, "absent.safetensors",
+            client.download("org/model", commit, "absent.safetensors", background=True,
                             label=f"org/model@{commit} (absent.safetensors)")
         with pytest.raises(GatedModelError, match="access refused") as refused:
-            client.download("org/gated", gated, "model.safetensors", label="org/gated")
+            client.download("org/gated", gated, "model.safetensors", background=True, label="org/gated")
         assert TOKEN not in str(refused.value)
         hub.down()
         try:
             with pytest.raises(NetworkError, match="org/model"):
-                client.download("org/model", commit, "model.safetensors", label="org/model")
+                client.download("org/model", commit, "model.safetensors", background=True, label="org/model")
         finally:
             hub.up()
-        path = client.download("org/model", commit, "model.safetensors")
+        path = client.download("org/model", commit, "model.safetensors", background=True)
         assert path.read_bytes() == (folder / "model.safetensors").read_bytes()
 
 
@@ -171,9 +185,9 @@ def test_a_killed_download_process_fails_the_download_naming_the_file(hub, tmp_p
         pid = client._process.pid
         threading.Timer(1.0, os.kill, (pid, signal.SIGKILL)).start()
         with pytest.raises(TransientError, match=r"org/model \(w\).*killed by SIGKILL"):
-            client.download("org/model", commit, "model.safetensors", label="org/model (w)")
+            client.download("org/model", commit, "model.safetensors", background=True, label="org/model (w)")
         with pytest.raises(TransientError, match="download process ended"):
-            client.download("org/model", commit, "config.json", label="org/model (config)")
+            client.download("org/model", commit, "config.json", background=True, label="org/model (config)")
 
 
 def test_closing_in_the_middle_of_a_download_ends_it_at_once(hub, tmp_path):
@@ -189,7 +203,7 @@ def test_closing_in_the_middle_of_a_download_ends_it_at_once(hub, tmp_path):
 
     def download():
         try:
-            client.download("org/model", commit, "model.safetensors")
+            client.download("org/model", commit, "model.safetensors", background=True)
         except TransientError as exc:
             errors.append(exc)
 
@@ -252,10 +266,10 @@ def test_a_hand_over_that_fails_leaves_the_download_and_the_next_one_whole(hub, 
         def refuse(path):
             raise OSError(f"cannot open {path}")
 
-        path = client.download("org/model", commit, "model.safetensors", etag=etag,
+        path = client.download("org/model", commit, "model.safetensors", background=True, etag=etag,
                                on_growing=refuse)
         assert path.read_bytes() == (folder / "model.safetensors").read_bytes()
-        assert client.download("org/model", commit, "config.json").read_bytes() == (
+        assert client.download("org/model", commit, "config.json", background=True).read_bytes() == (
             folder / "config.json").read_bytes(), "the next answer is the next file's"
 
 
@@ -275,7 +289,74 @@ def test_a_request_left_before_its_answer_refuses_the_next_one(hub, tmp_path):
 
         client._process._hand_over = hand_over
         with pytest.raises(KeyboardInterrupt):
-            client.download("org/model", commit, "model.safetensors", etag=etag,
+            client.download("org/model", commit, "model.safetensors", background=True, etag=etag,
                             on_growing=lambda path: None)
         with pytest.raises(TransientError, match="interrupted before the process answered"):
-            client.download("org/model", commit, "config.json", label="org/model (config)")
+            client.download("org/model", commit, "config.json", background=True, label="org/model (config)")
+
+
+def test_an_os_error_of_the_download_keeps_its_cause_and_the_process_serves_on(hub, tmp_path):
+    """A full disk or a cache that cannot be written is the download's failure, not the
+    process's end: raised as it is (deterministic, not worth a retry), and the next download
+    runs."""
+    folder, _ = three_tensors(tmp_path)
+    commit = hub.add_repo("org/model", folder)
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    process = DownloadProcess()
+    try:
+        with pytest.raises(NotADirectoryError):
+            process.download(Request("org/model", "config.json", commit, str(blocked / "cache"),
+                                     None, "org/model (config.json)"))
+        path = process.download(Request("org/model", "config.json", commit, str(hub.cache),
+                                         None, "org/model (config.json)"))
+        assert path.read_bytes() == (folder / "config.json").read_bytes()
+    finally:
+        process.close()
+
+
+def test_a_small_file_does_not_wait_behind_a_shard_in_flight(hub, tmp_path):
+    """The shard fetcher's downloads go to the process; the others (config, an adapter's
+    files) run on the caller's thread, so that they do not queue behind a shard."""
+    folder, _ = three_tensors(tmp_path)
+    commit = hub.add_repo("org/model", folder)
+    hub.stall(WAIT_S, filename="model.safetensors", after_bytes=200_000)
+    with process_client(hub) as client:
+        def fetch_shard():
+            with contextlib.suppress(TransientError):  # ended by the client's close
+                client.download("org/model", commit, "model.safetensors", background=True)
+
+        shard = threading.Thread(target=fetch_shard)
+        shard.start()
+        deadline = time.monotonic() + WAIT_S
+        while not any(s.filename == "model.safetensors" and s.method == "GET" for s in hub.log):
+            assert time.monotonic() < deadline, "the shard's download never started"
+            time.sleep(0.02)
+        path = client.download("org/model", commit, "config.json")
+        assert path.read_bytes() == (folder / "config.json").read_bytes()
+        assert shard.is_alive(), "the config was fetched while the shard was in flight"
+    shard.join(WAIT_S)  # closing the client ended the shard's download
+
+
+def test_switched_off_or_stuck_at_its_start_the_downloads_stay_on_a_thread(hub, tmp_path,
+                                                                         monkeypatch):
+    folder, _ = three_tensors(tmp_path)
+    commit = hub.add_repo("org/model", folder)
+    monkeypatch.setenv(download_process.ENV_SWITCH, "0")
+    client = HubClient(cache_dir=str(hub.cache), offline=False, download_process=True)
+    client.start_download_process()
+    assert client._process is None, "ESD_DOWNLOAD_PROCESS=0"
+    monkeypatch.delenv(download_process.ENV_SWITCH)
+
+    def stuck(keep):  # as a fork that copied a lock another thread held
+        time.sleep(WAIT_S)
+
+    monkeypatch.setattr(download_process, "_drop_inherited", stuck)
+    monkeypatch.setattr(download_process, "START_WAIT_S", 0.5)
+    client = HubClient(cache_dir=str(hub.cache), offline=False, download_process=True)
+    before = children(os.getpid())
+    client.start_download_process()
+    assert client._process is None, "a process that never said it was ready is not used"
+    assert children(os.getpid()) <= before, "and it is gone"
+    path = client.download("org/model", commit, "model.safetensors", background=True)
+    assert path.read_bytes() == (folder / "model.safetensors").read_bytes()
