@@ -68,6 +68,26 @@ def blob_name(commit: str, filename: str) -> str:
     return next(s.lfs.sha256 for s in info.siblings if s.rfilename == filename)
 
 
+def shard_in_flight(hub, client: HubClient, commit: str) -> tuple[threading.Thread, list]:
+    """The shard's download (stalled by the test) under way on a thread of its own, as the
+    shard fetcher runs it; the TransientError it ends with, once the client is closed."""
+    ended: list[TransientError] = []
+
+    def fetch() -> None:
+        try:
+            client.download("org/model", commit, "model.safetensors", background=True)
+        except TransientError as exc:
+            ended.append(exc)
+
+    thread = threading.Thread(target=fetch)
+    thread.start()
+    deadline = time.monotonic() + WAIT_S
+    while not any(s.filename == "model.safetensors" and s.method == "GET" for s in hub.log):
+        assert time.monotonic() < deadline, "the shard's download never started"
+        time.sleep(0.02)
+    return thread, ended
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -127,7 +147,8 @@ def test_a_lock_the_worker_releases_by_closing_is_not_kept_by_the_process(hub, t
     held = os.open(lease, os.O_RDWR | os.O_CREAT)
     fcntl.flock(held, fcntl.LOCK_EX)
     with process_client(hub) as client:
-        client.download("org/model", commit, "config.json", background=True)  # the process is past its start
+        # A download through the process: it is past its start, its descriptors closed.
+        client.download("org/model", commit, "config.json", background=True)
         pid = client._process.pid
         open_files = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
         assert str(lease) not in open_files
@@ -151,12 +172,14 @@ def test_failures_cross_the_process_as_the_projects_errors(hub, tmp_path):
             client.download("org/model", commit, "absent.safetensors", background=True,
                             label=f"org/model@{commit} (absent.safetensors)")
         with pytest.raises(GatedModelError, match="access refused") as refused:
-            client.download("org/gated", gated, "model.safetensors", background=True, label="org/gated")
+            client.download("org/gated", gated, "model.safetensors", background=True,
+                            label="org/gated")
         assert TOKEN not in str(refused.value)
         hub.down()
         try:
             with pytest.raises(NetworkError, match="org/model"):
-                client.download("org/model", commit, "model.safetensors", background=True, label="org/model")
+                client.download("org/model", commit, "model.safetensors", background=True,
+                                label="org/model")
         finally:
             hub.up()
         path = client.download("org/model", commit, "model.safetensors", background=True)
@@ -169,8 +192,8 @@ def test_an_exception_that_cannot_be_pickled_crosses_as_its_type_and_text():
             super().__init__(text)
             self.lock = threading.Lock()
 
-    request = download_process.Request("org/model", "w.safetensors", "abc", None, TOKEN,
-                                       "org/model@abc (w.safetensors)")
+    request = Request("org/model", "w.safetensors", "abc", None, TOKEN,
+                      "org/model@abc (w.safetensors)")
     crossed = download_process._portable(Holding(f"failed with {TOKEN}"), request)
     assert type(crossed) is RuntimeError
     assert str(crossed).startswith("org/model@abc (w.safetensors): Holding: failed with")
@@ -185,9 +208,11 @@ def test_a_killed_download_process_fails_the_download_naming_the_file(hub, tmp_p
         pid = client._process.pid
         threading.Timer(1.0, os.kill, (pid, signal.SIGKILL)).start()
         with pytest.raises(TransientError, match=r"org/model \(w\).*killed by SIGKILL"):
-            client.download("org/model", commit, "model.safetensors", background=True, label="org/model (w)")
+            client.download("org/model", commit, "model.safetensors", background=True,
+                            label="org/model (w)")
         with pytest.raises(TransientError, match="download process ended"):
-            client.download("org/model", commit, "config.json", background=True, label="org/model (config)")
+            client.download("org/model", commit, "config.json", background=True,
+                            label="org/model (config)")
 
 
 def test_closing_in_the_middle_of_a_download_ends_it_at_once(hub, tmp_path):
@@ -199,20 +224,7 @@ def test_closing_in_the_middle_of_a_download_ends_it_at_once(hub, tmp_path):
     client = HubClient(cache_dir=str(hub.cache), offline=False, download_process=True)
     client.start_download_process()
     pid = client._process.pid
-    errors = []
-
-    def download():
-        try:
-            client.download("org/model", commit, "model.safetensors", background=True)
-        except TransientError as exc:
-            errors.append(exc)
-
-    waiter = threading.Thread(target=download)
-    waiter.start()
-    deadline = time.monotonic() + WAIT_S
-    while not any(s.filename == "model.safetensors" and s.method == "GET" for s in hub.log):
-        assert time.monotonic() < deadline, "the download never started"
-        time.sleep(0.02)
+    waiter, errors = shard_in_flight(hub, client, commit)
     started = time.monotonic()
     client.close()
     closed_in = time.monotonic() - started
@@ -269,8 +281,9 @@ def test_a_hand_over_that_fails_leaves_the_download_and_the_next_one_whole(hub, 
         path = client.download("org/model", commit, "model.safetensors", background=True, etag=etag,
                                on_growing=refuse)
         assert path.read_bytes() == (folder / "model.safetensors").read_bytes()
-        assert client.download("org/model", commit, "config.json", background=True).read_bytes() == (
-            folder / "config.json").read_bytes(), "the next answer is the next file's"
+        config = client.download("org/model", commit, "config.json", background=True)
+        assert config.read_bytes() == (folder / "config.json").read_bytes(), \
+            "the next answer is the next file's"
 
 
 def test_a_request_left_before_its_answer_refuses_the_next_one(hub, tmp_path):
@@ -292,7 +305,8 @@ def test_a_request_left_before_its_answer_refuses_the_next_one(hub, tmp_path):
             client.download("org/model", commit, "model.safetensors", background=True, etag=etag,
                             on_growing=lambda path: None)
         with pytest.raises(TransientError, match="interrupted before the process answered"):
-            client.download("org/model", commit, "config.json", background=True, label="org/model (config)")
+            client.download("org/model", commit, "config.json", background=True,
+                            label="org/model (config)")
 
 
 def test_an_os_error_of_the_download_keeps_its_cause_and_the_process_serves_on(hub, tmp_path):
@@ -322,16 +336,7 @@ def test_a_small_file_does_not_wait_behind_a_shard_in_flight(hub, tmp_path):
     commit = hub.add_repo("org/model", folder)
     hub.stall(WAIT_S, filename="model.safetensors", after_bytes=200_000)
     with process_client(hub) as client:
-        def fetch_shard():
-            with contextlib.suppress(TransientError):  # ended by the client's close
-                client.download("org/model", commit, "model.safetensors", background=True)
-
-        shard = threading.Thread(target=fetch_shard)
-        shard.start()
-        deadline = time.monotonic() + WAIT_S
-        while not any(s.filename == "model.safetensors" and s.method == "GET" for s in hub.log):
-            assert time.monotonic() < deadline, "the shard's download never started"
-            time.sleep(0.02)
+        shard, _ = shard_in_flight(hub, client, commit)
         path = client.download("org/model", commit, "config.json")
         assert path.read_bytes() == (folder / "config.json").read_bytes()
         assert shard.is_alive(), "the config was fetched while the shard was in flight"
