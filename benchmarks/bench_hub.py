@@ -3,6 +3,7 @@ base, the disk a sharded model needs, and download overlapped with analysis.
 
 Usage: python benchmarks/bench_hub.py [--mbps 40] [--adapters 6] [--repeats 1] [--size small]
                                       [--max_shard_size 35MB] [--workdir DIR] [--compare_thread]
+                                      [--worker_cpus 0,1]
 (--adapters 0: only the disk and overlap measures, on the base alone)
 
 Builds a Llama-shaped base and k LoRA adapters of it (--size small: fp32, hidden 768, 201 MB
@@ -34,8 +35,10 @@ shards + small files), streamed / max(download, analysis) (with --repeats N, the
 medians of N alternated runs of each, and the ratio of each round), and the CPU the download
 alone (its client, with Python's start-up and huggingface_hub's import; the stand-in hub) and
 the analysis alone take: where the three together need more than the machine's cores during
-the download, streaming cannot reach max(download, analysis). Exit code 0 when every run
-succeeded, 1 otherwise.
+the download, streaming cannot reach max(download, analysis). --worker_cpus runs the
+runner, the worker and the download alone on those CPUs and the stand-in hub on the others, as
+a hub that is not on the analysis's machine (a machine with more cores than the worker is
+given). Exit code 0 when every run succeeded, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -57,7 +60,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gputracker import THREAD_VARS  # noqa: E402
+
 SAMPLE_S = 0.02
+WORKER_CPUS: set[int] | None = None  # --worker_cpus: where the measured processes run
 SMALL_FILES = 1 << 20       # config, index: the margin the disk rule allows beside the shards
 TIMEOUT_S = 1800
 # The bases --size builds: Llama configs, the dtype they are saved in, their shard size.
@@ -114,6 +120,10 @@ def timed(cmd: list[str], env: dict, watch: Path | None = None) -> tuple[float, 
     started = time.monotonic()
     if sampler:
         sampler.start()
+    if WORKER_CPUS:  # moved by a trampoline, not preexec_fn: the hub's threads run here
+        env = {**env, **dict.fromkeys(THREAD_VARS, str(len(WORKER_CPUS)))}
+        cmd = [sys.executable, "-c", "import os, sys; os.sched_setaffinity(0, "
+               f"{sorted(WORKER_CPUS)}); os.execv(sys.argv[1], sys.argv[1:])", *cmd]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     took = time.monotonic() - started
     done.set()
@@ -182,8 +192,23 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs of the overlap measure (streamed, download, analysis), "
                              "alternated; medians are reported")
+    parser.add_argument("--worker_cpus", default=None,
+                        help="comma-separated CPUs for the runner, the worker and the download "
+                             "alone (with as many threads); the stand-in hub runs on the others")
     args = parser.parse_args()
     from tests.hub_server import HubServer
+
+    global WORKER_CPUS
+    cpus = f"{os.cpu_count()} CPUs"
+    if args.worker_cpus:
+        WORKER_CPUS = {int(c) for c in args.worker_cpus.split(",")}
+        rest = set(os.sched_getaffinity(0)) - WORKER_CPUS
+        if not rest or not WORKER_CPUS <= set(os.sched_getaffinity(0)):
+            parser.error(f"--worker_cpus {args.worker_cpus}: leave this process's other CPUs "
+                         f"{sorted(os.sched_getaffinity(0))} some for the stand-in hub")
+        os.sched_setaffinity(0, rest)
+        cpus = (f"{len(WORKER_CPUS)} CPUs for the worker ({args.worker_cpus}), "
+                f"{len(rest)} others for the stand-in hub")
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-hub-"))
     base, adapters = build(workdir, args.adapters, args.size, args.max_shard_size)
@@ -248,12 +273,14 @@ def main() -> int:
             with cpu_used() as used:
                 analysis.append(timed(worker("org/base", workdir / "out-a"), analysis_env)[0])
             analysis_cpu.append(used["children"])
+            print(f"round {len(analysis)}: streamed {streamed[-1]:.1f} s, download alone "
+                  f"{download[-1]:.1f} s, analysis alone {analysis[-1]:.1f} s", flush=True)
         streamed_s, cold_s, kept_s, download_s, analysis_s = (
             statistics.median(v) for v in (streamed, cold, kept, download, analysis))
         ratios = [s / max(d, a) for s, d, a in zip(streamed, download, analysis, strict=True)]
 
     bound = sum(shards[-2:]) + SMALL_FILES
-    print(f"machine: {os.cpu_count()} CPUs; hub at {args.mbps:g} MB/s; --size {args.size}: base "
+    print(f"machine: {cpus}; hub at {args.mbps:g} MB/s; --size {args.size}: base "
           f"{base_bytes / 1e6:.0f} MB in {len(shards)} shards; {args.adapters} adapters")
     print("| measure | value | target |\n|---|---|---|")
     if rows:
@@ -276,7 +303,7 @@ def main() -> int:
                                         for v in (client_cpu, hub_cpu, analysis_cpu))
     print(f"| CPU: analysis alone; download alone, its client and the hub stand-in | "
           f"{analysis_cpu_s:.1f} CPU-s ({analysis_cpu_s / analysis_s:.2f} of "
-          f"{os.cpu_count()} cores); {client_s:.1f} + {hub_s:.1f} CPU-s | |")
+          f"{len(WORKER_CPUS or os.sched_getaffinity(0))} cores); {client_s:.1f} + {hub_s:.1f} CPU-s | |")
     if threaded:
         threaded_s = statistics.median(threaded)
         print(f"| the same with the downloads on a thread of the worker (ESD_DOWNLOAD_PROCESS=0)"
