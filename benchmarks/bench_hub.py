@@ -120,11 +120,12 @@ def timed(cmd: list[str], env: dict, watch: Path | None = None) -> tuple[float, 
     started = time.monotonic()
     if sampler:
         sampler.start()
+    argv = cmd
     if WORKER_CPUS:  # moved by a trampoline, not preexec_fn: the hub's threads run here
         env = {**env, **dict.fromkeys(THREAD_VARS, str(len(WORKER_CPUS)))}
-        cmd = [sys.executable, "-c", "import os, sys; os.sched_setaffinity(0, "
-               f"{sorted(WORKER_CPUS)}); os.execv(sys.argv[1], sys.argv[1:])", *cmd]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+        argv = [sys.executable, "-c", "import os, sys; os.sched_setaffinity(0, "
+                f"{sorted(WORKER_CPUS)}); os.execv(sys.argv[1], sys.argv[1:])", *cmd]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     took = time.monotonic() - started
     done.set()
     if proc.returncode != 0:
