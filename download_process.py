@@ -257,20 +257,15 @@ def _end_with(parent: int) -> None:
 
 
 def _download(conn, request: Request, growing: bool) -> Path:
-    from huggingface_hub import hf_hub_download
+    from hub_files import fetch
 
-    from hub_files import growing_file_progress
+    def hand_over(path: Path) -> None:
+        conn.send(("growing", str(path)))
+        conn.recv()  # the worker has opened it: the download may go on, and end
 
-    progress = None
-    if growing and request.blobs and request.etag:
-        def hand_over(path: Path) -> None:
-            conn.send(("growing", str(path)))
-            conn.recv()  # the worker has opened it: the download may go on, and end
-
-        progress = growing_file_progress(Path(request.blobs), request.etag, hand_over)
-    return Path(hf_hub_download(request.repo_id, request.filename, revision=request.revision,
-                                cache_dir=request.cache_dir, token=request.token,
-                                **({"tqdm_class": progress} if progress else {})))
+    return fetch(request.repo_id, request.filename, request.revision, request.cache_dir,
+                 request.token, blobs=Path(request.blobs) if request.blobs else None,
+                 etag=request.etag, on_growing=hand_over if growing else None)
 
 
 def _portable(exc: Exception, request: Request) -> Exception:

@@ -192,8 +192,6 @@ class HubClient:
         their text naming ``label``); the others (small files, an adapter's) run here, so
         that none of them waits behind a shard in flight.
         """
-        from huggingface_hub import hf_hub_download
-
         found = self.cached(repo_id, commit, filename)
         if found is None:
             if session is not None:
@@ -211,11 +209,8 @@ class HubClient:
                             label or f"{repo_id}@{commit} ({filename})",
                             None if blobs is None else str(blobs), etag), on_growing)
             else:
-                progress = growing_file_progress(blobs, etag, on_growing) if blobs else None
-                found = Path(hf_hub_download(repo_id, filename, revision=commit,
-                                             cache_dir=self.cache_dir, token=self.token,
-                                             local_files_only=self.offline,
-                                             **({"tqdm_class": progress} if progress else {})))
+                found = fetch(repo_id, filename, commit, self.cache_dir, self.token,
+                              self.offline, blobs, etag, on_growing)
         if session is None or not session.cleanup:
             self._write_ref(repo_id, commit)
         return found
@@ -269,7 +264,22 @@ class HubClient:
 _SEQUENTIAL_DOWNLOAD = "huggingface_hub.http_get"
 
 
-def growing_file_progress(blobs: Path, etag: str, on_growing: Callable[[Path], object]):
+def fetch(repo_id: str, filename: str, commit: str, cache_dir: str | None,
+          token: str | None, offline: bool = False, blobs: Path | None = None,
+          etag: str | None = None, on_growing: Callable[[Path], object] | None = None) -> Path:
+    """``hf_hub_download`` of one file into the cache, in this process (the worker's thread
+    or the download process); with ``blobs``, ``etag`` and ``on_growing``, the file a plain
+    HTTP download writes goes to ``on_growing`` as it starts (``_growing_file_progress``)."""
+    from huggingface_hub import hf_hub_download
+
+    progress = (_growing_file_progress(blobs, etag, on_growing)
+                if blobs is not None and etag and on_growing is not None else None)
+    return Path(hf_hub_download(repo_id, filename, revision=commit, cache_dir=cache_dir,
+                                token=token, local_files_only=offline,
+                                **({"tqdm_class": progress} if progress else {})))
+
+
+def _growing_file_progress(blobs: Path, etag: str, on_growing: Callable[[Path], object]):
     """A ``tqdm_class`` for ``hf_hub_download`` that finds, when the plain HTTP download of the
     blob ``etag`` opens its progress bar, the temporary file it writes (``blobs/<etag>.*
     .incomplete``, made just before) and hands it to ``on_growing``. Nothing is handed over

@@ -304,7 +304,8 @@ def main() -> int:
                                         for v in (client_cpu, hub_cpu, analysis_cpu))
     print(f"| CPU: analysis alone; download alone, its client and the hub stand-in | "
           f"{analysis_cpu_s:.1f} CPU-s ({analysis_cpu_s / analysis_s:.2f} of "
-          f"{len(WORKER_CPUS or os.sched_getaffinity(0))} cores); {client_s:.1f} + {hub_s:.1f} CPU-s | |")
+          f"{len(WORKER_CPUS or os.sched_getaffinity(0))} cores); "
+          f"{client_s:.1f} + {hub_s:.1f} CPU-s | |")
     if threaded:
         threaded_s = statistics.median(threaded)
         print(f"| the same with the downloads on a thread of the worker (ESD_DOWNLOAD_PROCESS=0)"

@@ -47,8 +47,6 @@ def tensor_spans(folder: Path) -> list[tuple[str, str, int]]:
 
 def analysis_times(folder: Path, spans: list[tuple[str, str, int]]) -> list[float]:
     """Seconds the worker's estimator takes for each tensor, in ``spans``' order."""
-    import argparse as ap
-
     import torch
     from safetensors import safe_open
 
@@ -56,7 +54,7 @@ def analysis_times(folder: Path, spans: list[tuple[str, str, int]]) -> list[floa
     from esd_config import add_esd_arguments, esd_config_from_args
     from net_esd import storage_of
 
-    parser = ap.ArgumentParser()
+    parser = argparse.ArgumentParser()
     add_esd_arguments(parser)
     config = esd_config_from_args(parser.parse_args([]), "cpu")
     warm = torch.randn(256, 128)  # loads LAPACK and the fits before the first timing
