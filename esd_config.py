@@ -6,6 +6,7 @@ check the flags before any worker starts.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from dataclasses import dataclass
 
@@ -41,9 +42,11 @@ class ESDConfig:
         for name in ("xmin_pos", "bins", "chunk_elems"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.min_evals < 0 or not self.conv_norm > 0:
-            raise InputError(f"need min_evals >= 0 and conv_norm > 0, got {self.min_evals}, "
-                             f"{self.conv_norm}")
+        if self.min_evals < 0 or not 0 < self.conv_norm < math.inf:
+            raise InputError(f"need min_evals >= 0 and a finite conv_norm > 0, got "
+                             f"{self.min_evals}, {self.conv_norm}")
+        if not 0 <= self.evals_thresh < math.inf:  # negative: zeros enter the fit; NaN: nothing
+            raise InputError(f"evals_thresh must be a finite number >= 0, got {self.evals_thresh}")
         if not _DEVICE.match(str(self.device)):
             raise InputError(f"device={self.device!r} is not a device such as 'cpu', 'cuda' or "
                              f"'cuda:1'")

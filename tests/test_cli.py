@@ -107,6 +107,17 @@ def test_bad_lists_are_refused_before_anything_starts(tmp_path):
     assert not result_csvs(out)
 
 
+@pytest.mark.parametrize("value", ["-0.001", "nan", "inf"])
+def test_bad_evals_thresh_is_refused_in_one_line(zoo, tmp_path, value):
+    models = write_list(tmp_path / "models.csv", [(zoo / "tiny-gpt2", "", "")])
+    out = tmp_path / "out"
+    proc = cli("--model_list", models, "--output_dir", out, "--evals_thresh", value)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert "evals_thresh" in line and value.lstrip("-") in line
+    assert not result_csvs(out)
+
+
 def test_list_tolerates_bom_spaces_extra_columns_and_duplicates(zoo, tmp_path):
     text = ("\ufeffmodel_id , notes,base_model_relation\n\n"
             f"  {zoo / 'tiny-gpt2'} , first,\n{zoo / 'tiny-gpt2'},again,\n\n")

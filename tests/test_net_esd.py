@@ -388,7 +388,10 @@ def test_ks_scan_blocks_do_not_change_the_fit():
 
 @pytest.mark.parametrize("kw", [{"fix_fingers": "peak"}, {"precision": "float16"},
                                 {"xmin_pos": 0}, {"bins": 0}, {"device": "gpu0"},
-                                {"conv_norm": 0.0}, {"chunk_elems": 0}])
+                                {"conv_norm": 0.0}, {"chunk_elems": 0},
+                                {"evals_thresh": -1e-3}, {"evals_thresh": math.nan},
+                                {"evals_thresh": math.inf}, {"conv_norm": math.inf},
+                                {"conv_norm": math.nan}])
 def test_bad_options_are_refused(kw):
     with pytest.raises(InputError):
         ESDConfig(**kw)
