@@ -146,11 +146,13 @@ def plan_gptq(reader: TensorReader, quant: dict, model_id: str) -> list[Packed]:
     names = set(reader.names)
     storage = f"gptq-{bits}bit-{f'g{group}' if group > 0 else 'channel'}" + \
         ("-act" if quant.get("desc_act") else "")
+    # With desc_act the inputs' groups are permuted: g_idx is the only record of the order.
+    g_idx = {"g_idx": ".g_idx"}
+    roles = {"qweight": ".qweight", "qzeros": ".qzeros", "scales": ".scales"}
     plans = []
     for module in modules_with(names, ".qweight"):
-        parts = require(names, module, {"qweight": ".qweight", "qzeros": ".qzeros",
-                                        "scales": ".scales"}, "GPTQ", model_id,
-                        optional={"g_idx": ".g_idx"})
+        parts = require(names, module, roles | g_idx if quant.get("desc_act") else roles,
+                        "GPTQ", model_id, optional=g_idx)
         words, out_f = matrix_shape(reader, parts["qweight"], model_id)
         if words * 32 % (bits * 32 // math.gcd(bits, 32)):  # 3 bits: 32 values fill 3 words
             raise CorruptCheckpointError(f"{model_id}: {parts['qweight']} has {words} rows, "

@@ -531,6 +531,15 @@ def test_gptq_without_scales_names_the_tensor(tmp_path):
         open_reader(save_checkpoint(tmp_path / "q", tensors, GPTQ4))
 
 
+def test_gptq_act_order_without_g_idx_names_the_tensor(tmp_path):
+    """desc_act permutes the inputs' groups: without g_idx no weight can be placed."""
+    tensors = gptq_tensors(np.random.default_rng(0))
+    del tensors["model.layers.0.mlp.up_proj.g_idx"]
+    with pytest.raises(CorruptCheckpointError, match="org/quant: GPTQ layer "
+                       "model.layers.0.mlp.up_proj has no model.layers.0.mlp.up_proj.g_idx"):
+        open_reader(save_checkpoint(tmp_path / "q", tensors, GPTQ4 | {"desc_act": True}))
+
+
 def test_gptq_scales_of_the_wrong_shape_and_bad_g_idx(tmp_path):
     rng = np.random.default_rng(0)
     tensors = gptq_tensors(rng)
