@@ -8,6 +8,7 @@ and calls these. One function per stored layout:
 - ``dequantize_scaled``: float8 or int8 numbers times scales per tensor, channel, group or
   block (FP8 ``weight_scale_inv``/``weight_scale``, FBGEMM, compressed-tensors int- and
   float-quantized, bitsandbytes 8-bit).
+- ``e8m0_scales``: scales stored as E8M0 exponent bytes (MXFP8 block scales).
 - ``dequantize_packed``: compressed-tensors ``pack-quantized`` int32 words.
 - ``dequantize_bnb4`` (with ``bnb_nested_absmax``): bitsandbytes nf4/fp4.
 
@@ -202,6 +203,12 @@ def _per_matrix(t: torch.Tensor | None, lead: tuple[int, ...]) -> torch.Tensor |
     if t is None or not lead or tuple(t.shape[:len(lead)]) != lead:
         return None
     return t.reshape(math.prod(lead), *t.shape[len(lead):])
+
+
+def e8m0_scales(exponents: torch.Tensor) -> torch.Tensor:
+    """E8M0 scales stored as bytes (MXFP8, MXFP4): byte b is ``2**(b - 127)`` and 255 is NaN,
+    as the OCP MX specification defines them and transformers decodes them; float32."""
+    return exponents.contiguous().view(torch.float8_e8m0fnu).to(torch.float32)
 
 
 def dequantize_packed(packed: torch.Tensor, bits: int, shape: tuple[int, int],

@@ -28,6 +28,7 @@ from dequantize import (
     dequantize_gptq,
     dequantize_packed,
     dequantize_scaled,
+    e8m0_scales,
     grid_label,
     scale_grid,
     unpack_bits,
@@ -122,7 +123,10 @@ def stored_bytes(reader: TensorReader, name: str, model_id: str) -> int:
 
 
 def _decode_scaled(t: dict[str, torch.Tensor], grid: Grid) -> torch.Tensor:
-    return dequantize_scaled(t["weight"], t["scale"], grid, t.get("zero"))
+    scale = t["scale"]
+    if scale.dtype == torch.uint8:  # E8M0 exponents (MXFP8), never multipliers themselves
+        scale = e8m0_scales(scale)
+    return dequantize_scaled(t["weight"], scale, grid, t.get("zero"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +198,8 @@ def plan_awq(reader: TensorReader, quant: dict, model_id: str) -> list[Packed]:
 
 def plan_fp8(reader: TensorReader, quant: dict, model_id: str) -> list[Packed]:
     """Every float8 tensor ``X`` with its scale ``X_scale_inv`` (block scales, DeepSeek-V3 and
-    Qwen3-FP8; despite the name they multiply) or ``X_scale`` (per tensor or channel)."""
+    Qwen3-FP8; despite the name they multiply) or ``X_scale`` (per tensor or channel). Block
+    scales stored as bytes (MXFP8, ``uint8``) are E8M0 exponents, decoded by ``e8m0_scales``."""
     block = fp8_block(quant, model_id)
     names = set(reader.names)
     plans = []

@@ -289,7 +289,7 @@ QUANT_FORMATS: dict[str, QuantFormat] = {
     "fp8": QuantFormat(
         check_fp8, _plan("plan_fp8"),
         "float8_e4m3fn/e5m2 with weight_scale_inv block scales (weight_block_size, partial "
-        "edge blocks) or weight_scale"),
+        "edge blocks; float32 or E8M0 bytes) or weight_scale"),
     "fbgemm_fp8": QuantFormat(check_fp8, _plan("plan_fp8"),
                               "float8 with per-channel weight_scale"),
     "bitsandbytes": QuantFormat(
