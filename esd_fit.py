@@ -43,6 +43,15 @@ class PowerLawFit:
 
 FAILED_FIT = PowerLawFit(False, math.nan, math.nan, math.nan, 0)
 
+# DKS below SMALL_N fit eigenvalues: WeightWatcher's small-sample fit (WWFit with
+# fit_powerlaw_smallN, metrics.md section 3), with its constants: only tails of at least
+# SMALL_N_MIN_TAIL eigenvalues (all of them when fewer) whose log-sum exceeds SMALL_N_MIN_LOGSUM
+# are candidates, each with the bias-corrected alpha. (fit_powerlaw_smallN ranks them by
+# D - 0.868 / sqrt(tail), but WWFit then keeps the first argmin of D, which this follows.)
+SMALL_N = 20
+SMALL_N_MIN_TAIL = 8
+SMALL_N_MIN_LOGSUM = 1e-12
+
 
 def fit_set(evals: torch.Tensor, opts: FitOptions) -> torch.Tensor:
     """The eigenvalues the fit sees: > 0, or > evals_thresh with filter_zeros (ascending)."""
@@ -50,12 +59,18 @@ def fit_set(evals: torch.Tensor, opts: FitOptions) -> torch.Tensor:
     return evals[evals > floor]
 
 
-def candidate_alphas(logx: torch.Tensor) -> torch.Tensor:
-    """``alpha_i = 1 + n_i / sum_{j>=i} ln(x_j / x_i)`` for i = 0 .. n-2 (Hill estimates)."""
+def tail_log_sums(logx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n_i = n - i`` and ``s_i = sum_{j>=i} ln(x_j / x_i)`` for i = 0 .. n-2 (suffix sums)."""
     n = logx.numel()
     suffix = torch.flip(torch.cumsum(torch.flip(logx, (0,)), 0), (0,))
-    tail = torch.arange(n, 1, -1, dtype=logx.dtype, device=logx.device)  # n_i = n - i
-    return 1.0 + tail / (suffix[:-1] - tail * logx[:-1])
+    tail = torch.arange(n, 1, -1, dtype=logx.dtype, device=logx.device)
+    return tail, suffix[:-1] - tail * logx[:-1]
+
+
+def candidate_alphas(logx: torch.Tensor) -> torch.Tensor:
+    """``alpha_i = 1 + n_i / sum_{j>=i} ln(x_j / x_i)`` for i = 0 .. n-2 (Hill estimates)."""
+    tail, logsum = tail_log_sums(logx)
+    return 1.0 + tail / logsum
 
 
 def ks_distances(logx: torch.Tensor, alphas: torch.Tensor, start: int, stop: int,
@@ -122,6 +137,8 @@ def power_law_fit(evals: torch.Tensor, opts: FitOptions) -> PowerLawFit:
     n = x.numel()
     if n < 2:
         return FAILED_FIT
+    if opts.fix_fingers == "DKS" and n < SMALL_N:
+        return small_n_fit(x, opts)
     start, stop = candidate_range(x, opts)
     if start >= stop:
         return FAILED_FIT
@@ -133,6 +150,25 @@ def power_law_fit(evals: torch.Tensor, opts: FitOptions) -> PowerLawFit:
     if not math.isfinite(d_min):
         return FAILED_FIT
     return PowerLawFit(True, alpha, xmin, d_min, n - (start + int(k)))
+
+
+def small_n_fit(x: torch.Tensor, opts: FitOptions) -> PowerLawFit:
+    """WeightWatcher's DKS on fewer than SMALL_N eigenvalues ``x`` (ascending, n >= 2):
+    ``alpha_i = 1 + (n_i - 1) / s_i``, ``D_i`` as in the full scan, and the first argmin of
+    ``D_i`` among the tails of at least ``min(SMALL_N_MIN_TAIL, n)`` eigenvalues with
+    ``s_i > SMALL_N_MIN_LOGSUM``; none such (all eigenvalues equal): the fit fails."""
+    n = x.numel()
+    logx = torch.log(x)
+    tail, logsum = tail_log_sums(logx)
+    alphas = 1.0 + (tail - 1.0) / logsum
+    d = ks_distances(logx, alphas, 0, n - 1, opts.chunk_elems)
+    usable = (tail >= min(SMALL_N_MIN_TAIL, n)) & (logsum > SMALL_N_MIN_LOGSUM)
+    d = torch.where(usable, d, math.inf)
+    k = torch.argmin(d)
+    d_min, alpha, xmin = torch.stack((d[k], alphas[k], x[k])).tolist()
+    if not math.isfinite(d_min):
+        return FAILED_FIT
+    return PowerLawFit(True, alpha, xmin, d_min, n - int(k))
 
 
 def norm_metrics(evals: torch.Tensor, n_rows: int, eps: float) -> dict[str, float]:

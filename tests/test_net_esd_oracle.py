@@ -5,8 +5,8 @@ WW_powerlaw.py): its default fit is DKS over eigenvalues > 1e-5 (our ``filter_ze
 ``norm`` is sum(lambda) = ||W||_F^2 and ``xmax`` is lambda_max, as in metrics.md; its
 ``entropy`` adds 1e-10 to every p and to the rank (a regulariser worth ~1e-8 relative), so
 that column is compared at ENTROPY_RTOL; ``layer_id`` counts every module, so rows are
-matched by ``longname``. Its small-n fit (fewer than 20 fit eigenvalues) is another
-estimator, so every matrix here has more.
+matched by ``longname``. Below 20 fit eigenvalues WeightWatcher fits another way
+(``WWFit.fit_powerlaw_smallN``); DKS follows it there too, checked on M = 10 .. 21.
 """
 
 import logging
@@ -37,10 +37,9 @@ def heavy_tailed(n, m, alpha, rng):
     return (u * np.sqrt(lam)) @ v.T + noise
 
 
-def test_dks_rows_match_weightwatcher():
-    rng = np.random.default_rng(1)
-    shapes = [(300, 100, 2.5), (120, 250, 3.5), (400, 400, 4.0), (500, 64, 2.0), (90, 90, 5.0),
-              (300, 100, 1.6), (300, 100, 8.0)]  # the last two: over- and under-trained
+def compare_with_weightwatcher(shapes, seed):
+    """Rows of a Sequential of (n, m, alpha) heavy-tailed Linear layers, ours against WW's."""
+    rng = np.random.default_rng(seed)
     net = torch.nn.Sequential(*[torch.nn.Linear(m, n) for n, m, _ in shapes])
     with torch.no_grad():
         for layer, (n, m, a) in zip(net, shapes, strict=True):
@@ -56,7 +55,47 @@ def test_dks_rows_match_weightwatcher():
                                    theirs.loc[ours.index, col].to_numpy(float),
                                    rtol=rtol, atol=0, err_msg=col)
     assert ours["warning"].tolist() == theirs.loc[ours.index, "warning"].tolist()
+    return ours
+
+
+def test_dks_rows_match_weightwatcher():
+    shapes = [(300, 100, 2.5), (120, 250, 3.5), (400, 400, 4.0), (500, 64, 2.0), (90, 90, 5.0),
+              (300, 100, 1.6), (300, 100, 8.0)]  # the last two: over- and under-trained
+    ours = compare_with_weightwatcher(shapes, seed=1)
     assert set(ours["warning"]) >= {"over-trained", "under-trained"}
+
+
+@pytest.mark.parametrize("seed", [2, 3, 4])
+def test_dks_rows_match_weightwatcher_below_20_eigenvalues(seed):
+    """M = 10 .. 21 eigenvalues, across WeightWatcher's switch at 20, in both orientations."""
+    shapes = [(60, m, a) if m % 2 else (m, 60, a)
+              for m, a in zip(range(10, 22), np.linspace(1.8, 7.0, 12), strict=True)]
+    ours = compare_with_weightwatcher(shapes, seed)
+    assert sorted(ours["M"]) == list(range(10, 22))
+
+
+@pytest.mark.parametrize("positive", [2, 5, 7, 8, 12, 19, 20])
+def test_dks_matches_wwfit_on_few_eigenvalues_after_the_zeros(positive):
+    """Fit sets of 2 .. 20 eigenvalues left once zeros are filtered (WeightWatcher fits the
+    whole set below its tail minimum of 8). Its sigma there is -1/sqrt(n), a bookkeeping slip
+    of WWFit; ours stays (alpha - 1) / sqrt(num_pl_spikes), so sigma is not compared."""
+    from weightwatcher.WW_powerlaw import WWFit
+
+    rng = np.random.default_rng(positive)
+    evals = np.concatenate([np.zeros(12), 0.01 * (1 - rng.random(positive)) ** (-1 / 2.5)])
+    theirs = WWFit(evals[evals > 1e-5])
+    ours = fit_from_evals(evals, ESDConfig(fix_fingers="DKS", filter_zeros=True))
+    assert ours["status"] == "ok"
+    # num_pl_spikes as WeightWatcher's analyze() counts it: eigenvalues >= xmin
+    assert ours["xmin"] == theirs.xmin and ours["num_pl_spikes"] == np.sum(evals >= theirs.xmin)
+    assert ours["alpha"] == pytest.approx(theirs.alpha, rel=PARITY_RTOL)
+    assert ours["D"] == pytest.approx(theirs.D, rel=PARITY_RTOL)
+
+
+def test_dks_on_equal_eigenvalues_fails_the_fit():
+    """No tail has a positive log-sum: WWFit reports alpha 0, D 1; the contract a failed fit."""
+    out = fit_from_evals(np.full(12, 0.5), ESDConfig(fix_fingers="DKS"))
+    assert out["status"] == "fit_failed" and np.isnan(out["alpha"])
 
 
 # ---------------------------------------------------------------------------------------------
