@@ -122,11 +122,14 @@ def stored_bytes(reader: TensorReader, name: str, model_id: str) -> int:
     return math.prod(reader.shape(name)) * dtype.itemsize
 
 
+def scale_values(scale: torch.Tensor) -> torch.Tensor:
+    """A stored scale as numbers: bytes are E8M0 exponents (MXFP8 in the fp8 and
+    compressed-tensors formats), never multipliers themselves."""
+    return e8m0_scales(scale) if scale.dtype == torch.uint8 else scale
+
+
 def _decode_scaled(t: dict[str, torch.Tensor], grid: Grid) -> torch.Tensor:
-    scale = t["scale"]
-    if scale.dtype == torch.uint8:  # E8M0 exponents (MXFP8), never multipliers themselves
-        scale = e8m0_scales(scale)
-    return dequantize_scaled(t["weight"], scale, grid, t.get("zero"))
+    return dequantize_scaled(t["weight"], scale_values(t["scale"]), grid, t.get("zero"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,15 +328,15 @@ def _ct_group_of(module: str, groups: list[CTGroup], typ: str, model_id: str) ->
 
 def _decode_ct(t: dict[str, torch.Tensor], g: CTGroup, grid: Grid,
                shape: tuple[int, ...] | None) -> torch.Tensor:
-    zero = t.get("zero")
+    zero, scale = t.get("zero"), scale_values(t["scale"])
     if "g_idx" in t:
         grid = Grid("group", g_idx=t["g_idx"].long())
     if shape is None:
-        return dequantize_scaled(t["weight"], t["scale"], grid, zero)
+        return dequantize_scaled(t["weight"], scale, grid, zero)
     if zero is not None and zero.dtype == torch.int32 and zero.shape[0] != shape[0]:
         dense = zero.shape[0] == math.ceil(shape[0] * g.bits / 32)  # packed along the rows
         zero = unpack_bits(zero.T, g.bits, shape[0], dense).T - (1 << (g.bits - 1))
-    return dequantize_packed(t["weight"], g.bits, shape, t["scale"], grid, zero)
+    return dequantize_packed(t["weight"], g.bits, shape, scale, grid, zero)
 
 
 def _plan_ct_module(reader: TensorReader, names: set[str], module: str, packed: bool,

@@ -195,8 +195,8 @@ def check_bnb(quant: dict, model_id: str) -> None:
 
 
 
-CT_FORMATS = ("pack-quantized", "int-quantized", "float-quantized", "naive-quantized", "dense",
-              "mixed-precision")
+CT_FORMATS = ("pack-quantized", "int-quantized", "float-quantized", "naive-quantized",
+              "mxfp8-quantized", "dense", "mixed-precision")
 CT_STRATEGIES = ("tensor", "channel", "group", "block")
 
 
@@ -216,7 +216,7 @@ def ct_groups(quant: dict, model_id: str) -> list[CTGroup]:
     top = str(quant.get("format") or "dense").lower()
     if top not in CT_FORMATS:
         raise refuse(model_id, f"compressed-tensors format {top!r}",
-                     f"formats read: {', '.join(CT_FORMATS[:5])}")
+                     f"formats read: {', '.join(CT_FORMATS[:-1])}")
     sparsity = quant.get("sparsity_config") or {}
     if isinstance(sparsity, dict) and str(sparsity.get("format") or "dense").lower() != "dense":
         raise refuse(model_id, f"compressed-tensors sparsity format {sparsity.get('format')!r}")
@@ -228,7 +228,7 @@ def ct_groups(quant: dict, model_id: str) -> list[CTGroup]:
         w = group.get("weights") or {}
         if fmt not in CT_FORMATS or (fmt == "mixed-precision" and w):
             raise refuse(model_id, f"compressed-tensors format {fmt!r} (group {name})",
-                         f"formats read: {', '.join(CT_FORMATS[:5])}")
+                         f"formats read: {', '.join(CT_FORMATS[:-1])}")
         if not w:
             continue  # activations only: the weights are stored as they are
         typ, bits = str(w.get("type", "int")), int(w.get("num_bits", 8))
@@ -298,8 +298,8 @@ QUANT_FORMATS: dict[str, QuantFormat] = {
         "SCB)"),
     "compressed-tensors": QuantFormat(
         check_ct, _plan("plan_ct"),
-        "pack-quantized, int-quantized, float-quantized, naive-quantized; tensor, channel, "
-        "group and block scales"),
+        "pack-quantized, int-quantized, float-quantized, naive-quantized, mxfp8-quantized "
+        "(E8M0 byte scales); tensor, channel, group and block scales"),
 }
 
 

@@ -5,6 +5,8 @@ scale as one E8M0 byte, the exponent of a power of two: byte b is ``2**(b - 127)
 as ``uint8`` tensors or as ``float8_e8m0fnu`` (safetensors ``F8_E8M0``). The oracle is
 transformers' own dequantization of such checkpoints (``Fp8Dequantize``, which decodes uint8
 scales itself), and, independently, the same product computed in float64 from the bytes.
+compressed-tensors' ``mxfp8-quantized`` format stores the same scales as ``weight_scale``; its
+own compressor writes the checkpoint and its decompressor gives the oracle's weights.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from tests.test_quantized import (
     assert_esd_matches,
     assert_one_rounding,
+    ct_checkpoint,
     fp8,
     open_reader,
     save_checkpoint,
@@ -64,3 +67,17 @@ def test_e8m0_nan_byte_gives_a_nonfinite_weight(tmp_path):
                                          {"quant_method": "fp8", "weight_block_size": [1, 32]}))
     got = reader.get(m)
     assert torch.isnan(got[5, 32:]).all() and torch.isfinite(got[:5]).all()
+
+
+def test_compressed_tensors_mxfp8_matches_the_library(tmp_path):
+    pytest.importorskip("compressed_tensors")
+    weights = dict(num_bits=8, type="float", symmetric=True, strategy="group", group_size=32,
+                   scale_dtype=torch.uint8)
+    oracle = ct_checkpoint(tmp_path / "ct", weights, "mxfp8-quantized")
+    reader = open_reader(tmp_path / "ct")
+    quantized = [n for n in reader.names if reader.storage(n) == "float8_e4m3fn+g32"]
+    assert len(quantized) == 14  # 7 linear layers x 2 blocks
+    assert reader.base.dtype(quantized[0] + "_scale") == "uint8"
+    for name in quantized:
+        assert torch.equal(reader.get(name), oracle[name].float()), name
+    assert_esd_matches(reader, {n: oracle[n].float() for n in quantized})
