@@ -64,6 +64,7 @@ logger = logging.getLogger(__name__)
 
 CHUNK_ELEMS = 1 << 20      # dequantized entries per read: 4 MiB of float32
 MAX_DIMS = 4               # GGML_MAX_DIMS
+DEFAULT_ALIGNMENT = 32     # GGUF_DEFAULT_ALIGNMENT, when general.alignment is absent
 _SPLIT = re.compile(r"^(?P<stem>.*)-(?P<part>\d{5})-of-(?P<total>\d{5})\.gguf$", re.IGNORECASE)
 # Metadata value types (GGUFValueType): struct formats of the scalars.
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
@@ -168,13 +169,45 @@ def _read_header(path: Path, model_id: str) -> _Header:
                                              f"{n_dims} dimensions; the header is damaged")
             dims = [cur.scalar("<Q", name) for _ in range(n_dims)]
             raw.append((name, dims, cur.scalar("<I", name), cur.scalar("<Q", name)))
-        alignment = metadata.get("general.alignment") or 32
+        alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+            raise CorruptCheckpointError(f"{model_id}: {path.name}: general.alignment is "
+                                         f"{alignment!r}, not a power of two; the header is "
+                                         f"damaged")
         data_start = math.ceil(cur.pos / alignment) * alignment
-    tensors = [_tensor_info(path, size, data_start, *item, model_id) for item in raw]
+    tensors = [_tensor_info(path, data_start, *item, model_id) for item in raw]
+    _check_layout(path, size, tensors, [item[3] for item in raw], alignment, model_id)
     return _Header(path, {k: v for k, v in metadata.items() if v is not None}, tensors)
 
 
-def _tensor_info(path: Path, size: int, data_start: int, name: str, dims: list[int],
+def _check_layout(path: Path, size: int, tensors: list[_TensorInfo], offsets: list[int],
+                  alignment: int, model_id: str) -> None:
+    """The data of each tensor starts where the one before it ends, padded to the alignment,
+    as llama.cpp requires (gguf_init_from_file): otherwise the dimensions or offsets of the
+    header disagree and a tensor would be read over another's bytes or as another shape. Data
+    past the end of the file is a truncation."""
+    end, before = 0, None
+    for info, offset in zip(tensors, offsets, strict=True):
+        where = (f"{model_id}: {path.name}: tensor {info.gguf_name} starts at byte {offset} of "
+                 f"the data")
+        if offset % alignment:
+            raise CorruptCheckpointError(f"{where}, not a multiple of the alignment "
+                                         f"({alignment}); the header is damaged")
+        if offset != end:
+            after = "the data starts at byte 0" if before is None else \
+                f"the tensor before it ({before.gguf_name}, {before.qtype} " \
+                f"{'x'.join(map(str, before.shape))}) ends at byte {end}"
+            raise CorruptCheckpointError(f"{where}, but {after}; its dimensions or offsets "
+                                         f"are damaged")
+        end, before = offset + math.ceil(info.nbytes / alignment) * alignment, info
+        if info.start + info.nbytes > size:
+            raise CorruptCheckpointError(
+                f"{model_id}: {path.name} is truncated: tensor {info.gguf_name} ({info.qtype}) "
+                f"needs bytes {info.start}..{info.start + info.nbytes} but the file has {size}; "
+                f"download it again")
+
+
+def _tensor_info(path: Path, data_start: int, name: str, dims: list[int],
                  type_id: int, offset: int, model_id: str) -> _TensorInfo:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -191,17 +224,17 @@ def _tensor_info(path: Path, size: int, data_start: int, name: str, dims: list[i
             f"{model_id}: {path.name}: tensor {name} is {qtype.name}, which gguf {version} "
             f"cannot dequantize; pick another quantization of this model")
     block, type_size = GGML_QUANT_SIZES[qtype]
+    if math.prod(dims) >= 1 << 63:
+        raise CorruptCheckpointError(f"{model_id}: {path.name}: tensor {name} has dimensions "
+                                     f"{tuple(dims)}, past the 2**63 values ggml can hold; the "
+                                     f"header is damaged")
     if dims[0] % block:
         raise CorruptCheckpointError(f"{model_id}: {path.name}: tensor {name} has rows of "
                                      f"{dims[0]} values, not a multiple of {qtype.name}'s "
                                      f"block of {block}")
     nbytes = math.prod(dims[1:]) * (dims[0] // block) * type_size
-    start = data_start + offset
-    if start + nbytes > size:
-        raise CorruptCheckpointError(
-            f"{model_id}: {path.name} is truncated: tensor {name} ({qtype.name}) needs bytes "
-            f"{start}..{start + nbytes} but the file has {size}; download it again")
-    return _TensorInfo(name, path, qtype.name, tuple(reversed(dims)), start, nbytes)
+    return _TensorInfo(name, path, qtype.name, tuple(reversed(dims)), data_start + offset,
+                       nbytes)
 
 
 @cache
