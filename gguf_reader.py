@@ -65,6 +65,7 @@ logger = logging.getLogger(__name__)
 CHUNK_ELEMS = 1 << 20      # dequantized entries per read: 4 MiB of float32
 MAX_DIMS = 4               # GGML_MAX_DIMS
 DEFAULT_ALIGNMENT = 32     # GGUF_DEFAULT_ALIGNMENT, when general.alignment is absent
+_GGUF_BLOCK = re.compile(r"^blk\.(?P<n>\d+)\.")
 _SPLIT = re.compile(r"^(?P<stem>.*)-(?P<part>\d{5})-of-(?P<total>\d{5})\.gguf$", re.IGNORECASE)
 # Metadata value types (GGUFValueType): struct formats of the scalars.
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
@@ -306,8 +307,32 @@ def _hf_names(header: _Header, names: set[str], model_id: str) -> dict[str, str]
                     str(exc).splitlines()[0][:200] if str(exc) else "")
         return {}
     mapping = {g: h for g, h in mapping.items() if g in names}
+    # Names the map leaves out inside a block (the 3-D expert stacks, which transformers
+    # splits or fuses on loading) go under their block's Hugging Face name, so that they sort
+    # with it: blk.3.ffn_up_exps.weight -> model.layers.3.ffn_up_exps.weight.
+    blocks: dict[str, str] = {}
+    for g, h in mapping.items():
+        m, parts = _GGUF_BLOCK.match(g), h.split(".")
+        if m and m["n"] in parts:
+            blocks.setdefault(m["n"], ".".join(parts[:parts.index(m["n"]) + 1]))
+    for g in sorted(names - mapping.keys()):
+        m = _GGUF_BLOCK.match(g)
+        if m and m["n"] in blocks:
+            mapping[g] = f"{blocks[m['n']]}.{g[m.end():]}"
     taken = [h for h in mapping.values()]
     return {g: h for g, h in mapping.items() if taken.count(h) == 1}
+
+
+def _slices(info: _TensorInfo, name: str) -> list[tuple[str, _TensorInfo]]:
+    """A 3-D tensor as its matrices, ``name[i]`` each: a GGUF stores experts (ffn_*_exps)
+    and per-head matrices (deepseek2's attn_k_b/attn_v_b) as (count, rows, columns), never a
+    convolution. Each is read on its own from its own bytes. Other tensors are kept whole."""
+    if len(info.shape) != 3:
+        return [(name, info)]
+    count, step = info.shape[0], info.nbytes // max(info.shape[0], 1)
+    return [(f"{name}[{i}]", _TensorInfo(f"{info.gguf_name}[{i}]", info.path, info.qtype,
+                                         info.shape[1:], info.start + i * step, step))
+            for i in range(count)]
 
 
 class GGUFCheckpoint:
@@ -343,10 +368,10 @@ class GGUFCheckpoint:
         self._info: dict[str, _TensorInfo] = {}
         names: list[str] = []
         for header in headers:
-            here = sorted((hf.get(t.gguf_name, t.gguf_name) for t in header.tensors),
-                          key=natural_key)
-            self._info.update({hf.get(t.gguf_name, t.gguf_name): t for t in header.tensors})
-            names += here
+            here = dict(item for t in header.tensors
+                        for item in _slices(t, hf.get(t.gguf_name, t.gguf_name)))
+            self._info.update(here)
+            names += sorted(here, key=natural_key)
         self.names = tuple(names)
         self._open: tuple[Path, object] | None = None
 
@@ -367,6 +392,8 @@ class GGUFCheckpoint:
         return (self._name_of[self._info[name].path],)
 
     def gguf_name(self, name: str) -> str:
+        """The tensor's name in the file (``blk.0.ffn_up_exps.weight[2]`` for one matrix of a
+        3-D tensor)."""
         return self._info[name].gguf_name
 
     def _handle(self, path: Path):
