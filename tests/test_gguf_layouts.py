@@ -142,5 +142,8 @@ def test_published_gguf_rows(tmp_path, name, qtype):
         ffn = [i for i, n in enumerate(inside) if n.startswith("ffn_")]
         assert max(attn) < min(ffn), inside
         assert inside.index("attn_output.weight") == max(attn), inside
-        assert inside.index("ffn_down" + ("_shexp" if name != "dense" and name !=
-                                          "unknown_arch" else "") + ".weight") > min(ffn)
+        for kind in ("", "_exps", "_shexp"):  # gate and up before down
+            ranks = {p: i for i, n in enumerate(inside) for p in ("gate", "up", "down")
+                     if re.fullmatch(rf"ffn_{p}{kind}\.weight(\[\d+\])?", n)}
+            assert len(ranks) in (0, 3) and ranks.get("down", 3) == max(ranks.values(),
+                                                                        default=3), inside
