@@ -32,7 +32,7 @@ from errors import InputError
 # The result schema lives in results.py (torch-free); layer columns are filled here.
 from esd_config import FIX_FINGERS, ESDConfig  # noqa: F401  (the estimator's public options)
 from esd_fit import spectral_metrics
-from layer_order import block_index
+from layer_order import block_index, stack_of
 from results import LAYER_COLUMNS, METRIC_COLUMNS
 
 # The computation dtype of each --precision (esd_config.PRECISION_NAMES).
@@ -307,6 +307,7 @@ def analyse_layer(layer: _Layer, layer_id: int, config: ESDConfig) -> LayerResul
     n, m = layer.N, layer.M
     row: dict[str, Any] = {
         "layer_id": layer_id, "longname": layer.longname, "block": block_index(layer.longname),
+        "stack": stack_of(layer.longname),
         "layer_type": layer.layer_type, "storage": layer.storage or storage_of(layer.dtype),
         "N": n, "M": m, "Q": n / m if m > 0 else math.nan, "num_evals": layer.num_evals,
         "fix_fingers": config.fix_fingers,
