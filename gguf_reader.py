@@ -64,6 +64,8 @@ logger = logging.getLogger(__name__)
 
 CHUNK_ELEMS = 1 << 20      # dequantized entries per read: 4 MiB of float32
 MAX_DIMS = 4               # GGML_MAX_DIMS
+DEFAULT_ALIGNMENT = 32     # GGUF_DEFAULT_ALIGNMENT, when general.alignment is absent
+_GGUF_BLOCK = re.compile(r"^blk\.(?P<n>\d+)\.")
 _SPLIT = re.compile(r"^(?P<stem>.*)-(?P<part>\d{5})-of-(?P<total>\d{5})\.gguf$", re.IGNORECASE)
 # Metadata value types (GGUFValueType): struct formats of the scalars.
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
@@ -168,13 +170,45 @@ def _read_header(path: Path, model_id: str) -> _Header:
                                              f"{n_dims} dimensions; the header is damaged")
             dims = [cur.scalar("<Q", name) for _ in range(n_dims)]
             raw.append((name, dims, cur.scalar("<I", name), cur.scalar("<Q", name)))
-        alignment = metadata.get("general.alignment") or 32
+        alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+            raise CorruptCheckpointError(f"{model_id}: {path.name}: general.alignment is "
+                                         f"{alignment!r}, not a power of two; the header is "
+                                         f"damaged")
         data_start = math.ceil(cur.pos / alignment) * alignment
-    tensors = [_tensor_info(path, size, data_start, *item, model_id) for item in raw]
+    tensors = [_tensor_info(path, data_start, *item, model_id) for item in raw]
+    _check_layout(path, size, tensors, [item[3] for item in raw], alignment, model_id)
     return _Header(path, {k: v for k, v in metadata.items() if v is not None}, tensors)
 
 
-def _tensor_info(path: Path, size: int, data_start: int, name: str, dims: list[int],
+def _check_layout(path: Path, size: int, tensors: list[_TensorInfo], offsets: list[int],
+                  alignment: int, model_id: str) -> None:
+    """The data of each tensor starts where the one before it ends, padded to the alignment,
+    as llama.cpp requires (gguf_init_from_file): otherwise the dimensions or offsets of the
+    header disagree and a tensor would be read over another's bytes or as another shape. Data
+    past the end of the file is a truncation."""
+    end, before = 0, None
+    for info, offset in zip(tensors, offsets, strict=True):
+        where = (f"{model_id}: {path.name}: tensor {info.gguf_name} starts at byte {offset} of "
+                 f"the data")
+        if offset % alignment:
+            raise CorruptCheckpointError(f"{where}, not a multiple of the alignment "
+                                         f"({alignment}); the header is damaged")
+        if offset != end:
+            after = "the data starts at byte 0" if before is None else \
+                f"the tensor before it ({before.gguf_name}, {before.qtype} " \
+                f"{'x'.join(map(str, before.shape))}) ends at byte {end}"
+            raise CorruptCheckpointError(f"{where}, but {after}; its dimensions or offsets "
+                                         f"are damaged")
+        end, before = offset + math.ceil(info.nbytes / alignment) * alignment, info
+        if info.start + info.nbytes > size:
+            raise CorruptCheckpointError(
+                f"{model_id}: {path.name} is truncated: tensor {info.gguf_name} ({info.qtype}) "
+                f"needs bytes {info.start}..{info.start + info.nbytes} but the file has {size}; "
+                f"download it again")
+
+
+def _tensor_info(path: Path, data_start: int, name: str, dims: list[int],
                  type_id: int, offset: int, model_id: str) -> _TensorInfo:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -191,17 +225,17 @@ def _tensor_info(path: Path, size: int, data_start: int, name: str, dims: list[i
             f"{model_id}: {path.name}: tensor {name} is {qtype.name}, which gguf {version} "
             f"cannot dequantize; pick another quantization of this model")
     block, type_size = GGML_QUANT_SIZES[qtype]
+    if math.prod(dims) >= 1 << 63:
+        raise CorruptCheckpointError(f"{model_id}: {path.name}: tensor {name} has dimensions "
+                                     f"{tuple(dims)}, past the 2**63 values ggml can hold; the "
+                                     f"header is damaged")
     if dims[0] % block:
         raise CorruptCheckpointError(f"{model_id}: {path.name}: tensor {name} has rows of "
                                      f"{dims[0]} values, not a multiple of {qtype.name}'s "
                                      f"block of {block}")
     nbytes = math.prod(dims[1:]) * (dims[0] // block) * type_size
-    start = data_start + offset
-    if start + nbytes > size:
-        raise CorruptCheckpointError(
-            f"{model_id}: {path.name} is truncated: tensor {name} ({qtype.name}) needs bytes "
-            f"{start}..{start + nbytes} but the file has {size}; download it again")
-    return _TensorInfo(name, path, qtype.name, tuple(reversed(dims)), start, nbytes)
+    return _TensorInfo(name, path, qtype.name, tuple(reversed(dims)), data_start + offset,
+                       nbytes)
 
 
 @cache
@@ -273,8 +307,32 @@ def _hf_names(header: _Header, names: set[str], model_id: str) -> dict[str, str]
                     str(exc).splitlines()[0][:200] if str(exc) else "")
         return {}
     mapping = {g: h for g, h in mapping.items() if g in names}
+    # Names the map leaves out inside a block (the 3-D expert stacks, which transformers
+    # splits or fuses on loading) go under their block's Hugging Face name, so that they sort
+    # with it: blk.3.ffn_up_exps.weight -> model.layers.3.ffn_up_exps.weight.
+    blocks: dict[str, str] = {}
+    for g, h in mapping.items():
+        m, parts = _GGUF_BLOCK.match(g), h.split(".")
+        if m and m["n"] in parts:
+            blocks.setdefault(m["n"], ".".join(parts[:parts.index(m["n"]) + 1]))
+    for g in sorted(names - mapping.keys()):
+        m = _GGUF_BLOCK.match(g)
+        if m and m["n"] in blocks:
+            mapping[g] = f"{blocks[m['n']]}.{g[m.end():]}"
     taken = [h for h in mapping.values()]
     return {g: h for g, h in mapping.items() if taken.count(h) == 1}
+
+
+def _slices(info: _TensorInfo, name: str) -> list[tuple[str, _TensorInfo]]:
+    """A 3-D tensor as its matrices, ``name[i]`` each: a GGUF stores experts (ffn_*_exps)
+    and per-head matrices (deepseek2's attn_k_b/attn_v_b) as (count, rows, columns), never a
+    convolution. Each is read on its own from its own bytes. Other tensors are kept whole."""
+    if len(info.shape) != 3:
+        return [(name, info)]
+    count, step = info.shape[0], info.nbytes // max(info.shape[0], 1)
+    return [(f"{name}[{i}]", _TensorInfo(f"{info.gguf_name}[{i}]", info.path, info.qtype,
+                                         info.shape[1:], info.start + i * step, step))
+            for i in range(count)]
 
 
 class GGUFCheckpoint:
@@ -310,10 +368,10 @@ class GGUFCheckpoint:
         self._info: dict[str, _TensorInfo] = {}
         names: list[str] = []
         for header in headers:
-            here = sorted((hf.get(t.gguf_name, t.gguf_name) for t in header.tensors),
-                          key=natural_key)
-            self._info.update({hf.get(t.gguf_name, t.gguf_name): t for t in header.tensors})
-            names += here
+            here = dict(item for t in header.tensors
+                        for item in _slices(t, hf.get(t.gguf_name, t.gguf_name)))
+            self._info.update(here)
+            names += sorted(here, key=natural_key)
         self.names = tuple(names)
         self._open: tuple[Path, object] | None = None
 
@@ -334,6 +392,8 @@ class GGUFCheckpoint:
         return (self._name_of[self._info[name].path],)
 
     def gguf_name(self, name: str) -> str:
+        """The tensor's name in the file (``blk.0.ffn_up_exps.weight[2]`` for one matrix of a
+        3-D tensor)."""
         return self._info[name].gguf_name
 
     def _handle(self, path: Path):

@@ -61,7 +61,10 @@ _HEADS = frozenset({
     "lm_head", "embed_out", "classifier", "score", "pooler", "cls", "qa_outputs", "proj_out",
     "head", "heads", "fc", "output_projection", "seq_relationship", "logits",
 })
-_EMBEDDINGS = frozenset({"wte", "wpe", "shared", "emb", "tok_emb", "pos_emb", "tok_embeddings"})
+_EMBEDDINGS = frozenset({"wte", "wpe", "shared", "emb", "tok_emb", "pos_emb", "tok_embeddings",
+                         "token_embd", "pos_embd", "token_types"})  # the last three: GGUF's
+# A head stored at the top level under this name (GGUF's output.weight, InternLM2's).
+_TOP_HEAD = "output"
 _SIDES = {"encoder": 0, "decoder": 2}  # names with neither are 1
 _UNMARKED_SIDE = 1
 _DEFAULT_RANK = 50
@@ -73,7 +76,8 @@ _COMPONENT_RANK = {
     "token_type_embeddings": 3,
     # containers inside a block: attention, cross-attention, feed-forward
     **dict.fromkeys(("self", "in_proj"), 1),
-    **dict.fromkeys(("attn", "self_attn", "attention", "selfattention", "self_attention"), 20),
+    **dict.fromkeys(("attn", "self_attn", "attention", "selfattention", "self_attention",
+                     "norm_attn_norm"), 20),
     **dict.fromkeys(("crossattention", "encdecattention", "encoder_attn", "cross_attn"), 25),
     **dict.fromkeys(("mlp", "ffn", "feed_forward", "densereludense", "block_sparse_moe",
                      "moe", "intermediate"), 30),
@@ -85,12 +89,23 @@ _COMPONENT_RANK = {
     **dict.fromkeys(("v_proj", "v", "value", "wv"), 4),
     **dict.fromkeys(("gate", "router"), 5),
     "experts": 6,
-    **dict.fromkeys(("gate_proj", "w1", "wi", "wi_0", "fc1", "c_fc", "dense_h_to_4h",
+    **dict.fromkeys(("gate_proj", "w1", "wi", "wi_0", "c_fc", "dense_h_to_4h",
                      "gate_up_proj"), 11),
     **dict.fromkeys(("up_proj", "w3", "wi_1"), 12),
-    **dict.fromkeys(("o_proj", "o", "out_proj", "wo", "c_proj", "down_proj", "w2", "fc2",
+    **dict.fromkeys(("o_proj", "o", "out_proj", "wo", "c_proj", "down_proj", "w2",
                      "dense_4h_to_h"), 14),
+    # the feed-forward pair of layers that hold it beside their attention (Whisper, BART)
+    "fc1": 31, "fc2": 32,
 }
+# GGUF block tensors (llama.cpp's names): ``attn_*`` rank as attention and ``ffn_*`` as the
+# feed-forward part, each in computation order by what follows the prefix.
+_GGUF_PART = re.compile(r"^(?P<group>attn|ffn)_(?P<rest>.+)$")
+_GGUF_GROUP = {"attn": 20, "ffn": 30}
+_GGUF_ORDER = {rest: i + 1 for i, rest in enumerate((
+    "norm", "q_a", "q_a_norm", "q_b", "kv_a_mqa", "kv_a_norm", "kv_b", "k_b", "v_b", "qkv",
+    "q", "q_norm", "k", "k_norm", "v", "output", "post_norm",
+    "gate_inp", "gate_exps", "gate_up_exps", "up_exps", "down_exps", "gate_inp_shexp",
+    "gate_shexp", "up_shexp", "down_shexp", "gate", "up", "down"))}
 _EXPERT_SUFFIX = re.compile(r"^(.*)\[(\d+)\]$")
 _DIGITS = re.compile(r"(\d+)")
 
@@ -114,7 +129,12 @@ def _natural(part: str) -> tuple:
 
 
 def _component(part: str) -> tuple:
-    return _COMPONENT_RANK.get(part.lower(), _DEFAULT_RANK), _natural(part)
+    low = part.lower()
+    gguf = _GGUF_PART.match(low) if low not in _COMPONENT_RANK else None
+    if gguf is not None:
+        return (_GGUF_GROUP[gguf["group"]], _GGUF_ORDER.get(gguf["rest"], len(_GGUF_ORDER) + 1),
+                _natural(part))
+    return _COMPONENT_RANK.get(low, _DEFAULT_RANK), 0, _natural(part)
 
 
 def _is_embedding(part: str) -> bool:
@@ -127,7 +147,7 @@ def _classify(parts: list[str]) -> tuple[int, int, int, int]:
     first = next((i for i, p in enumerate(parts) if p.isdigit()), len(parts))
     outer = [p.lower() for p in parts[:first]]
     side = next((_SIDES[p] for p in outer if p in _SIDES), _UNMARKED_SIDE)
-    if any(p in _HEADS for p in outer):
+    if any(p in _HEADS for p in outer) or outer[:1] == [_TOP_HEAD]:
         return 2, side, 0, first
     embedding = any(_is_embedding(p) for p in outer)
     if embedding and side == _UNMARKED_SIDE:
@@ -140,17 +160,38 @@ def name_key(name: str) -> tuple:
     """The name rule's sort key of one layer name (see the module docstring)."""
     parts = _parts(name)
     major, side, kind, first = _classify(parts)
-    blocks = tuple(int(p) for p in parts if p.isdigit())
-    return (major, side, kind, tuple(_component(p) for p in parts[:first]), blocks,
-            tuple(_component(p) for p in parts[first:] if not p.isdigit()))
+    index = _EXPERT_SUFFIX.match(name)  # one matrix of a stack: after the stack's own place
+    own = parts[:-1] if index else parts
+    blocks = tuple(int(p) for p in own if p.isdigit())
+    return (major, side, kind, tuple(_component(p) for p in own[:first]), blocks,
+            tuple(_component(p) for p in own[first:] if not p.isdigit()),
+            int(index.group(2)) if index else -1)
 
 
 def block_index(name: str) -> int | None:
     """The block a layer belongs to under the name rule: its first numeric component, or None
-    for embeddings, stems and heads (``classifier.1`` is a head, not block 1)."""
+    for embeddings, stems and heads (``classifier.1`` is a head, not block 1). Only a repeated
+    block holding modules of its own counts: the list index of a layer in a Sequential
+    (a projector's ``visual.merger.mlp.0``, ``mm_projector.2``) is no block."""
+    found = _block(name)
+    return None if found is None else found[1]
+
+
+def stack_of(name: str) -> str:
+    """The repeated blocks a layer belongs to, named by the path before its block number
+    (``model.layers``, ``visual.blocks``, ``model.encoder.layers``); "" outside blocks."""
+    found = _block(name)
+    return "" if found is None else found[0]
+
+
+def _block(name: str) -> tuple[str, int] | None:
+    """(stack path, block number) of a layer inside a repeated block, else None."""
     parts = _parts(name)
     major, _, kind, first = _classify(parts)
-    return int(parts[first]) if major == 1 and kind == 2 else None
+    own = len(parts) - (1 if _EXPERT_SUFFIX.match(name) else 0)  # without an expert index
+    if major != 1 or kind != 2 or first >= own - 1:
+        return None
+    return ".".join(parts[:first]), int(parts[first])
 
 
 # ---------------------------------------------------------------------------------------------

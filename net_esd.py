@@ -32,7 +32,7 @@ from errors import InputError
 # The result schema lives in results.py (torch-free); layer columns are filled here.
 from esd_config import FIX_FINGERS, ESDConfig  # noqa: F401  (the estimator's public options)
 from esd_fit import spectral_metrics
-from layer_order import block_index
+from layer_order import block_index, stack_of
 from results import LAYER_COLUMNS, METRIC_COLUMNS
 
 # The computation dtype of each --precision (esd_config.PRECISION_NAMES).
@@ -46,10 +46,20 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # they get an unsupported_dtype row) and fused expert projections stored without ".weight".
 WEIGHT_NAME_ENDINGS = ("weight", "weight_packed", "_proj", "_blocks")
 # Embedding tables not named "embed...": GPT-2, T5 and relative-position bucket tables.
-EMBEDDING_OWNERS = ("wte", "wpe", "shared", "emb", "tok_emb", "pos_emb", "relative_attention_bias")
+# GGUF's (llama.cpp) token_embd / pos_embd / token_types.
+EMBEDDING_OWNERS = ("wte", "wpe", "shared", "emb", "tok_emb", "pos_emb", "relative_attention_bias",
+                    "token_embd", "pos_embd", "token_types")
 LM_HEAD_OWNERS = ("lm_head", "embed_out")
+# A head stored as a top-level "output" (GGUF's output.weight, InternLM2).
+LM_HEAD_NAMES = ("output",)
+# Owners named after embeddings that are projections, not tables (ALBERT's
+# embedding_hidden_mapping_in, ELECTRA's embeddings_project): nn.Linear, typed linear.
+PROJECTION_WORDS = ("proj", "mapping", "linear", "dense")
 # Fused expert stacks stored without ".weight" (DBRX: experts.mlp.w1, v1, w2).
 _EXPERT_MATRIX = re.compile(r"^[wv]\d+$")
+# One matrix of a stack stored 3-D, read on its own: ``<tensor name>[index]`` (a GGUF's
+# experts and per-head matrices, which the GGUF reader hands out one by one).
+_SLICE = re.compile(r"^(?P<base>.+)\[(?P<index>\d+)\]$")
 
 
 @dataclass
@@ -64,9 +74,26 @@ class LayerResult:
 # Which tensors are layers (metrics.md section 1).
 
 def is_expert_stack(name: str) -> bool:
-    """True for a name inside a mixture-of-experts module (``experts``, ``moe``): a 3-D tensor
-    there is a stack of expert matrices, anywhere else a Conv1d kernel."""
-    return any("expert" in p or "moe" in p for p in name.lower().split("."))
+    """True for a name inside a mixture-of-experts module (``experts``, ``moe``, GGUF's
+    ``ffn_gate_exps``): a 3-D tensor there is a stack of expert matrices, anywhere else a
+    Conv1d kernel."""
+    return any("expert" in p or "moe" in p or p.endswith("_exps")
+               for p in name.lower().split("."))
+
+
+def is_one_expert(name: str) -> bool:
+    """True for one expert's own matrix: an ``experts`` module's numbered member
+    (``block_sparse_moe.experts.3.w1``, ``mlp.experts.0.down_proj``); a shared expert, which
+    every token goes through, is not one."""
+    parts = name.lower().split(".")
+    return any("expert" in p and "shared" not in p and nxt.isdigit()
+               for p, nxt in zip(parts, parts[1:], strict=False))
+
+
+def _slice_of(name: str) -> tuple[str, str]:
+    """(tensor name, ``[index]`` suffix or "") of a layer name."""
+    m = _SLICE.match(name)
+    return (m["base"], f"[{m['index']}]") if m else (name, "")
 
 
 def is_weight_name(name: str) -> bool:
@@ -75,13 +102,16 @@ def is_weight_name(name: str) -> bool:
 
     Biases, quantization scales and zero points, and buffers (masks, position ids) are not.
     """
+    name = _slice_of(name)[0]
     last = name.rsplit(".", 1)[-1]
     return last.endswith(WEIGHT_NAME_ENDINGS) or (
         _EXPERT_MATRIX.match(last) is not None and is_expert_stack(name))
 
 
 def longname_of(name: str) -> str:
-    return name[: -len(".weight")] if name.endswith(".weight") else name
+    """The name without ``.weight`` (a slice keeps its index: ``x.weight[2]`` -> ``x[2]``)."""
+    name, index = _slice_of(name)
+    return (name[: -len(".weight")] if name.endswith(".weight") else name) + index
 
 
 def storage_of(dtype: torch.dtype) -> str:
@@ -96,17 +126,23 @@ def layer_type_of(name: str, ndim: int) -> str:
     mixture-of-experts module (``is_expert_stack``) and no name component says ``conv``: then
     they are fused experts; 4-D and up are convolutions, ``conv{ndim-2}d``. 2-D tensors owned by an embedding module
     (``embed_tokens``, ``wte``, ``word_embeddings``, T5's ``shared``...) are ``embedding``,
-    ``lm_head`` / GPT-NeoX ``embed_out`` are ``lm_head``, everything else ``linear``.
+    ``lm_head`` / GPT-NeoX ``embed_out`` / a top-level ``output`` are ``lm_head``, everything
+    else ``linear``. One expert's matrix (``is_one_expert``, or a slice ``name[e]`` of an
+    expert stack) is ``expert``, whatever its layout; a slice of any other stack is ``linear``.
     """
-    parts = longname_of(name).lower().split(".")
+    base, index = _slice_of(name)
+    parts = longname_of(base).lower().split(".")
+    if ndim == 2 and (is_one_expert(base) or (index and is_expert_stack(base))):
+        return "expert"
     if ndim == 3 and is_expert_stack(name) and not any("conv" in p for p in parts):
         return "expert"
     if ndim >= 3:
         return f"conv{ndim - 2}d"
     owner = parts[-1]
-    if owner in LM_HEAD_OWNERS or owner.endswith("lm_head"):
+    if owner in LM_HEAD_OWNERS or owner.endswith("lm_head") or parts == list(LM_HEAD_NAMES):
         return "lm_head"
-    if "embed" in owner or owner in EMBEDDING_OWNERS:
+    if owner in EMBEDDING_OWNERS or ("embed" in owner and not any(
+            w in owner for w in PROJECTION_WORDS)):
         return "embedding"
     return "linear"
 
@@ -141,7 +177,7 @@ def split_layers(name: str, tensor: torch.Tensor, layer_type: str | None,
     layer_type = layer_type or layer_type_of(name, tensor.ndim)
     longname = longname_of(name)
     storage = storage or storage_of(tensor.dtype)
-    if layer_type == "expert":
+    if layer_type == "expert" and tensor.ndim == 3:
         for e in range(tensor.shape[0]):
             yield _Layer(f"{longname}[{e}]", layer_type, tensor.dtype, [tensor[e]],
                          storage=storage)
@@ -271,6 +307,7 @@ def analyse_layer(layer: _Layer, layer_id: int, config: ESDConfig) -> LayerResul
     n, m = layer.N, layer.M
     row: dict[str, Any] = {
         "layer_id": layer_id, "longname": layer.longname, "block": block_index(layer.longname),
+        "stack": stack_of(layer.longname),
         "layer_type": layer.layer_type, "storage": layer.storage or storage_of(layer.dtype),
         "N": n, "M": m, "Q": n / m if m > 0 else math.nan, "num_evals": layer.num_evals,
         "fix_fingers": config.fix_fingers,
@@ -362,7 +399,8 @@ def module_layers(net: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor, str
         elif isinstance(module, torch.nn.Embedding):
             layer_type = "embedding"
         elif isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":
-            layer_type = "lm_head" if layer_type_of(name, 2) == "lm_head" else "linear"
+            by_name = layer_type_of(f"{name}.weight", 2)  # what the checkpoint door says
+            layer_type = by_name if by_name in ("lm_head", "expert") else "linear"
         else:
             continue
         weight = getattr(module, "weight", None)

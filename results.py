@@ -36,8 +36,13 @@ METRIC_COLUMNS = (
     "spectral_norm", "log_spectral_norm", "norm", "log_norm", "stable_rank",
     "alpha_weighted", "log_alpha_norm", "matrix_rank", "entropy", "warning",
 )
-LAYER_COLUMNS = SHAPE_COLUMNS + METRIC_COLUMNS + ("fix_fingers", "status")
+# ``stack``: the repeated blocks a row's ``block`` counts in (``model.layers``,
+# ``visual.blocks``; empty outside blocks), after the columns it was added to, so that every
+# older column keeps its place.
+LAYER_COLUMNS = SHAPE_COLUMNS + METRIC_COLUMNS + ("fix_fingers", "status", "stack")
 RESULT_COLUMNS = MODEL_COLUMNS + LAYER_COLUMNS + ("esd_options",)
+# The columns of results written before ``stack``: still read, with an empty stack.
+LEGACY_COLUMNS = tuple(c for c in RESULT_COLUMNS if c != "stack")
 
 STATUSES = ("ok", "fit_failed", "too_small", "nonfinite", "unsupported_dtype")
 # The estimator options that change the numbers, in the order options_key writes them.
@@ -48,7 +53,7 @@ EIGS_OPTIONS_KEY = "__esd_options__"
 
 # pandas dtypes of the columns (nullable integers: a too_small row has no matrix_rank).
 STRING_COLUMNS = ("model_id", "revision", "source_model", "longname", "layer_type", "storage",
-                  "warning", "fix_fingers", "status", "esd_options")
+                  "warning", "fix_fingers", "status", "stack", "esd_options")
 INTEGER_COLUMNS = ("layer_id", "block", "N", "M", "num_evals", "num_pl_spikes", "matrix_rank")
 FLOAT_COLUMNS = tuple(c for c in RESULT_COLUMNS
                       if c not in STRING_COLUMNS and c not in INTEGER_COLUMNS)
@@ -228,7 +233,8 @@ def _checked_bytes(path: Path) -> bytes:
     except OSError as exc:
         raise BadResultError(f"cannot be read: {exc.strerror}") from None
     header = data.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "replace").split(",")
-    if tuple(header) != RESULT_COLUMNS:
+    legacy = tuple(header) == LEGACY_COLUMNS
+    if tuple(header) != RESULT_COLUMNS and not legacy:
         if "model_id" in header and "alpha" in header:
             missing = [c for c in RESULT_COLUMNS if c not in header]
             extra = [c for c in header if c not in RESULT_COLUMNS]
@@ -240,7 +246,15 @@ def _checked_bytes(path: Path) -> bytes:
         raise BadResultError("truncated: its last line is incomplete")
     if not data.split(b"\n", 1)[1].strip():
         raise BadResultError("holds a header but no rows")
-    return data
+    return _with_stack(data) if legacy else data
+
+
+def _with_stack(data: bytes) -> bytes:
+    """A result of ``LEGACY_COLUMNS`` as one of ``RESULT_COLUMNS``, its stack empty (every
+    other field as written)."""
+    frame = _parse(data, typed=False)
+    frame.insert(RESULT_COLUMNS.index("stack"), "stack", "")
+    return frame.to_csv(index=False, lineterminator="\n").encode("utf-8")
 
 
 _NUMERIC = FLOAT_COLUMNS + INTEGER_COLUMNS

@@ -94,8 +94,10 @@ class WeightFormsReader:
         ``nn.Linear`` (``experts.3.w1.weight``), rows a multiple of the expert count."""
         shape = self.reader.shape(name)
         parts = name.split(".")
-        after = parts[next(i for i, p in enumerate(parts) if "expert" in p.lower()) + 1:] \
-            if is_expert_stack(name) else []
+        # A router inside a mixture-of-experts module (Mixtral's block_sparse_moe.gate) has
+        # no experts part: it is a matrix of its own.
+        at = next((i for i, p in enumerate(parts) if "expert" in p.lower()), None)
+        after = parts[at + 1:] if at is not None and is_expert_stack(name) else []
         return (len(shape) == 2 and bool(after) and not name.endswith("weight")
                 and is_weight_name(name) and not any(p.isdigit() for p in after)
                 and shape[0] % experts == 0)

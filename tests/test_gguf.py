@@ -316,3 +316,54 @@ def test_missing_local_file(tmp_path):
 
     with pytest.raises(ModelNotFoundError, match="no such GGUF file"):
         local_gguf_paths(tmp_path / "x.gguf", "x")
+
+
+def two_tensor_file(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(4)
+    tensors = {f"blk.0.ffn_{n}.weight": (stored(T.Q8_0, rng.standard_normal(
+        (ROWS, 256)).astype(np.float32), rng), T.Q8_0) for n in ("up", "down")}
+    return write_gguf(tmp_path / "two.gguf", tensors, arch="madeup")
+
+
+def set_info(path: Path, name: str, *, offset: int | None = None,
+             dims: tuple[int, ...] | None = None) -> None:
+    """Overwrite tensor ``name``'s data offset or dimensions (same count) in the header."""
+    raw = bytearray(path.read_bytes())
+    at = raw.index(name.encode()) + len(name)
+    n_dims = struct.unpack_from("<I", raw, at)[0]
+    if dims is not None:
+        struct.pack_into(f"<{n_dims}Q", raw, at + 4, *dims)
+    if offset is not None:
+        struct.pack_into("<Q", raw, at + 4 + 8 * n_dims + 4, offset)
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage, cause", [
+    (dict(offset=0), r"blk.0.ffn_down.weight starts at byte 0 of the data, but the tensor "
+                     r"before it \(blk.0.ffn_up.weight, Q8_0 16x256\) ends at byte 4352"),
+    (dict(offset=4352 + 32), r"blk.0.ffn_down.weight starts at byte 4384 of the data, but"),
+    (dict(offset=4352 + 5), r"blk.0.ffn_down.weight starts at byte 4357.*not a multiple of "
+                            r"the alignment \(32\)"),
+])
+def test_inconsistent_offsets_are_refused(tmp_path, damage, cause):
+    """llama.cpp reads a tensor's data only where the tensors before it end (each padded to
+    general.alignment); a header that says otherwise is refused, naming the tensor."""
+    path = two_tensor_file(tmp_path)
+    GGUFCheckpoint([path], "org/m")  # the undamaged file reads
+    set_info(path, "blk.0.ffn_down.weight", **damage)
+    with pytest.raises(CorruptCheckpointError, match=f"org/m: two.gguf: tensor {cause}"):
+        GGUFCheckpoint([path], "org/m")
+
+
+def test_inconsistent_dimensions_are_refused(tmp_path):
+    """Dimensions that do not fit the data (a smaller shape read over another's bytes, or a
+    size past 2**63) are refused, naming the tensor."""
+    path = two_tensor_file(tmp_path)
+    set_info(path, "blk.0.ffn_up.weight", dims=(256, ROWS // 2))
+    with pytest.raises(CorruptCheckpointError, match=r"blk.0.ffn_down.weight starts at byte "
+                                                     r"4352 .* ends at byte 2176"):
+        GGUFCheckpoint([path], "org/m")
+    set_info(path, "blk.0.ffn_up.weight", dims=(256, 1 << 62))
+    with pytest.raises(CorruptCheckpointError, match=r"blk.0.ffn_up.weight has dimensions "
+                                                     r"\(256, 4611686018427387904\)"):
+        GGUFCheckpoint([path], "org/m")

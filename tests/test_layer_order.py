@@ -194,6 +194,52 @@ def test_name_rule_on_a_torchvision_style_resnet():
     assert [block_index(n) for n in ("conv1", "layer2.0.conv1", "fc")] == [None, 0, None]
 
 
+def test_name_rule_on_gguf_names():
+    """llama.cpp's names (a GGUF of an architecture transformers cannot map): embeddings first,
+    the head (``output``) last, a block in its computation order, experts one row each."""
+    block = ["attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_k_b[0]", "attn_k_b[1]",
+             "attn_v_b[0]", "attn_output", "ffn_gate_inp", "ffn_gate_exps[0]", "ffn_gate_exps[1]",
+             "ffn_up_exps[0]", "ffn_down_exps[0]", "ffn_gate_shexp", "ffn_up_shexp",
+             "ffn_down_shexp"]
+    dense = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
+    want = (["token_embd"] + [f"blk.0.{n}" for n in dense] + [f"blk.1.{n}" for n in block]
+            + ["output"])
+    assert ordered(list(reversed(want))) == want
+    assert ordered(sorted(want)) == want
+    assert [block_index(n) for n in ("token_embd", "blk.1.ffn_up_exps[0]", "output")] == \
+        [None, 1, None]
+
+
+def test_name_rule_on_a_head_called_output():
+    """InternLM2's layout: ``output`` is its head, ``attention`` then ``feed_forward``."""
+    block = ["attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w3",
+             "feed_forward.w2"]
+    want = (["model.tok_embeddings"] + [f"model.layers.{i}.{n}" for i in (0, 1) for n in block]
+            + ["output"])
+    assert ordered(sorted(want)) == want
+
+
+def test_name_rule_puts_attention_before_the_mlp_of_encoder_layers():
+    """Whisper/BART layers hold fc1/fc2 beside self_attn; DBRX's attention is norm_attn_norm."""
+    names = ["model.encoder.layers.0.fc2", "model.encoder.layers.0.fc1",
+             "model.encoder.layers.0.self_attn.q_proj", "transformer.blocks.0.ffn.router.layer",
+             "transformer.blocks.0.norm_attn_norm.attn.Wqkv"]
+    assert ordered(names) == [names[2], names[1], names[0], names[4], names[3]]
+
+
+@pytest.mark.parametrize("name, block", [
+    ("visual.merger.mlp.0", None), ("visual.merger.mlp.2", None), ("model.mm_projector.0", None),
+    ("mm_projector.2", None), ("mlp1.1", None), ("mlp1.3", None), ("upsampler.0", None),
+    ("multi_modal_projector.linear_1", None), ("visual.blocks.3.attn.qkv", 3),
+    ("model.layers.2.mlp.experts.gate_up_proj[1]", 2), ("encoder.block.1.layer.0.SelfAttention.q", 1),
+    ("vision_tower.vision_model.encoder.layers.0.mlp.fc1", 0), ("resblocks.0.convs1.0", 0),
+])
+def test_only_repeated_blocks_have_a_block_number(name, block):
+    """A Sequential's list index outside the repeated blocks (a projector's ``mlp.0``) is no
+    block: a block holds modules of its own."""
+    assert block_index(name) == block
+
+
 def test_blocks_compare_as_numbers():
     names = [f"model.layers.{i}.mlp.up_proj" for i in (10, 2, 1, 0)]
     assert ordered(names) == [f"model.layers.{i}.mlp.up_proj" for i in (0, 1, 2, 10)]

@@ -329,6 +329,21 @@ def test_non_weights_and_vectors_give_no_rows():
     ("upsampler.0.weight", 3, "conv1d"), ("text_encoder.project.weight", 3, "conv1d"),
     ("model.layers.0.block_sparse_moe.input_linear.weight", 3, "expert"),
     ("transformer.blocks.0.ffn.experts.mlp.w1", 3, "expert"),
+    # one expert's own matrix is an expert row, as a slice of a fused stack is; a router is not
+    ("model.layers.0.block_sparse_moe.experts.3.w1.weight", 2, "expert"),
+    ("model.layers.0.mlp.experts.0.down_proj.weight", 2, "expert"),
+    ("model.layers.0.block_sparse_moe.gate.weight", 2, "linear"),
+    ("model.layers.0.mlp.shared_expert.up_proj.weight", 2, "linear"),
+    # nn.Linear projections named after embeddings (ALBERT, ELECTRA) are linear maps
+    ("albert.encoder.embedding_hidden_mapping_in.weight", 2, "linear"),
+    ("electra.embeddings_project.weight", 2, "linear"),
+    ("gpt_neox.embed_in.weight", 2, "embedding"),
+    # GGUF names (llama.cpp) and heads named output (InternLM2)
+    ("token_embd.weight", 2, "embedding"), ("output.weight", 2, "lm_head"),
+    ("model.tok_embeddings.weight", 2, "embedding"),
+    ("model.layers.0.attention.output.dense.weight", 2, "linear"),
+    ("blk.0.ffn_gate_exps.weight[2]", 2, "expert"), ("blk.0.attn_k_b.weight[1]", 2, "linear"),
+    ("blk.0.ffn_down_shexp.weight", 2, "linear"), ("blk.0.ffn_gate_inp.weight", 2, "linear"),
 ])
 def test_layer_type_from_name(name, ndim, expected):
     assert layer_type_of(name, ndim) == expected
@@ -338,6 +353,7 @@ def test_layer_type_from_name(name, ndim, expected):
     ("transformer.blocks.0.ffn.experts.mlp.w1", True), ("ffn.experts.mlp.v1", True),
     ("model.layers.0.mlp.experts.gate_up_proj", True), ("mlp.experts.gate_up_proj_bias", False),
     ("model.layers.0.mlp.w1", False), ("x.weight_scale", False), ("model.norm.bias", False),
+    ("blk.0.ffn_up_exps.weight[3]", True), ("blk.0.ffn_up_exps.bias[3]", False),
 ])
 def test_weight_names(name, expected):
     assert is_weight_name(name) is expected
@@ -445,6 +461,20 @@ def test_net_esd_estimator_covers_module_types():
     assert {k: df.loc[0, k] for k in ("alpha", "D", "norm")} == {
         k: stream[0][k] for k in ("alpha", "D", "norm")}
     assert "eigs" not in net_esd_estimator(net).columns
+
+
+def test_module_door_labels_as_the_checkpoint_door():
+    """The same nn.Linear gets the same layer_type from a module and from its checkpoint name:
+    an embedding-named projection is linear, one expert's own Linear is an expert row."""
+    net = torch.nn.Module()
+    net.embedding_hidden_mapping_in = torch.nn.Linear(16, 32)
+    net.experts = torch.nn.ModuleList([torch.nn.Linear(16, 24) for _ in range(2)])
+    net.gate = torch.nn.Linear(16, 2)
+    df = net_esd_estimator(net)
+    by_name = dict(zip(df["longname"], df["layer_type"], strict=True))
+    assert by_name == {"embedding_hidden_mapping_in": "linear", "experts.0": "expert",
+                       "experts.1": "expert", "gate": "linear"}
+    assert by_name == {n: layer_type_of(f"{n}.weight", 2) for n in by_name}
 
 
 def test_untied_lm_head_is_labelled():

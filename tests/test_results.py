@@ -164,3 +164,29 @@ def test_results_and_load_results_import_no_torch(good):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
     assert "torch" not in results.__dict__
+
+
+def test_stack_names_the_repeated_blocks(good):
+    """Rows inside repeated blocks name their stack; embeddings and heads have none."""
+    out, _ = good
+    layers = load_results(out)
+    assert "stack" in RESULT_COLUMNS and RESULT_COLUMNS[-1] == "esd_options"
+    inside = layers.longname.str.startswith("model.layers.")
+    assert (layers.loc[inside, "stack"] == "model.layers").all()
+    assert (layers.loc[~inside & layers.block.isna(), "stack"] == "").all()
+
+
+def test_result_of_the_schema_before_stack_still_loads(good, tmp_path):
+    """A CSV written before the stack column (all other columns in their order) is read, its
+    stack empty; the resume check computes it again."""
+    out, paths = good
+    old_dir = copy_results(out, tmp_path / "old")
+    legacy = tuple(c for c in RESULT_COLUMNS if c != "stack")
+    for path in old_dir.glob("*.csv"):
+        frame = pd.read_csv(path, keep_default_na=False, dtype=str)
+        frame[list(legacy)].to_csv(path, index=False)
+    new, old = load_results(out), load_results(old_dir)
+    assert tuple(old.columns) == RESULT_COLUMNS and (old["stack"] == "").all()
+    pd.testing.assert_frame_equal(old.drop(columns="stack"), new.drop(columns="stack"))
+    first = sorted(old_dir.glob("*.csv"))[0]
+    assert not results.is_current(first, new.esd_options.iloc[0])
