@@ -77,12 +77,17 @@ def default_cache_dir(cache_dir: str | Path | None) -> Path:
 
 @dataclass(frozen=True)
 class Listing:
-    """A resolved revision: its commit, file names and (where the hub said) byte sizes."""
+    """A resolved revision: its commit, file names and (where the hub said) byte sizes.
+
+    ``partial``: listed from the local cache (offline, or the hub unreachable), which holds
+    the files some earlier run fetched, not necessarily all the repository's: a file missing
+    from such a listing is one not cached, not one the repository lacks."""
 
     commit: str
     files: tuple[str, ...]
     sizes: dict[str, int] = field(default_factory=dict)
     etags: dict[str, str] = field(default_factory=dict)  # what the cache names each blob
+    partial: bool = False
 
 
 class HubClient:
@@ -143,7 +148,8 @@ class HubClient:
         paths = sorted(p for p in folder.rglob("*") if p.is_file())
         files = tuple(p.relative_to(folder).as_posix() for p in paths)
         return Listing(folder.name, files,
-                       {f: p.stat().st_size for f, p in zip(files, paths, strict=True)})
+                       {f: p.stat().st_size for f, p in zip(files, paths, strict=True)},
+                       partial=True)
 
     def cached(self, repo_id: str, commit: str, filename: str) -> Path | None:
         """The local path of a file already in the cache, else None."""
