@@ -40,7 +40,7 @@ import numpy as np
 from errors import ESDError, InputError, NoWeightsError, is_transient
 from esd_config import ESDConfig, add_esd_arguments, esd_config_from_args
 from paths import ModelPaths, model_paths, write_atomic, write_text_atomic
-from results import EIGS_OPTIONS_KEY, INTEGER_COLUMNS, RESULT_COLUMNS
+from results import EIGS_OPTIONS_KEY, INTEGER_COLUMNS, RESULT_COLUMNS, write_eigs
 from run_state import StageLog
 
 if TYPE_CHECKING:  # the estimator (and torch) is imported when a model is analysed
@@ -352,15 +352,10 @@ def write_results(paths: ModelPaths, rows: list[dict], eigs: dict[str, np.ndarra
     frame = frame.astype({c: "Int64" for c in INTEGER_COLUMNS})
     if eigs is not None:
         record = {**eigs, EIGS_OPTIONS_KEY: np.array(options)}
-        write_atomic(paths.eigs, lambda tmp: _save_npz(tmp, record))
+        write_atomic(paths.eigs, lambda tmp: write_eigs(tmp, record))
     else:
         paths.eigs.unlink(missing_ok=True)
     write_atomic(paths.csv, lambda tmp: frame.to_csv(tmp, index=False))
-
-
-def _save_npz(tmp: Path, eigs: dict[str, np.ndarray]) -> None:
-    with open(tmp, "wb") as fh:  # a file object keeps numpy from appending ".npz" to the name
-        np.savez_compressed(fh, **eigs)
 
 
 def _depth_order_ahead(runs: list[ModelRun]) -> threading.Thread:
@@ -441,7 +436,7 @@ def run_job(config: WorkerConfig, stage: StageLog) -> list[ModelRun]:
             if run.error is None:
                 try:
                     finish(config, run)
-                except ESDError as exc:
+                except Exception as exc:  # noqa: BLE001  (a write that fails fails its model)
                     run.error = exc
     logger.info("job of %d model(s) done in %.1f s", len(runs), time.monotonic() - started)
     return runs
