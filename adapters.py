@@ -41,6 +41,8 @@ def open_adapter(opener, request: ModelRequest, source: Source,
     )
 
     label = source.label
+    if source.partial and not is_adapter_repo(source.files):
+        raise opener.not_cached(source, f"{ADAPTER_CONFIG} or the adapter's weights")
     if ADAPTER_CONFIG not in source.files:
         raise NoWeightsError(
             f"{label}: marked as an adapter (base_model_relation={request.base_model_relation!r}) "

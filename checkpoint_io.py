@@ -35,18 +35,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 from safetensors import SafetensorError, safe_open
 
 from errors import CorruptCheckpointError, NoWeightsError, UnsupportedFormatError
-from hub_files import SAFETENSORS_DTYPES
+from hub_files import DTYPE_SIZES, SAFETENSORS_DTYPES
 
 if TYPE_CHECKING:  # torch is imported where tensors are read, so listing files stays light
     import torch
 
 logger = logging.getLogger(__name__)
 
-# Bytes per element of the dtypes a safetensors header names (as torch spells them): what a
-# tensor's span must measure, known before torch is imported.
-DTYPE_SIZES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1,
-               "float8_e5m2": 1, "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1,
-               "bool": 1}
 CONFIG_FILE = "config.json"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"

@@ -40,7 +40,7 @@ import numpy as np
 from errors import ESDError, InputError, NoWeightsError, is_transient
 from esd_config import ESDConfig, add_esd_arguments, esd_config_from_args
 from paths import ModelPaths, model_paths, write_atomic, write_text_atomic
-from results import EIGS_OPTIONS_KEY, INTEGER_COLUMNS, RESULT_COLUMNS
+from results import EIGS_OPTIONS_KEY, INTEGER_COLUMNS, RESULT_COLUMNS, write_eigs
 from run_state import StageLog
 
 if TYPE_CHECKING:  # the estimator (and torch) is imported when a model is analysed
@@ -74,12 +74,14 @@ class WorkerConfig:
     parent_pid: int | None = None
     stage_file: Path | None = None
     gguf_file: str = ""
+    base_source_model: str = ""  # the base's own source_model, as its list row gives it
 
     def requests(self):
         """The job's models; an id equal to ``--source_model`` is the base itself."""
         from model_loader import ModelRequest
 
-        return [ModelRequest(m) if self.source_model and m == self.source_model
+        return [ModelRequest(m, "", self.base_source_model)
+                if self.source_model and m == self.source_model
                 else ModelRequest(m, self.base_model_relation, self.source_model, self.gguf_file)
                 for m in self.model_ids]
 
@@ -101,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base_model_relation", default="", help="adapter, lora or peft for adapters")
     p.add_argument("--source_model", default="",
                    help="base model of the adapters (an id equal to it is the base itself)")
+    p.add_argument("--base_source_model", default="",
+                   help="the source_model of that base's own list row, for its result")
     p.add_argument("--output_dir", required=True, type=Path)
     p.add_argument("--log_dir", type=Path, default=None, help="default: <output_dir>/logs")
     p.add_argument("--cleanup_cache", action="store_true",
@@ -136,7 +140,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         parallel_esd=args.parallel_esd, cleanup_cache=args.cleanup_cache,
         trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir,
         threads=args.threads, parent_pid=args.parent_pid, stage_file=args.stage_file,
-        gguf_file=args.gguf_file.strip(),
+        gguf_file=args.gguf_file.strip(), base_source_model=args.base_source_model.strip(),
     )
 
 
@@ -348,15 +352,10 @@ def write_results(paths: ModelPaths, rows: list[dict], eigs: dict[str, np.ndarra
     frame = frame.astype({c: "Int64" for c in INTEGER_COLUMNS})
     if eigs is not None:
         record = {**eigs, EIGS_OPTIONS_KEY: np.array(options)}
-        write_atomic(paths.eigs, lambda tmp: _save_npz(tmp, record))
+        write_atomic(paths.eigs, lambda tmp: write_eigs(tmp, record))
     else:
         paths.eigs.unlink(missing_ok=True)
     write_atomic(paths.csv, lambda tmp: frame.to_csv(tmp, index=False))
-
-
-def _save_npz(tmp: Path, eigs: dict[str, np.ndarray]) -> None:
-    with open(tmp, "wb") as fh:  # a file object keeps numpy from appending ".npz" to the name
-        np.savez_compressed(fh, **eigs)
 
 
 def _depth_order_ahead(runs: list[ModelRun]) -> threading.Thread:
@@ -437,7 +436,7 @@ def run_job(config: WorkerConfig, stage: StageLog) -> list[ModelRun]:
             if run.error is None:
                 try:
                     finish(config, run)
-                except ESDError as exc:
+                except Exception as exc:  # noqa: BLE001  (a write that fails fails its model)
                     run.error = exc
     logger.info("job of %d model(s) done in %.1f s", len(runs), time.monotonic() - started)
     return runs

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from errors import (
+    CorruptCheckpointError,
     ESDError,
     GatedModelError,
     InputError,
@@ -51,6 +53,11 @@ SAFETENSORS_DTYPES = {
     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
     "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
 }
+# Bytes per element of the dtypes a safetensors header names (as torch spells them): what a
+# tensor's span must measure, known before torch is imported.
+DTYPE_SIZES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1,
+               "float8_e5m2": 1, "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1,
+               "bool": 1}
 
 
 def scrub(text: str, token: str | None = None) -> str:
@@ -77,12 +84,17 @@ def default_cache_dir(cache_dir: str | Path | None) -> Path:
 
 @dataclass(frozen=True)
 class Listing:
-    """A resolved revision: its commit, file names and (where the hub said) byte sizes."""
+    """A resolved revision: its commit, file names and (where the hub said) byte sizes.
+
+    ``partial``: listed from the local cache (offline, or the hub unreachable), which holds
+    the files some earlier run fetched, not necessarily all the repository's: a file missing
+    from such a listing is one not cached, not one the repository lacks."""
 
     commit: str
     files: tuple[str, ...]
     sizes: dict[str, int] = field(default_factory=dict)
     etags: dict[str, str] = field(default_factory=dict)  # what the cache names each blob
+    partial: bool = False
 
 
 class HubClient:
@@ -143,7 +155,8 @@ class HubClient:
         paths = sorted(p for p in folder.rglob("*") if p.is_file())
         files = tuple(p.relative_to(folder).as_posix() for p in paths)
         return Listing(folder.name, files,
-                       {f: p.stat().st_size for f, p in zip(files, paths, strict=True)})
+                       {f: p.stat().st_size for f, p in zip(files, paths, strict=True)},
+                       partial=True)
 
     def cached(self, repo_id: str, commit: str, filename: str) -> Path | None:
         """The local path of a file already in the cache, else None."""
@@ -250,11 +263,36 @@ class HubClient:
 
         meta = HfApi(token=self.token).parse_safetensors_file_metadata(
             repo_id, filename, revision=commit, timeout=METADATA_TIMEOUT_S)
-        self.spans[(repo_id, commit, filename)] = {
-            name: (int(info.data_offsets[0]), int(info.data_offsets[1]))
-            for name, info in meta.tensors.items()}
-        return {name: (tuple(info.shape), SAFETENSORS_DTYPES.get(info.dtype, info.dtype))
-                for name, info in meta.tensors.items()}
+        header = {name: (tuple(info.shape), SAFETENSORS_DTYPES.get(info.dtype, info.dtype))
+                  for name, info in meta.tensors.items()}
+        spans = {name: (int(info.data_offsets[0]), int(info.data_offsets[1]))
+                 for name, info in meta.tensors.items()}
+        check_spans(header, spans, f"{repo_id}@{commit}", filename)
+        self.spans[(repo_id, commit, filename)] = spans
+        return header
+
+
+def check_spans(header: dict, spans: dict[str, tuple[int, int]], label: str,
+                filename: str) -> None:
+    """Refuse a safetensors header read from the hub that safetensors' own loader refuses on
+    disk: sorted by offset, the tensors' spans must tile the data from byte 0, each exactly
+    its shape's bytes (that they end where the data ends is checked once the header's length
+    is read, with the file: ``CheckpointReader``)."""
+    end = 0
+    for name, (begin, stop) in sorted(spans.items(), key=lambda item: (item[1], item[0])):
+        if begin != end or stop < begin:
+            raise CorruptCheckpointError(
+                f"{label}: {filename} places tensor {name!r} at bytes {begin}-{stop} of its "
+                f"data, where the tensor before it ends at {end}: its tensors overlap or leave "
+                f"a gap, which safetensors refuses; the file is damaged")
+        shape, dtype = header[name]
+        size = DTYPE_SIZES.get(dtype)
+        if size is not None and math.prod(shape) * size != stop - begin:
+            raise CorruptCheckpointError(
+                f"{label}: {filename} gives tensor {name!r} ({dtype}, shape {list(shape)}) "
+                f"{stop - begin} bytes of data, not the {math.prod(shape) * size} its shape "
+                f"needs; the file is damaged")
+        end = stop
 
 
 # The progress bar huggingface_hub's plain HTTP download opens: that download writes its

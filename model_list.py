@@ -128,12 +128,16 @@ def group_jobs(entries: Sequence[ListEntry], max_group: int,
     for entry in entries:
         if entry.key in placed:
             continue
-        base = bases.get(entry.model_id) or (entry.model_id if entry.model_id in members else "")
+        # One GGUF file of a repository is a model of its own, not the checkpoint adapters of
+        # that repository merge into: it runs alone, as its row says.
+        own = entry.model_id if entry.model_id in members and not entry.gguf_file else ""
+        base = bases.get(entry.model_id) or own
         if not base or base not in members:
             jobs.append(JobSpec((entry,)))
             placed.add(entry.key)
             continue
-        listed_base = [e for e in entries if e.model_id == base and not e.is_adapter]
+        listed_base = [e for e in entries
+                       if e.model_id == base and not e.is_adapter and not e.gguf_file]
         group = listed_base + members[base]
         for start in range(0, len(group), max_group):
             jobs.append(JobSpec(tuple(group[start:start + max_group]), base))

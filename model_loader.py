@@ -25,7 +25,7 @@ import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +38,7 @@ from checkpoint_io import (
     read_json,
     select_weight_files,
 )
-from errors import CorruptCheckpointError, ESDError, InputError, ModelNotFoundError
+from errors import CorruptCheckpointError, ESDError, InputError, ModelNotFoundError, NetworkError
 from hub_files import HubClient, Listing, hub_errors, scrub
 from tensor_stream import AHEAD_MEMORY_BYTES, MAX_HELD, ShardFetcher, stream_models
 
@@ -127,6 +127,7 @@ class Source:
     files: tuple[str, ...]         # every file name the repository holds
     sizes: dict[str, int] = field(default_factory=dict, compare=False)
     etags: dict[str, str] = field(default_factory=dict, compare=False)  # hub blob names
+    partial: bool = False          # listed from the cache: ``files`` are those cached
 
     @property
     def label(self) -> str:
@@ -232,7 +233,27 @@ class Opener:
         if self.session is not None:
             self.session.lease(model_id)
         return Source(model_id, listing.commit, Path(), listing.files, listing.sizes,
-                      listing.etags)
+                      listing.etags, listing.partial)
+
+    def not_cached(self, source: Source, what: str) -> ESDError:
+        """The error for a file ``source``'s cache listing lacks: offline, that it is not
+        cached; otherwise the hub's outage (retried, and counted toward the run's outage
+        rule), since the listing came from the cache only because the hub was unreachable."""
+        if self.hub.offline:
+            return ModelNotFoundError(f"{source.label}: HF_HUB_OFFLINE=1 and {what} is not in "
+                                      f"the local hub cache")
+        return NetworkError(f"{source.label}: the hub is unreachable and {what} is not in the "
+                            f"local hub cache (which holds only part of the repository)")
+
+    def choose(self, source: Source, select: Callable[..., Any], *args: Any) -> Any:
+        """``select(source.files, *args)``: a choice among the repository's files that may
+        refuse it; from a cache listing the refusal means only that they are not cached."""
+        try:
+            return select(source.files, *args)
+        except ESDError:
+            if source.partial:
+                raise self.not_cached(source, "its weight files") from None
+            raise
 
     def file(self, source: Source, name: str,
              on_growing: Callable[[Path], object] | None = None,
@@ -243,6 +264,8 @@ class Opener:
         if not source.on_hub:
             return source.root / name
         if name not in source.files:
+            if source.partial:
+                raise self.not_cached(source, name)
             raise CorruptCheckpointError(f"{source.label}: the repository lacks {name}, named by "
                                          f"its weight index")
         label = f"{source.label} ({name})"
@@ -256,9 +279,7 @@ class Opener:
         path = self.file(source, name)
         if not source.on_hub:
             return source
-        root = path.parents[len(Path(name).parts) - 1]
-        return Source(source.model_id, source.revision, root, source.files, source.sizes,
-                      source.etags)
+        return replace(source, root=path.parents[len(Path(name).parts) - 1])
 
     def fetcher(self, source: Source, order: Sequence[str]) -> ShardFetcher | None:
         if not source.on_hub:
@@ -289,7 +310,7 @@ class Opener:
         if gguf_file or is_gguf_repo(source.files):
             opened = self._gguf(source, gguf_file)
         else:
-            weights = select_weight_files(source.files, source.label)
+            weights = self.choose(source, select_weight_files, source.label)
             index = self._index_ahead(source, weights)
             try:
                 config = {}
@@ -337,7 +358,7 @@ class Opener:
         file's header describes it; tensors are dequantized as they are read."""
         from gguf_reader import GGUFCheckpoint, select_gguf_files
 
-        names = select_gguf_files(source.files, gguf_file or None, source.label)
+        names = self.choose(source, select_gguf_files, gguf_file or None, source.label)
         fetcher = self.fetcher(source, names)
         paths = fetcher.fetch_all() if fetcher is not None else [source.root / n for n in names]
         reader = GGUFCheckpoint(paths, source.label, file_names=names)
@@ -352,6 +373,8 @@ class Opener:
             source = self.with_root(source, weights.index)
             weight_map, shards = index_shards(source.root / weights.index, source.label)
         missing = [s for s in shards if s not in source.files]
+        if missing and source.partial:
+            raise self.not_cached(source, ", ".join(missing[:5]))
         if missing:
             raise CorruptCheckpointError(f"{source.label}: the repository lacks "
                                          f"{', '.join(missing[:5])}, named by its weight index")

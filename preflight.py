@@ -89,10 +89,10 @@ def checkpoint_info(opener: Opener, source: Source, row: Row, prefix: str = "",
         from gguf_reader import select_gguf_files
 
         row.format = prefix + "gguf"
-        names = select_gguf_files(source.files, gguf_file or None, source.label)
+        names = opener.choose(source, select_gguf_files, gguf_file or None, source.label)
         sizes = [source.sizes.get(n, 0) for n in names]
         return {(*key, n): size for n, size in zip(names, sizes, strict=True)}, [sum(sizes)]
-    weights = select_weight_files(source.files, source.label)
+    weights = opener.choose(source, select_weight_files, source.label)
     row.format = prefix + weights.kind
     if CONFIG_FILE in source.files:
         config = read_json(opener.file(source, CONFIG_FILE), source.label)
@@ -103,6 +103,9 @@ def checkpoint_info(opener: Opener, source: Source, row: Row, prefix: str = "",
     shards = list(weights.shards)
     if weights.index:
         _, shards = index_shards(opener.file(source, weights.index), source.label)
+    missing = [s for s in shards if s not in source.files]
+    if missing and source.partial:
+        raise opener.not_cached(source, ", ".join(missing[:5]))
     files = {(*key, s): source.sizes.get(s, 0) for s in shards}
     return files, [source.sizes.get(s, 0) for s in shards]
 
@@ -132,6 +135,8 @@ def _adapter(opener: Opener, request: ModelRequest, source: Source, row: Row) ->
     from adapters import resolve_base
 
     row.kind = "adapter"
+    if source.partial and not is_adapter_repo(source.files):
+        raise opener.not_cached(source, f"{ADAPTER_CONFIG} or the adapter's weights")
     if not is_adapter_repo(source.files):
         raise NoWeightsError(f"{source.label}: marked as an adapter but holds no "
                              f"{ADAPTER_CONFIG} with adapter weights")

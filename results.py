@@ -113,6 +113,22 @@ def is_current(csv_path: Path, options: str, columns: Sequence[str] = RESULT_COL
     return found is not None and found[0] == tuple(columns) and found[1] == options
 
 
+def write_eigs(path: Path, arrays: Mapping[str, object]) -> None:
+    """Write ``arrays`` to ``path`` as ``np.savez_compressed`` does (a zip of ``<name>.npy``
+    members, read back by ``np.load``), under any names: that function takes the arrays as
+    keyword arguments, so a layer named ``file`` fails and one named ``allow_pickle`` is
+    taken for its flag and dropped."""
+    import zipfile
+
+    import numpy as np
+
+    with open(path, "wb") as fh, zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED,
+                                                 allowZip64=True) as archive:
+        for name, values in arrays.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(values), allow_pickle=False)
+
+
 def eigs_options(npz_path: Path) -> str | None:
     """The options an ``.eigs.npz`` was computed with; None when absent or unreadable."""
     import zipfile

@@ -86,6 +86,8 @@ def worker_argv(spec: JobSpec, args, output_dir: Path, log_dir: Path,
             "--output_dir", str(output_dir), "--log_dir", str(log_dir), *esd_argv(args)]
     if spec.base:  # a base and its adapters: the adapters are marked, the base named
         argv += ["--source_model", spec.base, "--base_model_relation", "adapter"]
+        argv += [a for e in spec.entries if e.model_id == spec.base and e.source_model
+                 for a in ("--base_source_model", e.source_model)]
     else:
         (entry,) = spec.entries
         if entry.base_model_relation:

@@ -325,3 +325,21 @@ def test_model_without_eigenvalues_counts_as_done_under_save_eigs(tmp_path):
     assert list(frame.status) == ["too_small"]
     proc = cli("--model_list", models, "--output_dir", out, "--save_eigs")
     assert proc.returncode == 0 and "0 to run, 1 already done" in proc.stderr
+
+
+def test_a_grouped_base_keeps_the_source_model_of_its_own_row(zoo, tmp_path):
+    """A listed fine-tune run as the base of its adapters' job writes the result it writes
+    alone: its own row's source_model, not the adapters' view of it."""
+    base, lora = zoo / "tiny-llama", zoo / "tiny-llama-lora"
+    grouped, alone = tmp_path / "grouped", tmp_path / "alone"
+    proc = cli("--model_list", write_list(tmp_path / "grouped.csv", [
+        (base, "finetune", "org/llama-origin"), (lora, "lora", base)]), "--output_dir", grouped)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 job(s)" in proc.stderr, "the base and its adapter share a job"
+    proc = cli("--model_list", write_list(tmp_path / "alone.csv", [
+        (base, "finetune", "org/llama-origin")]), "--output_dir", alone)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (csv_alone,) = result_csvs(alone)
+    together = pd.read_csv(grouped / csv_alone.name, keep_default_na=False)
+    assert (together.source_model == "org/llama-origin").all()
+    pd.testing.assert_frame_equal(together, pd.read_csv(csv_alone, keep_default_na=False))

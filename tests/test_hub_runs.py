@@ -157,3 +157,42 @@ def test_tokens_never_reach_a_log_or_a_result(hub, tmp_path):
     assert "access refused" in (out / "failed_models.txt").read_text()
     written = [p.read_text(errors="replace") for p in out.rglob("*") if p.is_file()]
     assert not any(TOKEN in text for text in written + [proc.stdout, proc.stderr])
+
+
+def test_a_partly_cached_model_is_an_outage_not_a_failure_when_the_hub_goes_down(hub, tmp_path):
+    """A dry run caches config.json and the weight index; with the hub down, the cache lists
+    only those, and the weights it lacks are a network failure (offline: "not in the local
+    cache"), never "no weights" or "lacks model-00001-of-…" recorded for good."""
+    torch = __import__("torch")
+    names = ("org/single", "org/sharded", "org/other")
+    for name in names[::2]:
+        hub.add_repo(name, write_safetensors(tmp_path / name, {"w.weight": torch.ones(4, 4)},
+                                             {"model_type": "llama"}))
+    hub.add_repo("org/sharded", save_model(llama(), tmp_path / "sharded", max_shard_size="60KB"))
+    models = write_list(tmp_path / "models.csv", [(name, "", "") for name in names])
+    out = tmp_path / "out"
+    proc = run_cli(hub, "--model_list", models, "--output_dir", out, "--dry_run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list(hub.cache.glob("models--org--sharded/snapshots/*/model.safetensors.index.json"))
+    hub.down()
+    proc = run_cli(hub, "--model_list", models, "--output_dir", out)
+    failed = out / "failed_models.txt"
+    causes = failed.read_text() if failed.exists() else ""
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "the hub cannot be reached" in proc.stderr, proc.stderr[-3000:]
+    assert not causes.strip(), causes
+    offline = tmp_path / "offline"
+    proc = run_cli(hub, "--model_list", models, "--output_dir", offline,
+                   env_extra={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    causes = dict(line.split("\t", 1) for line in
+                  (offline / "failed_models.txt").read_text().splitlines())
+    assert set(causes) == set(names), causes
+    for cause in causes.values():
+        assert "HF_HUB_OFFLINE=1" in cause and "not in the local hub cache" in cause, cause
+        assert "no safetensors" not in cause and "lacks" not in cause, cause
+    hub.up()
+    proc = run_cli(hub, "--model_list", models, "--output_dir", out, "--skip_failed")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {p.name for p in out.glob("org--*.csv")} == {
+        "org--single.csv", "org--sharded.csv", "org--other.csv"}

@@ -3,7 +3,9 @@ against the hub stand-in (tests/hub_server.py) with the real huggingface_hub cli
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 import subprocess
 import sys
 import textwrap
@@ -12,8 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError, safe_open
 
-from errors import ModelNotFoundError, ShapeMismatchError, UnsupportedFormatError
+from errors import (
+    CorruptCheckpointError,
+    ModelNotFoundError,
+    ShapeMismatchError,
+    UnsupportedFormatError,
+)
 from hub_cache import CacheSession, sweep
 from model_loader import HubClient, ModelRequest, open_model
 from tests.loader_fixtures import (
@@ -309,3 +317,45 @@ def test_shards_downloaded_ahead_wait_in_memory_and_the_downloads_go_on(hub, tmp
         assert all(torch.equal(got[n], expected[n]) for n in expected), "bit-identical"
         assert cache_files(hub.cache) == set()
         hub.log.clear()
+
+
+def _raw_safetensors(path: Path, spans: dict[str, tuple[int, int]], data_len: int) -> Path:
+    """A safetensors file of 2x2 float32 tensors at the given data spans, written byte by
+    byte (safetensors' own writer would never make a damaged one)."""
+    header = json.dumps({name: {"dtype": "F32", "shape": [2, 2], "data_offsets": list(span)}
+                         for name, span in spans.items()}).encode()
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "model.safetensors").write_bytes(
+        struct.pack("<Q", len(header)) + header + bytes(range(data_len)))
+    (path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return path
+
+
+@pytest.mark.parametrize("cleanup", [False, True])  # with cleanup, tensors are read by span
+@pytest.mark.parametrize("spans, data_len, named", [  # named: the tensors either may name
+    ({"a.weight": (0, 16), "b.weight": (0, 16)}, 16, ("a.weight", "b.weight")),  # overlap
+    ({"a.weight": (0, 16), "b.weight": (32, 48)}, 48, ("b.weight",)),  # gap
+    ({"a.weight": (0, 16), "b.weight": (16, 32)}, 48, ()),  # bytes after the last tensor
+])
+def test_a_header_safetensors_refuses_locally_is_refused_from_the_hub(hub, tmp_path, cleanup,
+                                                                       spans, data_len, named):
+    folder = _raw_safetensors(tmp_path / "bad", spans, data_len)
+    with pytest.raises(SafetensorError) as oracle:  # safetensors' own loader refuses it
+        safe_open(str(folder / "model.safetensors"), framework="pt")
+    with pytest.raises(CorruptCheckpointError, match="model.safetensors"):
+        stream(open_model(ModelRequest(str(folder))))
+    hub.add_repo("org/bad", folder)
+    with CacheSession(hub.cache, cleanup=cleanup) as session, pytest.raises(
+            CorruptCheckpointError, match="org/bad.*model.safetensors") as remote:
+        stream(open_model(ModelRequest("org/bad"), hub=client(hub), session=session))
+    for message in (str(oracle.value), str(remote.value)) if named else ():
+        assert any(name in message for name in named), message
+
+
+def test_a_sound_raw_header_reads_the_same_locally_and_from_the_hub(hub, tmp_path):
+    folder = _raw_safetensors(tmp_path / "good", {"a.weight": (0, 16), "b.weight": (16, 32)}, 32)
+    hub.add_repo("org/good", folder)
+    local = stream(open_model(ModelRequest(str(folder))))
+    remote = stream(open_model(ModelRequest("org/good"), hub=client(hub)))
+    assert local.keys() == remote.keys() == {"a.weight", "b.weight"}
+    assert all(torch.equal(local[name], remote[name]) for name in local)

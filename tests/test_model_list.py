@@ -76,3 +76,14 @@ def test_adapter_base_read_from_its_adapter_config():
 def test_unmarked_rows_are_never_grouped():
     entries = [ListEntry("org/base"), ListEntry("org/ft", "", "org/base")]
     assert ids(group_jobs(entries, 8, no_config)) == [["org/base"], ["org/ft"]]
+
+
+def test_a_gguf_entry_of_a_base_runs_alone_with_its_own_row():
+    """One GGUF file of a repository is its own model, not the base its adapters merge into:
+    it keeps its job (and its gguf_file) to itself."""
+    gguf = ListEntry("org/base", gguf_file="base-Q4_K_M.gguf")
+    entries = [gguf, ListEntry("org/a1", "lora", "org/base"), ListEntry("org/base")]
+    jobs = group_jobs(entries, max_group=8, read_adapter_config=no_config)
+    assert [job.entries for job in jobs] == [
+        (gguf,), (ListEntry("org/base"), ListEntry("org/a1", "lora", "org/base"))]
+    assert jobs[0].base == "" and jobs[1].base == "org/base"

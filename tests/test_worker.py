@@ -12,10 +12,11 @@ import pandas as pd
 import pytest
 import torch
 
+import esd_report
 import esd_worker
 from demo import build_demo_zoo
 from net_esd import ESDConfig, iter_layer_results
-from results import EIGS_OPTIONS_KEY, RESULT_COLUMNS
+from results import EIGS_OPTIONS_KEY, RESULT_COLUMNS, eigs_options
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -198,3 +199,54 @@ def test_a_fine_tune_records_the_source_model_the_list_gives(zoo, tmp_path):
                       "--output_dir", tmp_path) == 0
     df = pd.read_csv(next(tmp_path.glob("*.csv")))
     assert (df.source_model == "openai/gpt2").all()
+
+
+# Layers named after np.savez_compressed's own parameters (``file``, ``allow_pickle``).
+SAVEZ_NAMES = ("file.weight", "allow_pickle.weight", "layers.0.weight")
+
+
+def test_save_eigs_keeps_layers_named_like_numpys_parameters(tmp_path):
+    from tests.loader_fixtures import write_safetensors
+
+    gen = torch.Generator().manual_seed(0)
+    weights = {name: torch.randn(24, 16, generator=gen, dtype=torch.float64)
+               for name in SAVEZ_NAMES}
+    model = write_safetensors(tmp_path / "odd-names", weights)
+    out = tmp_path / "out"
+    assert run_worker("--model_id", model, "--output_dir", out, "--save_eigs") == 0
+    df = pd.read_csv(next(out.glob("*.csv")), keep_default_na=False)
+    with np.load(next(out.glob("*.eigs.npz")), allow_pickle=False) as eigs:
+        assert set(eigs.files) == set(df.longname) | {EIGS_OPTIONS_KEY}
+        for row in df.itertuples():  # numpy's own eigenvalues of W^T W are the oracle
+            w = weights[f"{row.longname}.weight"].numpy()
+            np.testing.assert_allclose(np.sort(eigs[row.longname]),
+                                       np.linalg.eigvalsh(w.T @ w), rtol=EIGS_RTOL)
+    # The project's own readers: the resume check, and a refit from the saved eigenvalues
+    # equal to a run with the new options.
+    assert eigs_options(next(out.glob("*.eigs.npz"))) == df.esd_options[0]
+    refit, direct = tmp_path / "refit", tmp_path / "direct"
+    assert esd_report.main(["refit", str(out), "--output_dir", str(refit),
+                            "--xmin_pos", "3"]) == 0
+    assert run_worker("--model_id", model, "--output_dir", direct, "--save_eigs",
+                      "--xmin_pos", "3") == 0
+    (csv,) = direct.glob("*.csv")
+    assert (refit / csv.name).read_bytes() == csv.read_bytes()
+
+
+# float64 eigenvalues of a 24x16 matrix by two LAPACK routes agree to ~1e-13 relative.
+EIGS_RTOL = 1e-9
+
+
+def test_a_model_whose_result_cannot_be_written_fails_alone(zoo, tmp_path):
+    from paths import model_paths
+
+    out = tmp_path / "out"
+    base, adapter = (model_paths(out, str(zoo / m)) for m in ("tiny-llama", "tiny-llama-lora"))
+    base.eigs.mkdir(parents=True)  # a directory where the base's eigenvalues go
+    code = run_worker("--model_id", zoo / "tiny-llama", zoo / "tiny-llama-lora",
+                      "--source_model", zoo / "tiny-llama", "--base_model_relation", "adapter",
+                      "--output_dir", out, "--save_eigs")
+    assert code == esd_worker.EXIT_FAILED
+    assert list(out.glob("*.csv")) == [adapter.csv] and adapter.eigs.is_file()
+    assert not adapter.failure.exists() and base.failure.is_file()
+    assert base.eigs.name in base.failure.read_text()
