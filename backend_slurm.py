@@ -203,12 +203,17 @@ class SlurmBackend(StopState):
         After ``stop()`` or with ``detach``, ``left_running`` names the jobs still on Slurm.
         """
         results: list[JobResult] = []
+        jobs = list(jobs)
+        names = [job.name for job in jobs]
+        if len(set(names)) != len(names):  # submissions.json keys the jobs by name
+            twice = sorted({name for name in names if names.count(name) > 1})
+            raise ValueError(f"job names must be unique; given twice: {', '.join(twice)}")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._started = self._clock()
         self._records = self._load()
         try:
             self._queue = []
-            self._adopt(list(jobs), results, on_finish)
+            self._adopt(jobs, results, on_finish)
             while self._stop_reason is None:
                 self._submit()
                 if self.options.detach or not self._tracked:

@@ -165,14 +165,20 @@ def read_failed(results_dir: Path, log_dir: Path) -> list[tuple[str, str, Path |
         return [("(failed_models.txt)", f"cannot be read: {exc.strerror}", None)]
     out = []
     for line in text.splitlines():
-        model_id, _, cause = line.partition("\t")
-        if not model_id.strip():
+        key, _, cause = line.partition("\t")
+        key = key.strip()
+        if not key:
             continue
-        try:
-            log = model_paths(results_dir, model_id.strip(), log_dir).log
-        except ESDError:  # an id the runner could not name a file for has no log either
-            log = None
-        out.append((model_id.strip(), cause.strip(), log if log and log.is_file() else None))
+        # A list entry's key: its id, or ``id#gguf_file`` for one GGUF file of a repository.
+        named = [(key, "")] + ([tuple(key.rsplit("#", 1))] if "#" in key else [])
+        logs = []
+        for model_id, gguf_file in named:
+            try:
+                logs.append(model_paths(results_dir, model_id, log_dir, gguf_file).log)
+            except ESDError:  # an id the runner could not name a file for has no log either
+                pass
+        log = next((path for path in logs if path.is_file()), None)
+        out.append((key, cause.strip(), log))
     return out
 
 

@@ -39,6 +39,7 @@ import numpy as np
 
 from errors import ESDError, InputError, NoWeightsError, is_transient
 from esd_config import ESDConfig, add_esd_arguments, esd_config_from_args
+from model_list import ListEntry
 from paths import ModelPaths, model_paths, write_atomic, write_text_atomic
 from results import EIGS_OPTIONS_KEY, INTEGER_COLUMNS, RESULT_COLUMNS, write_eigs
 from run_state import StageLog
@@ -328,7 +329,10 @@ def finish(config: WorkerConfig, run: ModelRun) -> None:
     from layer_order import in_depth_order
 
     model = run.model
-    fixed = {"model_id": run.model_id, "revision": model.revision or "",
+    # The list entry's key (``org/name#<gguf_file>`` for one GGUF file of a repository), so
+    # that two files of one repository stay two models wherever results are read back.
+    key = ListEntry(run.model_id, gguf_file=config.gguf_file).key
+    fixed = {"model_id": key, "revision": model.revision or "",
              "source_model": model.source_model or "", "esd_options": config.esd.options_key}
     base_config = model.checkpoint.config if model.checkpoint is not None else None
     rows = in_depth_order(run.rows, base_config)  # layer_id follows the model's depth

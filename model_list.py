@@ -92,7 +92,8 @@ class JobSpec:
 
     @property
     def name(self) -> str:
-        first = self.entries[0].model_id
+        """The job's name, unique in a run: its first entry's key (a backend keys jobs by it)."""
+        first = self.entries[0].key
         return first if len(self.entries) == 1 else f"{first} (+{len(self.entries) - 1})"
 
 

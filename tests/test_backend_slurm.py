@@ -240,6 +240,14 @@ def test_state_dir_the_nodes_cannot_write_stops_the_run(slurm, tmp_path):
     assert not backend.left_running
 
 
+
+def test_two_jobs_of_one_name_are_refused_before_anything_is_submitted(slurm, tmp_path):
+    backend = SlurmBackend(options(), tmp_path / "state")
+    with pytest.raises(ValueError, match="unique; given twice: m0"):
+        backend.run([probe_job(tmp_path, "m0"), probe_job(tmp_path, "m0"),
+                     probe_job(tmp_path, "m1")])
+    assert not submission_scripts(tmp_path / "state") and not runs(tmp_path, "m0")
+
 def test_sbatch_missing_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(InputError, match="needs Slurm's sbatch"):

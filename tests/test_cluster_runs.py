@@ -97,6 +97,43 @@ def test_ray_rows_equal_a_local_run(five_models, local_rows, tmp_path):
     assert_same_rows(out, local_rows)
 
 
+
+@pytest.fixture(scope="module")
+def two_gguf_files(tmp_path_factory) -> Path:
+    """A list of two GGUF files of one (local) repository: two entries of one model id."""
+    from tests.test_quantized_runs import gguf_repo
+
+    root = tmp_path_factory.mktemp("gguf")
+    repo = gguf_repo(root / "repo")
+    with open(root / "models.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([["model_id", "gguf_file"], [repo, "Q8_0"], [repo, "Q4_0"]])
+    return root / "models.csv"
+
+
+def assert_two_gguf_results(out: Path) -> None:
+    got = {pd.read_csv(p).model_id.iat[0]: set(pd.read_csv(p).storage) for p in out.glob("*.csv")}
+    repo = str(Path(next(iter(got)).rpartition("#")[0]))
+    assert got == {f"{repo}#Q8_0": {"Q8_0"}, f"{repo}#Q4_0": {"Q4_0"}}
+
+
+def test_slurm_two_gguf_files_of_one_repo_are_two_jobs_across_a_rerun(
+        slurm, two_gguf_files, tmp_path):  # noqa: F811
+    out = tmp_path / "out"
+    proc = cli("--model_list", two_gguf_files, "--output_dir", out, *SLURM_FLAGS, "--detach")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = cli("--model_list", two_gguf_files, "--output_dir", out, *SLURM_FLAGS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "done 2" in proc.stderr and not (out / "failed_models.txt").exists()
+    assert_two_gguf_results(out)
+
+
+def test_ray_two_gguf_files_of_one_repo_are_two_results(two_gguf_files, tmp_path):
+    pytest.importorskip("ray", reason="Ray is an optional install: requirements-ray.txt")
+    out = tmp_path / "out"
+    proc = cli("--model_list", two_gguf_files, "--output_dir", out, "--backend", "ray")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_two_gguf_results(out)
+
 def test_slurm_unknown_partition_is_bad_input(slurm, five_models, tmp_path):  # noqa: F811
     out = tmp_path / "out"
     proc = cli("--model_list", five_models, "--output_dir", out, *SLURM_FLAGS,

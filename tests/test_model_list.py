@@ -37,6 +37,13 @@ def test_gguf_file_column(tmp_path):
     assert read_model_list(path) == [ListEntry("org/q-gguf", gguf_file="model-Q4_K_M.gguf")]
 
 
+
+def test_two_gguf_files_of_one_repository_are_two_jobs_named_by_their_entries():
+    entries = [ListEntry("org/q-GGUF", gguf_file="Q8_0"),
+               ListEntry("org/q-GGUF", gguf_file="Q4_0")]
+    jobs = group_jobs(entries, max_group=8, read_adapter_config=no_config)
+    assert [job.name for job in jobs] == ["org/q-GGUF#Q8_0", "org/q-GGUF#Q4_0"]
+
 def no_config(model_id):
     return None
 

@@ -229,6 +229,59 @@ def test_refit_refuses_its_own_directory_and_other_options(results_dir, tmp_path
     assert (load_results(new).fix_fingers == "xmin_peak").all()
 
 
+# ---------------------------------------------------------------------------------------------
+# Two GGUF files of one repository: two list entries, so two results everywhere.
+
+@pytest.fixture(scope="module")
+def two_gguf_results(tmp_path_factory):
+    """The worker's results of two GGUF files (F32, F16) of one local repository, and a
+    failed_models.txt line for a third file of it, with its log."""
+    import torch
+
+    from paths import model_paths
+    from tests.result_fixtures import heavy_tailed
+    from tests.test_gguf import T, write_gguf
+
+    root = tmp_path_factory.mktemp("gguf")
+    repo = root / "repo"
+    repo.mkdir()
+    w = heavy_tailed(48, 32, torch.Generator().manual_seed(8)).numpy()
+    write_gguf(repo / "tiny.F32.gguf", {"blk.0.ffn_up.weight": (w, T.F32)})
+    write_gguf(repo / "tiny.F16.gguf", {"blk.0.ffn_up.weight": (w.astype(np.float16), T.F16)})
+    out = root / "out"
+    for tag in ("F32", "F16"):
+        run_worker(repo, out, "--gguf_file", tag)
+    failed = model_paths(out, str(repo), out / "logs", "Q4_0").log
+    failed.parent.mkdir(parents=True, exist_ok=True)
+    failed.write_text("the Q4_0 attempt\n")
+    (out / "failed_models.txt").write_text(f"{repo}#Q4_0\tno such GGUF file\n")
+    # The list entry's key, as failed_models.txt and the README name it: org/name#<gguf_file>
+    return out, {f"{repo}#F32": "F32", f"{repo}#F16": "F16"}, (f"{repo}#Q4_0", failed)
+
+
+def test_two_gguf_files_of_one_repository_are_two_results(two_gguf_results, tmp_path):
+    out, storage, (failed_key, failed_log) = two_gguf_results
+    layers = load_results(out)
+    assert not layers.attrs["skipped"]
+    assert layers.groupby("model_id")["storage"].first().to_dict() == storage
+    summary = load_results(out, summary=True)
+    assert sorted(summary.model_id) == sorted(storage) and (summary.fitted == 1).all()
+
+    assert report(out, "--out", tmp_path / "page") == 0
+    assert sorted(pd.read_csv(tmp_path / "page" / "summary.csv").model_id) == sorted(storage)
+    parsed = Page((tmp_path / "page" / "index.html").read_text())
+    text = " ".join(parsed.text)
+    assert all(key in text for key in storage) and failed_key in text
+    assert any(unquote(href).endswith(failed_log.name) for href in parsed.links), \
+        "the failed GGUF file's log is linked under its own key"
+
+    new = tmp_path / "refit"
+    assert esd_report.main(["refit", str(out), "--output_dir", str(new),
+                            "--fix_fingers", "DKS"]) == 0
+    assert sorted(p.name for p in new.glob("*.csv")) == sorted(p.name for p in out.glob("*.csv"))
+    assert load_results(new).groupby("model_id")["storage"].first().to_dict() == storage
+
+
 def test_refit_without_any_saved_eigenvalues_exits_2(tmp_path, capsys):
     from tests.result_fixtures import write_model
 
