@@ -64,22 +64,33 @@ def read_model_list(path: Path) -> list[ListEntry]:
         raise InputError(f"model list {path} has no model_id column (columns: "
                          f"{', '.join(sorted(columns)) or 'none'}); the first line must be a header")
     entries: dict[str, ListEntry] = {}
-    for raw in reader:
-        row = {(k or "").strip(): (v or "").strip() for k, v in raw.items() if isinstance(v, str)}
-        entry = ListEntry(row.get("model_id", ""), row.get("base_model_relation", ""),
-                          row.get("source_model", ""), row.get("gguf_file", ""))
-        if any(not ch.isprintable() for ch in entry.model_id + entry.source_model
-               + entry.gguf_file):
-            logger.warning("%s, line %d: skipped, its ids hold tabs, line breaks or other "
-                           "control characters: %r", path, reader.line_num, entry.model_id)
-            continue
-        first = entries.setdefault(entry.key, entry) if entry.model_id else entry
-        if first != entry:  # one result file per model id: the first row wins
-            logger.warning("%s is listed twice with other columns; using the first row (%r, "
-                           "%r)", entry.model_id, first.base_model_relation, first.source_model)
+    try:
+        for raw in reader:
+            _add_row(path, reader, raw, entries)
+    except csv.Error as exc:
+        raise InputError(f"model list {path}, line {reader.line_num}: a cell longer than "
+                         f"csv's limit of {csv.field_size_limit()} characters, or not CSV "
+                         f"({exc})") from None
     if not entries:
         raise InputError(f"model list {path} names no model")
     return list(entries.values())
+
+
+def _add_row(path: Path, reader: csv.DictReader, raw: dict,
+             entries: dict[str, ListEntry]) -> None:
+    """One row of the list into ``entries`` (keyed by entry key; the first row wins)."""
+    row = {(k or "").strip(): (v or "").strip() for k, v in raw.items() if isinstance(v, str)}
+    entry = ListEntry(row.get("model_id", ""), row.get("base_model_relation", ""),
+                      row.get("source_model", ""), row.get("gguf_file", ""))
+    if any(not ch.isprintable() for ch in entry.model_id + entry.source_model
+           + entry.gguf_file):
+        logger.warning("%s, line %d: skipped, its ids hold tabs, line breaks or other "
+                       "control characters: %r", path, reader.line_num, entry.model_id)
+        return
+    first = entries.setdefault(entry.key, entry) if entry.model_id else entry
+    if first != entry:  # one result file per model id: the first row wins
+        logger.warning("%s is listed twice with other columns; using the first row (%r, "
+                       "%r)", entry.model_id, first.base_model_relation, first.source_model)
 
 
 @dataclass(frozen=True)

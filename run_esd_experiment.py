@@ -359,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse bad flag values (InputError) before anything runs, --dry_run included."""
     for name in ("num_gpus_per_job", "max_check", "cpu_workers", "max_group"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -375,6 +376,24 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                          "them with --gpus (esd_worker.py alone takes --device cuda:N)")
     if args.model_list is None:
         raise InputError("--model_list is required (or --demo)")
+
+
+def prepare_dirs(output_dir: Path, log_dir: Path | None = None) -> None:
+    """Create the output (and log) directory, or say in one line why it cannot be."""
+    for flag, path in (("--output_dir", output_dir), ("--log_dir", log_dir)):
+        if path is None:
+            continue
+        if Path(path).exists() and not Path(path).is_dir():
+            raise InputError(f"{flag} {path} is a file, not a directory")
+        try:
+            Path(path).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"{flag} {path} cannot be created: "
+                             f"{exc.strerror or exc}") from None
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    check_flags(args)
     gpus = choose_gpus(args) if args.backend == "local" else None
     if gpus and args.num_gpus_per_job > len(gpus):
         raise InputError(f"--num_gpus_per_job {args.num_gpus_per_job} exceeds the "
@@ -412,6 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from demo import DEMO_LIST, build_demo_zoo
 
             device = "cpu" if args.device == "auto" and not detect_gpus() else args.device
+            prepare_dirs(args.output_dir)
             model_list = args.output_dir / "zoo" / DEMO_LIST
             if not model_list.is_file():  # built once: a rerun resumes like any other run
                 model_list = build_demo_zoo(args.output_dir / "zoo")
@@ -419,11 +439,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             from preflight import preflight
 
-            if args.model_list is None:
-                raise InputError("--model_list is required (or --demo)")
-            return preflight(read_model_list(args.model_list)[:args.limit],
-                             args.output_dir, cache_dir=args.cache_dir)
+            check_flags(args)
+            entries = read_model_list(args.model_list)[:args.limit]
+            prepare_dirs(args.output_dir)
+            return preflight(entries, args.output_dir, cache_dir=args.cache_dir)
         config = config_from_args(args)
+        prepare_dirs(config.output_dir, config.log_dir)
         code = run(config)
         if args.demo:
             print(summary_table(demo_results(config)))
