@@ -39,6 +39,7 @@ from results import (
     RESULT_COLUMNS,
     STRING_COLUMNS,
     LoadedResults,
+    fitted_layers,
     parse_options_key,
     read_results,
     summarize,
@@ -121,8 +122,8 @@ def compute_report(results_dir: Path, out_dir: Path, log_dir: Path,
 
 def pair_table(model: pd.DataFrame, base: pd.DataFrame) -> pd.DataFrame:
     """A fine-tune's fitted alpha beside its base's, per layer the two share (base order)."""
-    ok_model = model[model["status"] == "ok"][["longname", "alpha"]]
-    ok_base = base[base["status"] == "ok"][["longname", "layer_id", "alpha"]]
+    ok_model = fitted_layers(model)[["longname", "alpha"]]
+    ok_base = fitted_layers(base)[["longname", "layer_id", "alpha"]]
     return (ok_base.rename(columns={"alpha": "alpha_base"}).merge(ok_model, on="longname")
             .sort_values("layer_id"))
 
@@ -133,7 +134,7 @@ def esd_selection(csv: Path, layers: pd.DataFrame) -> EsdSelection:
     import numpy as np
 
     eigs = csv.with_name(f"{csv.stem}.eigs.npz")
-    ok = layers[layers["status"] == "ok"]
+    ok = fitted_layers(layers)
     if not eigs.is_file():
         return EsdSelection(note="no eigenvalues saved (run with --save_eigs to see ESD plots)")
     if ok.empty:
@@ -230,10 +231,17 @@ def run_report(results_dir: Path, out_dir: Path | None, log_dir: Path | None,
     if _same_dir(out_dir, results_dir):
         raise InputError(f"--out {out_dir} is the results directory: its summary.csv would "
                          "be read as a result; choose a subdirectory (default: report/)")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"--out {out_dir} cannot be created: {exc.strerror or exc}") from None
     data = compute_report(results_dir, out_dir, Path(log_dir or results_dir / "logs"),
                           max_figures)
     images = draw_report(data, workers)
-    return write_report(data, images)
+    try:
+        return write_report(data, images)
+    except OSError as exc:
+        raise InputError(f"--out {out_dir} cannot be written: {exc.strerror or exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------

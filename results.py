@@ -358,6 +358,14 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out).reset_index(drop=True)
 
 
+def fitted_layers(layers: pd.DataFrame) -> pd.DataFrame:
+    """The rows with a fitted alpha: status ``ok`` and a finite alpha (a hand-edited or foreign
+    row may say ok without one; it is shown as missing, never drawn or averaged)."""
+    import numpy as np
+
+    return layers[(layers["status"] == "ok") & np.isfinite(layers["alpha"].astype(float))]
+
+
 def summarize(layers: pd.DataFrame) -> pd.DataFrame:
     """One row per model (``SUMMARY_COLUMNS``), in the order models first appear in ``layers``.
 
@@ -370,7 +378,7 @@ def summarize(layers: pd.DataFrame) -> pd.DataFrame:
     models = layers.groupby("model_id", sort=False).agg(
         revision=("revision", "first"), source_model=("source_model", "first"),
         layers=("longname", "size"))
-    ok = layers[layers["status"] == "ok"].assign(
+    ok = fitted_layers(layers).assign(
         _over=lambda d: d["alpha"] < OVER_TRAINED_ALPHA,
         _under=lambda d: d["alpha"] > UNDER_TRAINED_ALPHA)
     fitted = ok.groupby("model_id", sort=False).agg(

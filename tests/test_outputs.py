@@ -15,10 +15,10 @@ import pytest
 
 import esd_report
 import esd_worker
+import paths
 import run_esd_experiment
 from esd_config import ESDConfig
-from model_list import ListEntry, group_jobs, read_model_list
-import paths
+from model_list import ListEntry, group_jobs
 from paths import ModelPaths
 from results import load_results, read_results, summarize
 from run_state import read_failure_cause
