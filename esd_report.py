@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from errors import ESDError, InputError
 from esd_config import FIX_FINGERS, ESDConfig
-from paths import FAILED_MODELS_FILE, ModelPaths, write_text_atomic
+from paths import FAILED_MODELS_FILE, ModelPaths, within, write_text_atomic
 from results import (
     EIGS_OPTIONS_KEY,
     OPTION_NAMES,
@@ -137,6 +137,8 @@ def esd_selection(csv: Path, layers: pd.DataFrame) -> EsdSelection:
     ok = fitted_layers(layers)
     if not eigs.is_file():
         return EsdSelection(note="no eigenvalues saved (run with --save_eigs to see ESD plots)")
+    if not within(eigs, csv.parent):
+        return EsdSelection(note=f"{eigs.name} links outside the results directory: not read")
     if ok.empty:
         return EsdSelection(note="no fitted layer")
     options = layers["esd_options"].iat[0]
@@ -158,6 +160,9 @@ def read_failed(results_dir: Path, log_dir: Path) -> list[tuple[str, str, Path |
     from paths import model_paths
 
     path = results_dir / FAILED_MODELS_FILE
+    if path.is_symlink() and not within(path, results_dir):
+        return [(f"({FAILED_MODELS_FILE})", "a link to a file outside the results directory: "
+                 "not read", None)]
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:

@@ -40,7 +40,7 @@ import numpy as np
 from errors import ESDError, InputError, NoWeightsError, is_transient
 from esd_config import ESDConfig, add_esd_arguments, esd_config_from_args
 from paths import ModelPaths, model_paths, write_atomic, write_text_atomic
-from results import EIGS_OPTIONS_KEY, INTEGER_COLUMNS, RESULT_COLUMNS
+from results import EIGS_OPTIONS_KEY, INTEGER_COLUMNS, RESULT_COLUMNS, inert_frame
 from run_state import StageLog
 
 if TYPE_CHECKING:  # the estimator (and torch) is imported when a model is analysed
@@ -352,7 +352,7 @@ def write_results(paths: ModelPaths, rows: list[dict], eigs: dict[str, np.ndarra
         write_atomic(paths.eigs, lambda tmp: _save_npz(tmp, record))
     else:
         paths.eigs.unlink(missing_ok=True)
-    write_atomic(paths.csv, lambda tmp: frame.to_csv(tmp, index=False))
+    write_atomic(paths.csv, lambda tmp: inert_frame(frame).to_csv(tmp, index=False))
 
 
 def _save_npz(tmp: Path, eigs: dict[str, np.ndarray]) -> None:

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-from paths import write_atomic, write_text_atomic
-from results import SUMMARY_COLUMNS
+from paths import within, write_atomic, write_text_atomic
+from results import SUMMARY_COLUMNS, inert_frame
 
 _STYLE = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1180px;
@@ -72,7 +72,7 @@ def write_report(data, images: dict[str, bytes]) -> Path:
     """Write ``summary.csv`` and ``index.html`` into ``data.out_dir``; returns the page."""
     out = Path(data.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "summary.csv", lambda tmp: data.summary.to_csv(tmp, index=False))
+    write_atomic(out / "summary.csv", lambda tmp: inert_frame(data.summary).to_csv(tmp, index=False))
     page = out / "index.html"
     write_text_atomic(page, render(data, images))
     return page
@@ -98,6 +98,13 @@ def _e(value) -> str:
 
 def _href(data, target: Path) -> str:
     return _e(quote(os.path.relpath(target, data.out_dir).replace(os.sep, "/")))
+
+
+def _file_link(data, path: Path) -> str:
+    """A link to a file of the results directory; a link out of it is named, not linked."""
+    if not within(path, data.results_dir):
+        return _e(path.name)
+    return f'<a href="{_href(data, path)}">{_e(path.name)}</a>'
 
 
 def _img(images: dict[str, bytes], name: str, alt: str) -> str:
@@ -224,9 +231,8 @@ def _failed(data) -> str:
 def _skipped(data) -> str:
     if not data.skipped:
         return "<h2 id=\"skipped\">Skipped files</h2><p class=\"muted\">None.</p>"
-    rows = "".join(f"<tr><td class=\"s\"><a href=\"{_href(data, path)}\">{_e(path.name)}</a>"
-                   f"</td><td class=\"s\">{_e(why)}</td></tr>"
-                   for path, why in data.skipped.items())
+    rows = "".join(f"<tr><td class=\"s\">{_file_link(data, path)}</td>"
+                   f"<td class=\"s\">{_e(why)}</td></tr>" for path, why in data.skipped.items())
     return ("<h2 id=\"skipped\">Skipped files</h2><p>CSV files in the results directory that "
             "are not complete results; they are left out of everything above.</p>"
             "<table><thead><tr><th class=\"s\">file</th><th class=\"s\">why</th></tr></thead>"

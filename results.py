@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from errors import InputError
-from paths import PREFLIGHT_FILE
+from paths import OLD_PREFLIGHT_FILE, within
 
 if TYPE_CHECKING:  # pandas is imported by the functions that read results
     import pandas as pd
@@ -65,6 +65,29 @@ SUMMARY_COLUMNS = (
     "entropy_mean", "over_trained", "under_trained", "delta_alpha_mean",
 )
 _MEANS = ("alpha_weighted", "log_spectral_norm", "log_norm", "stable_rank", "entropy")
+
+
+# Text cells are written so that a spreadsheet never runs them as a formula: a cell that
+# begins with one of these characters (or with the quote itself, so that every cell reads back
+# exactly) gets a leading single quote, which the project's readers remove again. Numeric
+# columns are never quoted: a negative number stays a number.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def inert_cell(value):
+    """A text cell as written to a CSV: ``=1+1`` -> ``'=1+1``; anything else unchanged."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_START) else value
+
+
+def read_cell(value):
+    """``inert_cell`` undone."""
+    return value[1:] if isinstance(value, str) and value.startswith("'") else value
+
+
+def inert_frame(frame: pd.DataFrame, columns: Sequence[str] = STRING_COLUMNS) -> pd.DataFrame:
+    """``frame`` with its text ``columns`` (those present) made inert (a copy)."""
+    present = [c for c in columns if c in frame.columns]
+    return frame.assign(**{c: frame[c].map(inert_cell) for c in present})
 
 
 def options_key(options: Mapping[str, object]) -> str:
@@ -148,8 +171,8 @@ class LoadedResults:
     skipped: dict[Path, str] = field(default_factory=dict)  # file -> why it was not read
 
 
-# CSVs a run writes beside the results that are not results (``--dry_run``'s preflight).
-NOT_RESULTS = frozenset({PREFLIGHT_FILE})
+# CSVs that earlier versions wrote beside the results and are not results (``--dry_run``'s).
+NOT_RESULTS = frozenset({OLD_PREFLIGHT_FILE})
 
 
 def result_files(output_dir: Path) -> list[Path]:
@@ -175,6 +198,9 @@ def read_results(output_dir: Path) -> LoadedResults:
                          "run_esd_experiment.py?")
     blobs, skipped = {}, {}
     for path in paths:
+        if not within(path, output_dir):
+            skipped[path] = "a link to a file outside the results directory: not read"
+            continue
         try:
             blobs[path] = _checked_bytes(path)
         except BadResultError as exc:
@@ -235,7 +261,7 @@ def _checked_bytes(path: Path) -> bytes:
             raise BadResultError(f"a result of another schema version (missing columns: "
                                  f"{', '.join(missing) or 'none'}; unexpected: "
                                  f"{', '.join(extra) or 'none'}, or another order)")
-        raise BadResultError(f"not a result CSV (columns: {', '.join(header[:6])[:120]})")
+        raise BadResultError("not a result CSV (its first line is not the result header)")
     if not data.endswith(b"\n"):
         raise BadResultError("truncated: its last line is incomplete")
     if not data.split(b"\n", 1)[1].strip():
@@ -261,11 +287,16 @@ def _parse(data: bytes, typed: bool = True) -> pd.DataFrame:
             # A first row longer than the header would otherwise lose its extra fields (or,
             # without index_col=False, turn its first field into the index) with a warning.
             warnings.simplefilter("error", pd.errors.ParserWarning)
-            return pd.read_csv(io.BytesIO(data), keep_default_na=False, encoding="utf-8",
-                               index_col=False, **options)
+            frame = pd.read_csv(io.BytesIO(data), keep_default_na=False, encoding="utf-8",
+                                index_col=False, **options)
     except (ValueError, UnicodeDecodeError, pd.errors.ParserError,
             pd.errors.ParserWarning) as exc:
-        raise BadResultError(f"cannot be parsed: {' '.join(str(exc).split())[:200]}") from None
+        message = " ".join(str(exc).split())[:200]
+        if "'" in message or '"' in message:  # it quotes the file's text: never echoed
+            message = "a cell is not of its column's type"
+        raise BadResultError(f"cannot be parsed: {message}") from None
+    text = [c for c in STRING_COLUMNS if c in frame.columns]
+    return frame.assign(**{c: frame[c].map(read_cell) for c in text}) if typed else frame
 
 
 def _parse_all(blobs: dict[Path, bytes]) -> tuple[pd.DataFrame | None, dict[Path, str]]:
@@ -318,8 +349,7 @@ def _not_a_number(data: bytes) -> str | None:
         text = frame[column].str.strip()
         wrong = pd.to_numeric(text, errors="coerce").isna() & ~text.str.lower().isin(("", "nan"))
         if wrong.any():
-            return (f"line {wrong.idxmax() + 2}: column {column} holds "
-                    f"{text[wrong].iat[0][:40]!r}, not a number")
+            return f"line {wrong.idxmax() + 2}: column {column} holds text, not a number"
     return None
 
 

@@ -7,11 +7,11 @@ Usage: python run_esd_experiment.py --model_list models.csv --output_dir results
 Reads the model list (CSV: model_id, optional base_model_relation, source_model, gguf_file).
 Writes under --output_dir one ``<org--name>.csv`` per model (columns: results.RESULT_COLUMNS),
 ``failed_models.txt`` (model id, tab, cause), one log per model under --log_dir and the run's
-own log, ``<log_dir>/esd_experiment.log``; with --dry_run only ``preflight.csv``. A base and
-its listed adapters run as one job that reads the base once. Finished models are skipped on a
-rerun. Exit code: 0 when no model failed, 1 when some model failed or the hub could not be
-reached, 2 for bad input (list, flags, a second run on the same output), 128 + the signal
-number when interrupted (130 after Ctrl-C).
+own log, ``<log_dir>/esd_experiment.log``; with --dry_run only ``preflight/preflight.csv``.
+A base and its listed adapters run as one job that reads the base once. Finished models are
+skipped on a rerun. Exit code: 0 when no model failed, 1 when some model failed or the hub
+could not be reached, 2 for bad input (list, flags, a second run on the same output), 128 +
+the signal number when interrupted (130 after Ctrl-C).
 """
 
 from __future__ import annotations
@@ -315,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true",
                    help="build a small offline model zoo under <output_dir>/zoo and analyse it")
     p.add_argument("--dry_run", action="store_true",
-                   help="resolve every model without downloading weights; write preflight.csv")
+                   help="resolve every model without downloading weights; write "
+                        "preflight/preflight.csv")
     g = p.add_argument_group("scheduling")
     g.add_argument("--backend", choices=BACKENDS, default="local",
                    help="where the workers run: this machine's GPUs/CPUs, Slurm, or Ray")
