@@ -42,6 +42,7 @@ from results import (
     fitted_layers,
     parse_options_key,
     read_results,
+    source_in,
     summarize,
 )
 
@@ -96,6 +97,7 @@ class ReportData:
     failed: list[tuple[str, str, Path | None]]  # (model_id, cause, log)
     skipped: dict[Path, str]
     max_figures: int
+    unpaired: list[tuple[str, str]] = field(default_factory=list)  # (model, base): other options
 
 
 def compute_report(results_dir: Path, out_dir: Path, log_dir: Path,
@@ -113,11 +115,25 @@ def compute_report(results_dir: Path, out_dir: Path, log_dir: Path,
         models.append(ModelView(
             model_id, f"model-{i}", csv, log if log.is_file() else None, by_model[model_id],
             drawn, esd_selection(csv, by_model[model_id]) if drawn else EsdSelection()))
-    pairs = [(m, b) for m, b in zip(summary["model_id"], summary["source_model"], strict=True)
-             if b and b in by_model]
+    pairs, unpaired = fine_tune_pairs(summary)
     drawn_pairs = [(m, b, pair_table(by_model[m], by_model[b])) for m, b in pairs[:max_figures]]
     return ReportData(results_dir, out_dir, summary, layers, models, drawn_pairs, len(pairs),
-                      read_failed(results_dir, log_dir), loaded.skipped, max_figures)
+                      read_failed(results_dir, log_dir), loaded.skipped, max_figures, unpaired)
+
+
+def fine_tune_pairs(summary: pd.DataFrame) -> tuple[list[tuple[str, str]],
+                                                    list[tuple[str, str]]]:
+    """``(model, base)`` for every model whose source_model is among the results: those
+    computed with the same estimator options (compared), and those with other options (never
+    compared: their alphas come from different fits)."""
+    source = source_in(summary["model_id"])
+    options = dict(zip(summary["model_id"], summary["esd_options"], strict=True))
+    pairs, unpaired = [], []
+    for model, written in zip(summary["model_id"], summary["source_model"], strict=True):
+        base = source(written)
+        if base and base != model:
+            (pairs if options[base] == options[model] else unpaired).append((model, base))
+    return pairs, unpaired
 
 
 def pair_table(model: pd.DataFrame, base: pd.DataFrame) -> pd.DataFrame:

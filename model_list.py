@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from errors import InputError
+from paths import model_key
 
 logger = logging.getLogger(__name__)
 
@@ -130,22 +131,25 @@ def group_jobs(entries: Sequence[ListEntry], max_group: int,
     """
     bases = {e.model_id: adapter_base(e, read_adapter_config) for e in entries
              if e.is_adapter and not e.gguf_file}
-    members: dict[str, list[ListEntry]] = {}
+    members: dict[str, list[ListEntry]] = {}  # by the base's model_key
     for entry in entries:
         if bases.get(entry.model_id):
-            members.setdefault(bases[entry.model_id], []).append(entry)
+            members.setdefault(model_key(bases[entry.model_id]), []).append(entry)
     jobs: list[JobSpec] = []
     placed: set[str] = set()
     for entry in entries:
         if entry.key in placed:
             continue
-        base = bases.get(entry.model_id) or (entry.model_id if entry.model_id in members else "")
-        if not base or base not in members:
+        key = model_key(bases.get(entry.model_id) or entry.model_id)
+        if key not in members:
             jobs.append(JobSpec((entry,)))
             placed.add(entry.key)
             continue
-        listed_base = [e for e in entries if e.model_id == base and not e.is_adapter]
-        group = listed_base + members[base]
+        listed_base = [e for e in entries if model_key(e.model_id) == key and not e.is_adapter]
+        # The base as listed, else as its first adapter names it: the worker knows the base
+        # among the job's models by this spelling.
+        base = listed_base[0].model_id if listed_base else bases[members[key][0].model_id]
+        group = listed_base + members[key]
         for start in range(0, len(group), max_group):
             jobs.append(JobSpec(tuple(group[start:start + max_group]), base))
         placed.update(e.key for e in group)

@@ -112,6 +112,15 @@ def model_paths(output_dir: Path, model_id: str, log_dir: Path | None = None,
                                 variant=gguf_file)
 
 
+def model_key(model_id: str) -> str:
+    """What makes two spellings of one model id the same model: a local path's trailing
+    ``/``, ``./`` and ``a/../`` segments do not count (``./models/base/`` is ``models/base``);
+    a hub id (``org/name``, ``org/name@rev``) is its own key. Used to match an adapter's
+    ``source_model`` to a listed base and a result's ``source_model`` to its base's result."""
+    text = (model_id or "").strip()
+    return os.path.normpath(os.path.expanduser(text)) if text else ""
+
+
 def within(path: Path, root: Path) -> bool:
     """True when ``path``, links followed, lies inside ``root``: a file of a shared directory
     that links elsewhere (a token, another user's file) is never read through it."""

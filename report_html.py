@@ -65,7 +65,7 @@ document.querySelectorAll("table.sortable").forEach(function (table) {
 });
 """
 
-_TEXT_COLUMNS = {"model_id", "revision", "source_model"}
+_TEXT_COLUMNS = {"model_id", "revision", "source_model", "esd_options"}
 
 
 def write_report(data, images: dict[str, bytes]) -> Path:
@@ -134,7 +134,23 @@ def _header(data) -> str:
             f"{n_skipped} file(s) skipped; generated {_e(when)}</p>"
             "<nav><a href=\"#summary\">Summary</a><a href=\"#across\">Across models</a>"
             "<a href=\"#pairs\">Against the base</a><a href=\"#models\">Models</a>"
-            "<a href=\"#failed\">Failed</a><a href=\"#skipped\">Skipped files</a></nav>")
+            "<a href=\"#failed\">Failed</a><a href=\"#skipped\">Skipped files</a></nav>"
+            + _mixed_options(data))
+
+
+def _mixed_options(data) -> str:
+    """A warning when the directory holds results computed with different options."""
+    counts = data.summary["esd_options"].value_counts()
+    if len(counts) < 2:
+        return ""
+    groups = "".join(f"<li>{n} model(s): <code>{_e(key)}</code></li>" for key, n in counts.items())
+    unpaired = "".join(f"<li>{_e(m)} against {_e(b)}</li>" for m, b in data.unpaired)
+    return ("<p class=\"note\"><b>This directory mixes results computed with different "
+            "estimator options</b> (an interrupted <code>--overwrite</code>, or results copied "
+            "together); each model's options are in the <code>esd_options</code> column, and "
+            "a fine-tune is compared with its base only when both used the same options.</p>"
+            f"<ul>{groups}</ul>" + (f"<p>Not compared, options differ:</p><ul>{unpaired}</ul>"
+                                    if unpaired else ""))
 
 
 def _summary(data) -> str:
@@ -203,7 +219,8 @@ def _models(data, images) -> str:
                                         ("alpha < 2", "over_trained"),
                                         ("alpha > 6", "under_trained")))
         out.append(f"<section class=\"model\" id=\"{view.anchor}\"><h3>{_e(view.model_id)}</h3>"
-                   f"<p class=\"stats\">{numbers}</p><p>{' · '.join(links)}</p>")
+                   f"<p class=\"stats\">{numbers}</p><p>{' · '.join(links)}</p>"
+                   f"<p class=\"muted\">options: <code>{_e(s['esd_options'])}</code></p>")
         if view.drawn:
             out.append(_img(images, f"{view.anchor}-alpha", f"alpha by depth of {view.model_id}"))
             name = f"{view.anchor}-esd"

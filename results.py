@@ -14,13 +14,13 @@ files were skipped and why.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from errors import InputError
-from paths import OLD_PREFLIGHT_FILE, within
+from paths import OLD_PREFLIGHT_FILE, model_key, within
 
 if TYPE_CHECKING:  # pandas is imported by the functions that read results
     import pandas as pd
@@ -62,7 +62,7 @@ UNDER_TRAINED_ALPHA = 6.0
 SUMMARY_COLUMNS = (
     "model_id", "revision", "source_model", "layers", "fitted", "alpha_mean", "alpha_median",
     "alpha_weighted_mean", "log_spectral_norm_mean", "log_norm_mean", "stable_rank_mean",
-    "entropy_mean", "over_trained", "under_trained", "delta_alpha_mean",
+    "entropy_mean", "over_trained", "under_trained", "delta_alpha_mean", "esd_options",
 )
 _MEANS = ("alpha_weighted", "log_spectral_norm", "log_norm", "stable_rank", "entropy")
 
@@ -388,6 +388,13 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out).reset_index(drop=True)
 
 
+def source_in(model_ids) -> Callable[[str], str | None]:
+    """``source_model`` as written -> the id among ``model_ids`` it names, or None: equal
+    ``model_key``s match (a local path with or without ``./`` or a trailing slash)."""
+    by_key = {model_key(m): m for m in model_ids}
+    return lambda source: by_key.get(model_key(source)) if source else None
+
+
 def fitted_layers(layers: pd.DataFrame) -> pd.DataFrame:
     """The rows with a fitted alpha: status ``ok`` and a finite alpha (a hand-edited or foreign
     row may say ok without one; it is shown as missing, never drawn or averaged)."""
@@ -401,13 +408,14 @@ def summarize(layers: pd.DataFrame) -> pd.DataFrame:
 
     Means, the median and the over/under-trained counts are over fitted (status ``ok``)
     layers. ``delta_alpha_mean`` is the model's ``alpha_mean`` minus that of its
-    ``source_model`` when the source is among ``layers``, else NaN.
+    ``source_model`` (``source_in``) when the source is among ``layers`` and was computed with
+    the same ``esd_options``, else NaN.
     """
     import pandas as pd
 
     models = layers.groupby("model_id", sort=False).agg(
         revision=("revision", "first"), source_model=("source_model", "first"),
-        layers=("longname", "size"))
+        layers=("longname", "size"), esd_options=("esd_options", "first"))
     ok = fitted_layers(layers).assign(
         _over=lambda d: d["alpha"] < OVER_TRAINED_ALPHA,
         _under=lambda d: d["alpha"] > UNDER_TRAINED_ALPHA)
@@ -419,6 +427,8 @@ def summarize(layers: pd.DataFrame) -> pd.DataFrame:
     out = models.join(fitted, how="left")
     for column in ("fitted", "over_trained", "under_trained"):
         out[column] = out[column].fillna(0).astype("int64")
-    source_mean = out["source_model"].map(out["alpha_mean"])
+    source = out["source_model"].map(source_in(out.index))
+    same = source.map(out["esd_options"]) == out["esd_options"]
+    source_mean = source.map(out["alpha_mean"]).where(same)
     out["delta_alpha_mean"] = pd.to_numeric(out["alpha_mean"] - source_mean)
     return out.reset_index()[list(SUMMARY_COLUMNS)]
