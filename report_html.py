@@ -72,7 +72,8 @@ def write_report(data, images: dict[str, bytes]) -> Path:
     """Write ``summary.csv`` and ``index.html`` into ``data.out_dir``; returns the page."""
     out = Path(data.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "summary.csv", lambda tmp: inert_frame(data.summary).to_csv(tmp, index=False))
+    summary = inert_frame(data.summary)
+    write_atomic(out / "summary.csv", lambda tmp: summary.to_csv(tmp, index=False))
     page = out / "index.html"
     write_text_atomic(page, render(data, images))
     return page

@@ -239,6 +239,11 @@ def load_results(output_dir: Path, summary: bool = False) -> pd.DataFrame:
     if loaded.skipped:
         warnings.warn(f"{len(loaded.skipped)} file(s) in {output_dir} skipped: " + "; ".join(
             f"{p.name}: {why}" for p, why in loaded.skipped.items()), stacklevel=2)
+    kinds = loaded.layers["esd_options"].nunique()
+    if kinds > 1:
+        warnings.warn(f"{output_dir} mixes results computed with {kinds} different estimator "
+                      "options (column esd_options): compare models with equal options only",
+                      stacklevel=2)
     out = summarize(loaded.layers) if summary else loaded.layers
     out.attrs["skipped"] = {str(p): why for p, why in loaded.skipped.items()}
     return out
