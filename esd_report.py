@@ -252,12 +252,12 @@ def run_report(results_dir: Path, out_dir: Path | None, log_dir: Path | None,
     if _same_dir(out_dir, results_dir):
         raise InputError(f"--out {out_dir} is the results directory: its summary.csv would "
                          "be read as a result; choose a subdirectory (default: report/)")
-    try:
+    data = compute_report(results_dir, out_dir, Path(log_dir or results_dir / "logs"),
+                          max_figures)
+    try:  # before the figures are drawn, the longest part
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"--out {out_dir} cannot be created: {exc.strerror or exc}") from None
-    data = compute_report(results_dir, out_dir, Path(log_dir or results_dir / "logs"),
-                          max_figures)
     images = draw_report(data, workers)
     try:
         return write_report(data, images)
