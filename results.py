@@ -75,13 +75,9 @@ FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
 
 
 def inert_cell(value):
-    """A text cell as written to a CSV: ``=1+1`` -> ``'=1+1``; anything else unchanged."""
+    """A text cell as written to a CSV: ``=1+1`` -> ``'=1+1``; anything else unchanged.
+    ``read_results`` removes the quote again."""
     return "'" + value if isinstance(value, str) and value.startswith(FORMULA_START) else value
-
-
-def read_cell(value):
-    """``inert_cell`` undone."""
-    return value[1:] if isinstance(value, str) and value.startswith("'") else value
 
 
 def inert_frame(frame: pd.DataFrame, columns: Sequence[str] = STRING_COLUMNS) -> pd.DataFrame:
@@ -301,7 +297,7 @@ def _parse(data: bytes, typed: bool = True) -> pd.DataFrame:
             message = "a cell is not of its column's type"
         raise BadResultError(f"cannot be parsed: {message}") from None
     text = [c for c in STRING_COLUMNS if c in frame.columns]
-    return frame.assign(**{c: frame[c].map(read_cell) for c in text}) if typed else frame
+    return frame.assign(**{c: frame[c].str.removeprefix("'") for c in text}) if typed else frame
 
 
 def _parse_all(blobs: dict[Path, bytes]) -> tuple[pd.DataFrame | None, dict[Path, str]]:

@@ -128,7 +128,8 @@ def test_dry_run_resolves_everything_and_downloads_no_weights(hub, tmp_path):
     proc = run_cli(hub, "--model_list", models, "--output_dir", out, "--dry_run",
                    env_extra={"HF_TOKEN": TOKEN})
     assert proc.returncode == 1, proc.stderr[-3000:]
-    rows = pd.read_csv(out / "preflight" / "preflight.csv", keep_default_na=False).set_index("model_id")
+    rows = pd.read_csv(out / "preflight" / "preflight.csv",
+                       keep_default_na=False).set_index("model_id")
     assert rows.status.to_dict() == {
         "org/base": "ok", "org/adapter": "ok", "org/gated": "gated", "org/missing": "not_found",
         "org/base@no-such-branch": "revision_not_found", "org/empty": "no_weights",
