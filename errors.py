@@ -7,6 +7,11 @@ process (the worker's or the runner's ``main``) turns them into a status, a
 
 from __future__ import annotations
 
+import traceback
+from pathlib import Path
+
+_PROJECT = Path(__file__).resolve().parent
+
 
 class ESDError(Exception):
     """Base class. ``transient`` failures may succeed when retried (hub timeouts, OOM)."""
@@ -113,3 +118,16 @@ def is_transient(exc: BaseException) -> bool:
     if type(exc).__name__ == "OutOfMemoryError":
         return True
     return is_network_error(exc)
+
+
+def internal_error(exc: BaseException, stage: str = "") -> str:
+    """An exception the code did not expect, in one line: where it was raised (the innermost
+    frame of this project, else the innermost), the stage and the exception itself, e.g.
+    ``at tensor_stream.py:120 in stage analyse: StopIteration (no message)``."""
+    frames = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ else []
+    ours = [f for f in frames if Path(f.filename).resolve().is_relative_to(_PROJECT)]
+    where = (ours or frames)[-1:]
+    place = f"at {Path(where[0].filename).name}:{where[0].lineno} " if where else ""
+    during = f"in stage {stage}: " if stage else ""
+    return (f"{place}{during}{type(exc).__name__} ({str(exc) or 'no message'}); the traceback "
+            "is in the model's log")

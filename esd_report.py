@@ -32,15 +32,17 @@ from typing import TYPE_CHECKING
 
 from errors import ESDError, InputError
 from esd_config import FIX_FINGERS, ESDConfig
-from paths import FAILED_MODELS_FILE, ModelPaths, write_text_atomic
+from paths import FAILED_MODELS_FILE, ModelPaths, within, write_text_atomic
 from results import (
     EIGS_OPTIONS_KEY,
     OPTION_NAMES,
     RESULT_COLUMNS,
     STRING_COLUMNS,
     LoadedResults,
+    fitted_layers,
     parse_options_key,
     read_results,
+    source_in,
     summarize,
 )
 
@@ -95,6 +97,7 @@ class ReportData:
     failed: list[tuple[str, str, Path | None]]  # (model_id, cause, log)
     skipped: dict[Path, str]
     max_figures: int
+    unpaired: list[tuple[str, str]] = field(default_factory=list)  # (model, base): other options
 
 
 def compute_report(results_dir: Path, out_dir: Path, log_dir: Path,
@@ -112,17 +115,31 @@ def compute_report(results_dir: Path, out_dir: Path, log_dir: Path,
         models.append(ModelView(
             model_id, f"model-{i}", csv, log if log.is_file() else None, by_model[model_id],
             drawn, esd_selection(csv, by_model[model_id]) if drawn else EsdSelection()))
-    pairs = [(m, b) for m, b in zip(summary["model_id"], summary["source_model"], strict=True)
-             if b and b in by_model]
+    pairs, unpaired = fine_tune_pairs(summary)
     drawn_pairs = [(m, b, pair_table(by_model[m], by_model[b])) for m, b in pairs[:max_figures]]
     return ReportData(results_dir, out_dir, summary, layers, models, drawn_pairs, len(pairs),
-                      read_failed(results_dir, log_dir), loaded.skipped, max_figures)
+                      read_failed(results_dir, log_dir), loaded.skipped, max_figures, unpaired)
+
+
+def fine_tune_pairs(summary: pd.DataFrame) -> tuple[list[tuple[str, str]],
+                                                    list[tuple[str, str]]]:
+    """``(model, base)`` for every model whose source_model is among the results: those
+    computed with the same estimator options (compared), and those with other options (never
+    compared: their alphas come from different fits)."""
+    source = source_in(summary["model_id"])
+    options = dict(zip(summary["model_id"], summary["esd_options"], strict=True))
+    pairs, unpaired = [], []
+    for model, written in zip(summary["model_id"], summary["source_model"], strict=True):
+        base = source(written)
+        if base and base != model:
+            (pairs if options[base] == options[model] else unpaired).append((model, base))
+    return pairs, unpaired
 
 
 def pair_table(model: pd.DataFrame, base: pd.DataFrame) -> pd.DataFrame:
     """A fine-tune's fitted alpha beside its base's, per layer the two share (base order)."""
-    ok_model = model[model["status"] == "ok"][["longname", "alpha"]]
-    ok_base = base[base["status"] == "ok"][["longname", "layer_id", "alpha"]]
+    ok_model = fitted_layers(model)[["longname", "alpha"]]
+    ok_base = fitted_layers(base)[["longname", "layer_id", "alpha"]]
     return (ok_base.rename(columns={"alpha": "alpha_base"}).merge(ok_model, on="longname")
             .sort_values("layer_id"))
 
@@ -133,9 +150,11 @@ def esd_selection(csv: Path, layers: pd.DataFrame) -> EsdSelection:
     import numpy as np
 
     eigs = csv.with_name(f"{csv.stem}.eigs.npz")
-    ok = layers[layers["status"] == "ok"]
+    ok = fitted_layers(layers)
     if not eigs.is_file():
         return EsdSelection(note="no eigenvalues saved (run with --save_eigs to see ESD plots)")
+    if not within(eigs, csv.parent):
+        return EsdSelection(note=f"{eigs.name} links outside the results directory: not read")
     if ok.empty:
         return EsdSelection(note="no fitted layer")
     options = layers["esd_options"].iat[0]
@@ -157,6 +176,9 @@ def read_failed(results_dir: Path, log_dir: Path) -> list[tuple[str, str, Path |
     from paths import model_paths
 
     path = results_dir / FAILED_MODELS_FILE
+    if path.is_symlink() and not within(path, results_dir):
+        return [(f"({FAILED_MODELS_FILE})", "a link to a file outside the results directory: "
+                 "not read", None)]
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
@@ -238,8 +260,15 @@ def run_report(results_dir: Path, out_dir: Path | None, log_dir: Path | None,
                          "be read as a result; choose a subdirectory (default: report/)")
     data = compute_report(results_dir, out_dir, Path(log_dir or results_dir / "logs"),
                           max_figures)
+    try:  # before the figures are drawn, the longest part
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"--out {out_dir} cannot be created: {exc.strerror or exc}") from None
     images = draw_report(data, workers)
-    return write_report(data, images)
+    try:
+        return write_report(data, images)
+    except OSError as exc:
+        raise InputError(f"--out {out_dir} cannot be written: {exc.strerror or exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------

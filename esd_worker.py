@@ -41,7 +41,7 @@ from errors import ESDError, InputError, NoWeightsError, is_transient
 from esd_config import ESDConfig, add_esd_arguments, esd_config_from_args
 from model_list import ListEntry
 from paths import ModelPaths, model_paths, write_atomic, write_text_atomic
-from results import EIGS_OPTIONS_KEY, INTEGER_COLUMNS, RESULT_COLUMNS, write_eigs
+from results import EIGS_OPTIONS_KEY, INTEGER_COLUMNS, RESULT_COLUMNS, inert_frame, write_eigs
 from run_state import StageLog
 
 if TYPE_CHECKING:  # the estimator (and torch) is imported when a model is analysed
@@ -278,6 +278,7 @@ class ModelRun:
     rows: list[dict] = field(default_factory=list)
     eigs: dict[str, np.ndarray] = field(default_factory=dict)
     error: BaseException | None = None
+    stage: str = ""  # the stage the job was in when ``error`` happened
 
 
 def analyse(config: WorkerConfig, runs: list[ModelRun], stage: StageLog) -> None:
@@ -309,7 +310,7 @@ def analyse(config: WorkerConfig, runs: list[ModelRun], stage: StageLog) -> None
             continue
         stage.set("analyse")
         if isinstance(value, BaseException):
-            run.error = value
+            run.error, run.stage = value, stage.current
             logger.error("%s failed while analysed: %s", run.model_id, one_line(str(value)))
             continue
         for result in value:
@@ -359,7 +360,7 @@ def write_results(paths: ModelPaths, rows: list[dict], eigs: dict[str, np.ndarra
         write_atomic(paths.eigs, lambda tmp: write_eigs(tmp, record))
     else:
         paths.eigs.unlink(missing_ok=True)
-    write_atomic(paths.csv, lambda tmp: frame.to_csv(tmp, index=False))
+    write_atomic(paths.csv, lambda tmp: inert_frame(frame).to_csv(tmp, index=False))
 
 
 def _depth_order_ahead(runs: list[ModelRun]) -> threading.Thread:
@@ -425,7 +426,7 @@ def run_job(config: WorkerConfig, stage: StageLog) -> list[ModelRun]:
                              on_fetch=lambda: _estimator_ahead(config.esd.device))
         for run, model in zip(runs, opened, strict=True):
             if isinstance(model, ESDError):
-                run.error = model
+                run.error, run.stage = model, "resolve"
                 continue
             run.model = model
             logger.info("%s: revision %s%s, analysing on %s", run.model_id,
@@ -441,7 +442,7 @@ def run_job(config: WorkerConfig, stage: StageLog) -> list[ModelRun]:
                 try:
                     finish(config, run)
                 except Exception as exc:  # noqa: BLE001  (a write that fails fails its model)
-                    run.error = exc
+                    run.error, run.stage = exc, "write"
     logger.info("job of %d model(s) done in %.1f s", len(runs), time.monotonic() - started)
     return runs
 
@@ -454,10 +455,13 @@ def write_failure(paths: ModelPaths, model_id: str, exc: BaseException, transien
     """The record the runner turns into a ``failed_models.txt`` line: the cause, whether a
     retry may help, whether the network failed (an outage when several models say so), and
     the stage the job was in."""
-    from errors import NetworkError, is_network_error
+    from errors import NetworkError, internal_error, is_network_error
 
-    record = {"model_id": model_id, "error": type(exc).__name__,
-              "message": one_line(str(exc) or type(exc).__name__), "transient": transient,
+    error, message = type(exc).__name__, str(exc) or type(exc).__name__
+    if not isinstance(exc, ESDError) and not transient:  # a bug, not a property of the model
+        error, message = "internal error", internal_error(exc, stage)
+    record = {"model_id": model_id, "error": error,
+              "message": one_line(message), "transient": transient,
               "network": isinstance(exc, NetworkError) or is_network_error(exc), "stage": stage}
     write_text_atomic(paths.failure, json.dumps(record))
 
@@ -522,8 +526,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         finished = run_job(config, stage)
     except Exception as exc:  # the job as a whole failed: every model shares the cause
-        finished = [ModelRun(m, p, error=exc) for m, p in zip(config.model_ids, runs,
-                                                               strict=True)]
+        finished = [ModelRun(m, p, error=exc, stage=stage.current)
+                    for m, p in zip(config.model_ids, runs, strict=True)]
     return report(finished, stage.current)
 
 
@@ -536,7 +540,7 @@ def report(runs: list[ModelRun], stage: str) -> int:
             traceback.print_exception(run.error)
         logger.error("%s failed (%s): %s", run.model_id,
                      "transient" if transient else "deterministic", one_line(str(run.error)))
-        write_failure(run.paths, run.model_id, run.error, transient, stage)
+        write_failure(run.paths, run.model_id, run.error, transient, run.stage or stage)
     if not failures:
         return EXIT_OK
     return EXIT_TRANSIENT if all(is_transient(r.error) for r in failures) else EXIT_FAILED

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from errors import InputError
+from paths import model_key
 
 logger = logging.getLogger(__name__)
 
@@ -64,22 +65,33 @@ def read_model_list(path: Path) -> list[ListEntry]:
         raise InputError(f"model list {path} has no model_id column (columns: "
                          f"{', '.join(sorted(columns)) or 'none'}); the first line must be a header")
     entries: dict[str, ListEntry] = {}
-    for raw in reader:
-        row = {(k or "").strip(): (v or "").strip() for k, v in raw.items() if isinstance(v, str)}
-        entry = ListEntry(row.get("model_id", ""), row.get("base_model_relation", ""),
-                          row.get("source_model", ""), row.get("gguf_file", ""))
-        if any(not ch.isprintable() for ch in entry.model_id + entry.source_model
-               + entry.gguf_file):
-            logger.warning("%s, line %d: skipped, its ids hold tabs, line breaks or other "
-                           "control characters: %r", path, reader.line_num, entry.model_id)
-            continue
-        first = entries.setdefault(entry.key, entry) if entry.model_id else entry
-        if first != entry:  # one result file per model id: the first row wins
-            logger.warning("%s is listed twice with other columns; using the first row (%r, "
-                           "%r)", entry.model_id, first.base_model_relation, first.source_model)
+    try:
+        for raw in reader:
+            _add_row(path, reader, raw, entries)
+    except csv.Error as exc:
+        raise InputError(f"model list {path}, line {reader.line_num}: a cell longer than "
+                         f"csv's limit of {csv.field_size_limit()} characters, or not CSV "
+                         f"({exc})") from None
     if not entries:
         raise InputError(f"model list {path} names no model")
     return list(entries.values())
+
+
+def _add_row(path: Path, reader: csv.DictReader, raw: dict,
+             entries: dict[str, ListEntry]) -> None:
+    """One row of the list into ``entries`` (keyed by entry key; the first row wins)."""
+    row = {(k or "").strip(): (v or "").strip() for k, v in raw.items() if isinstance(v, str)}
+    entry = ListEntry(row.get("model_id", ""), row.get("base_model_relation", ""),
+                      row.get("source_model", ""), row.get("gguf_file", ""))
+    if any(not ch.isprintable() for ch in entry.model_id + entry.source_model
+           + entry.gguf_file):
+        logger.warning("%s, line %d: skipped, its ids hold tabs, line breaks or other "
+                       "control characters: %r", path, reader.line_num, entry.model_id)
+        return
+    first = entries.setdefault(entry.key, entry) if entry.model_id else entry
+    if first != entry:  # one result file per model id: the first row wins
+        logger.warning("%s is listed twice with other columns; using the first row (%r, "
+                       "%r)", entry.model_id, first.base_model_relation, first.source_model)
 
 
 @dataclass(frozen=True)
@@ -120,10 +132,10 @@ def group_jobs(entries: Sequence[ListEntry], max_group: int,
     """
     bases = {e.model_id: adapter_base(e, read_adapter_config) for e in entries
              if e.is_adapter and not e.gguf_file}
-    members: dict[str, list[ListEntry]] = {}
+    members: dict[str, list[ListEntry]] = {}  # by the base's model_key
     for entry in entries:
         if bases.get(entry.model_id):
-            members.setdefault(bases[entry.model_id], []).append(entry)
+            members.setdefault(model_key(bases[entry.model_id]), []).append(entry)
     jobs: list[JobSpec] = []
     placed: set[str] = set()
     for entry in entries:
@@ -131,15 +143,17 @@ def group_jobs(entries: Sequence[ListEntry], max_group: int,
             continue
         # One GGUF file of a repository is a model of its own, not the checkpoint adapters of
         # that repository merge into: it runs alone, as its row says.
-        own = entry.model_id if entry.model_id in members and not entry.gguf_file else ""
-        base = bases.get(entry.model_id) or own
-        if not base or base not in members:
+        key = "" if entry.gguf_file else model_key(bases.get(entry.model_id) or entry.model_id)
+        if key not in members:
             jobs.append(JobSpec((entry,)))
             placed.add(entry.key)
             continue
-        listed_base = [e for e in entries
-                       if e.model_id == base and not e.is_adapter and not e.gguf_file]
-        group = listed_base + members[base]
+        listed_base = [e for e in entries if model_key(e.model_id) == key
+                       and not e.is_adapter and not e.gguf_file]
+        # The base as listed, else as its first adapter names it: the worker knows the base
+        # among the job's models by this spelling.
+        base = listed_base[0].model_id if listed_base else bases[members[key][0].model_id]
+        group = listed_base + members[key]
         for start in range(0, len(group), max_group):
             jobs.append(JobSpec(tuple(group[start:start + max_group]), base))
         placed.update(e.key for e in group)

@@ -61,7 +61,13 @@ __all__ = [
 
 
 def looks_like_path(text: str) -> bool:
-    return text.startswith(("/", "./", "../", "~")) or text.count("/") > 1 or "\\" in text
+    """An id read as a local path: it starts with ``/``, ``./``, ``../`` or ``~``, holds a
+    backslash or more than one ``/``, or its first part is a directory here (``models/x``
+    when ``./models`` exists). Relative paths start from the current directory."""
+    if text.startswith(("/", "./", "../", "~")) or text.count("/") > 1 or "\\" in text:
+        return True
+    head, slash, _ = text.partition("/")
+    return bool(slash and head) and Path(head).is_dir()
 
 
 def parse_model_id(text: str) -> tuple[str, str | None]:
@@ -226,7 +232,8 @@ class Opener:
             return Source(model_id, None, local, files,
                           {f: (local / f).stat().st_size for f in files})
         if looks_like_path(model_id):
-            raise ModelNotFoundError(f"{model_id}: no such local directory")
+            where = "" if local.is_absolute() else f" (relative to {Path.cwd()})"
+            raise ModelNotFoundError(f"{model_id}: no such local directory{where}")
         label = model_id if revision is None else f"{model_id}@{revision}"
         with hub_errors(label, self.hub.offline, self.token):
             listing: Listing = self.hub.list_files(model_id, revision)

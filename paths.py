@@ -28,7 +28,10 @@ _MAX_READABLE = 120
 FAILED_MODELS_FILE = "failed_models.txt"
 LOCK_FILE = ".esd_run.lock"
 OPTIONS_FILE = ".esd_options.json"  # the estimator options the directory's results used
-PREFLIGHT_FILE = "preflight.csv"    # --dry_run's rows: beside the results, not one of them
+# --dry_run's rows, in a folder of their own: the top level of --output_dir holds no CSV but
+# the results, so a script reading its *.csv reads results only.
+PREFLIGHT_FILE = "preflight/preflight.csv"
+OLD_PREFLIGHT_FILE = "preflight.csv"  # where earlier versions wrote it: still not a result
 
 
 def _is_plain(part: str, pattern: re.Pattern) -> bool:
@@ -107,6 +110,24 @@ def model_paths(output_dir: Path, model_id: str, log_dir: Path | None = None,
     repo_id, revision = parse_model_id(model_id)
     return ModelPaths.for_model(output_dir, repo_id, revision, log_dir=log_dir,
                                 variant=gguf_file)
+
+
+def model_key(model_id: str) -> str:
+    """What makes two spellings of one model id the same model: a local path's trailing
+    ``/``, ``./`` and ``a/../`` segments do not count (``./models/base/`` is ``models/base``);
+    a hub id (``org/name``, ``org/name@rev``) is its own key. Used to match an adapter's
+    ``source_model`` to a listed base and a result's ``source_model`` to its base's result."""
+    text = (model_id or "").strip()
+    return os.path.normpath(os.path.expanduser(text)) if text else ""
+
+
+def within(path: Path, root: Path) -> bool:
+    """True when ``path``, links followed, lies inside ``root``: a file of a shared directory
+    that links elsewhere (a token, another user's file) is never read through it."""
+    try:
+        return Path(path).resolve().is_relative_to(Path(root).resolve())
+    except (OSError, RuntimeError):  # a loop of links
+        return False
 
 
 def _current_umask() -> int:

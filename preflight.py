@@ -1,6 +1,6 @@
 """``--dry_run``: every model of the list resolved and checked, no weight file downloaded.
 
-Writes ``<output_dir>/preflight.csv``, one row per model: ``model_id``, ``revision`` (the
+Writes ``<output_dir>/preflight/preflight.csv``, one row per model: ``model_id``, ``revision`` (the
 resolved commit), ``kind`` (model or adapter), ``source_model``, ``format`` (safetensors, bin,
 gguf, quantized:METHOD, none), ``weight_bytes`` (what the analysis reads of the model itself),
 ``base_bytes`` (an adapter's base), ``largest_shard_bytes``, ``status`` (ok, not_found,
@@ -50,6 +50,7 @@ from model_loader import (
     parse_model_id,
 )
 from paths import PREFLIGHT_FILE, write_text_atomic
+from results import inert_cell
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ def preflight(entries: list[ListEntry], output_dir: Path, cache_dir: str | None 
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(asdict(r) for r in rows)
+    writer.writerows({k: inert_cell(v) for k, v in asdict(r).items()} for r in rows)
     out = Path(output_dir) / PREFLIGHT_FILE
     write_text_atomic(out, buffer.getvalue())
     print(totals(rows, out))

@@ -15,7 +15,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator, MaxNLocator, NullLocator
 
-from results import OVER_TRAINED_ALPHA, UNDER_TRAINED_ALPHA
+from results import OVER_TRAINED_ALPHA, UNDER_TRAINED_ALPHA, fitted_layers
 
 DPI = 90
 WIDE = (7.5, 2.6)         # inches: one model's layers by depth
@@ -59,7 +59,7 @@ def alpha_by_depth(layers: pd.DataFrame, title: str) -> Figure:
     with the < 2 and > 6 bands. Values outside the axis are drawn at its edge as triangles."""
     fig = Figure(figsize=WIDE)
     ax = fig.add_axes(PLOT_BOX)
-    ok = layers[layers["status"] == "ok"]
+    ok = fitted_layers(layers)
     _bands(ax)
     _alpha_axis(ax, ok["alpha"])
     low, high = ax.get_ylim()
@@ -67,7 +67,7 @@ def alpha_by_depth(layers: pd.DataFrame, title: str) -> Figure:
         color = TYPE_COLORS.get(layer_type, OTHER_COLOR)
         inside = group[(group["alpha"] >= low) & (group["alpha"] <= high)]
         ax.plot(inside["layer_id"], inside["alpha"], "o", markersize=3.5, color=color,
-                label=f"{layer_type} ({len(group)})")
+                label=_literal(f"{layer_type} ({len(group)})"))
         above = group[group["alpha"] > high]
         ax.plot(above["layer_id"], np.full(len(above), high), "^", color=color, markersize=5,
                 clip_on=False)
@@ -75,7 +75,7 @@ def alpha_by_depth(layers: pd.DataFrame, title: str) -> Figure:
     pad = max(0.5, 0.015 * last)  # keep the first and last layers' markers whole
     ax.set_xlim(-pad, last + pad)
     ax.set_xlabel("layer (depth order)")
-    ax.set_title(title, fontsize=9, loc="left")
+    ax.set_title(_literal(title), fontsize=9, loc="left")
     if len(ok):
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     else:
@@ -109,7 +109,7 @@ def alpha_mean_distribution(summary: pd.DataFrame) -> Figure:
 def depth_map(layers: pd.DataFrame, model_ids: list[str]) -> Figure:
     """Every model's alpha profile in one image: a row per model, columns the relative depth
     (layer_id / last layer_id) in DEPTH_BINS bins, colour the mean fitted alpha."""
-    ok = layers[layers["status"] == "ok"]
+    ok = fitted_layers(layers)
     row_of = {m: i for i, m in enumerate(model_ids)}
     last = layers.groupby("model_id")["layer_id"].max().astype(float)
     bins = int(min(DEPTH_BINS, max(1.0, last.max() + 1))) if len(last) else 1
@@ -153,7 +153,7 @@ def against_base(pair: pd.DataFrame, title: str) -> Figure:
             linewidth=0.8, label="fine-tune")
     changed = pair[(pair["alpha"] - pair["alpha_base"]).abs() > 0]
     ax.set_xlabel(f"layer of the base (depth order); {len(changed)} of {len(pair)} changed")
-    ax.set_title(title, fontsize=9, loc="left")
+    ax.set_title(_literal(title), fontsize=9, loc="left")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     return fig
 
@@ -196,4 +196,10 @@ def esd_figure(rows: pd.DataFrame, evals: Mapping[str, np.ndarray],
 
 
 def _short(text: str, limit: int = 36) -> str:
-    return text if len(text) <= limit else "…" + text[-(limit - 1):]
+    return _literal(text if len(text) <= limit else "…" + text[-(limit - 1):])
+
+
+def _literal(text: str) -> str:
+    """Names drawn as written: matplotlib reads text between two ``$`` as math (and fails on
+    ``$^$``), so every ``$`` is escaped."""
+    return str(text).replace("$", r"\$")

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-from paths import write_atomic, write_text_atomic
-from results import SUMMARY_COLUMNS
+from paths import within, write_atomic, write_text_atomic
+from results import SUMMARY_COLUMNS, inert_frame
 
 _STYLE = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1180px;
@@ -65,14 +65,15 @@ document.querySelectorAll("table.sortable").forEach(function (table) {
 });
 """
 
-_TEXT_COLUMNS = {"model_id", "revision", "source_model"}
+_TEXT_COLUMNS = {"model_id", "revision", "source_model", "esd_options"}
 
 
 def write_report(data, images: dict[str, bytes]) -> Path:
     """Write ``summary.csv`` and ``index.html`` into ``data.out_dir``; returns the page."""
     out = Path(data.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "summary.csv", lambda tmp: data.summary.to_csv(tmp, index=False))
+    summary = inert_frame(data.summary)
+    write_atomic(out / "summary.csv", lambda tmp: summary.to_csv(tmp, index=False))
     page = out / "index.html"
     write_text_atomic(page, render(data, images))
     return page
@@ -98,6 +99,13 @@ def _e(value) -> str:
 
 def _href(data, target: Path) -> str:
     return _e(quote(os.path.relpath(target, data.out_dir).replace(os.sep, "/")))
+
+
+def _file_link(data, path: Path) -> str:
+    """A link to a file of the results directory; a link out of it is named, not linked."""
+    if not within(path, data.results_dir):
+        return _e(path.name)
+    return f'<a href="{_href(data, path)}">{_e(path.name)}</a>'
 
 
 def _img(images: dict[str, bytes], name: str, alt: str) -> str:
@@ -127,7 +135,23 @@ def _header(data) -> str:
             f"{n_skipped} file(s) skipped; generated {_e(when)}</p>"
             "<nav><a href=\"#summary\">Summary</a><a href=\"#across\">Across models</a>"
             "<a href=\"#pairs\">Against the base</a><a href=\"#models\">Models</a>"
-            "<a href=\"#failed\">Failed</a><a href=\"#skipped\">Skipped files</a></nav>")
+            "<a href=\"#failed\">Failed</a><a href=\"#skipped\">Skipped files</a></nav>"
+            + _mixed_options(data))
+
+
+def _mixed_options(data) -> str:
+    """A warning when the directory holds results computed with different options."""
+    counts = data.summary["esd_options"].value_counts()
+    if len(counts) < 2:
+        return ""
+    groups = "".join(f"<li>{n} model(s): <code>{_e(key)}</code></li>" for key, n in counts.items())
+    unpaired = "".join(f"<li>{_e(m)} against {_e(b)}</li>" for m, b in data.unpaired)
+    return ("<p class=\"note\"><b>This directory mixes results computed with different "
+            "estimator options</b> (an interrupted <code>--overwrite</code>, or results copied "
+            "together); each model's options are in the <code>esd_options</code> column, and "
+            "a fine-tune is compared with its base only when both used the same options.</p>"
+            f"<ul>{groups}</ul>" + (f"<p>Not compared, options differ:</p><ul>{unpaired}</ul>"
+                                    if unpaired else ""))
 
 
 def _summary(data) -> str:
@@ -196,7 +220,8 @@ def _models(data, images) -> str:
                                         ("alpha < 2", "over_trained"),
                                         ("alpha > 6", "under_trained")))
         out.append(f"<section class=\"model\" id=\"{view.anchor}\"><h3>{_e(view.model_id)}</h3>"
-                   f"<p class=\"stats\">{numbers}</p><p>{' · '.join(links)}</p>")
+                   f"<p class=\"stats\">{numbers}</p><p>{' · '.join(links)}</p>"
+                   f"<p class=\"muted\">options: <code>{_e(s['esd_options'])}</code></p>")
         if view.drawn:
             out.append(_img(images, f"{view.anchor}-alpha", f"alpha by depth of {view.model_id}"))
             name = f"{view.anchor}-esd"
@@ -224,9 +249,8 @@ def _failed(data) -> str:
 def _skipped(data) -> str:
     if not data.skipped:
         return "<h2 id=\"skipped\">Skipped files</h2><p class=\"muted\">None.</p>"
-    rows = "".join(f"<tr><td class=\"s\"><a href=\"{_href(data, path)}\">{_e(path.name)}</a>"
-                   f"</td><td class=\"s\">{_e(why)}</td></tr>"
-                   for path, why in data.skipped.items())
+    rows = "".join(f"<tr><td class=\"s\">{_file_link(data, path)}</td>"
+                   f"<td class=\"s\">{_e(why)}</td></tr>" for path, why in data.skipped.items())
     return ("<h2 id=\"skipped\">Skipped files</h2><p>CSV files in the results directory that "
             "are not complete results; they are left out of everything above.</p>"
             "<table><thead><tr><th class=\"s\">file</th><th class=\"s\">why</th></tr></thead>"

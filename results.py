@@ -14,13 +14,13 @@ files were skipped and why.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from errors import InputError
-from paths import PREFLIGHT_FILE
+from paths import OLD_PREFLIGHT_FILE, model_key, within
 
 if TYPE_CHECKING:  # pandas is imported by the functions that read results
     import pandas as pd
@@ -67,9 +67,28 @@ UNDER_TRAINED_ALPHA = 6.0
 SUMMARY_COLUMNS = (
     "model_id", "revision", "source_model", "layers", "fitted", "alpha_mean", "alpha_median",
     "alpha_weighted_mean", "log_spectral_norm_mean", "log_norm_mean", "stable_rank_mean",
-    "entropy_mean", "over_trained", "under_trained", "delta_alpha_mean",
+    "entropy_mean", "over_trained", "under_trained", "delta_alpha_mean", "esd_options",
 )
 _MEANS = ("alpha_weighted", "log_spectral_norm", "log_norm", "stable_rank", "entropy")
+
+
+# Text cells are written so that a spreadsheet never runs them as a formula: a cell that
+# begins with one of these characters (or with the quote itself, so that every cell reads back
+# exactly) gets a leading single quote, which the project's readers remove again. Numeric
+# columns are never quoted: a negative number stays a number.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def inert_cell(value):
+    """A text cell as written to a CSV: ``=1+1`` -> ``'=1+1``; anything else unchanged.
+    ``read_results`` removes the quote again."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_START) else value
+
+
+def inert_frame(frame: pd.DataFrame, columns: Sequence[str] = STRING_COLUMNS) -> pd.DataFrame:
+    """``frame`` with its text ``columns`` (those present) made inert (a copy)."""
+    present = [c for c in columns if c in frame.columns]
+    return frame.assign(**{c: frame[c].map(inert_cell) for c in present})
 
 
 def options_key(options: Mapping[str, object]) -> str:
@@ -169,8 +188,8 @@ class LoadedResults:
     skipped: dict[Path, str] = field(default_factory=dict)  # file -> why it was not read
 
 
-# CSVs a run writes beside the results that are not results (``--dry_run``'s preflight).
-NOT_RESULTS = frozenset({PREFLIGHT_FILE})
+# CSVs that earlier versions wrote beside the results and are not results (``--dry_run``'s).
+NOT_RESULTS = frozenset({OLD_PREFLIGHT_FILE})
 
 
 def result_files(output_dir: Path) -> list[Path]:
@@ -196,6 +215,9 @@ def read_results(output_dir: Path) -> LoadedResults:
                          "run_esd_experiment.py?")
     blobs, skipped = {}, {}
     for path in paths:
+        if not within(path, output_dir):
+            skipped[path] = "a link to a file outside the results directory: not read"
+            continue
         try:
             blobs[path] = _checked_bytes(path)
         except BadResultError as exc:
@@ -234,6 +256,11 @@ def load_results(output_dir: Path, summary: bool = False) -> pd.DataFrame:
     if loaded.skipped:
         warnings.warn(f"{len(loaded.skipped)} file(s) in {output_dir} skipped: " + "; ".join(
             f"{p.name}: {why}" for p, why in loaded.skipped.items()), stacklevel=2)
+    kinds = loaded.layers["esd_options"].nunique()
+    if kinds > 1:
+        warnings.warn(f"{output_dir} mixes results computed with {kinds} different estimator "
+                      "options (column esd_options): compare models with equal options only",
+                      stacklevel=2)
     out = summarize(loaded.layers) if summary else loaded.layers
     out.attrs["skipped"] = {str(p): why for p, why in loaded.skipped.items()}
     return out
@@ -257,7 +284,7 @@ def _checked_bytes(path: Path) -> bytes:
             raise BadResultError(f"a result of another schema version (missing columns: "
                                  f"{', '.join(missing) or 'none'}; unexpected: "
                                  f"{', '.join(extra) or 'none'}, or another order)")
-        raise BadResultError(f"not a result CSV (columns: {', '.join(header[:6])[:120]})")
+        raise BadResultError("not a result CSV (its first line is not the result header)")
     if not data.endswith(b"\n"):
         raise BadResultError("truncated: its last line is incomplete")
     if not data.split(b"\n", 1)[1].strip():
@@ -291,11 +318,16 @@ def _parse(data: bytes, typed: bool = True) -> pd.DataFrame:
             # A first row longer than the header would otherwise lose its extra fields (or,
             # without index_col=False, turn its first field into the index) with a warning.
             warnings.simplefilter("error", pd.errors.ParserWarning)
-            return pd.read_csv(io.BytesIO(data), keep_default_na=False, encoding="utf-8",
-                               index_col=False, **options)
+            frame = pd.read_csv(io.BytesIO(data), keep_default_na=False, encoding="utf-8",
+                                index_col=False, **options)
     except (ValueError, UnicodeDecodeError, pd.errors.ParserError,
             pd.errors.ParserWarning) as exc:
-        raise BadResultError(f"cannot be parsed: {' '.join(str(exc).split())[:200]}") from None
+        message = " ".join(str(exc).split())[:200]
+        if "'" in message or '"' in message:  # it quotes the file's text: never echoed
+            message = "a cell is not of its column's type"
+        raise BadResultError(f"cannot be parsed: {message}") from None
+    text = [c for c in STRING_COLUMNS if c in frame.columns]
+    return frame.assign(**{c: frame[c].str.removeprefix("'") for c in text}) if typed else frame
 
 
 def _parse_all(blobs: dict[Path, bytes]) -> tuple[pd.DataFrame | None, dict[Path, str]]:
@@ -348,8 +380,7 @@ def _not_a_number(data: bytes) -> str | None:
         text = frame[column].str.strip()
         wrong = pd.to_numeric(text, errors="coerce").isna() & ~text.str.lower().isin(("", "nan"))
         if wrong.any():
-            return (f"line {wrong.idxmax() + 2}: column {column} holds "
-                    f"{text[wrong].iat[0][:40]!r}, not a number")
+            return f"line {wrong.idxmax() + 2}: column {column} holds text, not a number"
     return None
 
 
@@ -388,19 +419,35 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out).reset_index(drop=True)
 
 
+def source_in(model_ids) -> Callable[[str], str | None]:
+    """``source_model`` as written -> the id among ``model_ids`` it names, or None: equal
+    ``model_key``s match (a local path with or without ``./`` or a trailing slash)."""
+    by_key = {model_key(m): m for m in model_ids}
+    return lambda source: by_key.get(model_key(source)) if source else None
+
+
+def fitted_layers(layers: pd.DataFrame) -> pd.DataFrame:
+    """The rows with a fitted alpha: status ``ok`` and a finite alpha (a hand-edited or foreign
+    row may say ok without one; it is shown as missing, never drawn or averaged)."""
+    import numpy as np
+
+    return layers[(layers["status"] == "ok") & np.isfinite(layers["alpha"].astype(float))]
+
+
 def summarize(layers: pd.DataFrame) -> pd.DataFrame:
     """One row per model (``SUMMARY_COLUMNS``), in the order models first appear in ``layers``.
 
     Means, the median and the over/under-trained counts are over fitted (status ``ok``)
     layers. ``delta_alpha_mean`` is the model's ``alpha_mean`` minus that of its
-    ``source_model`` when the source is among ``layers``, else NaN.
+    ``source_model`` (``source_in``) when the source is among ``layers`` and was computed with
+    the same ``esd_options``, else NaN.
     """
     import pandas as pd
 
     models = layers.groupby("model_id", sort=False).agg(
         revision=("revision", "first"), source_model=("source_model", "first"),
-        layers=("longname", "size"))
-    ok = layers[layers["status"] == "ok"].assign(
+        layers=("longname", "size"), esd_options=("esd_options", "first"))
+    ok = fitted_layers(layers).assign(
         _over=lambda d: d["alpha"] < OVER_TRAINED_ALPHA,
         _under=lambda d: d["alpha"] > UNDER_TRAINED_ALPHA)
     fitted = ok.groupby("model_id", sort=False).agg(
@@ -411,6 +458,8 @@ def summarize(layers: pd.DataFrame) -> pd.DataFrame:
     out = models.join(fitted, how="left")
     for column in ("fitted", "over_trained", "under_trained"):
         out[column] = out[column].fillna(0).astype("int64")
-    source_mean = out["source_model"].map(out["alpha_mean"])
+    source = out["source_model"].map(source_in(out.index))
+    same = source.map(out["esd_options"]) == out["esd_options"]
+    source_mean = source.map(out["alpha_mean"]).where(same)
     out["delta_alpha_mean"] = pd.to_numeric(out["alpha_mean"] - source_mean)
     return out.reset_index()[list(SUMMARY_COLUMNS)]

@@ -7,11 +7,11 @@ Usage: python run_esd_experiment.py --model_list models.csv --output_dir results
 Reads the model list (CSV: model_id, optional base_model_relation, source_model, gguf_file).
 Writes under --output_dir one ``<org--name>.csv`` per model (columns: results.RESULT_COLUMNS),
 ``failed_models.txt`` (model id, tab, cause), one log per model under --log_dir and the run's
-own log, ``<log_dir>/esd_experiment.log``; with --dry_run only ``preflight.csv``. A base and
-its listed adapters run as one job that reads the base once. Finished models are skipped on a
-rerun. Exit code: 0 when no model failed, 1 when some model failed or the hub could not be
-reached, 2 for bad input (list, flags, a second run on the same output), 128 + the signal
-number when interrupted (130 after Ctrl-C).
+own log, ``<log_dir>/esd_experiment.log``; with --dry_run only ``preflight/preflight.csv``.
+A base and its listed adapters run as one job that reads the base once. Finished models are
+skipped on a rerun. Exit code: 0 when no model failed, 1 when some model failed or the hub
+could not be reached, 2 for bad input (list, flags, a second run on the same output), 128 +
+the signal number when interrupted (130 after Ctrl-C).
 """
 
 from __future__ import annotations
@@ -315,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true",
                    help="build a small offline model zoo under <output_dir>/zoo and analyse it")
     p.add_argument("--dry_run", action="store_true",
-                   help="resolve every model without downloading weights; write preflight.csv")
+                   help="resolve every model without downloading weights; write "
+                        "preflight/preflight.csv")
     g = p.add_argument_group("scheduling")
     g.add_argument("--backend", choices=BACKENDS, default="local",
                    help="where the workers run: this machine's GPUs/CPUs, Slurm, or Ray")
@@ -359,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse bad flag values (InputError) before anything runs, --dry_run included."""
     for name in ("num_gpus_per_job", "max_check", "cpu_workers", "max_group"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -375,6 +377,24 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                          "them with --gpus (esd_worker.py alone takes --device cuda:N)")
     if args.model_list is None:
         raise InputError("--model_list is required (or --demo)")
+
+
+def prepare_dirs(output_dir: Path, log_dir: Path | None = None) -> None:
+    """Create the output (and log) directory, or say in one line why it cannot be."""
+    for flag, path in (("--output_dir", output_dir), ("--log_dir", log_dir)):
+        if path is None:
+            continue
+        if Path(path).exists() and not Path(path).is_dir():
+            raise InputError(f"{flag} {path} is a file, not a directory")
+        try:
+            Path(path).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"{flag} {path} cannot be created: "
+                             f"{exc.strerror or exc}") from None
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    check_flags(args)
     gpus = choose_gpus(args) if args.backend == "local" else None
     if gpus and args.num_gpus_per_job > len(gpus):
         raise InputError(f"--num_gpus_per_job {args.num_gpus_per_job} exceeds the "
@@ -412,6 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from demo import DEMO_LIST, build_demo_zoo
 
             device = "cpu" if args.device == "auto" and not detect_gpus() else args.device
+            prepare_dirs(args.output_dir)
             model_list = args.output_dir / "zoo" / DEMO_LIST
             if not model_list.is_file():  # built once: a rerun resumes like any other run
                 model_list = build_demo_zoo(args.output_dir / "zoo")
@@ -419,11 +440,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             from preflight import preflight
 
-            if args.model_list is None:
-                raise InputError("--model_list is required (or --demo)")
-            return preflight(read_model_list(args.model_list)[:args.limit],
-                             args.output_dir, cache_dir=args.cache_dir)
+            check_flags(args)
+            entries = read_model_list(args.model_list)[:args.limit]
+            prepare_dirs(args.output_dir)
+            return preflight(entries, args.output_dir, cache_dir=args.cache_dir)
         config = config_from_args(args)
+        prepare_dirs(config.output_dir, config.log_dir)
         code = run(config)
         if args.demo:
             print(summary_table(demo_results(config)))

@@ -116,12 +116,12 @@ def _damage(out, base_csv):
                           "truncated: line 3 has fewer fields"),
         "long-row.csv": (header + first.rstrip("\n") + ",extra\n", "cannot be parsed"),
         "text-in-number.csv": (header + first.replace(fields[12], "abc", 1),
-                               "column alpha holds 'abc'"),
+                               "column alpha holds text, not a number"),
         "bad-status.csv": (header + first.replace(",ok,", ",done,"), "a status that is not"),
         "header-only.csv": (header, "holds a header but no rows"),
         "old-schema.csv": ("model_id,layer_id,longname,alpha\nm,0,x,2.5\n",
                            "another schema version (missing columns: revision"),
-        "prices.csv": ("date,price\n2024-01-01,3\n", "not a result CSV (columns: date, price)"),
+        "prices.csv": ("date,price\n2024-01-01,3\n", "not a result CSV (its first line is not"),
         "zz-copy.csv": (text, "a second result of 'org/base'"),
     }
     for name, (content, _) in cases.items():
