@@ -7,6 +7,8 @@ process (the worker's or the runner's ``main``) turns them into a status, a
 
 from __future__ import annotations
 
+import errno
+
 
 class ESDError(Exception):
     """Base class. ``transient`` failures may succeed when retried (hub timeouts, OOM)."""
@@ -113,3 +115,21 @@ def is_transient(exc: BaseException) -> bool:
     if type(exc).__name__ == "OutOfMemoryError":
         return True
     return is_network_error(exc)
+
+
+# A full disk or an exhausted quota: no model is to blame, the run stops and says where.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def disk_full_error(exc: BaseException) -> OSError | None:
+    """The ``OSError`` of a full disk (ENOSPC) or quota (EDQUOT) that ``exc`` is, or was
+    raised from or while handling; None when it is no such failure."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        if isinstance(link, OSError) and link.errno in DISK_FULL_ERRNOS:
+            return link
+        seen.add(id(link))
+        link = link.__cause__ if link.__cause__ is not None else (
+            None if link.__suppress_context__ else link.__context__)
+    return None

@@ -22,22 +22,26 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from errors import ESDError, InputError
+from errors import ESDError, InputError, disk_full_error
 from esd_config import add_esd_arguments, esd_config_from_args
 from gputracker import Dispatcher, Job, JobResult, detect_gpus, install_signal_handlers
 from model_list import JobSpec, group_jobs, local_adapter_config, read_model_list
 from paths import model_paths
+from run_accounts import EXIT_INTERNAL, FAILED, Accounts, internal_error_message
 from run_plan import (
     OutageWatch,
     Outcome,
+    disk_full_message,
     estimator_options,
+    fullest_disk,
     make_plan,
     model_outcomes,
     outage_message,
+    result_signature,
     stage_file_of,
     worker_argv,
 )
@@ -82,14 +86,17 @@ class RunConfig:
 
 
 class Runner:
-    """Turns finished jobs into results, retries and failure records, model by model."""
+    """Turns finished jobs into results, retries and failure records, model by model, and
+    gives each list entry its state in ``accounts``."""
 
     def __init__(self, config: RunConfig, backend, failures: FailureLog, progress: Progress,
-                 pins=None):
+                 pins=None, accounts: Accounts | None = None):
         self.config, self.backend = config, backend
         self.failures, self.progress, self.pins = failures, progress, pins
+        self.accounts = accounts if accounts is not None else Accounts(None)
         self.watch = OutageWatch()
         self.outage: list[str] = []
+        self.disk_full = ""  # why the run stopped on a full disk
 
     def job(self, spec: JobSpec, attempt: int = 1, not_before: float | None = None) -> Job:
         paths = [model_paths(self.config.output_dir, e.model_id, self.config.log_dir, e.gguf_file)
@@ -99,33 +106,41 @@ class Runner:
         argv = worker_argv(spec, self.config.args, self.config.output_dir,
                            self.config.log_dir, stage_file_of(log), os.getpid() if local else None)
         start = log.stat().st_size if log.is_file() else 0  # where this run's output begins
-        return Job(name=spec.name, argv=argv, log_path=log, payload=(spec, paths, start),
+        # Under --overwrite only a result the job writes counts: what stands there now does not.
+        before = [result_signature(p.csv) for p in paths] if self.config.overwrite else None
+        return Job(name=spec.name, argv=argv, log_path=log, payload=(spec, paths, start, before),
                    attempt=attempt, not_before=not_before, timeout=self.config.model_timeout)
 
     def on_finish(self, result: JobResult) -> list[Job]:
-        spec, paths, start = result.job.payload
+        spec, paths, start, before = result.job.payload
         if result.stopped:
             return []  # interrupted: neither a result nor a failure; the next run retries it
         _share_log(result.job.log_path, start, paths[1:])
-        retry = []
-        for outcome in model_outcomes(result, spec, paths, self.config.options_key,
-                                      self.config.args.save_eigs):
-            if outcome.network:
-                if self.watch.network_failure(outcome):
-                    self.outage = list(self.watch.streak)
-                    self.backend.stop("the hub cannot be reached")
-                    return []
-            else:
-                self._record_held()
+        outcomes = model_outcomes(result, spec, paths, self.config.options_key,
+                                  self.config.args.save_eigs, before)
+        for outcome in outcomes:
             if outcome.state == "done":
-                self.failures.clear(outcome.entry.key)
-                self.progress.finished(outcome.entry.key, True, self.backend.running_jobs)
-            elif outcome.state == "retry" and result.job.attempt <= self.config.max_retries:
-                retry.append(outcome)
-            elif not outcome.network:
+                self._done(outcome)
+        full = [o for o in outcomes if o.state == "disk_full"]
+        if full:
+            self._stop_on_full_disk(full[0].cause, [o.entry.key for o in full])
+            return []
+        last = result.job.attempt > self.config.max_retries
+        retry = [o for o in outcomes if o.state == "retry" and not last]
+        final = [replace(o, state="failed") for o in outcomes
+                 if o.state == "failed" or o.state == "retry" and last]
+        if outcomes and all(o.network for o in outcomes):
+            # One job failing on the network, however many models it holds, counts once.
+            if self.watch.network_failure(spec.base or spec.entries[0].key, final):
+                self.outage = list(self.watch.jobs)
+                self.backend.stop("the hub cannot be reached")
+                return []
+        else:
+            self._record_held()
+            for outcome in final:
                 self._fail(outcome)
         jobs = []
-        if retry:
+        if retry and not self.stop_cause:
             delay = self.config.retry_backoff * 2 ** (result.job.attempt - 1)
             for outcome in retry:
                 logger.warning("%s: transient failure (%s), retry %d/%d in %.0f s",
@@ -139,32 +154,88 @@ class Runner:
             self.pins.done(spec.base)
         return jobs
 
+    @property
+    def stop_cause(self) -> str:
+        """Why the run stopped before its list was done ("" while it goes on)."""
+        if self.outage:
+            return outage_message(self.outage)
+        return self.disk_full
+
     def finish(self) -> None:
         """At the end of a run without an outage: record the network failures held back."""
-        if not self.outage:
+        if not self.stop_cause:
             self._record_held()
 
     def _record_held(self) -> None:
         for held in self.watch.other():
             self._fail(held)
 
+    def _done(self, outcome: Outcome) -> None:
+        key = outcome.entry.key
+        if self._write_failures(key, lambda: self.failures.clear(key)):
+            self.accounts.done(key)
+            self.progress.finished(key, True, self.backend.running_jobs)
+
     def _fail(self, outcome: Outcome) -> None:
-        self.failures.record(outcome.entry.key, outcome.cause)
-        self.progress.finished(outcome.entry.key, False, self.backend.running_jobs,
-                               outcome.cause)
+        key = outcome.entry.key
+        if self.config.overwrite:  # its old numbers must not pass for this run's
+            self._drop_old_result(outcome.entry)
+        if self._write_failures(key, lambda: self.failures.record(key, outcome.cause)):
+            self.accounts.failed(key)
+            self.progress.finished(key, False, self.backend.running_jobs, outcome.cause)
+
+    def _write_failures(self, key: str, change) -> bool:
+        """Apply ``change`` to failed_models.txt; on a full disk stop the run instead."""
+        if self.disk_full:
+            return False
+        try:
+            change()
+        except OSError as exc:
+            if disk_full_error(exc) is None:
+                raise
+            self._stop_on_full_disk(str(self.failures.path), [key])
+            return False
+        return True
+
+    def _drop_old_result(self, entry) -> None:
+        paths = model_paths(self.config.output_dir, entry.model_id, self.config.log_dir,
+                            entry.gguf_file)
+        for path in (paths.csv, paths.eigs):
+            if path.exists():
+                path.unlink()
+                logger.warning("%s: removed %s, the result --overwrite was to replace",
+                               entry.key, path.name)
+
+    def _stop_on_full_disk(self, path: str, models: list[str]) -> None:
+        if self.disk_full:
+            return
+        where = path or fullest_disk([self.config.output_dir, self.config.log_dir,
+                                      hub_cache_dir(self.config)])
+        self.disk_full = disk_full_message(where, models)
+        self.backend.stop("a disk is full")
+
+
+def hub_cache_dir(config: RunConfig) -> Path:
+    from hub_files import default_cache_dir
+
+    return Path(default_cache_dir(config.cache_dir))
 
 
 def _share_log(job_log: Path, start: int, others: Sequence) -> None:
     """Each model of a job gets this run's output of the job in its own log."""
     if not others or not job_log.is_file():
         return
-    with open(job_log, "rb") as fh:
-        fh.seek(start)
-        text = fh.read()
-    for paths in others:
-        paths.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(paths.log, "ab") as fh:
-            fh.write(f"# output of the job shared with {job_log.name}\n".encode() + text)
+    try:
+        with open(job_log, "rb") as fh:
+            fh.seek(start)
+            text = fh.read()
+        for paths in others:
+            paths.log.parent.mkdir(parents=True, exist_ok=True)
+            with open(paths.log, "ab") as fh:
+                fh.write(f"# output of the job shared with {job_log.name}\n".encode() + text)
+    except OSError as exc:  # a copy of a log is worth no model's result
+        logger.warning("the log of %s could not be shared with its models: %s", job_log.name,
+                       exc)
 
 
 class BasePins:
@@ -238,8 +309,15 @@ def run(config: RunConfig, backend=None) -> int:
         plan = make_plan(entries, config.output_dir, config.log_dir, config.options_key,
                          config.args.save_eigs, config.overwrite, config.skip_failed, failures,
                          config.limit)
+        accounts = Accounts(e.key for e in entries[:config.limit])
+        failures.clear_all(e.key for e in plan.done)  # a killed run may have left a line
+        for entry in plan.done:
+            accounts.done(entry.key)
+        for entry in plan.skipped_failed:
+            accounts.failed(entry.key)
         for entry, reason in plan.invalid:
             failures.record(entry.key, reason)
+            accounts.failed(entry.key)
         specs = group_jobs([e for e, _ in plan.to_run], config.max_group,
                            adapter_config_reader(config))
         logger.info("%d models: %d to run, %d already done, %d failed before and skipped, "
@@ -248,36 +326,77 @@ def run(config: RunConfig, backend=None) -> int:
                     describe_backend(config, backend))
         pins = sweep_cache(config, specs)
         progress = Progress(len(plan.to_run), config.progress)
-        runner = Runner(config, backend, failures, progress, pins)
+        runner = Runner(config, backend, failures, progress, pins, accounts)
         restore = install_signal_handlers(backend)
+        lost = ""  # the machine failed us (GPUs no longer readable): the run stops
         try:
             backend.run([runner.job(spec) for spec in specs], runner.on_finish)
             runner.finish()
+        except InputError:
+            raise
+        except ESDError as exc:
+            lost = str(exc)
         finally:
             restore()
             progress.close()
             if pins is not None:
                 pins.close()
                 sweep_cache(config, ())
-        failed = progress.failed + len(plan.invalid)
-        state = "stopped" if runner.outage else (
-            "interrupted" if backend.stopped else "finished")
-        logger.info("%s: done %d, skipped %d, failed %d, in %s%s", state, progress.done,
-                    len(plan.done) + len(plan.skipped_failed), failed,
-                    format_duration(time.monotonic() - started),
-                    f"; failures in {failures.path}" if failed else "")
         detached = getattr(getattr(backend, "options", None), "detach", False)
+        stop_cause = runner.stop_cause or lost
+        state = "stopped" if stop_cause else (
+            "interrupted" if backend.stopped else "finished")
+        failed = accounts.count(FAILED)
+        logger.info("%s: done %d, skipped %d, failed %d, not reached %d, in %s%s", state,
+                    progress.done, len(plan.done) + len(plan.skipped_failed), failed,
+                    len(accounts.not_reached), format_duration(time.monotonic() - started),
+                    f"; failures in {failures.path}" if failed else "")
         if detached:
             logger.info("submitted: Slurm job(s) %s, %d model job(s) queued or running; rerun "
                         "the same command to collect the results; cancel with: %s",
                         " ".join(backend.job_ids), len(backend.left_running),
                         backend.scancel_command())
-    if runner.outage:
-        logger.error("%s", outage_message(runner.outage))
+        code = exit_code(accounts, stop_cause, backend, detached)
+        broken = accounts.check(bool(stop_cause) or backend.stopped or detached,
+                                on_disk(config, entries[:config.limit]))
+    if stop_cause:
+        logger.error("%s", stop_cause)
+    if broken:
+        logger.error("%s", internal_error_message(broken))
+        return EXIT_INTERNAL
+    return code
+
+
+def exit_code(accounts: Accounts, stop_cause: str, backend, detached: bool) -> int:
+    """The run's exit status from its accounts and how it ended."""
+    if stop_cause:
         return EXIT_SOME_FAILED
-    if backend.stopped and not detached:
+    if detached:
+        return 0  # submitted: a rerun collects the results and says how they ended
+    if backend.stopped:
         return 128 + (backend.stop_signum or signal.SIGINT)
-    return EXIT_SOME_FAILED if failed else 0
+    return accounts.exit_code(None)
+
+
+def on_disk(config: RunConfig, entries: Sequence) -> Callable[[str], tuple[bool, bool]]:
+    """For the accounting check: whether an entry has a current result, and a line in
+    failed_models.txt, as the directory holds them now (read afresh)."""
+    from run_plan import result_done
+
+    failures = FailureLog(config.output_dir)
+    by_key = {e.key: e for e in entries}
+
+    def state(key: str) -> tuple[bool, bool]:
+        entry = by_key.get(key)
+        if entry is None:
+            return False, key in failures
+        try:
+            paths = model_paths(config.output_dir, entry.model_id, config.log_dir,
+                                entry.gguf_file)
+        except ESDError:
+            return False, key in failures
+        return result_done(paths, config.options_key, config.args.save_eigs), key in failures
+    return state
 
 
 def describe_backend(config: RunConfig, backend) -> str:

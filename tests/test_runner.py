@@ -226,3 +226,41 @@ def test_a_timed_out_job_keeps_the_models_it_finished(setup, tmp_path):
     assert retry.payload[0].base == "org/base" and runner.progress.done == 1
     shared = pending.log.read_text()
     assert "this run" in shared and "old run" not in shared, "a member's log gets this run only"
+
+
+def network_failure(paths, model_id):
+    paths.failure.parent.mkdir(parents=True, exist_ok=True)
+    paths.failure.write_text('{"error": "NetworkError", "message": "%s: network failure talking '
+                             'to the hub", "transient": true, "network": true}' % model_id)
+
+
+def test_a_network_failure_that_outlasts_its_retries_is_recorded(setup):
+    runner, failures, entry, paths = setup
+    network_failure(paths, "org/model")
+    for attempt in (1, 2):
+        (retry,) = finished(runner, entry, paths, EXIT_TRANSIENT, attempt)
+        assert retry.attempt == attempt + 1
+    assert finished(runner, entry, paths, EXIT_TRANSIENT, attempt=3) == []
+    runner.finish()
+    assert "network failure" in failures.cause("org/model"), "the model never vanishes"
+    assert runner.progress.failed == 1 and not runner.outage
+
+
+def test_one_job_of_a_base_and_its_adapters_is_one_network_failure(setup, tmp_path):
+    """Three adapters of an unreachable base are one job failing, not an outage: the job is
+    retried, then its models are recorded, and the run goes on."""
+    runner, failures, _, _ = setup
+    entries = (ListEntry("org/base"),) + tuple(
+        ListEntry(f"org/lora{i}", "lora", "org/base") for i in range(3))
+    spec = JobSpec(entries, "org/base")
+    for attempt in (1, 2, 3):
+        job = runner.job(spec, attempt)
+        for member in job.payload[1]:
+            network_failure(member, member.csv.stem)
+        result = JobResult(job=job, returncode=EXIT_TRANSIENT, gpus=(), threads=2, pid=1,
+                           start=0.0, end=1.0, started_at=0.0, log_path=job.log_path)
+        retries = runner.on_finish(result)
+        assert not runner.outage, f"attempt {attempt} stopped the run as an outage"
+        assert len(retries) == (attempt < 3)
+    runner.finish()
+    assert sorted(failures._causes) == sorted(e.key for e in entries)
