@@ -1,6 +1,7 @@
 """The runner's decisions on finished jobs, and a worker that outlives its runner."""
 
 import argparse
+import json
 import subprocess
 import sys
 import textwrap
@@ -230,8 +231,9 @@ def test_a_timed_out_job_keeps_the_models_it_finished(setup, tmp_path):
 
 def network_failure(paths, model_id):
     paths.failure.parent.mkdir(parents=True, exist_ok=True)
-    paths.failure.write_text('{"error": "NetworkError", "message": "%s: network failure talking '
-                             'to the hub", "transient": true, "network": true}' % model_id)
+    paths.failure.write_text(json.dumps({
+        "error": "NetworkError", "message": f"{model_id}: network failure talking to the hub",
+        "transient": True, "network": True}))
 
 
 def test_a_network_failure_that_outlasts_its_retries_is_recorded(setup):
