@@ -123,7 +123,7 @@ class Runner:
                 self._done(outcome)
         full = [o for o in outcomes if o.state == "disk_full"]
         if full:
-            self._stop_on_full_disk(full[0].cause, [o.entry.key for o in full])
+            self.stop_on_full_disk(full[0].cause, [o.entry.key for o in full])
             return []
         last = result.job.attempt > self.config.max_retries
         retry = [o for o in outcomes if o.state == "retry" and not last]
@@ -193,7 +193,7 @@ class Runner:
         except OSError as exc:
             if disk_full_error(exc) is None:
                 raise
-            self._stop_on_full_disk(str(self.failures.path), [key])
+            self.stop_on_full_disk(str(self.failures.path), [key])
             return False
         return True
 
@@ -206,7 +206,7 @@ class Runner:
                 logger.warning("%s: removed %s, the result --overwrite was to replace",
                                entry.key, path.name)
 
-    def _stop_on_full_disk(self, path: str, models: list[str]) -> None:
+    def stop_on_full_disk(self, path: str, models: list[str]) -> None:
         if self.disk_full:
             return
         where = path or fullest_disk([self.config.output_dir, self.config.log_dir,
@@ -336,6 +336,11 @@ def run(config: RunConfig, backend=None) -> int:
             raise
         except ESDError as exc:
             lost = str(exc)
+        except OSError as exc:  # the runner's own write (a job's log) on a full disk
+            full = disk_full_error(exc)
+            if full is None:
+                raise
+            runner.stop_on_full_disk(str(full.filename or ""), [])
         finally:
             restore()
             progress.close()
@@ -552,6 +557,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except ESDError as exc:  # the machine failed us (a GPU lost mid-run): results so far are kept
         print(f"run_esd_experiment: error: {exc}", file=sys.stderr)
+        return EXIT_SOME_FAILED
+    except OSError as exc:  # before any job: the lock, the options, failed_models.txt
+        full = disk_full_error(exc)
+        if full is None:
+            raise
+        print(f"run_esd_experiment: error: {disk_full_message(full.filename or args.output_dir, [])}",
+              file=sys.stderr)
         return EXIT_SOME_FAILED
 
 

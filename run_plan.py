@@ -233,9 +233,11 @@ def outage_message(jobs: list[str]) -> str:
 
 
 def disk_full_message(path: Path | str, models: list[str]) -> str:
+    stopped = (f"{len(models)} model(s) stopped there ({', '.join(models[:5])}), "
+               if models else "")
     return (f"the disk holding {path} is full (no space left, or the quota is used up); "
-            f"{len(models)} model(s) were stopped there ({', '.join(models[:5])}) and nothing "
-            "was recorded for them. Free space and rerun the same command to continue")
+            f"{stopped}no model was recorded as failed because of it. Free space and rerun the same "
+            "command to continue")
 
 
 def fullest_disk(paths: list[Path]) -> Path:
