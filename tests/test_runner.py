@@ -19,6 +19,7 @@ from model_list import JobSpec, ListEntry
 from net_esd import ESDConfig
 from paths import ModelPaths
 from results import RESULT_COLUMNS
+from run_accounts import EXIT_INTERNAL, Accounts
 from run_plan import EXIT_TRANSIENT, worker_argv
 from run_state import FailureLog
 
@@ -266,3 +267,41 @@ def test_one_job_of_a_base_and_its_adapters_is_one_network_failure(setup, tmp_pa
         assert len(retries) == (attempt < 3)
     runner.finish()
     assert sorted(failures._causes) == sorted(e.key for e in entries)
+
+
+class LosingDispatcher(FakeClockDispatcher):
+    """A backend that loses the outcome of every job: none reaches the runner."""
+
+    def run(self, jobs=(), on_finish=None):
+        return []
+
+
+def test_a_run_whose_accounting_does_not_add_up_never_exits_0(tmp_path, caplog):
+    (tmp_path / "list.csv").write_text("model_id\norg/done\norg/lost\n")
+    fake_result(tmp_path / "org--done.csv")
+    with caplog.at_level("INFO"):
+        code = runner_mod.run(make_config(tmp_path), LosingDispatcher())
+    assert code == EXIT_INTERNAL
+    assert "internal error" in caplog.text and "org/lost is neither done nor failed" in caplog.text
+
+
+def test_accounts_hold_each_entry_once_and_against_the_directory():
+    accounts = Accounts(["a", "b", "c"])
+    accounts.done("a")
+    accounts.failed("b")
+    disk = {"a": (True, False), "b": (False, True), "c": (False, False)}
+    assert accounts.check(stopped=True, on_disk=disk.get) == [], "c: not reached, run stopped"
+    assert accounts.check(stopped=False, on_disk=disk.get) == [
+        "c is neither done nor failed, yet the run was not stopped"]
+    assert accounts.exit_code(None) == 1, "exit 0 only when every entry is done"
+    assert accounts.exit_code(130) == 130, "a stopped run says how it stopped"
+    everything = Accounts(["a"])
+    everything.done("a")
+    assert everything.exit_code(None) == 0
+    accounts.done("c")
+    accounts.failed("a")
+    assert accounts.violations == ["a is counted twice: done, then failed"]
+    stale = {**disk, "a": (True, True), "b": (True, True), "c": (False, False)}
+    assert accounts.check(stopped=True, on_disk=stale.get) == [
+        "a is counted twice: done, then failed", "a counted done but is in failed_models.txt",
+        "b counted failed but has a current result", "c counted done but has no current result"]
