@@ -9,9 +9,11 @@ Writes under --output_dir one ``<org--name>.csv`` per model (columns: results.RE
 ``failed_models.txt`` (model id, tab, cause), one log per model under --log_dir and the run's
 own log, ``<log_dir>/esd_experiment.log``; with --dry_run only ``preflight.csv``. A base and
 its listed adapters run as one job that reads the base once. Finished models are skipped on a
-rerun. Exit code: 0 when no model failed, 1 when some model failed or the hub could not be
-reached, 2 for bad input (list, flags, a second run on the same output), 128 + the signal
-number when interrupted (130 after Ctrl-C).
+rerun. Every listed model ends done, failed or not reached (the run stopped), checked before
+exit (run_accounts.py). Exit code: 0 only when every listed model is done, 1 when some model
+failed or the run stopped (hub unreachable, disk full), 2 for bad input (list, flags, a second
+run on the same output), 70 when the accounting does not add up (an internal error), 128 +
+the signal number when interrupted (130 after Ctrl-C).
 """
 
 from __future__ import annotations
