@@ -7,6 +7,7 @@ process (the worker's or the runner's ``main``) turns them into a status, a
 
 from __future__ import annotations
 
+import errno
 import traceback
 from pathlib import Path
 
@@ -131,3 +132,21 @@ def internal_error(exc: BaseException, stage: str = "") -> str:
     during = f"in stage {stage}: " if stage else ""
     return (f"{place}{during}{type(exc).__name__} ({str(exc) or 'no message'}); the traceback "
             "is in the model's log")
+
+
+# A full disk or an exhausted quota: no model is to blame, the run stops and says where.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def disk_full_error(exc: BaseException) -> OSError | None:
+    """The ``OSError`` of a full disk (ENOSPC) or quota (EDQUOT) that ``exc`` is, or was
+    raised from or while handling; None when it is no such failure."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        if isinstance(link, OSError) and link.errno in DISK_FULL_ERRNOS:
+            return link
+        seen.add(id(link))
+        link = link.__cause__ if link.__cause__ is not None else (
+            None if link.__suppress_context__ else link.__context__)
+    return None

@@ -13,7 +13,7 @@ failure ``<log_dir>/<org--name>.failure.json`` for the runner; one model's failu
 others' results. With ``--stage_file`` it keeps the stage it is in there (resolve, download,
 merge, analyse, write). Exit code: 0 every model succeeded, 1 some model failed
 deterministically (retrying will not help), 75 every failure is transient (worth a retry),
-2 usage error.
+74 a disk it writes to is full (no model is to blame), 2 usage error.
 """
 
 from __future__ import annotations
@@ -37,7 +37,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from errors import ESDError, InputError, NoWeightsError, is_transient
+from errors import (
+    ESDError,
+    InputError,
+    NetworkError,
+    NoWeightsError,
+    disk_full_error,
+    internal_error,
+    is_network_error,
+    is_transient,
+)
 from esd_config import ESDConfig, add_esd_arguments, esd_config_from_args
 from model_list import ListEntry
 from paths import ModelPaths, model_paths, write_atomic, write_text_atomic
@@ -54,6 +63,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_TRANSIENT = 75  # sysexits.h EX_TEMPFAIL: "try again later"
+EXIT_DISK_FULL = 74  # sysexits.h EX_IOERR: a disk it writes to is full, no model is to blame
 PROGRESS_EVERY_S = 5.0  # seconds between layer-progress log lines
 WATCHDOG_INTERVAL_S = 1.0
 
@@ -454,15 +464,16 @@ def write_failure(paths: ModelPaths, model_id: str, exc: BaseException, transien
                   stage: str = "") -> None:
     """The record the runner turns into a ``failed_models.txt`` line: the cause, whether a
     retry may help, whether the network failed (an outage when several models say so), and
-    the stage the job was in."""
-    from errors import NetworkError, internal_error, is_network_error
-
+    the stage the job was in; or, for a full disk, that and the file it could not write."""
+    full = disk_full_error(exc)
     error, message = type(exc).__name__, str(exc) or type(exc).__name__
-    if not isinstance(exc, ESDError) and not transient:  # a bug, not a property of the model
-        error, message = "internal error", internal_error(exc, stage)
+    if not isinstance(exc, ESDError) and not transient and full is None:
+        error, message = "internal error", internal_error(exc, stage)  # a bug, not the model
     record = {"model_id": model_id, "error": error,
               "message": one_line(message), "transient": transient,
-              "network": isinstance(exc, NetworkError) or is_network_error(exc), "stage": stage}
+              "network": isinstance(exc, NetworkError) or is_network_error(exc), "stage": stage,
+              "disk_full": full is not None,
+              "path": str(full.filename or "") if full is not None else ""}
     write_text_atomic(paths.failure, json.dumps(record))
 
 
@@ -532,15 +543,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def report(runs: list[ModelRun], stage: str) -> int:
-    """Log and record each failed model; the job's exit code."""
+    """Log and record each failed model; the job's exit code (``EXIT_DISK_FULL`` when a disk
+    it writes to is full, whether or not the record could still be written)."""
     failures = [run for run in runs if run.error is not None]
+    disk_full = False
     for run in failures:
         transient = is_transient(run.error)
-        if not isinstance(run.error, ESDError):
+        full = disk_full_error(run.error)
+        disk_full = disk_full or full is not None
+        if not isinstance(run.error, ESDError) and full is None:
             traceback.print_exception(run.error)
-        logger.error("%s failed (%s): %s", run.model_id,
+        logger.error("%s failed (%s): %s", run.model_id, "disk full" if full is not None else
                      "transient" if transient else "deterministic", one_line(str(run.error)))
-        write_failure(run.paths, run.model_id, run.error, transient, run.stage or stage)
+        try:
+            write_failure(run.paths, run.model_id, run.error, transient, run.stage or stage)
+        except OSError as exc:
+            if disk_full_error(exc) is None:
+                raise
+            disk_full = True
+    if disk_full:
+        return EXIT_DISK_FULL
     if not failures:
         return EXIT_OK
     return EXIT_TRANSIENT if all(is_transient(r.error) for r in failures) else EXIT_FAILED

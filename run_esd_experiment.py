@@ -9,8 +9,11 @@ Writes under --output_dir one ``<org--name>.csv`` per model (columns: results.RE
 ``failed_models.txt`` (model id, tab, cause), one log per model under --log_dir and the run's
 own log, ``<log_dir>/esd_experiment.log``; with --dry_run only ``preflight/preflight.csv``.
 A base and its listed adapters run as one job that reads the base once. Finished models are
-skipped on a rerun. Exit code: 0 when no model failed, 1 when some model failed or the hub
-could not be reached, 2 for bad input (list, flags, a second run on the same output), 128 +
+skipped on a rerun. Every listed model ends done, failed or not reached (the run stopped),
+checked before exit (run_accounts.py). Exit code: 0 only when every listed model is done, 1
+when some model failed or the run stopped (hub unreachable, disk full), 2 for bad input (list,
+flags, a second run on the same output), 70 when the accounting does not add up (an internal
+error), 128 +
 the signal number when interrupted (130 after Ctrl-C).
 """
 
@@ -18,29 +21,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from errors import ESDError, InputError
+from errors import ESDError, InputError, disk_full_error
 from esd_config import add_esd_arguments, esd_config_from_args
-from gputracker import Dispatcher, Job, JobResult, detect_gpus, install_signal_handlers
+from gputracker import Dispatcher, detect_gpus, install_signal_handlers
 from model_list import JobSpec, group_jobs, local_adapter_config, read_model_list
 from paths import model_paths
-from run_plan import (
-    OutageWatch,
-    Outcome,
-    estimator_options,
-    make_plan,
-    model_outcomes,
-    outage_message,
-    stage_file_of,
-    worker_argv,
-)
+from run_accounts import EXIT_INTERNAL, FAILED, Accounts, internal_error_message
+from run_jobs import RunConfig, Runner
+from run_plan import disk_full_message, estimator_options, make_plan
 from run_progress import Progress, format_duration, run_log, summary_table
 from run_state import FailureLog, RunLock, check_options
 
@@ -50,121 +44,6 @@ EXIT_SOME_FAILED = 1
 EXIT_BAD_INPUT = 2
 RUN_LOG = "esd_experiment.log"  # the runner's own log, beside the per-model logs
 BACKENDS = ("local", "slurm", "ray")
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    model_list: Path
-    output_dir: Path
-    log_dir: Path
-    args: argparse.Namespace = field(repr=False)  # ESD and backend options, forwarded
-    gpus: tuple[int, ...] | None = None        # None: CPU mode
-    num_gpus_per_job: int = 1
-    gpu_memory_threshold: float = 500.0
-    max_check: int = 10
-    poll_interval: float = 10.0
-    cpu_workers: int = 1
-    overwrite: bool = False
-    limit: int | None = None
-    skip_failed: bool = False
-    max_retries: int = 2
-    retry_backoff: float = 30.0
-    cleanup_cache: bool = False
-    cache_dir: str | None = None
-    progress: bool = True
-    max_group: int = 8                 # models per job for a base and its adapters
-    model_timeout: float | None = None  # seconds one attempt may take, on any backend
-    backend: str = "local"
-
-    @property
-    def options_key(self) -> str:
-        return esd_config_from_args(self.args, "cpu").options_key
-
-
-class Runner:
-    """Turns finished jobs into results, retries and failure records, model by model."""
-
-    def __init__(self, config: RunConfig, backend, failures: FailureLog, progress: Progress,
-                 pins=None):
-        self.config, self.backend = config, backend
-        self.failures, self.progress, self.pins = failures, progress, pins
-        self.watch = OutageWatch()
-        self.outage: list[str] = []
-
-    def job(self, spec: JobSpec, attempt: int = 1, not_before: float | None = None) -> Job:
-        paths = [model_paths(self.config.output_dir, e.model_id, self.config.log_dir, e.gguf_file)
-                 for e in spec.entries]
-        log = paths[0].log
-        local = self.config.backend == "local"
-        argv = worker_argv(spec, self.config.args, self.config.output_dir,
-                           self.config.log_dir, stage_file_of(log), os.getpid() if local else None)
-        start = log.stat().st_size if log.is_file() else 0  # where this run's output begins
-        return Job(name=spec.name, argv=argv, log_path=log, payload=(spec, paths, start),
-                   attempt=attempt, not_before=not_before, timeout=self.config.model_timeout)
-
-    def on_finish(self, result: JobResult) -> list[Job]:
-        spec, paths, start = result.job.payload
-        if result.stopped:
-            return []  # interrupted: neither a result nor a failure; the next run retries it
-        _share_log(result.job.log_path, start, paths[1:])
-        retry = []
-        for outcome in model_outcomes(result, spec, paths, self.config.options_key,
-                                      self.config.args.save_eigs):
-            if outcome.network:
-                if self.watch.network_failure(outcome):
-                    self.outage = list(self.watch.streak)
-                    self.backend.stop("the hub cannot be reached")
-                    return []
-            else:
-                self._record_held()
-            if outcome.state == "done":
-                self.failures.clear(outcome.entry.key)
-                self.progress.finished(outcome.entry.key, True, self.backend.running_jobs)
-            elif outcome.state == "retry" and result.job.attempt <= self.config.max_retries:
-                retry.append(outcome)
-            elif not outcome.network:
-                self._fail(outcome)
-        jobs = []
-        if retry:
-            delay = self.config.retry_backoff * 2 ** (result.job.attempt - 1)
-            for outcome in retry:
-                logger.warning("%s: transient failure (%s), retry %d/%d in %.0f s",
-                               outcome.entry.key, outcome.cause, result.job.attempt,
-                               self.config.max_retries, delay)
-            entries = tuple(o.entry for o in retry)
-            only_base = [e.model_id for e in entries] == [spec.base]
-            again = JobSpec(entries, "" if only_base else spec.base)
-            jobs.append(self.job(again, result.job.attempt + 1, self.backend.now() + delay))
-        if self.pins is not None and not jobs:
-            self.pins.done(spec.base)
-        return jobs
-
-    def finish(self) -> None:
-        """At the end of a run without an outage: record the network failures held back."""
-        if not self.outage:
-            self._record_held()
-
-    def _record_held(self) -> None:
-        for held in self.watch.other():
-            self._fail(held)
-
-    def _fail(self, outcome: Outcome) -> None:
-        self.failures.record(outcome.entry.key, outcome.cause)
-        self.progress.finished(outcome.entry.key, False, self.backend.running_jobs,
-                               outcome.cause)
-
-
-def _share_log(job_log: Path, start: int, others: Sequence) -> None:
-    """Each model of a job gets this run's output of the job in its own log."""
-    if not others or not job_log.is_file():
-        return
-    with open(job_log, "rb") as fh:
-        fh.seek(start)
-        text = fh.read()
-    for paths in others:
-        paths.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(paths.log, "ab") as fh:
-            fh.write(f"# output of the job shared with {job_log.name}\n".encode() + text)
 
 
 class BasePins:
@@ -238,8 +117,15 @@ def run(config: RunConfig, backend=None) -> int:
         plan = make_plan(entries, config.output_dir, config.log_dir, config.options_key,
                          config.args.save_eigs, config.overwrite, config.skip_failed, failures,
                          config.limit)
+        accounts = Accounts(e.key for e in entries[:config.limit])
+        failures.clear_all(e.key for e in plan.done)  # a killed run may have left a line
+        for entry in plan.done:
+            accounts.done(entry.key)
+        for entry in plan.skipped_failed:
+            accounts.failed(entry.key)
         for entry, reason in plan.invalid:
             failures.record(entry.key, reason)
+            accounts.failed(entry.key)
         specs = group_jobs([e for e, _ in plan.to_run], config.max_group,
                            adapter_config_reader(config))
         logger.info("%d models: %d to run, %d already done, %d failed before and skipped, "
@@ -248,36 +134,82 @@ def run(config: RunConfig, backend=None) -> int:
                     describe_backend(config, backend))
         pins = sweep_cache(config, specs)
         progress = Progress(len(plan.to_run), config.progress)
-        runner = Runner(config, backend, failures, progress, pins)
+        runner = Runner(config, backend, failures, progress, pins, accounts)
         restore = install_signal_handlers(backend)
+        lost = ""  # the machine failed us (GPUs no longer readable): the run stops
         try:
             backend.run([runner.job(spec) for spec in specs], runner.on_finish)
             runner.finish()
+        except InputError:
+            raise
+        except ESDError as exc:
+            lost = str(exc)
+        except OSError as exc:  # the runner's own write (a job's log) on a full disk
+            full = disk_full_error(exc)
+            if full is None:
+                raise
+            runner.stop_on_full_disk(str(full.filename or ""), [])
         finally:
             restore()
             progress.close()
             if pins is not None:
                 pins.close()
                 sweep_cache(config, ())
-        failed = progress.failed + len(plan.invalid)
-        state = "stopped" if runner.outage else (
-            "interrupted" if backend.stopped else "finished")
-        logger.info("%s: done %d, skipped %d, failed %d, in %s%s", state, progress.done,
-                    len(plan.done) + len(plan.skipped_failed), failed,
-                    format_duration(time.monotonic() - started),
-                    f"; failures in {failures.path}" if failed else "")
         detached = getattr(getattr(backend, "options", None), "detach", False)
+        stop_cause = runner.stop_cause or lost
+        state = "stopped" if stop_cause else (
+            "interrupted" if backend.stopped else "finished")
+        failed = accounts.count(FAILED) - len(plan.skipped_failed)  # in this run
+        logger.info("%s: done %d, skipped %d, failed %d, not reached %d, in %s%s", state,
+                    progress.done, len(plan.done) + len(plan.skipped_failed), failed,
+                    len(accounts.not_reached), format_duration(time.monotonic() - started),
+                    f"; failures in {failures.path}" if failed else "")
         if detached:
             logger.info("submitted: Slurm job(s) %s, %d model job(s) queued or running; rerun "
                         "the same command to collect the results; cancel with: %s",
                         " ".join(backend.job_ids), len(backend.left_running),
                         backend.scancel_command())
-    if runner.outage:
-        logger.error("%s", outage_message(runner.outage))
+        code = exit_code(accounts, stop_cause, backend, detached)
+        broken = accounts.check(bool(stop_cause) or backend.stopped or detached,
+                                on_disk(config, entries[:config.limit]))
+    if stop_cause:
+        logger.error("%s", stop_cause)
+    if broken:
+        logger.error("%s", internal_error_message(broken))
+        return EXIT_INTERNAL
+    return code
+
+
+def exit_code(accounts: Accounts, stop_cause: str, backend, detached: bool) -> int:
+    """The run's exit status from its accounts and how it ended."""
+    if stop_cause:
         return EXIT_SOME_FAILED
-    if backend.stopped and not detached:
+    if detached:
+        return 0  # submitted: a rerun collects the results and says how they ended
+    if backend.stopped:
         return 128 + (backend.stop_signum or signal.SIGINT)
-    return EXIT_SOME_FAILED if failed else 0
+    return accounts.exit_code(None)
+
+
+def on_disk(config: RunConfig, entries: Sequence) -> Callable[[str], tuple[bool, bool]]:
+    """For the accounting check: whether an entry has a current result, and a line in
+    failed_models.txt, as the directory holds them now (read afresh)."""
+    from run_plan import result_done
+
+    failures = FailureLog(config.output_dir)
+    by_key = {e.key: e for e in entries}
+
+    def state(key: str) -> tuple[bool, bool]:
+        entry = by_key.get(key)
+        if entry is None:
+            return False, key in failures
+        try:
+            paths = model_paths(config.output_dir, entry.model_id, config.log_dir,
+                                entry.gguf_file)
+        except ESDError:
+            return False, key in failures
+        return result_done(paths, config.options_key, config.args.save_eigs), key in failures
+    return state
 
 
 def describe_backend(config: RunConfig, backend) -> str:
@@ -455,6 +387,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except ESDError as exc:  # the machine failed us (a GPU lost mid-run): results so far are kept
         print(f"run_esd_experiment: error: {exc}", file=sys.stderr)
+        return EXIT_SOME_FAILED
+    except OSError as exc:  # before any job: the lock, the options, failed_models.txt
+        full = disk_full_error(exc)
+        if full is None:
+            raise
+        print(f"run_esd_experiment: error: {disk_full_message(full.filename or args.output_dir, [])}",
+              file=sys.stderr)
         return EXIT_SOME_FAILED
 
 

@@ -4,9 +4,9 @@ worker command line; and, as jobs end, what each model's outcome is.
 ``make_plan`` sorts the listed models into done (a result computed with this run's estimator
 options), skipped, invalid and to run; ``worker_argv`` is the one place that turns a job into
 a worker command line; ``Outcomes`` reads how each model of a finished job ended (its result,
-its failure record, or the job's exit) and keeps the outage rule: several different models
-failing in a row because the hub cannot be reached stop the run, without recording them as
-failed. Imports neither torch nor transformers.
+its failure record, or the job's exit) and keeps the outage rule: several different jobs
+failing in a row because the hub cannot be reached stop the run, without recording their
+models as failed. Imports neither torch nor transformers.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from errors import ESDError
 from esd_config import esd_argv, esd_config_from_args
-from esd_worker import EXIT_TRANSIENT
+from esd_worker import EXIT_DISK_FULL, EXIT_TRANSIENT
 from model_list import JobSpec, ListEntry
 from paths import ModelPaths, model_paths
 from results import eigs_options, is_current
@@ -30,7 +30,7 @@ logger = logging.getLogger("run_esd_experiment")
 
 WORKER = Path(__file__).resolve().with_name("esd_worker.py")
 LOG_TAIL_LINES = 5
-OUTAGE_MODELS = 3  # different models failing in a row on the network: the hub is unreachable
+OUTAGE_JOBS = 3  # different jobs failing in a row on the network: the hub is unreachable
 
 
 @dataclass
@@ -111,7 +111,8 @@ def worker_argv(spec: JobSpec, args, output_dir: Path, log_dir: Path,
 
 @dataclass(frozen=True)
 class Outcome:
-    """How one model of a finished job ended: ``done``, ``retry`` (transient), ``failed``."""
+    """How one model of a finished job ended: ``done``, ``retry`` (transient), ``failed``,
+    or ``disk_full`` (the run stops; ``cause`` is then the path whose disk is full, or "")."""
 
     entry: ListEntry
     state: str
@@ -119,17 +120,45 @@ class Outcome:
     network: bool = False
 
 
+Signature = tuple[int, int, int] | None
+
+
+def result_signature(csv: Path) -> Signature:
+    """What tells a result file apart from the one that stood there before: inode, time and
+    size (``write_atomic`` renames a new file into place); None when there is none."""
+    try:
+        st = csv.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def written_by(csv: Path, before: Signature, started_at: float) -> bool:
+    """The result at ``csv`` was written by the job that started at ``started_at`` (wall
+    clock) and found ``before`` there: it is another file, or (a job an earlier run
+    submitted, collected by this one) a file written since the job started."""
+    now = result_signature(csv)
+    return now is not None and (now != before or now[1] / 1e9 >= started_at)
+
+
 def model_outcomes(result, spec: JobSpec, paths: list[ModelPaths], options: str,
-                   save_eigs: bool) -> list[Outcome]:
+                   save_eigs: bool, before: list[Signature] | None = None) -> list[Outcome]:
     """Each model's outcome of a finished job (``gputracker.JobResult``), from its result
-    file, else its failure record, else the job's own end (exit code, signal, timeout)."""
+    file, else its failure record, else the job's own end (exit code, signal, timeout).
+    With ``before`` (the result files found when the job was made, under --overwrite) only
+    a result this job wrote counts as done."""
     out = []
-    for entry, model in zip(spec.entries, paths, strict=True):
-        if result_done(model, options, save_eigs):  # also in a job that timed out later
+    for i, (entry, model) in enumerate(zip(spec.entries, paths, strict=True)):
+        if result_done(model, options, save_eigs) and (  # also in a job that timed out later
+                before is None or written_by(model.csv, before[i], result.started_at)):
             out.append(Outcome(entry, "done"))
             continue
         record = _failure_record(model.failure)
-        if result.timed_out:
+        if record is not None and record.get("disk_full"):
+            out.append(Outcome(entry, "disk_full", str(record.get("path") or "")))
+        elif result.returncode == EXIT_DISK_FULL and not result.timed_out:
+            out.append(Outcome(entry, "disk_full"))  # it could not even write its record
+        elif result.timed_out:
             stage = read_stage(stage_file_of(result.job.log_path))
             out.append(Outcome(entry, "retry", f"timeout after {result.job.timeout:g} s in "
                                                f"{stage}; log {model.log}"))
@@ -170,30 +199,58 @@ def _tail(result) -> str:
 
 
 class OutageWatch:
-    """Network failures of several different models in a row mean the hub is unreachable.
+    """Network failures of several different jobs in a row mean the hub is unreachable.
 
-    Such failures are held back instead of being recorded; a success or any other failure
-    ends the streak and lets them be recorded as the failures they are.
+    Counted per job, by its base (or its one model): the models of a base that cannot be
+    reached fail together and count once, as do the retries of a job. The models such jobs
+    failed for good are held back instead of being recorded; any other outcome ends the
+    streak and lets them be recorded as the failures they are.
     """
 
-    def __init__(self, threshold: int = OUTAGE_MODELS):
+    def __init__(self, threshold: int = OUTAGE_JOBS):
         self.threshold = threshold
-        self.streak: dict[str, Outcome] = {}
+        self.jobs: list[str] = []
+        self.held: dict[str, Outcome] = {}
 
-    def network_failure(self, outcome: Outcome) -> bool:
-        """Add a failure the network caused; True when it makes an outage."""
-        self.streak[outcome.entry.key] = outcome
-        return len(self.streak) >= self.threshold
+    def network_failure(self, job: str, failed: list[Outcome]) -> bool:
+        """A job all of whose failures the network caused, with the models it failed for
+        good; True when it makes an outage."""
+        if job not in self.jobs:
+            self.jobs.append(job)
+        self.held.update((o.entry.key, o) for o in failed)
+        return len(self.jobs) >= self.threshold
 
     def other(self) -> list[Outcome]:
         """Any other outcome: the held failures, to record now."""
-        held, self.streak = list(self.streak.values()), {}
-        return [o for o in held if o.state == "failed"]
+        held, self.held, self.jobs = list(self.held.values()), {}, []
+        return held
 
 
-def outage_message(models: list[str]) -> str:
+def outage_message(jobs: list[str]) -> str:
     endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-    return (f"the hub cannot be reached: {len(models)} models in a row failed on the network "
-            f"({', '.join(models[:5])}); nothing was recorded as failed. Check the network and "
-            f"HF_ENDPOINT ({endpoint}), or set HF_HUB_OFFLINE=1 to use the models already in "
-            f"the cache; rerun the same command to continue")
+    return (f"the hub cannot be reached: {len(jobs)} jobs in a row failed on the network "
+            f"({', '.join(jobs[:5])}); nothing was recorded as failed for them. Check the "
+            f"network and HF_ENDPOINT ({endpoint}), or set HF_HUB_OFFLINE=1 to use the models "
+            "already in the cache; rerun the same command to continue")
+
+
+def disk_full_message(path: Path | str, models: list[str]) -> str:
+    stopped = (f"{len(models)} model(s) stopped there ({', '.join(models[:5])}), "
+               if models else "")
+    return (f"the disk holding {path} is full (no space left, or the quota is used up); "
+            f"{stopped}no model was recorded as failed because of it. Free space and rerun the same "
+            "command to continue")
+
+
+def fullest_disk(paths: list[Path]) -> Path:
+    """Of the directories a run writes to, the one whose filesystem has the least room."""
+    def room(path: Path) -> float:
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        try:
+            st = os.statvfs(path)
+        except OSError:
+            return float("inf")
+        return st.f_bavail * st.f_frsize
+
+    return min(paths, key=room)

@@ -62,11 +62,19 @@ class Progress:
             logging.getLogger("gputracker").setLevel(logging.NOTSET)
 
 
+class _RunLogHandler(logging.FileHandler):
+    """The run's log file; a line it cannot write (a full disk) is left out silently: the
+    console has it, and the run says what stopped it there."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
 @contextmanager
 def run_log(path: Path):
     """Copy this process's log lines to ``path`` (appended: one file tells every run's story)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = _RunLogHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)

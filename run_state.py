@@ -7,7 +7,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -51,18 +51,22 @@ class FailureLog:
         return self._causes.get(model_id)
 
     def record(self, model_id: str, cause: str) -> None:
-        self._causes[model_id] = " ".join(cause.split()) or "unknown error"
-        self._write()
+        self._change({**self._causes, model_id: " ".join(cause.split()) or "unknown error"})
 
     def clear(self, model_id: str) -> None:
-        if self._causes.pop(model_id, None) is not None:
-            self._write()
+        self.clear_all([model_id])
 
-    def _write(self) -> None:
-        if not self._causes and not self.path.exists():
-            return
-        text = "".join(f"{m}\t{c}\n" for m, c in self._causes.items())
-        write_text_atomic(self.path, text)
+    def clear_all(self, model_ids: Iterable[str]) -> None:
+        """Remove the lines of ``model_ids`` (one rewrite for them all)."""
+        drop = set(model_ids)
+        if drop & set(self._causes):
+            self._change({m: c for m, c in self._causes.items() if m not in drop})
+
+    def _change(self, causes: dict[str, str]) -> None:
+        """Write ``causes``, then hold them: a write that fails (a full disk) changes nothing."""
+        if causes or self.path.exists():
+            write_text_atomic(self.path, "".join(f"{m}\t{c}\n" for m, c in causes.items()))
+        self._causes = causes
 
 
 class RunLock:

@@ -161,7 +161,7 @@ def test_bad_models_fail_alone_and_skip_failed(zoo, tmp_path):
     assert "done 2, skipped 0, failed 3" in run_log and f"FAILED {bad['missing']}" in run_log
 
     proc = cli("--model_list", models, "--output_dir", out, "--skip_failed")
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1, "exit 0 means every listed model is done"
     assert "0 to run, 2 already done, 3 failed before and skipped" in proc.stderr
 
     shutil.copytree(zoo / "tiny-gpt2", bad["missing"])  # the missing model appears

@@ -5,6 +5,8 @@ tokens kept out of every message."""
 from __future__ import annotations
 
 import csv
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -197,3 +199,65 @@ def test_a_partly_cached_model_is_an_outage_not_a_failure_when_the_hub_goes_down
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {p.name for p in out.glob("org--*.csv")} == {
         "org--single.csv", "org--sharded.csv", "org--other.csv"}
+
+
+def test_overwrite_whose_recompute_fails_keeps_no_stale_result(hub, tmp_path):
+    """--overwrite of a model whose new revision is damaged: the model is failed (its cause
+    recorded), the run exits 1, and the old numbers are gone rather than passing for new."""
+    torch = __import__("torch")
+    hub.add_repo("org/m", write_safetensors(tmp_path / "good", {"w.weight": torch.randn(8, 8)}))
+    models = write_list(tmp_path / "models.csv", [("org/m", "", "")])
+    out = tmp_path / "out"
+    assert run_cli(hub, "--model_list", models, "--output_dir", out).returncode == 0
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "config.json").write_text('{"model_type": "llama"}')
+    (damaged / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header")
+    hub.add_repo("org/m", damaged)
+    proc = run_cli(hub, "--model_list", models, "--output_dir", out, "--overwrite")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "done 0" in proc.stderr and "failed 1" in proc.stderr
+    assert (out / "failed_models.txt").read_text().startswith("org/m\t")
+    assert not (out / "org--m.csv").exists(), "the old result does not pass for this run's"
+
+
+def small_disk(path: Path, pages: int) -> Path:
+    """A tmpfs of ``pages`` 4 KiB pages at ``path`` (root only), unmounted by the caller."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a small disk of its own needs root to mount a tmpfs")
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={pages * PAGE}", "tmpfs",
+                              str(path)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+    return path
+
+
+PAGE = 4096  # tmpfs counts a file's space in pages
+
+
+def test_a_full_disk_stops_the_run_and_a_rerun_completes_it(hub, tmp_path):
+    """The results' disk fills up mid-list: the run stops with one line naming it, exit 1,
+    nothing recorded as failed; once space is freed, the same command completes the list."""
+    torch = __import__("torch")
+    for i in range(3):
+        hub.add_repo(f"org/m{i}", write_safetensors(tmp_path / f"m{i}",
+                                                    {"w.weight": torch.randn(8, 8)}))
+    models = write_list(tmp_path / "models.csv", [(f"org/m{i}", "", "") for i in range(3)])
+    out = small_disk(tmp_path / "disk", 16)
+    try:
+        # Room for the run lock, the options and one small result: the second one fills it.
+        (out / "filler").write_bytes(b"\0" * (13 * PAGE))
+        argv = ("--model_list", models, "--output_dir", out, "--log_dir", tmp_path / "logs")
+        proc = run_cli(hub, *argv)
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        assert f"the disk holding {out}" in proc.stderr and "is full" in proc.stderr
+        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert not (out / "failed_models.txt").exists(), "a full disk fails no model"
+        assert [p.name for p in out.glob("*.csv")] == ["org--m0.csv"]
+        (out / "filler").unlink()
+        proc = run_cli(hub, *argv)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert sorted(p.name for p in out.glob("*.csv")) == [f"org--m{i}.csv" for i in range(3)]
+    finally:
+        subprocess.run(["umount", str(out)], check=False)

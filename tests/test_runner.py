@@ -1,6 +1,7 @@
 """The runner's decisions on finished jobs, and a worker that outlives its runner."""
 
 import argparse
+import json
 import subprocess
 import sys
 import textwrap
@@ -18,6 +19,7 @@ from model_list import JobSpec, ListEntry
 from net_esd import ESDConfig
 from paths import ModelPaths
 from results import RESULT_COLUMNS
+from run_accounts import EXIT_INTERNAL, Accounts
 from run_plan import EXIT_TRANSIENT, worker_argv
 from run_state import FailureLog
 
@@ -226,3 +228,80 @@ def test_a_timed_out_job_keeps_the_models_it_finished(setup, tmp_path):
     assert retry.payload[0].base == "org/base" and runner.progress.done == 1
     shared = pending.log.read_text()
     assert "this run" in shared and "old run" not in shared, "a member's log gets this run only"
+
+
+def network_failure(paths, model_id):
+    paths.failure.parent.mkdir(parents=True, exist_ok=True)
+    paths.failure.write_text(json.dumps({
+        "error": "NetworkError", "message": f"{model_id}: network failure talking to the hub",
+        "transient": True, "network": True}))
+
+
+def test_a_network_failure_that_outlasts_its_retries_is_recorded(setup):
+    runner, failures, entry, paths = setup
+    network_failure(paths, "org/model")
+    for attempt in (1, 2):
+        (retry,) = finished(runner, entry, paths, EXIT_TRANSIENT, attempt)
+        assert retry.attempt == attempt + 1
+    assert finished(runner, entry, paths, EXIT_TRANSIENT, attempt=3) == []
+    runner.finish()
+    assert "network failure" in failures.cause("org/model"), "the model never vanishes"
+    assert runner.progress.failed == 1 and not runner.outage
+
+
+def test_one_job_of_a_base_and_its_adapters_is_one_network_failure(setup, tmp_path):
+    """Three adapters of an unreachable base are one job failing, not an outage: the job is
+    retried, then its models are recorded, and the run goes on."""
+    runner, failures, _, _ = setup
+    entries = (ListEntry("org/base"),) + tuple(
+        ListEntry(f"org/lora{i}", "lora", "org/base") for i in range(3))
+    spec = JobSpec(entries, "org/base")
+    for attempt in (1, 2, 3):
+        job = runner.job(spec, attempt)
+        for member in job.payload[1]:
+            network_failure(member, member.csv.stem)
+        result = JobResult(job=job, returncode=EXIT_TRANSIENT, gpus=(), threads=2, pid=1,
+                           start=0.0, end=1.0, started_at=0.0, log_path=job.log_path)
+        retries = runner.on_finish(result)
+        assert not runner.outage, f"attempt {attempt} stopped the run as an outage"
+        assert len(retries) == (attempt < 3)
+    runner.finish()
+    assert sorted(failures._causes) == sorted(e.key for e in entries)
+
+
+class LosingDispatcher(FakeClockDispatcher):
+    """A backend that loses the outcome of every job: none reaches the runner."""
+
+    def run(self, jobs=(), on_finish=None):
+        return []
+
+
+def test_a_run_whose_accounting_does_not_add_up_never_exits_0(tmp_path, caplog):
+    (tmp_path / "list.csv").write_text("model_id\norg/done\norg/lost\n")
+    fake_result(tmp_path / "org--done.csv")
+    with caplog.at_level("INFO"):
+        code = runner_mod.run(make_config(tmp_path), LosingDispatcher())
+    assert code == EXIT_INTERNAL
+    assert "internal error" in caplog.text and "org/lost is neither done nor failed" in caplog.text
+
+
+def test_accounts_hold_each_entry_once_and_against_the_directory():
+    accounts = Accounts(["a", "b", "c"])
+    accounts.done("a")
+    accounts.failed("b")
+    disk = {"a": (True, False), "b": (False, True), "c": (False, False)}
+    assert accounts.check(stopped=True, on_disk=disk.get) == [], "c: not reached, run stopped"
+    assert accounts.check(stopped=False, on_disk=disk.get) == [
+        "c is neither done nor failed, yet the run was not stopped"]
+    assert accounts.exit_code(None) == 1, "exit 0 only when every entry is done"
+    assert accounts.exit_code(130) == 130, "a stopped run says how it stopped"
+    everything = Accounts(["a"])
+    everything.done("a")
+    assert everything.exit_code(None) == 0
+    accounts.done("c")
+    accounts.failed("a")
+    assert accounts.violations == ["a is counted twice: done, then failed"]
+    stale = {**disk, "a": (True, True), "b": (True, True), "c": (False, False)}
+    assert accounts.check(stopped=True, on_disk=stale.get) == [
+        "a is counted twice: done, then failed", "a counted done but is in failed_models.txt",
+        "b counted failed but has a current result", "c counted done but has no current result"]

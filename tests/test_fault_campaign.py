@@ -1,0 +1,26 @@
+"""A few seeds of the fault campaign (tests/fault_campaign.py): each run under random faults
+keeps every listed model done, failed or not reached, exactly once, exits 0 only when all are
+done, and a clean rerun completes the list with the rows of a fault-free run. More seeds:
+``python benchmarks/fault_campaign.py --seeds N``."""
+
+import pytest
+
+from tests.fault_campaign import build_zoo, campaign_seed, reference_run
+
+# Seeds whose faults cover a missing file, the hub down mid-run, a full disk (as root), and
+# kill -9 of a worker and of the runner; about 20 s each on a 2-core machine.
+SEEDS = (5, 11)
+
+
+@pytest.fixture(scope="module")
+def campaign(tmp_path_factory):
+    work = tmp_path_factory.mktemp("campaign")
+    zoo = build_zoo(work / "zoo")
+    return zoo, reference_run(zoo, work), work
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_every_model_is_accounted_for_under_faults(campaign, seed):
+    zoo, reference, work = campaign
+    report = campaign_seed(seed, zoo, reference, work)
+    assert not report.broken, report.line()
