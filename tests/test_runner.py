@@ -226,3 +226,18 @@ def test_a_timed_out_job_keeps_the_models_it_finished(setup, tmp_path):
     assert retry.payload[0].base == "org/base" and runner.progress.done == 1
     shared = pending.log.read_text()
     assert "this run" in shared and "old run" not in shared, "a member's log gets this run only"
+
+
+def test_gpus_asked_for_where_nvml_finds_none_are_refused(tmp_path):
+    from gputracker import detect_gpus
+
+    if detect_gpus():
+        pytest.skip("this machine has a GPU")
+    for flags in (["--device", "cuda"], ["--num_gpus_per_job", "2"]):
+        args = runner_mod.build_parser().parse_args(
+            ["--model_list", "x.csv", "--output_dir", str(tmp_path), *flags])
+        with pytest.raises(runner_mod.InputError, match="NVML reports no GPU.*--device cpu"):
+            runner_mod.config_from_args(args)
+    args = runner_mod.build_parser().parse_args(
+        ["--model_list", "x.csv", "--output_dir", str(tmp_path)])
+    assert runner_mod.config_from_args(args).gpus is None, "--device auto: CPUs"
