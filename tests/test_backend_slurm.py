@@ -17,7 +17,7 @@ import pytest
 
 from backend_slurm import SlurmBackend, SlurmOptions
 from errors import InputError
-from slurm_cli import SlurmCLI, run_command
+from slurm_cli import SlurmCLI, gpu_count, run_command
 from tests.slurm_fixtures import ROOT, probe_job, runs, wait_for, worker_argv
 
 START = ROOT / "tests" / "slurm" / "start_slurm.sh"
@@ -257,6 +257,13 @@ def without_gpu_gres(argv):
         return subprocess.CompletedProcess(argv, 0, "debug*|(null)\n", "")
     return run_command(argv)
 
+
+
+@pytest.mark.parametrize("gres, gpus", [
+    ("(null)", 0), ("gpu:2", 2), ("gpu:a100:4(S:0-1)", 4), ("shard:8,gpu:h100:8(S:0,1)", 8),
+    ("gpu:tesla:2,gpu:a100:2", 4), ("gpu", 1), ("mps:100", 0)])
+def test_gpus_of_a_node_read_from_sinfos_gres(gres, gpus):
+    assert gpu_count(gres) == gpus
 
 def test_gpus_if_any_on_a_partition_without_gpus_runs_cpu_tasks(slurm, tmp_path):
     backend = SlurmBackend(options(gpus_per_task=1, require_gpus=False), tmp_path / "state",
