@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from backend_task import Outcome, TaskCommand, run_commands
@@ -39,10 +39,12 @@ OnFinish = Callable[[JobResult], Iterable[Job] | None]
 class RayOptions:
     """``address``: a running cluster (``ray start --head`` prints it), None to start a local
     Ray for the run; ``gpus_per_job`` 0 means CPU mode, each task then asks for
-    ``cpus_per_job`` CPUs and its command gets that many threads."""
+    ``cpus_per_job`` CPUs and its command gets that many threads; ``require_gpus`` False:
+    on a cluster without GPUs the jobs run in CPU mode instead of being refused."""
 
     address: str | None = None
     gpus_per_job: int = 1
+    require_gpus: bool = True
     cpus_per_job: int = 1
     poll_interval: float = 1.0
     grace_period: float = 10.0
@@ -56,15 +58,16 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
                    help="CPUs each task asks for in CPU mode (its thread count)")
 
 
-def ray_options_from_args(args: argparse.Namespace, gpus_per_job: int) -> RayOptions:
+def ray_options_from_args(args: argparse.Namespace, gpus_per_job: int,
+                          require_gpus: bool = True) -> RayOptions:
     """Options from ``add_ray_arguments``' flags; ``gpus_per_job``: the runner's
-    ``--num_gpus_per_job``, 0 in CPU mode."""
+    ``--num_gpus_per_job``, 0 in CPU mode; ``require_gpus`` False for ``--device auto``."""
     if args.ray_cpus_per_job < 1:
         raise InputError(f"--ray_cpus_per_job must be at least 1, got {args.ray_cpus_per_job}")
     if gpus_per_job < 0:
         raise InputError(f"GPUs per job must be 0 or more, got {gpus_per_job}")
     return RayOptions(address=args.ray_address, gpus_per_job=gpus_per_job,
-                      cpus_per_job=args.ray_cpus_per_job)
+                      require_gpus=require_gpus, cpus_per_job=args.ray_cpus_per_job)
 
 
 def import_ray():
@@ -124,6 +127,7 @@ class RayBackend(StopState):
         self._queue = list(jobs)
         started_ray = self._connect()
         try:
+            self._check_placement()
             while self._stop_reason is None and (self._queue or self._running):
                 self._start_ready()
                 self._collect(self._wait(), results, on_finish)
@@ -148,6 +152,26 @@ class RayBackend(StopState):
         self._ray.init(address=self.options.address, include_dashboard=False,
                        log_to_driver=False, configure_logging=False)
         return True
+
+    def _check_placement(self) -> None:
+        """Refuse at once what no node of the cluster can run (Ray would wait for it in
+        silence); without ``require_gpus``, a cluster without GPUs gets CPU mode."""
+        nodes = [node.get("Resources", {}) for node in self._ray.nodes() if node.get("Alive")]
+        gpus = max((resources.get("GPU", 0) for resources in nodes), default=0)
+        cpus = max((resources.get("CPU", 0) for resources in nodes), default=0)
+        o = self.options
+        if o.gpus_per_job and not gpus and not o.require_gpus:
+            logger.info("the Ray cluster has no GPUs: the models are analysed on CPUs")
+            self.options = o = replace(o, gpus_per_job=0)
+        if o.gpus_per_job and not gpus:
+            raise InputError("the Ray cluster has no GPU: use --device cpu, or a cluster "
+                             "with GPUs (--ray_address)")
+        if o.gpus_per_job > gpus:
+            raise InputError(f"{o.gpus_per_job} GPUs per job, but no Ray node has more than "
+                             f"{gpus:g}: lower --num_gpus_per_job")
+        if o.gpus_per_job == 0 and o.cpus_per_job > cpus:
+            raise InputError(f"--ray_cpus_per_job {o.cpus_per_job}, but no Ray node has more "
+                             f"than {cpus:g} CPUs: lower it")
 
     def _start_ready(self) -> None:
         now = self._clock()

@@ -63,6 +63,7 @@ class SlurmOptions:
     partition: str | None = None
     time_min: int = 240
     gpus_per_task: int = 0
+    require_gpus: bool = True  # False: on a partition without GPUs, CPU tasks instead
     cpus_per_task: int = 1
     mem_gb: float | None = None
     array_parallelism: int = 256
@@ -109,9 +110,12 @@ def add_slurm_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def slurm_options_from_args(args: argparse.Namespace, default_gpus: int,
-                            job_name: str = SlurmOptions.job_name) -> SlurmOptions:
+                            job_name: str = SlurmOptions.job_name,
+                            require_gpus: bool = True) -> SlurmOptions:
     """Options from ``add_slurm_arguments``' flags; ``default_gpus`` stands in for an unset
-    ``--slurm_gpus_per_task`` (the runner's ``--num_gpus_per_job``, 0 in CPU mode)."""
+    ``--slurm_gpus_per_task`` (the runner's ``--num_gpus_per_job``, 0 in CPU mode).
+    ``require_gpus`` False (``--device auto``): CPU tasks where the partition has no GPUs,
+    unless ``--slurm_gpus_per_task`` asks for them."""
     gpus = default_gpus if args.slurm_gpus_per_task is None else args.slurm_gpus_per_task
     for flag, value, low in (("--slurm_time", args.slurm_time, 1),
                              ("--slurm_gpus_per_task", gpus, 0),
@@ -126,6 +130,7 @@ def slurm_options_from_args(args: argparse.Namespace, default_gpus: int,
         raise InputError(f"--slurm_poll_interval must be positive, got {args.slurm_poll_interval}")
     return SlurmOptions(
         partition=args.slurm_partition, time_min=args.slurm_time, gpus_per_task=gpus,
+        require_gpus=require_gpus or args.slurm_gpus_per_task is not None,
         cpus_per_task=args.slurm_cpus_per_task, mem_gb=args.slurm_mem_gb,
         array_parallelism=args.slurm_array_parallelism, account=args.slurm_account,
         qos=args.slurm_qos, constraint=args.slurm_constraint, setup=tuple(args.slurm_setup),
@@ -164,9 +169,9 @@ class SlurmBackend(StopState):
     def __init__(self, options: SlurmOptions, state_dir: Path, *, cli: SlurmCLI | None = None,
                  clock: Callable[[], float] = time.time):
         require_sbatch()
-        self.options = options
         self.state_dir = Path(state_dir)
         self._cli = cli or SlurmCLI()
+        self.options = self._placeable(options)
         self._clock = clock
         self._wake = threading.Event()
         self._records: dict[str, Submission] = {}          # token -> record, all runs
@@ -174,6 +179,27 @@ class SlurmBackend(StopState):
         self._queue: list[Job] = []
         self._started = clock()
         self.left_running: dict[str, str] = {}             # name -> Slurm task, after run()
+
+    def _placeable(self, o: SlurmOptions) -> SlurmOptions:
+        """``o`` checked against the partition's GPUs (sinfo): GPUs it has none of become CPU
+        tasks when not required, else an InputError, as is more GPUs than any node has."""
+        if o.gpus_per_task == 0:
+            return o
+        most = self._cli.partition_gpus(o.partition)
+        where = f"partition {o.partition}" if o.partition else "the default partition"
+        if most is None:  # an unknown partition: sbatch's own message names it
+            return o
+        if most == 0 and not o.require_gpus:
+            logger.info("%s has no GPUs: the models are analysed on CPUs", where)
+            return replace(o, gpus_per_task=0)
+        if most == 0:
+            raise InputError(f"{where} has no GPUs (no gpu GRES in sinfo): use --device cpu, "
+                             "or a partition with GPUs (--slurm_partition)")
+        if o.gpus_per_task > most:
+            raise InputError(f"{o.gpus_per_task} GPUs per task, but no node of {where} has "
+                             f"more than {most}: lower --num_gpus_per_job (or "
+                             "--slurm_gpus_per_task), or choose another --slurm_partition")
+        return o
 
     # ----- the Dispatcher's interface --------------------------------------------------------
 

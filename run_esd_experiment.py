@@ -79,12 +79,14 @@ def make_backend(config: RunConfig):
     if config.backend == "slurm":
         from backend_slurm import SlurmBackend, slurm_options_from_args
 
-        return SlurmBackend(slurm_options_from_args(args, default_gpus=gpus, job_name="esd"),
+        return SlurmBackend(slurm_options_from_args(args, default_gpus=gpus, job_name="esd",
+                                                    require_gpus=gpus_required(args)),
                             config.output_dir / "slurm")
     if config.backend == "ray":
         from backend_ray import RayBackend, ray_options_from_args
 
-        return RayBackend(ray_options_from_args(args, gpus_per_job=gpus))
+        return RayBackend(ray_options_from_args(args, gpus_per_job=gpus,
+                                                require_gpus=gpus_required(args)))
     return Dispatcher(
         list(config.gpus) if config.gpus else None, gpus_per_job=config.num_gpus_per_job,
         memory_threshold_mb=config.gpu_memory_threshold, max_check=config.max_check,
@@ -351,9 +353,17 @@ def choose_gpus(args: argparse.Namespace) -> tuple[int, ...] | None:
     if args.gpus is not None:
         return tuple(args.gpus) or None
     found = detect_gpus()
-    if not found and args.device.startswith("cuda"):
-        raise InputError(f"--device {args.device} asked for, but NVML reports no GPU")
+    if not found and gpus_required(args):
+        raise InputError("GPUs asked for (--device cuda or --num_gpus_per_job above 1), but "
+                         "NVML reports no GPU on this machine: use --device cpu")
     return tuple(found) or None
+
+
+def gpus_required(args: argparse.Namespace) -> bool:
+    """Whether the flags ask for GPUs in so many words (--device cuda, or more than the one
+    GPU per job of the default): then a target without GPUs is refused, where --device auto
+    alone runs on its CPUs (on this machine, on Slurm and on Ray alike)."""
+    return args.device.startswith("cuda") or args.num_gpus_per_job > 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

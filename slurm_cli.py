@@ -47,6 +47,8 @@ _UNREACHABLE = ("Unable to contact slurm controller", "Socket timed out",
                 "temporarily unable", "Communication connection failure")
 
 Run = Callable[[Sequence[str]], subprocess.CompletedProcess]
+# A GRES list as sinfo's %G prints it: "gpu:2", "gpu:a100:4(S:0-1),shard:8", "(null)".
+_GRES_PLACES = re.compile(r"\([^)]*\)")
 
 
 def run_command(argv: Sequence[str]) -> subprocess.CompletedProcess:
@@ -138,12 +140,36 @@ class SlurmCLI:
         # "CANCELLED by 1000" -> CANCELLED
         return TaskState(state.split()[0] if state else "", reason, exit_code, "sacct")
 
+    def partition_gpus(self, partition: str | None) -> int | None:
+        """The most GPUs (``gpu`` GRES) one node of ``partition`` has (None: the cluster's
+        default partition); None when sinfo cannot say (no such partition, no answer)."""
+        argv = ["sinfo", "-h", "-o", "%P|%G", *(["-p", partition] if partition else [])]
+        try:
+            proc = self._run(argv)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        counts = [gpu_count(gres) for name, sep, gres in
+                  (line.partition("|") for line in proc.stdout.splitlines())
+                  if sep and (partition or name.endswith("*"))]
+        return max(counts) if proc.returncode == 0 and counts else None
+
     def cancel(self, tasks: Iterable[str]) -> None:
         tasks = sorted(set(tasks))
         if tasks:
             proc = self._run(["scancel", *tasks])
             if proc.returncode != 0:
                 logger.error("scancel %s failed: %s", " ".join(tasks), proc.stderr.strip())
+
+
+def gpu_count(gres: str) -> int:
+    """GPUs in one node's GRES list: ``gpu:a100:4(S:0-1),shard:8`` -> 4 (a bare ``gpu`` is
+    one); 0 for ``(null)`` or a list without GPUs."""
+    total = 0
+    for item in _GRES_PLACES.sub("", gres).split(","):
+        parts = item.strip().split(":")
+        if parts[0] == "gpu":
+            total += int(parts[-1]) if len(parts) > 1 and parts[-1].isdigit() else 1
+    return total
 
 
 def read_tail(path: Path | None, limit: int = LOG_TAIL_BYTES) -> str:

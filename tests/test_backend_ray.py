@@ -132,6 +132,16 @@ def test_real_worker_on_ray_writes_the_local_csv(ray_cluster, tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(local_csv), pd.read_csv(ray_csv))
 
 
+
+def test_requests_no_node_can_place_are_refused_at_once(ray_cluster, tmp_path):
+    with pytest.raises(InputError, match=r"3 GPUs per job, but no Ray node has more than 2: "
+                                         r".*--num_gpus_per_job"):
+        RayBackend(options(gpus_per_job=3)).run([probe_job(tmp_path, "g")])
+    with pytest.raises(InputError, match=r"--ray_cpus_per_job 5, but no Ray node has more "
+                                         r"than 4 CPUs"):
+        RayBackend(options(gpus_per_job=0, cpus_per_job=5)).run([probe_job(tmp_path, "c")])
+    assert not runs(tmp_path, "g") and not runs(tmp_path, "c")
+
 def test_without_ray_the_backend_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # what "import ray" meets when it is absent
     with pytest.raises(InputError, match=r"pip install -r requirements-ray\.txt"):

@@ -17,6 +17,7 @@ import pytest
 
 from backend_slurm import SlurmBackend, SlurmOptions
 from errors import InputError
+from slurm_cli import SlurmCLI, gpu_count, run_command
 from tests.slurm_fixtures import ROOT, probe_job, runs, wait_for, worker_argv
 
 START = ROOT / "tests" / "slurm" / "start_slurm.sh"
@@ -247,6 +248,44 @@ def test_two_jobs_of_one_name_are_refused_before_anything_is_submitted(slurm, tm
         backend.run([probe_job(tmp_path, "m0"), probe_job(tmp_path, "m0"),
                      probe_job(tmp_path, "m1")])
     assert not submission_scripts(tmp_path / "state") and not runs(tmp_path, "m0")
+
+
+def without_gpu_gres(argv):
+    """Slurm's own commands, but sinfo answers as for a partition whose nodes declare no GPU
+    (the test cluster declares 2, and it is shared: it is not reconfigured for a test)."""
+    if argv[0] == "sinfo":
+        return subprocess.CompletedProcess(argv, 0, "debug*|(null)\n", "")
+    return run_command(argv)
+
+
+
+@pytest.mark.parametrize("gres, gpus", [
+    ("(null)", 0), ("gpu:2", 2), ("gpu:a100:4(S:0-1)", 4), ("shard:8,gpu:h100:8(S:0,1)", 8),
+    ("gpu:tesla:2,gpu:a100:2", 4), ("gpu", 1), ("mps:100", 0)])
+def test_gpus_of_a_node_read_from_sinfos_gres(gres, gpus):
+    assert gpu_count(gres) == gpus
+
+def test_gpus_if_any_on_a_partition_without_gpus_runs_cpu_tasks(slurm, tmp_path):
+    backend = SlurmBackend(options(gpus_per_task=1, require_gpus=False), tmp_path / "state",
+                           cli=SlurmCLI(without_gpu_gres))
+    (result,) = backend.run([probe_job(tmp_path, "m0")])
+    assert result.ok and result.gpus == () and result.threads == 1, result.describe()
+    (run,) = runs(tmp_path, "m0")
+    assert run["cvd"] == "" and run["omp"] == "1", "a CPU task: no GPU, one thread per CPU"
+    (script,) = submission_scripts(tmp_path / "state")
+    asked = [line.split("=")[0] for line in script.read_text().splitlines()
+             if line.startswith("#SBATCH")]
+    assert not [flag for flag in asked if "gpu" in flag or "gres" in flag], asked
+
+
+def test_gpus_the_partition_cannot_give_are_refused_at_once(slurm, tmp_path):
+    with pytest.raises(InputError, match=r"the default partition has no GPUs .*--device cpu"):
+        SlurmBackend(options(gpus_per_task=1), tmp_path / "a", cli=SlurmCLI(without_gpu_gres))
+    with pytest.raises(InputError, match=r"3 GPUs per task, but no node of partition debug "
+                                         r"has more than 2: .*--num_gpus_per_job"):
+        SlurmBackend(options(gpus_per_task=3, partition="debug"), tmp_path / "b")
+    SlurmBackend(options(gpus_per_task=2), tmp_path / "c")  # what the node has: accepted
+    assert not list(tmp_path.glob("*/submitit"))
 
 def test_sbatch_missing_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))

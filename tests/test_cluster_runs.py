@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNNER = ROOT / "run_esd_experiment.py"
 CLI_TIMEOUT_S = 600  # five Slurm tasks of a few seconds each on two busy cores
 HUNG_TIMEOUT_S = 10  # --model_timeout for a stalled download: past the worker's start on Slurm
+AUTO_TIMEOUT_S = 300  # --device auto on a Ray without GPUs: five CPU jobs, or a hang before
 SLURM_FLAGS = ("--backend", "slurm", "--slurm_cpus_per_task", "1", "--slurm_time", "10",
                "--slurm_poll_interval", "0.5")
 
@@ -133,6 +134,46 @@ def test_ray_two_gguf_files_of_one_repo_are_two_results(two_gguf_files, tmp_path
     proc = cli("--model_list", two_gguf_files, "--output_dir", out, "--backend", "ray")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_two_gguf_results(out)
+
+
+def runner(*argv, timeout=CLI_TIMEOUT_S):
+    """The runner with the device left to it (``cli`` always adds --device cpu)."""
+    return subprocess.run([sys.executable, str(RUNNER), *map(str, argv), "--no-progress"],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def error_line(proc) -> str:
+    lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+def test_ray_device_auto_without_gpus_runs_on_cpus(five_models, local_rows, tmp_path):
+    pytest.importorskip("ray", reason="Ray is an optional install: requirements-ray.txt")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the local Ray would too")
+    out = tmp_path / "out"
+    proc = runner("--model_list", five_models, "--output_dir", out, "--backend", "ray",
+                  timeout=AUTO_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_rows(out, local_rows)
+    for flags in (["--device", "cuda"], ["--num_gpus_per_job", "2"]):
+        proc = runner("--model_list", five_models, "--output_dir", tmp_path / "cuda",
+                      "--backend", "ray", *flags, timeout=AUTO_TIMEOUT_S)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "no GPU" in error_line(proc) and "--device cpu" in error_line(proc)
+    assert not list((tmp_path / "cuda").glob("*.csv"))
+
+
+def test_slurm_more_gpus_per_job_than_a_node_has_is_refused_at_once(
+        slurm, five_models, tmp_path):  # noqa: F811
+    out = tmp_path / "out"
+    proc = runner("--model_list", five_models, "--output_dir", out, "--backend", "slurm",
+                  "--num_gpus_per_job", "3", timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = error_line(proc)
+    assert "no node of the default partition has more than 2" in line, line
+    assert "--num_gpus_per_job" in line and not (out / "slurm" / "submitit").exists()
 
 def test_slurm_unknown_partition_is_bad_input(slurm, five_models, tmp_path):  # noqa: F811
     out = tmp_path / "out"

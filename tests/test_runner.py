@@ -305,3 +305,18 @@ def test_accounts_hold_each_entry_once_and_against_the_directory():
     assert accounts.check(stopped=True, on_disk=stale.get) == [
         "a is counted twice: done, then failed", "a counted done but is in failed_models.txt",
         "b counted failed but has a current result", "c counted done but has no current result"]
+
+
+def test_gpus_asked_for_where_nvml_finds_none_are_refused(tmp_path):
+    from gputracker import detect_gpus
+
+    if detect_gpus():
+        pytest.skip("this machine has a GPU")
+    for flags in (["--device", "cuda"], ["--num_gpus_per_job", "2"]):
+        args = runner_mod.build_parser().parse_args(
+            ["--model_list", "x.csv", "--output_dir", str(tmp_path), *flags])
+        with pytest.raises(runner_mod.InputError, match="NVML reports no GPU.*--device cpu"):
+            runner_mod.config_from_args(args)
+    args = runner_mod.build_parser().parse_args(
+        ["--model_list", "x.csv", "--output_dir", str(tmp_path)])
+    assert runner_mod.config_from_args(args).gpus is None, "--device auto: CPUs"
