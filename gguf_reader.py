@@ -25,8 +25,20 @@ Names: when transformers knows the GGUF architecture, each GGUF name is mapped t
 Face name the ``gguf`` package's tensor-name map gives for it (``blk.0.attn_q.weight`` ->
 ``model.layers.0.self_attn.q_proj.weight``), so a GGUF quantization lines up with its original
 layer by layer; the HF names come from the architecture's transformers model built on the meta
-device (no weights). Otherwise the GGUF names are kept. Names are ordered file by file (split
-parts in order, so a loader can fetch and delete them one at a time), naturally within a file.
+device (no weights). A tensor the map leaves out inside a block (3-D expert stacks, which
+transformers splits or fuses on loading) goes under its block's HF name
+(``model.layers.3.ffn_up_exps.weight``). Otherwise the GGUF names are kept. Names are ordered
+file by file (split parts in order, so a loader can fetch and delete them one at a time),
+naturally within a file.
+
+3-D tensors: a GGUF stores experts (``blk.N.ffn_{gate,up,down}_exps``) and per-head matrices
+(deepseek2's ``attn_k_b``/``attn_v_b``) as (count, rows, columns), never a convolution; each
+matrix is its own tensor here, ``<name>[i]``, read from its own bytes.
+
+Damaged headers are refused, naming the tensor: as llama.cpp requires, each tensor's data must
+start where the one before it ends, padded to ``general.alignment`` (a power of two), so
+dimensions or offsets that disagree never read a tensor as another shape or over another's
+bytes.
 
 llama.cpp's converter permutes the rows of ``attn_q`` and ``attn_k`` (``LlamaModel.permute``).
 A row permutation ``P`` leaves ``(PW)^T (PW) = W^T W`` unchanged, so the eigenvalues and every

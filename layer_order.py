@@ -13,8 +13,9 @@ names the way the model computes with them:
   right after the last parameter of the deepest module whose path it shares.
 - **By the name rule** (``name_key``), when there is no config, transformers lacks the class,
   the class cannot be built from the config, or fewer than half the names find a parameter:
-  1. embeddings outside an encoder or decoder come first, heads (``lm_head``, ``classifier``,
-     ``pooler``, ``score``, ``cls``, ``fc``, ...) and anything under them come last;
+  1. embeddings outside an encoder or decoder come first (GGUF's ``token_embd`` too), heads
+     (``lm_head``, ``classifier``, ``pooler``, ``score``, ``cls``, ``fc``, a top-level
+     ``output`` as in GGUF and InternLM2, ...) and anything under them come last;
   2. in between, encoder before unmarked before decoder; within each, embeddings, then other
      layers outside blocks (stems such as a ResNet's ``conv1``), then blocks;
   3. blocks compare by the components before their first number (torchvision's ``layer1``
@@ -23,8 +24,14 @@ names the way the model computes with them:
   4. inside a block, and wherever names still tie, components compare by a fixed rank --
      attention before cross-attention before the feed-forward part; ``q, k, v`` before ``o``;
      ``gate, up`` before ``down`` (``w1, w3`` before ``w2``, ``wi`` before ``wo``, ``fc1``
-     before ``fc2``); token before position embeddings -- and otherwise in natural order
-     (digits compared as numbers).
+     before ``fc2``, both after a layer's attention); GGUF's ``attn_*`` before ``ffn_*``, each
+     in computation order; token before position embeddings -- and otherwise in natural order
+     (digits compared as numbers). The matrices of a stack (``name[e]``) follow in order.
+
+``block_index`` and ``stack_of`` say which repeated block a layer is in: the first number of
+its name, when the numbered module holds modules of its own (``model.layers.3.self_attn...``),
+and the path before it; a layer in a ``Sequential`` outside them (``visual.merger.mlp.0``) has
+none.
 
 The rule reproduces the parameter order of Llama, GPT-2, BERT, T5 and ResNet checkpoints
 (tests/test_layer_order.py); the config path also orders Mixtral's experts as the model does.

@@ -72,6 +72,8 @@ DEEPSEEK2_META = {**MOE_META, "leading_dense_block_count": 1, "expert_shared_cou
 MODELS = {
     "dense": ("llama", _model(_block, moe_blocks=()), LLAMA_META),
     "moe": ("qwen2moe", _model(lambda p, m: _block(p, m, shared=True)), MOE_META),
+    "llama_moe": ("llama", _model(_block), MOE_META),  # Mixtral as llama.cpp converts it
+    "gpt_oss": ("gpt-oss", _model(_block), MOE_META),
     "deepseek2": ("deepseek2", _model(_deepseek2_block, moe_blocks=(1,)), DEEPSEEK2_META),
     "unknown_arch": ("internlm2", _model(_block, moe_blocks=()), LLAMA_META),
 }

@@ -30,7 +30,7 @@ from torch.nn.utils import parametrize
 from transformers.pytorch_utils import Conv1D
 
 from model_loader import ModelRequest, open_model
-from net_esd import ESDConfig, iter_layer_results
+from net_esd import ESDConfig, iter_layer_results, net_esd_estimator
 from results import STATUSES
 from tests.zoo_models import BIN_INDEX, BUILDERS, LAYOUTS, ZooModel, build_zoo
 
@@ -254,3 +254,14 @@ def test_every_weight_has_its_rows(zoo, name, layout):
     rows = loader_rows(zoo.paths[name, layout], config)  # a refusal raises, naming the cause
     problems = row_problems(expected, rows, config)
     assert not problems, f"{name} ({layout}):\n  " + "\n  ".join(problems)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_module_door_labels_as_the_checkpoint_door(zoo, name):
+    """net_esd_estimator(model) and the model's checkpoint give a layer the same layer_type."""
+    modules = net_esd_estimator(zoo.models[name].model)
+    by_module = dict(zip(modules["longname"], modules["layer_type"], strict=True))
+    rows = loader_rows(zoo.paths[name, "safetensors"], ESDConfig())
+    differ = {n: (t, rows[n][0]["layer_type"]) for n, t in by_module.items()
+              if n in rows and rows[n][0]["layer_type"] != t}
+    assert not differ, f"{name}: (module, checkpoint) layer_type: {differ}"

@@ -130,6 +130,14 @@ BUILDERS: dict[str, tuple[str, Callable[[], torch.nn.Module]]] = {
         "BertForMaskedLM", "BertConfig", hidden_size=HIDDEN, intermediate_size=FFN,
         num_hidden_layers=1, num_attention_heads=4, vocab_size=VOCAB,
         max_position_embeddings=64)),
+    "albert": ("encoder", lambda: _build(  # nn.Linear embedding_hidden_mapping_in
+        "AlbertForMaskedLM", "AlbertConfig", embedding_size=16, hidden_size=HIDDEN,
+        intermediate_size=FFN, num_hidden_layers=1, num_attention_heads=4, vocab_size=VOCAB,
+        max_position_embeddings=64, **TOKENS)),
+    "electra": ("encoder", lambda: _build(  # nn.Linear embeddings_project
+        "ElectraForMaskedLM", "ElectraConfig", embedding_size=16, hidden_size=HIDDEN,
+        intermediate_size=FFN, num_hidden_layers=1, num_attention_heads=4, vocab_size=VOCAB,
+        max_position_embeddings=64)),
     "t5": ("encoder-decoder", lambda: _build(  # shared = encoder/decoder embed_tokens = lm_head
         "T5ForConditionalGeneration", "T5Config", d_model=HIDDEN, d_ff=FFN, d_kv=8,
         num_layers=1, num_heads=4, vocab_size=VOCAB)),
