@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from custom_metrics import load_metrics, metric_argv
 from errors import InputError
-from results import OPTION_NAMES, options_key
+from results import METRICS_KEY, OPTION_NAMES, options_key
 
 FIX_FINGERS = ("xmin_mid", "xmin_peak", "DKS")
 PRECISION_NAMES = ("float64", "float32")
@@ -60,6 +60,15 @@ class ESDConfig:
         (custom metrics included)."""
         return options_key({name: getattr(self, name) for name in OPTION_NAMES},
                            [m.name for m in self.metrics])
+
+    @property
+    def options_record(self) -> dict:
+        """The options as a results directory's ``.esd_options.json`` records them: those that
+        change the numbers, and the custom metrics' names when there are any."""
+        record: dict = {name: getattr(self, name) for name in OPTION_NAMES}
+        if self.metrics:
+            record[METRICS_KEY] = [m.name for m in self.metrics]
+        return record
 
     @property
     def eigs_key(self) -> str:

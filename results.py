@@ -237,6 +237,16 @@ def read_results(output_dir: Path) -> LoadedResults:
     return LoadedResults(layers, files, dict(sorted(skipped.items())))
 
 
+def read_results_file(csv_path: Path) -> pd.DataFrame:
+    """One result CSV, checked and typed as ``read_results`` reads it; raises
+    BadResultError (an InputError) saying why it is not a complete result."""
+    blob = {Path(csv_path): _checked_bytes(Path(csv_path))}
+    frame, bad = _parse_all(blob)
+    if frame is None or bad:
+        raise BadResultError(next(iter(bad.values()), "holds no rows"))
+    return _typed(frame)
+
+
 def load_results(output_dir: Path, summary: bool = False) -> pd.DataFrame:
     """Every result CSV of ``output_dir`` as one DataFrame (``RESULT_COLUMNS``; strings as
     strings, counts as nullable integers), or with ``summary=True`` one row per model

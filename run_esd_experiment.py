@@ -43,6 +43,7 @@ from run_plan import (
 )
 from run_progress import Progress, format_duration, run_log, summary_table
 from run_state import FailureLog, RunLock, check_options
+from saved_eigs import recompute_planned
 
 logger = logging.getLogger("run_esd_experiment")
 
@@ -238,6 +239,7 @@ def run(config: RunConfig, backend=None) -> int:
         plan = make_plan(entries, config.output_dir, config.log_dir, config.options_key,
                          config.args.save_eigs, config.overwrite, config.skip_failed, failures,
                          config.limit)
+        recompute_planned(plan, esd_config_from_args(config.args, "cpu"))
         for entry, reason in plan.invalid:
             failures.record(entry.key, reason)
         specs = group_jobs([e for e, _ in plan.to_run], config.max_group,

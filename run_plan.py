@@ -75,13 +75,7 @@ def result_done(paths: ModelPaths, options: str, save_eigs: bool) -> bool:
 def estimator_options(args) -> dict:
     """The options that change the numbers (not where or how fast they are computed), and
     the custom metrics' names when there are any."""
-    from results import METRICS_KEY, OPTION_NAMES
-
-    config = esd_config_from_args(args, "cpu")
-    options = {name: getattr(config, name) for name in OPTION_NAMES}
-    if config.metrics:
-        options[METRICS_KEY] = [m.name for m in config.metrics]
-    return options
+    return esd_config_from_args(args, "cpu").options_record
 
 
 def worker_argv(spec: JobSpec, args, output_dir: Path, log_dir: Path,
