@@ -17,7 +17,6 @@ from pathlib import Path
 from urllib.parse import quote
 
 from paths import write_atomic, write_text_atomic
-from results import SUMMARY_COLUMNS
 
 _STYLE = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1180px;
@@ -133,11 +132,11 @@ def _header(data) -> str:
 def _summary(data) -> str:
     anchors = {v.model_id: v.anchor for v in data.models}
     head = "".join(f'<th class="s">{_header_name(c)}</th>' if c in _TEXT_COLUMNS
-                   else f"<th>{_header_name(c)}</th>" for c in SUMMARY_COLUMNS)
+                   else f"<th>{_header_name(c)}</th>" for c in data.summary.columns)
     rows = []
     for record in data.summary.to_dict("records"):
         cells = []
-        for c in SUMMARY_COLUMNS:
+        for c in data.summary.columns:  # SUMMARY_COLUMNS, then custom metrics' means
             value = record[c]
             if c == "model_id":
                 cells.append(f'<td class="s id"><a href="#{anchors[value]}">{_e(value)}</a></td>')

@@ -219,3 +219,14 @@ def test_a_run_without_save_eigs_keeps_saved_eigenvalues(checkpoint, tmp_path):
     saved = eigs.read_bytes()
     assert worker(root, tmp_path) == 0
     assert eigs.read_bytes() == saved
+
+
+def test_the_report_carries_custom_columns(checkpoint, metric_file, tmp_path):
+    root, _ = checkpoint
+    assert worker(root, tmp_path, "--metric", f"{metric_file}:spectrum") == 0
+    assert esd_report.main(["report", str(tmp_path), "--jobs", "1"]) == esd_report.EXIT_OK
+    summary = pd.read_csv(tmp_path / "report" / "summary.csv")
+    expected = load_results(tmp_path)["lambda_sum"].mean()
+    assert summary["lambda_sum_mean"].iat[0] == pytest.approx(expected)
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "lambda_<wbr>sum_<wbr>mean" in page
