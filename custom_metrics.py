@@ -3,7 +3,8 @@
 
 ``FUNCTION(evals)`` gets a layer's eigenvalues (float64, ascending, docs/metrics.md section 2)
 and returns ``{column: number}``; a function that also names a parameter ``W`` gets the weight
-matrix as analysed. The columns follow the built-in ones in every row. Which metrics a result
+matrix as analysed, and ``N`` / ``M`` its larger / smaller dimension. ``--mp_fit`` is one such
+metric (``MP_FIT``, esd_mp.py). The columns follow the built-in ones in every row. Which metrics a result
 holds is part of its ``esd_options`` (``results.options_key``), under the name each metric is
 recorded by: ``<file name>:FUNCTION`` or ``package.module:FUNCTION``.
 
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from errors import InputError
+from esd_mp import MP_FIT_NAME, mp_fit
 
 # Names a metric may not give its columns besides the result's own (passed in by the caller):
 # net_esd_estimator's extra columns.
@@ -40,18 +42,27 @@ class MetricError(InputError):
 
 @dataclass(frozen=True)
 class Metric:
-    """One loaded metric: the name results record it by, the function, whether it takes W."""
+    """One loaded metric: the name results record it by, the function, and which of the
+    layer's ``W``, ``N``, ``M`` it takes besides the eigenvalues."""
 
     name: str
     fn: Callable
-    wants_W: bool
+    takes: frozenset = frozenset()
+
+    @property
+    def wants_W(self) -> bool:
+        return "W" in self.takes
 
 
-def _wants_W(fn: Callable) -> bool:
+# WeightWatcher's Marchenko-Pastur fit (--mp_fit).
+MP_FIT = Metric(MP_FIT_NAME, mp_fit, frozenset({"N", "M"}))
+
+
+def _takes(fn: Callable) -> frozenset:
     try:
-        return "W" in inspect.signature(fn).parameters
+        return frozenset(inspect.signature(fn).parameters) & {"W", "N", "M"}
     except (TypeError, ValueError):
-        return False
+        return frozenset()
 
 
 def as_metric(item: Metric | Callable | str) -> Metric:
@@ -65,7 +76,7 @@ def as_metric(item: Metric | Callable | str) -> Metric:
     module = getattr(item, "__module__", None) or "python"
     name = f"{module}:{getattr(item, '__qualname__', type(item).__name__)}"
     name = re.sub(r"[^\w.\-+:]", "_", name)
-    return Metric(name, item, _wants_W(item))
+    return Metric(name, item, _takes(item))
 
 
 @functools.cache
@@ -102,7 +113,7 @@ def load_metric(spec: str) -> Metric:
     if not _RECORDED_NAME.match(name):
         raise InputError(f"--metric {spec!r}: the name {name!r} it would be recorded by may "
                          "hold only letters, digits and . - + _ (rename the file)")
-    return Metric(name, fn, _wants_W(fn))
+    return Metric(name, fn, _takes(fn))
 
 
 def load_metrics(items: Iterable[Metric | Callable | str] | None) -> tuple[Metric, ...]:
@@ -124,12 +135,13 @@ def metric_argv(spec: str) -> str:
 
 
 def metric_columns(metrics: Iterable[Metric], evals, weights: Callable[[], object],
-                   builtin: Iterable[str]) -> dict:
+                   builtin: Iterable[str], N: int, M: int) -> dict:
     """The columns of every metric for one layer: ``{column: float}``, in metric order.
 
     ``evals``: the layer's eigenvalues (float64 NumPy, ascending); each metric gets its own
     copy. ``weights()``: the matrix as analysed, built only when a metric takes ``W``.
-    ``builtin``: the result's own columns, which no metric may name. Raises MetricError naming the metric when one raises or returns something else than
+    ``builtin``: the result's own columns, which no metric may name. ``N``, ``M``: the
+    matrix's larger and smaller dimension (of each slice, for a convolution). Raises MetricError naming the metric when one raises or returns something else than
     ``{column: number}`` with new column names.
     """
     out: dict[str, float] = {}
@@ -137,12 +149,10 @@ def metric_columns(metrics: Iterable[Metric], evals, weights: Callable[[], objec
     W = None
     for metric in metrics:
         try:
-            if metric.wants_W:
-                if W is None:
-                    W = weights()
-                value = metric.fn(evals.copy(), W=W)
-            else:
-                value = metric.fn(evals.copy())
+            if metric.wants_W and W is None:
+                W = weights()
+            given = {"W": W, "N": N, "M": M}
+            value = metric.fn(evals.copy(), **{k: given[k] for k in metric.takes})
         except Exception as exc:  # the user's code: its failure is the model's cause
             raise MetricError(f"metric {metric.name} raised {type(exc).__name__}: "
                               f"{_one_line(exc)}") from None

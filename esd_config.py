@@ -10,7 +10,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from custom_metrics import load_metrics, metric_argv
+from custom_metrics import MP_FIT, load_metrics, metric_argv
 from errors import InputError
 from results import METRICS_KEY, OPTION_NAMES, options_key
 
@@ -108,6 +108,9 @@ def add_esd_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--metric", action="append", default=[], metavar="FILE.py:FUNCTION",
                    help="a custom metric, FUNCTION(evals) -> {column: number} (or "
                         "package.module:FUNCTION); repeatable. See docs/metrics.md")
+    g.add_argument("--mp_fit", action="store_true",
+                   help="add WeightWatcher's Marchenko-Pastur fit columns (bulk_max, bulk_min, "
+                        "mp_softrank, num_spikes, sigma_mp)")
 
 
 def esd_config_from_args(args: argparse.Namespace, device: str) -> ESDConfig:
@@ -115,8 +118,14 @@ def esd_config_from_args(args: argparse.Namespace, device: str) -> ESDConfig:
         fix_fingers=args.fix_fingers, xmin_pos=args.xmin_pos, bins=args.bins,
         evals_thresh=args.evals_thresh, filter_zeros=args.filter_zeros,
         conv_norm=args.conv_norm, min_evals=args.min_evals, precision=args.precision,
-        device=device, keep_evals=args.save_eigs, metrics=tuple(getattr(args, "metric", None) or ()),
+        device=device, keep_evals=args.save_eigs, metrics=metrics_of(args),
     )
+
+
+def metrics_of(args: argparse.Namespace) -> tuple:
+    """The metrics ``--mp_fit`` and ``--metric`` ask for, in that order (specs unloaded)."""
+    return (((MP_FIT,) if getattr(args, "mp_fit", False) else ())
+            + tuple(getattr(args, "metric", None) or ()))
 
 
 def esd_argv(args: argparse.Namespace) -> list[str]:
@@ -131,6 +140,8 @@ def esd_argv(args: argparse.Namespace) -> list[str]:
     ]
     if args.save_eigs:
         argv.append("--save_eigs")
+    if getattr(args, "mp_fit", False):
+        argv.append("--mp_fit")
     for spec in getattr(args, "metric", None) or ():
         argv += ["--metric", metric_argv(spec)]
     return argv

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from errors import ESDError, InputError
-from esd_config import FIX_FINGERS, ESDConfig
+from esd_config import FIX_FINGERS, ESDConfig, metrics_of
 from paths import FAILED_MODELS_FILE, ModelPaths, write_text_atomic
 from results import (
     EIGS_OPTIONS_KEY,
@@ -361,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--metric", action="append", default=[], metavar="FILE.py:FUNCTION",
                    help="a custom metric computed from the saved eigenvalues (repeatable; "
                         "without it the new results hold none)")
+    f.add_argument("--mp_fit", action="store_true",
+                   help="add WeightWatcher's Marchenko-Pastur fit columns")
     f.add_argument("--overwrite", action="store_true",
                    help="replace results in --output_dir computed with other options")
     return p
@@ -379,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"report written to {index}")
             return EXIT_OK
         overrides = {n: getattr(args, n) for n in REFIT_OPTIONS if getattr(args, n) is not None}
-        overrides["metrics"] = tuple(args.metric)
+        overrides["metrics"] = metrics_of(args)
         done, skipped = refit(args.results_dir, args.output_dir, overrides, args.overwrite)
     except InputError as exc:
         print(f"esd_report: error: {exc}", file=sys.stderr)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 import esd_lapack
-from custom_metrics import metric_columns
+from custom_metrics import MP_FIT, metric_columns
 from errors import InputError
 
 # The result schema lives in results.py (torch-free); layer columns are filled here.
@@ -330,7 +330,7 @@ def analyse_layer(layer: _Layer, layer_id: int, config: ESDConfig) -> LayerResul
     custom = {}
     if config.metrics and evals is not None:
         custom = metric_columns(config.metrics, evals.cpu().numpy(),
-                                lambda: analysed_matrix(layer, config), RESULT_COLUMNS)
+                                lambda: analysed_matrix(layer, config), RESULT_COLUMNS, n, m)
     kept = evals.cpu().numpy() if (config.keep_evals and evals is not None) else None
     return LayerResult(row={**{c: row[c] for c in LAYER_COLUMNS}, **custom}, evals=kept)
 
@@ -452,7 +452,7 @@ def net_esd_estimator(net: torch.nn.Module, EVALS_THRESH: float = 1e-5, bins: in
                       conv_norm: float = 0.5, filter_zeros: bool = False,
                       device: str | None = None, eigs: bool = False, *,
                       precision: str = "float64", pl_fitting: str | None = None,
-                      metrics: Iterable = ()):
+                      metrics: Iterable = (), mp_fit: bool = False):
     """TempBalance's estimator: a DataFrame with one row per Linear/Conv2d/Embedding/Conv1D.
 
     Columns: LAYER_COLUMNS, ``alphahat`` (= alpha_weighted) and, with ``eigs=True``, ``eigs``
@@ -465,14 +465,16 @@ def net_esd_estimator(net: torch.nn.Module, EVALS_THRESH: float = 1e-5, bins: in
     ``metrics['longname']``, ``pd.DataFrame({k: metrics[k] for k in metrics if k != 'eigs'})``.
 
     ``metrics``: custom metrics (functions, or ``FILE.py:FUNCTION`` specs; custom_metrics.py),
-    whose columns come last (NaN where a layer has no eigenvalues).
+    whose columns come last (NaN where a layer has no eigenvalues); ``mp_fit=True`` adds
+    WeightWatcher's Marchenko-Pastur fit columns before them (esd_mp.py).
     """
     import pandas as pd
 
     base = ESDConfig(fix_fingers=fit_method(fix_fingers, pl_fitting), xmin_pos=xmin_pos,
                      bins=bins, evals_thresh=EVALS_THRESH, filter_zeros=filter_zeros,
                      conv_norm=conv_norm, precision=precision, keep_evals=eigs,
-                     device=device or "cpu", metrics=tuple(metrics))
+                     device=device or "cpu",
+                     metrics=((MP_FIT,) if mp_fit else ()) + tuple(metrics))
     configs: dict[str, ESDConfig] = {}
     rows = []
     layer_id = 0

@@ -90,7 +90,8 @@ def rows_from_eigs(rows: pd.DataFrame, eigs: dict[str, np.ndarray],
             evals = eigs[row["longname"]]
             metrics = fit_from_evals(evals, config, N=row["N"])
             if config.metrics:
-                custom = metric_columns(config.metrics, evals, lambda: None, RESULT_COLUMNS)
+                custom = metric_columns(config.metrics, evals, lambda: None, RESULT_COLUMNS,
+                                        row["N"], row["M"])
         out.append({**row, **metrics, "esd_options": config.options_key, **custom})
     return out
 
