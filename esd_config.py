@@ -10,8 +10,9 @@ import math
 import re
 from dataclasses import dataclass
 
+from custom_metrics import MP_FIT, load_metrics, metric_argv
 from errors import InputError
-from results import OPTION_NAMES, options_key
+from results import METRICS_KEY, OPTION_NAMES, options_key
 
 FIX_FINGERS = ("xmin_mid", "xmin_peak", "DKS")
 PRECISION_NAMES = ("float64", "float32")
@@ -33,8 +34,10 @@ class ESDConfig:
     device: str = "cpu"             # "cpu", "cuda", "cuda:1"
     keep_evals: bool = False        # attach each layer's eigenvalues to its result
     chunk_elems: int = 1 << 19      # entries per Gram row chunk and per KS-scan block (4 MiB f64)
+    metrics: tuple = ()             # custom metrics (custom_metrics.Metric; functions or specs)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "metrics", load_metrics(self.metrics))
         if self.fix_fingers not in FIX_FINGERS:
             raise InputError(f"fix_fingers={self.fix_fingers!r} is not one of {FIX_FINGERS}")
         if self.precision not in PRECISION_NAMES:
@@ -53,7 +56,24 @@ class ESDConfig:
 
     @property
     def options_key(self) -> str:
-        """The options that change the numbers, as the ``esd_options`` column records them."""
+        """The options that change the numbers, as the ``esd_options`` column records them
+        (custom metrics included)."""
+        return options_key({name: getattr(self, name) for name in OPTION_NAMES},
+                           [m.name for m in self.metrics])
+
+    @property
+    def options_record(self) -> dict:
+        """The options as a results directory's ``.esd_options.json`` records them: those that
+        change the numbers, and the custom metrics' names when there are any."""
+        record: dict = {name: getattr(self, name) for name in OPTION_NAMES}
+        if self.metrics:
+            record[METRICS_KEY] = [m.name for m in self.metrics]
+        return record
+
+    @property
+    def eigs_key(self) -> str:
+        """The options eigenvalues depend on, as an ``.eigs.npz`` records them: custom
+        metrics left out, so that eigenvalues saved once serve every metric."""
         return options_key({name: getattr(self, name) for name in OPTION_NAMES})
 
 
@@ -85,6 +105,12 @@ def add_esd_arguments(parser: argparse.ArgumentParser) -> None:
                    help="also write each model's eigenvalues to <name>.eigs.npz")
     g.add_argument("--parallel_esd", action=argparse.BooleanOptionalAction, default=False,
                    help="spread one model's layers across all GPUs its job holds")
+    g.add_argument("--metric", action="append", default=[], metavar="FILE.py:FUNCTION",
+                   help="a custom metric, FUNCTION(evals) -> {column: number} (or "
+                        "package.module:FUNCTION); repeatable. See docs/metrics.md")
+    g.add_argument("--mp_fit", action="store_true",
+                   help="add WeightWatcher's Marchenko-Pastur fit columns (bulk_max, bulk_min, "
+                        "mp_softrank, num_spikes, sigma_mp)")
 
 
 def esd_config_from_args(args: argparse.Namespace, device: str) -> ESDConfig:
@@ -92,8 +118,14 @@ def esd_config_from_args(args: argparse.Namespace, device: str) -> ESDConfig:
         fix_fingers=args.fix_fingers, xmin_pos=args.xmin_pos, bins=args.bins,
         evals_thresh=args.evals_thresh, filter_zeros=args.filter_zeros,
         conv_norm=args.conv_norm, min_evals=args.min_evals, precision=args.precision,
-        device=device, keep_evals=args.save_eigs,
+        device=device, keep_evals=args.save_eigs, metrics=metrics_of(args),
     )
+
+
+def metrics_of(args: argparse.Namespace) -> tuple:
+    """The metrics ``--mp_fit`` and ``--metric`` ask for, in that order (specs unloaded)."""
+    return (((MP_FIT,) if getattr(args, "mp_fit", False) else ())
+            + tuple(getattr(args, "metric", None) or ()))
 
 
 def esd_argv(args: argparse.Namespace) -> list[str]:
@@ -108,4 +140,8 @@ def esd_argv(args: argparse.Namespace) -> list[str]:
     ]
     if args.save_eigs:
         argv.append("--save_eigs")
+    if getattr(args, "mp_fit", False):
+        argv.append("--mp_fit")
+    for spec in getattr(args, "metric", None) or ():
+        argv += ["--metric", metric_argv(spec)]
     return argv

@@ -31,18 +31,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from errors import ESDError, InputError
-from esd_config import FIX_FINGERS, ESDConfig
+from esd_config import FIX_FINGERS, ESDConfig, metrics_of
 from paths import FAILED_MODELS_FILE, ModelPaths, within, write_text_atomic
 from results import (
     EIGS_OPTIONS_KEY,
-    OPTION_NAMES,
-    RESULT_COLUMNS,
-    STRING_COLUMNS,
     LoadedResults,
     fitted_layers,
     parse_options_key,
     read_results,
     source_in,
+    split_options_key,
     summarize,
 )
 
@@ -56,7 +54,6 @@ EXIT_SOME_SKIPPED = 1
 EXIT_BAD_INPUT = 2
 MAX_FIGURES = 40          # models (and fine-tune pairs) drawn in full; the rest get numbers only
 REFIT_OPTIONS = ("fix_fingers", "xmin_pos", "bins", "filter_zeros", "evals_thresh")
-FITTED = ("ok", "fit_failed")  # statuses whose layers had eigenvalues to fit
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +158,8 @@ def esd_selection(csv: Path, layers: pd.DataFrame) -> EsdSelection:
     picks = ok.loc[[ok["alpha"].idxmin(), ok["alpha"].idxmax()]].drop_duplicates("longname")
     try:
         with np.load(eigs, allow_pickle=False) as data:
-            if EIGS_OPTIONS_KEY not in data.files or str(data[EIGS_OPTIONS_KEY]) != options:
+            if (EIGS_OPTIONS_KEY not in data.files
+                    or str(data[EIGS_OPTIONS_KEY]) != split_options_key(options)[0]):
                 return EsdSelection(note=f"{eigs.name} was saved with other options than the CSV")
             evals = {n: data[n] for n in picks["longname"] if n in data.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
@@ -289,6 +287,7 @@ def refit(results_dir: Path, new_dir: Path, overrides: dict,
     """Refit every model with saved eigenvalues into ``new_dir``; returns the model ids
     written and ``{model_id or file: reason}`` for those skipped."""
     from run_state import RunLock, check_options
+    from saved_eigs import weights_needed
 
     results_dir, new_dir = Path(results_dir), Path(new_dir)
     if _same_dir(results_dir, new_dir):
@@ -297,6 +296,9 @@ def refit(results_dir: Path, new_dir: Path, overrides: dict,
     loaded = read_results(results_dir)
     base_key = _directory_options(results_dir, loaded)
     config = config_from_key(base_key, **overrides)
+    if weights_needed(config):
+        raise InputError(f"metric {weights_needed(config)} takes W, the weights, which saved "
+                         "eigenvalues lack: compute it with run_esd_experiment.py --metric")
     skipped = {p.name: why for p, why in loaded.skipped.items()}
     plans = []
     by_model = dict(tuple(loaded.layers.groupby("model_id", sort=False)))
@@ -312,7 +314,7 @@ def refit(results_dir: Path, new_dir: Path, overrides: dict,
             f"{k}: {v}" for k, v in skipped.items()))
     done = []
     with RunLock(new_dir):
-        check_options(new_dir, {n: getattr(config, n) for n in OPTION_NAMES}, overwrite)
+        check_options(new_dir, config.options_record, overwrite)
         for n, (model_id, csv, rows) in enumerate(plans, 1):
             try:
                 _refit_model(csv, rows, config, new_dir)
@@ -331,64 +333,28 @@ def _directory_options(results_dir: Path, loaded: LoadedResults) -> str:
 
 def _refit_obstacle(rows: pd.DataFrame, csv: Path, base_key: str) -> str:
     """Why a model cannot be refit to the directory's options, or ''."""
-    import numpy as np
+    from saved_eigs import eigs_obstacle
 
     key = rows["esd_options"].iat[0]
     fixed = ("conv_norm", "min_evals", "precision")  # they change eigenvalues or statuses
     ours, theirs = parse_options_key(key), parse_options_key(base_key)
     if any(ours[n] != theirs[n] for n in fixed):
         return (f"computed with {key}, unlike the directory's {base_key}: refit it alone")
-    eigs = csv.with_name(f"{csv.stem}.eigs.npz")
-    if not eigs.is_file():
-        return "no saved eigenvalues (rerun it with --save_eigs)"
-    try:
-        with np.load(eigs, allow_pickle=False) as data:
-            if EIGS_OPTIONS_KEY not in data.files or str(data[EIGS_OPTIONS_KEY]) != key:
-                return f"{eigs.name} was saved with other options than {csv.name}"
-            missing = set(rows["longname"][rows["status"].isin(FITTED)]) - set(data.files)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        return f"{eigs.name} cannot be read: {exc}"
-    if missing:
-        return f"{eigs.name} lacks the eigenvalues of {len(missing)} layer(s), e.g. {min(missing)}"
-    return ""
+    return eigs_obstacle(rows, csv)
 
 
 def _refit_model(csv: Path, rows: pd.DataFrame, config: ESDConfig, new_dir: Path) -> None:
-    """Rows exactly as the worker builds them, fits recomputed, written as the worker writes."""
-    import math
-
-    import numpy as np
-
+    """Rows exactly as the worker builds them, fits and custom metrics recomputed, written as
+    the worker writes."""
     from esd_worker import write_results
-    from net_esd import fit_from_evals
-    from results import METRIC_COLUMNS
+    from saved_eigs import read_eigs, rows_from_eigs
 
-    with np.load(csv.with_name(f"{csv.stem}.eigs.npz"), allow_pickle=False) as data:
-        eigs = {k: data[k] for k in data.files if k != EIGS_OPTIONS_KEY}
-    out = []
-    for record in rows.to_dict("records"):
-        row = {c: _plain(record[c], c) for c in RESULT_COLUMNS}
-        row["Q"] = row["N"] / row["M"] if row["M"] > 0 else math.nan  # as the estimator does
-        metrics = {c: math.nan for c in METRIC_COLUMNS}
-        metrics.update(warning="", fix_fingers=config.fix_fingers)
-        if row["status"] in FITTED:
-            metrics = fit_from_evals(eigs[row["longname"]], config, N=row["N"])
-        out.append({**row, **metrics, "esd_options": config.options_key})
+    eigs = read_eigs(csv)
+    out = rows_from_eigs(rows, eigs, config)
     paths = ModelPaths(new_dir, new_dir / "logs", csv.stem)  # the stem the run named it by
-    write_results(paths, out, eigs, config.options_key)
+    write_results(paths, out, eigs, config.eigs_key)
     write_text_atomic(paths.log, f"refit of {csv} from its saved eigenvalues with "
                                  f"{config.options_key}: {len(out)} rows -> {paths.csv}\n")
-
-
-def _plain(value, column: str):
-    """A typed DataFrame cell as the worker's Python value (int, float, str or None)."""
-    import pandas as pd
-
-    if column in STRING_COLUMNS:
-        return str(value)
-    if value is None or value is pd.NA:
-        return None
-    return int(value) if column in ("layer_id", "block", "N", "M", "num_evals") else value
 
 
 def _same_dir(a: Path, b: Path) -> bool:
@@ -421,6 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--bins", type=int, default=None)
     f.add_argument("--filter_zeros", action=argparse.BooleanOptionalAction, default=None)
     f.add_argument("--evals_thresh", type=float, default=None)
+    f.add_argument("--metric", action="append", default=[], metavar="FILE.py:FUNCTION",
+                   help="a custom metric computed from the saved eigenvalues (repeatable; "
+                        "without it the new results hold none)")
+    f.add_argument("--mp_fit", action="store_true",
+                   help="add WeightWatcher's Marchenko-Pastur fit columns")
     f.add_argument("--overwrite", action="store_true",
                    help="replace results in --output_dir computed with other options")
     return p
@@ -439,6 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"report written to {index}")
             return EXIT_OK
         overrides = {n: getattr(args, n) for n in REFIT_OPTIONS if getattr(args, n) is not None}
+        overrides["metrics"] = metrics_of(args)
         done, skipped = refit(args.results_dir, args.output_dir, overrides, args.overwrite)
     except InputError as exc:
         print(f"esd_report: error: {exc}", file=sys.stderr)

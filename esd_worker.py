@@ -350,26 +350,26 @@ def finish(config: WorkerConfig, run: ModelRun) -> None:
     for row in rows:
         row.update(fixed)
     write_results(run.paths, rows, run.eigs if config.save_eigs else None,
-                  config.esd.options_key)
+                  config.esd.eigs_key)
     statuses = {s: sum(r["status"] == s for r in rows) for s in {r["status"] for r in rows}}
     logger.info("%s: %d rows %s -> %s", run.model_id, len(rows), statuses, run.paths.csv)
 
 
 def write_results(paths: ModelPaths, rows: list[dict], eigs: dict[str, np.ndarray] | None,
                   options: str) -> None:
-    """The model's CSV and, when ``eigs`` is not None, its ``.eigs.npz`` (written first, and
-    written even when empty, so that the result counts as done). Without ``eigs`` an earlier
-    run's ``.eigs.npz`` is removed: it would not match the new CSV beside it."""
+    """The model's CSV and, when ``eigs`` is not None, its ``.eigs.npz`` recording ``options``
+    (written first, and written even when empty, so that the result counts as done). Without
+    ``eigs`` an earlier run's ``.eigs.npz`` stays: the options it records say whether it
+    matches the CSV. Custom metrics' columns follow RESULT_COLUMNS, NaN where a row has none."""
     import pandas as pd
 
-    frame = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
+    added = [c for c in dict.fromkeys(k for row in rows for k in row) if c not in RESULT_COLUMNS]
+    frame = pd.DataFrame(rows, columns=[*RESULT_COLUMNS, *added])
     # Counts stay integers where a row has none (a too_small layer has no rank): "12", not "12.0"
     frame = frame.astype({c: "Int64" for c in INTEGER_COLUMNS})
     if eigs is not None:
         record = {**eigs, EIGS_OPTIONS_KEY: np.array(options)}
         write_atomic(paths.eigs, lambda tmp: write_eigs(tmp, record))
-    else:
-        paths.eigs.unlink(missing_ok=True)
     write_atomic(paths.csv, lambda tmp: inert_frame(frame).to_csv(tmp, index=False))
 
 

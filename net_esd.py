@@ -27,13 +27,14 @@ import numpy as np
 import torch
 
 import esd_lapack
+from custom_metrics import MP_FIT, metric_columns
 from errors import InputError
 
 # The result schema lives in results.py (torch-free); layer columns are filled here.
 from esd_config import FIX_FINGERS, ESDConfig  # noqa: F401  (the estimator's public options)
 from esd_fit import spectral_metrics
 from layer_order import block_index, stack_of
-from results import LAYER_COLUMNS, METRIC_COLUMNS
+from results import LAYER_COLUMNS, METRIC_COLUMNS, RESULT_COLUMNS
 
 # The computation dtype of each --precision (esd_config.PRECISION_NAMES).
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
@@ -64,7 +65,8 @@ _SLICE = re.compile(r"^(?P<base>.+)\[(?P<index>\d+)\]$")
 
 @dataclass
 class LayerResult:
-    """One result row (keys = LAYER_COLUMNS) and, when asked for, its eigenvalues."""
+    """One result row (keys = LAYER_COLUMNS, then the custom metrics' columns of a layer with
+    eigenvalues) and, when asked for, its eigenvalues."""
 
     row: dict[str, Any]
     evals: np.ndarray | None = None
@@ -325,8 +327,23 @@ def analyse_layer(layer: _Layer, layer_id: int, config: ESDConfig) -> LayerResul
         else:
             metrics, ok = spectral_metrics(evals, n, computation_eps(config), config)
             row.update(metrics, status="ok" if ok else "fit_failed")
+    custom = {}
+    if config.metrics and evals is not None:
+        custom = metric_columns(config.metrics, evals.cpu().numpy(),
+                                lambda: analysed_matrix(layer, config), RESULT_COLUMNS, n, m)
     kept = evals.cpu().numpy() if (config.keep_evals and evals is not None) else None
-    return LayerResult(row={c: row[c] for c in LAYER_COLUMNS}, evals=kept)
+    return LayerResult(row={**{c: row[c] for c in LAYER_COLUMNS}, **custom}, evals=kept)
+
+
+def analysed_matrix(layer: _Layer, config: ESDConfig) -> np.ndarray:
+    """The matrix whose eigenvalues a layer's row holds, as a NumPy array in the computation
+    dtype (a custom metric's ``W``): the weight as stored (out x in), or for a convolution
+    the stack of its kernel slices (k x out x in), each scaled by sqrt(conv_norm)."""
+    dtype = PRECISIONS[config.precision]
+    mats = [m.detach().to("cpu", dtype) for m in layer.mats]
+    if len(mats) == 1 and layer.evals_scale == 1.0:
+        return mats[0].numpy()
+    return (torch.stack(mats) * math.sqrt(layer.evals_scale)).numpy()
 
 
 def _as_tensor(tensor: Any) -> torch.Tensor:
@@ -434,7 +451,8 @@ def net_esd_estimator(net: torch.nn.Module, EVALS_THRESH: float = 1e-5, bins: in
                       fix_fingers: str | None = "xmin_mid", xmin_pos: int = 2,
                       conv_norm: float = 0.5, filter_zeros: bool = False,
                       device: str | None = None, eigs: bool = False, *,
-                      precision: str = "float64", pl_fitting: str | None = None):
+                      precision: str = "float64", pl_fitting: str | None = None,
+                      metrics: Iterable = (), mp_fit: bool = False):
     """TempBalance's estimator: a DataFrame with one row per Linear/Conv2d/Embedding/Conv1D.
 
     Columns: LAYER_COLUMNS, ``alphahat`` (= alpha_weighted) and, with ``eigs=True``, ``eigs``
@@ -445,13 +463,18 @@ def net_esd_estimator(net: torch.nn.Module, EVALS_THRESH: float = 1e-5, bins: in
     and ``pl_fitting`` is ``'median'`` (xmin_mid), ``'fix-finger'`` (xmin_peak) or
     ``'goodness-of-fit'`` (DKS). Its use of the result works unchanged: ``metrics['alpha']``,
     ``metrics['longname']``, ``pd.DataFrame({k: metrics[k] for k in metrics if k != 'eigs'})``.
+
+    ``metrics``: custom metrics (functions, or ``FILE.py:FUNCTION`` specs; custom_metrics.py),
+    whose columns come last (NaN where a layer has no eigenvalues); ``mp_fit=True`` adds
+    WeightWatcher's Marchenko-Pastur fit columns before them (esd_mp.py).
     """
     import pandas as pd
 
     base = ESDConfig(fix_fingers=fit_method(fix_fingers, pl_fitting), xmin_pos=xmin_pos,
                      bins=bins, evals_thresh=EVALS_THRESH, filter_zeros=filter_zeros,
                      conv_norm=conv_norm, precision=precision, keep_evals=eigs,
-                     device=device or "cpu")
+                     device=device or "cpu",
+                     metrics=((MP_FIT,) if mp_fit else ()) + tuple(metrics))
     configs: dict[str, ESDConfig] = {}
     rows = []
     layer_id = 0
@@ -467,4 +490,5 @@ def net_esd_estimator(net: torch.nn.Module, EVALS_THRESH: float = 1e-5, bins: in
                     row["eigs"] = result.evals
                 rows.append(row)
     columns = list(LAYER_COLUMNS) + ["alphahat"] + (["eigs"] if eigs else [])
-    return pd.DataFrame(rows, columns=columns)
+    custom = [c for c in dict.fromkeys(k for row in rows for k in row) if c not in columns]
+    return pd.DataFrame(rows, columns=columns + custom)

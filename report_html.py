@@ -17,7 +17,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from paths import within, write_atomic, write_text_atomic
-from results import SUMMARY_COLUMNS, inert_frame
+from results import inert_frame
 
 _STYLE = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1180px;
@@ -157,11 +157,11 @@ def _mixed_options(data) -> str:
 def _summary(data) -> str:
     anchors = {v.model_id: v.anchor for v in data.models}
     head = "".join(f'<th class="s">{_header_name(c)}</th>' if c in _TEXT_COLUMNS
-                   else f"<th>{_header_name(c)}</th>" for c in SUMMARY_COLUMNS)
+                   else f"<th>{_header_name(c)}</th>" for c in data.summary.columns)
     rows = []
     for record in data.summary.to_dict("records"):
         cells = []
-        for c in SUMMARY_COLUMNS:
+        for c in data.summary.columns:  # SUMMARY_COLUMNS, then custom metrics' means
             value = record[c]
             if c == "model_id":
                 cells.append(f'<td class="s id"><a href="#{anchors[value]}">{_e(value)}</a></td>')

@@ -48,6 +48,8 @@ STATUSES = ("ok", "fit_failed", "too_small", "nonfinite", "unsupported_dtype")
 # The estimator options that change the numbers, in the order options_key writes them.
 OPTION_NAMES = ("fix_fingers", "xmin_pos", "bins", "evals_thresh", "filter_zeros",
                 "conv_norm", "min_evals", "precision")
+# The name under which an options_key records custom metrics (custom_metrics.py).
+METRICS_KEY = "metrics"
 # Key of the options record inside an ``.eigs.npz``.
 EIGS_OPTIONS_KEY = "__esd_options__"
 
@@ -91,16 +93,26 @@ def inert_frame(frame: pd.DataFrame, columns: Sequence[str] = STRING_COLUMNS) ->
     return frame.assign(**{c: frame[c].map(inert_cell) for c in present})
 
 
-def options_key(options: Mapping[str, object]) -> str:
-    """The canonical one-line form of estimator options: ``fix_fingers=DKS;xmin_pos=2;...``.
+def options_key(options: Mapping[str, object], metrics: Sequence[str] = ()) -> str:
+    """The canonical one-line form of estimator options: ``fix_fingers=DKS;xmin_pos=2;...``,
+    and when custom metrics are asked for, ``;metrics=<name>,<name>`` after them.
 
-    ``options`` maps every name of ``OPTION_NAMES`` (an ``ESDConfig`` as a dict will do).
+    ``options`` maps every name of ``OPTION_NAMES`` (an ``ESDConfig`` as a dict will do);
+    ``metrics``: the recorded names of the custom metrics (custom_metrics.Metric.name).
     """
     missing = [name for name in OPTION_NAMES if name not in options]
     if missing:
         raise KeyError(f"estimator options lack {missing}")
-    return ";".join(f"{name}={options[name]!r}" if isinstance(options[name], float)
-                    else f"{name}={options[name]}" for name in OPTION_NAMES)
+    key = ";".join(f"{name}={options[name]!r}" if isinstance(options[name], float)
+                   else f"{name}={options[name]}" for name in OPTION_NAMES)
+    return f"{key};{METRICS_KEY}={','.join(metrics)}" if metrics else key
+
+
+def split_options_key(key: str) -> tuple[str, tuple[str, ...]]:
+    """``(the estimator's options, the custom metrics' names)`` of an ``options_key``. The
+    first part is what eigenvalues depend on: an ``.eigs.npz`` records it."""
+    base, sep, names = key.partition(f";{METRICS_KEY}=")
+    return base, tuple(n for n in names.split(",") if n) if sep else ()
 
 
 def read_header_and_options(csv_path: Path) -> tuple[tuple[str, ...], str | None] | None:
@@ -127,9 +139,11 @@ def read_header_and_options(csv_path: Path) -> tuple[tuple[str, ...], str | None
 
 def is_current(csv_path: Path, options: str, columns: Sequence[str] = RESULT_COLUMNS) -> bool:
     """True when ``csv_path`` is a finished result of the current schema computed with the
-    estimator options ``options`` (an ``options_key``)."""
+    estimator options ``options`` (an ``options_key``). Columns after the schema's (custom
+    metrics', or a user's own added later) leave it finished."""
     found = read_header_and_options(csv_path)
-    return found is not None and found[0] == tuple(columns) and found[1] == options
+    return (found is not None and found[0][:len(columns)] == tuple(columns)
+            and found[1] == options)
 
 
 def write_eigs(path: Path, arrays: Mapping[str, object]) -> None:
@@ -164,8 +178,10 @@ def eigs_options(npz_path: Path) -> str | None:
 
 
 def parse_options_key(key: str) -> dict[str, str]:
-    """``options_key`` back to ``{name: text}`` (values as written; the caller types them)."""
-    pairs = dict(part.partition("=")[::2] for part in key.split(";") if part)
+    """``options_key`` back to ``{name: text}`` (values as written; the caller types them;
+    custom metrics, which ``split_options_key`` gives, left out)."""
+    pairs = dict(part.partition("=")[::2] for part in split_options_key(key)[0].split(";")
+                 if part)
     if tuple(pairs) != OPTION_NAMES:
         raise InputError(f"estimator options {key!r} are not of this version's form "
                          f"({'; '.join(OPTION_NAMES)})")
@@ -243,6 +259,16 @@ def read_results(output_dir: Path) -> LoadedResults:
     return LoadedResults(layers, files, dict(sorted(skipped.items())))
 
 
+def read_results_file(csv_path: Path) -> pd.DataFrame:
+    """One result CSV, checked and typed as ``read_results`` reads it; raises
+    BadResultError (an InputError) saying why it is not a complete result."""
+    blob = {Path(csv_path): _checked_bytes(Path(csv_path))}
+    frame, bad = _parse_all(blob)
+    if frame is None or bad:
+        raise BadResultError(next(iter(bad.values()), "holds no rows"))
+    return _typed(frame)
+
+
 def load_results(output_dir: Path, summary: bool = False) -> pd.DataFrame:
     """Every result CSV of ``output_dir`` as one DataFrame (``RESULT_COLUMNS``; strings as
     strings, counts as nullable integers), or with ``summary=True`` one row per model
@@ -266,9 +292,6 @@ def load_results(output_dir: Path, summary: bool = False) -> pd.DataFrame:
     return out
 
 
-_HEADER = (",".join(RESULT_COLUMNS) + "\n").encode()
-
-
 def _checked_bytes(path: Path) -> bytes:
     """A CSV's bytes after the checks that need no parsing: header, completeness, rows."""
     try:
@@ -277,7 +300,8 @@ def _checked_bytes(path: Path) -> bytes:
         raise BadResultError(f"cannot be read: {exc.strerror}") from None
     header = data.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "replace").split(",")
     legacy = tuple(header) == LEGACY_COLUMNS
-    if tuple(header) != RESULT_COLUMNS and not legacy:
+    added = header[len(RESULT_COLUMNS):]  # custom metrics' columns, or a user's own
+    if tuple(header[:len(RESULT_COLUMNS)]) != RESULT_COLUMNS and not legacy:
         if "model_id" in header and "alpha" in header:
             missing = [c for c in RESULT_COLUMNS if c not in header]
             extra = [c for c in header if c not in RESULT_COLUMNS]
@@ -285,6 +309,8 @@ def _checked_bytes(path: Path) -> bytes:
                                  f"{', '.join(missing) or 'none'}; unexpected: "
                                  f"{', '.join(extra) or 'none'}, or another order)")
         raise BadResultError("not a result CSV (its first line is not the result header)")
+    if not legacy and (len(set(header)) != len(header) or not all(added) or "_file" in added):
+        raise BadResultError("its columns after the result's own repeat a name or have none")
     if not data.endswith(b"\n"):
         raise BadResultError("truncated: its last line is incomplete")
     if not data.split(b"\n", 1)[1].strip():
@@ -313,6 +339,11 @@ def _parse(data: bytes, typed: bool = True) -> pd.DataFrame:
     import pandas as pd
 
     options = _TYPED if typed else {"dtype": str}
+    added = data.split(b"\n", 1)[0].decode("utf-8", "replace").rstrip("\r").split(",")
+    added = added[len(RESULT_COLUMNS):]
+    if typed and added:  # added columns: numbers where every cell is one, else text
+        options = {**options, "na_values": {**options["na_values"],
+                                            **dict.fromkeys(added, ["", "nan", "NaN"])}}
     try:
         with warnings.catch_warnings():
             # A first row longer than the header would otherwise lose its extra fields (or,
@@ -333,16 +364,36 @@ def _parse(data: bytes, typed: bool = True) -> pd.DataFrame:
 def _parse_all(blobs: dict[Path, bytes]) -> tuple[pd.DataFrame | None, dict[Path, str]]:
     """All files' rows, typed, column ``_file`` the index of each row's file in ``blobs``
     (None when no file is left), and ``{file: reason}`` for the files that cannot be parsed
-    or whose rows are damaged."""
+    or whose rows are damaged. Files with columns added after the schema's are parsed with
+    the others of their header; an added column is NaN in the rows of files without it."""
+    import numpy as np
+    import pandas as pd
+
+    order = list(blobs)
+    groups: dict[bytes, list[int]] = {}
+    for index, data in enumerate(blobs.values()):
+        groups.setdefault(data[:data.index(b"\n") + 1].replace(b"\r", b""), []).append(index)
+    frames, skipped = [], {}
+    for header, indices in groups.items():
+        frame, bad = _parse_same_header({order[i]: blobs[order[i]] for i in indices}, header)
+        skipped.update(bad)
+        if frame is not None:
+            frames.append(frame.assign(_file=np.asarray(indices)[frame["_file"].to_numpy()]))
+    if not frames:
+        return None, skipped
+    return (frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)), skipped
+
+
+def _parse_same_header(blobs: dict[Path, bytes],
+                       header: bytes) -> tuple[pd.DataFrame | None, dict[Path, str]]:
+    """``_parse_all`` for files of one header: ``_file`` indexes ``blobs``."""
     import numpy as np
     import pandas as pd
 
     skipped: dict[Path, str] = {}
-    if not blobs:
-        return None, skipped
     counts = [data.count(b"\n") - 1 for data in blobs.values()]
     try:  # one parse of every file's rows is much faster than a parse per file
-        frame = _parse(_HEADER + b"".join(d[d.index(b"\n") + 1:] for d in blobs.values()))
+        frame = _parse(header + b"".join(d[d.index(b"\n") + 1:] for d in blobs.values()))
         if len(frame) == sum(counts):
             frame["_file"] = np.repeat(np.arange(len(blobs)), counts)
         else:  # blank lines or quoted line breaks: the rows cannot be told apart by lines
@@ -411,11 +462,12 @@ def _row_problems(frame: pd.DataFrame) -> dict[int, str]:
 
 
 def _typed(frame: pd.DataFrame) -> pd.DataFrame:
-    """RESULT_COLUMNS with their dtypes: str, nullable Int64, float64."""
+    """RESULT_COLUMNS with their dtypes (str, nullable Int64, float64), then added columns."""
     import pandas as pd
 
     out = {c: frame[c].astype("Int64") if c in INTEGER_COLUMNS else frame[c]
            for c in RESULT_COLUMNS}
+    out.update((c, frame[c]) for c in added_columns(frame) if c != "_file")
     return pd.DataFrame(out).reset_index(drop=True)
 
 
@@ -434,13 +486,19 @@ def fitted_layers(layers: pd.DataFrame) -> pd.DataFrame:
     return layers[(layers["status"] == "ok") & np.isfinite(layers["alpha"].astype(float))]
 
 
+def added_columns(layers: pd.DataFrame) -> list[str]:
+    """The columns of ``layers`` after the schema's: custom metrics' and a user's own."""
+    return [c for c in layers.columns if c not in RESULT_COLUMNS]
+
+
 def summarize(layers: pd.DataFrame) -> pd.DataFrame:
     """One row per model (``SUMMARY_COLUMNS``), in the order models first appear in ``layers``.
 
     Means, the median and the over/under-trained counts are over fitted (status ``ok``)
     layers. ``delta_alpha_mean`` is the model's ``alpha_mean`` minus that of its
     ``source_model`` (``source_in``) when the source is among ``layers`` and was computed with
-    the same ``esd_options``, else NaN.
+    the same ``esd_options``, else NaN. Every numeric column after the schema's (a custom
+    metric's) adds ``<column>_mean``: its mean over the model's layers that have a value.
     """
     import pandas as pd
 
@@ -462,4 +520,7 @@ def summarize(layers: pd.DataFrame) -> pd.DataFrame:
     same = source.map(out["esd_options"]) == out["esd_options"]
     source_mean = source.map(out["alpha_mean"]).where(same)
     out["delta_alpha_mean"] = pd.to_numeric(out["alpha_mean"] - source_mean)
-    return out.reset_index()[list(SUMMARY_COLUMNS)]
+    custom = [c for c in added_columns(layers) if pd.api.types.is_numeric_dtype(layers[c])]
+    means = layers.groupby("model_id", sort=False)[custom].mean().add_suffix("_mean")
+    out = out.join(means, how="left")
+    return out.reset_index()[list(SUMMARY_COLUMNS) + list(means.columns)]

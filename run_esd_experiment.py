@@ -37,6 +37,7 @@ from run_jobs import RunConfig, Runner
 from run_plan import disk_full_message, estimator_options, make_plan
 from run_progress import Progress, format_duration, run_log, summary_table
 from run_state import FailureLog, RunLock, check_options
+from saved_eigs import recompute_planned
 
 logger = logging.getLogger("run_esd_experiment")
 
@@ -119,6 +120,7 @@ def run(config: RunConfig, backend=None) -> int:
         plan = make_plan(entries, config.output_dir, config.log_dir, config.options_key,
                          config.args.save_eigs, config.overwrite, config.skip_failed, failures,
                          config.limit)
+        recompute_planned(plan, esd_config_from_args(config.args, "cpu"))
         accounts = Accounts(e.key for e in entries[:config.limit])
         failures.clear_all(e.key for e in plan.done)  # a killed run may have left a line
         for entry in plan.done:

@@ -23,7 +23,7 @@ from esd_config import esd_argv, esd_config_from_args
 from esd_worker import EXIT_DISK_FULL, EXIT_TRANSIENT
 from model_list import JobSpec, ListEntry
 from paths import ModelPaths, model_paths
-from results import eigs_options, is_current
+from results import eigs_options, is_current, split_options_key
 from run_state import FailureLog, read_failure_cause, read_stage
 
 logger = logging.getLogger("run_esd_experiment")
@@ -66,17 +66,16 @@ def make_plan(entries: list[ListEntry], output_dir: Path, log_dir: Path, options
 
 def result_done(paths: ModelPaths, options: str, save_eigs: bool) -> bool:
     """A model is done when its CSV (and, under --save_eigs, its eigenvalues) exists and was
-    computed with the estimator options ``options`` (an ``options_key``)."""
+    computed with the estimator options ``options`` (an ``options_key``; the eigenvalues
+    record its part without custom metrics)."""
     return is_current(paths.csv, options) and (
-        not save_eigs or eigs_options(paths.eigs) == options)
+        not save_eigs or eigs_options(paths.eigs) == split_options_key(options)[0])
 
 
 def estimator_options(args) -> dict:
-    """The options that change the numbers (not where or how fast they are computed)."""
-    from results import OPTION_NAMES
-
-    config = esd_config_from_args(args, "cpu")
-    return {name: getattr(config, name) for name in OPTION_NAMES}
+    """The options that change the numbers (not where or how fast they are computed), and
+    the custom metrics' names when there are any."""
+    return esd_config_from_args(args, "cpu").options_record
 
 
 def worker_argv(spec: JobSpec, args, output_dir: Path, log_dir: Path,

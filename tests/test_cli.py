@@ -306,12 +306,16 @@ def test_eigenvalues_always_match_the_csv_beside_them(zoo, tmp_path):
     out = tmp_path / "out"
     assert cli("--model_list", models, "--output_dir", out, "--save_eigs").returncode == 0
     (eigs,) = out.glob("*.eigs.npz")
+    saved = eigs.read_bytes()
     proc = cli("--model_list", models, "--output_dir", out, "--overwrite")
     assert proc.returncode == 0, proc.stderr
-    assert not eigs.exists(), "a result written without eigenvalues removes the old ones"
+    assert eigs.read_bytes() == saved, "a run without --save_eigs leaves saved eigenvalues"
     proc = cli("--model_list", models, "--output_dir", out, "--save_eigs")
-    assert "1 to run, 0 already done" in proc.stderr and eigs.exists()
-    assert eigs_options(eigs) == ESDConfig().options_key
+    assert "0 to run, 1 already done" in proc.stderr  # they record the CSV's options
+    proc = cli("--model_list", models, "--output_dir", out, "--save_eigs", "--overwrite",
+               "--fix_fingers", "DKS")
+    assert proc.returncode == 0, proc.stderr
+    assert eigs_options(eigs) == ESDConfig(fix_fingers="DKS").options_key
 
 
 def test_model_without_eigenvalues_counts_as_done_under_save_eigs(tmp_path):

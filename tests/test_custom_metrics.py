@@ -1,0 +1,232 @@
+"""Custom metrics (--metric FILE.py:FUNCTION): columns after the built-in ones, recorded in the
+options, recomputed from saved eigenvalues without loading a model; a user's file is theirs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from result_fixtures import conv_net, llama_like
+from safetensors.torch import save_file
+
+import esd_report
+import esd_worker
+from net_esd import net_esd_estimator
+from results import RESULT_COLUMNS, load_results
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNNER = ROOT / "run_esd_experiment.py"
+CLI_TIMEOUT_S = 180
+# Eigenvalues from two eigensolvers (LAPACK syevr on the Gram matrix here, torch's SVD or
+# matrix norm in the oracle) agree to a few ulps of lambda_max times the dimension.
+REL_TOL = 1e-9
+
+METRICS = '''
+import numpy as np
+
+def spectrum(evals):
+    assert evals.dtype == np.float64 and np.all(np.diff(evals) >= 0)
+    return {"lambda_max": float(evals[-1]), "lambda_sum": float(evals.sum())}
+
+def frob(evals, W):
+    return {"frob_sq": float((np.asarray(W, dtype=np.float64) ** 2).sum())}
+
+def broken(evals):
+    raise ValueError("boom")
+
+def text(evals):
+    return {"word": "abc"}
+'''
+
+
+@pytest.fixture(scope="module")
+def metric_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("metrics") / "my_metrics.py"
+    path.write_text(METRICS)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    tensors = {**llama_like(5, blocks=1), **conv_net(6)}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(root / "model.safetensors"))
+    return root, tensors
+
+
+def worker(checkpoint_dir: Path, out: Path, *options) -> int:
+    return esd_worker.main(["--model_id", str(checkpoint_dir), "--output_dir", str(out),
+                            "--device", "cpu", *map(str, options)])
+
+
+def cli(*argv):
+    return subprocess.run([sys.executable, str(RUNNER), *map(str, argv), "--device", "cpu",
+                           "--retry_backoff", "0", "--no-progress"],
+                          capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+
+
+def oracle(tensor: torch.Tensor, layer_type: str) -> tuple[float, float]:
+    """(largest eigenvalue, sum of eigenvalues) of W^T W from torch's norms; a convolution's
+    slices are scaled by conv_norm = 0.5, the default."""
+    w = tensor.double()
+    if w.ndim == 4:
+        slices = w.reshape(w.shape[0], w.shape[1], -1).permute(2, 0, 1)
+        top = torch.linalg.matrix_norm(slices, 2).max() ** 2
+        return 0.5 * float(top), 0.5 * float((w ** 2).sum())
+    return float(torch.linalg.matrix_norm(w, 2) ** 2), float((w ** 2).sum())
+
+
+def test_metric_columns_follow_the_builtin_ones_in_every_row(checkpoint, metric_file, tmp_path):
+    root, tensors = checkpoint
+    assert worker(root, tmp_path, "--metric", f"{metric_file}:spectrum",
+                  "--metric", f"{metric_file}:frob") == esd_worker.EXIT_OK
+    (csv,) = tmp_path.glob("*.csv")
+    frame = pd.read_csv(csv, keep_default_na=False,
+                        na_values=dict.fromkeys(("lambda_max", "lambda_sum", "frob_sq"), [""]))
+    assert tuple(frame.columns) == RESULT_COLUMNS + ("lambda_max", "lambda_sum", "frob_sq")
+    assert frame["esd_options"].iat[0].endswith(";metrics=my_metrics.py:spectrum,"
+                                                "my_metrics.py:frob")
+    by_name = {k.removesuffix(".weight"): v for k, v in tensors.items()}
+    for row in frame.itertuples():
+        if row.status not in ("ok", "fit_failed"):
+            assert np.isnan(row.lambda_max), row.longname  # no eigenvalues, no metric
+            continue
+        top, total = oracle(by_name[row.longname], row.layer_type)
+        assert row.lambda_max == pytest.approx(top, rel=REL_TOL, abs=1e-12), row.longname
+        assert row.lambda_sum == pytest.approx(total, rel=REL_TOL, abs=1e-12), row.longname
+        # W as analysed: a convolution's slices scaled by sqrt(conv_norm), like its evals
+        assert row.frob_sq == pytest.approx(total, rel=REL_TOL, abs=1e-12), row.longname
+    assert (frame["status"] == "too_small").any()
+
+
+def test_a_metric_that_raises_or_returns_text_fails_the_model_naming_it(checkpoint,
+                                                                      metric_file, tmp_path):
+    root, _ = checkpoint
+    for name, cause in (("broken", "ValueError: boom"), ("text", "'word'")):
+        out = tmp_path / name
+        assert worker(root, out, "--metric", f"{metric_file}:{name}") == esd_worker.EXIT_FAILED
+        assert not list(out.glob("*.csv"))
+        (failure,) = (out / "logs").glob("*.failure.json")
+        message = json.loads(failure.read_text())["message"]
+        assert f"metric my_metrics.py:{name}" in message and cause in message, message
+
+
+@pytest.mark.parametrize("spec, cause", [
+    ("missing_file.py:f", "no such file"),
+    ("{metric_file}:nothing", "has no function 'nothing'"),
+    ("no_such_package_xyz.mod:f", "cannot be imported"),
+    ("just_a_name", "FILE.py:FUNCTION or package.module:FUNCTION"),
+])
+def test_a_bad_metric_spec_is_refused_at_startup(metric_file, tmp_path, spec, cause):
+    proc = cli("--model_list", tmp_path / "none.csv", "--output_dir", tmp_path / "out",
+               "--metric", spec.format(metric_file=metric_file))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--metric" in lines[0] and cause in lines[0], proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_net_esd_estimator_takes_metrics():
+    gen = torch.Generator().manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.ReLU(), torch.nn.Linear(20, 40))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+
+    def top(evals):
+        return {"top": evals[-1]}
+
+    df = net_esd_estimator(net, metrics=[top])
+    assert list(df.columns[-1:]) == ["top"]
+    for row, layer in zip(df.itertuples(), (net[0], net[2]), strict=True):
+        assert row.top == pytest.approx(float(torch.linalg.matrix_norm(
+            layer.weight.detach().double(), 2) ** 2), rel=REL_TOL)
+
+
+def test_refit_adds_a_metric_from_saved_eigenvalues(checkpoint, metric_file, tmp_path):
+    root, _ = checkpoint
+    plain, direct, refit = tmp_path / "plain", tmp_path / "direct", tmp_path / "refit"
+    assert worker(root, plain, "--save_eigs") == 0
+    assert worker(root, direct, "--save_eigs", "--metric", f"{metric_file}:spectrum") == 0
+    assert esd_report.main(["refit", str(plain), "--output_dir", str(refit),
+                            "--metric", f"{metric_file}:spectrum"]) == 0
+    (name,) = [p.name for p in direct.glob("*.csv")]
+    assert (refit / name).read_bytes() == (direct / name).read_bytes()
+    # a metric that needs the weights cannot come from eigenvalues alone
+    assert esd_report.main(["refit", str(plain), "--output_dir", str(tmp_path / "w"),
+                            "--metric", f"{metric_file}:frob"]) == esd_report.EXIT_BAD_INPUT
+
+
+def test_load_results_and_summary_carry_custom_columns(checkpoint, metric_file, tmp_path):
+    root, _ = checkpoint
+    assert worker(root, tmp_path, "--metric", f"{metric_file}:spectrum") == 0
+    layers = load_results(tmp_path)
+    assert list(layers.columns[-2:]) == ["lambda_max", "lambda_sum"]
+    assert layers["lambda_max"].dtype == np.float64
+    summary = load_results(tmp_path, summary=True)
+    assert summary["lambda_max_mean"].iat[0] == pytest.approx(layers["lambda_max"].mean())
+
+
+def write_list(path: Path, *models: Path) -> Path:
+    path.write_text("model_id,base_model_relation,source_model\n"
+                    + "".join(f"{m},,\n" for m in models))
+    return path
+
+
+def test_runner_adds_a_metric_from_saved_eigenvalues_without_loading(checkpoint, metric_file,
+                                                                     tmp_path):
+    root, _ = checkpoint
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes((root / "model.safetensors").read_bytes())
+    models, out = write_list(tmp_path / "models.csv", model), tmp_path / "out"
+    assert cli("--model_list", models, "--output_dir", out, "--save_eigs").returncode == 0
+    (model / "model.safetensors").unlink()  # loading the model again would fail
+    spec = f"{metric_file}:spectrum"
+    proc = cli("--model_list", models, "--output_dir", out, "--metric", spec)
+    assert proc.returncode == 2 and "metrics" in proc.stderr and "--overwrite" in proc.stderr
+    proc = cli("--model_list", models, "--output_dir", out, "--metric", spec, "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    (csv,) = out.glob("*.csv")
+    frame = pd.read_csv(csv)
+    assert "lambda_max" in frame.columns and frame["lambda_max"].notna().any()
+    assert "from its saved eigenvalues" in proc.stderr
+
+
+def test_a_users_columns_keep_the_result_done(checkpoint, tmp_path):
+    root, _ = checkpoint
+    models, out = write_list(tmp_path / "models.csv", root), tmp_path / "out"
+    assert cli("--model_list", models, "--output_dir", out).returncode == 0
+    (csv,) = out.glob("*.csv")
+    frame = pd.read_csv(csv, keep_default_na=False)
+    frame["my_note"] = "checked"
+    frame.to_csv(csv, index=False)
+    before = csv.read_bytes()
+    proc = cli("--model_list", models, "--output_dir", out)
+    assert proc.returncode == 0 and "0 to run, 1 already done" in proc.stderr, proc.stderr
+    assert csv.read_bytes() == before
+    assert (load_results(out)["my_note"] == "checked").all()
+
+
+def test_a_run_without_save_eigs_keeps_saved_eigenvalues(checkpoint, tmp_path):
+    root, _ = checkpoint
+    assert worker(root, tmp_path, "--save_eigs") == 0
+    (eigs,) = tmp_path.glob("*.eigs.npz")
+    saved = eigs.read_bytes()
+    assert worker(root, tmp_path) == 0
+    assert eigs.read_bytes() == saved
+
+
+def test_the_report_carries_custom_columns(checkpoint, metric_file, tmp_path):
+    root, _ = checkpoint
+    assert worker(root, tmp_path, "--metric", f"{metric_file}:spectrum") == 0
+    assert esd_report.main(["report", str(tmp_path), "--jobs", "1"]) == esd_report.EXIT_OK
+    summary = pd.read_csv(tmp_path / "report" / "summary.csv")
+    expected = load_results(tmp_path)["lambda_sum"].mean()
+    assert summary["lambda_sum_mean"].iat[0] == pytest.approx(expected)
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "lambda_<wbr>sum_<wbr>mean" in page
