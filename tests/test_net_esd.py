@@ -293,8 +293,9 @@ def test_fused_experts_give_one_row_each():
     for e, row in enumerate(out[1:4]):
         alone = one(experts[e], name="alone.weight")
         assert row["layer_type"] == "expert"
+        assert (row["block"], row["stack"]) == (0, "model.layers")
         assert {**row, "layer_id": 0, "layer_type": "linear", "longname": "alone",
-                "block": None} == alone
+                "block": None, "stack": ""} == alone
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int8, torch.uint8, torch.bool,

@@ -230,6 +230,20 @@ def _whisper() -> list[Tensor]:
     return enc + dec  # proj_out is tied to decoder.embed_tokens: not stored
 
 
+def _internlm2_layer(p: str, i: int) -> list[Tensor]:
+    """InternLM2 (remote code, unknown to transformers): fused wqkv, a head called output."""
+    return [_t(f"{p}.attention.wqkv.weight", H + 2 * KV, H), _t(f"{p}.attention.wo.weight", H, H),
+            *_glu(f"{p}.feed_forward", names=("w1", "w3", "w2"))]
+
+
+def _internlm2() -> list[Tensor]:
+    out = [_t("model.tok_embeddings.weight", V, H, kind="embedding")]
+    for i in range(LAYERS):
+        p = f"model.layers.{i}"
+        out += _norms(p, "attention_norm") + _internlm2_layer(p, i) + _norms(p, "ffn_norm")
+    return out + _norms("model", "norm") + [_t("output.weight", V, H, kind="lm_head")]
+
+
 _DEC = dict(hidden_size=H, intermediate_size=F, num_hidden_layers=LAYERS, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=V, head_dim=8)
 _VISION = dict(hidden_size=H, intermediate_size=F, num_hidden_layers=LAYERS,
@@ -289,6 +303,12 @@ LAYOUTS: dict[str, Callable[[], Published]] = {
             depth=LAYERS, embed_dim=H, hidden_size=H, num_heads=4, patch_size=4,
             temporal_patch_size=2, spatial_merge_size=2)), _qwen2_vl(),
         stacks=("model.layers", "visual.blocks")),
+    "internlm2": lambda: Published("internlm2", {
+        "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2",
+        "auto_map": {"AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
+        "hidden_size": H, "intermediate_size": F, "num_hidden_layers": LAYERS,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": V},
+        _internlm2(), stacks=("model.layers",)),
     "t5": lambda: Published("t5", _config(
         "T5Config", "T5ForConditionalGeneration", d_model=H, d_ff=F, d_kv=8, num_heads=4,
         num_layers=LAYERS, vocab_size=V, tie_word_embeddings=False), _t5(),
