@@ -20,7 +20,7 @@ from net_esd import ESDConfig
 from paths import ModelPaths
 from results import RESULT_COLUMNS
 from run_accounts import EXIT_INTERNAL, Accounts
-from run_plan import EXIT_TRANSIENT, worker_argv
+from run_plan import EXIT_TRANSIENT, result_signature, worker_argv, written_by
 from run_state import FailureLog
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -305,3 +305,18 @@ def test_accounts_hold_each_entry_once_and_against_the_directory():
     assert accounts.check(stopped=True, on_disk=stale.get) == [
         "a is counted twice: done, then failed", "a counted done but is in failed_models.txt",
         "b counted failed but has a current result", "c counted done but has no current result"]
+
+
+def test_only_a_result_the_job_wrote_counts_under_overwrite(tmp_path):
+    csv = tmp_path / "m.csv"
+    fake_result(csv)
+    before = result_signature(csv)
+    started = time.time() + 1  # the job started after the result stood there
+    assert not written_by(csv, before, started), "the old result is not the job's"
+    fake_result(csv.with_suffix(".tmp"))
+    csv.with_suffix(".tmp").replace(csv)  # written as write_atomic writes: a new file
+    assert written_by(csv, before, started)
+    adopted = result_signature(csv)  # a job an earlier run submitted wrote it before this run
+    assert written_by(csv, adopted, started - 2), "written since that job started"
+    csv.unlink()
+    assert not written_by(csv, before, started)
