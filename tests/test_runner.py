@@ -320,3 +320,19 @@ def test_only_a_result_the_job_wrote_counts_under_overwrite(tmp_path):
     assert written_by(csv, adopted, started - 2), "written since that job started"
     csv.unlink()
     assert not written_by(csv, before, started)
+
+
+def test_after_an_outage_the_held_models_stay_unrecorded(setup, tmp_path):
+    """A job that ends by itself after the outage stopped the run is recorded as it ended;
+    the models the outage held back are not (the outage message says nothing was)."""
+    runner, failures, _, _ = setup
+    for name in ("org/a", "org/b", "org/c"):
+        entry = ListEntry(name)
+        paths = ModelPaths.for_model(tmp_path, name, log_dir=tmp_path / "logs")
+        network_failure(paths, name)
+        finished(runner, entry, paths, EXIT_TRANSIENT, attempt=3)
+    assert runner.outage == ["org/a", "org/b", "org/c"]
+    late = ModelPaths.for_model(tmp_path, "org/late", log_dir=tmp_path / "logs")
+    finished(runner, ListEntry("org/late"), late, 1)
+    runner.finish()
+    assert list(failures._causes) == ["org/late"]
