@@ -143,10 +143,11 @@ class Runner:
 
     def finish(self) -> None:
         """At the end of a run without an outage: record the network failures held back."""
-        if not self.stop_cause:
-            self._record_held()
+        self._record_held()
 
     def _record_held(self) -> None:
+        if self.stop_cause:  # an outage holds them: not reached, as its message says
+            return
         for held in self.watch.other():
             self._fail(held)
 
@@ -157,6 +158,8 @@ class Runner:
             self.progress.finished(key, True, self.backend.running_jobs)
 
     def _fail(self, outcome: Outcome) -> None:
+        if self.disk_full:
+            return  # nothing more is written to a full disk: the model is not reached
         key = outcome.entry.key
         if self.config.overwrite:  # its old numbers must not pass for this run's
             self._drop_old_result(outcome.entry)

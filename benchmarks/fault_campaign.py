@@ -5,7 +5,7 @@ runner or a worker), each run held to the contract (every listed model done, fai
 reached, exactly once; exit 0 only when all are done), then rerun clean and compared row for
 row with a fault-free run.
 
-Usage: python benchmarks/fault_campaign.py --seeds 20 [--first 100] [--work DIR]
+Usage: python benchmarks/fault_campaign.py --seeds 20 [--first 100] [--rounds 2] [--work DIR]
 Prints one line per seed and the seeds that broke the contract; exit 0 when none did, 1 else.
 """
 
@@ -27,6 +27,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, default=10, help="how many seeds to run")
     p.add_argument("--first", type=int, default=0, help="the first seed")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="runs under faults, in the same directory, before the clean rerun")
     p.add_argument("--work", type=Path, default=None,
                    help="keep the runs' directories here (default: a temporary directory)")
     args = p.parse_args()
@@ -38,7 +40,7 @@ def main() -> int:
         broken = []
         for seed in range(args.first, args.first + args.seeds):
             started = time.monotonic()
-            report = campaign_seed(seed, zoo, reference, work)
+            report = campaign_seed(seed, zoo, reference, work, args.rounds)
             print(f"{report.line()} ({time.monotonic() - started:.0f} s)", flush=True)
             if report.broken:
                 broken.append(seed)

@@ -313,17 +313,15 @@ def rows_differ(reference: Path, out: Path) -> list[str]:
 @dataclass
 class SeedReport:
     seed: int
-    faults: list[Fault]
-    first: Run
-    rerun: Run
+    faults: list[list[Fault]]  # of each faulty round
+    runs: list[Run]            # each faulty round's, then the clean rerun's
     broken: list[str]
 
     def line(self) -> str:
-        kinds = ",".join(f.kind for f in self.faults)
-        killed = " (killed)" if self.first.killed else ""
-        return (f"seed {self.seed}: faults {kinds}; exit {self.first.returncode}{killed}, "
-                f"rerun {self.rerun.returncode}; " + ("ok" if not self.broken
-                                                      else "BROKEN: " + "; ".join(self.broken)))
+        rounds = " | ".join(",".join(f.kind for f in faults) or "none" for faults in self.faults)
+        ends = ", ".join(f"{r.returncode}{' (killed)' if r.killed else ''}" for r in self.runs)
+        return (f"seed {self.seed}: faults {rounds}; exits {ends}; "
+                + ("ok" if not self.broken else "BROKEN: " + "; ".join(self.broken)))
 
 
 def reference_run(zoo: Zoo, work: Path) -> Path:
@@ -337,42 +335,57 @@ def reference_run(zoo: Zoo, work: Path) -> Path:
     return out
 
 
-def campaign_seed(seed: int, zoo: Zoo, reference: Path, work: Path) -> SeedReport:
-    """Run the zoo under the seed's faults, check it, rerun it clean, check that."""
+def campaign_seed(seed: int, zoo: Zoo, reference: Path, work: Path,
+                  rounds: int = 1) -> SeedReport:
+    """Run the zoo ``rounds`` times under the seed's faults (drawn afresh for each round, in
+    the same directory), checking each run, then rerun it clean and check that."""
     rng = random.Random(seed)
-    root = os.geteuid() == 0 and shutil.which("mount") is not None
-    faults = draw_faults(rng, zoo, root)
+    can_mount = os.geteuid() == 0 and shutil.which("mount") is not None
+    faults = [draw_faults(rng, zoo, can_mount) for _ in range(rounds)]
     out, cache = work / f"seed{seed}" / "out", work / f"seed{seed}" / "cache"
     out.mkdir(parents=True)
-    disk = next((f for f in faults if f.kind == "disk_full"), None)
-    if disk is not None and not _mount_small_disk(out, disk.pages):
-        faults.remove(disk)
+    mounted = any(f.kind == "disk_full" for r in faults for f in r) and _mount_small_disk(out)
+    if not mounted:
+        faults = [[f for f in r if f.kind != "disk_full"] for r in faults]
+    runs, broken = [], []
     try:
-        with HubServer() as hub:
-            zoo.publish(hub, gated={f.repo for f in faults if f.kind == "gated"})
-            for fault in faults:
-                inject(hub, fault)
-            first = run(hub, zoo, out, cache, faults)
-        broken = [f"first run: {b}" for b in check_accounting(zoo, out, first, faults)]
-        (out / "filler").unlink(missing_ok=True)
+        for i, round_faults in enumerate(faults):
+            disk = next((f for f in round_faults if f.kind == "disk_full"), None)
+            _fill(out, disk.pages if disk is not None else None)
+            with HubServer() as hub:
+                zoo.publish(hub, gated={f.repo for f in round_faults if f.kind == "gated"})
+                for fault in round_faults:
+                    inject(hub, fault)
+                runs.append(run(hub, zoo, out, cache, round_faults))
+            broken += [f"round {i + 1}: {b}"
+                       for b in check_accounting(zoo, out, runs[-1], round_faults)]
+        _fill(out, None)
         with HubServer() as hub:
             zoo.publish(hub)
-            rerun = run(hub, zoo, out, cache)
-        broken += [f"rerun: {b}" for b in check_accounting(zoo, out, rerun, [])]
-        if rerun.returncode != 0:
-            broken.append(f"the clean rerun exited {rerun.returncode}: {rerun.stderr[-1500:]}")
+            runs.append(run(hub, zoo, out, cache))
+        broken += [f"rerun: {b}" for b in check_accounting(zoo, out, runs[-1], [])]
+        if runs[-1].returncode != 0:
+            broken.append(f"the clean rerun exited {runs[-1].returncode}: "
+                          f"{runs[-1].stderr[-1500:]}")
         broken += rows_differ(reference, out)
     finally:
-        if disk is not None and os.path.ismount(out):
+        if mounted:
             subprocess.run(["umount", str(out)], check=False)
-    return SeedReport(seed, faults, first, rerun, broken)
+    return SeedReport(seed, faults, runs, broken)
 
 
-def _mount_small_disk(path: Path, pages_left: int) -> bool:
-    """A tmpfs at ``path`` with ``pages_left`` pages free; False when it cannot be mounted."""
+def _mount_small_disk(path: Path) -> bool:
+    """A tmpfs of ``DISK_PAGES`` at ``path``; False when it cannot be mounted."""
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_PAGES * PAGE}",
                               "tmpfs", str(path)], capture_output=True)
-    if mounted.returncode != 0:
-        return False
-    (path / "filler").write_bytes(b"\0" * ((DISK_PAGES - pages_left) * PAGE))
-    return True
+    return mounted.returncode == 0
+
+
+def _fill(disk: Path, pages_left: int | None) -> None:
+    """Fill the small disk at ``disk`` up to ``pages_left`` free pages (None: empty it)."""
+    filler = disk / "filler"
+    filler.unlink(missing_ok=True)
+    if pages_left is not None:
+        st = os.statvfs(disk)
+        with open(filler, "wb") as fh:  # as much as fits, less the room to leave
+            fh.write(b"\0" * max(0, (st.f_bavail - pages_left) * st.f_frsize))

@@ -261,3 +261,30 @@ def test_a_full_disk_stops_the_run_and_a_rerun_completes_it(hub, tmp_path):
         assert sorted(p.name for p in out.glob("*.csv")) == [f"org--m{i}.csv" for i in range(3)]
     finally:
         subprocess.run(["umount", str(out)], check=False)
+
+
+def test_an_unreachable_base_fails_its_group_and_the_list_goes_on(hub, tmp_path):
+    """Every download of a base's weights is cut: the base and its three adapters are one job
+    failing on the network, not an outage. It is retried, then its four models are recorded
+    failed with that cause, and the other model of the list is analysed."""
+    torch = __import__("torch")
+    base = llama()
+    folder = save_model(base, tmp_path / "base")
+    hub.add_repo("org/base", folder)
+    for i in range(3):
+        hub.add_repo(f"org/lora{i}", save_adapter(base, tmp_path / f"lora{i}", "org/base",
+                                                  seed=i + 1, r=4, target_modules=["q_proj"]))
+    hub.add_repo("org/other", write_safetensors(tmp_path / "other",
+                                                {"w.weight": torch.randn(8, 8)}))
+    hub.drop(0, times=10_000, repo_id="org/base", filename="model.safetensors")
+    models = write_list(tmp_path / "models.csv", [("org/base", "", "")] + [
+        (f"org/lora{i}", "lora", "org/base") for i in range(3)] + [("org/other", "", "")])
+    out = tmp_path / "out"
+    proc = run_cli(hub, "--model_list", models, "--output_dir", out, "--max_retries", "1")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "cannot be reached" not in proc.stderr
+    causes = dict(line.split("\t", 1) for line in
+                  (out / "failed_models.txt").read_text().splitlines())
+    assert sorted(causes) == ["org/base", "org/lora0", "org/lora1", "org/lora2"]
+    assert all("network" in cause.lower() for cause in causes.values()), causes
+    assert [p.name for p in out.glob("*.csv")] == ["org--other.csv"]

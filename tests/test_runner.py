@@ -20,7 +20,7 @@ from net_esd import ESDConfig
 from paths import ModelPaths
 from results import RESULT_COLUMNS
 from run_accounts import EXIT_INTERNAL, Accounts
-from run_plan import EXIT_TRANSIENT, worker_argv
+from run_plan import EXIT_TRANSIENT, result_signature, worker_argv, written_by
 from run_state import FailureLog
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -320,3 +320,34 @@ def test_gpus_asked_for_where_nvml_finds_none_are_refused(tmp_path):
     args = runner_mod.build_parser().parse_args(
         ["--model_list", "x.csv", "--output_dir", str(tmp_path)])
     assert runner_mod.config_from_args(args).gpus is None, "--device auto: CPUs"
+
+
+def test_only_a_result_the_job_wrote_counts_under_overwrite(tmp_path):
+    csv = tmp_path / "m.csv"
+    fake_result(csv)
+    before = result_signature(csv)
+    started = time.time() + 1  # the job started after the result stood there
+    assert not written_by(csv, before, started), "the old result is not the job's"
+    fake_result(csv.with_suffix(".tmp"))
+    csv.with_suffix(".tmp").replace(csv)  # written as write_atomic writes: a new file
+    assert written_by(csv, before, started)
+    adopted = result_signature(csv)  # a job an earlier run submitted wrote it before this run
+    assert written_by(csv, adopted, started - 2), "written since that job started"
+    csv.unlink()
+    assert not written_by(csv, before, started)
+
+
+def test_after_an_outage_the_held_models_stay_unrecorded(setup, tmp_path):
+    """A job that ends by itself after the outage stopped the run is recorded as it ended;
+    the models the outage held back are not (the outage message says nothing was)."""
+    runner, failures, _, _ = setup
+    for name in ("org/a", "org/b", "org/c"):
+        entry = ListEntry(name)
+        paths = ModelPaths.for_model(tmp_path, name, log_dir=tmp_path / "logs")
+        network_failure(paths, name)
+        finished(runner, entry, paths, EXIT_TRANSIENT, attempt=3)
+    assert runner.outage == ["org/a", "org/b", "org/c"]
+    late = ModelPaths.for_model(tmp_path, "org/late", log_dir=tmp_path / "logs")
+    finished(runner, ListEntry("org/late"), late, 1)
+    runner.finish()
+    assert list(failures._causes) == ["org/late"]
