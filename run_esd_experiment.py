@@ -29,9 +29,11 @@ from pathlib import Path
 from errors import ESDError, InputError
 from esd_config import add_esd_arguments, esd_config_from_args
 from gputracker import Dispatcher, Job, JobResult, detect_gpus, install_signal_handlers
+from gputracker.pool import launcher_for
 from model_list import JobSpec, group_jobs, local_adapter_config, read_model_list
 from paths import model_paths
 from run_plan import (
+    WORKER,
     OutageWatch,
     Outcome,
     estimator_options,
@@ -209,7 +211,8 @@ def make_backend(config: RunConfig):
     return Dispatcher(
         list(config.gpus) if config.gpus else None, gpus_per_job=config.num_gpus_per_job,
         memory_threshold_mb=config.gpu_memory_threshold, max_check=config.max_check,
-        poll_interval=config.poll_interval, cpu_slots=config.cpu_workers)
+        poll_interval=config.poll_interval, cpu_slots=config.cpu_workers,
+        launcher=launcher_for(WORKER))
 
 
 def adapter_config_reader(config: RunConfig):
