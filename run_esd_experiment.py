@@ -250,7 +250,7 @@ def run(config: RunConfig, backend=None) -> int:
                     len(plan.skipped_failed), len(plan.invalid), len(specs),
                     describe_backend(config, backend))
         pins = sweep_cache(config, specs)
-        progress = Progress(len(plan.to_run), config.progress)
+        progress = Progress(len(plan.to_run), config.progress, lambda: backend.running_jobs)
         runner = Runner(config, backend, failures, progress, pins)
         restore = install_signal_handlers(backend)
         try:
