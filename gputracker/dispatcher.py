@@ -1,4 +1,5 @@
-"""The dispatcher: a pool of GPUs (or CPU slots), a queue of jobs, one child process per job.
+"""The dispatcher: a pool of GPUs (or CPU slots), a queue of jobs, one child process per job
+(or, with the ``WorkerPool`` launcher of gputracker/pool.py, one long-lived worker per slot).
 
 GPU mode. NVML is read every ``poll_interval`` seconds. Each GPU keeps a count of its
 consecutive readings below ``memory_threshold_mb``; the count survives between polls and
