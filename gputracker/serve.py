@@ -1,7 +1,7 @@
 """The worker side of a pooled job slot: a long-lived process that runs one job after another.
 
-``serve(main, result_fd)`` reads jobs from stdin, one JSON line each (``{"argv": [...],
-"log": "<path>"}``), and runs ``main(argv)`` in this process with its stdout and stderr (the
+``serve(main, result_fd)`` reads jobs from stdin (the jobs themselves see /dev/null there),
+one JSON line each (``{"argv": [...], "log": "<path>"}``), and runs ``main(argv)`` in this process with its stdout and stderr (the
 file descriptors 1 and 2, so C libraries' output too) appended to the job's log for the
 job's duration. After each job it writes ``{"status": <exit code>, "rss_mb": <resident
 MB>}`` to ``result_fd`` and puts back what a job may have changed in the process: the
@@ -110,9 +110,15 @@ class _ProcessState:
 def serve(main: Main, result_fd: int) -> int:
     """Run the jobs read from stdin until it ends; see the module doc."""
     results = os.fdopen(result_fd, "w", buffering=1)
+    # Jobs come in on a descriptor of their own; a job that reads stdin reads /dev/null, as
+    # it would in a process of its own, not the jobs after it.
+    jobs = os.fdopen(os.dup(0), "r")
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
     state = _ProcessState()
     output_to(None)
-    for line in sys.stdin:
+    for line in jobs:
         job = json.loads(line)
         status = run_one(main, job["argv"], Path(job["log"]))
         state.restore()
