@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -42,6 +43,8 @@ MAX_JOBS = 200
 # ... or once its resident memory after a job exceeds this: a large model's tensors freed but
 # kept by the allocator would otherwise stay with the worker through the small ones after it.
 MAX_RSS_MB = 3072.0
+# Seconds between checks that a worker running a job is still alive.
+REPORT_POLL_S = 0.5
 # Seconds a retired worker has to leave after its stdin closes before it is killed.
 RETIRE_WAIT = 5.0
 
@@ -85,9 +88,22 @@ class _Worker:
             pass
 
     def report(self) -> dict | None:
-        """The status of the job sent last, or None when the worker ended without one."""
-        line = self.results.readline()
-        return json.loads(line) if line else None
+        """The status of the job sent last, or None when the worker ended without one. Waits
+        for the status line or for the worker's exit, whichever comes first: a process the job
+        forked may hold the pipe open after the worker is gone."""
+        while True:
+            readable, _, _ = select.select([self.results], [], [], REPORT_POLL_S)
+            if readable:
+                line = self.results.readline()
+                return json.loads(line) if line else None
+            try:  # exited? (not reaped: its process group stays addressable)
+                gone = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                gone = True
+            if gone is not None:
+                readable, _, _ = select.select([self.results], [], [], 0)
+                line = self.results.readline() if readable else ""
+                return json.loads(line) if line.endswith("\n") else None
 
     def retire(self) -> int:
         """Close its stdin (it leaves its loop), kill it if it lingers; its exit status."""

@@ -1,7 +1,8 @@
 """A job script for the worker-pool tests: ``pool_job.py MODE NAME DIR``.
 
 It prints its name and process id, then, when ``DIR/poison-NAME`` exists, fails the way MODE
-says (``crash``: SIGSEGV; ``exit``: os._exit(3); ``hang``: sleeps; ``oom``: allocates past an
+says (``crash``: SIGSEGV; ``exit``: os._exit(3); ``orphan``: the same, leaving a forked
+child behind; ``hang``: sleeps; ``oom``: allocates past an
 address-space limit; ``wait``: writes ``DIR/NAME.pid`` and sleeps, for a kill -9 from outside);
 otherwise it writes ``DIR/NAME.done`` and exits 0 (``dirty`` changes the working directory,
 the environment and the root logger first). ``--serve FD`` runs it as a long-lived worker.
@@ -34,6 +35,10 @@ def main(argv):
         if mode == "crash":
             os.kill(os.getpid(), signal.SIGSEGV)
         elif mode == "exit":
+            os._exit(3)
+        elif mode == "orphan":  # exits, leaving a child that holds the worker's descriptors
+            if os.fork() == 0:
+                time.sleep(3600)
             os._exit(3)
         elif mode == "hang":
             time.sleep(3600)

@@ -95,6 +95,13 @@ def test_a_kill_9_of_a_worker_fails_only_its_job(tmp_path):
     assert run_list(tmp_path, [("victim", "wait")])["victim"].ok
 
 
+def test_a_job_that_exits_leaving_a_child_fails_at_once(tmp_path):
+    (tmp_path / "poison-orphan").touch()
+    results = run_list(tmp_path, [("orphan", "orphan"), ("next", "ok")])
+    assert results["orphan"].returncode == 3 and not results["orphan"].timed_out
+    assert results["next"].ok
+
+
 def test_what_a_job_changes_in_its_worker_does_not_reach_the_next(tmp_path):
     results = run_list(tmp_path, [("first", "ok"), ("dirty", "dirty"), ("next", "ok")])
     assert all(r.ok for r in results.values())
