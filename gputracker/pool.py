@@ -105,6 +105,13 @@ class _Worker:
                 line = self.results.readline() if readable else ""
                 return json.loads(line) if line.endswith("\n") else None
 
+    def close_pipes(self) -> None:
+        for pipe in (self.stdin, self.results):
+            try:
+                pipe.close()
+            except OSError:
+                pass  # a broken pipe to a worker that is gone
+
     def retire(self) -> int:
         """Close its stdin (it leaves its loop), kill it if it lingers; its exit status."""
         try:
@@ -116,7 +123,7 @@ class _Worker:
         except subprocess.TimeoutExpired:
             self.group.send_signal(signal.SIGKILL)
         code = self.group.wait()
-        self.results.close()
+        self.close_pipes()
         return code
 
 
@@ -145,7 +152,7 @@ class _PooledJob:
                 code = int(report["status"])
             self._returncode = code
         if report is None:
-            worker.results.close()
+            worker.close_pipes()
             return code
         worker.jobs += 1
         worn = worker.jobs >= self._pool.max_jobs or report["rss_mb"] > self._pool.max_rss_mb
@@ -189,7 +196,7 @@ class WorkerPool:
             idle = self._idle.get(key) or []
             worker = idle.pop() if idle else None
             if worker is not None and worker.popen.poll() is not None:
-                worker.results.close()  # it died while idle (the OOM killer): start another
+                worker.close_pipes()  # it died while idle (the OOM killer): start another
                 worker = None
             # An idle worker of another slot on one of these GPUs holds a CUDA context there.
             others = [w for k, ws in self._idle.items() if k != key
