@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +160,28 @@ def test_the_runner_analyses_a_list_in_one_worker_with_a_log_per_model(tmp_path)
         assert f"{model}: 3 rows" in text
         assert all(f"{other}:" not in text for other in models if other != model)
     assert len(workers) == 1
+
+
+def test_an_idle_workers_cuda_context_does_not_make_its_gpu_look_taken(tmp_path):
+    """GPU mode: once a worker has run on GPU 0, NVML reads its idle context there (2 GB
+    here, above the threshold); the GPU stays ours and the next job runs in that worker."""
+    from gputracker import GPUStatus
+
+    pool = WorkerPool(SCRIPT)
+
+    def query():
+        used = 2000.0 if pool.started else 10.0
+        return [GPUStatus(0, used, 80_000.0)]
+
+    dispatcher = Dispatcher([0], max_check=1, poll_interval=0.05, query=query, launcher=pool)
+    later = replace(job("ok", "second", tmp_path), not_before=dispatcher.now() + 1.0)
+    jobs = [job("ok", "first", tmp_path), later]  # the second after a few polls
+    guard = threading.Timer(WAIT_S, dispatcher.stop)
+    guard.start()
+    try:
+        results = {r.name: r for r in dispatcher.run(jobs)}
+    finally:
+        guard.cancel()
+    assert not dispatcher.stopped, "the second job never got GPU 0"
+    assert results["second"].ok and results["second"].gpus == (0,)
+    assert worker_pid(tmp_path, "first") == worker_pid(tmp_path, "second")
