@@ -13,7 +13,9 @@ failure ``<log_dir>/<org--name>.failure.json`` for the runner; one model's failu
 others' results. With ``--stage_file`` it keeps the stage it is in there (resolve, download,
 merge, analyse, write). Exit code: 0 every model succeeded, 1 some model failed
 deterministically (retrying will not help), 75 every failure is transient (worth a retry),
-74 a disk it writes to is full (no model is to blame), 2 usage error.
+74 a disk it writes to is full (no model is to blame), 2 usage error. ``esd_worker.py --serve
+FD`` runs one job after another in this process for the runner's long-lived workers
+(gputracker/pool.py, docs/workers.md).
 """
 
 from __future__ import annotations
@@ -482,8 +484,15 @@ def one_line(text: str, limit: int = 500) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+_watched_parent: list[int] = []  # the runner a long-lived worker already watches
+
+
 def watch_parent(parent_pid: int) -> None:
-    """Exit when the runner is gone: the kernel's parent-death signal, and a polling fallback."""
+    """Exit when the runner is gone: the kernel's parent-death signal, and a polling fallback.
+    Once per process: a long-lived worker gets the same --parent_pid with every job."""
+    if parent_pid in _watched_parent:
+        return
+    _watched_parent.append(parent_pid)
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -579,4 +588,8 @@ def exit_now(code: int) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--serve"]:  # a long-lived worker of gputracker.pool
+        from gputracker.serve import serve
+
+        exit_now(serve(main, int(sys.argv[2])))
     exit_now(main())

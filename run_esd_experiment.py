@@ -30,11 +30,12 @@ from pathlib import Path
 from errors import ESDError, InputError, disk_full_error
 from esd_config import add_esd_arguments, esd_config_from_args
 from gputracker import Dispatcher, detect_gpus, install_signal_handlers
+from gputracker.pool import launcher_for
 from model_list import JobSpec, group_jobs, local_adapter_config, read_model_list
 from paths import model_paths
 from run_accounts import EXIT_INTERNAL, FAILED, Accounts, internal_error_message
 from run_jobs import RunConfig, Runner
-from run_plan import disk_full_message, estimator_options, make_plan
+from run_plan import WORKER, disk_full_message, estimator_options, make_plan
 from run_progress import Progress, format_duration, run_log, summary_table
 from run_state import FailureLog, RunLock, check_options
 from saved_eigs import recompute_planned
@@ -91,7 +92,8 @@ def make_backend(config: RunConfig):
     return Dispatcher(
         list(config.gpus) if config.gpus else None, gpus_per_job=config.num_gpus_per_job,
         memory_threshold_mb=config.gpu_memory_threshold, max_check=config.max_check,
-        poll_interval=config.poll_interval, cpu_slots=config.cpu_workers)
+        poll_interval=config.poll_interval, cpu_slots=config.cpu_workers,
+        launcher=launcher_for(WORKER))
 
 
 def adapter_config_reader(config: RunConfig):
@@ -137,7 +139,7 @@ def run(config: RunConfig, backend=None) -> int:
                     len(plan.skipped_failed), len(plan.invalid), len(specs),
                     describe_backend(config, backend))
         pins = sweep_cache(config, specs)
-        progress = Progress(len(plan.to_run), config.progress)
+        progress = Progress(len(plan.to_run), config.progress, lambda: backend.running_jobs)
         runner = Runner(config, backend, failures, progress, pins, accounts)
         restore = install_signal_handlers(backend)
         lost = ""  # the machine failed us (GPUs no longer readable): the run stops

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
 logger = logging.getLogger("run_esd_experiment")
+
+REFRESH_S = 1.0  # seconds between redraws of the bar while models run
 
 
 class _BarSafeHandler(logging.Handler):
@@ -22,11 +26,17 @@ class _BarSafeHandler(logging.Handler):
 
 
 class Progress:
-    """A progress bar (done / failed / running, ETA) on a terminal, plain log lines otherwise."""
+    """A progress bar (done / failed / running, ETA) on a terminal, redrawn every
+    ``REFRESH_S`` while models run; otherwise a log line per model with the list's rate and
+    ETA. ``running`` returns how many jobs run now (the backend's count)."""
 
-    def __init__(self, total: int, enabled: bool):
+    def __init__(self, total: int, enabled: bool, running: Callable[[], int] | None = None):
         self.total, self.done, self.failed = total, 0, 0
+        self._running = running
+        self._started = time.monotonic()
         self._bar = None
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
         self._saved_handlers: list[logging.Handler] = []
         if enabled and total and sys.stderr.isatty():
             from tqdm import tqdm
@@ -40,26 +50,50 @@ class Progress:
             root.handlers = [h for h in root.handlers if h not in consoles] + [handler]
             # Per-job start/exit lines would bury the bar; failures are still reported below.
             logging.getLogger("gputracker").setLevel(logging.WARNING)
-            self._bar = tqdm(total=total, unit="model", dynamic_ncols=True, file=sys.stderr)
+            # smoothing=0: the ETA follows the list's average rate, and grows while a slow
+            # model runs instead of standing still.
+            self._bar = tqdm(total=total, unit="model", dynamic_ncols=True, file=sys.stderr,
+                             smoothing=0)
+            threading.Thread(target=self._redraw, name="progress", daemon=True).start()
+
+    def _postfix(self, running: int) -> dict:
+        if self._running is not None:
+            running = self._running()
+        return {"done": self.done, "failed": self.failed, "running": running}
+
+    def _redraw(self) -> None:
+        while not self._closed.wait(REFRESH_S):
+            with self._lock:
+                if self._bar is not None:
+                    self._bar.set_postfix(self._postfix(0))
 
     def finished(self, model_id: str, ok: bool, running: int, detail: str = "") -> None:
-        self.done += ok
-        self.failed += not ok
-        if self._bar is not None:
-            self._bar.update(1)
-            self._bar.set_postfix(done=self.done, failed=self.failed, running=running)
+        with self._lock:
+            self.done += ok
+            self.failed += not ok
+            if self._bar is not None:
+                self._bar.update(1)
+                self._bar.set_postfix(self._postfix(running))
+        count = self.done + self.failed
+        elapsed = time.monotonic() - self._started
+        pace = ""
+        if self._bar is None:
+            per_min = 60.0 * count / elapsed if elapsed > 0 else 0.0
+            eta = (self.total - count) * elapsed / count
+            pace = f" ({per_min:.1f} models/min, ETA {format_duration(eta)})"
         if not ok:
-            logger.warning("[%d/%d] FAILED %s: %s", self.done + self.failed, self.total,
-                           model_id, detail)
+            logger.warning("[%d/%d] FAILED %s: %s%s", count, self.total, model_id, detail, pace)
         elif self._bar is None:
-            logger.info("[%d/%d] done %s", self.done + self.failed, self.total, model_id)
+            logger.info("[%d/%d] done %s%s", count, self.total, model_id, pace)
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-            logging.getLogger().handlers = self._saved_handlers
-            logging.getLogger("gputracker").setLevel(logging.NOTSET)
+        self._closed.set()
+        with self._lock:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+                logging.getLogger().handlers = self._saved_handlers
+                logging.getLogger("gputracker").setLevel(logging.NOTSET)
 
 
 class _RunLogHandler(logging.FileHandler):

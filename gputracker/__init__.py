@@ -27,6 +27,8 @@ Usage from a runner::
         sys.exit(128 + dispatcher.stop_signum)       # 130 after Ctrl-C, 143 after SIGTERM
 
 ``DispatchThread(dispatcher, jobs, on_finish)`` runs the same loop on a thread.
+``Dispatcher(..., launcher=WorkerPool(script))`` (gputracker.pool) runs the jobs of ``script``
+in long-lived workers, one per slot, instead of a process per job (docs/workers.md).
 """
 
 from gputracker.control import DispatchThread, install_signal_handlers

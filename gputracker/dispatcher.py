@@ -1,4 +1,5 @@
-"""The dispatcher: a pool of GPUs (or CPU slots), a queue of jobs, one child process per job.
+"""The dispatcher: a pool of GPUs (or CPU slots), a queue of jobs, one child process per job
+(or, with the ``WorkerPool`` launcher of gputracker/pool.py, one long-lived worker per slot).
 
 GPU mode. NVML is read every ``poll_interval`` seconds. Each GPU keeps a count of its
 consecutive readings below ``memory_threshold_mb``; the count survives between polls and
@@ -77,7 +78,9 @@ class _GPUPool:
     def reset(self) -> None:
         self.free_readings = dict.fromkeys(self.gpus, 0)
 
-    def observe(self, statuses: Sequence[GPUStatus]) -> None:
+    def observe(self, statuses: Sequence[GPUStatus], ours: frozenset[int] = frozenset()) -> None:
+        """One reading of every GPU. ``ours``: GPUs where an idle worker of ours holds memory
+        (a CUDA context), read like the ones our jobs hold."""
         by_index = {status.index: status for status in statuses}
         missing = [gpu for gpu in self.gpus if gpu not in by_index]
         if missing:
@@ -86,7 +89,7 @@ class _GPUPool:
                 f"{sorted(by_index)}: pass indices from that list (nvidia-smi order)"
             )
         for gpu in self.gpus:
-            if gpu in self.held:
+            if gpu in self.held or gpu in ours:
                 continue  # our own job's memory: the reading says nothing about others
             free = by_index[gpu].memory_used_mb < self.threshold_mb
             self.free_readings[gpu] = (
@@ -283,6 +286,9 @@ class Dispatcher(StopState):
         finally:
             with self._cond:
                 self._active = False
+            close = getattr(self._launcher, "close", None)  # long-lived workers (pool.py)
+            if close is not None:
+                close()
         return results
 
     # ----- the loop ---------------------------------------------------------------------
@@ -325,7 +331,8 @@ class Dispatcher(StopState):
             self._pool.reset()
             return
         self._query_failures = 0
-        self._pool.observe(statuses)
+        idle_gpus = getattr(self._launcher, "idle_gpus", None)  # long-lived workers (pool.py)
+        self._pool.observe(statuses, idle_gpus() if idle_gpus is not None else frozenset())
 
     def _enforce_timeouts(self, now: float) -> None:
         """SIGTERM to each job past its timeout, SIGKILL once the grace period is over too."""

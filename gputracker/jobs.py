@@ -189,21 +189,28 @@ class GroupProcess:
             pass  # the whole group has already exited
 
 
+def open_log(log_path: Path, argv: Sequence[str], env: Mapping[str, str], note: str = ""):
+    """``log_path`` opened for appending, its parent made, with the run's header line written:
+    the time, the GPUs and the command line (and ``note``, such as the worker that runs it)."""
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    header = (
+        f"# {stamp} start{note}: CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '')!r} "
+        f"{shlex.join(argv)}\n"
+    )
+    log = open(log_path, "ab")  # noqa: SIM115  (the caller closes it)
+    log.write(header.encode())
+    log.flush()
+    return log
+
+
 def launch_in_session(argv: Sequence[str], env: Mapping[str, str], log_path: Path) -> GroupProcess:
     """Start ``argv`` in a new session with stdout and stderr appended to ``log_path``.
 
     A header line with the time, the GPUs and the command line opens each run's output.
     """
-    log_path = Path(log_path)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    header = (
-        f"# {stamp} start: CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '')!r} "
-        f"{shlex.join(argv)}\n"
-    )
-    with open(log_path, "ab") as log:
-        log.write(header.encode())
-        log.flush()
+    with open_log(log_path, argv, env) as log:
         popen = subprocess.Popen(
             list(argv),
             env=dict(env),
