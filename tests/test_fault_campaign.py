@@ -1,4 +1,4 @@
-"""A few seeds of the fault campaign (tests/fault_campaign.py): each run under random faults
+"""Two dozen seeds of the fault campaign (tests/fault_campaign.py): each run under random faults
 keeps every listed model done, failed or not reached, exactly once, exits 0 only when all are
 done, and a clean rerun completes the list with the rows of a fault-free run. More seeds:
 ``python benchmarks/fault_campaign.py --seeds N``."""
