@@ -33,7 +33,7 @@ from gputracker import Dispatcher, detect_gpus, install_signal_handlers
 from gputracker.pool import launcher_for
 from model_list import JobSpec, group_jobs, local_adapter_config, read_model_list
 from paths import model_paths
-from run_accounts import EXIT_INTERNAL, FAILED, Accounts, internal_error_message
+from run_accounts import DONE, EXIT_INTERNAL, FAILED, Accounts, internal_error_message
 from run_jobs import RunConfig, Runner
 from run_plan import WORKER, disk_full_message, estimator_options, make_plan
 from run_progress import Progress, format_duration, run_log, summary_table
@@ -163,11 +163,18 @@ def run(config: RunConfig, backend=None) -> int:
                 sweep_cache(config, ())
         detached = getattr(getattr(backend, "options", None), "detach", False)
         stop_cause = runner.stop_cause or lost
+        disk = on_disk(config, entries[:config.limit])
+        if (stop_cause or backend.stopped) and not config.overwrite:
+            # A job stopped with the run may have written its result first: it is done.
+            for key in accounts.not_reached:
+                if disk(key) == (True, False):
+                    accounts.done(key)
         state = "stopped" if stop_cause else (
             "interrupted" if backend.stopped else "finished")
         failed = accounts.count(FAILED) - len(plan.skipped_failed)  # in this run
         logger.info("%s: done %d, skipped %d, failed %d, not reached %d, in %s%s", state,
-                    progress.done, len(plan.done) + len(plan.skipped_failed), failed,
+                    accounts.count(DONE) - len(plan.done),
+                    len(plan.done) + len(plan.skipped_failed), failed,
                     len(accounts.not_reached), format_duration(time.monotonic() - started),
                     f"; failures in {failures.path}" if failed else "")
         if detached:
@@ -176,8 +183,7 @@ def run(config: RunConfig, backend=None) -> int:
                         " ".join(backend.job_ids), len(backend.left_running),
                         backend.scancel_command())
         code = exit_code(accounts, stop_cause, backend, detached)
-        broken = accounts.check(bool(stop_cause) or backend.stopped or detached,
-                                on_disk(config, entries[:config.limit]))
+        broken = accounts.check(bool(stop_cause) or backend.stopped or detached, disk)
     if stop_cause:
         logger.error("%s", stop_cause)
     if broken:

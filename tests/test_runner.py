@@ -351,3 +351,22 @@ def test_after_an_outage_the_held_models_stay_unrecorded(setup, tmp_path):
     finished(runner, ListEntry("org/late"), late, 1)
     runner.finish()
     assert list(failures._causes) == ["org/late"]
+
+
+class StoppedAfterWriteDispatcher(FakeClockDispatcher):
+    """A run stopped (Ctrl-C) while its one job was finishing: the job had written its result,
+    but its outcome reached the runner as stopped."""
+
+    def run(self, jobs=(), on_finish=None):
+        for job in jobs:
+            fake_result(job.payload[1][0].csv)
+        self.stop("interrupted", signum=2)
+        return []
+
+
+def test_a_result_written_as_the_run_stopped_counts_as_done(tmp_path, caplog):
+    (tmp_path / "list.csv").write_text("model_id\norg/written\n")
+    with caplog.at_level("INFO"):
+        code = runner_mod.run(make_config(tmp_path), StoppedAfterWriteDispatcher())
+    assert code == 130, "an interrupted run says so"
+    assert "done 1" in caplog.text and "not reached 0" in caplog.text, caplog.text
