@@ -9,6 +9,7 @@ metrics recomputed; ``eigs_obstacle`` says why a result cannot be recomputed so;
 
 from __future__ import annotations
 
+import logging
 import math
 import zipfile
 from pathlib import Path
@@ -19,6 +20,7 @@ from esd_config import ESDConfig
 from paths import ModelPaths
 from results import (
     EIGS_OPTIONS_KEY,
+    INTEGER_COLUMNS,
     METRIC_COLUMNS,
     RESULT_COLUMNS,
     STRING_COLUMNS,
@@ -29,6 +31,8 @@ from results import (
 if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
+
+logger = logging.getLogger("run_esd_experiment")  # the runner's log: it calls recompute_planned
 
 FITTED = ("ok", "fit_failed")  # statuses whose layers had eigenvalues to fit
 
@@ -104,7 +108,7 @@ def _plain(value, column: str):
         return str(value)
     if value is None or value is pd.NA:
         return None
-    return int(value) if column in ("layer_id", "block", "N", "M", "num_evals") else value
+    return int(value) if column in INTEGER_COLUMNS else value
 
 
 def recompute_metrics(paths: ModelPaths, config: ESDConfig) -> bool:
@@ -135,9 +139,6 @@ def recompute_metrics(paths: ModelPaths, config: ESDConfig) -> bool:
 def recompute_planned(plan, config: ESDConfig) -> None:
     """Move each model of ``plan.to_run`` (run_plan.Plan) that ``recompute_metrics`` rewrites
     to ``plan.done``, logging it."""
-    import logging
-
-    logger = logging.getLogger("run_esd_experiment")
     for entry, paths in list(plan.to_run):
         if recompute_metrics(paths, config):
             plan.to_run.remove((entry, paths))
