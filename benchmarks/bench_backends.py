@@ -59,7 +59,7 @@ def measure(backend, tmp: Path, count: int, tag: str) -> tuple[float, float, flo
 def make_backends(tmp: Path, jobs: int, skip_slurm: bool, skip_ray: bool) -> dict:
     backends = {"local": lambda: Dispatcher(None, cpu_slots=jobs)}
     if not skip_slurm:
-        from backend_slurm import SlurmBackend, SlurmOptions
+        from esd_experiment.backends.slurm import SlurmBackend, SlurmOptions
 
         start = subprocess.run(["bash", str(ROOT / "tests/slurm/start_slurm.sh")],
                                capture_output=True, text=True)
@@ -72,7 +72,7 @@ def make_backends(tmp: Path, jobs: int, skip_slurm: bool, skip_ray: bool) -> dic
         try:
             import ray
 
-            from backend_ray import RayBackend, RayOptions
+            from esd_experiment.backends.ray_backend import RayBackend, RayOptions
         except ImportError:
             print("ray skipped: not installed (pip install -r requirements-ray.txt)")
         else:

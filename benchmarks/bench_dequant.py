@@ -127,8 +127,8 @@ def child_main(child: str, gguf: Path) -> None:
     import torch
     import transformers  # noqa: F401  (the name map imports it: part of the floor)
 
-    from gguf_reader import GGUFCheckpoint
-    from net_esd import gram_eigenvalues
+    from esd_experiment.estimator.net_esd import gram_eigenvalues
+    from esd_experiment.formats.gguf_file import GGUFCheckpoint
 
     if child == "imports":
         print("RESULT {}")
@@ -164,7 +164,7 @@ def stored_formats() -> dict:
     """Random stored data of every torch-dequantized format for one (MLP, HIDDEN) matrix."""
     import torch
 
-    from dequantize import (
+    from esd_experiment.formats.dequantize import (
         Grid,
         dequantize_awq,
         dequantize_bnb4,
@@ -208,7 +208,7 @@ def formats_main(repeats: int) -> None:
 
     import torch
 
-    from net_esd import gram_eigenvalues
+    from esd_experiment.estimator.net_esd import gram_eigenvalues
 
     runs = stored_formats()
     times: dict[str, list[float]] = {label: [] for label in [*runs, EIGEN]}

@@ -125,12 +125,12 @@ def matrices(path: Path):
 
 
 def run_ours(path: Path, mode: str, device: str) -> dict:
-    from net_esd import ESDConfig, iter_layer_results
+    from esd_experiment.estimator.net_esd import ESDConfig, iter_layer_results
 
     config = ESDConfig(fix_fingers="DKS" if mode == "ours_dks" else "xmin_mid",
                        precision="float32" if mode == "ours_f32" else "float64", device=device)
     if mode == "ours_ahead":
-        from esd_worker import on_devices
+        from esd_experiment.run.worker import on_devices
 
         rows = []
         for _, value in on_devices(lambda item, dev: list(iter_layer_results([item], config)),
@@ -305,7 +305,7 @@ def float32_errors(path: Path) -> dict[float, float]:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from net_esd import gram_eigenvalues
+    from esd_experiment.estimator.net_esd import gram_eigenvalues
 
     cpu, worst = torch.device("cpu"), dict.fromkeys(ERROR_FLOORS, 0.0)
     for w in matrices(path):

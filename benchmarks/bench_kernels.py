@@ -34,7 +34,7 @@ from scipy.linalg import lapack
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import esd_lapack  # noqa: E402
+from esd_experiment.estimator import lapack as esd_lapack  # noqa: E402
 
 
 def two_stage():

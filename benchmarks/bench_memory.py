@@ -113,8 +113,8 @@ def child_main(child: str, checkpoint: Path) -> None:
     import torch
     import transformers
 
-    from model_loader import ModelRequest, open_model
-    from net_esd import ESDConfig, iter_layer_results
+    from esd_experiment.estimator.net_esd import ESDConfig, iter_layer_results
+    from esd_experiment.loader.opener import ModelRequest, open_model
 
     if child == "imports":
         print(f"RESULT torch {torch.__version__}, transformers {transformers.__version__}")

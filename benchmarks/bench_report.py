@@ -47,9 +47,9 @@ def synthetic_results(out: Path, models: int, layers: int, pair_every: int,
     import numpy as np
     import pandas as pd
 
-    from esd_config import ESDConfig
-    from paths import ModelPaths
-    from results import EIGS_OPTIONS_KEY, RESULT_COLUMNS
+    from esd_experiment.core.paths import ModelPaths
+    from esd_experiment.core.results import EIGS_OPTIONS_KEY, RESULT_COLUMNS
+    from esd_experiment.estimator.options import ESDConfig
 
     rng = np.random.default_rng(0)
     options = ESDConfig().options_key
@@ -107,7 +107,7 @@ def timed(argv: list[str], env: dict | None = None) -> tuple[float, str]:
 META_SCRIPT = f"""
 import json, time
 t0 = time.perf_counter()
-import layer_order
+from esd_experiment.core import layer_order
 config = json.loads({json.dumps(json.dumps(LLAMA_7B))})
 names = ["lm_head", "model.embed_tokens"] + [f"model.layers.{{i}}.{{p}}" for i in range(32)
          for p in ("mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj",
@@ -139,7 +139,7 @@ def main() -> int:
         synthetic_results(results, args.models, args.layers, args.pair_every, args.eigs_models)
         print(f"wrote {args.models} x {args.layers} results in {time.perf_counter() - start:.1f} s")
         load = [sys.executable, "-c", "import sys, warnings; warnings.simplefilter('ignore'); "
-                f"sys.path.insert(0, {str(ROOT)!r}); import results; "
+                f"sys.path.insert(0, {str(ROOT)!r}); from esd_experiment.core import results; "
                 f"print(len(results.load_results({str(results)!r})))"]
         report = [sys.executable, str(ROOT / "esd_report.py"), "report", str(results)]
         meta = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"

@@ -50,9 +50,9 @@ def analysis_times(folder: Path, spans: list[tuple[str, str, int]]) -> list[floa
     import torch
     from safetensors import safe_open
 
-    import esd_worker
-    from esd_config import add_esd_arguments, esd_config_from_args
-    from net_esd import storage_of
+    from esd_experiment.estimator.net_esd import storage_of
+    from esd_experiment.estimator.options import add_esd_arguments, esd_config_from_args
+    from esd_experiment.run import worker as esd_worker
 
     parser = argparse.ArgumentParser()
     add_esd_arguments(parser)

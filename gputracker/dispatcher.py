@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from errors import InputError
+from esd_experiment.core.errors import InputError
 from gputracker.gpus import GPUQueryError, GPUStatus, nvml_query
 from gputracker.jobs import (
     Allocation,

@@ -11,7 +11,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from errors import ESDError, InputError
+from esd_experiment.core.errors import ESDError, InputError
 
 logger = logging.getLogger(__name__)
 

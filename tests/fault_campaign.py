@@ -232,12 +232,12 @@ def _wait_for_workers(out: Path) -> None:
 def states(zoo: Zoo, out: Path) -> dict[str, set[str]]:
     """Each listed model's states as the directory holds them: "done", "failed", both or
     neither."""
-    from esd_config import esd_config_from_args
-    from model_list import read_model_list
-    from paths import model_paths
-    from run_esd_experiment import build_parser
-    from run_plan import result_done
-    from run_state import FailureLog
+    from esd_experiment.core.paths import model_paths
+    from esd_experiment.estimator.options import esd_config_from_args
+    from esd_experiment.run.cli import build_parser
+    from esd_experiment.run.model_list import read_model_list
+    from esd_experiment.run.plan import result_done
+    from esd_experiment.run.state import FailureLog
 
     args = build_parser().parse_args(["--output_dir", str(out), *RUN_FLAGS])
     options = esd_config_from_args(args, "cpu").options_key

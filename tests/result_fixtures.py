@@ -8,14 +8,14 @@ from pathlib import Path
 
 import torch
 
-from esd_config import ESDConfig
-from esd_worker import write_results
-from net_esd import iter_layer_results
-from paths import FAILED_MODELS_FILE, ModelPaths
+from esd_experiment.core.paths import FAILED_MODELS_FILE, ModelPaths
+from esd_experiment.estimator.net_esd import iter_layer_results
+from esd_experiment.estimator.options import ESDConfig
+from esd_experiment.run.worker import write_results
 
 HIDDEN = 24
 VOCAB = 64
-ROOT_FOR_SUBPROCESS = Path(__file__).resolve().parents[1]  # where `import results` works
+ROOT_FOR_SUBPROCESS = Path(__file__).resolve().parents[1]  # where `import esd_experiment` works
 
 
 def heavy_tailed(rows: int, cols: int, gen: torch.Generator, tail: float = 1.5) -> torch.Tensor:

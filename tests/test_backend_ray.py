@@ -11,8 +11,13 @@ from dataclasses import replace
 import pandas as pd
 import pytest
 
-from backend_ray import RayBackend, RayOptions, add_ray_arguments, ray_options_from_args
-from errors import InputError
+from esd_experiment.backends.ray_backend import (
+    RayBackend,
+    RayOptions,
+    add_ray_arguments,
+    ray_options_from_args,
+)
+from esd_experiment.core.errors import InputError
 from tests.slurm_fixtures import probe_job, runs, wait_for, worker_argv
 
 LOGICAL_GPUS = 2
@@ -117,7 +122,7 @@ def _alive(pid: int) -> bool:
 def test_real_worker_on_ray_writes_the_local_csv(ray_cluster, tmp_path):
     import subprocess
 
-    from demo import build_gpt2
+    from esd_experiment.run.demo import build_gpt2
 
     model = build_gpt2(tmp_path / "tiny-gpt2")
     local = subprocess.run(worker_argv(model, tmp_path / "local"), capture_output=True,
@@ -164,7 +169,7 @@ LOCAL_RAY = """
 import sys
 sys.path[:0] = [{root!r}]
 import ray
-from backend_ray import RayBackend, RayOptions
+from esd_experiment.backends.ray_backend import RayBackend, RayOptions
 from tests.slurm_fixtures import probe_job
 from pathlib import Path
 (result,) = RayBackend(RayOptions(gpus_per_job=0)).run([probe_job(Path({tmp!r}), "solo")])

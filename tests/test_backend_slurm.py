@@ -15,9 +15,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from backend_slurm import SlurmBackend, SlurmOptions
-from errors import InputError
-from slurm_cli import SlurmCLI, gpu_count, run_command
+from esd_experiment.backends.slurm import SlurmBackend, SlurmOptions
+from esd_experiment.backends.slurm_cli import SlurmCLI, gpu_count, run_command
+from esd_experiment.core.errors import InputError
 from tests.slurm_fixtures import ROOT, probe_job, runs, wait_for, worker_argv
 
 START = ROOT / "tests" / "slurm" / "start_slurm.sh"
@@ -294,7 +294,7 @@ def test_sbatch_missing_is_named(tmp_path, monkeypatch):
 
 
 def test_real_worker_on_slurm_writes_the_local_csv(slurm, tmp_path):
-    from demo import build_llama
+    from esd_experiment.run.demo import build_llama
 
     model = build_llama(tmp_path / "tiny-llama")
     local = subprocess.run(worker_argv(model, tmp_path / "local"), capture_output=True,

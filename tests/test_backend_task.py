@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from backend_slurm import SlurmOptions, add_slurm_arguments, slurm_options_from_args
-from backend_task import Outcome, TaskCommand, read_outcome, run_commands
-from errors import InputError, TransientError
+from esd_experiment.backends.slurm import SlurmOptions, add_slurm_arguments, slurm_options_from_args
+from esd_experiment.backends.slurm_cli import SlurmCLI, cause_from_log, submission_error
+from esd_experiment.backends.task import Outcome, TaskCommand, read_outcome, run_commands
+from esd_experiment.core.errors import InputError, TransientError
 from gputracker.jobs import Job, JobResult
-from slurm_cli import SlurmCLI, cause_from_log, submission_error
 from tests.slurm_fixtures import PROBE, ROOT, runs, wait_for
 
 START_TIMEOUT_S = 30
@@ -61,7 +61,7 @@ def test_a_command_that_cannot_start_is_an_error_outcome(tmp_path):
 TASK = textwrap.dedent("""
     import pickle, sys
     sys.path.insert(0, {root!r})
-    from backend_task import run_commands
+    from esd_experiment.backends.task import run_commands
     run_commands(pickle.load(open(sys.argv[1], "rb")), grace_period=2.0)
 """)
 
@@ -193,7 +193,7 @@ def test_slurm_flags():
 
 
 def test_backends_import_neither_torch_nor_transformers():
-    code = ("import sys, backend_slurm, backend_ray, backend_task, slurm_cli; "
+    code = ("import sys; from esd_experiment.backends import ray_backend, slurm, slurm_cli, task; "
             "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=ROOT, check=True)

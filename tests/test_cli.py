@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from demo import build_demo_zoo
-from esd_config import ESDConfig
-from results import RESULT_COLUMNS, eigs_options
-from run_state import RunLock
+from esd_experiment.core.results import RESULT_COLUMNS, eigs_options
+from esd_experiment.estimator.options import ESDConfig
+from esd_experiment.run.demo import build_demo_zoo
+from esd_experiment.run.state import RunLock
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = ROOT / "run_esd_experiment.py"

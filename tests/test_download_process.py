@@ -18,11 +18,16 @@ from pathlib import Path
 import pytest
 import torch
 
-import download_process
-from download_process import DownloadProcess, Request
-from errors import GatedModelError, ModelNotFoundError, NetworkError, TransientError
-from hub_cache import CacheSession
-from model_loader import HubClient, ModelRequest, open_model
+from esd_experiment.core.errors import (
+    GatedModelError,
+    ModelNotFoundError,
+    NetworkError,
+    TransientError,
+)
+from esd_experiment.hub import download as download_process
+from esd_experiment.hub.cache import CacheSession
+from esd_experiment.hub.download import DownloadProcess, Request
+from esd_experiment.loader.opener import HubClient, ModelRequest, open_model
 from tests.loader_fixtures import write_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]

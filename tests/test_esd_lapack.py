@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-import esd_lapack
-import net_esd
-from net_esd import gram_eigenvalues
+from esd_experiment.estimator import lapack as esd_lapack
+from esd_experiment.estimator import net_esd
+from esd_experiment.estimator.net_esd import gram_eigenvalues
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -170,7 +170,7 @@ def test_half_precision_chunks_keep_special_values(special):
 
 def test_scipy_is_loaded_only_when_the_cpu_path_runs():
     """A worker that computes on a GPU never pays SciPy's import."""
-    code = ("import sys, torch, net_esd; before = 'scipy' in sys.modules; "
+    code = ("import sys, torch; from esd_experiment.estimator import net_esd; before = 'scipy' in sys.modules; "
             "net_esd.gram_eigenvalues(torch.ones(20, 20), torch.device('cpu'), torch.float64, 400); "
             "print(before, 'scipy.linalg' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,

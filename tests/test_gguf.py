@@ -19,16 +19,16 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFWriter
 from gguf.quants import dequantize, quantize
 
-from checkpoint_io import CheckpointReader, select_weight_files
-from errors import CorruptCheckpointError, InputError, UnsupportedFormatError
-from gguf_reader import (
+from esd_experiment.core.errors import CorruptCheckpointError, InputError, UnsupportedFormatError
+from esd_experiment.formats.checkpoint import CheckpointReader, select_weight_files
+from esd_experiment.formats.gguf_file import (
     GGUFCheckpoint,
     gguf_models,
     is_gguf_path,
     local_gguf_paths,
     select_gguf_files,
 )
-from tensor_stream import read_order
+from esd_experiment.formats.stream import read_order
 from tests.loader_fixtures import llama
 from tests.test_quantized import assert_rows_close, esd_rows
 
@@ -145,7 +145,7 @@ def test_every_dequantizable_type_matches_gguf(tmp_path):
 
 def test_large_tensor_is_dequantized_in_chunks(tmp_path, monkeypatch):
     """Chunk boundaries (rows not a multiple of the chunk) leave no seam."""
-    import gguf_reader
+    from esd_experiment.formats import gguf_file as gguf_reader
 
     monkeypatch.setattr(gguf_reader, "CHUNK_ELEMS", 3 * 256)
     rng = np.random.default_rng(1)
@@ -312,7 +312,7 @@ def test_unknown_or_undequantizable_type_names_the_tensor(tmp_path):
 
 
 def test_missing_local_file(tmp_path):
-    from errors import ModelNotFoundError
+    from esd_experiment.core.errors import ModelNotFoundError
 
     with pytest.raises(ModelNotFoundError, match="no such GGUF file"):
         local_gguf_paths(tmp_path / "x.gguf", "x")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from errors import InputError
+from esd_experiment.core.errors import InputError
 from gputracker import (
     THREAD_VARS,
     Allocation,

@@ -29,8 +29,8 @@ from huggingface_hub import errors as hf_errors
 from huggingface_hub.hf_api import RepoFolder
 from safetensors.torch import load_file
 
-from errors import GatedModelError, ModelNotFoundError
-from model_loader import HubClient, ModelRequest, open_model
+from esd_experiment.core.errors import GatedModelError, ModelNotFoundError
+from esd_experiment.loader.opener import HubClient, ModelRequest, open_model
 from tests.loader_fixtures import llama, save_model, stream
 
 MIB = 1024 * 1024

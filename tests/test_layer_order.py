@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import layer_order
-from layer_order import block_index, depth_order, in_depth_order, model_order
-from net_esd import is_weight_name, longname_of
+from esd_experiment.core import layer_order
+from esd_experiment.core.layer_order import block_index, depth_order, in_depth_order, model_order
+from esd_experiment.estimator.net_esd import is_weight_name, longname_of
 
 
 def _tiny(name):
@@ -271,7 +271,7 @@ def test_config_builds_once_per_distinct_config(saved):
 ORDER_SCRIPT = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-import layer_order
+from esd_experiment.core import layer_order
 names, config = json.load(sys.stdin)
 ranks = layer_order.depth_order(names, config)
 print(json.dumps({"order": sorted(names, key=ranks.__getitem__),

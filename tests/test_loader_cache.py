@@ -16,14 +16,14 @@ import pytest
 import torch
 from safetensors import SafetensorError, safe_open
 
-from errors import (
+from esd_experiment.core.errors import (
     CorruptCheckpointError,
     ModelNotFoundError,
     ShapeMismatchError,
     UnsupportedFormatError,
 )
-from hub_cache import CacheSession, sweep
-from model_loader import HubClient, ModelRequest, open_model
+from esd_experiment.hub.cache import CacheSession, sweep
+from esd_experiment.loader.opener import HubClient, ModelRequest, open_model
 from tests.loader_fixtures import (
     llama,
     save_adapter,
@@ -251,8 +251,8 @@ def test_killed_download_leaves_nothing_a_sweep_does_not_remove_and_rerun_comple
     script = textwrap.dedent(f"""
         import sys, pathlib
         sys.path.insert(0, {str(ROOT)!r})
-        from hub_cache import CacheSession
-        from model_loader import ModelRequest, open_model
+        from esd_experiment.hub.cache import CacheSession
+        from esd_experiment.loader.opener import ModelRequest, open_model
         with CacheSession({str(hub.cache)!r}, cleanup=True) as session:
             model = open_model(ModelRequest("org/model"), session=session)
             for name, _ in model.iter_tensors():
@@ -292,13 +292,13 @@ def test_shards_downloaded_ahead_wait_in_memory_and_the_downloads_go_on(hub, tmp
     """Under --cleanup_cache, with two shards on disk and the reader not started (the worker
     still importing), a whole shard waits in memory instead, and the next download starts;
     without memory for it, the downloads stop at two shards."""
-    import tensor_stream
+    from esd_experiment.formats import stream as tensor_stream
 
     hub.add_repo("org/big", sharded(tmp_path))
     expected = llama().state_dict()
     for memory, moved in ((tensor_stream.AHEAD_MEMORY_BYTES, True), (0, False)):
         monkeypatch.setattr(tensor_stream, "AHEAD_MEMORY_BYTES", memory)
-        monkeypatch.setattr("model_loader.AHEAD_MEMORY_BYTES", memory)
+        monkeypatch.setattr("esd_experiment.loader.opener.AHEAD_MEMORY_BYTES", memory)
         with CacheSession(hub.cache, cleanup=True) as session:
             loaded = open_model(ModelRequest("org/big"), hub=client(hub), session=session)
             fetcher = loaded.checkpoint.fetcher

@@ -14,10 +14,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import ResNetConfig, ResNetForImageClassification
 
-from checkpoint_io import FLOAT_DTYPE_NAMES
-from errors import AdapterBaseError, NoWeightsError, ShapeMismatchError, UnsupportedFormatError
-from lora_merge import pattern_key, tied_weights, unsupported_variant
-from model_loader import HubClient, ModelRequest, open_model
+from esd_experiment.adapters.lora_merge import pattern_key, tied_weights, unsupported_variant
+from esd_experiment.core.errors import (
+    AdapterBaseError,
+    NoWeightsError,
+    ShapeMismatchError,
+    UnsupportedFormatError,
+)
+from esd_experiment.formats.checkpoint import FLOAT_DTYPE_NAMES
+from esd_experiment.loader.opener import HubClient, ModelRequest, open_model
 from tests.loader_fixtures import (
     bert,
     gpt2,
@@ -142,7 +147,7 @@ def test_tied_lm_head_of_a_class_transformers_lacks_found_by_name(bases, tmp_pat
 def test_lora_on_tied_embedding_and_head_merges_through_peft(bases, tmp_path, caplog):
     _, dirs = bases
     adapter, ref = _tied_head_adapter(bases, tmp_path, target_modules=["embed_tokens", "lm_head"])
-    caplog.set_level("INFO", logger="adapters")
+    caplog.set_level("INFO", logger="esd_experiment.adapters.adapter_files")
     ours = dict(open_model(ModelRequest(str(adapter), "lora", str(dirs["llama_tied"])))
                 .iter_tensors())
     assert "two LoRA modules on the tied weight" in caplog.text
@@ -157,7 +162,7 @@ def test_tied_weights_from_config():
 
 
 def test_float_dtype_names_match_net_esd():
-    import net_esd
+    from esd_experiment.estimator import net_esd
 
     assert FLOAT_DTYPE_NAMES == {str(d).removeprefix("torch.") for d in net_esd.FLOAT_DTYPES}
     assert {"float32", "bfloat16"} <= FLOAT_DTYPE_NAMES and "int8" not in FLOAT_DTYPE_NAMES
@@ -251,7 +256,7 @@ def test_variants_merge_through_peft_fallback(bases, tmp_path, kind, caplog):
     assert unsupported_variant(json.loads((tmp_path / "adapter" / "adapter_config.json")
                                           .read_text())) == ("DoRA (use_dora)" if kind == "dora"
                                                              else "IA3")
-    caplog.set_level("INFO", logger="adapters")
+    caplog.set_level("INFO", logger="esd_experiment.adapters.adapter_files")
     ours = dict(open_model(ModelRequest(str(tmp_path / "adapter"))).iter_tensors())
     assert "merging with peft" in caplog.text
     ref = peft_merged(dirs["llama"], tmp_path / "adapter")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from errors import InputError
-from model_list import JobSpec, ListEntry, group_jobs, read_model_list
+from esd_experiment.core.errors import InputError
+from esd_experiment.run.model_list import JobSpec, ListEntry, group_jobs, read_model_list
 
 
 def test_model_list_keeps_first_row_of_a_duplicate_id(tmp_path, caplog):

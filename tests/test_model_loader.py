@@ -11,8 +11,7 @@ import torch
 from huggingface_hub import HfApi
 from huggingface_hub import errors as hf_errors
 
-from checkpoint_io import natural_key
-from errors import (
+from esd_experiment.core.errors import (
     CorruptCheckpointError,
     GatedModelError,
     InputError,
@@ -23,7 +22,8 @@ from errors import (
     is_network_error,
     is_transient,
 )
-from model_loader import (
+from esd_experiment.formats.checkpoint import natural_key
+from esd_experiment.loader.opener import (
     HubClient,
     ModelRequest,
     open_model,
@@ -416,7 +416,7 @@ def test_scrub_masks_given_env_and_token_shaped_secrets(monkeypatch):
 def test_copied_reads_keep_no_mapping_of_a_deleted_shard(tmp_path):
     """Under --cleanup_cache a shard is deleted once read, while its last tensors are still
     analysed: read mapped from the file, they would keep its disk space until then."""
-    from checkpoint_io import CheckpointReader, read_header
+    from esd_experiment.formats.checkpoint import CheckpointReader, read_header
 
     values = {"a.weight": torch.randn(64, 32), "b.weight": torch.randn(16, 8)}
     for copy, by_span in ((True, False), (True, True), (False, False)):

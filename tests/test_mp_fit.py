@@ -9,10 +9,10 @@ import torch
 from result_fixtures import llama_like
 from safetensors.torch import save_file
 
-import esd_report
-import esd_worker
-from net_esd import net_esd_estimator
-from results import RESULT_COLUMNS
+from esd_experiment.core.results import RESULT_COLUMNS
+from esd_experiment.estimator.net_esd import net_esd_estimator
+from esd_experiment.report import cli as esd_report
+from esd_experiment.run import worker as esd_worker
 
 ww = pytest.importorskip("weightwatcher")
 

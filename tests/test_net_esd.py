@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-import net_esd
-from errors import InputError
-from esd_fit import METRIC_COLUMNS
-from net_esd import (
+from esd_experiment.core.errors import InputError
+from esd_experiment.estimator import net_esd
+from esd_experiment.estimator.fit import METRIC_COLUMNS
+from esd_experiment.estimator.net_esd import (
     LAYER_COLUMNS,
     ESDConfig,
     fit_from_evals,
@@ -486,7 +486,7 @@ def test_untied_lm_head_is_labelled():
 
 
 def test_analysis_path_imports_neither_transformers_nor_peft():
-    code = ("import sys, torch, net_esd; "
+    code = ("import sys, torch; from esd_experiment.estimator import net_esd; "
             "list(net_esd.iter_layer_results([('a.weight', torch.randn(20, 20))], "
             "net_esd.ESDConfig())); "
             "net_esd.net_esd_estimator(torch.nn.Linear(20, 20)); "

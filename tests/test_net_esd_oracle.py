@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from net_esd import ESDConfig, fit_from_evals, net_esd_estimator
+from esd_experiment.estimator.net_esd import ESDConfig, fit_from_evals, net_esd_estimator
 
 ww = pytest.importorskip("weightwatcher")
 

@@ -13,15 +13,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import esd_report
-import esd_worker
-import paths
-import run_esd_experiment
-from esd_config import ESDConfig
-from model_list import ListEntry, group_jobs
-from paths import ModelPaths
-from results import load_results, read_results, summarize
-from run_state import read_failure_cause
+from esd_experiment.core import paths
+from esd_experiment.core.paths import ModelPaths
+from esd_experiment.core.results import load_results, read_results, summarize
+from esd_experiment.estimator.options import ESDConfig
+from esd_experiment.report import cli as esd_report
+from esd_experiment.run import cli as run_esd_experiment
+from esd_experiment.run import worker as esd_worker
+from esd_experiment.run.model_list import ListEntry, group_jobs
+from esd_experiment.run.state import read_failure_cause
 from tests.result_fixtures import (
     fine_tuned,
     good_results,
@@ -186,8 +186,8 @@ def test_delta_alpha_mean_matches_a_source_written_with_a_trailing_slash(tmp_pat
 
 
 def test_missing_directory_under_an_existing_folder_says_so(tmp_path, monkeypatch):
-    from errors import ModelNotFoundError
-    from model_loader import ModelRequest, open_model
+    from esd_experiment.core.errors import ModelNotFoundError
+    from esd_experiment.loader.opener import ModelRequest, open_model
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()

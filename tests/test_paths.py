@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from paths import ModelPaths, model_stem, write_atomic, write_text_atomic
+from esd_experiment.core.paths import ModelPaths, model_stem, write_atomic, write_text_atomic
 
 
 @pytest.mark.parametrize("model_id, revision, stem", [

@@ -7,8 +7,8 @@ import re
 import sys
 import time
 
-import run_progress
-from run_progress import Progress
+from esd_experiment.run import progress as run_progress
+from esd_experiment.run.progress import Progress
 
 REDRAW_WAIT_S = 5.0  # how long the test waits for a redraw that is due every REFRESH_S
 

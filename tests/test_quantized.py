@@ -26,16 +26,20 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from checkpoint_io import (
+from esd_experiment.core.errors import CorruptCheckpointError, UnsupportedFormatError
+from esd_experiment.estimator.net_esd import ESDConfig, iter_layer_results
+from esd_experiment.formats.checkpoint import (
     CheckpointReader,
     check_quantization,
     select_weight_files,
 )
-from dequantize import unpack_bits
-from errors import CorruptCheckpointError, UnsupportedFormatError
-from net_esd import ESDConfig, iter_layer_results
-from quantized import dequantizing_reader, quantization_format, supported_formats
-from tensor_stream import read_order
+from esd_experiment.formats.dequantize import unpack_bits
+from esd_experiment.formats.quantized import (
+    dequantizing_reader,
+    quantization_format,
+    supported_formats,
+)
+from esd_experiment.formats.stream import read_order
 from tests.loader_fixtures import llama
 
 # ESD rows over our weights vs the oracle's: one float32 rounding per weight moves eigenvalues

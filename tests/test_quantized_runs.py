@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-import esd_worker
-from esd_config import ESDConfig
-from gguf_reader import GGUFCheckpoint
-from net_esd import iter_layer_results
+from esd_experiment.estimator.net_esd import iter_layer_results
+from esd_experiment.estimator.options import ESDConfig
+from esd_experiment.formats.gguf_file import GGUFCheckpoint
+from esd_experiment.run import worker as esd_worker
 from tests.test_gguf import T, llama_as_gguf, write_gguf
 from tests.test_quantized import GPTQ4, gptq_tensors, open_reader, save_checkpoint
 

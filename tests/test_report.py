@@ -22,10 +22,10 @@ import pandas as pd
 import pytest
 from safetensors.torch import save_file
 
-import esd_report
-import esd_worker
-from results import EIGS_OPTIONS_KEY, SUMMARY_COLUMNS, load_results
-from run_esd_experiment import build_parser, estimator_options
+from esd_experiment.core.results import EIGS_OPTIONS_KEY, SUMMARY_COLUMNS, load_results
+from esd_experiment.report import cli as esd_report
+from esd_experiment.run import worker as esd_worker
+from esd_experiment.run.cli import build_parser, estimator_options
 from tests.result_fixtures import conv_net, good_results, llama_like, with_bad_files
 
 # summary.csv holds repr-printed floats; pandas' default parser may differ in the last bit.
@@ -238,7 +238,7 @@ def two_gguf_results(tmp_path_factory):
     failed_models.txt line for a third file of it, with its log."""
     import torch
 
-    from paths import model_paths
+    from esd_experiment.core.paths import model_paths
     from tests.result_fixtures import heavy_tailed
     from tests.test_gguf import T, write_gguf
 

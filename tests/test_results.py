@@ -8,10 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import results
-from errors import InputError
-from esd_config import ESDConfig
-from results import (
+from esd_experiment.core import results
+from esd_experiment.core.errors import InputError
+from esd_experiment.core.results import (
     INTEGER_COLUMNS,
     OPTION_NAMES,
     RESULT_COLUMNS,
@@ -21,6 +20,7 @@ from results import (
     read_results,
     summarize,
 )
+from esd_experiment.estimator.options import ESDConfig
 from tests.result_fixtures import ROOT_FOR_SUBPROCESS, copy_results, good_results
 
 # Means recomputed here from the same float64 values in another summation order.
@@ -156,7 +156,7 @@ def test_parse_options_key_round_trip():
 
 def test_results_and_load_results_import_no_torch(good):
     out, _ = good
-    code = ("import sys, results; df = results.load_results(sys.argv[1], summary=True); "
+    code = ("import sys; from esd_experiment.core import results; df = results.load_results(sys.argv[1], summary=True); "
             "assert len(df) == 4, df; "
             "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT_FOR_SUBPROCESS,

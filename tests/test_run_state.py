@@ -6,10 +6,10 @@ import textwrap
 
 import pytest
 
-from errors import InputError
-from net_esd import ESDConfig
-from results import is_current
-from run_state import FailureLog, RunLock, read_failure_cause
+from esd_experiment.core.errors import InputError
+from esd_experiment.core.results import is_current
+from esd_experiment.estimator.net_esd import ESDConfig
+from esd_experiment.run.state import FailureLog, RunLock, read_failure_cause
 
 COLUMNS = ("model_id", "esd_options")
 
@@ -71,7 +71,7 @@ def test_lock_of_a_killed_run_is_not_stuck(tmp_path):
     script = textwrap.dedent(f"""
         import os, sys
         sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parents[1])!r})
-        from run_state import RunLock
+        from esd_experiment.run.state import RunLock
         RunLock({str(tmp_path)!r}).__enter__()
         os._exit(0)  # dies holding the lock, as a crashed run would
     """)
@@ -85,7 +85,7 @@ OPTIONS = {"fix_fingers": "xmin_mid", "bins": 100}
 
 
 def test_options_are_recorded_and_other_options_refused(tmp_path):
-    from run_state import check_options
+    from esd_experiment.run.state import check_options
 
     check_options(tmp_path, OPTIONS, overwrite=False)
     check_options(tmp_path, OPTIONS, overwrite=False)  # same options: fine

@@ -13,15 +13,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import run_esd_experiment as runner_mod
+from esd_experiment.core.paths import ModelPaths
+from esd_experiment.core.results import RESULT_COLUMNS
+from esd_experiment.estimator.net_esd import ESDConfig
+from esd_experiment.run import cli as runner_mod
+from esd_experiment.run.accounts import EXIT_INTERNAL, Accounts
+from esd_experiment.run.model_list import JobSpec, ListEntry
+from esd_experiment.run.plan import EXIT_TRANSIENT, result_signature, worker_argv, written_by
+from esd_experiment.run.state import FailureLog
 from gputracker import Dispatcher, JobResult
-from model_list import JobSpec, ListEntry
-from net_esd import ESDConfig
-from paths import ModelPaths
-from results import RESULT_COLUMNS
-from run_accounts import EXIT_INTERNAL, Accounts
-from run_plan import EXIT_TRANSIENT, result_signature, worker_argv, written_by
-from run_state import FailureLog
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER_EXIT_WAIT_S = 20  # the watchdog polls every second; a loaded CI machine needs slack
@@ -133,7 +133,7 @@ def test_worker_argv_keeps_flags_and_no_token(tmp_path, monkeypatch):
          "--evals_thresh", "1e-7", "--device", "cpu", "--cleanup_cache"])
     argv = worker_argv(JobSpec((ListEntry("a/b", "lora", "c/d"),)), args, tmp_path,
                        tmp_path / "logs", None, None)
-    worker_args = __import__("esd_worker").build_parser().parse_args(argv[2:])
+    worker_args = __import__("esd_experiment.run.worker", fromlist=["x"]).build_parser().parse_args(argv[2:])
     assert (worker_args.fix_fingers, worker_args.filter_zeros, worker_args.save_eigs) == \
         ("DKS", True, True)
     assert worker_args.evals_thresh == 1e-7 and worker_args.cleanup_cache
@@ -200,7 +200,7 @@ def test_bad_estimator_flags_are_refused_before_any_worker(tmp_path):
 
 def test_runner_imports_neither_torch_nor_transformers():
     """Login nodes are slow and often lack GPU libraries: the runner process stays lean."""
-    code = ("import sys, run_esd_experiment as r; r.build_parser(); "
+    code = ("import sys; from esd_experiment.run import cli as r; r.build_parser(); "
             "print(sorted(m for m in ('torch', 'transformers', 'peft', 'safetensors.torch') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,

@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 import torch
 
-from errors import InputError
-from net_esd import PL_FITTING, net_esd_estimator
+from esd_experiment.core.errors import InputError
+from esd_experiment.estimator.net_esd import PL_FITTING, net_esd_estimator
 
 
 class SmallNet(torch.nn.Module):

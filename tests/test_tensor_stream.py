@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-import esd_lapack
-import tensor_stream
-from esd_worker import CpuShare
-from tensor_stream import MAX_HELD, ShardFetcher
+from esd_experiment.estimator import lapack as esd_lapack
+from esd_experiment.formats import stream as tensor_stream
+from esd_experiment.formats.stream import MAX_HELD, ShardFetcher
+from esd_experiment.run.worker import CpuShare
 
 WAIT_S = 10  # generous bound on a thread's step on a loaded CI machine; never reached when well
 
@@ -344,8 +344,8 @@ def test_no_file_moves_beyond_the_memory_or_once_the_reader_asked_for_it(tmp_pat
 def test_a_shard_from_the_hub_is_read_in_the_order_its_bytes_arrive():
     """safetensors lays a file out by name as text (``layers.10`` before ``layers.2``): read
     in natural order, the reader would wait for ``layers.2`` while ``layers.10`` sat unread."""
-    from checkpoint_io import CheckpointReader
-    from tensor_stream import read_order
+    from esd_experiment.formats.checkpoint import CheckpointReader
+    from esd_experiment.formats.stream import read_order
 
     names = ["model.layers.10.w.weight", "model.layers.2.w.weight", "model.norm.weight"]
     header = {n: ((4, 4), "float32") for n in names}

@@ -20,9 +20,9 @@ from transformers import (
     Wav2Vec2Model,
 )
 
-from esd_config import ESDConfig
-from model_loader import ModelRequest, open_model
-from net_esd import iter_layer_results
+from esd_experiment.estimator.net_esd import iter_layer_results
+from esd_experiment.estimator.options import ESDConfig
+from esd_experiment.loader.opener import ModelRequest, open_model
 from tests.loader_fixtures import save_model, write_safetensors
 
 # The loader rebuilds g * v / ||v|| in float32, as torch's weight_norm does: float32 rounding.

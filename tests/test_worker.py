@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 import torch
 
-import esd_report
-import esd_worker
-from demo import build_demo_zoo
-from net_esd import ESDConfig, iter_layer_results
-from results import EIGS_OPTIONS_KEY, RESULT_COLUMNS, eigs_options
+from esd_experiment.core.results import EIGS_OPTIONS_KEY, RESULT_COLUMNS, eigs_options
+from esd_experiment.estimator.net_esd import ESDConfig, iter_layer_results
+from esd_experiment.report import cli as esd_report
+from esd_experiment.run import worker as esd_worker
+from esd_experiment.run.demo import build_demo_zoo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,8 +60,9 @@ def test_threads_flag_reaches_torch_and_blas_without_importing_torch_first(zoo, 
         sys.path.insert(0, {str(ROOT)!r})
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             os.environ.pop(var, None)
-        import esd_worker, esd_lapack
-        from esd_config import ESDConfig
+        from esd_experiment.run import worker as esd_worker
+        from esd_experiment.estimator import lapack as esd_lapack
+        from esd_experiment.estimator.options import ESDConfig
         seen = {{}}
         real = esd_worker.run_job
         def run_job(config, stage):
@@ -157,8 +158,8 @@ def test_parallel_esd_failure_exits_cleanly_without_abort(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import sys, torch
         sys.path.insert(0, {str(ROOT)!r})
-        from esd_config import ESDConfig
-        from esd_worker import parallel_layer_results
+        from esd_experiment.estimator.options import ESDConfig
+        from esd_experiment.run.worker import parallel_layer_results
         big = torch.randn(1500, 800)
         stream = [("a.weight", big), ("b.weight", "not a tensor"), ("c.weight", big),
                   ("d.weight", big), ("e.weight", big)]
@@ -238,7 +239,7 @@ EIGS_RTOL = 1e-9
 
 
 def test_a_model_whose_result_cannot_be_written_fails_alone(zoo, tmp_path):
-    from paths import model_paths
+    from esd_experiment.core.paths import model_paths
 
     out = tmp_path / "out"
     base, adapter = (model_paths(out, str(zoo / m)) for m in ("tiny-llama", "tiny-llama-lora"))

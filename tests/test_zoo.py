@@ -29,9 +29,9 @@ import torch
 from torch.nn.utils import parametrize
 from transformers.pytorch_utils import Conv1D
 
-from model_loader import ModelRequest, open_model
-from net_esd import ESDConfig, iter_layer_results, net_esd_estimator
-from results import STATUSES
+from esd_experiment.core.results import STATUSES
+from esd_experiment.estimator.net_esd import ESDConfig, iter_layer_results, net_esd_estimator
+from esd_experiment.loader.opener import ModelRequest, open_model
 from tests.zoo_models import BIN_INDEX, BUILDERS, LAYOUTS, ZooModel, build_zoo
 
 # Tensors of two or more dimensions deliberately given no row, by parameter-name regex.

@@ -10,8 +10,8 @@ import re
 import numpy as np
 import pytest
 
-from esd_config import ESDConfig
-from layer_order import in_depth_order
+from esd_experiment.core.layer_order import in_depth_order
+from esd_experiment.estimator.options import ESDConfig
 from tests.test_zoo import loader_rows
 from tests.zoo_published import LAYOUTS, ROW_KINDS, SKIPPED, E, Published, build
 

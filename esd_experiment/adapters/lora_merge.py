@@ -1,0 +1,512 @@
+"""Merging a PEFT adapter into its base model, tensor by tensor.
+
+``MergePlan`` matches every tensor of a LoRA adapter file to the base checkpoint tensor it
+changes, checks all shapes before anything is computed, and then streams the base with
+each touched tensor replaced by what ``peft``'s ``merge_and_unload()`` produces::
+
+    W' = W + scale * B @ A            (nn.Linear)
+    W' = W + scale * (B @ A).T        (GPT-2 ``Conv1D``, stored (in, out); peft's fan_in_fan_out)
+    E' = E + scale * (B @ A).T        (embedding LoRA: lora_embedding_A (r, vocab), _B (dim, r))
+    b' = b + scale * lora_B.bias      (lora_bias=True)
+
+with ``scale = lora_alpha / r`` or ``lora_alpha / sqrt(r)`` under ``use_rslora``, ``r`` and
+``lora_alpha`` taken per module from ``rank_pattern`` / ``alpha_pattern`` exactly as peft
+matches them. Merged tensors are computed and returned in float32. ``modules_to_save``
+weights and saved ``base_layer`` weights replace the base tensor; a ``modules_to_save``
+weight with no base counterpart (an untied ``lm_head`` over a tied base) is yielded as an
+extra tensor. A LoRA on an output head that the base ties to its input embedding (the base
+stores only the embedding) is merged into the embedding: peft merges in place into the one
+shared parameter, so its merged model holds ``embedding = lm_head = E + scale * B @ A``, and
+the stream yields that tensor once, under the embedding's name, as it yields every tied
+weight. Adapter tensors that match no base tensor are an error, never ignored.
+
+Adapters this arithmetic does not cover (DoRA, IA3, LoHa, LoKr, LoRA on convolutions, ...)
+go through ``merged_with_peft``: transformers builds the base model, peft merges, and the
+merged weights are streamed back from a temporary safetensors copy.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from esd_experiment.core.errors import (
+    CorruptCheckpointError,
+    ShapeMismatchError,
+    UnsupportedFormatError,
+)
+from esd_experiment.formats.checkpoint import (
+    FLOAT_DTYPE_NAMES,
+    CheckpointReader,
+    natural_key,
+    select_weight_files,
+)
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_PREFIX = "base_model.model."
+# Model families whose projections are GPT-2 ``Conv1D`` modules (weights stored (in, out)):
+# peft transposes their LoRA delta whatever ``fan_in_fan_out`` says.
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+# LoraConfig fields that turn on a variant whose merge is not plain W + scale * B @ A.
+_VARIANT_FIELDS = (
+    ("use_dora", "DoRA (use_dora)"), ("velora_config", "VeLoRA"), ("use_bdlora", "BD-LoRA"),
+    ("alora_invocation_tokens", "activated LoRA"), ("monteclora_config", "MonteCLoRA"),
+    ("arrow_config", "Arrow"), ("kasa_config", "KaSA"), ("use_qalora", "QA-LoRA"),
+    ("target_parameters", "LoRA on parameters (target_parameters)"),
+    ("trainable_token_indices", "trainable tokens"), ("layer_replication", "layer replication"),
+)
+_LORA_KEY = re.compile(
+    r"^(?P<module>.+)\.lora_(?P<part>A|B|embedding_A|embedding_B)(?:\.default)?"
+    r"(?:\.(?P<param>weight|bias))?$")
+_SAVED_MODULE_KEY = re.compile(r"^(?P<module>.+)\.modules_to_save(?:\.default)?\.(?P<rest>.+)$")
+_BASE_LAYER_KEY = re.compile(r"^(?P<module>.+)\.base_layer\.(?P<rest>.+)$")
+# Input-embedding tensors an output head is tied to, for a base transformers does not know.
+_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight",
+                       "embed_in.weight", "tok_embeddings.weight", "shared.weight")
+
+
+class NeedsPeftMerge(Exception):
+    """Raised while planning when only peft itself can merge this adapter."""
+
+
+def tied_weights(base_config: Mapping[str, Any]) -> dict[str, str]:
+    """Tensors the base model ties to another one, ``{tied: stored}``, as transformers ties them.
+
+    Empty when ``tie_word_embeddings`` is false (it defaults to true when unset). The pairs come
+    from the ``_tied_weights_keys`` of the class ``architectures`` names; for a class
+    transformers does not have (custom code), ``lm_head.weight`` is tied to an input embedding
+    found by name (stored value ``""``).
+    """
+    text_config = base_config.get("text_config")
+    text_config = text_config if isinstance(text_config, Mapping) else {}
+    if not base_config.get("tie_word_embeddings", text_config.get("tie_word_embeddings", True)):
+        return {}
+    archs = base_config.get("architectures") or [""]
+    try:
+        import transformers
+
+        keys = getattr(getattr(transformers, str(archs[0]), None), "_tied_weights_keys", None)
+    except ImportError:  # a model class whose optional dependency is missing
+        keys = None
+    if isinstance(keys, Mapping) and keys:
+        return {str(k): str(v) for k, v in keys.items()}
+    return {"lm_head.weight": ""}
+
+
+def task_model_filter(task_type: str, base_config: Mapping[str, Any]):
+    """For an adapter whose task builds another model class than the base's own (a SEQ_CLS
+    adapter on a causal LM), a predicate telling which base tensors that class holds; None
+    when every base tensor is part of the merged model.
+
+    The class is the one peft builds (``AutoModelForSequenceClassification`` for SEQ_CLS, ...),
+    instantiated from the base's config on the meta device (no memory, no remote code); for a
+    config transformers cannot build, the base's LM head (``lm_head``) is what is left out.
+    """
+    name = _TASK_CLASSES.get(str(task_type or "").upper())
+    if name is None or name in ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM"):
+        return None
+    try:
+        import torch
+        import transformers
+
+        config = transformers.AutoConfig.for_model(**dict(base_config))
+        with torch.device("meta"):
+            model = getattr(transformers, name).from_config(config)
+        finder = _BaseNames([n for n, _ in model.named_parameters()])
+        return lambda n: finder.find(n) is not None
+    except Exception as exc:  # a custom architecture or a config the class cannot take
+        logger.info("cannot build %s from the base config (%s: %s); leaving out its lm_head",
+                    name, type(exc).__name__, exc)
+        return lambda n: not (n.startswith("lm_head.") or ".lm_head." in n)
+
+
+def unsupported_variant(adapter_config: dict[str, Any]) -> str | None:
+    """The adapter type when the per-tensor LoRA merge does not cover it, else None."""
+    peft_type = str(adapter_config.get("peft_type") or "LORA").upper()
+    if peft_type != "LORA":
+        return peft_type
+    for key, label in _VARIANT_FIELDS:
+        if adapter_config.get(key):
+            return label
+    if adapter_config.get("init_lora_weights") == "mica":
+        return "MiCA LoRA"
+    return None
+
+
+def pattern_key(pattern_keys, module: str) -> str | None:
+    """The ``rank_pattern``/``alpha_pattern`` key that applies to ``module``, as peft matches."""
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The numbers of ``adapter_config.json`` that the merge uses."""
+
+    r: int
+    lora_alpha: float
+    use_rslora: bool = False
+    fan_in_fan_out: bool = False
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+    modules_to_save: tuple[str, ...] = ()
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], model_id: str) -> LoraSettings:
+        try:
+            return cls(int(cfg["r"]), float(cfg.get("lora_alpha", 8)),
+                       bool(cfg.get("use_rslora")), bool(cfg.get("fan_in_fan_out")),
+                       dict(cfg.get("rank_pattern") or {}), dict(cfg.get("alpha_pattern") or {}),
+                       tuple(cfg.get("modules_to_save") or ()))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptCheckpointError(f"{model_id}: adapter_config.json has no usable LoRA "
+                                         f"rank/alpha ({exc!r})") from None
+
+    def rank_and_scale(self, module: str) -> tuple[int, float]:
+        r_key = pattern_key(self.rank_pattern, module)
+        a_key = pattern_key(self.alpha_pattern, module)
+        r = int(self.rank_pattern[r_key]) if r_key is not None else self.r
+        alpha = float(self.alpha_pattern[a_key]) if a_key is not None else self.lora_alpha
+        return r, alpha / (math.sqrt(r) if self.use_rslora else r)
+
+    def saves_module(self, module: str) -> bool:
+        return any(module == m or module.endswith(f".{m}") for m in self.modules_to_save)
+
+
+@dataclass
+class _Lora:
+    """The adapter tensors of one LoRA-wrapped module."""
+
+    module: str
+    a: str | None = None
+    b: str | None = None
+    b_bias: str | None = None
+    embedding: bool = False
+
+
+@dataclass
+class _Op:
+    """How one output tensor is made."""
+
+    base: str | None = None          # base tensor it starts from (None: an extra tensor)
+    replace: str | None = None       # adapter tensor that replaces the base value
+    lora: _Lora | None = None        # delta scale * B @ A added to a weight
+    bias_of: _Lora | None = None     # delta scale * lora_B.bias added to a bias
+    scale: float = 1.0
+    transpose: bool = False
+    adapter_keys: list[str] = field(default_factory=list)
+
+
+def _parse_adapter_keys(names, model_id: str) -> tuple[dict[str, _Lora], dict[str, str]]:
+    """LoRA modules by module name, and replacement weights by parameter name."""
+    loras: dict[str, _Lora] = {}
+    replacements: dict[str, str] = {}
+    for key in names:
+        path = key.removeprefix(ADAPTER_PREFIX)
+        match = _LORA_KEY.match(path)
+        if match:
+            lora = loras.setdefault(match["module"], _Lora(match["module"]))
+            part, param = match["part"], match["param"]
+            if part.startswith("embedding") != (param is None):
+                raise CorruptCheckpointError(f"{model_id}: adapter tensor {key!r} is malformed")
+            lora.embedding = lora.embedding or part.startswith("embedding")
+            if param == "bias":
+                lora.b_bias = key
+            else:
+                setattr(lora, "a" if part.endswith("A") else "b", key)
+            continue
+        match = _SAVED_MODULE_KEY.match(path) or _BASE_LAYER_KEY.match(path)
+        target = f"{match['module']}.{match['rest']}" if match else path
+        replacements[target] = key
+    for lora in loras.values():
+        if lora.a is None or lora.b is None:
+            present = lora.a or lora.b or lora.b_bias
+            raise CorruptCheckpointError(
+                f"{model_id}: adapter tensor {present!r} has no lora_A/lora_B partner")
+    return loras, replacements
+
+
+class _BaseNames:
+    """Finds the base tensor an adapter path names, however the two prefix their keys.
+
+    Exact match first; then without the adapter path's first component (adapter trained on
+    ``*ForCausalLM``, base saved as the bare model); then base names without their first
+    component (the reverse), when that is unambiguous. ``find_tied`` resolves a tensor the
+    base does not store because it is tied to another (``base_config`` says which).
+    """
+
+    def __init__(self, names, base_config: Mapping[str, Any] | None = None):
+        self.names = set(names)
+        self.base_config = base_config
+        self.stripped: dict[str, list[str]] = {}
+        for name in names:
+            rest = name.partition(".")[2]
+            if rest:
+                self.stripped.setdefault(rest, []).append(name)
+
+    def find(self, path: str) -> str | None:
+        if path in self.names:
+            return path
+        rest = path.partition(".")[2]
+        if rest in self.names:
+            return rest
+        candidates = self.stripped.get(path, [])
+        return candidates[0] if len(candidates) == 1 else None
+
+    @cached_property
+    def tied(self) -> dict[str, str]:  # transformers is imported only when a lookup needs it
+        return tied_weights(self.base_config) if self.base_config is not None else {}
+
+    def find_tied(self, path: str) -> str | None:
+        """The stored tensor that ``path`` shares, when the base ties ``path`` and lacks it."""
+        if self.find(path) is not None:
+            return None
+        for tied, stored in self.tied.items():
+            if tied in (path, path.partition(".")[2]):
+                return self.find(stored) if stored else self._embedding()
+        return None
+
+    def _embedding(self) -> str | None:
+        found = [n for n in self.names
+                 if any(n == s or n.endswith(f".{s}") for s in _EMBEDDING_SUFFIXES)]
+        return found[0] if len(found) == 1 else None
+
+
+class MergePlan:
+    """Every output tensor of base + LoRA adapter, checked against shapes before streaming.
+
+    ``base_config`` (the base's ``config.json``) tells which tensors the base ties, so that a
+    LoRA on a tied ``lm_head`` lands in the embedding the base stores.
+    """
+
+    def __init__(self, base: CheckpointReader, adapter: CheckpointReader,
+                 settings: LoraSettings, *, model_id: str, base_id: str, conv1d: bool,
+                 base_config: Mapping[str, Any] | None = None, task_type: str = ""):
+        self.base, self.adapter, self.settings = base, adapter, settings
+        self.model_id, self.base_id, self.conv1d = model_id, base_id, conv1d
+        self.ops: dict[str, _Op] = {}
+        self._unused: list[str] = []
+        self._shared: set[str] = set()  # stored tensors that a tied module's adapter changes
+        loras, replacements = _parse_adapter_keys(adapter.names, model_id)
+        finder = _BaseNames(base.names, base_config)
+        for lora in loras.values():
+            self._plan_lora(lora, finder)
+        for target, key in replacements.items():
+            self._plan_replacement(target, key, finder)
+        if self._unused:
+            shown = ", ".join(sorted(self._unused, key=natural_key)[:8])
+            raise ShapeMismatchError(
+                f"{model_id}: {len(self._unused)} adapter tensor(s) match no tensor of the base "
+                f"model {base_id}: {shown}. Check that source_model is the adapter's base")
+        kept = task_model_filter(task_type, base_config or {})
+        names = set(self.ops) | {n for n in base.names if kept is None or kept(n)}
+        if kept is not None and names != set(base.names) | set(self.ops):
+            logger.info("%s: a %s adapter; %s tensors of %s that its model has no use for are "
+                        "not part of it: %s", model_id, task_type, len(set(base.names) - names),
+                        base_id, ", ".join(sorted(set(base.names) - names)[:5]))
+        self.names = tuple(sorted(names, key=natural_key))
+
+    def _op(self, name: str) -> _Op:
+        return self.ops.setdefault(name, _Op(base=name))
+
+    def _plan_lora(self, lora: _Lora, finder: _BaseNames) -> None:
+        weight = finder.find(f"{lora.module}.weight")
+        shared = weight is None
+        if shared:
+            weight = finder.find_tied(f"{lora.module}.weight")
+        if weight is None:
+            self._unused += [k for k in (lora.a, lora.b, lora.b_bias) if k]
+            return
+        a_shape, b_shape = self.adapter.shape(lora.a), self.adapter.shape(lora.b)
+        if len(a_shape) != 2 or len(b_shape) != 2:
+            raise NeedsPeftMerge(f"LoRA on a {len(a_shape)}-D weight ({lora.module})")
+        r, scale = self.settings.rank_and_scale(lora.module)
+        if not a_shape[0] == b_shape[1] == r:
+            self._mismatch(f"{lora.a} {a_shape} and {lora.b} {b_shape} do not have the "
+                           f"configured rank r={r}")
+        op = self._op(weight)
+        if op.lora is not None and (shared or weight in self._shared):
+            raise NeedsPeftMerge(f"two LoRA modules on the tied weight {weight}")
+        if op.lora is not None:
+            raise CorruptCheckpointError(
+                f"{self.model_id}: two LoRA modules of the adapter target {weight!r}")
+        if shared:
+            logger.info("%s: %s is tied to %s in %s; its LoRA is merged into that tensor",
+                        self.model_id, lora.module, weight, self.base_id)
+            self._shared.add(weight)
+        op.lora, op.scale = lora, scale
+        op.transpose = self._orientation(lora, weight, linear=shared)
+        op.adapter_keys += [lora.a, lora.b]
+        self._check_float(weight)
+        if lora.b_bias is not None:
+            self._plan_bias(lora, weight, scale, b_shape[0])
+
+    def _orientation(self, lora: _Lora, weight: str, linear: bool = False) -> bool:
+        """Whether B @ A is transposed before it is added to ``weight``; ``linear``: the
+        module is known to be an ``nn.Linear`` (a tied output head), never ``Conv1D``."""
+        (r, fan_in), (fan_out, _) = self.adapter.shape(lora.a), self.adapter.shape(lora.b)
+        shape = self.base.shape(weight)
+        if lora.embedding:
+            if shape != (fan_in, fan_out):
+                self._mismatch(f"embedding {weight} {shape} vs lora_embedding_A {(r, fan_in)} "
+                               f"and lora_embedding_B {(fan_out, r)}")
+            return True
+        plain, flipped = shape == (fan_out, fan_in), shape == (fan_in, fan_out)
+        if not (plain or flipped):
+            self._mismatch(f"{weight} {shape} vs B @ A {(fan_out, fan_in)} from {lora.b}")
+        if plain and flipped:
+            return not linear and (self.conv1d or self.settings.fan_in_fan_out)
+        return flipped
+
+    def _plan_bias(self, lora: _Lora, weight: str, scale: float, fan_out: int) -> None:
+        bias = weight.removesuffix("weight") + "bias"
+        if bias not in self.base.names:
+            self._unused.append(lora.b_bias)
+            return
+        if self.base.shape(bias) != (fan_out,) or self.adapter.shape(lora.b_bias) != (fan_out,):
+            self._mismatch(f"{bias} {self.base.shape(bias)} vs {lora.b_bias} "
+                           f"{self.adapter.shape(lora.b_bias)}")
+        op = self._op(bias)
+        op.bias_of, op.scale = lora, scale
+        op.adapter_keys.append(lora.b_bias)
+
+    def _plan_replacement(self, target: str, key: str, finder: _BaseNames) -> None:
+        name = finder.find(target)
+        if name is None and ".base_layer." in key and ".modules_to_save." not in key:
+            name = finder.find_tied(target)  # peft saved a tied head's weight: the embedding
+        if name is None:
+            module = target.rpartition(".")[0]
+            if ".modules_to_save." in key or self.settings.saves_module(module):
+                logger.info("%s: %s has no counterpart in %s; analysed as an extra tensor",
+                            self.model_id, key, self.base_id)
+                self.ops[target] = _Op(replace=key, adapter_keys=[key])
+            else:
+                self._unused.append(key)
+            return
+        if self.adapter.shape(key) != self.base.shape(name):
+            self._mismatch(f"{key} {self.adapter.shape(key)} replaces {name} "
+                           f"{self.base.shape(name)}")
+        op = self._op(name)
+        if op.replace is not None:
+            raise NeedsPeftMerge(f"two adapter tensors ({op.replace}, {key}) set {name}, "
+                                 f"which the base ties")
+        op.replace = key
+        op.adapter_keys.append(key)
+        if ".modules_to_save." in key or self.settings.saves_module(target.rpartition(".")[0]):
+            self._untie(name, finder)
+
+    def _untie(self, name: str, finder: _BaseNames) -> None:
+        """peft trains a copy of a saved module, so a weight the base ties to it keeps the
+        original value: yield that original under the tied name, as peft's merged model has it."""
+        for tied in finder.tied:
+            if tied not in self.ops and finder.find(tied) is None and finder.find_tied(tied) == name:
+                logger.info("%s: %s is saved by the adapter; %s, tied to it in %s, keeps the "
+                            "original weights", self.model_id, name, tied, self.base_id)
+                self.ops[tied] = _Op(base=name)
+
+    def _mismatch(self, detail: str) -> None:
+        raise ShapeMismatchError(
+            f"{self.model_id}: adapter does not fit base model {self.base_id}: {detail}")
+
+    def _check_float(self, name: str) -> None:
+        if self.base.dtype(name) not in FLOAT_DTYPE_NAMES:
+            raise UnsupportedFormatError(
+                f"{self.model_id}: cannot merge LoRA into {name} of {self.base_id}: it is stored "
+                f"as {self.base.dtype(name)}, not floating point")
+
+    def source_of(self, name: str) -> str | None:
+        """The base tensor output ``name`` starts from; None when the adapter alone gives it."""
+        op = self.ops.get(name)
+        if op is None:
+            return name
+        return None if op.replace else op.base
+
+    def storage(self, name: str) -> str:
+        """The stored format of the tensor output ``name`` starts from."""
+        op = self.ops.get(name)
+        if op is not None and op.replace:
+            return self.adapter.storage(op.replace)
+        return self.base.storage(name if op is None else op.base)
+
+    def tensor(self, name: str, base_value: torch.Tensor | None = None) -> torch.Tensor:
+        """The merged value of one output tensor; ``base_value``: its source base tensor, when
+        the caller has read it already (a shared pass reads each base tensor once)."""
+        op = self.ops.get(name)
+        source = self.source_of(name)
+        if source is not None and base_value is None:
+            base_value = self.base.get(source)
+        if op is None:
+            return base_value
+        value = self.adapter.get(op.replace) if op.replace else base_value
+        if op.lora is not None:
+            a = self.adapter.get(op.lora.a).to(torch.float32)
+            b = self.adapter.get(op.lora.b).to(torch.float32)
+            delta = b @ a
+            if op.transpose:
+                delta = delta.T
+            value = value.to(torch.float32) + delta * op.scale
+        elif op.bias_of is not None:
+            bias = self.adapter.get(op.bias_of.b_bias).to(torch.float32)
+            value = value.to(torch.float32) + bias * op.scale
+        return value
+
+
+_TASK_CLASSES = {
+    "CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM", "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering", "FEATURE_EXTRACTION": "AutoModel",
+}
+
+
+def _model_class(adapter_config: dict[str, Any], base_config: dict[str, Any]):
+    import transformers
+
+    name = _TASK_CLASSES.get(str(adapter_config.get("task_type") or "").upper())
+    if name is None:
+        archs = base_config.get("architectures") or []
+        name = archs[0] if archs and hasattr(transformers, str(archs[0])) else "AutoModel"
+    return getattr(transformers, name)
+
+
+def merged_with_peft(base_dir: Path, adapter_dir: Path, adapter_config: dict[str, Any],
+                     base_config: dict[str, Any], *, model_id: str, variant: str,
+                     trust_remote_code: bool) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """Merge with ``PeftModel.merge_and_unload()`` and stream the merged weights as
+    ``(name, tensor, storage)``.
+
+    The base is built by transformers in float32 (so the merge is float32 arithmetic), the
+    merged model is saved to a temporary safetensors directory and freed, and that copy is
+    streamed like any checkpoint; the whole base model is in memory while it is merged.
+    """
+    from peft import PeftModel
+
+    model_cls = _model_class(adapter_config, base_config)
+    with tempfile.TemporaryDirectory(prefix="esd-peft-merge-") as tmp:
+        try:
+            model = model_cls.from_pretrained(str(base_dir), dtype=torch.float32,
+                                              trust_remote_code=trust_remote_code)
+            merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+            merged.save_pretrained(tmp, safe_serialization=True)
+        except (ValueError, KeyError, AttributeError, TypeError, RuntimeError, OSError,
+                NotImplementedError, ImportError) as exc:
+            error = ShapeMismatchError if "size mismatch" in str(exc) else UnsupportedFormatError
+            raise error(f"{model_id}: the {variant} adapter could not be merged by peft into "
+                        f"{model_cls.__name__}: {type(exc).__name__}: {exc}") from None
+        del model, merged
+        gc.collect()
+        files = sorted(p.name for p in Path(tmp).iterdir())
+        reader = CheckpointReader(Path(tmp), select_weight_files(files, model_id), model_id)
+        yield from reader.iter_tensors()

@@ -1,0 +1,188 @@
+"""A user's own per-layer metrics: ``--metric FILE.py:FUNCTION`` or
+``--metric package.module:FUNCTION``.
+
+``FUNCTION(evals)`` gets a layer's eigenvalues (float64, ascending, docs/metrics.md section 2)
+and returns ``{column: number}``; a function that also names a parameter ``W`` gets the weight
+matrix as analysed, and ``N`` / ``M`` its larger / smaller dimension. ``--mp_fit`` is one such
+metric (``MP_FIT``, esd_mp.py). The columns follow the built-in ones in every row. Which metrics a result
+holds is part of its ``esd_options`` (``results.options_key``), under the name each metric is
+recorded by: ``<file name>:FUNCTION`` or ``package.module:FUNCTION``.
+
+The code loaded here is the user's own, named on the command line; nothing found in a
+checkpoint or a results directory is ever loaded. Imports neither torch nor pandas.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import inspect
+import numbers
+import re
+from collections.abc import Callable, Iterable, Mapping, Set
+from dataclasses import dataclass
+from pathlib import Path
+
+from esd_experiment.core.errors import InputError
+from esd_experiment.estimator.mp_fit import MP_FIT_NAME, mp_fit
+
+# Names a metric may not give its columns besides the result's own (passed in by the caller):
+# net_esd_estimator's extra columns.
+RESERVED_COLUMNS = frozenset({"alphahat", "eigs"})
+# What a recorded name may hold: it is written inside the esd_options cell, where ";" and ","
+# separate options and metrics.
+_RECORDED_NAME = re.compile(r"^[\w.\-+]+:[A-Za-z_]\w*$")
+
+
+class MetricError(InputError):
+    """A metric that raised, or returned something other than ``{column: number}``: the model
+    fails with this cause (deterministic; a retry gives the same answer)."""
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One loaded metric: the name results record it by, the function, and which of the
+    layer's ``W``, ``N``, ``M`` it takes besides the eigenvalues."""
+
+    name: str
+    fn: Callable
+    takes: frozenset = frozenset()
+
+    @property
+    def wants_W(self) -> bool:
+        return "W" in self.takes
+
+
+# WeightWatcher's Marchenko-Pastur fit (--mp_fit).
+MP_FIT = Metric(MP_FIT_NAME, mp_fit, frozenset({"N", "M"}))
+
+
+def _takes(fn: Callable) -> frozenset:
+    try:
+        return frozenset(inspect.signature(fn).parameters) & {"W", "N", "M"}
+    except (TypeError, ValueError):
+        return frozenset()
+
+
+def as_metric(item: Metric | Callable | str) -> Metric:
+    """A ``Metric`` from a loaded one, a function (Python callers), or a ``--metric`` spec."""
+    if isinstance(item, Metric):
+        return item
+    if isinstance(item, str):
+        return load_metric(item)
+    if not callable(item):
+        raise InputError(f"metrics: {item!r} is neither a function nor a FILE.py:FUNCTION spec")
+    module = getattr(item, "__module__", None) or "python"
+    name = f"{module}:{getattr(item, '__qualname__', type(item).__name__)}"
+    name = re.sub(r"[^\w.\-+:]", "_", name)
+    return Metric(name, item, _takes(item))
+
+
+@functools.cache
+def load_metric(spec: str) -> Metric:
+    """Load ``FILE.py:FUNCTION`` or ``package.module:FUNCTION`` (once per process); raises
+    InputError with one line saying what is wrong with the spec."""
+    where, sep, func = spec.strip().rpartition(":")
+    if not sep or not where or not func.isidentifier():
+        raise InputError(f"--metric {spec!r}: expected FILE.py:FUNCTION or "
+                         "package.module:FUNCTION")
+    if where.endswith(".py"):
+        path = Path(where).expanduser()
+        if not path.is_file():
+            raise InputError(f"--metric {spec!r}: no such file {path}")
+        name = f"{path.name}:{func}"
+        module_name = f"_esd_metric_{abs(hash(str(path.resolve())))}"
+        try:
+            loader_spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(loader_spec)
+            loader_spec.loader.exec_module(module)
+        except Exception as exc:  # the user's file failed to run: say where, in one line
+            raise InputError(f"--metric {spec!r}: {path} cannot be loaded: "
+                             f"{type(exc).__name__}: {_one_line(exc)}") from None
+    else:
+        name = f"{where}:{func}"
+        try:
+            module = importlib.import_module(where)
+        except Exception as exc:
+            raise InputError(f"--metric {spec!r}: module {where!r} cannot be imported: "
+                             f"{type(exc).__name__}: {_one_line(exc)}") from None
+    fn = getattr(module, func, None)
+    if not callable(fn):
+        raise InputError(f"--metric {spec!r}: {where} has no function {func!r}")
+    if not _RECORDED_NAME.match(name):
+        raise InputError(f"--metric {spec!r}: the name {name!r} it would be recorded by may "
+                         "hold only letters, digits and . - + _ (rename the file)")
+    return Metric(name, fn, _takes(fn))
+
+
+def load_metrics(items: Iterable[Metric | Callable | str] | None) -> tuple[Metric, ...]:
+    """Every metric of ``items`` loaded, in order; a metric named twice is refused."""
+    metrics = tuple(as_metric(item) for item in items or ())
+    names = [m.name for m in metrics]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InputError(f"--metric {twice[0]} is given twice")
+    return metrics
+
+
+def metric_argv(spec: str) -> str:
+    """A ``--metric`` spec as a worker elsewhere reads it: a file path made absolute."""
+    where, _, func = spec.strip().rpartition(":")
+    if where.endswith(".py"):
+        return f"{Path(where).expanduser().resolve()}:{func}"
+    return spec.strip()
+
+
+def metric_columns(metrics: Iterable[Metric], evals, weights: Callable[[], object],
+                   builtin: Iterable[str], N: int, M: int) -> dict:
+    """The columns of every metric for one layer: ``{column: float}``, in metric order.
+
+    ``evals``: the layer's eigenvalues (float64 NumPy, ascending); each metric gets its own
+    copy. ``weights()``: the matrix as analysed, built only when a metric takes ``W``.
+    ``builtin``: the result's own columns, which no metric may name. ``N``, ``M``: the
+    matrix's larger and smaller dimension (of each slice, for a convolution). Raises MetricError naming the metric when one raises or returns something else than
+    ``{column: number}`` with new column names.
+    """
+    out: dict[str, float] = {}
+    reserved = RESERVED_COLUMNS | frozenset(builtin)
+    W = None
+    for metric in metrics:
+        try:
+            if metric.wants_W and W is None:
+                W = weights()
+            given = {"W": W, "N": N, "M": M}
+            value = metric.fn(evals.copy(), **{k: given[k] for k in metric.takes})
+        except Exception as exc:  # the user's code: its failure is the model's cause
+            raise MetricError(f"metric {metric.name} raised {type(exc).__name__}: "
+                              f"{_one_line(exc)}") from None
+        out.update(_checked(metric, value, reserved | out.keys()))
+    return out
+
+
+def _checked(metric: Metric, value: object, taken: Set[str]) -> dict[str, float]:
+    if not isinstance(value, Mapping):
+        raise MetricError(f"metric {metric.name} returned a {type(value).__name__}, not a "
+                          "{column: number} dict")
+    checked = {}
+    for column, number in value.items():
+        if not isinstance(column, str) or not column or column != column.strip() \
+                or any(c in column for c in ",\"\r\n"):
+            raise MetricError(f"metric {metric.name} returned the column name {column!r}: "
+                              "a name needs text without commas, quotes or line breaks")
+        if column in taken:
+            raise MetricError(f"metric {metric.name} returned the column {column!r}, which "
+                              "another column already has")
+        if isinstance(number, bool) or not isinstance(number, numbers.Real):
+            raise MetricError(f"metric {metric.name} returned {type(number).__name__} "
+                              f"{_short(number)} for column {column!r}, not a number")
+        checked[column] = float(number)
+    return checked
+
+
+def _short(value: object) -> str:
+    return repr(value)[:40]
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200]

@@ -1,0 +1,494 @@
+"""The ESD estimator: eigenvalues, power-law fits and metrics of weight matrices.
+
+Pure computation: tensors and options in, result rows out. No file I/O, no logging setup,
+no hub access; the device is passed in. The numerical contract is ``docs/metrics.md``.
+
+Three doors, one implementation:
+
+- ``iter_layer_results(named_tensors, config)``: a stream of ``(name, tensor)`` pairs (the
+  worker's loader reads them one at a time) to one ``LayerResult`` per layer.
+- ``net_esd_estimator(net, ...)``: TempBalance's call on an ``nn.Module``, returning a DataFrame.
+- ``fit_from_evals(evals, config, N=...)``: the fit and metric columns from saved eigenvalues.
+
+Eigenvalues are those of the smaller Gram matrix, accumulated from row chunks converted one at
+a time to the computation dtype, so memory stays O(M^2 + chunk) even for a 128k-row embedding;
+on the CPU by BLAS syrk and LAPACK syevr (``esd_lapack``), on a GPU by torch.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from esd_experiment.core.errors import InputError
+from esd_experiment.core.layer_order import block_index, stack_of
+from esd_experiment.core.results import LAYER_COLUMNS, METRIC_COLUMNS, RESULT_COLUMNS
+from esd_experiment.estimator import lapack as esd_lapack
+from esd_experiment.estimator.fit import spectral_metrics
+from esd_experiment.estimator.metrics import MP_FIT, metric_columns
+
+# The result schema lives in results.py (torch-free); layer columns are filled here.
+from esd_experiment.estimator.options import FIX_FINGERS, ESDConfig  # noqa: F401  (the estimator's public options)
+
+# The computation dtype of each --precision (esd_config.PRECISION_NAMES).
+PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
+_NUMPY_DTYPES = {torch.float64: np.float64, torch.float32: np.float32}
+
+# Storage dtypes analysed as numbers (half precisions are upcast chunk by chunk). Integer and
+# bool tensors are packed quantized data; float8 values mean nothing without their scales.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Last name components that hold weights besides "...weight": packed quantized weights (so
+# they get an unsupported_dtype row) and fused expert projections stored without ".weight".
+WEIGHT_NAME_ENDINGS = ("weight", "weight_packed", "_proj", "_blocks")
+# Embedding tables not named "embed...": GPT-2, T5 and relative-position bucket tables.
+# GGUF's (llama.cpp) token_embd / pos_embd / token_types.
+EMBEDDING_OWNERS = ("wte", "wpe", "shared", "emb", "tok_emb", "pos_emb", "relative_attention_bias",
+                    "token_embd", "pos_embd", "token_types")
+LM_HEAD_OWNERS = ("lm_head", "embed_out")
+# A head stored as a top-level "output" (GGUF's output.weight, InternLM2).
+LM_HEAD_NAMES = ("output",)
+# Owners named after embeddings that are projections, not tables (ALBERT's
+# embedding_hidden_mapping_in, ELECTRA's embeddings_project): nn.Linear, typed linear.
+PROJECTION_WORDS = ("proj", "mapping", "linear", "dense")
+# Fused expert stacks stored without ".weight" (DBRX: experts.mlp.w1, v1, w2).
+_EXPERT_MATRIX = re.compile(r"^[wv]\d+$")
+# One matrix of a stack stored 3-D, read on its own: ``<tensor name>[index]`` (a GGUF's
+# experts and per-head matrices, which the GGUF reader hands out one by one).
+_SLICE = re.compile(r"^(?P<base>.+)\[(?P<index>\d+)\]$")
+
+
+@dataclass
+class LayerResult:
+    """One result row (keys = LAYER_COLUMNS, then the custom metrics' columns of a layer with
+    eigenvalues) and, when asked for, its eigenvalues."""
+
+    row: dict[str, Any]
+    evals: np.ndarray | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Which tensors are layers (metrics.md section 1).
+
+def is_expert_stack(name: str) -> bool:
+    """True for a name inside a mixture-of-experts module (``experts``, ``moe``, GGUF's
+    ``ffn_gate_exps``): a 3-D tensor there is a stack of expert matrices, anywhere else a
+    Conv1d kernel."""
+    return any("expert" in p or "moe" in p or p.endswith("_exps")
+               for p in name.lower().split("."))
+
+
+def is_one_expert(name: str) -> bool:
+    """True for one expert's own matrix: an ``experts`` module's numbered member
+    (``block_sparse_moe.experts.3.w1``, ``mlp.experts.0.down_proj``); a shared expert, which
+    every token goes through, is not one."""
+    parts = name.lower().split(".")
+    return any("expert" in p and "shared" not in p and nxt.isdigit()
+               for p, nxt in zip(parts, parts[1:], strict=False))
+
+
+def _slice_of(name: str) -> tuple[str, str]:
+    """(tensor name, ``[index]`` suffix or "") of a layer name."""
+    m = _SLICE.match(name)
+    return (m["base"], f"[{m['index']}]") if m else (name, "")
+
+
+def is_weight_name(name: str) -> bool:
+    """True for weight tensors: ``*.weight``, packed ``qweight``/``weight_packed``, fused expert
+    stacks (``experts.gate_up_proj``, gpt-oss ``_blocks``, DBRX's ``experts.mlp.w1``/``v1``/``w2``).
+
+    Biases, quantization scales and zero points, and buffers (masks, position ids) are not.
+    """
+    name = _slice_of(name)[0]
+    last = name.rsplit(".", 1)[-1]
+    return last.endswith(WEIGHT_NAME_ENDINGS) or (
+        _EXPERT_MATRIX.match(last) is not None and is_expert_stack(name))
+
+
+def longname_of(name: str) -> str:
+    """The name without ``.weight`` (a slice keeps its index: ``x.weight[2]`` -> ``x[2]``)."""
+    name, index = _slice_of(name)
+    return (name[: -len(".weight")] if name.endswith(".weight") else name) + index
+
+
+def storage_of(dtype: torch.dtype) -> str:
+    """The ``storage`` column of a tensor stored unquantized: its dtype name (``bfloat16``)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def layer_type_of(name: str, ndim: int) -> str:
+    """``layer_type`` from a checkpoint name and the tensor's rank.
+
+    3-D tensors are Conv1d / ConvTranspose1d kernels, ``conv1d``, unless they sit in a
+    mixture-of-experts module (``is_expert_stack``) and no name component says ``conv``: then
+    they are fused experts; 4-D and up are convolutions, ``conv{ndim-2}d``. 2-D tensors owned by an embedding module
+    (``embed_tokens``, ``wte``, ``word_embeddings``, T5's ``shared``...) are ``embedding``,
+    ``lm_head`` / GPT-NeoX ``embed_out`` / a top-level ``output`` are ``lm_head``, everything
+    else ``linear``. One expert's matrix (``is_one_expert``, or a slice ``name[e]`` of an
+    expert stack) is ``expert``, whatever its layout; a slice of any other stack is ``linear``.
+    """
+    base, index = _slice_of(name)
+    parts = longname_of(base).lower().split(".")
+    if ndim == 2 and (is_one_expert(base) or (index and is_expert_stack(base))):
+        return "expert"
+    if ndim == 3 and is_expert_stack(name) and not any("conv" in p for p in parts):
+        return "expert"
+    if ndim >= 3:
+        return f"conv{ndim - 2}d"
+    owner = parts[-1]
+    if owner in LM_HEAD_OWNERS or owner.endswith("lm_head") or parts == list(LM_HEAD_NAMES):
+        return "lm_head"
+    if owner in EMBEDDING_OWNERS or ("embed" in owner and not any(
+            w in owner for w in PROJECTION_WORDS)):
+        return "embedding"
+    return "linear"
+
+
+@dataclass
+class _Layer:
+    """One result row's matrices: a 2-D weight, one expert, or a convolution's kernel slices."""
+
+    longname: str
+    layer_type: str
+    dtype: torch.dtype
+    mats: list[torch.Tensor] = field(repr=False)
+    evals_scale: float = 1.0  # conv slices are scaled by sqrt(conv_norm): eigenvalues by conv_norm
+    storage: str = ""         # the stored format; the dtype name when empty
+
+    @property
+    def N(self) -> int:
+        return max(self.mats[0].shape)
+
+    @property
+    def M(self) -> int:
+        return min(self.mats[0].shape)
+
+    @property
+    def num_evals(self) -> int:
+        return self.M * len(self.mats)
+
+
+def split_layers(name: str, tensor: torch.Tensor, layer_type: str | None,
+                 conv_norm: float, storage: str = "") -> Iterator[_Layer]:
+    """The result rows of one tensor: experts one by one, convolutions as pooled slices."""
+    layer_type = layer_type or layer_type_of(name, tensor.ndim)
+    longname = longname_of(name)
+    storage = storage or storage_of(tensor.dtype)
+    if layer_type == "expert" and tensor.ndim == 3:
+        for e in range(tensor.shape[0]):
+            yield _Layer(f"{longname}[{e}]", layer_type, tensor.dtype, [tensor[e]],
+                         storage=storage)
+    elif tensor.ndim >= 3:
+        kernel = tensor.reshape(tensor.shape[0], tensor.shape[1], -1)
+        mats = [kernel[:, :, k] for k in range(kernel.shape[2])]
+        yield _Layer(longname, layer_type, tensor.dtype, mats, evals_scale=conv_norm,
+                     storage=storage)
+    else:
+        yield _Layer(longname, layer_type, tensor.dtype, [tensor], storage=storage)
+
+
+# ---------------------------------------------------------------------------------------------
+# Eigenvalues (metrics.md section 2).
+
+def gram_eigenvalues(w: torch.Tensor, device: torch.device, dtype: torch.dtype,
+                     chunk_elems: int) -> torch.Tensor | None:
+    """Ascending eigenvalues of the smaller Gram matrix of ``w``; None if it is not finite.
+
+    ``G = sum_chunks C^T C`` over row chunks of the taller orientation, one chunk at a time
+    converted to the computation dtype (on the CPU into one reused buffer; for a GPU after
+    moving it in its stored dtype), so neither a float64 copy of the whole matrix nor a device
+    copy of it ever exists. Negative round-off is clamped to 0.
+
+    On the CPU, BLAS ``syrk`` and LAPACK ``syevr`` (``esd_lapack``): half the Gram flops of a
+    ``gemm``, eigenvalues without eigenvectors, and the GIL left free for a thread reading the
+    next tensor. Elsewhere (CUDA), or where SciPy's routines cannot be bound, torch's
+    ``addmm_`` and ``eigvalsh``.
+    """
+    if w.shape[0] < w.shape[1]:
+        w = w.T
+    rows = max(1, chunk_elems // w.shape[1])
+    if device.type == "cpu" and esd_lapack.available():
+        return _lapack_gram_eigenvalues(w, dtype, rows)
+    return _torch_gram_eigenvalues(w, device, dtype, rows)
+
+
+def _lapack_gram_eigenvalues(w: torch.Tensor, dtype: torch.dtype,
+                             rows: int) -> torch.Tensor | None:
+    gram = esd_lapack.gram_buffer(w.shape[1], _NUMPY_DTYPES[dtype])
+    as_array = _chunk_converter(w, dtype, min(rows, w.shape[0]))
+    for r0 in range(0, w.shape[0], rows):
+        esd_lapack.syrk_update(gram, as_array(w[r0:r0 + rows]))
+    if not np.isfinite(gram).all():
+        return None
+    return torch.from_numpy(esd_lapack.symmetric_eigenvalues(gram)).clamp_(min=0)
+
+
+def _chunk_converter(w: torch.Tensor, dtype: torch.dtype,
+                     rows: int) -> Callable[[torch.Tensor], np.ndarray]:
+    """Row chunks of ``w`` as NumPy arrays in the computation dtype.
+
+    A CPU matrix already in that dtype is read in place. Otherwise each chunk is converted
+    into one reused buffer (a fresh array per chunk costs page faults) by NumPy, on this
+    thread: torch's conversion would wake its OpenMP threads between BLAS calls, and the two
+    thread pools waiting for each other cost several times the conversion on a busy machine.
+    """
+    if w.dtype == dtype and w.device.type == "cpu":
+        return lambda chunk: chunk.numpy(force=True)
+    buf = np.empty((rows, w.shape[1]), dtype=_NUMPY_DTYPES[dtype])
+    if w.dtype != torch.bfloat16:
+        def convert(chunk: torch.Tensor) -> np.ndarray:
+            out = buf[:chunk.shape[0]]
+            np.copyto(out, chunk.numpy(force=True))
+            return out
+        return convert
+    bits = np.empty((rows, w.shape[1]), dtype=np.uint32)
+
+    def convert_bf16(chunk: torch.Tensor) -> np.ndarray:
+        # NumPy has no bfloat16; a bfloat16 is the upper half of a float32's bits.
+        k = chunk.shape[0]
+        half = chunk.detach().cpu().view(torch.int16).numpy().view(np.uint16)
+        np.left_shift(half, 16, out=bits[:k], dtype=np.uint32)
+        np.copyto(buf[:k], bits[:k].view(np.float32))
+        return buf[:k]
+    return convert_bf16
+
+
+def _torch_gram_eigenvalues(w: torch.Tensor, device: torch.device, dtype: torch.dtype,
+                            rows: int) -> torch.Tensor | None:
+    gram = torch.zeros((w.shape[1], w.shape[1]), dtype=dtype, device=device)
+    for r0 in range(0, w.shape[0], rows):
+        # Moved first, converted second: a half-precision chunk crosses to the GPU at half size.
+        chunk = w[r0:r0 + rows].to(device).to(dtype)
+        gram.addmm_(chunk.T, chunk)
+    if not bool(torch.isfinite(gram).all()):
+        return None
+    return torch.linalg.eigvalsh(gram).clamp_(min=0)
+
+
+def layer_eigenvalues(layer: _Layer, config: ESDConfig) -> torch.Tensor | None:
+    """The layer's ``num_evals`` eigenvalues (float64, ascending) on ``config.device``.
+
+    A convolution's ESD is the union of its slices' spectra, each scaled by conv_norm.
+    None when the weights hold NaN/Inf (or their Gram overflows the computation dtype).
+    """
+    device, dtype = torch.device(config.device), PRECISIONS[config.precision]
+    parts = []
+    for mat in layer.mats:
+        ev = gram_eigenvalues(mat, device, dtype, config.chunk_elems)
+        if ev is None:
+            return None
+        parts.append(ev)
+    evals = parts[0] if len(parts) == 1 else torch.sort(torch.cat(parts)).values
+    evals = evals.to(torch.float64)
+    if layer.evals_scale != 1.0:
+        evals = evals * layer.evals_scale
+    return evals
+
+
+def computation_eps(config: ESDConfig) -> float:
+    """Machine epsilon of the dtype the eigenvalues are computed in (for matrix_rank)."""
+    return float(torch.finfo(PRECISIONS[config.precision]).eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows.
+
+def _empty_metrics() -> dict[str, Any]:
+    out: dict[str, Any] = {c: math.nan for c in METRIC_COLUMNS}
+    out["warning"] = ""
+    return out
+
+
+def analyse_layer(layer: _Layer, layer_id: int, config: ESDConfig) -> LayerResult:
+    """One row: shapes always; metrics unless the layer is unsupported, too small or non-finite."""
+    n, m = layer.N, layer.M
+    row: dict[str, Any] = {
+        "layer_id": layer_id, "longname": layer.longname, "block": block_index(layer.longname),
+        "stack": stack_of(layer.longname),
+        "layer_type": layer.layer_type, "storage": layer.storage or storage_of(layer.dtype),
+        "N": n, "M": m, "Q": n / m if m > 0 else math.nan, "num_evals": layer.num_evals,
+        "fix_fingers": config.fix_fingers,
+    }
+    row.update(_empty_metrics())
+    evals = None
+    if layer.dtype not in FLOAT_DTYPES:
+        row["status"] = "unsupported_dtype"
+    elif m == 0 or layer.num_evals < config.min_evals:
+        row["status"] = "too_small"
+    else:
+        evals = layer_eigenvalues(layer, config)
+        if evals is None:
+            row["status"] = "nonfinite"
+        else:
+            metrics, ok = spectral_metrics(evals, n, computation_eps(config), config)
+            row.update(metrics, status="ok" if ok else "fit_failed")
+    custom = {}
+    if config.metrics and evals is not None:
+        custom = metric_columns(config.metrics, evals.cpu().numpy(),
+                                lambda: analysed_matrix(layer, config), RESULT_COLUMNS, n, m)
+    kept = evals.cpu().numpy() if (config.keep_evals and evals is not None) else None
+    return LayerResult(row={**{c: row[c] for c in LAYER_COLUMNS}, **custom}, evals=kept)
+
+
+def analysed_matrix(layer: _Layer, config: ESDConfig) -> np.ndarray:
+    """The matrix whose eigenvalues a layer's row holds, as a NumPy array in the computation
+    dtype (a custom metric's ``W``): the weight as stored (out x in), or for a convolution
+    the stack of its kernel slices (k x out x in), each scaled by sqrt(conv_norm)."""
+    dtype = PRECISIONS[config.precision]
+    mats = [m.detach().to("cpu", dtype) for m in layer.mats]
+    if len(mats) == 1 and layer.evals_scale == 1.0:
+        return mats[0].numpy()
+    return (torch.stack(mats) * math.sqrt(layer.evals_scale)).numpy()
+
+
+def _as_tensor(tensor: Any) -> torch.Tensor:
+    """A tensor outside autograd (a generator must not hold a no_grad context across yields)."""
+    return tensor.detach() if isinstance(tensor, torch.Tensor) else torch.as_tensor(tensor)
+
+
+def iter_layer_results(named_tensors: Iterable[tuple],
+                       config: ESDConfig) -> Iterator[LayerResult]:
+    """One ``LayerResult`` per layer of a ``(name, tensor)`` or ``(name, tensor, storage)``
+    stream, in stream order (``storage``: the stored format, default the dtype's name).
+
+    Tensors with fewer than 2 dimensions and non-weights (see ``is_weight_name``) give no row.
+    A 3-D expert tensor gives one row per expert, with consecutive ``layer_id``s. Only the
+    current tensor is held: it is released before the next one is read.
+    """
+    _check_device(config)
+    layer_id = 0
+    for item in named_tensors:
+        name, tensor, storage = item if len(item) == 3 else (*item, "")
+        t = _as_tensor(tensor)
+        del tensor, item
+        if t.ndim >= 2 and is_weight_name(name):
+            for layer in split_layers(name, t, None, config.conv_norm, storage):
+                result = analyse_layer(layer, layer_id, config)
+                del layer  # holds a view of t
+                layer_id += 1
+                yield result
+        del t
+
+
+def fit_from_evals(evals: np.ndarray, config: ESDConfig, *, N: int | None = None) -> dict:
+    """The fit and metric columns (METRIC_COLUMNS, fix_fingers, status) of saved eigenvalues.
+
+    ``evals``: a layer's eigenvalues as saved with ``keep_evals`` (any order; negatives are
+    clamped to 0). ``N``: the layer's larger dimension, which sets matrix_rank's tolerance
+    (``lambda_max * N * eps``); it defaults to the number of eigenvalues, a square matrix.
+    The eigenvalues are assumed computed in ``config.precision``. This is the same function
+    the tensor path runs, so a saved layer refits to its row exactly.
+    """
+    arr = np.asarray(evals, dtype=np.float64)
+    if arr.ndim != 1 or arr.size == 0 or not np.isfinite(arr).all():
+        raise InputError(f"fit_from_evals needs a non-empty 1-D array of finite eigenvalues, "
+                         f"got shape {arr.shape} (finite: {bool(np.isfinite(arr).all())})")
+    _check_device(config)
+    t = torch.as_tensor(np.sort(arr), device=torch.device(config.device)).clamp_(min=0)
+    metrics, ok = spectral_metrics(t, arr.size if N is None else N, computation_eps(config),
+                                   config)
+    return {**metrics, "fix_fingers": config.fix_fingers, "status": "ok" if ok else "fit_failed"}
+
+
+def _check_device(config: ESDConfig) -> None:
+    dev = torch.device(config.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device={config.device!r} asked for, but torch sees no CUDA device")
+
+
+# ---------------------------------------------------------------------------------------------
+# The nn.Module door (TempBalance's net_esd_estimator).
+
+def module_layers(net: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """``(name.weight, weight, layer_type)`` for Linear, Conv2d, Embedding and HF Conv1D.
+
+    A weight shared by several modules (tied embeddings) is analysed once.
+    """
+    seen: set[int] = set()
+    for name, module in net.named_modules():
+        if isinstance(module, torch.nn.Conv2d):
+            layer_type = "conv2d"
+        elif isinstance(module, torch.nn.Embedding):
+            layer_type = "embedding"
+        elif isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":
+            by_name = layer_type_of(f"{name}.weight", 2)  # what the checkpoint door says
+            layer_type = by_name if by_name in ("lm_head", "expert") else "linear"
+        else:
+            continue
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or id(weight) in seen:
+            continue
+        seen.add(id(weight))
+        yield f"{name}.weight", weight.detach(), layer_type
+
+
+# TempBalance's names for the fit methods: its Tempbalance class's ``pl_fitting`` values, and
+# its net_esd_estimator's ``fix_fingers=None`` (the full scan).
+PL_FITTING = {"median": "xmin_mid", "fix-finger": "xmin_peak", "goodness-of-fit": "DKS"}
+
+
+def fit_method(fix_fingers: str | None, pl_fitting: str | None = None) -> str:
+    """Our ``fix_fingers`` for either spelling: ``None`` is DKS (TempBalance's full scan);
+    ``pl_fitting``, when given, must agree with a ``fix_fingers`` other than the default."""
+    method = "DKS" if fix_fingers is None else fix_fingers
+    if pl_fitting is None:
+        return method
+    if pl_fitting not in PL_FITTING:
+        raise InputError(f"pl_fitting={pl_fitting!r} is not one of {tuple(PL_FITTING)} "
+                         f"(or pass fix_fingers, one of {FIX_FINGERS})")
+    if method not in ("xmin_mid", PL_FITTING[pl_fitting]):
+        raise InputError(f"fix_fingers={fix_fingers!r} and pl_fitting={pl_fitting!r} ask for "
+                         "different fits; pass one of them")
+    return PL_FITTING[pl_fitting]
+
+
+def net_esd_estimator(net: torch.nn.Module, EVALS_THRESH: float = 1e-5, bins: int = 100,
+                      fix_fingers: str | None = "xmin_mid", xmin_pos: int = 2,
+                      conv_norm: float = 0.5, filter_zeros: bool = False,
+                      device: str | None = None, eigs: bool = False, *,
+                      precision: str = "float64", pl_fitting: str | None = None,
+                      metrics: Iterable = (), mp_fit: bool = False):
+    """TempBalance's estimator: a DataFrame with one row per Linear/Conv2d/Embedding/Conv1D.
+
+    Columns: LAYER_COLUMNS, ``alphahat`` (= alpha_weighted) and, with ``eigs=True``, ``eigs``
+    (each layer's eigenvalues, float64 numpy, ascending). ``device=None`` computes each layer
+    on its parameter's own device. Layers with fewer than 10 eigenvalues get status too_small.
+
+    TempBalance's spellings are accepted: ``fix_fingers=None`` is its full scan (our ``DKS``),
+    and ``pl_fitting`` is ``'median'`` (xmin_mid), ``'fix-finger'`` (xmin_peak) or
+    ``'goodness-of-fit'`` (DKS). Its use of the result works unchanged: ``metrics['alpha']``,
+    ``metrics['longname']``, ``pd.DataFrame({k: metrics[k] for k in metrics if k != 'eigs'})``.
+
+    ``metrics``: custom metrics (functions, or ``FILE.py:FUNCTION`` specs; custom_metrics.py),
+    whose columns come last (NaN where a layer has no eigenvalues); ``mp_fit=True`` adds
+    WeightWatcher's Marchenko-Pastur fit columns before them (esd_mp.py).
+    """
+    import pandas as pd
+
+    base = ESDConfig(fix_fingers=fit_method(fix_fingers, pl_fitting), xmin_pos=xmin_pos,
+                     bins=bins, evals_thresh=EVALS_THRESH, filter_zeros=filter_zeros,
+                     conv_norm=conv_norm, precision=precision, keep_evals=eigs,
+                     device=device or "cpu",
+                     metrics=((MP_FIT,) if mp_fit else ()) + tuple(metrics))
+    configs: dict[str, ESDConfig] = {}
+    rows = []
+    layer_id = 0
+    with torch.no_grad():
+        for name, weight, layer_type in module_layers(net):
+            dev = device or str(weight.device)
+            config = configs.setdefault(dev, replace(base, device=dev))
+            for layer in split_layers(name, weight, layer_type, conv_norm):
+                result = analyse_layer(layer, layer_id, config)
+                layer_id += 1
+                row = {**result.row, "alphahat": result.row["alpha_weighted"]}
+                if eigs:
+                    row["eigs"] = result.evals
+                rows.append(row)
+    columns = list(LAYER_COLUMNS) + ["alphahat"] + (["eigs"] if eigs else [])
+    custom = [c for c in dict.fromkeys(k for row in rows for k in row) if c not in columns]
+    return pd.DataFrame(rows, columns=columns + custom)

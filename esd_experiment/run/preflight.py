@@ -1,0 +1,199 @@
+"""``--dry_run``: every model of the list resolved and checked, no weight file downloaded.
+
+Writes ``<output_dir>/preflight/preflight.csv``, one row per model: ``model_id``, ``revision`` (the
+resolved commit), ``kind`` (model or adapter), ``source_model``, ``format`` (safetensors, bin,
+gguf, quantized:METHOD, none), ``weight_bytes`` (what the analysis reads of the model itself),
+``base_bytes`` (an adapter's base), ``largest_shard_bytes``, ``status`` (ok, not_found,
+revision_not_found, gated, no_weights, unsupported, no_base, invalid, error) and ``detail``;
+prints the totals: models ok and refused, bytes to download (a base shared by adapters
+counted once), and the disk the largest model needs with and without ``--cleanup_cache``.
+Reads only listings, ``config.json``, ``adapter_config.json`` and weight indexes. Exit code
+0 when every row is ok, else 1.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from esd_experiment.core.errors import (
+    AdapterBaseError,
+    ESDError,
+    GatedModelError,
+    InputError,
+    ModelNotFoundError,
+    NoWeightsError,
+    RevisionNotFoundError,
+    UnsupportedFormatError,
+)
+from esd_experiment.core.paths import PREFLIGHT_FILE, write_text_atomic
+from esd_experiment.core.results import inert_cell
+from esd_experiment.formats.checkpoint import (
+    CONFIG_FILE,
+    check_quantization,
+    index_shards,
+    read_json,
+    select_weight_files,
+)
+from esd_experiment.loader.opener import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    HubClient,
+    ModelRequest,
+    Opener,
+    Source,
+    is_adapter_repo,
+    is_gguf_repo,
+    parse_model_id,
+)
+from esd_experiment.run.model_list import ListEntry
+
+logger = logging.getLogger(__name__)
+
+# Small files the analysis reads beside the shards (config, index): a disk margin.
+SMALL_FILES_MARGIN = 10 * 2**20
+_STATUSES = ((RevisionNotFoundError, "revision_not_found"), (ModelNotFoundError, "not_found"),
+             (GatedModelError, "gated"), (NoWeightsError, "no_weights"),
+             (UnsupportedFormatError, "unsupported"), (AdapterBaseError, "no_base"),
+             (InputError, "invalid"))
+
+
+@dataclass
+class Row:
+    model_id: str
+    revision: str = ""
+    kind: str = ""
+    source_model: str = ""
+    format: str = "none"
+    weight_bytes: int = 0
+    base_bytes: int = 0
+    largest_shard_bytes: int = 0
+    status: str = "ok"
+    detail: str = ""
+    files: dict = field(default_factory=dict, repr=False)  # (repo, commit, file) -> bytes
+    shards: list = field(default_factory=list, repr=False)
+
+
+COLUMNS = [f for f in Row.__dataclass_fields__ if f not in ("files", "shards")]
+
+
+def checkpoint_info(opener: Opener, source: Source, row: Row, prefix: str = "",
+                    gguf_file: str = "") -> tuple[dict, list[int]]:
+    """A full model's format (into ``row.format``, even when it is refused), the bytes of
+    each weight file the analysis reads, and the shard sizes."""
+    key = (source.model_id, source.revision or "local")
+    if gguf_file or is_gguf_repo(source.files):
+        from esd_experiment.formats.gguf_file import select_gguf_files
+
+        row.format = prefix + "gguf"
+        names = opener.choose(source, select_gguf_files, gguf_file or None, source.label)
+        sizes = [source.sizes.get(n, 0) for n in names]
+        return {(*key, n): size for n, size in zip(names, sizes, strict=True)}, [sum(sizes)]
+    weights = opener.choose(source, select_weight_files, source.label)
+    row.format = prefix + weights.kind
+    if CONFIG_FILE in source.files:
+        config = read_json(opener.file(source, CONFIG_FILE), source.label)
+        quant = config.get("quantization_config")
+        if isinstance(quant, dict) and quant:
+            row.format = f"{prefix}quantized:{quant.get('quant_method', 'unknown')}"
+        check_quantization(config, source.label)
+    shards = list(weights.shards)
+    if weights.index:
+        _, shards = index_shards(opener.file(source, weights.index), source.label)
+    missing = [s for s in shards if s not in source.files]
+    if missing and source.partial:
+        raise opener.not_cached(source, ", ".join(missing[:5]))
+    files = {(*key, s): source.sizes.get(s, 0) for s in shards}
+    return files, [source.sizes.get(s, 0) for s in shards]
+
+
+def check(opener: Opener, entry: ListEntry) -> Row:
+    row = Row(entry.key)
+    try:
+        model_id, revision = parse_model_id(entry.model_id)
+        source = opener.locate(model_id, revision)
+        row.revision = source.revision or ""
+        request = ModelRequest(entry.model_id, entry.base_model_relation, entry.source_model)
+        if request.marked_adapter or is_adapter_repo(source.files):
+            _adapter(opener, request, source, row)
+        else:
+            row.kind = "model"
+            row.files, row.shards = checkpoint_info(opener, source, row,
+                                                    gguf_file=entry.gguf_file)
+            row.weight_bytes = sum(row.files.values())
+    except ESDError as exc:
+        row.status = next((s for cls, s in _STATUSES if isinstance(exc, cls)), "error")
+        row.detail = " ".join(str(exc).split())[:300]
+    row.largest_shard_bytes = max(row.shards, default=0)
+    return row
+
+
+def _adapter(opener: Opener, request: ModelRequest, source: Source, row: Row) -> None:
+    from esd_experiment.adapters.adapter_files import resolve_base
+
+    row.kind = "adapter"
+    if source.partial and not is_adapter_repo(source.files):
+        raise opener.not_cached(source, f"{ADAPTER_CONFIG} or the adapter's weights")
+    if not is_adapter_repo(source.files):
+        raise NoWeightsError(f"{source.label}: marked as an adapter but holds no "
+                             f"{ADAPTER_CONFIG} with adapter weights")
+    source = opener.with_root(source, ADAPTER_CONFIG)
+    adapter_config = read_json(source.root / ADAPTER_CONFIG, source.label)
+    weights = next(w for w in ADAPTER_WEIGHTS if w in source.files)
+    row.weight_bytes = source.sizes.get(weights, 0)
+    row.files[(source.model_id, source.revision or "local", weights)] = row.weight_bytes
+    base = resolve_base(opener, request, source, adapter_config)
+    row.source_model = base.label
+    files, row.shards = checkpoint_info(opener, base, row, prefix="adapter+")
+    row.base_bytes = sum(files.values())
+    row.files.update(files)
+
+
+def preflight(entries: list[ListEntry], output_dir: Path, cache_dir: str | None = None,
+              hub: HubClient | None = None) -> int:
+    """Check every entry, write ``preflight.csv``, print the totals; the exit code."""
+    hub = hub if hub is not None else HubClient(cache_dir=cache_dir)
+    opener = Opener(hub, None, None, nullcontext)
+    rows = [check(opener, entry) for entry in entries]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows({k: inert_cell(v) for k, v in asdict(r).items()} for r in rows)
+    out = Path(output_dir) / PREFLIGHT_FILE
+    write_text_atomic(out, buffer.getvalue())
+    print(totals(rows, out))
+    if any(r.status == "unsupported" for r in rows):
+        from esd_experiment.formats.quantized import supported_formats
+
+        print("formats read:\n  " + "\n  ".join(supported_formats()))
+    return 0 if all(r.status == "ok" for r in rows) else 1
+
+
+def totals(rows: list[Row], out: Path) -> str:
+    ok = [r for r in rows if r.status == "ok"]
+    unique: dict = {}
+    for r in ok:
+        unique.update({k: v for k, v in r.files.items() if k[1] != "local"})
+    whole = max((r.weight_bytes + r.base_bytes for r in ok), default=0)
+    streamed = max((sum(sorted(r.shards)[-2:]) + (r.weight_bytes if r.kind == "adapter" else 0)
+                    for r in ok), default=0) + (SMALL_FILES_MARGIN if ok else 0)
+    refused = [f"{r.model_id} ({r.status})" for r in rows if r.status != "ok"]
+    lines = [f"preflight: {len(ok)} of {len(rows)} models ok, {len(refused)} refused"
+             f"{': ' + ', '.join(refused[:10]) if refused else ''}",
+             f"to download: {_size(sum(unique.values()))} (each file once)",
+             f"disk for the largest model: {_size(whole)}; with --cleanup_cache "
+             f"{_size(streamed)} (its two largest shards at once)",
+             f"rows: {out}"]
+    return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
