@@ -21,7 +21,8 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 
 from esd_experiment.core.layer_order import in_depth_order
-from esd_experiment.estimator.net_esd import iter_layer_results, longname_of
+from esd_experiment.core.naming import longname_of
+from esd_experiment.estimator.net_esd import iter_layer_results
 from esd_experiment.estimator.options import ESDConfig
 from esd_experiment.formats.gguf_file import GGUFCheckpoint
 from tests.test_gguf import LLAMA_META, T, stored, write_gguf

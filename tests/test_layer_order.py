@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from esd_experiment.core import layer_order
 from esd_experiment.core.layer_order import block_index, depth_order, in_depth_order, model_order
-from esd_experiment.estimator.net_esd import is_weight_name, longname_of
+from esd_experiment.core.naming import is_weight_name, longname_of
 
 
 def _tiny(name):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from esd_experiment.core.errors import InputError
+from esd_experiment.core.naming import is_weight_name, layer_type_of
 from esd_experiment.estimator import net_esd
 from esd_experiment.estimator.fit import METRIC_COLUMNS
 from esd_experiment.estimator.net_esd import (
@@ -19,9 +20,7 @@ from esd_experiment.estimator.net_esd import (
     ESDConfig,
     fit_from_evals,
     gram_eigenvalues,
-    is_weight_name,
     iter_layer_results,
-    layer_type_of,
     net_esd_estimator,
 )
 

@@ -30,7 +30,6 @@ from esd_experiment.core.errors import CorruptCheckpointError, UnsupportedFormat
 from esd_experiment.estimator.net_esd import ESDConfig, iter_layer_results
 from esd_experiment.formats.checkpoint import (
     CheckpointReader,
-    check_quantization,
     select_weight_files,
 )
 from esd_experiment.formats.dequantize import unpack_bits
@@ -486,7 +485,7 @@ def test_declared_quantization_without_quantized_tensors(tmp_path):
 def test_quantization_format_from_config_alone():
     assert quantization_format({"model_type": "llama"}, "m") is None
     assert quantization_format({"quantization_config": {}}, "m") is None
-    assert check_quantization({"quantization_config": {"load_in_4bit": True}}, "m") == \
+    assert quantization_format({"quantization_config": {"load_in_4bit": True}}, "m") == \
         "bitsandbytes"
     for method in ("gptq", "awq", "fp8", "fbgemm_fp8", "compressed-tensors"):
         assert quantization_format({"quantization_config": {"quant_method": method,

@@ -19,16 +19,16 @@ from esd_experiment.core.errors import (
     ModelNotFoundError,
     NoWeightsError,
 )
-from esd_experiment.formats.checkpoint import CONFIG_FILE, CheckpointReader, WeightFiles, read_json
-from esd_experiment.loader.opener import (
+from esd_experiment.core.ids import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
-    LoadedModel,
     ModelRequest,
     Source,
     is_adapter_repo,
     parse_model_id,
 )
+from esd_experiment.formats.checkpoint import CONFIG_FILE, CheckpointReader, WeightFiles, read_json
+from esd_experiment.formats.model import LoadedModel
 
 logger = logging.getLogger(__name__)
 

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from esd_experiment.core.ids import parse_model_id
+
 # Hub ids: "name" or "org/name" with [A-Za-z0-9._-]; the hub forbids "--" and ".." in names,
 # so "org--name" can be mapped back to exactly one id.
 _HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?"
@@ -105,7 +107,6 @@ def model_paths(output_dir: Path, model_id: str, log_dir: Path | None = None,
                 gguf_file: str = "") -> ModelPaths:
     """The files of a list entry: named from its id, the revision written in it and, for one
     GGUF file of a repository, that file."""
-    from esd_experiment.loader.opener import parse_model_id
 
     repo_id, revision = parse_model_id(model_id)
     return ModelPaths.for_model(output_dir, repo_id, revision, log_dir=log_dir,

@@ -1,7 +1,6 @@
 """Reading weight checkpoints tensor by tensor, without building a model.
 
-Which files of a model directory hold its weights (``select_weight_files``), the check of a
-config's ``quantization_config`` against the formats read (``check_quantization``), and
+Which files of a model directory hold its weights (``select_weight_files``) and
 ``CheckpointReader``: the tensor names, shapes and dtypes of a set of safetensors or ``.bin``
 files, read from their headers when the reader is built, and then one tensor at a time on
 request.
@@ -34,12 +33,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from safetensors import SafetensorError, safe_open
 
+from esd_experiment.core.dtypes import DTYPE_SIZES, SAFETENSORS_DTYPES
 from esd_experiment.core.errors import (
     CorruptCheckpointError,
     NoWeightsError,
     UnsupportedFormatError,
 )
-from esd_experiment.hub.files import DTYPE_SIZES, SAFETENSORS_DTYPES
 
 if TYPE_CHECKING:  # torch is imported where tensors are read, so listing files stays light
     import torch
@@ -171,22 +170,6 @@ def stream_tensors(reader: TensorReader) -> Iterator[tuple[str, torch.Tensor, st
             yield name, reader.get(name), reader.storage(name)
     finally:
         reader.close()
-
-
-def check_quantization(config: dict[str, Any], model_id: str) -> str | None:
-    """The quantization method ``config.json`` declares, checked before any weight download.
-
-    None for an unquantized checkpoint; the ``quant_method`` (``gptq``, ``fp8``...) when a
-    reader of ``quantized.QUANT_FORMATS`` dequantizes it (wrap the ``CheckpointReader`` with
-    ``quantized.dequantizing_reader``). A method or option no reader handles raises
-    ``UnsupportedFormatError`` naming it.
-    """
-    from esd_experiment.formats.quantized import (
-        quantization_format,  # quantized imports this module
-    )
-
-    return quantization_format(config, model_id)
-
 
 
 class _SafetensorsFile:

@@ -34,7 +34,7 @@ from esd_experiment.formats.dequantize import (
     scale_grid,
     unpack_bits,
 )
-from esd_experiment.formats.quantized import (
+from esd_experiment.formats.quant_config import (
     FP8_DTYPES,
     CTGroup,
     awq_options,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from esd_experiment.core.errors import CorruptCheckpointError
-from esd_experiment.estimator.net_esd import is_expert_stack, is_weight_name
+from esd_experiment.core.naming import is_expert_stack, is_weight_name
 from esd_experiment.formats.checkpoint import natural_key, stream_tensors
 
 if TYPE_CHECKING:

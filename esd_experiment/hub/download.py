@@ -257,7 +257,7 @@ def _end_with(parent: int) -> None:
 
 
 def _download(conn, request: Request, growing: bool) -> Path:
-    from esd_experiment.hub.files import fetch
+    from esd_experiment.hub.client import fetch
 
     def hand_over(path: Path) -> None:
         conn.send(("growing", str(path)))
@@ -272,7 +272,7 @@ def _portable(exc: Exception, request: Request) -> Exception:
     """``exc`` as the worker can receive it: mapped to the project's error here, where its
     causes are (whether the network failed is read along them); otherwise the exception
     itself if it survives pickling, else its type and text."""
-    from esd_experiment.hub.files import hub_error, scrub
+    from esd_experiment.hub.client import hub_error, scrub
 
     mapped = hub_error(exc, request.label, False, request.token)
     try:

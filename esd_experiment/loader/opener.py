@@ -21,197 +21,54 @@ tensor is read, so the runner and ``--dry_run`` use this module without it.
 from __future__ import annotations
 
 import logging
-import re
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from esd_experiment.core.errors import (
     CorruptCheckpointError,
     ESDError,
-    InputError,
     ModelNotFoundError,
     NetworkError,
+)
+from esd_experiment.core.ids import (
+    ADAPTER_RELATIONS,
+    ModelRequest,
+    Source,
+    is_adapter_repo,
+    is_gguf_repo,
+    looks_like_path,
+    parse_model_id,
 )
 from esd_experiment.formats.checkpoint import (
     CONFIG_FILE,
     CheckpointReader,
     WeightFiles,
-    check_quantization,
     index_shards,
+    read_header,
     read_json,
     select_weight_files,
 )
-from esd_experiment.formats.stream import AHEAD_MEMORY_BYTES, MAX_HELD, ShardFetcher, stream_models
-from esd_experiment.hub.files import HubClient, Listing, hub_errors, scrub
+from esd_experiment.formats.model import Checkpoint, LoadedModel
+from esd_experiment.formats.quantized import quantization_format
+from esd_experiment.formats.stream import AHEAD_MEMORY_BYTES, MAX_HELD, ShardFetcher
+from esd_experiment.hub.client import hub_errors, scrub
+from esd_experiment.hub.files import HubClient, Listing
 
 if TYPE_CHECKING:  # torch and the merge are imported when tensors are read
-    import torch
 
     from esd_experiment.hub.cache import CacheSession
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_RELATIONS = frozenset({"adapter", "lora", "peft"})
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-_REVISION = re.compile(r"^[^\s@]+$")
 
 __all__ = [
     "ADAPTER_RELATIONS", "HubClient", "LoadedModel", "ModelRequest", "open_model",
     "open_models", "parse_model_id", "scrub",
 ]
-
-
-def looks_like_path(text: str) -> bool:
-    """An id read as a local path: it starts with ``/``, ``./``, ``../`` or ``~``, holds a
-    backslash or more than one ``/``, or its first part is a directory here (``models/x``
-    when ``./models`` exists). Relative paths start from the current directory."""
-    if text.startswith(("/", "./", "../", "~")) or text.count("/") > 1 or "\\" in text:
-        return True
-    head, slash, _ = text.partition("/")
-    return bool(slash and head) and Path(head).is_dir()
-
-
-def parse_model_id(text: str) -> tuple[str, str | None]:
-    """``org/name@rev`` -> ``("org/name", "rev")``; ``org/name`` -> ``("org/name", None)``.
-
-    An existing local directory, or anything shaped like a path, is returned whole (a
-    directory name may contain ``@``); a missing directory fails later, in ``open_model``.
-    """
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    text = (text or "").strip()
-    if not text:
-        raise InputError("model id is empty")
-    local = Path(text).expanduser()
-    if local.is_dir() or (local.is_file() and text.lower().endswith(".gguf")) \
-            or looks_like_path(text.partition("@")[0]):
-        return text, None
-    repo_id, at, revision = text.partition("@")
-    if at and not _REVISION.match(revision):
-        raise InputError(f"model id {text!r}: the revision after '@' is empty or malformed")
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as exc:
-        raise InputError(f"model id {text!r} is neither a local directory nor a hub id "
-                         f"(org/name[@revision]): {exc}") from None
-    return repo_id, (revision if at else None)
-
-
-@dataclass(frozen=True)
-class ModelRequest:
-    """One row of the model list."""
-
-    model_id: str
-    base_model_relation: str = ""
-    source_model: str = ""
-    gguf_file: str = ""  # one GGUF model of a repository holding several
-
-    @property
-    def marked_adapter(self) -> bool:
-        return (self.base_model_relation or "").strip().lower() in ADAPTER_RELATIONS
-
-
-def is_gguf_repo(files) -> bool:
-    """A repository (or local file) of GGUF weights and no safetensors or .bin weights."""
-    names = [f.lower() for f in files]
-    return any(n.endswith(".gguf") for n in names) and not any(
-        n.endswith((".safetensors", ".bin")) for n in names)
-
-
-def is_adapter_repo(files) -> bool:
-    """An adapter holds ``adapter_config.json`` and adapter weights; a full model that carries
-    a stray ``adapter_config.json`` (a merged fine-tune, say) is read as the model it is."""
-    return ADAPTER_CONFIG in files and any(w in files for w in ADAPTER_WEIGHTS)
-
-
-@dataclass(frozen=True)
-class Source:
-    """A model's files: a hub revision (``revision`` is its commit) or a local directory."""
-
-    model_id: str                  # id without revision, or the local path as given
-    revision: str | None           # resolved commit; None for a local directory
-    root: Path                     # local directory, or the cache's snapshot folder
-    files: tuple[str, ...]         # every file name the repository holds
-    sizes: dict[str, int] = field(default_factory=dict, compare=False)
-    etags: dict[str, str] = field(default_factory=dict, compare=False)  # hub blob names
-    partial: bool = False          # listed from the cache: ``files`` are those cached
-
-    @property
-    def label(self) -> str:
-        return f"{self.model_id}@{self.revision}" if self.revision else self.model_id
-
-    @property
-    def on_hub(self) -> bool:
-        return self.revision is not None
-
-
-@dataclass
-class Checkpoint:
-    """An opened full-model checkpoint: the reader of its tensors, the fetcher of its shards
-    (None for a local directory) and its ``config.json``; shared by the models built on it."""
-
-    source: Source
-    reader: Any
-    config: dict
-    fetcher: ShardFetcher | None
-
-
-@dataclass
-class LoadedModel:
-    """An opened model: its identity for the result rows, and how to make its tensors.
-
-    A full model's tensors are its checkpoint's; an adapter's are its base checkpoint's merged
-    with its delta (``plan``, a ``lora_merge.MergePlan``), or for adapter types only peft
-    merges, the stream of a peft-merged copy (``checkpoint`` None).
-    """
-
-    model_id: str
-    revision: str | None
-    source_model: str
-    base_revision: str | None
-    is_adapter: bool
-    checkpoint_bytes: int
-    checkpoint: Checkpoint | None
-    plan: Any = None
-    _own: Any = field(default=None, repr=False)
-
-    def outputs_by_source(self) -> dict[str | None, list[str]]:
-        """``{base tensor: [the output tensors made from it]}``; ``None``: from the adapter."""
-        if self.plan is None:
-            return {name: [name] for name in self.checkpoint.reader.names}
-        out: dict[str | None, list[str]] = {}
-        for name in self.plan.names:
-            out.setdefault(self.plan.source_of(name), []).append(name)
-        return out
-
-    def output(self, name: str, base_value: torch.Tensor | None) -> torch.Tensor:
-        if self.plan is None:
-            return base_value if base_value is not None else self.checkpoint.reader.get(name)
-        return self.plan.tensor(name, base_value)
-
-    def output_storage(self, name: str) -> str:
-        reader = self.plan if self.plan is not None else self.checkpoint.reader
-        return reader.storage(name)
-
-    def close(self) -> None:
-        """Close the adapter file a merge reads (the base is closed by the pass)."""
-        if self.plan is not None:
-            self.plan.adapter.close()
-
-    def own_stream(self) -> Iterator[tuple[str, torch.Tensor, str]]:
-        return self._own()
-
-    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """All tensors (1-D ones included), shard by shard, merged for an adapter."""
-        for item in stream_models([self]):
-            if item.error is not None:
-                raise item.error
-            yield item.name, item.tensor
 
 
 class Opener:
@@ -330,7 +187,7 @@ class Opener:
                 if CONFIG_FILE in source.files:
                     source = self.with_root(source, CONFIG_FILE)
                     config = read_json(source.root / CONFIG_FILE, source.label)
-                method = check_quantization(config, source.label)
+                method = quantization_format(config, source.label)
             finally:
                 # Its errors, if any, come again from _reader's own fetch. Joined even when
                 # this model is refused: no request of it may be in flight when the next
@@ -397,7 +254,8 @@ class Opener:
             fetcher.fetch_all()
             return CheckpointReader(root, weights, source.label), fetcher
         with hub_errors(source.label, self.hub.offline, self.token):
-            headers = {s: self.hub.safetensors_header(source.model_id, source.revision, s)
+            headers = {s: self.hub.safetensors_header(source.model_id, source.revision, s,
+                                                      read_header)
                        for s in shards}
         spans = {s: found for s in shards
                  if (found := self.hub.spans.get((source.model_id, source.revision, s)))}

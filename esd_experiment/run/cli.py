@@ -107,7 +107,7 @@ def adapter_config_reader(config: RunConfig):
     hub adapter, the same file fetched (small; the worker reuses the cached copy, and under
     --cleanup_cache it is recorded for removal like every download)."""
     from esd_experiment.hub.cache import CacheSession
-    from esd_experiment.hub.files import default_cache_dir, hub_json
+    from esd_experiment.hub.client import default_cache_dir, hub_json
 
     session = CacheSession(default_cache_dir(config.cache_dir), config.cleanup_cache)
 
@@ -244,7 +244,7 @@ def sweep_cache(config: RunConfig, specs: Sequence[JobSpec]) -> BasePins | None:
     if not config.cleanup_cache:
         return None
     from esd_experiment.hub.cache import sweep
-    from esd_experiment.hub.files import default_cache_dir
+    from esd_experiment.hub.client import default_cache_dir
 
     cache = default_cache_dir(config.cache_dir)
     for folder in sweep(cache):

@@ -199,7 +199,7 @@ class Runner:
 
 
 def hub_cache_dir(config: RunConfig) -> Path:
-    from esd_experiment.hub.files import default_cache_dir
+    from esd_experiment.hub.client import default_cache_dir
 
     return Path(default_cache_dir(config.cache_dir))
 

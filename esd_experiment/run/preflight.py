@@ -30,25 +30,27 @@ from esd_experiment.core.errors import (
     RevisionNotFoundError,
     UnsupportedFormatError,
 )
-from esd_experiment.core.paths import PREFLIGHT_FILE, write_text_atomic
-from esd_experiment.core.results import inert_cell
-from esd_experiment.formats.checkpoint import (
-    CONFIG_FILE,
-    check_quantization,
-    index_shards,
-    read_json,
-    select_weight_files,
-)
-from esd_experiment.loader.opener import (
+from esd_experiment.core.ids import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
-    HubClient,
     ModelRequest,
-    Opener,
     Source,
     is_adapter_repo,
     is_gguf_repo,
     parse_model_id,
+)
+from esd_experiment.core.paths import PREFLIGHT_FILE, write_text_atomic
+from esd_experiment.core.results import inert_cell
+from esd_experiment.formats.checkpoint import (
+    CONFIG_FILE,
+    index_shards,
+    read_json,
+    select_weight_files,
+)
+from esd_experiment.formats.quantized import quantization_format
+from esd_experiment.loader.opener import (
+    HubClient,
+    Opener,
 )
 from esd_experiment.run.model_list import ListEntry
 
@@ -100,7 +102,7 @@ def checkpoint_info(opener: Opener, source: Source, row: Row, prefix: str = "",
         quant = config.get("quantization_config")
         if isinstance(quant, dict) and quant:
             row.format = f"{prefix}quantized:{quant.get('quant_method', 'unknown')}"
-        check_quantization(config, source.label)
+        quantization_format(config, source.label)
     shards = list(weights.shards)
     if weights.index:
         _, shards = index_shards(opener.file(source, weights.index), source.label)

@@ -426,7 +426,8 @@ def _estimator_ahead(device: str) -> None:
 def run_job(config: WorkerConfig, stage: StageLog) -> list[ModelRun]:
     """Open, analyse and write every model of the job; each run says how its model ended."""
     from esd_experiment.hub.cache import CacheSession
-    from esd_experiment.hub.files import HubClient, default_cache_dir
+    from esd_experiment.hub.client import default_cache_dir
+    from esd_experiment.hub.files import HubClient
     from esd_experiment.loader.opener import open_models
 
     runs = [ModelRun(m, model_paths(config.output_dir, m, config.log_dir, config.gguf_file))
