@@ -93,6 +93,17 @@ def inert_frame(frame: pd.DataFrame, columns: Sequence[str] = STRING_COLUMNS) ->
     return frame.assign(**{c: frame[c].map(inert_cell) for c in present})
 
 
+def result_frame(rows: Sequence[Mapping[str, object]]) -> pd.DataFrame:
+    """Result rows as a model's CSV holds them: RESULT_COLUMNS, then custom metrics' columns
+    (NaN where a row has none); counts stay integers where a row has none (a too_small layer
+    has no rank): "12", not "12.0"."""
+    import pandas as pd
+
+    added = [c for c in dict.fromkeys(k for row in rows for k in row) if c not in RESULT_COLUMNS]
+    frame = pd.DataFrame(list(rows), columns=[*RESULT_COLUMNS, *added])
+    return frame.astype({c: "Int64" for c in INTEGER_COLUMNS})
+
+
 def options_key(options: Mapping[str, object], metrics: Sequence[str] = ()) -> str:
     """The canonical one-line form of estimator options: ``fix_fingers=DKS;xmin_pos=2;...``,
     and when custom metrics are asked for, ``;metrics=<name>,<name>`` after them.

@@ -380,6 +380,12 @@ def net_esd_estimator(net: torch.nn.Module, EVALS_THRESH: float = 1e-5, bins: in
     """
     import pandas as pd
 
+    if hasattr(net, "peft_config") and hasattr(net, "get_base_model"):
+        raise InputError(
+            "net_esd_estimator: a PeftModel's modules are its base's weights and its LoRA "
+            "factors apart, not the model it computes; analyse it merged with "
+            "esd_experiment.analyze(model) (as the CLI merges the adapter), or pass "
+            "model.merge_and_unload()")
     base = ESDConfig(fix_fingers=fit_method(fix_fingers, pl_fitting), xmin_pos=xmin_pos,
                      bins=bins, evals_thresh=EVALS_THRESH, filter_zeros=filter_zeros,
                      conv_norm=conv_norm, precision=precision, keep_evals=eigs,

@@ -52,9 +52,8 @@ from esd_experiment.core.errors import (
 from esd_experiment.core.paths import ModelPaths, model_paths, write_atomic, write_text_atomic
 from esd_experiment.core.results import (
     EIGS_OPTIONS_KEY,
-    INTEGER_COLUMNS,
-    RESULT_COLUMNS,
     inert_frame,
+    result_frame,
     write_eigs,
 )
 from esd_experiment.estimator.options import ESDConfig, add_esd_arguments, esd_config_from_args
@@ -341,8 +340,9 @@ def analyse(config: WorkerConfig, runs: list[ModelRun], stage: StageLog) -> None
                         item.name)
 
 
-def finish(config: WorkerConfig, run: ModelRun) -> None:
-    """Write one model's result: rows in layer order, model columns filled."""
+def result_rows(config: WorkerConfig, run: ModelRun) -> list[dict]:
+    """One model's result rows, as its CSV holds them: in layer order, model columns filled
+    (what ``esd_experiment.analyze`` returns)."""
     if not run.rows:
         raise NoWeightsError(f"{run.model_id}: no weight matrix with two or more dimensions found")
     from esd_experiment.core.layer_order import in_depth_order
@@ -357,6 +357,12 @@ def finish(config: WorkerConfig, run: ModelRun) -> None:
     rows = in_depth_order(run.rows, base_config)  # layer_id follows the model's depth
     for row in rows:
         row.update(fixed)
+    return rows
+
+
+def finish(config: WorkerConfig, run: ModelRun) -> None:
+    """Write one model's result (``result_rows``), atomically."""
+    rows = result_rows(config, run)
     write_results(run.paths, rows, run.eigs if config.save_eigs else None,
                   config.esd.eigs_key)
     statuses = {s: sum(r["status"] == s for r in rows) for s in {r["status"] for r in rows}}
@@ -369,12 +375,7 @@ def write_results(paths: ModelPaths, rows: list[dict], eigs: dict[str, np.ndarra
     (written first, and written even when empty, so that the result counts as done). Without
     ``eigs`` an earlier run's ``.eigs.npz`` stays: the options it records say whether it
     matches the CSV. Custom metrics' columns follow RESULT_COLUMNS, NaN where a row has none."""
-    import pandas as pd
-
-    added = [c for c in dict.fromkeys(k for row in rows for k in row) if c not in RESULT_COLUMNS]
-    frame = pd.DataFrame(rows, columns=[*RESULT_COLUMNS, *added])
-    # Counts stay integers where a row has none (a too_small layer has no rank): "12", not "12.0"
-    frame = frame.astype({c: "Int64" for c in INTEGER_COLUMNS})
+    frame = result_frame(rows)
     if eigs is not None:
         record = {**eigs, EIGS_OPTIONS_KEY: np.array(options)}
         write_atomic(paths.eigs, lambda tmp: write_eigs(tmp, record))
@@ -423,8 +424,9 @@ def _estimator_ahead(device: str) -> None:
     threading.Thread(target=load, name="estimator-import", daemon=True).start()
 
 
-def run_job(config: WorkerConfig, stage: StageLog) -> list[ModelRun]:
-    """Open, analyse and write every model of the job; each run says how its model ended."""
+def run_job(config: WorkerConfig, stage: StageLog, write: bool = True) -> list[ModelRun]:
+    """Open, analyse and write every model of the job; each run says how its model ended.
+    With ``write`` False nothing is written: each finished run's ``rows`` are its result's."""
     from esd_experiment.hub.cache import CacheSession
     from esd_experiment.hub.client import default_cache_dir
     from esd_experiment.hub.files import HubClient
@@ -459,7 +461,10 @@ def run_job(config: WorkerConfig, stage: StageLog) -> list[ModelRun]:
         for run in runs:
             if run.error is None:
                 try:
-                    finish(config, run)
+                    if write:
+                        finish(config, run)
+                    else:
+                        run.rows = result_rows(config, run)
                 except Exception as exc:  # noqa: BLE001  (a write that fails fails its model)
                     run.error, run.stage = exc, "write"
     logger.info("job of %d model(s) done in %.1f s", len(runs), time.monotonic() - started)

@@ -1,0 +1,121 @@
+"""``analyze``: one model's result from Python, by the runner's own pipeline.
+
+``analyze(source, **options)`` opens ``source`` -- a hub id (``org/name@revision``), a local
+directory, a ``.gguf`` file, an ``nn.Module`` or a ``peft.PeftModel`` (merged, as the CLI
+merges the same adapter) -- streams it through the estimator the worker uses and returns the
+rows the CLI writes for that model with those options, as a DataFrame: the same columns, the
+same order, the same numbers. Options take the CLI's flag names (``fix_fingers="DKS"``,
+``mp_fit=True``, ``device="cuda"``); ``metrics=[fn, "file.py:fn"]`` is ``--metric``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from esd_experiment.core.errors import ESDError, InputError
+from esd_experiment.core.ids import Source
+from esd_experiment.core.paths import model_paths
+from esd_experiment.core.results import result_frame
+from esd_experiment.estimator.options import add_esd_arguments, esd_config_from_args
+from esd_experiment.formats.model import Checkpoint, LoadedModel
+from esd_experiment.formats.tensor_dict import TensorDictReader, module_tensors
+from esd_experiment.run.state import StageLog
+from esd_experiment.run.worker import (
+    ModelRun,
+    WorkerConfig,
+    analyse,
+    resolve_device,
+    result_rows,
+    run_job,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# Where nothing is written: ``analyze`` computes paths only because a run names its files.
+_NOWHERE = Path(os.devnull)
+
+
+def esd_options(metrics: Iterable = (), **options: Any):
+    """The estimator's ``ESDConfig`` from options named as the CLI's flags (unknown names
+    refused, listing the known ones)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_esd_arguments(parser)
+    args = parser.parse_args([])
+    unknown = sorted(set(options) - set(vars(args)) - {"metric"})
+    if unknown:
+        raise TypeError(f"analyze() got unknown option(s) {', '.join(unknown)}; options: "
+                        f"metrics, {', '.join(sorted(vars(args)))}")
+    for name, value in options.items():
+        setattr(args, name, value)
+    args.metric = [*(args.metric or ()), *metrics]
+    return esd_config_from_args(args, resolve_device(str(args.device)))
+
+
+def analyze(source: Any, *, metrics: Iterable = (), model_id: str | None = None,
+            source_model: str = "", base_model_relation: str = "", gguf_file: str = "",
+            cache_dir: str | None = None, trust_remote_code: bool = False,
+            **options: Any) -> pd.DataFrame:
+    """The result rows of one model, exactly as the CLI writes them for it.
+
+    ``source``: a hub id or local path (``str`` or ``Path``), an ``nn.Module`` or a
+    ``PeftModel``. ``model_id`` names a module in the ``model_id`` column (default: its
+    config's ``_name_or_path``, else its class name). ``source_model``,
+    ``base_model_relation`` and ``gguf_file`` are the model list's columns. Raises the
+    project's error (``esd_experiment.core.errors``) naming the model when it cannot be read.
+    """
+    esd = esd_options(metrics, **options)
+    config = WorkerConfig(model_ids=(), output_dir=_NOWHERE, log_dir=_NOWHERE, esd=esd,
+                          base_model_relation=base_model_relation.strip(),
+                          source_model=source_model.strip(), cache_dir=cache_dir,
+                          trust_remote_code=trust_remote_code, gguf_file=gguf_file.strip())
+    if isinstance(source, (str, os.PathLike)):
+        text = str(source).strip()
+        if not text:
+            raise InputError("analyze(): the model id is empty")
+        config = replace(config, model_ids=(text,))
+        run = run_job(config, StageLog(None), write=False)[0]
+    else:
+        run = _module_run(config, source, model_id, source_model.strip())
+    if run.error is not None:
+        raise run.error
+    return result_frame(run.rows)
+
+
+def _module_run(config: WorkerConfig, module: Any, model_id: str | None,
+                source_model: str) -> ModelRun:
+    """Analyse an in-memory model: its weights stream as a checkpoint's would."""
+    from esd_experiment.adapters.peft_module import is_peft_model, open_peft_model
+
+    if not hasattr(module, "state_dict"):
+        raise InputError(f"analyze(): {type(module).__name__} is neither a model id, a path "
+                         "nor an nn.Module")
+    label = model_id or _module_name(module)
+    if is_peft_model(module):
+        model = open_peft_model(module, label, source_model)
+    else:
+        tensors = module_tensors(module)
+        reader = TensorDictReader(tensors)
+        model_config = getattr(module, "config", None)
+        base_config = model_config.to_dict() if hasattr(model_config, "to_dict") else None
+        checkpoint = Checkpoint(Source(label, None, Path("."), ()), reader, base_config, None)
+        model = LoadedModel(label, None, source_model, None, False, reader.nbytes, checkpoint)
+    run = ModelRun(label, model_paths(_NOWHERE, label, _NOWHERE), model)
+    analyse(config, [run], StageLog(None))
+    if run.error is None:
+        try:
+            run.rows = result_rows(config, run)
+        except ESDError as exc:
+            run.error = exc
+    return run
+
+
+def _module_name(module: Any) -> str:
+    config = getattr(module, "config", None)
+    name = getattr(config, "_name_or_path", "") or getattr(config, "name_or_path", "")
+    return str(name) or type(module).__name__
