@@ -14,7 +14,7 @@ separate process (python start-up, imports and checkpoint reads included):
             as a user runs it, dispatcher and worker process included
   worker    esd_worker.py on the checkpoint's directory (loader -> estimator -> CSV)
   ours      net_esd.iter_layer_results over safe_open, float64, xmin_mid (default)
-  ours_ahead  the same through the worker's esd_worker.on_devices: the next tensors read on
+  ours_ahead  the same through the worker's run.devices.on_devices: the next tensors read on
             this thread while a device thread solves (its layer_ids restart per tensor)
   ours_dks  the same with fix_fingers=DKS (WeightWatcher's default fit)
   ours_f32  the same with precision=float32
@@ -130,7 +130,7 @@ def run_ours(path: Path, mode: str, device: str) -> dict:
     config = ESDConfig(fix_fingers="DKS" if mode == "ours_dks" else "xmin_mid",
                        precision="float32" if mode == "ours_f32" else "float64", device=device)
     if mode == "ours_ahead":
-        from esd_experiment.run.worker import on_devices
+        from esd_experiment.run.devices import on_devices
 
         rows = []
         for _, value in on_devices(lambda item, dev: list(iter_layer_results([item], config)),

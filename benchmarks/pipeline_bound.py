@@ -4,7 +4,7 @@ once its last byte is in, tensors in the order their bytes arrive.
 Usage: python benchmarks/pipeline_bound.py [--size large] [--mbps 15 33 100] [--workdir DIR]
 
 Builds the base of ``bench_hub.py --size`` (safetensors shards), times the worker's analysis
-of each tensor on this machine (``esd_worker._layer_results``, the estimator as the worker
+of each tensor on this machine (``run.devices.layer_results``, the estimator as the worker
 runs it, on every core), and replays the stream: bytes arrive at each ``--mbps`` from time 0,
 shard after shard in the fetcher's order and, within a shard, in the order of their bytes;
 tensor k's analysis starts at the later of the end of tensor k-1's and the arrival of its
@@ -52,19 +52,19 @@ def analysis_times(folder: Path, spans: list[tuple[str, str, int]]) -> list[floa
 
     from esd_experiment.estimator.net_esd import storage_of
     from esd_experiment.estimator.options import add_esd_arguments, esd_config_from_args
-    from esd_experiment.run import worker as esd_worker
+    from esd_experiment.run.devices import layer_results
 
     parser = argparse.ArgumentParser()
     add_esd_arguments(parser)
     config = esd_config_from_args(parser.parse_args([]), "cpu")
     warm = torch.randn(256, 128)  # loads LAPACK and the fits before the first timing
-    esd_worker._layer_results(("model.layers.0.mlp.up_proj.weight", warm, "fp32"), config, "cpu")
+    layer_results(("model.layers.0.mlp.up_proj.weight", warm, "fp32"), config, "cpu")
     times = []
     for shard, name, _ in spans:
         with safe_open(str(folder / shard), "pt") as fh:
             tensor = fh.get_tensor(name)
         started = time.perf_counter()
-        esd_worker._layer_results((name, tensor, storage_of(tensor.dtype)), config, "cpu")
+        layer_results((name, tensor, storage_of(tensor.dtype)), config, "cpu")
         times.append(time.perf_counter() - started)
     return times
 

@@ -17,6 +17,7 @@ from esd_experiment.estimator.net_esd import ESDConfig, iter_layer_results
 from esd_experiment.report import cli as esd_report
 from esd_experiment.run import worker as esd_worker
 from esd_experiment.run.demo import build_demo_zoo
+from esd_experiment.run.devices import parallel_layer_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,7 +138,7 @@ def test_parallel_layers_match_serial(tmp_path):
     tensors.insert(5, ("norm.weight", torch.ones(30)))
     config = ESDConfig()
     serial = [r.row for r in iter_layer_results(iter(tensors), config)]
-    parallel = [r.row for r in esd_worker.parallel_layer_results(iter(tensors), config,
+    parallel = [r.row for r in parallel_layer_results(iter(tensors), config,
                                                                  ["cpu", "cpu", "cpu"])]
     assert pd.DataFrame(parallel).equals(pd.DataFrame(serial))
 
@@ -148,7 +149,7 @@ def test_parallel_layers_propagate_errors():
         raise RuntimeError("shard vanished")
 
     with pytest.raises(RuntimeError, match="shard vanished"):
-        list(esd_worker.parallel_layer_results(stream(), ESDConfig(), ["cpu", "cpu"]))
+        list(parallel_layer_results(stream(), ESDConfig(), ["cpu", "cpu"]))
 
 
 def test_parallel_esd_failure_exits_cleanly_without_abort(tmp_path):

@@ -26,14 +26,13 @@ import ctypes
 import json
 import logging
 import os
-import queue
 import signal
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -57,12 +56,12 @@ from esd_experiment.core.results import (
     write_eigs,
 )
 from esd_experiment.estimator.options import ESDConfig, add_esd_arguments, esd_config_from_args
+from esd_experiment.run.devices import CpuShare, layer_results, on_devices
 from esd_experiment.run.model_list import ListEntry
 from esd_experiment.run.state import StageLog
 
 if TYPE_CHECKING:  # the estimator (and torch) is imported when a model is analysed
-    from esd_experiment.estimator.net_esd import LayerResult
-    from esd_experiment.formats.stream import ShardFetcher
+    pass
 
 logger = logging.getLogger(__name__)
 
@@ -165,86 +164,6 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
 # ---------------------------------------------------------------------------------------------
 # The analysis.
 
-def on_devices(fn: Callable[[object, str], object], items: Iterable,
-               devices: Sequence[str]) -> Iterator[tuple[object, object]]:
-    """``(item, fn(item, device))`` for each item, in order, each computed on the next free
-    device's thread; an exception ``fn`` raises is returned as the value. At most
-    ``2 * len(devices)`` items are held at once."""
-    todo: queue.Queue = queue.Queue(maxsize=len(devices))
-    done: dict[int, object] = {}
-    cond = threading.Condition()
-
-    def work(device: str) -> None:
-        while (job := todo.get()) is not None:
-            index, item = job
-            try:
-                value = fn(item, device)
-            except Exception as exc:  # handed to the consumer with its item
-                value = exc
-            with cond:
-                done[index] = value
-                cond.notify_all()
-
-    threads = [threading.Thread(target=work, args=(d,), daemon=True) for d in devices]
-    for t in threads:
-        t.start()
-    held: dict[int, object] = {}
-    next_index, produced = 0, 0
-    stream = iter(items)
-    try:
-        while True:
-            while produced - next_index < 2 * len(devices):
-                item = next(stream, _END)
-                if item is _END:
-                    break
-                held[produced] = item
-                todo.put((produced, item))
-                produced += 1
-            if next_index == produced:
-                return
-            with cond:
-                cond.wait_for(lambda i=next_index: i in done)
-                value = done.pop(next_index)
-            yield held.pop(next_index), value
-            next_index += 1
-    finally:
-        # Stop the threads and wait for them: a thread left inside torch when the process
-        # exits aborts it (SIGABRT), which would read as a transient failure.
-        while True:
-            try:
-                todo.get_nowait()
-            except queue.Empty:
-                break
-        for _ in threads:
-            todo.put(None)
-        for t in threads:
-            t.join()
-
-
-_END = object()
-
-
-def parallel_layer_results(named_tensors: Iterable[tuple], config: ESDConfig,
-                           devices: Sequence[str]) -> Iterator[LayerResult]:
-    """Like ``net_esd.iter_layer_results``, each tensor on the next free device's thread; rows
-    come back in stream order with consecutive ``layer_id``s. The first failure is raised."""
-    layer_id = 0
-    for _, value in on_devices(lambda item, dev: _layer_results(item, config, dev),
-                               named_tensors, devices):
-        if isinstance(value, Exception):
-            raise value
-        for result in value:
-            result.row["layer_id"] = layer_id
-            layer_id += 1
-            yield result
-
-
-def _layer_results(item: tuple, config: ESDConfig, device: str) -> list[LayerResult]:
-    from esd_experiment.estimator.net_esd import iter_layer_results
-
-    return list(iter_layer_results([item], replace(config, device=device)))
-
-
 def analysis_devices(config: WorkerConfig) -> list[str]:
     """Devices for one job: all visible GPUs under --parallel_esd, else the one asked for."""
     if not config.parallel_esd or not config.esd.device.startswith("cuda"):
@@ -252,37 +171,6 @@ def analysis_devices(config: WorkerConfig) -> list[str]:
     import torch
 
     return [f"cuda:{i}" for i in range(torch.cuda.device_count())] or [config.esd.device]
-
-
-class CpuShare:
-    """The cores the CPU estimator takes while a model streams from the hub.
-
-    While the reader waits for downloads, the network bounds the job and the eigensolver has
-    time to spare: it then leaves one core to the download (the HTTP client's thread, and
-    whatever else moves the bytes) rather than competing with it for every core. Once the
-    reader finds its files already downloaded, or the last one has arrived, the estimator
-    takes every core again. Set before each matrix, on the thread that solves it.
-    """
-
-    def __init__(self, fetchers: Sequence[ShardFetcher | None]):
-        self.fetchers = [f for f in fetchers if f is not None]
-        self.full: int | None = None  # the BLAS threads the process started with
-        self.current: int | None = None
-
-    def before_solve(self, device: str) -> None:
-        if not self.fetchers or device != "cpu":
-            return
-        from esd_experiment.estimator import lapack as esd_lapack
-
-        if self.full is None:
-            self.full = self.current = esd_lapack.blas_threads()
-        bound = any(f.network_bound for f in self.fetchers)
-        wanted = max(1, self.full - 1) if bound else self.full
-        if wanted != self.current:
-            esd_lapack.set_blas_threads(wanted)
-            logger.debug("BLAS on %d thread(s) while %s", wanted,
-                         "the download bounds the job" if bound else "the analysis does")
-            self.current = wanted
 
 
 @dataclass
@@ -317,7 +205,7 @@ def analyse(config: WorkerConfig, runs: list[ModelRun], stage: StageLog) -> None
         if item.error is not None:
             return item.error
         share.before_solve(device)
-        return _layer_results((item.name, item.tensor, item.storage), config.esd, device)
+        return layer_results((item.name, item.tensor, item.storage), config.esd, device)
 
     analysed = on_devices(solve, items, devices)
     last_log = time.monotonic()
