@@ -11,7 +11,7 @@ import pytest
 from esd_experiment.estimator import lapack as esd_lapack
 from esd_experiment.formats import stream as tensor_stream
 from esd_experiment.formats.stream import MAX_HELD, ShardFetcher
-from esd_experiment.run.worker import CpuShare
+from esd_experiment.run.devices import CpuShare
 
 WAIT_S = 10  # generous bound on a thread's step on a loaded CI machine; never reached when well
 

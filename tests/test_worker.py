@@ -160,7 +160,7 @@ def test_parallel_esd_failure_exits_cleanly_without_abort(tmp_path):
         import sys, torch
         sys.path.insert(0, {str(ROOT)!r})
         from esd_experiment.estimator.options import ESDConfig
-        from esd_experiment.run.worker import parallel_layer_results
+        from esd_experiment.run.devices import parallel_layer_results
         big = torch.randn(1500, 800)
         stream = [("a.weight", big), ("b.weight", "not a tensor"), ("c.weight", big),
                   ("d.weight", big), ("e.weight", big)]

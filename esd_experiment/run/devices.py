@@ -80,7 +80,7 @@ def on_devices(fn: Callable[[object, str], object], items: Iterable,
 _END = object()
 
 
-def parallellayer_results(named_tensors: Iterable[tuple], config: ESDConfig,
+def parallel_layer_results(named_tensors: Iterable[tuple], config: ESDConfig,
                            devices: Sequence[str]) -> Iterator[LayerResult]:
     """Like ``net_esd.iter_layer_results``, each tensor on the next free device's thread; rows
     come back in stream order with consecutive ``layer_id``s. The first failure is raised."""
