@@ -20,7 +20,7 @@ RssAnon and VmRSS from /proc/<pid>/status every 20 ms:
 
 and prints each child's peak RssAnon, its excess over the previous child against the largest
 dequantized tensor (float32), and the eigen child's timings. Last, in one more child, the
-other formats' dequantization (dequantize.py: GPTQ 4- and 3-bit, AWQ, FP8 block scales,
+other formats' dequantization (esd_experiment/formats/dequantize.py: GPTQ 4- and 3-bit, AWQ, FP8 block scales,
 bitsandbytes nf4, compressed-tensors int4) of one MLP-shaped (5632 x 2048) matrix from random
 stored data, next to the float64 Gram + eigvalsh of that shape (median of --repeats runs).
 Exit code: 0 when every child succeeded, 1 when one failed (its output is printed), 2 on bad

@@ -1,4 +1,4 @@
-"""Hub downloads in a forked process of their own (download_process.py), against the hub
+"""Hub downloads in a forked process of their own (esd_experiment/hub/download.py), against the hub
 stand-in with the real huggingface_hub client: the file read while the process writes it,
 failures crossing the process as the project's errors, and the process's end (closed, killed,
 or its worker killed)."""

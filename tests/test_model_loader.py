@@ -242,7 +242,7 @@ def test_missing_local_directory(tmp_path):
     ({"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized"}, "nvfp4"),
 ])
 def test_quantized_checkpoint_not_read_is_refused_naming_method(tmp_path, quant, named):
-    """Formats that quantized.py reads pass the config check (tests/test_quantized.py reads
+    """Formats that esd_experiment/formats/quantized.py reads pass the config check (tests/test_quantized.py reads
     them); any other method or layout is refused, before weights are read, naming it."""
     packed = {"w.qweight": torch.zeros(4, 4, dtype=torch.int32)}
     folder = write_safetensors(tmp_path / "quant", packed,

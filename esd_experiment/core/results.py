@@ -48,7 +48,7 @@ STATUSES = ("ok", "fit_failed", "too_small", "nonfinite", "unsupported_dtype")
 # The estimator options that change the numbers, in the order options_key writes them.
 OPTION_NAMES = ("fix_fingers", "xmin_pos", "bins", "evals_thresh", "filter_zeros",
                 "conv_norm", "min_evals", "precision")
-# The name under which an options_key records custom metrics (custom_metrics.py).
+# The name under which an options_key records custom metrics (estimator/metrics.py).
 METRICS_KEY = "metrics"
 # Key of the options record inside an ``.eigs.npz``.
 EIGS_OPTIONS_KEY = "__esd_options__"
@@ -286,7 +286,7 @@ def load_results(output_dir: Path, summary: bool = False) -> pd.DataFrame:
     (``SUMMARY_COLUMNS``).
 
     Files that are not complete results are left out with a ``UserWarning`` naming each;
-    ``df.attrs["skipped"]`` maps their paths to the reasons. Raises InputError (errors.py)
+    ``df.attrs["skipped"]`` maps their paths to the reasons. Raises InputError (core/errors.py)
     when the directory holds no readable result.
     """
     loaded = read_results(output_dir)

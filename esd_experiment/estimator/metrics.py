@@ -4,7 +4,7 @@
 ``FUNCTION(evals)`` gets a layer's eigenvalues (float64, ascending, docs/metrics.md section 2)
 and returns ``{column: number}``; a function that also names a parameter ``W`` gets the weight
 matrix as analysed, and ``N`` / ``M`` its larger / smaller dimension. ``--mp_fit`` is one such
-metric (``MP_FIT``, esd_mp.py). The columns follow the built-in ones in every row. Which metrics a result
+metric (``MP_FIT``, estimator/mp_fit.py). The columns follow the built-in ones in every row. Which metrics a result
 holds is part of its ``esd_options`` (``results.options_key``), under the name each metric is
 recorded by: ``<file name>:FUNCTION`` or ``package.module:FUNCTION``.
 

@@ -33,7 +33,7 @@ from esd_experiment.estimator import lapack as esd_lapack
 from esd_experiment.estimator.fit import spectral_metrics
 from esd_experiment.estimator.metrics import MP_FIT, metric_columns
 
-# The result schema lives in results.py (torch-free); layer columns are filled here.
+# The result schema lives in core/results.py (torch-free); layer columns are filled here.
 from esd_experiment.estimator.options import FIX_FINGERS, ESDConfig  # noqa: F401  (the estimator's public options)
 
 # The computation dtype of each --precision (esd_config.PRECISION_NAMES).
@@ -374,9 +374,9 @@ def net_esd_estimator(net: torch.nn.Module, EVALS_THRESH: float = 1e-5, bins: in
     ``'goodness-of-fit'`` (DKS). Its use of the result works unchanged: ``metrics['alpha']``,
     ``metrics['longname']``, ``pd.DataFrame({k: metrics[k] for k in metrics if k != 'eigs'})``.
 
-    ``metrics``: custom metrics (functions, or ``FILE.py:FUNCTION`` specs; custom_metrics.py),
+    ``metrics``: custom metrics (functions, or ``FILE.py:FUNCTION`` specs; estimator/metrics.py),
     whose columns come last (NaN where a layer has no eigenvalues); ``mp_fit=True`` adds
-    WeightWatcher's Marchenko-Pastur fit columns before them (esd_mp.py).
+    WeightWatcher's Marchenko-Pastur fit columns before them (estimator/mp_fit.py).
     """
     import pandas as pd
 

@@ -1,6 +1,6 @@
 """Dequantization of quantized weight formats: pure functions, tensors in, float32 out.
 
-No file I/O and no checkpoint names: ``quant_plans.py`` finds the stored parts of each weight
+No file I/O and no checkpoint names: ``formats/quant_plans.py`` finds the stored parts of each weight
 and calls these. One function per stored layout:
 
 - ``dequantize_gptq``: GPTQ ``qweight``/``qzeros``/``scales``/``g_idx`` (2, 3, 4, 8 bits).

@@ -4,7 +4,7 @@ follows, and ``QUANT_FORMATS``, the registry of formats by ``quant_method``.
 A plan reads only headers and tiny metadata tensors (bitsandbytes' quant state,
 compressed-tensors' ``weight_shape``): for every quantized module it names the stored parts,
 the dequantized shape, the ``storage`` string and the decoding function (from
-``dequantize.py``). A missing part or a shape that does not fit is a
+``formats/dequantize.py``). A missing part or a shape that does not fit is a
 ``CorruptCheckpointError`` naming the tensor; an option that is not read, an
 ``UnsupportedFormatError`` naming it.
 """

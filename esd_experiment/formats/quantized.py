@@ -10,13 +10,13 @@ Entry points, in the order a loader calls them:
   stored tensors (a ``checkpoint_io.CheckpointReader`` over the safetensors shards) in a
   ``DequantizingReader`` with the ``checkpoint_io.TensorReader`` interface: each quantized
   module appears once, as ``<module>.weight``, and ``get`` returns it dequantized to float32
-  (by the pure functions of ``dequantize.py``). Every quantized module is checked when the
+  (by the pure functions of ``formats/dequantize.py``). Every quantized module is checked when the
   reader is built, from headers and tiny metadata tensors: a missing ``scales``, an FP8
   weight without its scale or a part whose shape does not fit raises
   ``CorruptCheckpointError`` naming the tensor and the cause.
 
 ``QUANT_FORMATS`` is the registry: ``quant_method`` -> (option check, plan of the quantized
-weights in ``quant_plans.py``, summary). A new format is one check here, one plan there and
+weights in ``formats/quant_plans.py``, summary). A new format is one check here, one plan there and
 one line in the table. This module imports neither torch nor the dequantizers, so the runner
 and ``--dry_run`` can check configs and list the formats (``supported_formats``) without them.
 

@@ -68,7 +68,7 @@ class HubClient:
         self.cache_dir = cache_dir
         self.offline = env_offline() if offline is None else offline
         # With ``download_process``, weight files download in a forked process of their own
-        # (``download_process.py``) from the first ``start_download_process()`` on.
+        # (``hub/download.py``) from the first ``start_download_process()`` on.
         self._process_wanted = download_process and not self.offline
         self._process: DownloadProcess | None = None
         self._refs: dict[tuple[str, str], str] = {}  # (repo, commit) -> the branch or tag asked

@@ -14,7 +14,7 @@ What is fetched: ``config.json``, the safetensors shards and their index (``.bin
 repository has no safetensors), and for an adapter ``adapter_config.json`` and
 ``adapter_model.*``. No model class is built except for adapter types that only peft can merge,
 so models with custom code are read without ``trust_remote_code``. Hub failures become the
-named errors of ``errors.py`` (``hub_files``), free of tokens. Torch is imported only when a
+named errors of ``core/errors.py`` (``hub_files``), free of tokens. Torch is imported only when a
 tensor is read, so the runner and ``--dry_run`` use this module without it.
 """
 

@@ -10,7 +10,7 @@ Writes under --output_dir one ``<org--name>.csv`` per model (columns: results.RE
 own log, ``<log_dir>/esd_experiment.log``; with --dry_run only ``preflight/preflight.csv``.
 A base and its listed adapters run as one job that reads the base once. Finished models are
 skipped on a rerun. Every listed model ends done, failed or not reached (the run stopped),
-checked before exit (run_accounts.py). Exit code: 0 only when every listed model is done, 1
+checked before exit (run/accounts.py). Exit code: 0 only when every listed model is done, 1
 when some model failed or the run stopped (hub unreachable, disk full), 2 for bad input (list,
 flags, a second run on the same output), 70 when the accounting does not add up (an internal
 error), 128 +

@@ -323,7 +323,7 @@ def run_job(config: WorkerConfig, stage: StageLog, write: bool = True) -> list[M
     runs = [ModelRun(m, model_paths(config.output_dir, m, config.log_dir, config.gguf_file))
             for m in config.model_ids]
     started = time.monotonic()
-    # Weight files download in a process of their own (download_process.py), out of the
+    # Weight files download in a process of their own (hub/download.py), out of the
     # lock the analysis needs; ended with the job, which by then downloads nothing.
     hub = HubClient(cache_dir=config.cache_dir, download_process=True)
     with CacheSession(default_cache_dir(config.cache_dir), config.cleanup_cache) as session, \
