@@ -27,12 +27,13 @@ import numpy as np
 import torch
 
 import esd_lapack
-from custom_metrics import MP_FIT, metric_columns
+from custom_metrics import MP_FIT, metric_columns, randomize_metric
 from errors import InputError
 
 # The result schema lives in results.py (torch-free); layer columns are filled here.
 from esd_config import FIX_FINGERS, ESDConfig  # noqa: F401  (the estimator's public options)
 from esd_fit import spectral_metrics
+from esd_randomize import layer_rng, shuffled_bits
 from layer_order import block_index, stack_of
 from results import LAYER_COLUMNS, METRIC_COLUMNS, RESULT_COLUMNS
 
@@ -330,7 +331,8 @@ def analyse_layer(layer: _Layer, layer_id: int, config: ESDConfig) -> LayerResul
     custom = {}
     if config.metrics and evals is not None:
         custom = metric_columns(config.metrics, evals.cpu().numpy(),
-                                lambda: analysed_matrix(layer, config), RESULT_COLUMNS, n, m)
+                                lambda: analysed_matrix(layer, config), RESULT_COLUMNS, n, m,
+                                lambda seed, r: shuffled_eigenvalues(layer, config, seed, r))
     kept = evals.cpu().numpy() if (config.keep_evals and evals is not None) else None
     return LayerResult(row={**{c: row[c] for c in LAYER_COLUMNS}, **custom}, evals=kept)
 
@@ -344,6 +346,22 @@ def analysed_matrix(layer: _Layer, config: ESDConfig) -> np.ndarray:
     if len(mats) == 1 and layer.evals_scale == 1.0:
         return mats[0].numpy()
     return (torch.stack(mats) * math.sqrt(layer.evals_scale)).numpy()
+
+
+def shuffled_eigenvalues(layer: _Layer, config: ESDConfig, seed: int,
+                         replica: int) -> np.ndarray | None:
+    """The eigenvalues (float64 NumPy, ascending) of ``layer`` with each of its matrices
+    shuffled element-wise by ``esd_randomize.layer_rng(seed, longname, replica)``: shuffled
+    on the CPU in their stored dtype, solved like the layer itself (``layer_eigenvalues``).
+    None when they are not finite."""
+    rng = layer_rng(seed, layer.longname, replica)
+    mats = [torch.from_numpy(shuffled_bits(m.detach().cpu().view(_SAME_WIDTH[m.element_size()])
+                                           .numpy(), rng)).view(m.dtype) for m in layer.mats]
+    evals = layer_eigenvalues(replace(layer, mats=mats), config)
+    return None if evals is None else evals.cpu().numpy()
+
+
+_SAME_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # NumPy has no bfloat16
 
 
 def _as_tensor(tensor: Any) -> torch.Tensor:
@@ -452,7 +470,8 @@ def net_esd_estimator(net: torch.nn.Module, EVALS_THRESH: float = 1e-5, bins: in
                       conv_norm: float = 0.5, filter_zeros: bool = False,
                       device: str | None = None, eigs: bool = False, *,
                       precision: str = "float64", pl_fitting: str | None = None,
-                      metrics: Iterable = (), mp_fit: bool = False):
+                      metrics: Iterable = (), mp_fit: bool = False, randomize: bool = False,
+                      seed: int = 0):
     """TempBalance's estimator: a DataFrame with one row per Linear/Conv2d/Embedding/Conv1D.
 
     Columns: LAYER_COLUMNS, ``alphahat`` (= alpha_weighted) and, with ``eigs=True``, ``eigs``
@@ -466,7 +485,8 @@ def net_esd_estimator(net: torch.nn.Module, EVALS_THRESH: float = 1e-5, bins: in
 
     ``metrics``: custom metrics (functions, or ``FILE.py:FUNCTION`` specs; custom_metrics.py),
     whose columns come last (NaN where a layer has no eigenvalues); ``mp_fit=True`` adds
-    WeightWatcher's Marchenko-Pastur fit columns before them (esd_mp.py).
+    WeightWatcher's Marchenko-Pastur fit columns before them (esd_mp.py), ``randomize=True``
+    its randomized-ESD columns after those, the shuffle seeded by ``seed`` (esd_randomize.py).
     """
     import pandas as pd
 
@@ -474,7 +494,8 @@ def net_esd_estimator(net: torch.nn.Module, EVALS_THRESH: float = 1e-5, bins: in
                      bins=bins, evals_thresh=EVALS_THRESH, filter_zeros=filter_zeros,
                      conv_norm=conv_norm, precision=precision, keep_evals=eigs,
                      device=device or "cpu",
-                     metrics=((MP_FIT,) if mp_fit else ()) + tuple(metrics))
+                     metrics=((MP_FIT,) if mp_fit else ())
+                     + ((randomize_metric(seed),) if randomize else ()) + tuple(metrics))
     configs: dict[str, ESDConfig] = {}
     rows = []
     layer_id = 0
