@@ -4,6 +4,7 @@ Given one and the same shuffle, every column must equal WeightWatcher's; with ea
 shuffle, the randomized spectra must have the same distribution.
 """
 
+import argparse
 import logging
 
 import numpy as np
@@ -17,7 +18,7 @@ from scipy import stats
 import esd_report
 import esd_worker
 from custom_metrics import randomize_metric
-from esd_config import ESDConfig
+from esd_config import ESDConfig, add_esd_arguments, esd_argv, esd_config_from_args, metrics_of
 from esd_randomize import RANDOM_COLUMNS, randomized_columns
 from net_esd import layer_eigenvalues, net_esd_estimator, shuffled_eigenvalues, split_layers
 from paths import ModelPaths
@@ -139,3 +140,16 @@ def test_randomize_in_a_run_is_recorded_and_another_seed_is_not_done(tmp_path, c
     assert "randomize(seed=0)" in err and "needs the weights" in err
     assert not refit.exists() or not list(refit.glob("*.csv"))
     assert esd_worker.main([*argv, "--randomize", "--seed", "-1"]) == 2
+
+
+def test_the_runner_forwards_randomize_and_its_seed_to_its_workers():
+    parser = argparse.ArgumentParser()
+    add_esd_arguments(parser)
+    args = parser.parse_args(["--mp_fit", "--randomize", "--seed", "3"])
+    forwarded = parser.parse_args(esd_argv(args))
+    assert [m.name for m in metrics_of(forwarded)] == ["mp_fit", "randomize(seed=3)"]
+    assert esd_config_from_args(args, "cpu").options_record["metrics"] == [
+        "mp_fit", "randomize(seed=3)"]
+    # Without --randomize the seed changes nothing: plain results stay done.
+    plain = esd_config_from_args(parser.parse_args(["--seed", "9"]), "cpu")
+    assert plain.options_key == ESDConfig().options_key
