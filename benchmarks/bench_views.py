@@ -20,7 +20,8 @@ run, --randomize adds <= 1.1 x the plain run's eigensolve time; each both as the
 of two whole runs and as the directly measured work (steadier on a loaded machine).
 
 Usage: python benchmarks/bench_views.py [--repeats 3] [--hidden 1024] [--mlp 2816]
-       [--layers 2] [--vocab 32000] [--threads N]
+       [--layers 2] [--vocab 32000] [--threads N] [--device cpu|cuda]
+Writes nothing; prints Markdown tables. Exit code 0 (an exception exits 1).
 """
 
 from __future__ import annotations
