@@ -4,7 +4,9 @@
 ``FUNCTION(evals)`` gets a layer's eigenvalues (float64, ascending, docs/metrics.md section 2)
 and returns ``{column: number}``; a function that also names a parameter ``W`` gets the weight
 matrix as analysed, and ``N`` / ``M`` its larger / smaller dimension. ``--mp_fit`` is one such
-metric (``MP_FIT``, estimator/mp_fit.py). The columns follow the built-in ones in every row. Which metrics a result
+metric (``MP_FIT``, estimator/mp_fit.py), and so is ``--randomize`` (``randomize_metric``,
+estimator/randomize.py), which takes ``shuffled_evals``: the eigenvalues of the layer's matrices
+shuffled element-wise. The columns follow the built-in ones in every row. Which metrics a result
 holds is part of its ``esd_options`` (``results.options_key``), under the name each metric is
 recorded by: ``<file name>:FUNCTION`` or ``package.module:FUNCTION``.
 
@@ -26,6 +28,7 @@ from pathlib import Path
 
 from esd_experiment.core.errors import InputError
 from esd_experiment.estimator.mp_fit import MP_FIT_NAME, mp_fit
+from esd_experiment.estimator.randomize import randomized_columns, recorded_name
 
 # Names a metric may not give its columns besides the result's own (passed in by the caller):
 # net_esd_estimator's extra columns.
@@ -33,6 +36,8 @@ RESERVED_COLUMNS = frozenset({"alphahat", "eigs"})
 # What a recorded name may hold: it is written inside the esd_options cell, where ";" and ","
 # separate options and metrics.
 _RECORDED_NAME = re.compile(r"^[\w.\-+]+:[A-Za-z_]\w*$")
+# What a metric may take that only the weights give (saved eigenvalues cannot).
+NEEDS_WEIGHTS = frozenset({"W", "shuffled_evals"})
 
 
 class MetricError(InputError):
@@ -51,11 +56,22 @@ class Metric:
 
     @property
     def wants_W(self) -> bool:
-        return "W" in self.takes
+        """True when the metric needs the weights: ``W``, or the shuffled layer's spectrum."""
+        return bool(self.takes & NEEDS_WEIGHTS)
 
 
 # WeightWatcher's Marchenko-Pastur fit (--mp_fit).
 MP_FIT = Metric(MP_FIT_NAME, mp_fit, frozenset({"N", "M"}))
+
+
+@functools.cache
+def randomize_metric(seed: int) -> Metric:
+    """WeightWatcher's randomized ESD (--randomize), its shuffle seeded by ``seed`` (>= 0),
+    recorded as ``randomize(seed=<seed>)``."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InputError(f"--seed must be a whole number >= 0, got {seed!r}")
+    return Metric(recorded_name(seed), functools.partial(randomized_columns, seed=seed),
+                  frozenset({"N", "M", "shuffled_evals"}))
 
 
 def _takes(fn: Callable) -> frozenset:
@@ -135,13 +151,16 @@ def metric_argv(spec: str) -> str:
 
 
 def metric_columns(metrics: Iterable[Metric], evals, weights: Callable[[], object],
-                   builtin: Iterable[str], N: int, M: int) -> dict:
+                   builtin: Iterable[str], N: int, M: int,
+                   shuffled_evals: Callable | None = None) -> dict:
     """The columns of every metric for one layer: ``{column: float}``, in metric order.
 
     ``evals``: the layer's eigenvalues (float64 NumPy, ascending); each metric gets its own
     copy. ``weights()``: the matrix as analysed, built only when a metric takes ``W``.
     ``builtin``: the result's own columns, which no metric may name. ``N``, ``M``: the
-    matrix's larger and smaller dimension (of each slice, for a convolution). Raises MetricError naming the metric when one raises or returns something else than
+    matrix's larger and smaller dimension (of each slice, for a convolution).
+    ``shuffled_evals(seed, replica)``: the eigenvalues of the layer shuffled element-wise
+    (net_esd.shuffled_eigenvalues), for the metrics that take it. Raises MetricError naming the metric when one raises or returns something else than
     ``{column: number}`` with new column names.
     """
     out: dict[str, float] = {}
@@ -149,9 +168,9 @@ def metric_columns(metrics: Iterable[Metric], evals, weights: Callable[[], objec
     W = None
     for metric in metrics:
         try:
-            if metric.wants_W and W is None:
+            if "W" in metric.takes and W is None:
                 W = weights()
-            given = {"W": W, "N": N, "M": M}
+            given = {"W": W, "N": N, "M": M, "shuffled_evals": shuffled_evals}
             value = metric.fn(evals.copy(), **{k: given[k] for k in metric.takes})
         except Exception as exc:  # the user's code: its failure is the model's cause
             raise MetricError(f"metric {metric.name} raised {type(exc).__name__}: "

@@ -40,8 +40,13 @@ def mp_fit(evals: np.ndarray, N: int, M: int) -> dict[str, float]:
     xde = np.linspace(0, np.max(to_fit) + 0.5, KDE_GRID)
     yde = linear_kde(to_fit, xde, BANDWIDTH)
     good = yde > DENSITY_FLOOR  # WeightWatcher's residual leaves near-empty regions out
-    fitted = optimize.brute(_residual, grid, args=(xde[good], yde[good], q), full_output=True)
-    sigma = float(fitted[0][0])
+    xde, yde = xde[good], yde[good]
+    args = (xde, yde, q, xde[np.where(yde == np.max(yde))][0], np.max(xde))
+    # scipy.optimize.brute(_residual, grid, args, finish=fmin), its grid in one array pass:
+    # the first grid minimum, polished by Nelder-Mead.
+    sigmas = np.mgrid[grid[0]]
+    start = sigmas[np.argmin(_residuals(sigmas, *args))]
+    sigma = float(optimize.fmin(_residual, start, args=args, full_output=1, disp=False)[0][0])
     bulk_max = (sigma * (1 + 1 / np.sqrt(q))) ** 2
     bulk_min = (sigma * (1 - 1 / np.sqrt(q))) ** 2
     tracy_widom = 1 / np.sqrt(q) * np.power(bulk_max, 2 / 3) * np.power(M, -2 / 3)
@@ -60,11 +65,19 @@ def linear_kde(samples: np.ndarray, at: np.ndarray, bandwidth: float) -> np.ndar
     return out / (samples.size * bandwidth)
 
 
-def _residual(p, xde: np.ndarray, yde: np.ndarray, q: float) -> float:
+def _residual(p, xde: np.ndarray, yde: np.ndarray, q: float, peak: float,
+              top: float) -> float:
     """WeightWatcher's ``resid_mp(..., allresid=False)``: the squared distance between the MP
     (or, for Q = 1, quarter-circle) density of scale ``p`` and the density estimate ``yde``
-    at ``xde``."""
-    sigma = p
+    at ``xde``; ``peak``: the estimate's mode, ``top``: the last grid point."""
+    return float(_residuals(np.asarray(p, dtype=np.float64).reshape(-1), xde, yde, q, peak,
+                            top)[0])
+
+
+def _residuals(sigmas: np.ndarray, xde: np.ndarray, yde: np.ndarray, q: float, peak: float,
+               top: float) -> np.ndarray:
+    """``_residual`` at every scale of ``sigmas`` (1-D) at once."""
+    sigma = sigmas[:, None]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         if q == 1:
@@ -73,11 +86,9 @@ def _residual(p, xde: np.ndarray, yde: np.ndarray, q: float) -> float:
             y = 1 / q
             b = np.power(sigma * (1 + np.sqrt(1 / q)), 2)
             a = np.power(sigma * (1 - np.sqrt(1 / q)), 2)
-            peak = xde[np.where(yde == max(yde))][0]
-            if (b < peak) | (b > max(xde)) | (a > peak):
-                resid = np.zeros(len(yde)) + PENALTY
-            else:
-                ymp = np.nan_to_num((1 / (2 * np.pi * sigma * sigma * xde * y))
-                                    * np.sqrt((b - xde) * (xde - a)))
-                resid = ymp - yde
-    return np.sum(resid ** 2)
+            ymp = np.nan_to_num((1 / (2 * np.pi * sigma * sigma * xde * y))
+                                * np.sqrt((b - xde) * (xde - a)))
+            resid = ymp - yde
+            outside = ((b < peak) | (b > top) | (a > peak))[:, 0]
+            resid[outside] = PENALTY
+    return np.sum(resid ** 2, axis=1)

@@ -31,10 +31,11 @@ from esd_experiment.core.naming import is_weight_name, layer_type_of, longname_o
 from esd_experiment.core.results import LAYER_COLUMNS, METRIC_COLUMNS, RESULT_COLUMNS
 from esd_experiment.estimator import lapack as esd_lapack
 from esd_experiment.estimator.fit import spectral_metrics
-from esd_experiment.estimator.metrics import MP_FIT, metric_columns
+from esd_experiment.estimator.metrics import MP_FIT, metric_columns, randomize_metric
 
 # The result schema lives in core/results.py (torch-free); layer columns are filled here.
 from esd_experiment.estimator.options import FIX_FINGERS, ESDConfig  # noqa: F401  (the estimator's public options)
+from esd_experiment.estimator.randomize import layer_rng, shuffled_bits
 
 # The computation dtype of each --precision (esd_config.PRECISION_NAMES).
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
@@ -240,7 +241,8 @@ def analyse_layer(layer: _Layer, layer_id: int, config: ESDConfig) -> LayerResul
     custom = {}
     if config.metrics and evals is not None:
         custom = metric_columns(config.metrics, evals.cpu().numpy(),
-                                lambda: analysed_matrix(layer, config), RESULT_COLUMNS, n, m)
+                                lambda: analysed_matrix(layer, config), RESULT_COLUMNS, n, m,
+                                lambda seed, r: shuffled_eigenvalues(layer, config, seed, r))
     kept = evals.cpu().numpy() if (config.keep_evals and evals is not None) else None
     return LayerResult(row={**{c: row[c] for c in LAYER_COLUMNS}, **custom}, evals=kept)
 
@@ -254,6 +256,22 @@ def analysed_matrix(layer: _Layer, config: ESDConfig) -> np.ndarray:
     if len(mats) == 1 and layer.evals_scale == 1.0:
         return mats[0].numpy()
     return (torch.stack(mats) * math.sqrt(layer.evals_scale)).numpy()
+
+
+def shuffled_eigenvalues(layer: _Layer, config: ESDConfig, seed: int,
+                         replica: int) -> np.ndarray | None:
+    """The eigenvalues (float64 NumPy, ascending) of ``layer`` with each of its matrices
+    shuffled element-wise by ``esd_randomize.layer_rng(seed, longname, replica)``: shuffled
+    on the CPU in their stored dtype, solved like the layer itself (``layer_eigenvalues``).
+    None when they are not finite."""
+    rng = layer_rng(seed, layer.longname, replica)
+    mats = [torch.from_numpy(shuffled_bits(m.detach().cpu().view(_SAME_WIDTH[m.element_size()])
+                                           .numpy(), rng)).view(m.dtype) for m in layer.mats]
+    evals = layer_eigenvalues(replace(layer, mats=mats), config)
+    return None if evals is None else evals.cpu().numpy()
+
+
+_SAME_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # NumPy has no bfloat16
 
 
 def _as_tensor(tensor: Any) -> torch.Tensor:
@@ -362,7 +380,8 @@ def net_esd_estimator(net: torch.nn.Module, EVALS_THRESH: float = 1e-5, bins: in
                       conv_norm: float = 0.5, filter_zeros: bool = False,
                       device: str | None = None, eigs: bool = False, *,
                       precision: str = "float64", pl_fitting: str | None = None,
-                      metrics: Iterable = (), mp_fit: bool = False):
+                      metrics: Iterable = (), mp_fit: bool = False, randomize: bool = False,
+                      seed: int = 0):
     """TempBalance's estimator: a DataFrame with one row per Linear/Conv2d/Embedding/Conv1D.
 
     Columns: LAYER_COLUMNS, ``alphahat`` (= alpha_weighted) and, with ``eigs=True``, ``eigs``
@@ -376,7 +395,8 @@ def net_esd_estimator(net: torch.nn.Module, EVALS_THRESH: float = 1e-5, bins: in
 
     ``metrics``: custom metrics (functions, or ``FILE.py:FUNCTION`` specs; estimator/metrics.py),
     whose columns come last (NaN where a layer has no eigenvalues); ``mp_fit=True`` adds
-    WeightWatcher's Marchenko-Pastur fit columns before them (estimator/mp_fit.py).
+    WeightWatcher's Marchenko-Pastur fit columns before them (estimator/mp_fit.py), ``randomize=True``
+    its randomized-ESD columns after those, the shuffle seeded by ``seed`` (estimator/randomize.py).
     """
     import pandas as pd
 
@@ -390,7 +410,8 @@ def net_esd_estimator(net: torch.nn.Module, EVALS_THRESH: float = 1e-5, bins: in
                      bins=bins, evals_thresh=EVALS_THRESH, filter_zeros=filter_zeros,
                      conv_norm=conv_norm, precision=precision, keep_evals=eigs,
                      device=device or "cpu",
-                     metrics=((MP_FIT,) if mp_fit else ()) + tuple(metrics))
+                     metrics=((MP_FIT,) if mp_fit else ())
+                     + ((randomize_metric(seed),) if randomize else ()) + tuple(metrics))
     configs: dict[str, ESDConfig] = {}
     rows = []
     layer_id = 0

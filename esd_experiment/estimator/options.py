@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from esd_experiment.core.errors import InputError
 from esd_experiment.core.results import METRICS_KEY, OPTION_NAMES, options_key
-from esd_experiment.estimator.metrics import MP_FIT, load_metrics, metric_argv
+from esd_experiment.estimator.metrics import MP_FIT, load_metrics, metric_argv, randomize_metric
 
 FIX_FINGERS = ("xmin_mid", "xmin_peak", "DKS")
 PRECISION_NAMES = ("float64", "float32")
@@ -111,6 +111,12 @@ def add_esd_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mp_fit", action="store_true",
                    help="add WeightWatcher's Marchenko-Pastur fit columns (bulk_max, bulk_min, "
                         "mp_softrank, num_spikes, sigma_mp)")
+    g.add_argument("--randomize", action="store_true",
+                   help="add WeightWatcher's randomized-ESD columns (the ESD of each matrix "
+                        "shuffled element-wise: rand_distance, max_rand_eval, ww_softrank, ...)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of --randomize's shuffle, recorded in esd_options "
+                        "(default: %(default)s)")
 
 
 def esd_config_from_args(args: argparse.Namespace, device: str) -> ESDConfig:
@@ -123,8 +129,11 @@ def esd_config_from_args(args: argparse.Namespace, device: str) -> ESDConfig:
 
 
 def metrics_of(args: argparse.Namespace) -> tuple:
-    """The metrics ``--mp_fit`` and ``--metric`` ask for, in that order (specs unloaded)."""
+    """The metrics ``--mp_fit``, ``--randomize`` and ``--metric`` ask for, in that order
+    (specs unloaded)."""
     return (((MP_FIT,) if getattr(args, "mp_fit", False) else ())
+            + ((randomize_metric(getattr(args, "seed", 0)),)
+               if getattr(args, "randomize", False) else ())
             + tuple(getattr(args, "metric", None) or ()))
 
 
@@ -142,6 +151,8 @@ def esd_argv(args: argparse.Namespace) -> list[str]:
         argv.append("--save_eigs")
     if getattr(args, "mp_fit", False):
         argv.append("--mp_fit")
+    if getattr(args, "randomize", False):
+        argv += ["--randomize", "--seed", str(args.seed)]
     for spec in getattr(args, "metric", None) or ():
         argv += ["--metric", metric_argv(spec)]
     return argv

@@ -297,8 +297,8 @@ def refit(results_dir: Path, new_dir: Path, overrides: dict,
     base_key = _directory_options(results_dir, loaded)
     config = config_from_key(base_key, **overrides)
     if weights_needed(config):
-        raise InputError(f"metric {weights_needed(config)} takes W, the weights, which saved "
-                         "eigenvalues lack: compute it with run_esd_experiment.py --metric")
+        raise InputError(f"metric {weights_needed(config)} needs the weights, which saved "
+                         "eigenvalues lack: compute it with run_esd_experiment.py")
     skipped = {p.name: why for p, why in loaded.skipped.items()}
     plans = []
     by_model = dict(tuple(loaded.layers.groupby("model_id", sort=False)))
@@ -392,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "without it the new results hold none)")
     f.add_argument("--mp_fit", action="store_true",
                    help="add WeightWatcher's Marchenko-Pastur fit columns")
+    f.add_argument("--randomize", action="store_true",
+                   help="refused: the randomized ESD needs the weights (run the models)")
+    f.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     f.add_argument("--overwrite", action="store_true",
                    help="replace results in --output_dir computed with other options")
     return p

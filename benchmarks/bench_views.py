@@ -1,0 +1,157 @@
+"""The cost of WeightWatcher's other views: a plain estimator run against ``--mp_fit`` and
+``--randomize`` over the same matrices, alternated in one process.
+
+Builds Llama-shaped random matrices in memory (hidden --hidden, MLP --mlp, --layers blocks,
+vocab --vocab, untied embedding and head, float32; column scales log-uniform over two decades,
+so each spectrum spans about five decades) and times, --repeats times in alternating order:
+
+  plain      net_esd.iter_layer_results with the defaults (float64, xmin_mid)
+  mp_fit     the same with --mp_fit
+  randomize  the same with --randomize
+  eigensolve layer_eigenvalues alone per layer: the plain run's eigensolve time
+  mp_fit_work     the MP fit alone (esd_mp.mp_fit on every layer's eigenvalues): what
+                  --mp_fit adds, measured directly
+  randomize_work  the randomized columns alone (shuffles, their eigensolves, the MP fit of
+                  the shuffled spectra): what --randomize adds, measured directly
+  shuffles        the element-wise shuffles alone (esd_randomize.shuffled_bits)
+
+Prints medians and minima and the ratios of the targets: --mp_fit adds <= 5 % of the plain
+run, --randomize adds <= 1.1 x the plain run's eigensolve time; each both as the difference
+of two whole runs and as the directly measured work (steadier on a loaded machine).
+
+Usage: python benchmarks/bench_views.py [--repeats 3] [--hidden 1024] [--mlp 2816]
+       [--layers 2] [--vocab 32000] [--threads N] [--device cpu|cuda]
+Writes nothing; prints Markdown tables. Exit code 0 (an exception exits 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def llama_tensors(hidden: int, mlp: int, layers: int, vocab: int) -> list[tuple[str, object]]:
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+
+    def mat(n: int, m: int):
+        scales = 10 ** (2 * torch.rand(m, generator=gen) - 1)
+        return torch.randn(n, m, generator=gen) * scales / m ** 0.5
+
+    out = [("model.embed_tokens.weight", mat(vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        out += [(p + f"self_attn.{x}_proj.weight", mat(hidden, hidden)) for x in "qkvo"]
+        out += [(p + "mlp.gate_proj.weight", mat(mlp, hidden)),
+                (p + "mlp.up_proj.weight", mat(mlp, hidden)),
+                (p + "mlp.down_proj.weight", mat(hidden, mlp))]
+    out.append(("lm_head.weight", mat(vocab, hidden)))
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--mlp", type=int, default=2816)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--threads", type=int, default=None, help="BLAS and torch threads")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    args = p.parse_args()
+    if args.threads:
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(args.threads)
+
+    import numpy as np
+    import torch
+
+    from esd_experiment.estimator.metrics import MP_FIT, randomize_metric
+    from esd_experiment.estimator.mp_fit import mp_fit
+    from esd_experiment.estimator.net_esd import (
+        iter_layer_results,
+        layer_eigenvalues,
+        shuffled_eigenvalues,
+        split_layers,
+    )
+    from esd_experiment.estimator.options import ESDConfig
+    from esd_experiment.estimator.randomize import layer_rng, randomized_columns, shuffled_bits
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tensors = llama_tensors(args.hidden, args.mlp, args.layers, args.vocab)
+    dev = args.device
+    configs = {"plain": ESDConfig(device=dev), "mp_fit": ESDConfig(device=dev, metrics=(MP_FIT,)),
+               "randomize": ESDConfig(device=dev, metrics=(randomize_metric(0),))}
+    layers = [layer for name, t in tensors for layer in split_layers(name, t, None, 0.5)]
+
+    evals = {layer.longname: layer_eigenvalues(layer, configs["plain"]).cpu().numpy()
+             for layer in layers}
+
+    def run(name: str) -> float:
+        t0 = time.perf_counter()
+        if name == "eigensolve":
+            for layer in layers:
+                layer_eigenvalues(layer, configs["plain"])
+        elif name == "mp_fit_work":
+            for layer in layers:
+                mp_fit(evals[layer.longname], layer.N, layer.M)
+        elif name == "randomize_work":
+            for layer in layers:
+                randomized_columns(evals[layer.longname], layer.N, layer.M,
+                                   lambda seed, r, la=layer: shuffled_eigenvalues(
+                                       la, configs["randomize"], seed, r), seed=0)
+        elif name == "shuffles":
+            for layer in layers:
+                rng = layer_rng(0, layer.longname, 0)
+                for m in layer.mats:
+                    shuffled_bits(m.numpy(), rng)
+        else:
+            for _ in iter_layer_results(tensors, configs[name]):
+                pass
+        return time.perf_counter() - t0
+
+    order = ["plain", "mp_fit", "randomize", "eigensolve", "mp_fit_work", "randomize_work",
+             "shuffles"]
+    times: dict[str, list[float]] = {k: [] for k in order}
+    run("plain")  # warm-up: BLAS start-up, page faults
+    mp_fit(np.linspace(0.1, 1.0, 20), 40, 20)  # and SciPy's optimize, imported once per process
+    for r in range(args.repeats):
+        for name in order[r % len(order):] + order[:r % len(order)]:
+            times[name].append(run(name))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    low = {k: min(v) for k, v in times.items()}
+    elements = sum(m.numel() for layer in layers for m in layer.mats)
+    gpu = torch.cuda.get_device_name() if dev.startswith("cuda") else "no GPU used"
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"{gpu}, threads {args.threads or 'default'}; "
+          f"torch {torch.__version__}, numpy {np.__version__}")
+    print(f"matrices: {len(layers)} ({elements / 1e6:.1f} M entries), hidden {args.hidden}, "
+          f"mlp {args.mlp}, layers {args.layers}, vocab {args.vocab}, float32; "
+          f"repeats {args.repeats}")
+    print("| run | median s | min s | all s |\n|---|---|---|---|")
+    for name, v in times.items():
+        print(f"| `{name}` | {med[name]:.2f} | {low[name]:.2f} | "
+              f"{', '.join(f'{x:.2f}' for x in v)} |")
+    for what, t in (("medians", med), ("minima", low)):
+        print(f"{what}: (mp_fit - plain) / plain = "
+              f"{100 * (t['mp_fit'] - t['plain']) / t['plain']:.1f} %, "
+              f"mp_fit_work / plain = {100 * t['mp_fit_work'] / t['plain']:.1f} % "
+              f"(target <= 5 %); (randomize - plain) / eigensolve = "
+              f"{(t['randomize'] - t['plain']) / t['eigensolve']:.2f}, randomize_work / "
+              f"eigensolve = {t['randomize_work'] / t['eigensolve']:.2f} (target <= 1.1); "
+              f"shuffles / eigensolve = {t['shuffles'] / t['eigensolve']:.2f}, "
+              f"{1e9 * t['shuffles'] / elements:.0f} ns per entry")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
