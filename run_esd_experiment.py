@@ -39,6 +39,7 @@ from run_plan import WORKER, disk_full_message, estimator_options, make_plan
 from run_progress import Progress, format_duration, run_log, summary_table
 from run_state import FailureLog, RunLock, check_options
 from saved_eigs import recompute_planned
+from task_workers import worker_for_tasks
 
 logger = logging.getLogger("run_esd_experiment")
 
@@ -83,12 +84,13 @@ def make_backend(config: RunConfig):
 
         return SlurmBackend(slurm_options_from_args(args, default_gpus=gpus, job_name="esd",
                                                     require_gpus=gpus_required(args)),
-                            config.output_dir / "slurm")
+                            config.output_dir / "slurm", worker_script=worker_for_tasks(WORKER))
     if config.backend == "ray":
         from backend_ray import RayBackend, ray_options_from_args
 
         return RayBackend(ray_options_from_args(args, gpus_per_job=gpus,
-                                                require_gpus=gpus_required(args)))
+                                                require_gpus=gpus_required(args)),
+                          worker_script=worker_for_tasks(WORKER))
     return Dispatcher(
         list(config.gpus) if config.gpus else None, gpus_per_job=config.num_gpus_per_job,
         memory_threshold_mb=config.gpu_memory_threshold, max_check=config.max_check,
