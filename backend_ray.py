@@ -2,8 +2,9 @@
 
 It has the local dispatcher's interface (``run(jobs, on_finish)``, ``stop``, ``now``,
 ``stopped``, ``stop_signum``, ``running_jobs``, ``pending_jobs``). Each task runs its job's
-command as a subprocess (``backend_task.run_commands``) with ``CUDA_VISIBLE_DEVICES`` set to
-the GPUs Ray assigned (``ray.get_gpu_ids()``), output appended to the job's ``log_path``.
+command as a subprocess (``backend_task.run_commands``; given ``worker_script``, in a
+long-lived worker of ``task_workers``) with ``CUDA_VISIBLE_DEVICES`` set to the GPUs Ray
+assigned (``ray.get_gpu_ids()``), output appended to the job's ``log_path``.
 Ray schedules the tasks by their resources; a job's ``not_before`` keeps it here until then.
 
 ``stop()`` cancels the tasks (each passes the cancel on to its command's process group) and

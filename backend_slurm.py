@@ -3,7 +3,9 @@
 It has the local dispatcher's interface (``run(jobs, on_finish)``, ``stop``, ``now``,
 ``stopped``, ``stop_signum``, ``running_jobs``, ``pending_jobs``), so a runner hands it the
 same ``gputracker.Job`` list. ``models_per_task`` jobs share one array task and run one after
-another on its node (``backend_task.run_commands``), each appending to its own ``log_path``.
+another on its node (``backend_task.run_commands``), each appending to its own ``log_path``;
+given ``worker_script``, the task runs that script's jobs in one long-lived worker
+(``task_workers``, docs/workers.md).
 
 Everything it submits is recorded in ``<state_dir>/submissions.json`` (one record per job:
 name, Slurm task id, attempt, the token naming its outcome file), so a later backend on the
