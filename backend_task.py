@@ -1,10 +1,10 @@
 """One cluster task's commands, run on the node that Slurm or Ray gave it.
 
 A task runs its jobs' commands one after another, each in its own session with its output
-appended to the job's log (as the local dispatcher does), or, given the runner's worker script,
-in long-lived workers (``task_workers``: the task's models share one process), and records how each ended in an
-outcome file (JSON, written atomically) beside the submitting side's state, so that the
-outcome outlives the process that submitted it: a rerun collects it.
+appended to the job's log (as the local dispatcher does) or, given the runner's worker script,
+in a long-lived worker (``task_workers``: the task's models share one process), and records
+how each ended in an outcome file (JSON, written atomically) beside the submitting side's
+state, so that the outcome outlives the process that submitted it: a rerun collects it.
 
 A SIGTERM or SIGINT (scancel, the time limit, preemption, a Ray cancel) is passed on to the
 running command's process group, SIGKILL follows after the grace period, and the commands not
@@ -172,8 +172,8 @@ def run_commands(commands: Sequence[TaskCommand], *, gpus: tuple[int, ...] | Non
     ``gpus``: the GPUs the scheduler gave the task (None: read ``CUDA_VISIBLE_DEVICES`` and
     leave it as it is); ``threads``: the thread count for a CPU-only task; ``task``: the
     scheduler's name for it (default: Slurm's, from the environment), recorded in each
-    outcome and log header; ``worker_script``: the commands that run it run in long-lived
-    workers (``task_workers``), the others in a process each.
+    outcome and log header; ``worker_script``: the commands ``[python, worker_script, ...]``
+    run in long-lived workers (``task_workers``), the others in a process each.
     """
     stopper = _Stopper(grace_period)
     stopper.install()
