@@ -1,11 +1,12 @@
 """A job script for the worker-pool tests: ``pool_job.py MODE NAME DIR``.
 
-It prints its name and process id, then, when ``DIR/poison-NAME`` exists, fails the way MODE
-says (``crash``: SIGSEGV; ``exit``: os._exit(3); ``orphan``: the same, leaving a forked
-child behind; ``hang``: sleeps; ``oom``: allocates past an
-address-space limit; ``wait``: writes ``DIR/NAME.pid`` and sleeps, for a kill -9 from outside);
-otherwise it writes ``DIR/NAME.done`` and exits 0 (``dirty`` changes the working directory,
-the environment and the root logger first). ``--serve FD`` runs it as a long-lived worker.
+It prints its name and process id, its GPUs and threads (``env cvd=... omp=...``), then,
+when ``DIR/poison-NAME`` exists, fails the way MODE says (``crash``: SIGSEGV; ``exit``:
+os._exit(3); ``orphan``: the same, leaving a forked child behind; ``hang``: sleeps; ``oom``:
+allocates past an address-space limit; ``wait``: writes ``DIR/NAME.pid`` and sleeps, for a
+kill -9 from outside); otherwise it writes ``DIR/NAME.done`` and exits 0 (``dirty`` changes
+the working directory, the environment and the root logger first). ``--serve FD`` runs it as
+a long-lived worker.
 """
 
 import logging
@@ -27,6 +28,8 @@ def main(argv):
     print(f"job {name} in pid {os.getpid()}", flush=True)
     print(f"state cwd={os.getcwd()} leak={os.environ.get('POOL_LEAK')} "
           f"handlers={len(logging.getLogger().handlers)}", flush=True)
+    print(f"env cvd={os.environ.get('CUDA_VISIBLE_DEVICES')} "
+          f"omp={os.environ.get('OMP_NUM_THREADS')}", flush=True)
     if mode == "dirty":  # what a job may change in its process
         os.chdir("/")
         os.environ["POOL_LEAK"] = "1"

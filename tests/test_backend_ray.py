@@ -2,6 +2,7 @@
 checked on the GPUs Ray hands out while the jobs themselves run on the CPU."""
 
 import argparse
+import re
 import signal
 import sys
 import threading
@@ -18,12 +19,14 @@ from esd_experiment.backends.ray_backend import (
     ray_options_from_args,
 )
 from esd_experiment.core.errors import InputError
-from tests.slurm_fixtures import probe_job, runs, wait_for, worker_argv
+from gputracker import Job
+from tests.slurm_fixtures import ROOT, probe_job, runs, wait_for, worker_argv
 
 LOGICAL_GPUS = 2
 START_TIMEOUT_S = 60  # the first task waits for Ray to start a worker process
 SETTLE_S = 1.0        # a job given a GPU starts well within this once Ray has its workers
 JOB_TIMEOUT_S = 2     # --model_timeout: seconds, enforced by the task in its Ray worker
+POOL_SCRIPT = ROOT / "tests" / "pool_job.py"  # serves jobs in a long-lived worker
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +112,40 @@ def test_stop_cancels_the_tasks_and_their_commands(ray_cluster, tmp_path):
     assert result.stopped and backend.stopped and backend.stop_signum == signal.SIGINT
     pid = runs(tmp_path, "s")[0]["pid"]
     wait_for(lambda: not _alive(pid), 10, "the command to be gone")
+
+
+def pooled_job(tmp, mode: str, name: str, **kwargs) -> Job:
+    (tmp / f"poison-{name}").touch()  # pool_job.py: "hang" and "wait" then sleep
+    return Job(name, [sys.executable, str(POOL_SCRIPT), mode, name, str(tmp)],
+               tmp / "logs" / f"{name}.log", **kwargs)
+
+
+def served_by_worker(job: Job) -> int:
+    """The pid of the long-lived worker that ran ``job`` (its log's header names it)."""
+    (pid,) = re.findall(r" in worker pid (\d+): ", job.log_path.read_text())
+    return int(pid)
+
+
+def test_a_timeout_ends_a_jobs_long_lived_worker(ray_cluster, tmp_path):
+    job = pooled_job(tmp_path, "hang", "hung", timeout=JOB_TIMEOUT_S)
+    (result,) = RayBackend(options(gpus_per_job=0), worker_script=POOL_SCRIPT).run([job])
+    assert result.returncode == -signal.SIGTERM and result.timed_out and not result.stopped
+    assert result.pid == served_by_worker(job)
+    wait_for(lambda: not _alive(result.pid), 10, "the worker to be gone")
+
+
+def test_stop_cancels_a_job_in_its_long_lived_worker(ray_cluster, tmp_path):
+    job = pooled_job(tmp_path, "wait", "s")
+    backend = RayBackend(options(gpus_per_job=1), worker_script=POOL_SCRIPT)
+    pid_file = tmp_path / "s.pid"
+    threading.Thread(target=lambda: (wait_for(pid_file.is_file, START_TIMEOUT_S,
+                                              "the job to start"),
+                                     backend.stop("received SIGINT", signal.SIGINT))).start()
+    (result,) = backend.run([job])
+    assert result.stopped and backend.stopped
+    worker = served_by_worker(job)
+    assert worker == int(pid_file.read_text())
+    wait_for(lambda: not _alive(worker), 10, "the worker to be gone")
 
 
 def _alive(pid: int) -> bool:

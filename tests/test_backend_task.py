@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -15,8 +17,10 @@ import pytest
 from esd_experiment.backends.slurm import SlurmOptions, add_slurm_arguments, slurm_options_from_args
 from esd_experiment.backends.slurm_cli import SlurmCLI, cause_from_log, submission_error
 from esd_experiment.backends.task import Outcome, TaskCommand, read_outcome, run_commands
+from esd_experiment.backends.task_workers import worker_for_tasks
 from esd_experiment.core.errors import InputError, TransientError
 from gputracker.jobs import Job, JobResult
+from gputracker.pool import PER_MODEL_ENV
 from tests.slurm_fixtures import PROBE, ROOT, runs, wait_for
 
 START_TIMEOUT_S = 30
@@ -61,8 +65,10 @@ def test_a_command_that_cannot_start_is_an_error_outcome(tmp_path):
 TASK = textwrap.dedent("""
     import pickle, sys
     sys.path.insert(0, {root!r})
+    from pathlib import Path
     from esd_experiment.backends.task import run_commands
-    run_commands(pickle.load(open(sys.argv[1], "rb")), grace_period=2.0)
+    run_commands(pickle.load(open(sys.argv[1], "rb")), grace_period=2.0,
+                 worker_script=Path(sys.argv[2]) if sys.argv[2:] else None)
 """)
 
 
@@ -113,6 +119,125 @@ def test_a_command_past_its_timeout_is_stopped_and_the_next_one_runs(tmp_path):
     assert killed.end - killed.start >= TIMEOUT_S + GRACE_S
     assert "holding" in (tmp_path / "logs" / "stubborn.log").read_text()
     assert after.returncode == 0 and not after.timed_out and runs(tmp_path, "next")
+
+
+# Long-lived workers in a task: tests/pool_job.py serves jobs as esd_worker.py does.
+POOL_SCRIPT = ROOT / "tests" / "pool_job.py"
+POOL_TIMEOUT_S = 6.0  # a hung model's limit: far above an ok job (a few ms) even under load
+POOL_GRACE_S = 1.0
+KILL_WAIT_S = 60.0  # how long the kill -9 waits for its model to start
+
+
+def pooled(tmp: Path, mode: str, name: str) -> TaskCommand:
+    return TaskCommand(name, [sys.executable, str(POOL_SCRIPT), mode, name, str(tmp)], {},
+                       tmp / "logs" / f"{name}.log", tmp / "outcomes" / f"{name}.json",
+                       POOL_TIMEOUT_S)
+
+
+def served_by(tmp: Path, name: str) -> int:
+    """The pid of the process that ran model ``name`` to its end."""
+    return int((tmp / f"{name}.done").read_text())
+
+
+def job_lines(tmp: Path, name: str) -> list[str]:
+    return [line for line in (tmp / "logs" / f"{name}.log").read_text().splitlines()
+            if line.startswith(("job ", "env "))]
+
+
+def test_a_tasks_models_share_one_worker_with_their_own_env_logs_and_outcomes(tmp_path):
+    commands = [pooled(tmp_path, "ok", "a"), command(tmp_path, "probe"),
+                pooled(tmp_path, "ok", "b"), pooled(tmp_path, "ok", "c")]
+    outcomes = run_commands(commands, gpus=(3,), task="7_1", worker_script=POOL_SCRIPT)
+    assert [o.returncode for o in outcomes] == [0, 0, 0, 0]
+    a, probe, b, c = outcomes
+    worker = served_by(tmp_path, "a")
+    assert served_by(tmp_path, "b") == served_by(tmp_path, "c") == worker
+    assert a.pid == b.pid == c.pid == worker and a.gpus == (3,)
+    # A command that is not the worker script's still runs in a process of its own.
+    (probe_run,) = runs(tmp_path, "probe")
+    assert probe.pid == probe_run["pid"] != worker and probe_run["cvd"] == "3"
+    for name, outcome in zip("abc", (a, b, c), strict=True):
+        assert read_outcome(tmp_path / "outcomes" / f"{name}.json") == outcome
+        assert job_lines(tmp_path, name) == [f"job {name} in pid {worker}", "env cvd=3 omp=None"]
+        log = (tmp_path / "logs" / f"{name}.log").read_text()
+        assert log.startswith("# task 7_1 on ") and f" in worker pid {worker}: " in log
+
+
+def test_a_crash_hang_oom_or_kill_9_fails_only_its_model_and_the_task_goes_on(tmp_path):
+    modes = [("a1", "ok"), ("a2", "ok"), ("crash", "crash"), ("b", "ok"), ("hang", "hang"),
+             ("c", "ok"), ("oom", "oom"), ("d", "ok"), ("victim", "wait"), ("e", "ok")]
+    failing = ("crash", "hang", "oom", "victim")
+    for name in failing:
+        (tmp_path / f"poison-{name}").touch()
+    pid_file = tmp_path / "victim.pid"
+
+    def kill_when_started():
+        deadline = time.monotonic() + KILL_WAIT_S
+        while not pid_file.is_file() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_when_started)
+    killer.start()
+    outcomes = run_commands([pooled(tmp_path, mode, name) for name, mode in modes], gpus=(),
+                            threads=1, grace_period=POOL_GRACE_S, worker_script=POOL_SCRIPT)
+    killer.join()
+    got = {name: outcome for (name, _), outcome in zip(modes, outcomes, strict=True)}
+
+    assert [n for n, o in got.items() if o.returncode == 0] == ["a1", "a2", "b", "c", "d", "e"]
+    assert got["crash"].returncode == -signal.SIGSEGV and not got["crash"].timed_out
+    assert got["hang"].returncode == -signal.SIGTERM and got["hang"].timed_out
+    assert got["oom"].returncode == 1
+    assert "MemoryError" in (tmp_path / "logs" / "oom.log").read_text()
+    assert got["victim"].returncode == -signal.SIGKILL and not got["victim"].timed_out
+    assert not any(o.signal or o.error for o in outcomes)
+    # a1, a2 and the crash shared a worker; each failure retired its worker, so the model
+    # after it got a fresh one.
+    assert got["a1"].pid == got["a2"].pid == got["crash"].pid == served_by(tmp_path, "a1")
+    pids = [served_by(tmp_path, n) for n in ("a2", "b", "c", "d", "e")]
+    assert len(set(pids)) == len(pids)
+    for name, _ in modes:  # each model its own log and outcome file
+        assert [line.split()[1] for line in job_lines(tmp_path, name)
+                if line.startswith("job ")] == [name]
+        assert read_outcome(tmp_path / "outcomes" / f"{name}.json") == got[name]
+
+    for name in failing:
+        (tmp_path / f"poison-{name}").unlink()
+    again = run_commands([pooled(tmp_path, mode, name) for name, mode in modes
+                          if name in failing], gpus=(), worker_script=POOL_SCRIPT)
+    assert [o.returncode for o in again] == [0, 0, 0, 0]
+    assert all((tmp_path / f"{name}.done").is_file() for name, _ in modes)
+
+
+def test_a_stop_signal_ends_the_worker_and_skips_the_rest(tmp_path):
+    import pickle
+
+    (tmp_path / "poison-first").touch()
+    commands = [pooled(tmp_path, "ok", "before"), pooled(tmp_path, "wait", "first"),
+                pooled(tmp_path, "ok", "second")]
+    (tmp_path / "task.pkl").write_bytes(pickle.dumps(commands))
+    proc = subprocess.Popen([sys.executable, "-c", TASK.format(root=str(ROOT)),
+                             str(tmp_path / "task.pkl"), str(POOL_SCRIPT)])
+    pid_file = tmp_path / "first.pid"
+    wait_for(pid_file.is_file, START_TIMEOUT_S, "the first model")
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(START_TIMEOUT_S) == 0
+    before, first, second = (read_outcome(tmp_path / "outcomes" / f"{name}.json")
+                             for name in ("before", "first", "second"))
+    worker = int(pid_file.read_text())
+    assert before.returncode == 0 and before.pid == first.pid == worker
+    assert first.returncode == -signal.SIGTERM and first.signal == "SIGTERM"
+    assert second.returncode is None and second.signal == "SIGTERM"
+    assert not (tmp_path / "second.done").exists()
+    with pytest.raises(ProcessLookupError):  # the worker went with its model
+        os.kill(worker, 0)
+
+
+def test_one_process_per_model_stays_available_on_clusters(monkeypatch):
+    monkeypatch.setenv(PER_MODEL_ENV, "1")
+    assert worker_for_tasks(POOL_SCRIPT) is None
+    monkeypatch.delenv(PER_MODEL_ENV)
+    assert worker_for_tasks(POOL_SCRIPT) == POOL_SCRIPT
 
 
 def test_unreadable_outcome_is_reported(tmp_path):

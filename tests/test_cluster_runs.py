@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,10 @@ def test_slurm_array_rows_equal_a_local_run_and_a_rerun_submits_nothing(
     scripts = sorted((out / "slurm" / "submitit").glob("*_submission.sh"))
     assert len(scripts) == 1, "one array"
     assert len(list((out / "logs").glob("*.log"))) >= 5, "each model keeps its log"
+    # The two models of a task ran in one long-lived worker: three tasks, three workers.
+    workers = [re.findall(r" in worker pid (\d+): ", log.read_text())
+               for log in (out / "logs").glob("*.log") if log.name != "esd_experiment.log"]
+    assert all(len(pids) == 1 for pids in workers) and len({p for p, in workers}) <= 3
     proc = cli("--model_list", five_models, "--output_dir", out, *SLURM_FLAGS)
     assert proc.returncode == 0 and "0 to run, 5 already done" in proc.stderr
     assert sorted((out / "slurm" / "submitit").glob("*_submission.sh")) == scripts

@@ -2,8 +2,9 @@
 
 It has the local dispatcher's interface (``run(jobs, on_finish)``, ``stop``, ``now``,
 ``stopped``, ``stop_signum``, ``running_jobs``, ``pending_jobs``). Each task runs its job's
-command as a subprocess (``backend_task.run_commands``) with ``CUDA_VISIBLE_DEVICES`` set to
-the GPUs Ray assigned (``ray.get_gpu_ids()``), output appended to the job's ``log_path``.
+command as a subprocess (``backend_task.run_commands``; given ``worker_script``, in a
+long-lived worker of ``task_workers``) with ``CUDA_VISIBLE_DEVICES`` set to the GPUs Ray
+assigned (``ray.get_gpu_ids()``), output appended to the job's ``log_path``.
 Ray schedules the tasks by their resources; a job's ``not_before`` keeps it here until then.
 
 ``stop()`` cancels the tasks (each passes the cancel on to its command's process group) and
@@ -80,21 +81,23 @@ def import_ray():
 
 
 def _ray_task(commands: list[TaskCommand], cpu_only: bool, threads: int | None,
-              grace_period: float) -> list[Outcome]:
+              grace_period: float, worker_script: Path | None = None) -> list[Outcome]:
     """Runs on a Ray worker: the job's command with the GPUs Ray gave this task."""
     import ray
 
     context = ray.get_runtime_context()
     gpus = () if cpu_only else tuple(int(gpu) for gpu in ray.get_gpu_ids())
     return run_commands(commands, gpus=gpus, threads=threads, task=context.get_task_id(),
-                        grace_period=grace_period)
+                        grace_period=grace_period, worker_script=worker_script)
 
 
 class RayBackend(StopState):
     """Runs ``gputracker.Job``s as Ray tasks. See the module doc."""
 
-    def __init__(self, options: RayOptions, *, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, options: RayOptions, *, clock: Callable[[], float] = time.monotonic,
+                 worker_script: Path | None = None):
         self._ray = import_ray()
+        self.worker_script = worker_script  # jobs of this script run in a long-lived worker
         self.options = options
         self._clock = clock
         self._wake = threading.Event()
@@ -192,7 +195,7 @@ class RayBackend(StopState):
                                   timeout=job.timeout)
             ref = remote.remote([command], cpu_only,
                                 self.options.cpus_per_job if cpu_only else None,
-                                self.options.grace_period)
+                                self.options.grace_period, self.worker_script)
             self._running[ref] = (job, self._clock(), time.time())
             logger.info("submitted %s to Ray (log %s)", job.name, job.log_path)
 

@@ -3,7 +3,9 @@
 It has the local dispatcher's interface (``run(jobs, on_finish)``, ``stop``, ``now``,
 ``stopped``, ``stop_signum``, ``running_jobs``, ``pending_jobs``), so a runner hands it the
 same ``gputracker.Job`` list. ``models_per_task`` jobs share one array task and run one after
-another on its node (``backend_task.run_commands``), each appending to its own ``log_path``.
+another on its node (``backend_task.run_commands``), each appending to its own ``log_path``;
+given ``worker_script``, the task runs that script's jobs in one long-lived worker
+(``task_workers``, docs/workers.md).
 
 Everything it submits is recorded in ``<state_dir>/submissions.json`` (one record per job:
 name, Slurm task id, attempt, the token naming its outcome file), so a later backend on the
@@ -167,8 +169,9 @@ class SlurmBackend(StopState):
     """Runs ``gputracker.Job``s as Slurm array tasks. See the module doc."""
 
     def __init__(self, options: SlurmOptions, state_dir: Path, *, cli: SlurmCLI | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, worker_script: Path | None = None):
         require_sbatch()
+        self.worker_script = worker_script  # a task's jobs of this script share one process
         self.state_dir = Path(state_dir)
         self._cli = cli or SlurmCLI()
         self.options = self._placeable(options)
@@ -432,7 +435,8 @@ class SlurmBackend(StopState):
                  for chunk, chunk_tokens in zip(chunks, tokens, strict=True)]
         cpu_only = self.options.gpus_per_task == 0
         task_fn = functools.partial(run_commands, gpus=() if cpu_only else None,
-                                    threads=self.options.cpus_per_task if cpu_only else None)
+                                    threads=self.options.cpus_per_task if cpu_only else None,
+                                    worker_script=self.worker_script)
         try:
             submitted = self._executor(delay).map_array(task_fn, tasks)
         except FailedJobError as exc:

@@ -1,9 +1,10 @@
 """One cluster task's commands, run on the node that Slurm or Ray gave it.
 
 A task runs its jobs' commands one after another, each in its own session with its output
-appended to the job's log (as the local dispatcher does), and records how each ended in an
-outcome file (JSON, written atomically) beside the submitting side's state, so that the
-outcome outlives the process that submitted it: a rerun collects it.
+appended to the job's log (as the local dispatcher does) or, given the runner's worker script,
+in a long-lived worker (``task_workers``: the task's models share one process), and records
+how each ended in an outcome file (JSON, written atomically) beside the submitting side's
+state, so that the outcome outlives the process that submitted it: a rerun collects it.
 
 A SIGTERM or SIGINT (scancel, the time limit, preemption, a Ray cancel) is passed on to the
 running command's process group, SIGKILL follows after the grace period, and the commands not
@@ -26,9 +27,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from esd_experiment.backends.task_workers import Ending, close_launcher, task_launcher
 from esd_experiment.core.paths import write_text_atomic
 from gputracker.dispatcher import THREAD_VARS
-from gputracker.jobs import Allocation, GroupProcess, launch_in_session
+from gputracker.jobs import Allocation, GroupProcess, Launcher
 
 # Signals that end a task (scancel, time limit, preemption: SIGTERM; a Ray cancel: SIGINT).
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -163,19 +165,21 @@ class _Stopper:
 
 def run_commands(commands: Sequence[TaskCommand], *, gpus: tuple[int, ...] | None = None,
                  threads: int | None = None, task: str = "", grace_period: float = 10.0,
-                 ) -> list[Outcome]:
+                 worker_script: Path | None = None) -> list[Outcome]:
     """Run ``commands`` in order on this node; returns how each ended (also recorded in its
     outcome file).
 
     ``gpus``: the GPUs the scheduler gave the task (None: read ``CUDA_VISIBLE_DEVICES`` and
     leave it as it is); ``threads``: the thread count for a CPU-only task; ``task``: the
     scheduler's name for it (default: Slurm's, from the environment), recorded in each
-    outcome and log header.
+    outcome and log header; ``worker_script``: the commands ``[python, worker_script, ...]``
+    run in long-lived workers (``task_workers``), the others in a process each.
     """
     stopper = _Stopper(grace_period)
     stopper.install()
     host = socket.gethostname()
     task = task or slurm_task_id(os.environ)
+    launcher = task_launcher(worker_script)
     try:
         outcomes = []
         for command in commands:
@@ -184,14 +188,15 @@ def run_commands(commands: Sequence[TaskCommand], *, gpus: tuple[int, ...] | Non
                 outcomes.append(_record(command, Outcome(None, now, now, host,
                                                          signal=stopper.received, task=task)))
                 continue
-            outcomes.append(_run_one(command, gpus, threads, task, host, stopper))
+            outcomes.append(_run_one(command, gpus, threads, task, host, stopper, launcher))
         return outcomes
     finally:
+        close_launcher(launcher)
         stopper.restore()
 
 
 def _run_one(command: TaskCommand, gpus: tuple[int, ...] | None, threads: int | None,
-             task: str, host: str, stopper: _Stopper) -> Outcome:
+             task: str, host: str, stopper: _Stopper, launcher: Launcher) -> Outcome:
     start = time.time()
     given = visible_gpus(os.environ) if gpus is None else gpus
     try:
@@ -200,23 +205,26 @@ def _run_one(command: TaskCommand, gpus: tuple[int, ...] | None, threads: int | 
         command.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(command.log_path, "a", encoding="utf-8") as log:
             log.write(f"# task {task or '-'} on {host}\n")
-        handle = launch_in_session(argv, env, command.log_path)
+        handle = launcher(argv, env, command.log_path)
     except (OSError, ValueError) as exc:
         return _record(command, Outcome(None, start, time.time(), host, gpus=given,
                                         threads=threads, task=task,
                                         error=f"could not start {command.name}: {exc}"))
     stopper.current = handle
+    # A job in a long-lived worker ends when the worker reports it, not when a process exits.
+    ending = None if isinstance(handle, GroupProcess) else Ending(handle)
     code: int | None = None
     timed_out = False
     try:
-        code = _wait(handle, None if command.timeout is None else start + command.timeout)
+        deadline = None if command.timeout is None else start + command.timeout
+        code = _wait(handle, deadline) if ending is None else ending.wait(deadline)
         if code is None:  # past its timeout: stopped as a scancel stops the task
             timed_out = True
             stopper.terminate(handle)
-            code = _wait(handle)
+            code = _wait(handle) if ending is None else ending.wait()
     except BaseException:  # a Ray cancel (KeyboardInterrupt): the command must not outlive us
         stopper.terminate(handle)
-        code = handle.wait()
+        code = handle.wait() if ending is None else ending.wait()
         raise
     finally:
         stopper.current = None

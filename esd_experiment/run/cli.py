@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from esd_experiment.backends.task_workers import worker_for_tasks
 from esd_experiment.core.errors import ESDError, InputError, disk_full_error
 from esd_experiment.core.paths import model_paths
 from esd_experiment.estimator.options import add_esd_arguments, esd_config_from_args
@@ -89,12 +90,13 @@ def make_backend(config: RunConfig):
 
         return SlurmBackend(slurm_options_from_args(args, default_gpus=gpus, job_name="esd",
                                                     require_gpus=gpus_required(args)),
-                            config.output_dir / "slurm")
+                            config.output_dir / "slurm", worker_script=worker_for_tasks(WORKER))
     if config.backend == "ray":
         from esd_experiment.backends.ray_backend import RayBackend, ray_options_from_args
 
         return RayBackend(ray_options_from_args(args, gpus_per_job=gpus,
-                                                require_gpus=gpus_required(args)))
+                                                require_gpus=gpus_required(args)),
+                          worker_script=worker_for_tasks(WORKER))
     return Dispatcher(
         list(config.gpus) if config.gpus else None, gpus_per_job=config.num_gpus_per_job,
         memory_threshold_mb=config.gpu_memory_threshold, max_check=config.max_check,
