@@ -147,3 +147,81 @@ def test_peft_delta_matches_merge_and_unload_minus_base(peft_llama):
     # or 16 for a rank-4 update); the numpy oracle above holds matrix_rank to 4.
     compare(ours.reset_index(), theirs, targeted,
             [c for c in SHARED if c not in ("sigma", "matrix_rank", "entropy")])
+
+
+# ---------------------------------------------------------------------------------------------
+# The runner: --delta on local checkpoints, a full fine-tune and an adapter of one base.
+
+def runner(*argv) -> int:
+    import run_esd_experiment
+
+    return run_esd_experiment.main([*map(str, argv), "--device", "cpu", "--no-progress"])
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    from tests.loader_fixtures import save_adapter, save_model
+
+    root = tmp_path_factory.mktemp("delta_zoo")
+    base = llama()
+    ft = copy.deepcopy(base)
+    rng = np.random.default_rng(5)
+    with torch.no_grad():
+        for name, param in ft.named_parameters():
+            if param.ndim == 2:
+                param.add_(torch.tensor(heavy_tailed(*param.shape, rng), dtype=param.dtype))
+    save_model(base, root / "base")
+    save_model(ft, root / "ft")
+    save_adapter(base, root / "lora", str(root / "base"), r=4, lora_alpha=8,
+                 target_modules=["q_proj", "v_proj"])
+    (root / "models.csv").write_text(
+        "model_id,base_model_relation,source_model\n"
+        f"{root / 'base'},,\n{root / 'ft'},,{root / 'base'}\n"
+        f"{root / 'lora'},adapter,{root / 'base'}\n{root / 'ft'}/,,{root / 'missing'}\n")
+    return root, base, ft
+
+
+def test_runner_writes_deltas_resumes_and_records_a_failed_delta(zoo, tmp_path):
+    from paths import ModelPaths
+    from tests.loader_fixtures import peft_merged
+
+    root, base, ft = zoo
+    out = tmp_path / "out"
+    args = ("--model_list", root / "models.csv", "--output_dir", out, "--delta",
+            "--fix_fingers", "DKS", "--filter_zeros")
+    assert runner(*args) == 1  # the fine-tune listed against a missing source fails
+    stem = {name: ModelPaths.for_model(out, str(root / name)).stem for name in ("base", "ft", "lora")}
+    assert sorted(p.name for p in (out / "delta").glob("*.csv")) == sorted(
+        f"{stem[n]}.csv" for n in ("ft", "lora"))
+    import json
+
+    assert json.loads((out / ".esd_options.json").read_text())["delta"] is True
+    failed = (out / "failed_models.txt").read_text()
+    assert f"{root / 'ft'}/\t" in failed and "--delta" in failed and "missing" in failed
+    # the fine-tune's delta against WeightWatcher's base_model=
+    import pandas as pd
+
+    ours = pd.read_csv(out / "delta" / f"{stem['ft']}.csv")
+    assert (ours["source_model"] == str(root / "base")).all()
+    theirs = ww.WeightWatcher(model=ft, base_model=base).analyze()
+    shared = sorted(set(ours["longname"]) & set(theirs["longname"]))
+    assert len(shared) >= 14  # every projection of both blocks
+    compare(ours, theirs, shared)
+    # the adapter's delta: peft's merged model minus the base
+    lora = pd.read_csv(out / "delta" / f"{stem['lora']}.csv").set_index("longname")
+    merged = peft_merged(root / "base", root / "lora")
+    base_sd = base.state_dict()
+    for name in lora.index:
+        d = (merged[f"{name}.weight"] - base_sd[f"{name}.weight"]).double().numpy()
+        ref = gram_evals(d)
+        targeted = name.endswith(("q_proj", "v_proj"))
+        assert lora.loc[name, "matrix_rank"] == (4 if targeted else 0), name
+        assert lora.loc[name, "norm"] == pytest.approx(ref.sum(), rel=1e-5, abs=1e-30)
+    # a rerun finds every delta done; one removed is computed again, the others left alone
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.csv")}
+    (out / "delta" / f"{stem['lora']}.csv").unlink()
+    assert runner(*args, "--skip_failed") == 1
+    after = {p: p.stat().st_mtime_ns for p in out.rglob("*.csv")}
+    assert (out / "delta" / f"{stem['lora']}.csv").is_file()
+    assert after[out / "delta" / f"{stem['ft']}.csv"] == before[out / "delta" / f"{stem['ft']}.csv"]
+    assert after[out / f"{stem['ft']}.csv"] == before[out / f"{stem['ft']}.csv"]
