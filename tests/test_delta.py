@@ -167,7 +167,7 @@ def zoo(tmp_path_factory):
     ft = copy.deepcopy(base)
     rng = np.random.default_rng(5)
     with torch.no_grad():
-        for name, param in ft.named_parameters():
+        for param in ft.parameters():
             if param.ndim == 2:
                 param.add_(torch.tensor(heavy_tailed(*param.shape, rng), dtype=param.dtype))
     save_model(base, root / "base")
@@ -225,3 +225,47 @@ def test_runner_writes_deltas_resumes_and_records_a_failed_delta(zoo, tmp_path):
     assert (out / "delta" / f"{stem['lora']}.csv").is_file()
     assert after[out / "delta" / f"{stem['ft']}.csv"] == before[out / "delta" / f"{stem['ft']}.csv"]
     assert after[out / f"{stem['ft']}.csv"] == before[out / f"{stem['ft']}.csv"]
+
+
+def test_a_delta_counts_as_the_result_does(tmp_path):
+    """Done only with a current delta; --overwrite drops the old delta as its job starts;
+    the worker is told; .esd_options.json records --delta without refusing a run that
+    turns it on or off."""
+    import json
+
+    import run_esd_experiment as runner_mod
+    from delta_paths import delta_paths
+    from model_list import JobSpec, ListEntry
+    from paths import ModelPaths
+    from run_plan import estimator_options, result_done
+    from run_state import FailureLog, check_options
+    from tests.test_runner import FakeClockDispatcher, fake_result, make_config
+
+    config = make_config(tmp_path, overwrite=True)
+    config.args.delta, config.args.overwrite = True, True
+    entry, plain = ListEntry("org/ft", "", "org/base"), ListEntry("org/base")
+    paths = ModelPaths.for_model(tmp_path, "org/ft", log_dir=tmp_path / "logs")
+    delta = delta_paths(paths)
+    assert delta.csv == tmp_path / "delta" / paths.csv.name and delta.failure == paths.failure
+    fake_result(paths.csv)
+    options = ESDConfig().options_key
+    assert not result_done(paths, options, False, delta=True)  # the delta is missing
+    delta.csv.parent.mkdir()
+    fake_result(delta.csv)
+    assert result_done(paths, options, False, delta=True)
+    fake_result(delta.csv, ESDConfig(fix_fingers="DKS").options_key)
+    assert not result_done(paths, options, False, delta=True)  # another options' delta
+    runner = runner_mod.Runner(config, FakeClockDispatcher(), FailureLog(tmp_path),
+                               runner_mod.Progress(1, enabled=False))
+    job = runner.job(JobSpec((entry,)))
+    assert "--delta" in job.argv and not delta.csv.exists() and paths.csv.exists()
+    stray = delta_paths(ModelPaths.for_model(tmp_path, "org/base", log_dir=tmp_path / "logs"))
+    fake_result(stray.csv)
+    runner.job(JobSpec((plain,)))  # a model without a source has no delta to drop
+    assert stray.csv.exists()
+    recorded = estimator_options(config.args)
+    assert recorded["delta"] is True
+    config.args.delta = False
+    check_options(tmp_path, estimator_options(config.args), overwrite=False)
+    check_options(tmp_path, recorded, overwrite=False)  # on again: not refused, recorded
+    assert json.loads((tmp_path / ".esd_options.json").read_text())["delta"] is True
