@@ -1,8 +1,10 @@
 """The delta view: the ESD of ``ΔW = W - W_source`` for each layer a model shares, with equal
 shapes, with the model it was made from (docs/metrics.md, "The delta view").
 
-- A full fine-tune: ``ΔW`` is formed tensor by tensor while the fine-tune streams, its
-  source's tensor read beside it (``FineTuneDelta``), and analysed as any weight.
+- A full fine-tune: ``ΔW`` is formed tensor by tensor in one pass over its source model,
+  the fine-tune's tensor of each name read beside the source's (``FineTuneOnSource``, whose
+  reads also make the fine-tune's own result), and analysed as any weight
+  (``FineTuneDelta``). The fine-tunes and adapters of one source in one job share the pass.
 - A LoRA adapter: ``ΔW = s·B·A`` (transposed where the merge transposes it), exactly the
   merged model minus its base. Its eigenvalues come from the r×r core of two thin QR
   factorisations, ``B = Q_B R_B``, ``Aᵀ = Q_A R_A``: the nonzero eigenvalues of ``ΔWᵀΔW`` are
@@ -157,52 +159,10 @@ def _shared_names(ft_names: Iterable[str], base_reader):
     return out
 
 
-class FineTuneDelta:
-    """The delta of a full fine-tune: a model of the fine-tune's own pass (so each fine-tune
-    tensor is read once for both results) whose tensors are the fine-tune's minus its
-    source's, the source's read beside it and released once no later tensor needs its file."""
+class _DeltaRows:
+    """What makes a model of a pass a delta: the worker solves its items here."""
 
     is_adapter = False
-
-    def __init__(self, model, source, config: ESDConfig):
-        from tensor_stream import read_order
-
-        self.model, self.source, self.config = model, source, config
-        self.checkpoint = model.checkpoint
-        self.revision, self.source_model = model.revision, model.source_model
-        reader, base = model.checkpoint.reader, source.checkpoint.reader
-        pairs = _shared_names(reader.names, base)
-        self.pairs = {n: b for n, b in pairs.items()
-                      if tuple(reader.shape(n)) == tuple(base.shape(b))}
-        self._last_use: dict[str, int] = {}
-        self._order = {}
-        for index, name in enumerate(n for n in read_order(reader) if n in self.pairs):
-            self._order[name] = index
-            for file in base.files_of(self.pairs[name]):
-                self._last_use[file] = index
-
-    def outputs_by_source(self) -> dict[str | None, list[str]]:
-        return {name: [name] for name in self.pairs}
-
-    def output(self, name: str, ft_value: torch.Tensor) -> LayerDelta:
-        base = self.source.checkpoint
-        value = base.reader.get(self.pairs[name])
-        delta = difference(ft_value, value, self.config)
-        index = self._order[name]
-        if base.fetcher is not None:
-            for file in base.reader.files_of(self.pairs[name]):
-                if self._last_use.get(file) == index:
-                    base.fetcher.release(file)
-        return delta
-
-    def output_storage(self, name: str) -> str:
-        return self.model.output_storage(name)
-
-    def close(self) -> None:
-        checkpoint = self.source.checkpoint
-        checkpoint.reader.close()
-        if checkpoint.fetcher is not None:
-            checkpoint.fetcher.close()
 
     @staticmethod
     def layer_results(name: str, delta: LayerDelta, storage: str,
@@ -210,7 +170,84 @@ class FineTuneDelta:
         return delta_layer_results(name, replace(delta, storage=storage), config)
 
 
-class AdapterDelta(FineTuneDelta):
+class FineTuneOnSource:
+    """A full fine-tune streamed in its source model's pass: for each source tensor, the
+    fine-tune's tensor of that name and shape is read (then, after the pass, those the source
+    lacks), so that a source shared by several fine-tunes and adapters of one job is read
+    once for them all. Its files are released once no later tensor of the pass needs them."""
+
+    is_adapter = False
+    plan = None
+
+    def __init__(self, model, source):
+        from tensor_stream import read_order
+
+        self.model, self.checkpoint = model, source  # the pass it joins
+        self.model_id, self.revision = model.model_id, model.revision
+        self.source_model = model.source_model
+        own, base = model.checkpoint.reader, source.reader
+        self.pairs = {n: b for n, b in _shared_names(own.names, base).items()
+                      if tuple(own.shape(n)) == tuple(base.shape(b))}
+        self.by_source: dict[str | None, list[str]] = {}
+        for name, found in self.pairs.items():
+            self.by_source.setdefault(found, []).append(name)
+        rest = [n for n in read_order(own) if n not in self.pairs]
+        if rest:
+            self.by_source[None] = rest
+        order = [n for b in read_order(base) for n in self.by_source.get(b, ())] + rest
+        self._index = {name: i for i, name in enumerate(order)}
+        self._last_use = {f: i for i, name in enumerate(order) for f in own.files_of(name)}
+        self.last: tuple[str, torch.Tensor] | None = None  # for its delta, read once
+
+    def outputs_by_source(self) -> dict[str | None, list[str]]:
+        return self.by_source
+
+    def output(self, name: str, base_value: torch.Tensor | None) -> torch.Tensor:
+        own = self.model.checkpoint
+        value = own.reader.get(name)
+        self.last = (name, value)
+        if own.fetcher is not None:
+            for file in own.reader.files_of(name):
+                if self._last_use.get(file) == self._index[name]:
+                    own.fetcher.release(file)
+        return value
+
+    def output_storage(self, name: str) -> str:
+        return self.model.checkpoint.reader.storage(name)
+
+    def close(self) -> None:
+        own = self.model.checkpoint
+        own.reader.close()
+        if own.fetcher is not None:
+            own.fetcher.close()
+
+
+class FineTuneDelta(_DeltaRows):
+    """The delta of a full fine-tune (a ``FineTuneOnSource``): in the same pass, each of its
+    tensors minus the source's, the fine-tune's tensor taken from the fine-tune's own read."""
+
+    def __init__(self, fine_tune: FineTuneOnSource, config: ESDConfig):
+        self.fine_tune, self.config = fine_tune, config
+        self.checkpoint = fine_tune.checkpoint
+        self.revision, self.source_model = fine_tune.revision, fine_tune.source_model
+
+    def outputs_by_source(self) -> dict[str | None, list[str]]:
+        return {b: names for b, names in self.fine_tune.by_source.items() if b is not None}
+
+    def output(self, name: str, base_value: torch.Tensor) -> LayerDelta:
+        last = self.fine_tune.last
+        value = last[1] if last is not None and last[0] == name else \
+            self.fine_tune.model.checkpoint.reader.get(name)
+        return difference(value, base_value, self.config)
+
+    def output_storage(self, name: str) -> str:
+        return self.fine_tune.output_storage(name)
+
+    def close(self) -> None:
+        """The fine-tune's files are closed by the fine-tune, the source's by the pass."""
+
+
+class AdapterDelta(_DeltaRows):
     """The delta of a LoRA adapter: a model of its base's pass, whose tensors are the
     adapter's ``s·B·A`` factors (read from the adapter file alone), a replacement minus the
     base tensor, or nothing (``ΔW = 0``) where the adapter leaves the base alone."""
@@ -248,16 +285,11 @@ class AdapterDelta(FineTuneDelta):
         b = self.plan.adapter.get(op.lora.b)
         return LayerDelta(shape, dtype, factors=(a, b, op.scale, op.transpose))
 
+    def output_storage(self, name: str) -> str:
+        return self.plan.storage(name)
+
     def close(self) -> None:
         """The adapter file is closed by the adapter's own model, the base by the pass."""
-
-
-def delta_model(model, opened_source, config: ESDConfig):
-    """The delta model of an opened model: an adapter's, or a fine-tune's given its opened
-    source model (``model_loader.LoadedModel``)."""
-    if model.is_adapter:
-        return AdapterDelta(model, config)
-    return FineTuneDelta(model, opened_source, config)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -134,7 +134,7 @@ def run(config: RunConfig, backend=None) -> int:
             failures.record(entry.key, reason)
             accounts.failed(entry.key)
         specs = group_jobs([e for e, _ in plan.to_run], config.max_group,
-                           adapter_config_reader(config))
+                           adapter_config_reader(config), config.args.delta)
         logger.info("%d models: %d to run, %d already done, %d failed before and skipped, "
                     "%d invalid; %d job(s), %s", plan.total, len(plan.to_run), len(plan.done),
                     len(plan.skipped_failed), len(plan.invalid), len(specs),

@@ -87,7 +87,10 @@ def worker_argv(spec: JobSpec, args, output_dir: Path, log_dir: Path,
     argv = [sys.executable, str(WORKER), "--model_id", *(e.model_id for e in spec.entries),
             "--output_dir", str(output_dir), "--log_dir", str(log_dir), *esd_argv(args)]
     if spec.base:  # a base and its adapters: the adapters are marked, the base named
-        argv += ["--source_model", spec.base, "--base_model_relation", "adapter"]
+        # (beside full fine-tunes of the base, under --delta, adapters are told by their files)
+        full = any(e.source_model and not e.is_adapter and e.model_id != spec.base
+                   for e in spec.entries)
+        argv += ["--source_model", spec.base, "--base_model_relation", "" if full else "adapter"]
         argv += [a for e in spec.entries if e.model_id == spec.base and e.source_model
                  for a in ("--base_source_model", e.source_model)]
     else:

@@ -269,3 +269,49 @@ def test_a_delta_counts_as_the_result_does(tmp_path):
     check_options(tmp_path, estimator_options(config.args), overwrite=False)
     check_options(tmp_path, recorded, overwrite=False)  # on again: not refused, recorded
     assert json.loads((tmp_path / ".esd_options.json").read_text())["delta"] is True
+
+
+def test_a_job_reads_the_source_once_for_its_fine_tunes_and_adapters(zoo, tmp_path,
+                                                                    monkeypatch):
+    """The runner puts a base, its full fine-tune and its adapter in one job under --delta;
+    the worker reads each base tensor once, and each fine-tune tensor once for both of its
+    results; the fine-tune's result and delta equal those of its job alone."""
+    from collections import Counter
+
+    import pandas as pd
+
+    import esd_worker
+    from checkpoint_io import CheckpointReader
+    from model_list import ListEntry, group_jobs
+    from paths import ModelPaths
+
+    root, _, _ = zoo
+    base, ft, lora = (str(root / n) for n in ("base", "ft", "lora"))
+    entries = [ListEntry(base), ListEntry(ft, "", base), ListEntry(lora, "adapter", base)]
+    (spec,) = group_jobs(entries, 8, lambda _: None, fine_tunes=True)
+    assert [e.model_id for e in spec.entries] == [base, ft, lora] and spec.base == base
+    assert len(group_jobs(entries, 8, lambda _: None)) == 2  # without --delta: as before
+    reads: Counter = Counter()
+    real_get = CheckpointReader.get
+
+    def counting_get(self, name):
+        reads[(self.model_id, name)] += 1
+        return real_get(self, name)
+
+    monkeypatch.setattr(CheckpointReader, "get", counting_get)
+    common = ["--output_dir", tmp_path / "group", "--device", "cpu", "--delta"]
+    assert esd_worker.main([*map(str, ["--model_id", base, ft, lora, "--source_model", base,
+                                       "--base_model_relation", "", *common])]) == 0
+    # base and fine-tune tensors once each (the adapter's small factors serve its merge and
+    # its delta, each reading them)
+    checkpoints = Counter({k: v for k, v in reads.items() if k[0] in (base, ft)})
+    assert checkpoints and max(checkpoints.values()) == 1, checkpoints.most_common(3)
+    assert {m for m, _ in checkpoints} == {base, ft}
+    monkeypatch.setattr(CheckpointReader, "get", real_get)
+    alone = ["--output_dir", tmp_path / "alone", "--device", "cpu", "--delta"]
+    assert esd_worker.main([*map(str, ["--model_id", ft, "--source_model", base, *alone])]) == 0
+    stem = ModelPaths.for_model(tmp_path, ft).stem
+    for kind in ("", "delta/"):
+        grouped = pd.read_csv(tmp_path / "group" / f"{kind}{stem}.csv")
+        single = pd.read_csv(tmp_path / "alone" / f"{kind}{stem}.csv")
+        pd.testing.assert_frame_equal(grouped, single)
