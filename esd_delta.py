@@ -69,7 +69,7 @@ def difference(ft: torch.Tensor, base: torch.Tensor, config: ESDConfig) -> Layer
     dtype = PRECISIONS[config.precision]
     stored = next((t.dtype for t in (ft, base) if t.dtype not in FLOAT_DTYPES), ft.dtype)
     return LayerDelta(tuple(ft.shape), stored, storage_of(ft.dtype),
-                      dense=lambda: ft.detach().to("cpu", dtype) - base.detach().to("cpu", dtype))
+                      dense=lambda: ft.detach().to("cpu", dtype, copy=True).sub_(base.detach()))
 
 
 def lowrank_eigenvalues(a: torch.Tensor, b: torch.Tensor, scale: float,

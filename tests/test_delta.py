@@ -44,6 +44,16 @@ def heavy_tailed(n, m, rng, alpha=3.0):
     return (u * np.sqrt(lam)) @ v.T
 
 
+def on_grid(x) -> torch.Tensor:
+    """Float32 values on a 2^-12 grid: WeightWatcher subtracts the base in float32, which is
+    exact for them, so both sides analyse the same ΔW (off the grid its rounding moves D by
+    ~1e-6 relative)."""
+    return torch.round(torch.as_tensor(x, dtype=torch.float32) * GRID) / GRID
+
+
+GRID = 4096.0
+
+
 def compare(ours, theirs, names, columns=SHARED):
     ours, theirs = ours.set_index("longname"), theirs.set_index("longname")
     for col in columns:
@@ -58,15 +68,20 @@ def gram_evals(delta: np.ndarray) -> np.ndarray:
     return np.linalg.eigvalsh(d.T @ d)
 
 
-def test_delta_of_two_modules_matches_weightwatcher_base_model():
-    rng = np.random.default_rng(0)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_delta_of_two_modules_matches_weightwatcher_base_model(seed):
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
     base = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Linear(64, 48),
-                               torch.nn.Linear(48, 40)).double()
+                               torch.nn.Linear(48, 40))
+    with torch.no_grad():
+        for layer in base:
+            layer.weight.copy_(on_grid(layer.weight))
     ft = copy.deepcopy(base)
     with torch.no_grad():
         for layer in ft:
             n, m = layer.weight.shape
-            layer.weight.add_(torch.tensor(heavy_tailed(n, m, rng)))
+            layer.weight.add_(on_grid(heavy_tailed(n, m, rng)))
     theirs = ww.WeightWatcher(model=ft, base_model=base).analyze()
     ours = delta_frame(ft, base, **WW_CONFIG)
     assert list(ours["longname"]) == ["0", "1", "2"] and (ours["status"] == "ok").all()
@@ -164,12 +179,15 @@ def zoo(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("delta_zoo")
     base = llama()
+    with torch.no_grad():
+        for param in base.parameters():
+            param.copy_(on_grid(param))
     ft = copy.deepcopy(base)
     rng = np.random.default_rng(5)
     with torch.no_grad():
         for param in ft.parameters():
             if param.ndim == 2:
-                param.add_(torch.tensor(heavy_tailed(*param.shape, rng), dtype=param.dtype))
+                param.add_(on_grid(heavy_tailed(*param.shape, rng)))
     save_model(base, root / "base")
     save_model(ft, root / "ft")
     save_adapter(base, root / "lora", str(root / "base"), r=4, lora_alpha=8,
@@ -217,6 +235,10 @@ def test_runner_writes_deltas_resumes_and_records_a_failed_delta(zoo, tmp_path):
         targeted = name.endswith(("q_proj", "v_proj"))
         assert lora.loc[name, "matrix_rank"] == (4 if targeted else 0), name
         assert lora.loc[name, "norm"] == pytest.approx(ref.sum(), rel=1e-5, abs=1e-30)
+    from results import load_results
+
+    loaded = load_results(out / "delta")  # the delta directory reads as results do
+    assert set(loaded["model_id"]) == {str(root / "ft"), str(root / "lora")}
     # a rerun finds every delta done; one removed is computed again, the others left alone
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.csv")}
     (out / "delta" / f"{stem['lora']}.csv").unlink()
