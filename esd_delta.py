@@ -1,10 +1,10 @@
 """The delta view: the ESD of ``ΔW = W - W_source`` for each layer a model shares, with equal
 shapes, with the model it was made from (docs/metrics.md, "The delta view").
 
-- A full fine-tune: ``ΔW`` is formed tensor by tensor in one pass over its source model,
-  the fine-tune's tensor of each name read beside the source's (``FineTuneOnSource``, whose
-  reads also make the fine-tune's own result), and analysed as any weight
-  (``FineTuneDelta``). The fine-tunes and adapters of one source in one job share the pass.
+- A full fine-tune: in one pass over its source model, the fine-tune's tensor of each name
+  is read beside the source's (``FineTuneOnSource``, whose reads also make the fine-tune's
+  own result), and ``ΔW``'s eigenvalues summed from row chunks of the difference, as a
+  weight's are from its own (``FineTuneDelta``, ``difference_eigenvalues``). The fine-tunes and adapters of one source in one job share the pass.
 - A LoRA adapter: ``ΔW = s·B·A`` (transposed where the merge transposes it), exactly the
   merged model minus its base. Its eigenvalues come from the r×r core of two thin QR
   factorisations, ``B = Q_B R_B``, ``Aᵀ = Q_A R_A``: the nonzero eigenvalues of ``ΔWᵀΔW`` are
@@ -24,18 +24,20 @@ the fit set it would fit noise. The two paths then give the same eigenvalues.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
+import esd_lapack
 from errors import InputError, UnsupportedFormatError
 from esd_config import ESDConfig
 from net_esd import (
     FLOAT_DTYPES,
     PRECISIONS,
     LayerResult,
+    _chunk_converter,
     analyse_layer,
     analysed_matrix,
     computation_eps,
@@ -52,24 +54,24 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class LayerDelta:
-    """``ΔW`` of one tensor: ``dense()`` computes it, or ``factors`` ``(A, B, s, transpose)``
-    give it as ``s·B·A`` (``.T`` when ``transpose``); neither: ``ΔW = 0``. ``dtype`` is the
-    fine-tune's stored dtype (a layer stored other than as floats is ``unsupported_dtype``)."""
+    """``ΔW`` of one tensor: ``pair`` ``(W, W_source)`` gives it as their difference, or
+    ``factors`` ``(A, B, s, transpose)`` as ``s·B·A`` (``.T`` when ``transpose``); neither:
+    ``ΔW = 0``. ``dtype``: the stored dtype (one stored other than as floats makes the layer
+    ``unsupported_dtype``)."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     storage: str = ""
-    dense: Callable[[], torch.Tensor] | None = None
     factors: tuple[torch.Tensor, torch.Tensor, float, bool] | None = None
+    pair: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
-def difference(ft: torch.Tensor, base: torch.Tensor, config: ESDConfig) -> LayerDelta:
-    """``ft - base`` in the computation dtype (formed when the layer is analysed). Stored
-    other than as floats, either one makes the layer ``unsupported_dtype``."""
-    dtype = PRECISIONS[config.precision]
+def difference(ft: torch.Tensor, base: torch.Tensor) -> LayerDelta:
+    """``ft - base``, formed in the computation dtype as the layer is analysed. Stored other
+    than as floats, either one makes the layer ``unsupported_dtype``."""
     stored = next((t.dtype for t in (ft, base) if t.dtype not in FLOAT_DTYPES), ft.dtype)
     return LayerDelta(tuple(ft.shape), stored, storage_of(ft.dtype),
-                      dense=lambda: ft.detach().to("cpu", dtype, copy=True).sub_(base.detach()))
+                      pair=(ft.detach(), base.detach()))
 
 
 def lowrank_eigenvalues(a: torch.Tensor, b: torch.Tensor, scale: float,
@@ -105,14 +107,21 @@ def delta_layer_results(name: str, delta: LayerDelta, config: ESDConfig) -> list
     dimensions), built by the result's own row builder, ``net_esd.analyse_layer``."""
     if len(delta.shape) < 2 or not is_weight_name(name):
         return []
-    if delta.dense is not None and delta.dtype in FLOAT_DTYPES:
-        w = delta.dense()
-        out = []
+    if delta.pair is not None and delta.dtype in FLOAT_DTYPES:
+        ft, base = delta.pair
         storage = delta.storage or storage_of(delta.dtype)
-        for layer in split_layers(name, w, None, config.conv_norm, storage):
-            layer = replace(layer, dtype=delta.dtype)
-            out.append(analyse_layer(layer, 0, config, evals_of=lambda layer=layer: zero_roundoff(
-                layer_eigenvalues(layer, config), layer.N, config)))
+        out = []
+        for mine, theirs in zip(split_layers(name, ft, None, config.conv_norm, storage),
+                                split_layers(name, base, None, config.conv_norm), strict=True):
+            layer = replace(mine, dtype=delta.dtype)
+            out.append(analyse_layer(
+                layer, 0, config,
+                evals_of=lambda a=mine, b=theirs: zero_roundoff(
+                    difference_eigenvalues(a, b, config), a.N, config),
+                matrix_of=lambda a=mine, b=theirs: analysed_matrix(replace(a, mats=[
+                    x.to("cpu", PRECISIONS[config.precision]) - y.to("cpu", PRECISIONS[
+                        config.precision]) for x, y in zip(a.mats, b.mats, strict=True)]),
+                    config)))
         return out
     shape_only = torch.empty(delta.shape, dtype=delta.dtype, device="meta")
     out = []
@@ -122,6 +131,45 @@ def delta_layer_results(name: str, delta: LayerDelta, config: ESDConfig) -> list
                                                                               config),
                                  matrix_of=lambda layer=layer: _matrix(layer, delta, config)))
     return out
+
+
+def difference_eigenvalues(mine, theirs, config: ESDConfig) -> torch.Tensor | None:
+    """The eigenvalues of ``ΔW = mine - theirs`` (two ``net_esd`` layers of one shape) as
+    ``net_esd.layer_eigenvalues`` gives a layer's: on the CPU, ``ΔW``'s Gram matrix summed from
+    row chunks of the two, each chunk's difference formed in the computation dtype in a
+    reused buffer (no ``ΔW`` of the whole matrix); elsewhere from ``ΔW`` formed whole."""
+    dtype = PRECISIONS[config.precision]
+    if torch.device(config.device).type != "cpu" or not esd_lapack.available():
+        return layer_eigenvalues(replace(mine, mats=[
+            a.to("cpu", dtype) - b.to("cpu", dtype)
+            for a, b in zip(mine.mats, theirs.mats, strict=True)]), config)
+    parts = []
+    for a, b in zip(mine.mats, theirs.mats, strict=True):
+        ev = _lapack_difference(a, b, dtype, config.chunk_elems)
+        if ev is None:
+            return None
+        parts.append(ev)
+    evals = parts[0] if len(parts) == 1 else torch.sort(torch.cat(parts)).values
+    evals = evals.to(torch.float64)
+    return evals * mine.evals_scale if mine.evals_scale != 1.0 else evals
+
+
+def _lapack_difference(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype,
+                       chunk_elems: int) -> torch.Tensor | None:
+    if a.shape[0] < a.shape[1]:
+        a, b = a.T, b.T
+    rows = min(max(1, chunk_elems // a.shape[1]), a.shape[0])
+    np_dtype = np.float64 if dtype == torch.float64 else np.float32
+    gram = esd_lapack.gram_buffer(a.shape[1], np_dtype)
+    mine, theirs = _chunk_converter(a, dtype, rows), _chunk_converter(b, dtype, rows)
+    diff = np.empty((rows, a.shape[1]), dtype=np_dtype)
+    for r0 in range(0, a.shape[0], rows):
+        x, y = mine(a[r0:r0 + rows]), theirs(b[r0:r0 + rows])
+        np.subtract(x, y, out=diff[:x.shape[0]])
+        esd_lapack.syrk_update(gram, diff[:x.shape[0]])
+    if not np.isfinite(gram).all():
+        return None
+    return torch.from_numpy(esd_lapack.symmetric_eigenvalues(gram)).clamp_(min=0)
 
 
 def _shortcut_evals(layer, delta: LayerDelta, config: ESDConfig) -> torch.Tensor:
@@ -238,7 +286,7 @@ class FineTuneDelta(_DeltaRows):
         last = self.fine_tune.last
         value = last[1] if last is not None and last[0] == name else \
             self.fine_tune.model.checkpoint.reader.get(name)
-        return difference(value, base_value, self.config)
+        return difference(value, base_value)
 
     def output_storage(self, name: str) -> str:
         return self.fine_tune.output_storage(name)
@@ -280,7 +328,7 @@ class AdapterDelta(_DeltaRows):
         if op is None or op.bias_of is not None or (op.lora is None and not op.replace):
             return LayerDelta(shape, dtype)
         if op.replace:
-            return difference(self.plan.adapter.get(op.replace), base_value, self.config)
+            return difference(self.plan.adapter.get(op.replace), base_value)
         a = self.plan.adapter.get(op.lora.a)
         b = self.plan.adapter.get(op.lora.b)
         return LayerDelta(shape, dtype, factors=(a, b, op.scale, op.transpose))
@@ -326,7 +374,7 @@ def _module_deltas(model, base, config: ESDConfig) -> Iterator[tuple[str, LayerD
     for name, weight, _ in module_layers(model):
         other = theirs.get(name)
         if other is not None and tuple(other.shape) == tuple(weight.shape):
-            yield name, difference(weight, other, config)
+            yield name, difference(weight, other)
 
 
 def _peft_deltas(model, config: ESDConfig) -> Iterator[tuple[str, LayerDelta]]:
@@ -358,7 +406,7 @@ def _peft_delta(owner, weight: torch.Tensor, adapter: str, name: str,
     shape, dtype = tuple(weight.shape), weight.dtype
     saved = getattr(owner, "modules_to_save", None)
     if saved is not None and adapter in saved:
-        return difference(saved[adapter].weight, weight, config)
+        return difference(saved[adapter].weight, weight)
     if (getattr(owner, "use_dora", None) or {}).get(adapter):
         raise UnsupportedFormatError(f"{name}: a DoRA delta is not s·B·A; pass the merged "
                                      "model and its base to delta_frame")

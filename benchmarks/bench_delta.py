@@ -110,13 +110,14 @@ def worker(workdir: Path, name: str, delta: bool, threads: int | None) -> tuple[
     return took, cpu_s
 
 
-def eigensolve_seconds(workdir: Path) -> tuple[float, float]:
-    """(plain eigensolve of the fine-tune's matrices, low-rank delta eigenvalues of the
-    adapter's), in this process, float64 on the CPU."""
+def eigensolve_seconds(workdir: Path) -> tuple[float, float, float]:
+    """CPU seconds, in this process, float64: the plain eigensolve of the fine-tune's
+    matrices, ΔW's (esd_delta.difference_eigenvalues, as the worker computes it), and the
+    adapter's low-rank delta eigenvalues."""
     from safetensors.torch import load_file
 
     from esd_config import ESDConfig
-    from esd_delta import lowrank_eigenvalues
+    from esd_delta import difference_eigenvalues, lowrank_eigenvalues
     from net_esd import layer_eigenvalues, split_layers
 
     config = ESDConfig()
@@ -126,12 +127,20 @@ def eigensolve_seconds(workdir: Path) -> tuple[float, float]:
         for layer in split_layers(name, w, None, config.conv_norm):
             layer_eigenvalues(layer, config)
     plain = time.process_time() - started
+    base = load_file(str(workdir / "base" / "model.safetensors"))
+    started = time.process_time()
+    for name, w in tensors.items():  # as the worker does: ΔW's Gram from row chunks
+        for mine, theirs in zip(split_layers(name, w, None, config.conv_norm),
+                                split_layers(name, base[name], None, config.conv_norm),
+                                strict=True):
+            difference_eigenvalues(mine, theirs, config)
+    delta = time.process_time() - started
     lora = load_file(str(workdir / "lora" / "adapter_model.safetensors"))
     started = time.process_time()
     for key in [k for k in lora if k.endswith("lora_A.weight")]:
         a, b = lora[key], lora[key.replace("lora_A", "lora_B")]
         lowrank_eigenvalues(a, b, 2.0, min(b.shape[0], a.shape[1]))
-    return plain, time.process_time() - started
+    return plain, delta, time.process_time() - started
 
 
 def main() -> int:
@@ -156,13 +165,14 @@ def main() -> int:
                 for delta in (False, True):
                     key = f"{name}{'_delta' if delta else ''}"
                     times.setdefault(key, []).append(worker(workdir, name, delta, args.threads))
-        plain, lowrank = eigensolve_seconds(workdir)
+        plain, delta, lowrank = eigensolve_seconds(workdir)
         wall = {k: statistics.median(t for t, _ in v) for k, v in times.items()}
         cpu = {k: statistics.median(c for _, c in v) for k, v in times.items()}
         for key in times:
             print(f"{key:11s} wall {wall[key]:6.2f} s, CPU {cpu[key]:6.2f} s  (runs, wall/CPU: "
                   f"{', '.join(f'{t:.2f}/{c:.2f}' for t, c in times[key])})")
-        print(f"plain eigensolve of the fine-tune (CPU): {plain:.2f} s")
+        print(f"plain eigensolve of the fine-tune (CPU): {plain:.2f} s; ΔW's {delta:.2f} s = "
+              f"{delta / plain:.2f}x")
         for label, a, b in (("the fine-tune", "ft", "ft_delta"), ("base + adapter", "lora",
                                                                    "lora_delta")):
             print(f"--delta on {label} adds CPU {cpu[b] - cpu[a]:.2f} s = "

@@ -102,7 +102,7 @@ def test_lowrank_shortcut_equals_explicit_merged_minus_base(shape, r):
     scale = 0.5
     config = ESDConfig(keep_evals=True)
     merged = base + scale * (b @ a)
-    explicit = delta_layer_results("l.weight", difference(merged, base, config), config)
+    explicit = delta_layer_results("l.weight", difference(merged, base), config)
     shortcut = delta_layer_results("l.weight", LayerDelta(shape, torch.float32,
                                                           factors=(a, b, scale, False)), config)
     ref = gram_evals(scale * (b.double() @ a.double()).numpy())
@@ -122,7 +122,7 @@ def test_lowrank_shortcut_equals_formed_delta_exactly_in_float64():
     gen = torch.Generator().manual_seed(3)
     a, b = torch.randn(6, 48, generator=gen).double(), torch.randn(64, 6, generator=gen).double()
     config = ESDConfig(keep_evals=True)
-    dense = LayerDelta((48, 64), torch.float64, dense=lambda: (b @ a).T * 2.0)
+    dense = LayerDelta((48, 64), torch.float64, pair=((b @ a).T * 2.0, torch.zeros(48, 64)))
     (e,) = delta_layer_results("l.weight", dense, config)
     (s,) = delta_layer_results("l.weight", LayerDelta((48, 64), torch.float64,
                                                       factors=(a, b, 2.0, True)), config)
