@@ -337,3 +337,20 @@ def test_a_job_reads_the_source_once_for_its_fine_tunes_and_adapters(zoo, tmp_pa
         grouped = pd.read_csv(tmp_path / "group" / f"{kind}{stem}.csv")
         single = pd.read_csv(tmp_path / "alone" / f"{kind}{stem}.csv")
         pd.testing.assert_frame_equal(grouped, single)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(64, 40), (40, 64)])
+def test_chunked_difference_matches_numpy_on_the_formed_matrix(dtype, shape):
+    """ΔW's Gram summed from row chunks (3 rows a chunk here), whatever the stored dtype and
+    orientation, against numpy on the difference formed whole in float64."""
+    from esd_delta import difference_eigenvalues
+    from net_esd import split_layers
+
+    gen = torch.Generator().manual_seed(7)
+    ft, base = (torch.randn(*shape, generator=gen).to(dtype) for _ in range(2))
+    config = ESDConfig(chunk_elems=3 * max(shape))
+    (mine,), (theirs,) = (list(split_layers("l.weight", t, None, 0.5)) for t in (ft, base))
+    ours = difference_eigenvalues(mine, theirs, config).numpy()
+    ref = gram_evals((ft.double() - base.double()).numpy())
+    np.testing.assert_allclose(ours, ref, rtol=EIGEN_RTOL, atol=0)
