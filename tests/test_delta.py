@@ -354,3 +354,31 @@ def test_chunked_difference_matches_numpy_on_the_formed_matrix(dtype, shape):
     ours = difference_eigenvalues(mine, theirs, config).numpy()
     ref = gram_evals((ft.double() - base.double()).numpy())
     np.testing.assert_allclose(ours, ref, rtol=EIGEN_RTOL, atol=0)
+
+
+def test_an_adapter_peft_merges_fails_its_delta_alone_in_one_line(zoo, tmp_path):
+    """An IA3 adapter (merged by peft, not s·B·A): its result is written, its delta is not,
+    and its failure record says why and what to do."""
+    import json
+
+    from peft import IA3Config
+
+    import esd_worker
+    from paths import ModelPaths
+    from tests.loader_fixtures import set_adapter_base
+
+    root, base, _ = zoo
+    config = IA3Config(target_modules=["k_proj", "v_proj"], feedforward_modules=[])
+    model = get_peft_model(copy.deepcopy(base), config)
+    model.save_pretrained(tmp_path / "ia3")
+    set_adapter_base(tmp_path / "ia3", str(root / "base"))
+    out = tmp_path / "out"
+    code = esd_worker.main([*map(str, ["--model_id", tmp_path / "ia3", "--source_model",
+                                       root / "base", "--base_model_relation", "adapter",
+                                       "--output_dir", out, "--device", "cpu", "--delta"])])
+    assert code == esd_worker.EXIT_FAILED
+    paths = ModelPaths.for_model(out, str(tmp_path / "ia3"))
+    assert paths.csv.is_file() and not (out / "delta" / paths.csv.name).exists()
+    record = json.loads(paths.failure.read_text())
+    assert record["transient"] is False and "\n" not in record["message"]
+    assert "--delta" in record["message"] and "merged by peft" in record["message"]
