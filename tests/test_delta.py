@@ -206,11 +206,13 @@ def test_runner_writes_deltas_resumes_and_records_a_failed_delta(zoo, tmp_path):
     root, base, ft = zoo
     out = tmp_path / "out"
     args = ("--model_list", root / "models.csv", "--output_dir", out, "--delta",
-            "--fix_fingers", "DKS", "--filter_zeros")
+            "--fix_fingers", "DKS", "--filter_zeros", "--save_eigs")
     assert runner(*args) == 1  # the fine-tune listed against a missing source fails
     stem = {name: ModelPaths.for_model(out, str(root / name)).stem for name in ("base", "ft", "lora")}
     assert sorted(p.name for p in (out / "delta").glob("*.csv")) == sorted(
         f"{stem[n]}.csv" for n in ("ft", "lora"))
+    assert sorted(p.name for p in (out / "delta").glob("*.eigs.npz")) == sorted(
+        f"{stem[n]}.eigs.npz" for n in ("ft", "lora"))
     import json
 
     assert json.loads((out / ".esd_options.json").read_text())["delta"] is True
