@@ -57,62 +57,98 @@ def esd_options(metrics: Iterable = (), **options: Any):
     return esd_config_from_args(args, resolve_device(str(args.device)))
 
 
-def analyze(source: Any, *, metrics: Iterable = (), model_id: str | None = None,
-            source_model: str = "", base_model_relation: str = "", gguf_file: str = "",
-            cache_dir: str | None = None, trust_remote_code: bool = False,
+def analyze(source: Any, *, base: Any = None, metrics: Iterable = (),
+            model_id: str | None = None, source_model: str = "", base_model_relation: str = "",
+            gguf_file: str = "", cache_dir: str | None = None, trust_remote_code: bool = False,
             **options: Any) -> pd.DataFrame:
     """The result rows of one model, exactly as the CLI writes them for it.
 
     ``source``: a hub id or local path (``str`` or ``Path``), an ``nn.Module`` or a
     ``PeftModel``. ``model_id`` names a module in the ``model_id`` column (default: its
     config's ``_name_or_path``, else its class name). ``source_model``,
-    ``base_model_relation`` and ``gguf_file`` are the model list's columns. Raises the
-    project's error (``esd_experiment.core.errors``) naming the model when it cannot be read.
+    ``base_model_relation`` and ``gguf_file`` are the model list's columns.
+
+    ``base`` (the source model: an id or path for an id or path, a module for a module), or
+    ``delta=True`` with a ``source_model`` or for an adapter or ``PeftModel``: the rows of the
+    delta view instead, ``W - W_base`` layer by layer, as ``--delta`` writes them to
+    ``delta/<name>.csv``. Raises the project's error (``esd_experiment.core.errors``) naming
+    the model when it cannot be read.
     """
+    delta = bool(options.pop("delta", False)) or base is not None
     esd = esd_options(metrics, **options)
     config = WorkerConfig(model_ids=(), output_dir=_NOWHERE, log_dir=_NOWHERE, esd=esd,
                           base_model_relation=base_model_relation.strip(),
                           source_model=source_model.strip(), cache_dir=cache_dir,
-                          trust_remote_code=trust_remote_code, gguf_file=gguf_file.strip())
+                          trust_remote_code=trust_remote_code, gguf_file=gguf_file.strip(),
+                          delta=delta)
     if isinstance(source, (str, os.PathLike)):
         text = str(source).strip()
         if not text:
             raise InputError("analyze(): the model id is empty")
-        config = replace(config, model_ids=(text,))
-        run = run_job(config, StageLog(None), write=False)[0]
+        if base is not None and not isinstance(base, (str, os.PathLike)):
+            raise InputError(f"analyze(): {text}: base must be a model id or path too")
+        config = replace(config, model_ids=(text,),
+                         source_model=str(base).strip() if base is not None
+                         else config.source_model)
+        *deltas, run = run_job(config, StageLog(None), write=False)
     else:
-        run = _module_run(config, source, model_id, source_model.strip())
+        run, deltas = _module_runs(config, source, base, model_id, source_model.strip())
+    if delta:
+        if not deltas and run.error is None:
+            raise InputError(f"analyze(): {run.model_id} has no source model to take a delta "
+                             "against: give base=... (or source_model=...)")
+        run = deltas[0] if deltas else run
     if run.error is not None:
         raise run.error
     return result_frame(run.rows)
 
 
-def _module_run(config: WorkerConfig, module: Any, model_id: str | None,
-                source_model: str) -> ModelRun:
-    """Analyse an in-memory model: its weights stream as a checkpoint's would."""
+def _module_runs(config: WorkerConfig, module: Any, base: Any, model_id: str | None,
+                 source_model: str) -> tuple[ModelRun, list[ModelRun]]:
+    """Analyse an in-memory model (and, under ``config.delta``, its delta against ``base``
+    or its adapter's own update): its weights stream as a checkpoint's would."""
     from esd_experiment.adapters.peft_module import is_peft_model, open_peft_model
+    from esd_experiment.run.delta import AdapterDelta, FineTuneDelta, FineTuneOnSource
 
     if not hasattr(module, "state_dict"):
         raise InputError(f"analyze(): {type(module).__name__} is neither a model id, a path "
                          "nor an nn.Module")
+    if base is not None and not hasattr(base, "state_dict"):
+        raise InputError("analyze(): base must be an nn.Module when the model is one")
     label = model_id or _module_name(module)
+    deltas: list[ModelRun] = []
     if is_peft_model(module):
         model = open_peft_model(module, label, source_model)
+        if config.delta:
+            deltas.append(_run(label, AdapterDelta(model, config.esd)))
     else:
-        tensors = module_tensors(module)
-        reader = TensorDictReader(tensors)
-        model_config = getattr(module, "config", None)
-        base_config = model_config.to_dict() if hasattr(model_config, "to_dict") else None
-        checkpoint = Checkpoint(Source(label, None, Path("."), ()), reader, base_config, None)
-        model = LoadedModel(label, None, source_model, None, False, reader.nbytes, checkpoint)
-    run = ModelRun(label, model_paths(_NOWHERE, label, _NOWHERE), model)
-    analyse(config, [run], StageLog(None))
-    if run.error is None:
-        try:
-            run.rows = result_rows(config, run)
-        except ESDError as exc:
-            run.error = exc
-    return run
+        source_model = source_model or (_module_name(base) if base is not None else "")
+        model = LoadedModel(label, None, source_model, None, False, 0,
+                            _checkpoint(label, module))
+        if base is not None:
+            model = FineTuneOnSource(model, _checkpoint(source_model, base))
+            deltas.append(_run(label, FineTuneDelta(model, config.esd)))
+    run = _run(label, model)
+    analyse(config, [run, *deltas], StageLog(None))
+    for each in (run, *deltas):
+        if each.error is None:
+            try:
+                each.rows = result_rows(config, each)
+            except ESDError as exc:
+                each.error = exc
+    return run, deltas
+
+
+def _checkpoint(label: str, module: Any) -> Checkpoint:
+    """A module's weights as an opened checkpoint (no files, no fetcher)."""
+    model_config = getattr(module, "config", None)
+    config = model_config.to_dict() if hasattr(model_config, "to_dict") else None
+    return Checkpoint(Source(label, None, Path("."), ()), TensorDictReader(module_tensors(module)),
+                      config, None)
+
+
+def _run(label: str, model: Any) -> ModelRun:
+    return ModelRun(label, model_paths(_NOWHERE, label, _NOWHERE), model)
 
 
 def _module_name(module: Any) -> str:

@@ -215,8 +215,12 @@ def _empty_metrics() -> dict[str, Any]:
     return out
 
 
-def analyse_layer(layer: _Layer, layer_id: int, config: ESDConfig) -> LayerResult:
-    """One row: shapes always; metrics unless the layer is unsupported, too small or non-finite."""
+def analyse_layer(layer: _Layer, layer_id: int, config: ESDConfig, *,
+                  evals_of: Callable[[], torch.Tensor | None] | None = None,
+                  matrix_of: Callable[[], np.ndarray] | None = None) -> LayerResult:
+    """One row: shapes always; metrics unless the layer is unsupported, too small or non-finite.
+    ``evals_of`` / ``matrix_of``: the layer's eigenvalues and matrix when they are not those of
+    ``layer.mats`` (esd_delta's low-rank differences)."""
     n, m = layer.N, layer.M
     row: dict[str, Any] = {
         "layer_id": layer_id, "longname": layer.longname, "block": block_index(layer.longname),
@@ -232,7 +236,7 @@ def analyse_layer(layer: _Layer, layer_id: int, config: ESDConfig) -> LayerResul
     elif m == 0 or layer.num_evals < config.min_evals:
         row["status"] = "too_small"
     else:
-        evals = layer_eigenvalues(layer, config)
+        evals = layer_eigenvalues(layer, config) if evals_of is None else evals_of()
         if evals is None:
             row["status"] = "nonfinite"
         else:
@@ -241,7 +245,8 @@ def analyse_layer(layer: _Layer, layer_id: int, config: ESDConfig) -> LayerResul
     custom = {}
     if config.metrics and evals is not None:
         custom = metric_columns(config.metrics, evals.cpu().numpy(),
-                                lambda: analysed_matrix(layer, config), RESULT_COLUMNS, n, m,
+                                matrix_of or (lambda: analysed_matrix(layer, config)),
+                                RESULT_COLUMNS, n, m,
                                 lambda seed, r: shuffled_eigenvalues(layer, config, seed, r))
     kept = evals.cpu().numpy() if (config.keep_evals and evals is not None) else None
     return LayerResult(row={**{c: row[c] for c in LAYER_COLUMNS}, **custom}, evals=kept)

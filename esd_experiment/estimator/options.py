@@ -108,6 +108,9 @@ def add_esd_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--metric", action="append", default=[], metavar="FILE.py:FUNCTION",
                    help="a custom metric, FUNCTION(evals) -> {column: number} (or "
                         "package.module:FUNCTION); repeatable. See docs/metrics.md")
+    g.add_argument("--delta", action="store_true",
+                   help="also write delta/<name>.csv for every model with a source_model (and "
+                        "adapter): the ESD of W - W_source, layer by layer")
     g.add_argument("--mp_fit", action="store_true",
                    help="add WeightWatcher's Marchenko-Pastur fit columns (bulk_max, bulk_min, "
                         "mp_softrank, num_spikes, sigma_mp)")
@@ -153,6 +156,8 @@ def esd_argv(args: argparse.Namespace) -> list[str]:
         argv.append("--mp_fit")
     if getattr(args, "randomize", False):
         argv += ["--randomize", "--seed", str(args.seed)]
+    if getattr(args, "delta", False):
+        argv.append("--delta")
     for spec in getattr(args, "metric", None) or ():
         argv += ["--metric", metric_argv(spec)]
     return argv

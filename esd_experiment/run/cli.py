@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from esd_experiment.backends.task_workers import worker_for_tasks
+from esd_experiment.core.delta_paths import has_delta
 from esd_experiment.core.errors import ESDError, InputError, disk_full_error
 from esd_experiment.core.paths import model_paths
 from esd_experiment.estimator.options import add_esd_arguments, esd_config_from_args
@@ -129,8 +130,8 @@ def run(config: RunConfig, backend=None) -> int:
         failures = FailureLog(config.output_dir)
         plan = make_plan(entries, config.output_dir, config.log_dir, config.options_key,
                          config.args.save_eigs, config.overwrite, config.skip_failed, failures,
-                         config.limit)
-        recompute_planned(plan, esd_config_from_args(config.args, "cpu"))
+                         config.limit, config.args.delta)
+        recompute_planned(plan, esd_config_from_args(config.args, "cpu"), config.args.delta)
         accounts = Accounts(e.key for e in entries[:config.limit])
         failures.clear_all(e.key for e in plan.done)  # a killed run may have left a line
         for entry in plan.done:
@@ -141,7 +142,7 @@ def run(config: RunConfig, backend=None) -> int:
             failures.record(entry.key, reason)
             accounts.failed(entry.key)
         specs = group_jobs([e for e, _ in plan.to_run], config.max_group,
-                           adapter_config_reader(config))
+                           adapter_config_reader(config), config.args.delta)
         logger.info("%d models: %d to run, %d already done, %d failed before and skipped, "
                     "%d invalid; %d job(s), %s", plan.total, len(plan.to_run), len(plan.done),
                     len(plan.skipped_failed), len(plan.invalid), len(specs),
@@ -228,7 +229,8 @@ def on_disk(config: RunConfig, entries: Sequence) -> Callable[[str], tuple[bool,
                                 entry.gguf_file)
         except ESDError:
             return False, key in failures
-        return result_done(paths, config.options_key, config.args.save_eigs), key in failures
+        return result_done(paths, config.options_key, config.args.save_eigs,
+                           config.args.delta and has_delta(entry)), key in failures
     return state
 
 
@@ -431,7 +433,8 @@ def demo_results(config: RunConfig) -> list[tuple[str, Path]]:
     out = []
     for entry in read_model_list(config.model_list):
         paths = model_paths(config.output_dir, entry.model_id, config.log_dir, entry.gguf_file)
-        if result_done(paths, config.options_key, config.args.save_eigs):
+        if result_done(paths, config.options_key, config.args.save_eigs,
+                       config.args.delta and has_delta(entry)):
             out.append((entry.model_id, paths.csv))
     return out
 

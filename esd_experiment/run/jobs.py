@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from esd_experiment.core.delta_paths import delta_paths, has_delta
 from esd_experiment.core.errors import disk_full_error
 from esd_experiment.core.paths import model_paths
 from esd_experiment.estimator.options import esd_config_from_args
@@ -88,6 +89,11 @@ class Runner:
         start = log.stat().st_size if log.is_file() else 0  # where this run's output begins
         # Under --overwrite only a result the job writes counts: what stands there now does not.
         before = [result_signature(p.csv) for p in paths] if self.config.overwrite else None
+        if self.config.overwrite and self.config.args.delta:  # an old delta is no result of this run
+            for entry, p in zip(spec.entries, paths, strict=True):
+                if has_delta(entry):
+                    for old in (delta_paths(p).csv, delta_paths(p).eigs):
+                        old.unlink(missing_ok=True)
         return Job(name=spec.name, argv=argv, log_path=log, payload=(spec, paths, start, before),
                    attempt=attempt, not_before=not_before, timeout=self.config.model_timeout)
 
@@ -97,7 +103,7 @@ class Runner:
             return []  # interrupted: neither a result nor a failure; the next run retries it
         _share_log(result.job.log_path, start, paths[1:])
         outcomes = model_outcomes(result, spec, paths, self.config.options_key,
-                                  self.config.args.save_eigs, before)
+                                  self.config.args.save_eigs, before, self.config.args.delta)
         for outcome in outcomes:
             if outcome.state == "done":
                 self._done(outcome)

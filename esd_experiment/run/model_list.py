@@ -124,14 +124,22 @@ def adapter_base(entry: ListEntry, read_adapter_config: Callable[[str], dict | N
 
 
 def group_jobs(entries: Sequence[ListEntry], max_group: int,
-               read_adapter_config: Callable[[str], dict | None]) -> list[JobSpec]:
-    """Jobs in list order, each base with its adapters (the base first when it runs too).
+               read_adapter_config: Callable[[str], dict | None],
+               fine_tunes: bool = False) -> list[JobSpec]:
+    """Jobs in list order, each base with its adapters (the base first when it runs too)
+    and, with ``fine_tunes`` (--delta), the full models whose ``source_model`` it is, unless
+    such a model is itself the base of others (it then runs as a base, or alone).
 
     A group starts where its first member stands in the list and holds at most
     ``max_group`` models; a larger group is split, the base going with the first part.
     """
     bases = {e.model_id: adapter_base(e, read_adapter_config) for e in entries
              if e.is_adapter and not e.gguf_file}
+    if fine_tunes:
+        full = {e.model_id: e.source_model for e in entries
+                if e.source_model and not e.is_adapter and not e.gguf_file}
+        named = {model_key(b) for b in [*bases.values(), *full.values()] if b}
+        bases.update((m, s) for m, s in full.items() if model_key(m) not in named)
     members: dict[str, list[ListEntry]] = {}  # by the base's model_key
     for entry in entries:
         if bases.get(entry.model_id):

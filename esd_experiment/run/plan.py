@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from esd_experiment.core.delta_paths import DELTA_KEY, delta_paths, has_delta
 from esd_experiment.core.errors import ESDError
 from esd_experiment.core.paths import ModelPaths, model_paths
 from esd_experiment.core.results import eigs_options, is_current, split_options_key
@@ -48,7 +49,7 @@ class Plan:
 
 def make_plan(entries: list[ListEntry], output_dir: Path, log_dir: Path, options: str,
               save_eigs: bool, overwrite: bool, skip_failed: bool, failures: FailureLog,
-              limit: int | None = None) -> Plan:
+              limit: int | None = None, delta: bool = False) -> Plan:
     plan = Plan()
     for entry in entries[:limit] if limit is not None else entries:
         try:
@@ -56,7 +57,7 @@ def make_plan(entries: list[ListEntry], output_dir: Path, log_dir: Path, options
         except ESDError as exc:
             plan.invalid.append((entry, str(exc)))
             continue
-        if not overwrite and result_done(paths, options, save_eigs):
+        if not overwrite and result_done(paths, options, save_eigs, delta and has_delta(entry)):
             plan.done.append(entry)
         elif skip_failed and entry.key in failures:
             plan.skipped_failed.append(entry)
@@ -65,18 +66,20 @@ def make_plan(entries: list[ListEntry], output_dir: Path, log_dir: Path, options
     return plan
 
 
-def result_done(paths: ModelPaths, options: str, save_eigs: bool) -> bool:
+def result_done(paths: ModelPaths, options: str, save_eigs: bool, delta: bool = False) -> bool:
     """A model is done when its CSV (and, under --save_eigs, its eigenvalues) exists and was
     computed with the estimator options ``options`` (an ``options_key``; the eigenvalues
-    record its part without custom metrics)."""
+    record its part without custom metrics); with ``delta``, so does its delta's."""
     return is_current(paths.csv, options) and (
-        not save_eigs or eigs_options(paths.eigs) == split_options_key(options)[0])
+        not save_eigs or eigs_options(paths.eigs) == split_options_key(options)[0]) and (
+        not delta or result_done(delta_paths(paths), options, save_eigs))
 
 
 def estimator_options(args) -> dict:
     """The options that change the numbers (not where or how fast they are computed), and
     the custom metrics' names when there are any."""
-    return esd_config_from_args(args, "cpu").options_record
+    record = esd_config_from_args(args, "cpu").options_record
+    return {**record, DELTA_KEY: True} if getattr(args, "delta", False) else record
 
 
 def worker_argv(spec: JobSpec, args, output_dir: Path, log_dir: Path,
@@ -85,7 +88,10 @@ def worker_argv(spec: JobSpec, args, output_dir: Path, log_dir: Path,
     argv = [sys.executable, str(WORKER), "--model_id", *(e.model_id for e in spec.entries),
             "--output_dir", str(output_dir), "--log_dir", str(log_dir), *esd_argv(args)]
     if spec.base:  # a base and its adapters: the adapters are marked, the base named
-        argv += ["--source_model", spec.base, "--base_model_relation", "adapter"]
+        # (beside full fine-tunes of the base, under --delta, adapters are told by their files)
+        full = any(e.source_model and not e.is_adapter and e.model_id != spec.base
+                   for e in spec.entries)
+        argv += ["--source_model", spec.base, "--base_model_relation", "" if full else "adapter"]
         argv += [a for e in spec.entries if e.model_id == spec.base and e.source_model
                  for a in ("--base_source_model", e.source_model)]
     else:
@@ -142,14 +148,15 @@ def written_by(csv: Path, before: Signature, started_at: float) -> bool:
 
 
 def model_outcomes(result, spec: JobSpec, paths: list[ModelPaths], options: str,
-                   save_eigs: bool, before: list[Signature] | None = None) -> list[Outcome]:
+                   save_eigs: bool, before: list[Signature] | None = None,
+                   delta: bool = False) -> list[Outcome]:
     """Each model's outcome of a finished job (``gputracker.JobResult``), from its result
     file, else its failure record, else the job's own end (exit code, signal, timeout).
     With ``before`` (the result files found when the job was made, under --overwrite) only
     a result this job wrote counts as done."""
     out = []
     for i, (entry, model) in enumerate(zip(spec.entries, paths, strict=True)):
-        if result_done(model, options, save_eigs) and (  # also in a job that timed out later
+        if result_done(model, options, save_eigs, delta and has_delta(entry)) and (  # also in a job that timed out later
                 before is None or written_by(model.csv, before[i], result.started_at)):
             out.append(Outcome(entry, "done"))
             continue

@@ -136,11 +136,13 @@ def recompute_metrics(paths: ModelPaths, config: ESDConfig) -> bool:
     return True
 
 
-def recompute_planned(plan, config: ESDConfig) -> None:
+def recompute_planned(plan, config: ESDConfig, delta: bool = False) -> None:
     """Move each model of ``plan.to_run`` (run_plan.Plan) that ``recompute_metrics`` rewrites
-    to ``plan.done``, logging it."""
+    to ``plan.done``, logging it. Under ``delta`` a model with a delta runs again instead."""
+    from esd_experiment.core.delta_paths import has_delta
+
     for entry, paths in list(plan.to_run):
-        if recompute_metrics(paths, config):
+        if not (delta and has_delta(entry)) and recompute_metrics(paths, config):
             plan.to_run.remove((entry, paths))
             plan.done.append(entry)
             logger.info("%s: custom metrics computed from its saved eigenvalues, no model "

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from esd_experiment.core.delta_paths import DELTA_KEY
 from esd_experiment.core.errors import InputError
 from esd_experiment.core.paths import FAILED_MODELS_FILE, LOCK_FILE, OPTIONS_FILE, write_text_atomic
 
@@ -116,10 +117,12 @@ def check_options(output_dir: Path, options: dict, overwrite: bool) -> None:
         recorded = None
     except (OSError, ValueError):
         recorded = {}
-    if recorded is not None and recorded != options and not overwrite:
+    numbers = {k: v for k, v in options.items() if k != DELTA_KEY}  # --delta adds files only
+    if recorded is not None and {k: v for k, v in recorded.items() if k != DELTA_KEY} != numbers \
+            and not overwrite:
         changed = ", ".join(f"{k}: {recorded.get(k)!r} -> {options.get(k)!r}"
                             for k in sorted(set(recorded) | set(options))
-                            if recorded.get(k) != options.get(k))
+                            if recorded.get(k) != options.get(k) and k != DELTA_KEY)
         raise InputError(f"{output_dir} holds results computed with other estimator options "
                          f"({changed}); rerun with --overwrite to recompute them, or choose "
                          "another --output_dir")

@@ -32,7 +32,7 @@ import threading
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -92,6 +92,7 @@ class WorkerConfig:
     stage_file: Path | None = None
     gguf_file: str = ""
     base_source_model: str = ""  # the base's own source_model, as its list row gives it
+    delta: bool = False  # also write the ESD of W - W_source (run/delta_worker.py)
 
     def requests(self):
         """The job's models; an id equal to ``--source_model`` is the base itself."""
@@ -144,13 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--threads must be at least 1, got {args.threads}")
-    output_dir = args.output_dir
     ids = tuple(dict.fromkeys(m.strip() for m in args.model_id if m.strip()))
     if not ids:
         raise InputError("--model_id is empty")
     return WorkerConfig(
-        model_ids=ids, output_dir=output_dir,
-        log_dir=args.log_dir if args.log_dir is not None else output_dir / "logs",
+        model_ids=ids, output_dir=args.output_dir,
+        log_dir=args.log_dir if args.log_dir is not None else args.output_dir / "logs",
         esd=esd_config_from_args(args, resolve_device(args.device)),
         base_model_relation=args.base_model_relation.strip(),
         source_model=args.source_model.strip(), save_eigs=args.save_eigs,
@@ -158,7 +158,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir,
         threads=args.threads, parent_pid=args.parent_pid, stage_file=args.stage_file,
         gguf_file=args.gguf_file.strip(), base_source_model=args.base_source_model.strip(),
-    )
+        delta=args.delta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,6 +205,8 @@ def analyse(config: WorkerConfig, runs: list[ModelRun], stage: StageLog) -> None
         if item.error is not None:
             return item.error
         share.before_solve(device)
+        if (solver := getattr(item.model, "layer_results", None)) is not None:  # esd_delta's
+            return solver(item.name, item.tensor, item.storage, replace(config.esd, device=device))
         return layer_results((item.name, item.tensor, item.storage), config.esd, device)
 
     analysed = on_devices(solve, items, devices)
@@ -319,6 +321,7 @@ def run_job(config: WorkerConfig, stage: StageLog, write: bool = True) -> list[M
     from esd_experiment.hub.client import default_cache_dir
     from esd_experiment.hub.files import HubClient
     from esd_experiment.loader.opener import open_models
+    from esd_experiment.run.delta_worker import delta_runs
 
     runs = [ModelRun(m, model_paths(config.output_dir, m, config.log_dir, config.gguf_file))
             for m in config.model_ids]
@@ -343,10 +346,11 @@ def run_job(config: WorkerConfig, stage: StageLog, write: bool = True) -> list[M
                         f", adapter on {model.source_model}" if model.is_adapter else "",
                         config.esd.device)
         ordering = _depth_order_ahead(runs)
-        analyse(config, runs, stage)
+        deltas = delta_runs(config, runs, ModelRun, hub, session, stage) if config.delta else []
+        analyse(config, runs + deltas, stage)
         ordering.join()  # the model classes' parameter order, built while the model streamed
         stage.set("write")
-        for run in runs:
+        for run in runs + deltas:
             if run.error is None:
                 try:
                     if write:
@@ -356,7 +360,7 @@ def run_job(config: WorkerConfig, stage: StageLog, write: bool = True) -> list[M
                 except Exception as exc:  # noqa: BLE001  (a write that fails fails its model)
                     run.error, run.stage = exc, "write"
     logger.info("job of %d model(s) done in %.1f s", len(runs), time.monotonic() - started)
-    return runs
+    return deltas + runs  # a model's own failure record is written last, over its delta's
 
 
 # ---------------------------------------------------------------------------------------------
