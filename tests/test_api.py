@@ -39,8 +39,9 @@ def write_list(path: Path, rows) -> Path:
     return path
 
 
-def cli_result(tmp_path: Path, row, *flags, env=None) -> pd.DataFrame:
-    """The CSV the runner writes for the single model of ``row`` (a list row)."""
+def cli_result(tmp_path: Path, row, *flags, env=None, delta: bool = False) -> pd.DataFrame:
+    """The CSV the runner writes for the single model of ``row`` (a list row); with
+    ``delta``, its ``delta/`` file (the run given ``--delta``)."""
     out = tmp_path / "cli_out"
     listed = write_list(tmp_path / "list.csv", [row])
     proc = subprocess.run([sys.executable, str(ROOT / "run_esd_experiment.py"), "--model_list",
@@ -48,7 +49,7 @@ def cli_result(tmp_path: Path, row, *flags, env=None) -> pd.DataFrame:
                            "--no-progress", *flags], capture_output=True, text=True,
                           timeout=CLI_TIMEOUT_S, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    (csv_path,) = [p for p in out.glob("*.csv")]
+    (csv_path,) = [p for p in (out / "delta" if delta else out).glob("*.csv")]
     return read_results_file(csv_path)
 
 
@@ -121,6 +122,43 @@ def test_a_peft_model_is_analysed_merged_as_the_cli_merges_its_adapter(tmp_path)
     changed = ours["alpha"].to_numpy() != plain["alpha"].to_numpy()
     assert set(ours["longname"][changed].str.rsplit(".", n=1).str[-1]) == {
         "q_proj", "v_proj", "down_proj"}
+
+
+def test_a_delta_against_a_base_gives_the_cli_delta_file(tmp_path):
+    base, fine_tune = llama(seed=6), llama(seed=6)
+    with torch.no_grad():
+        for name, param in fine_tune.named_parameters():
+            if "mlp" in name:
+                param.add_(0.05 * torch.randn_like(param))
+    base_dir, ft_dir = save_model(base, tmp_path / "base"), save_model(fine_tune, tmp_path / "ft")
+    cli = cli_result(tmp_path, [str(ft_dir), "", str(base_dir), ""], "--delta", delta=True)
+    from_modules = analyze(fine_tune, base=base, model_id=str(ft_dir),
+                           source_model=str(base_dir))
+    assert_same_rows(from_modules, cli)
+    assert_same_rows(analyze(str(ft_dir), base=str(base_dir)), cli)
+    unchanged = ~cli["longname"].str.contains("mlp")
+    assert (cli["spectral_norm"][unchanged] == 0).all()  # W - W_base is zero there
+    assert (cli["spectral_norm"][~unchanged] > 0).all()
+
+
+def test_an_adapters_delta_is_its_own_update_as_the_cli_writes_it(tmp_path):
+    base = llama(seed=4)
+    base_dir = save_model(base, tmp_path / "base")
+    adapter_dir = save_adapter(base, tmp_path / "adapter", str(base_dir), seed=5, r=4,
+                               target_modules=["q_proj", "v_proj"])
+    peft_model = PeftModel.from_pretrained(llama(seed=4), str(adapter_dir))
+    ours = analyze(peft_model, delta=True, model_id=str(adapter_dir),
+                   source_model=str(base_dir))
+    cli = cli_result(tmp_path, [str(adapter_dir), "adapter", str(base_dir), ""], "--delta",
+                     delta=True)
+    assert_same_rows(ours, cli)
+    lora = ours["longname"].str.endswith(("q_proj", "v_proj"))
+    assert (ours["matrix_rank"][lora] == 4).all()
+
+
+def test_a_delta_without_a_source_is_refused():
+    with pytest.raises(InputError, match="no source model"):
+        analyze(torch.nn.Sequential(torch.nn.Linear(40, 30)), delta=True)
 
 
 def test_net_esd_estimator_refuses_an_unmerged_peft_model(tmp_path):
