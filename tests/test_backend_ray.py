@@ -148,6 +148,24 @@ def test_stop_cancels_a_job_in_its_long_lived_worker(ray_cluster, tmp_path):
     wait_for(lambda: not _alive(worker), 10, "the worker to be gone")
 
 
+def test_a_tasks_jobs_run_in_one_long_lived_worker_and_a_crash_fails_only_its_own(
+        ray_cluster, tmp_path):
+    jobs = [pooled_job(tmp_path, "ok", "a"), pooled_job(tmp_path, "crash", "x"),
+            pooled_job(tmp_path, "ok", "b"), pooled_job(tmp_path, "ok", "c"),
+            pooled_job(tmp_path, "ok", "d")]
+    backend = RayBackend(options(gpus_per_job=0, models_per_task=4), worker_script=POOL_SCRIPT)
+    results = {r.name: r for r in backend.run(jobs)}
+    assert sorted(results) == ["a", "b", "c", "d", "x"]
+    assert results["x"].returncode == -signal.SIGSEGV
+    assert all(results[n].ok for n in "abcd")
+    first, second = served_by_worker(jobs[0]), served_by_worker(jobs[2])
+    assert second == served_by_worker(jobs[3]) != first  # the crash took its worker down
+    assert results["b"].pid == results["c"].pid == second
+    assert served_by_worker(jobs[4]) not in (first, second)  # the fifth job: a task of its own
+    for job in jobs:
+        assert f"job {job.name} in pid" in job.log_path.read_text()
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as fh:
@@ -193,9 +211,12 @@ def test_without_ray_the_backend_says_how_to_install_it(monkeypatch):
 def test_ray_flags():
     parser = argparse.ArgumentParser()
     add_ray_arguments(parser)
-    args = parser.parse_args(["--ray_address", "10.0.0.1:6379", "--ray_cpus_per_job", "4"])
+    args = parser.parse_args(["--ray_address", "10.0.0.1:6379", "--ray_cpus_per_job", "4",
+                              "--ray_models_per_task", "8"])
     assert ray_options_from_args(args, gpus_per_job=2) == RayOptions(
-        address="10.0.0.1:6379", gpus_per_job=2, cpus_per_job=4)
+        address="10.0.0.1:6379", gpus_per_job=2, cpus_per_job=4, models_per_task=8)
+    with pytest.raises(InputError, match="--ray_models_per_task must be at least 1"):
+        ray_options_from_args(parser.parse_args(["--ray_models_per_task", "0"]), 1)
     with pytest.raises(InputError, match="--ray_cpus_per_job must be at least 1"):
         ray_options_from_args(parser.parse_args(["--ray_cpus_per_job", "0"]), 1)
 

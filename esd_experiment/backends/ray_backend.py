@@ -47,6 +47,7 @@ class RayOptions:
     gpus_per_job: int = 1
     require_gpus: bool = True
     cpus_per_job: int = 1
+    models_per_task: int = 1  # jobs run one after another by one task, in one worker
     poll_interval: float = 1.0
     grace_period: float = 10.0
 
@@ -57,6 +58,9 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
                    help="Ray cluster to join, e.g. 10.0.0.1:6379 (default: start a local Ray)")
     g.add_argument("--ray_cpus_per_job", type=int, default=RayOptions.cpus_per_job,
                    help="CPUs each task asks for in CPU mode (its thread count)")
+    g.add_argument("--ray_models_per_task", type=int, default=RayOptions.models_per_task,
+                   help="jobs one Ray task runs one after another, in one long-lived worker "
+                        "(torch imported once per task; a task's results come back together)")
 
 
 def ray_options_from_args(args: argparse.Namespace, gpus_per_job: int,
@@ -65,10 +69,14 @@ def ray_options_from_args(args: argparse.Namespace, gpus_per_job: int,
     ``--num_gpus_per_job``, 0 in CPU mode; ``require_gpus`` False for ``--device auto``."""
     if args.ray_cpus_per_job < 1:
         raise InputError(f"--ray_cpus_per_job must be at least 1, got {args.ray_cpus_per_job}")
+    if args.ray_models_per_task < 1:
+        raise InputError(f"--ray_models_per_task must be at least 1, got "
+                         f"{args.ray_models_per_task}")
     if gpus_per_job < 0:
         raise InputError(f"GPUs per job must be 0 or more, got {gpus_per_job}")
     return RayOptions(address=args.ray_address, gpus_per_job=gpus_per_job,
-                      require_gpus=require_gpus, cpus_per_job=args.ray_cpus_per_job)
+                      require_gpus=require_gpus, cpus_per_job=args.ray_cpus_per_job,
+                      models_per_task=args.ray_models_per_task)
 
 
 def import_ray():
@@ -102,12 +110,13 @@ class RayBackend(StopState):
         self._clock = clock
         self._wake = threading.Event()
         self._queue: list[Job] = []
-        self._running: dict[object, tuple[Job, float, float]] = {}  # ref -> job, start times
+        # ref -> the task's jobs, its start times
+        self._running: dict[object, tuple[list[Job], float, float]] = {}
         self._force = False
 
     @property
     def running_jobs(self) -> int:
-        return len(self._running)
+        return sum(len(jobs) for jobs, _, _ in self._running.values())
 
     @property
     def pending_jobs(self) -> list[Job]:
@@ -190,14 +199,16 @@ class RayBackend(StopState):
             max_retries=0,  # a retry is the caller's decision (on_finish), not Ray's
             runtime_env={"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}},
         )
-        for job in ready:
-            command = TaskCommand(job.name, job.argv, job.env, job.log_path,
-                                  timeout=job.timeout)
-            ref = remote.remote([command], cpu_only,
+        size = self.options.models_per_task
+        for group in (ready[i:i + size] for i in range(0, len(ready), size)):
+            commands = [TaskCommand(job.name, job.argv, job.env, job.log_path,
+                                    timeout=job.timeout) for job in group]
+            ref = remote.remote(commands, cpu_only,
                                 self.options.cpus_per_job if cpu_only else None,
                                 self.options.grace_period, self.worker_script)
-            self._running[ref] = (job, self._clock(), time.time())
-            logger.info("submitted %s to Ray (log %s)", job.name, job.log_path)
+            self._running[ref] = (group, self._clock(), time.time())
+            for job in group:
+                logger.info("submitted %s to Ray (log %s)", job.name, job.log_path)
 
     def _wait(self) -> list:
         """Finished task refs, after at most one poll interval (or the next ``not_before``)."""
@@ -216,29 +227,37 @@ class RayBackend(StopState):
     def _collect(self, refs: list, results: list[JobResult], on_finish: OnFinish | None,
                  stopped: bool = False) -> None:
         for ref in refs:
-            job, start, started_at = self._running.pop(ref)
-            result = self._result(ref, job, start, started_at, stopped)
-            results.append(result)
-            logger.info("%s: %s", result.name, result.describe())
-            for retry in (on_finish(result) if on_finish else None) or ():
-                self._queue.append(retry)
+            jobs, start, started_at = self._running.pop(ref)
+            for result in self._results(ref, jobs, start, started_at, stopped):
+                results.append(result)
+                logger.info("%s: %s", result.name, result.describe())
+                for retry in (on_finish(result) if on_finish else None) or ():
+                    self._queue.append(retry)
 
-    def _result(self, ref, job: Job, start: float, started_at: float,
-                stopped: bool) -> JobResult:
+    def _results(self, ref, jobs: list[Job], start: float, started_at: float,
+                 stopped: bool) -> list[JobResult]:
+        """One result per job of the task, each from its own outcome (a command's outcome
+        has its own start and end within the task)."""
         exceptions = self._ray.exceptions
-        end = self._clock()
-        outcome, detail = None, ""
+        outcomes, detail = [None] * len(jobs), ""
         try:
-            (outcome,) = self._ray.get(ref, timeout=0)  # finished, but for a task left running
+            outcomes = self._ray.get(ref, timeout=0)  # finished, but for a task left running
         except exceptions.GetTimeoutError:
             detail = "the Ray task did not stop after its cancel"
         except exceptions.TaskCancelledError:
             detail = "the Ray task was cancelled"
         except exceptions.RayTaskError as exc:  # the task itself raised: a bug, not the cluster
-            return JobResult(job, 1, (), None, 0, start, end, started_at, job.log_path,
-                             stopped, detail=f"the Ray task failed: {exc}")
+            end = self._clock()
+            return [JobResult(job, 1, (), None, 0, start, end, started_at, job.log_path,
+                              stopped, detail=f"the Ray task failed: {exc}") for job in jobs]
         except exceptions.RayError as exc:  # worker or node died, object lost: worth a retry
             detail = f"Ray lost the task: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        return [self._result(job, outcome, detail, start, started_at, stopped)
+                for job, outcome in zip(jobs, outcomes, strict=True)]
+
+    def _result(self, job: Job, outcome, detail: str, start: float, started_at: float,
+                stopped: bool) -> JobResult:
+        end = self._clock()
         if outcome is None:
             return JobResult(job, -signal.SIGKILL, (), None, 0, start, end, started_at,
                              job.log_path, stopped, detail=detail)
