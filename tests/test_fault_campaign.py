@@ -1,4 +1,4 @@
-"""Two dozen seeds of the fault campaign (tests/fault_campaign.py): each run under random faults
+"""Seven seeds of the fault campaign (tests/fault_campaign.py): each run under random faults
 keeps every listed model done, failed or not reached, exactly once, exits 0 only when all are
 done, and a clean rerun completes the list with the rows of a fault-free run. More seeds:
 ``python benchmarks/fault_campaign.py --seeds N``."""
@@ -7,10 +7,11 @@ import pytest
 
 from tests.fault_campaign import build_zoo, campaign_seed, reference_run
 
-# Two dozen seeds: together their faults cover every kind (5xx, resets, stalls, gated, a
-# missing file, the hub down, a full disk as root, kill -9 of a worker and of the runner);
-# about 8 s each on a 2-core machine.
-SEEDS = tuple(range(24))
+# Seven seeds whose faults together cover every kind (5xx: 0, 10; resets: 6; stalls: 17, 20;
+# gated: 10; a missing file: 17, 20; the hub down: 20; a full disk as root: 0, 6, 10, 17, 21;
+# kill -9 of the runner: 6, 11, and of a worker: 11); about 8 s each on a 2-core machine.
+# Seeds 0-23 all keep the contract (benchmarks/fault_campaign.py --seeds 24).
+SEEDS = (0, 6, 10, 11, 17, 20, 21)
 
 
 @pytest.fixture(scope="module")
