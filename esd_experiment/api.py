@@ -123,8 +123,7 @@ def _module_runs(config: WorkerConfig, module: Any, base: Any, model_id: str | N
             deltas.append(_run(label, AdapterDelta(model, config.esd)))
     else:
         source_model = source_model or (_module_name(base) if base is not None else "")
-        model = LoadedModel(label, None, source_model, None, False, 0,
-                            _checkpoint(label, module))
+        model = LoadedModel(label, None, source_model, None, False, _checkpoint(label, module))
         if base is not None:
             model = FineTuneOnSource(model, _checkpoint(source_model, base))
             deltas.append(_run(label, FineTuneDelta(model, config.esd)))

@@ -20,9 +20,9 @@ PARITY_RTOL = 1e-6  # the bar for columns shared with WeightWatcher
 MP_COLUMNS = ("bulk_max", "bulk_min", "mp_softrank", "num_spikes", "sigma_mp")
 
 
-def test_mp_fit_columns_match_weightwatcher():
+def spiked_net(shapes):
+    """Linear layers (out, in) = ``shapes`` of noise plus a few rank-one spikes."""
     gen = torch.Generator().manual_seed(3)
-    shapes = [(200, 80), (64, 160), (120, 120), (300, 50)]
     net = torch.nn.Sequential(*[torch.nn.Linear(m, n) for n, m in shapes])
     with torch.no_grad():
         for layer, (n, m) in zip(net, shapes, strict=True):
@@ -30,6 +30,11 @@ def test_mp_fit_columns_match_weightwatcher():
             spikes = torch.randn(n, 3, generator=gen, dtype=torch.float64) @ torch.randn(
                 3, m, generator=gen, dtype=torch.float64) * 0.3
             layer.weight.copy_(noise + spikes)
+    return net
+
+
+def test_mp_fit_columns_match_weightwatcher():
+    net = spiked_net([(200, 80), (64, 160), (120, 120), (300, 50)])
     logging.getLogger("weightwatcher").setLevel(logging.ERROR)
     theirs = ww.WeightWatcher(model=net).analyze(mp_fit=True).set_index("longname")
     ours = net_esd_estimator(net, mp_fit=True).set_index("longname")

@@ -14,6 +14,7 @@ import torch
 from result_fixtures import llama_like
 from safetensors.torch import save_file
 from scipy import stats
+from test_mp_fit import spiked_net
 
 from esd_experiment.core.paths import ModelPaths
 from esd_experiment.core.results import RESULT_COLUMNS
@@ -50,19 +51,6 @@ SHUFFLE_SEED = 11  # the one permutation both tools get in the parity test
 @pytest.fixture(autouse=True)
 def quiet_weightwatcher():
     logging.getLogger("weightwatcher").setLevel(logging.ERROR)
-
-
-def spiked_net(shapes):
-    """Linear layers of noise plus a few rank-one spikes: spectra the shuffle changes."""
-    gen = torch.Generator().manual_seed(3)
-    net = torch.nn.Sequential(*[torch.nn.Linear(m, n) for n, m in shapes])
-    with torch.no_grad():
-        for layer, (n, m) in zip(net, shapes, strict=True):
-            noise = torch.randn(n, m, generator=gen, dtype=torch.float64) / np.sqrt(m)
-            spikes = torch.randn(n, 3, generator=gen, dtype=torch.float64) @ torch.randn(
-                3, m, generator=gen, dtype=torch.float64) * 0.3
-            layer.weight.copy_(noise + spikes)
-    return net
 
 
 def fixed_shuffle(flat: np.ndarray) -> None:

@@ -82,8 +82,7 @@ def open_adapter(opener, request: ModelRequest, source: Source,
             variant = str(reason)
         else:
             return LoadedModel(request.model_id, source.revision, base_source.model_id,
-                               base_source.revision, True, checkpoint.reader.nbytes,
-                               checkpoint, plan)
+                               base_source.revision, True, checkpoint, plan)
     logger.info("%s: %s adapter; merging with peft on a float32 copy of %s", label, variant,
                 base_source.label)
     if checkpoint.fetcher is not None:
@@ -92,7 +91,7 @@ def open_adapter(opener, request: ModelRequest, source: Source,
     stream = partial(merged_with_peft, base_root, source.root, adapter_config, base_config,
                      model_id=label, variant=variant, trust_remote_code=trust_remote_code)
     return LoadedModel(request.model_id, source.revision, base_source.model_id,
-                       base_source.revision, True, checkpoint.reader.nbytes, None, _own=stream)
+                       base_source.revision, True, None, _own=stream)
 
 
 def _with_remote_code(opener, base: Source, config: dict, trust_remote_code: bool) -> Path:

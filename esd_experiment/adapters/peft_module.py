@@ -69,4 +69,4 @@ def open_peft_model(peft_model, model_id: str, source_model: str) -> LoadedModel
             "peft_model.merge_and_unload() instead")
     checkpoint = Checkpoint(Source(source_model or "base", None, Path("."), ()), base,
                             base_config, None)
-    return LoadedModel(model_id, None, source_model, None, True, base.nbytes, checkpoint, plan)
+    return LoadedModel(model_id, None, source_model, None, True, checkpoint, plan)

@@ -38,7 +38,6 @@ class LoadedModel:
     source_model: str
     base_revision: str | None
     is_adapter: bool
-    checkpoint_bytes: int
     checkpoint: Checkpoint | None
     plan: Any = None
     _own: Any = field(default=None, repr=False)

@@ -313,4 +313,4 @@ def _open(opener: Opener, request: ModelRequest, trust_remote_code: bool) -> Loa
     checkpoint = opener.checkpoint(source, request.gguf_file)
     # A full model's source_model (a fine-tune's base, as the list gives it) is recorded as is.
     return LoadedModel(request.model_id, source.revision, request.source_model.strip(), None,
-                       False, checkpoint.reader.nbytes, checkpoint)
+                       False, checkpoint)
