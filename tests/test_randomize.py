@@ -5,7 +5,9 @@ shuffle, the randomized spectra must have the same distribution.
 """
 
 import argparse
+import functools
 import logging
+from collections import Counter
 
 import numpy as np
 import pandas as pd
@@ -20,10 +22,12 @@ from esd_experiment.core.paths import ModelPaths
 from esd_experiment.core.results import RESULT_COLUMNS
 from esd_experiment.estimator.metrics import randomize_metric
 from esd_experiment.estimator.net_esd import (
+    device_sort,
     layer_eigenvalues,
     net_esd_estimator,
     shuffled_eigenvalues,
     split_layers,
+    torch_sort,
 )
 from esd_experiment.estimator.options import (
     ESDConfig,
@@ -32,9 +36,16 @@ from esd_experiment.estimator.options import (
     esd_config_from_args,
     metrics_of,
 )
-from esd_experiment.estimator.randomize import RANDOM_COLUMNS, randomized_columns
+from esd_experiment.estimator.randomize import (
+    RANDOM_COLUMNS,
+    layer_rng,
+    randomized_columns,
+    shuffled_bits,
+    sort_shuffle,
+)
 from esd_experiment.report import cli as esd_report
 from esd_experiment.run import worker as esd_worker
+from esd_experiment.run.delta import LayerDelta, delta_layer_results
 from esd_experiment.run.plan import result_done
 
 ww = pytest.importorskip("weightwatcher")
@@ -46,6 +57,9 @@ PARITY_RTOL = 1e-6  # the bar for columns shared with WeightWatcher
 # spectrum sits at 0.86.
 KS_TOL = 0.1
 SHUFFLE_SEED = 11  # the one permutation both tools get in the parity test
+# Chi-square tests of the shuffle's uniformity: a uniform shuffle fails one with this
+# probability; the biased shuffles they guard against give p-values below 1e-30.
+UNIFORM_P_MIN = 1e-4
 
 
 @pytest.fixture(autouse=True)
@@ -152,3 +166,72 @@ def test_the_runner_forwards_randomize_and_its_seed_to_its_workers():
     # Without --randomize the seed changes nothing: plain results stay done.
     plain = esd_config_from_args(parser.parse_args(["--seed", "9"]), "cpu")
     assert plain.options_key == ESDConfig().options_key
+
+
+def permutation_counts(trials: int, shuffle) -> Counter:
+    return Counter(tuple(shuffle(np.random.default_rng(t))) for t in range(trials))
+
+
+def test_the_sort_shuffle_is_uniform_when_random_keys_tie():
+    """Two-bit keys make ties the rule: entries that share a key must still come out in random
+    order, not in the order of their bits."""
+    values = np.array([3, 0, 2, 1], dtype=np.uint32)
+    counts = permutation_counts(4800, lambda rng: sort_shuffle(values, rng, key_bits=2))
+    assert len(counts) == 24
+    assert stats.chisquare(list(counts.values())).pvalue > UNIFORM_P_MIN
+    twice = np.array([5, 5, 9, 1, 1, 1], dtype=np.uint16)
+    for seed in range(50):  # a permutation: the same entries, duplicates included
+        out = sort_shuffle(twice, np.random.default_rng(seed), key_bits=1)
+        assert out.dtype == twice.dtype and sorted(out) == sorted(twice)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_shuffled_bits_is_a_uniform_permutation_of_the_entries(dtype):
+    w = torch.randn(37, 23, generator=torch.Generator().manual_seed(0)).to(dtype)
+    raw = w.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[w.element_size()]).numpy()
+    out = shuffled_bits(raw, layer_rng(0, "x", 0))
+    assert out.shape == raw.shape and out.dtype == raw.dtype
+    np.testing.assert_array_equal(np.sort(out, axis=None), np.sort(raw, axis=None))
+    assert (out != raw).mean() > 0.9
+    np.testing.assert_array_equal(out, shuffled_bits(raw, layer_rng(0, "x", 0)))
+    # Where the first of ten entries lands: every place equally often.
+    first = raw.reshape(-1)[:10]
+    places = Counter(int(np.flatnonzero(shuffled_bits(first, layer_rng(s, "x", 0))
+                                        == first[0])[0]) for s in range(2000))
+    assert len(places) == 10 and stats.chisquare(list(places.values())).pvalue > UNIFORM_P_MIN
+
+
+def test_a_device_sort_gives_the_same_shuffle_as_numpys():
+    """The GPU's sort (torch's, on int64) must order the words as NumPy's does (uint64), so
+    that a seed's shuffle does not depend on the device: checked through torch on the CPU,
+    with words whose top bit is set and whose keys tie."""
+    raw = torch.randn(300, 70, generator=torch.Generator().manual_seed(2)).numpy().view(np.int32)
+    assert device_sort(torch.device("cpu")) is None
+    assert device_sort(torch.device("meta")).func is torch_sort
+    on_cpu = functools.partial(torch_sort, device=torch.device("cpu"))
+    np.testing.assert_array_equal(shuffled_bits(raw, layer_rng(3, "x", 0), on_cpu),
+                                  shuffled_bits(raw, layer_rng(3, "x", 0)))
+    values = raw.reshape(-1)[:64].view(np.uint32)
+    np.testing.assert_array_equal(sort_shuffle(values, layer_rng(3, "y", 0), key_bits=3,
+                                               sort_words=on_cpu),
+                                  sort_shuffle(values, layer_rng(3, "y", 0), key_bits=3))
+
+
+@pytest.mark.parametrize("factors", [False, True], ids=["fine-tune", "adapter"])
+def test_a_deltas_randomized_columns_shuffle_the_delta(factors):
+    """Under --delta the shuffled matrix is ΔW, not the fine-tune: rand_W_scale = sqrt(M / ‖ΔW‖²)
+    whatever the shuffle (numpy on the formed ΔW), and max_rand_eval is that of ΔW shuffled."""
+    gen = torch.Generator().manual_seed(4)
+    a, b = torch.randn(3, 150, generator=gen), torch.randn(120, 3, generator=gen)
+    base = 5 * torch.randn(120, 150, generator=gen)
+    dw = (b.double() @ a.double()).numpy()
+    delta = (LayerDelta((120, 150), torch.float32, factors=(a, b, 1.0, False)) if factors
+             else LayerDelta((120, 150), torch.float32, pair=(base + b @ a, base)))
+    config = ESDConfig(metrics=(randomize_metric(0),))
+    (result,) = delta_layer_results("l.weight", delta, config)
+    assert result.row["status"] == "ok"
+    np.testing.assert_allclose(result.row["rand_W_scale"], np.sqrt(120 / (dw ** 2).sum()),
+                               rtol=1e-5)  # float32 sums of the pair's difference
+    shuffled = np.random.default_rng(1).permutation(dw.reshape(-1)).reshape(dw.shape)
+    assert result.row["max_rand_eval"] < 2 * oracle_evals(shuffled)[-1]
+    assert result.row["max_rand_eval"] < oracle_evals(dw)[-1] / 2  # the shuffle spread it

@@ -53,6 +53,7 @@ class Metric:
     name: str
     fn: Callable
     takes: frozenset = frozenset()
+    shuffle_seed: int | None = None  # --randomize's seed: its shuffle can start ahead
 
     @property
     def wants_W(self) -> bool:
@@ -71,7 +72,7 @@ def randomize_metric(seed: int) -> Metric:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise InputError(f"--seed must be a whole number >= 0, got {seed!r}")
     return Metric(recorded_name(seed), functools.partial(randomized_columns, seed=seed),
-                  frozenset({"N", "M", "shuffled_evals"}))
+                  frozenset({"N", "M", "shuffled_evals"}), shuffle_seed=seed)
 
 
 def _takes(fn: Callable) -> frozenset:

@@ -17,8 +17,10 @@ on the CPU by BLAS syrk and LAPACK syevr (``esd_lapack``), on a GPU by torch.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -40,6 +42,9 @@ from esd_experiment.estimator.randomize import layer_rng, shuffled_bits
 # The computation dtype of each --precision (esd_config.PRECISION_NAMES).
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 _NUMPY_DTYPES = {torch.float64: np.float64, torch.float32: np.float32}
+
+# Background threads for --randomize's shuffles (ShuffledSpectra): one per device thread.
+SHUFFLE_THREADS = 4
 
 # Storage dtypes analysed as numbers (half precisions are upcast chunk by chunk). Integer and
 # bool tensors are packed quantized data; float8 values mean nothing without their scales.
@@ -236,6 +241,9 @@ def analyse_layer(layer: _Layer, layer_id: int, config: ESDConfig, *,
     elif m == 0 or layer.num_evals < config.min_evals:
         row["status"] = "too_small"
     else:
+        shuffles = ShuffledSpectra(layer, config, matrix_of)
+        if evals_of is None:
+            shuffles.start()  # while the layer's own eigenvalues are computed
         evals = layer_eigenvalues(layer, config) if evals_of is None else evals_of()
         if evals is None:
             row["status"] = "nonfinite"
@@ -246,8 +254,7 @@ def analyse_layer(layer: _Layer, layer_id: int, config: ESDConfig, *,
     if config.metrics and evals is not None:
         custom = metric_columns(config.metrics, evals.cpu().numpy(),
                                 matrix_of or (lambda: analysed_matrix(layer, config)),
-                                RESULT_COLUMNS, n, m,
-                                lambda seed, r: shuffled_eigenvalues(layer, config, seed, r))
+                                RESULT_COLUMNS, n, m, shuffles)
     kept = evals.cpu().numpy() if (config.keep_evals and evals is not None) else None
     return LayerResult(row={**{c: row[c] for c in LAYER_COLUMNS}, **custom}, evals=kept)
 
@@ -263,17 +270,80 @@ def analysed_matrix(layer: _Layer, config: ESDConfig) -> np.ndarray:
     return (torch.stack(mats) * math.sqrt(layer.evals_scale)).numpy()
 
 
-def shuffled_eigenvalues(layer: _Layer, config: ESDConfig, seed: int,
-                         replica: int) -> np.ndarray | None:
+def shuffled_eigenvalues(layer: _Layer, config: ESDConfig, seed: int, replica: int, *,
+                         mats: list[torch.Tensor] | None = None) -> np.ndarray | None:
     """The eigenvalues (float64 NumPy, ascending) of ``layer`` with each of its matrices
-    shuffled element-wise by ``esd_randomize.layer_rng(seed, longname, replica)``: shuffled
-    on the CPU in their stored dtype, solved like the layer itself (``layer_eigenvalues``).
-    None when they are not finite."""
-    rng = layer_rng(seed, layer.longname, replica)
-    mats = [torch.from_numpy(shuffled_bits(m.detach().cpu().view(_SAME_WIDTH[m.element_size()])
-                                           .numpy(), rng)).view(m.dtype) for m in layer.mats]
+    shuffled element-wise (``shuffled_mats``; ``mats``: those shuffled matrices, when made
+    already), solved like the layer itself (``layer_eigenvalues``). None when they are not
+    finite."""
+    mats = shuffled_mats(layer, config, seed, replica) if mats is None else mats
     evals = layer_eigenvalues(replace(layer, mats=mats), config)
     return None if evals is None else evals.cpu().numpy()
+
+
+def shuffled_mats(layer: _Layer, config: ESDConfig, seed: int,
+                  replica: int) -> list[torch.Tensor]:
+    """``layer``'s matrices, each shuffled element-wise in its stored dtype by
+    ``esd_randomize.layer_rng(seed, longname, replica)``, in turn (on the CPU; the shuffle's
+    sort runs on ``config.device``)."""
+    rng = layer_rng(seed, layer.longname, replica)
+    sort = device_sort(torch.device(config.device))
+    return [torch.from_numpy(shuffled_bits(m.detach().cpu().view(_SAME_WIDTH[m.element_size()])
+                                           .numpy(), rng, sort)).view(m.dtype)
+            for m in layer.mats]
+
+
+def device_sort(device: torch.device) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The sort of ``esd_randomize.sort_shuffle``'s words on ``device``: None on the CPU
+    (NumPy's), ``torch_sort`` elsewhere. Both give one order, so a seed's shuffle is the same
+    on every device."""
+    return None if device.type == "cpu" else functools.partial(torch_sort, device=device)
+
+
+def torch_sort(words: np.ndarray, device: torch.device) -> np.ndarray:
+    """uint64 ``words`` in NumPy's order, sorted by torch on ``device``: torch sorts int64,
+    whose order is that of the words with their top bit flipped."""
+    flipped = torch.from_numpy(words.view(np.int64)).to(device) ^ _TOP_BIT
+    return (torch.sort(flipped).values ^ _TOP_BIT).cpu().numpy().view(np.uint64)
+
+
+_TOP_BIT = -(2 ** 63)  # int64 with only the top bit set
+
+
+@functools.cache
+def _shuffler() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=SHUFFLE_THREADS, thread_name_prefix="esd-shuffle")
+
+
+class ShuffledSpectra:
+    """``shuffled_evals(seed, replica)`` of estimator/metrics.py for one layer: the eigenvalues
+    of the layer shuffled element-wise, or of ``matrix_of()``'s matrix shuffled when the row's
+    matrix is not ``layer.mats`` (a delta's ΔW).
+
+    ``start()`` shuffles the first replica of every --randomize seed on a background thread,
+    to be called before the layer's own eigenvalues are computed: the shuffle is NumPy work
+    that releases the GIL, so on a machine with a core to spare (or while a GPU solves) it
+    runs in the eigensolve's shadow. The result is the same either way."""
+
+    def __init__(self, layer: _Layer, config: ESDConfig,
+                 matrix_of: Callable[[], np.ndarray] | None = None):
+        self.layer, self.config, self.matrix_of = layer, config, matrix_of
+        self.ahead: dict[int, Future] = {}
+
+    def start(self) -> None:
+        seeds = {m.shuffle_seed for m in self.config.metrics if m.shuffle_seed is not None}
+        if self.matrix_of is None:
+            self.ahead = {seed: _shuffler().submit(shuffled_mats, self.layer, self.config,
+                                                   seed, 0) for seed in seeds}
+
+    def __call__(self, seed: int, replica: int) -> np.ndarray | None:
+        layer = self.layer
+        if self.matrix_of is not None:  # the row's own matrix, slices scaled: no evals_scale
+            w = torch.from_numpy(self.matrix_of())
+            layer = replace(layer, mats=list(w) if w.dim() == 3 else [w], evals_scale=1.0)
+        pending = self.ahead.pop(seed, None) if replica == 0 else None
+        mats = pending.result() if pending is not None else None
+        return shuffled_eigenvalues(layer, self.config, seed, replica, mats=mats)
 
 
 _SAME_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # NumPy has no bfloat16

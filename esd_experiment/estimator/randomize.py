@@ -29,6 +29,8 @@ FEW_EVALS = 100
 FEW_EVALS_REPLICAS = 5
 # Integer types as wide as each float storage type: the shuffle moves bits, not values.
 _SAME_WIDTH = {2: np.int16, 4: np.int32, 8: np.int64}
+_UNSIGNED = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+_TIE_CHUNK = 1 << 22  # entries compared at a time when looking for tied keys
 
 
 def recorded_name(seed: int) -> str:
@@ -42,13 +44,75 @@ def layer_rng(seed: int, name: str, replica: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode("utf-8")), replica])
 
 
-def shuffled_bits(raw: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def shuffled_bits(raw: np.ndarray, rng: np.random.Generator,
+                  sort_words: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """A copy of ``raw`` (any shape, any 2-, 4- or 8-byte dtype) with its entries in a
     uniformly random order, as an integer array of the same width and shape: reinterpreted
-    as the original dtype it is the element-wise shuffled matrix."""
-    flat = np.ascontiguousarray(raw).view(_SAME_WIDTH[raw.dtype.itemsize]).reshape(-1).copy()
-    rng.shuffle(flat)
-    return flat.reshape(raw.shape)
+    as the original dtype it is the element-wise shuffled matrix.
+
+    2- and 4-byte entries are shuffled by ``sort_shuffle`` (a sort: 2-3x faster than a
+    random-access shuffle of a matrix larger than the CPU's cache), ``sort_words`` sorting its
+    words; 8-byte entries leave no room for a key beside them and go through
+    ``Generator.shuffle``."""
+    width = raw.dtype.itemsize
+    flat = np.ascontiguousarray(raw).view(_UNSIGNED[width]).reshape(-1)
+    if width == 8:
+        out = flat.copy()
+        rng.shuffle(out)
+    else:
+        out = sort_shuffle(flat, rng, key_bits=64 - 8 * width, sort_words=sort_words)
+    return out.view(_SAME_WIDTH[width]).reshape(raw.shape)
+
+
+def sort_shuffle(values: np.ndarray, rng: np.random.Generator, *, key_bits: int,
+                 sort_words: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """``values`` (1-D, unsigned, at most ``64 - key_bits`` bits wide) in a uniformly random
+    order, as a new array (a strided view of the sorted words: no second copy).
+
+    Each entry gets a random key of ``key_bits`` bits, written above the entry's own bits in
+    one 64-bit word; sorting the words (``sort_words``: any exact sort of uint64; NumPy's in
+    place by default, a GPU's from the estimator) puts the entries in key order. Entries whose keys tie
+    are then put in a random order among themselves (they would otherwise stay ordered by
+    their bits), so every order is equally likely: the random-key construction of a uniform
+    permutation, with ties broken at random. The result depends on nothing but ``rng``."""
+    width = 8 * values.itemsize
+    words = rng.bit_generator.random_raw(values.size)  # 64 random bits each, the key on top
+    words >>= np.uint64(64 - key_bits)
+    words <<= np.uint64(width)
+    words |= values
+    if sort_words is None:
+        words.sort()
+    else:
+        words = sort_words(words)
+    ratio = 8 // values.itemsize  # the entry is the lowest-addressed part on little-endian
+    out = words.view(values.dtype)[(0 if np.little_endian else ratio - 1)::ratio]
+    ties = _tied_keys(words, width)
+    if ties.size:
+        members = np.union1d(ties, ties + 1)  # every entry of a run of tied keys
+        # a member continues the run before it when it is tied to the entry before it
+        before = np.minimum(np.searchsorted(ties, members - 1), ties.size - 1)
+        run = np.cumsum(ties[before] != members - 1)
+        order = np.lexsort((rng.random(members.size), run))
+        out[members] = out[members[order]]
+    return out
+
+
+def _tied_keys(words: np.ndarray, width: int) -> np.ndarray:
+    """The positions ``i`` of sorted ``words`` whose key (the bits above ``width``) equals
+    that of ``i + 1``; compared a chunk at a time in reused buffers."""
+    found = [np.empty(0, np.intp)]
+    gap = np.empty(min(_TIE_CHUNK, words.size), np.uint64)
+    close = np.empty(gap.size, bool)
+    for start in range(0, words.size - 1, _TIE_CHUNK):
+        stop = min(start + _TIE_CHUNK, words.size - 1)
+        n = stop - start
+        np.subtract(words[start + 1:stop + 1], words[start:stop], out=gap[:n])
+        np.less(gap[:n], 1 << width, out=close[:n])
+        near = np.flatnonzero(close[:n])
+        near += start  # equal keys are less than 2**width apart; only these can tie
+        found.append(near[(words[near] >> np.uint64(width))
+                          == (words[near + 1] >> np.uint64(width))])
+    return np.concatenate(found)
 
 
 def jensen_shannon_distance(p: np.ndarray, q: np.ndarray) -> float:
