@@ -235,3 +235,14 @@ def test_a_deltas_randomized_columns_shuffle_the_delta(factors):
     shuffled = np.random.default_rng(1).permutation(dw.reshape(-1)).reshape(dw.shape)
     assert result.row["max_rand_eval"] < 2 * oracle_evals(shuffled)[-1]
     assert result.row["max_rand_eval"] < oracle_evals(dw)[-1] / 2  # the shuffle spread it
+
+
+def test_the_shuffle_started_ahead_is_the_one_made_in_turn():
+    """A layer's first shuffle is made on a background thread while its own eigenvalues are
+    computed: the row holds what the same shuffle made afterwards gives."""
+    net = spiked_net([(300, 120)])
+    row = net_esd_estimator(net, randomize=True, seed=5).iloc[0]
+    (layer,) = split_layers("0.weight", net[0].weight.detach(), "linear", 0.5)
+    assert row["longname"] == layer.longname
+    assert row["max_rand_eval"] == shuffled_eigenvalues(layer, ESDConfig(), 5, 0)[-1]
+    assert row["max_rand_eval"] != shuffled_eigenvalues(layer, ESDConfig(), 5, 1)[-1]
