@@ -43,7 +43,8 @@ from esd_experiment.estimator.randomize import layer_rng, shuffled_bits
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 _NUMPY_DTYPES = {torch.float64: np.float64, torch.float32: np.float32}
 
-# Background threads for --randomize's shuffles (ShuffledSpectra): one per device thread.
+# Background threads for --randomize's shuffles (ShuffledSpectra): the layers shuffled at
+# once, one per device thread that analyses layers, up to this many.
 SHUFFLE_THREADS = 4
 
 # Storage dtypes analysed as numbers (half precisions are upcast chunk by chunk). Integer and

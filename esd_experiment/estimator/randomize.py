@@ -71,10 +71,11 @@ def sort_shuffle(values: np.ndarray, rng: np.random.Generator, *, key_bits: int,
 
     Each entry gets a random key of ``key_bits`` bits, written above the entry's own bits in
     one 64-bit word; sorting the words (``sort_words``: any exact sort of uint64; NumPy's in
-    place by default, a GPU's from the estimator) puts the entries in key order. Entries whose keys tie
-    are then put in a random order among themselves (they would otherwise stay ordered by
-    their bits), so every order is equally likely: the random-key construction of a uniform
-    permutation, with ties broken at random. The result depends on nothing but ``rng``."""
+    place by default, a GPU's from the estimator) puts the entries in key order. Entries whose
+    keys tie are then put in a random order among themselves (they would otherwise stay
+    ordered by their bits), so every order is equally likely: the random-key construction of a
+    uniform permutation, with ties broken at random. The result depends on nothing but
+    ``rng``."""
     width = 8 * values.itemsize
     words = rng.bit_generator.random_raw(values.size)  # 64 random bits each, the key on top
     words >>= np.uint64(64 - key_bits)
