@@ -7,6 +7,7 @@ shuffle, the randomized spectra must have the same distribution.
 import argparse
 import functools
 import logging
+import threading
 from collections import Counter
 
 import numpy as np
@@ -20,8 +21,10 @@ from test_mp_fit import spiked_net
 
 from esd_experiment.core.paths import ModelPaths
 from esd_experiment.core.results import RESULT_COLUMNS
+from esd_experiment.estimator import net_esd
 from esd_experiment.estimator.metrics import randomize_metric
 from esd_experiment.estimator.net_esd import (
+    SHUFFLE_THREADS,
     device_sort,
     layer_eigenvalues,
     net_esd_estimator,
@@ -246,3 +249,33 @@ def test_the_shuffle_started_ahead_is_the_one_made_in_turn():
     assert row["longname"] == layer.longname
     assert row["max_rand_eval"] == shuffled_eigenvalues(layer, ESDConfig(), 5, 0)[-1]
     assert row["max_rand_eval"] != shuffled_eigenvalues(layer, ESDConfig(), 5, 1)[-1]
+
+
+def test_a_device_without_the_memory_for_the_sort_leaves_it_to_numpy(monkeypatch):
+    words = layer_rng(0, "w", 0).bit_generator.random_raw(1000)
+    expected = np.sort(words)
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(net_esd.torch, "sort", no_memory)
+    np.testing.assert_array_equal(torch_sort(words.copy(), torch.device("cpu")), expected)
+
+
+def test_a_shuffle_started_ahead_for_a_nonfinite_layer_is_dropped(monkeypatch):
+    """The layer's own eigenvalues say it is not finite: its shuffle, still queued behind
+    busy shuffle threads, never runs (nothing holds the layer's tensor after its row)."""
+    made = []
+    monkeypatch.setattr(net_esd, "shuffled_mats", lambda *args: made.append(args))
+    release = threading.Event()
+    busy = [net_esd._shuffler().submit(release.wait) for _ in range(SHUFFLE_THREADS)]
+    w = torch.randn(150, 120)
+    w[3, 4] = float("nan")
+    try:
+        (layer,) = split_layers("0.weight", w, "linear", 0.5)
+        result = net_esd.analyse_layer(layer, 0, ESDConfig(metrics=(randomize_metric(0),)))
+    finally:
+        release.set()
+    for each in busy:
+        each.result()
+    net_esd._shuffler().submit(lambda: None).result()  # the queue has drained
+    assert result.row["status"] == "nonfinite" and made == []

@@ -236,26 +236,28 @@ def analyse_layer(layer: _Layer, layer_id: int, config: ESDConfig, *,
         "fix_fingers": config.fix_fingers,
     }
     row.update(_empty_metrics())
-    evals = None
-    if layer.dtype not in FLOAT_DTYPES:
-        row["status"] = "unsupported_dtype"
-    elif m == 0 or layer.num_evals < config.min_evals:
-        row["status"] = "too_small"
-    else:
-        shuffles = ShuffledSpectra(layer, config, matrix_of)
-        if evals_of is None:
-            shuffles.start()  # while the layer's own eigenvalues are computed
-        evals = layer_eigenvalues(layer, config) if evals_of is None else evals_of()
-        if evals is None:
-            row["status"] = "nonfinite"
+    evals, custom = None, {}
+    shuffles = ShuffledSpectra(layer, config, matrix_of)
+    try:
+        if layer.dtype not in FLOAT_DTYPES:
+            row["status"] = "unsupported_dtype"
+        elif m == 0 or layer.num_evals < config.min_evals:
+            row["status"] = "too_small"
         else:
-            metrics, ok = spectral_metrics(evals, n, computation_eps(config), config)
-            row.update(metrics, status="ok" if ok else "fit_failed")
-    custom = {}
-    if config.metrics and evals is not None:
-        custom = metric_columns(config.metrics, evals.cpu().numpy(),
-                                matrix_of or (lambda: analysed_matrix(layer, config)),
-                                RESULT_COLUMNS, n, m, shuffles)
+            if evals_of is None:
+                shuffles.start()  # while the layer's own eigenvalues are computed
+            evals = layer_eigenvalues(layer, config) if evals_of is None else evals_of()
+            if evals is None:
+                row["status"] = "nonfinite"
+            else:
+                metrics, ok = spectral_metrics(evals, n, computation_eps(config), config)
+                row.update(metrics, status="ok" if ok else "fit_failed")
+        if config.metrics and evals is not None:
+            custom = metric_columns(config.metrics, evals.cpu().numpy(),
+                                    matrix_of or (lambda: analysed_matrix(layer, config)),
+                                    RESULT_COLUMNS, n, m, shuffles)
+    finally:
+        shuffles.cancel()  # a shuffle started ahead and not used: a non-finite layer, an error
     kept = evals.cpu().numpy() if (config.keep_evals and evals is not None) else None
     return LayerResult(row={**{c: row[c] for c in LAYER_COLUMNS}, **custom}, evals=kept)
 
@@ -303,9 +305,18 @@ def device_sort(device: torch.device) -> Callable[[np.ndarray], np.ndarray] | No
 
 def torch_sort(words: np.ndarray, device: torch.device) -> np.ndarray:
     """uint64 ``words`` in NumPy's order, sorted by torch on ``device``: torch sorts int64,
-    whose order is that of the words with their top bit flipped."""
-    flipped = torch.from_numpy(words.view(np.int64)).to(device) ^ _TOP_BIT
-    return (torch.sort(flipped).values ^ _TOP_BIT).cpu().numpy().view(np.uint64)
+    whose order is that of the words with their top bit flipped. Where the device has not
+    the memory (about 3 x 8 bytes per entry), NumPy sorts them on the CPU: the same order."""
+    try:
+        flipped = torch.from_numpy(words.view(np.int64)).to(device, copy=True)
+        flipped ^= _TOP_BIT
+        ordered = torch.sort(flipped).values
+        del flipped
+        ordered ^= _TOP_BIT
+        return ordered.cpu().numpy().view(np.uint64)
+    except torch.OutOfMemoryError:
+        words.sort()
+        return words
 
 
 _TOP_BIT = -(2 ** 63)  # int64 with only the top bit set
@@ -336,6 +347,12 @@ class ShuffledSpectra:
         if self.matrix_of is None:
             self.ahead = {seed: _shuffler().submit(shuffled_mats, self.layer, self.config,
                                                    seed, 0) for seed in seeds}
+
+    def cancel(self) -> None:
+        """Drop the shuffles started ahead and not used (one running goes on to its end)."""
+        for pending in self.ahead.values():
+            pending.cancel()
+        self.ahead = {}
 
     def __call__(self, seed: int, replica: int) -> np.ndarray | None:
         layer = self.layer
