@@ -16,6 +16,10 @@ so each spectrum spans about five decades) and times, --repeats times in alterna
   shuffles        the element-wise shuffles alone (esd_randomize.shuffled_bits)
   generator_shuffles  the same shuffles by NumPy's Generator.shuffle, for comparison
 
+Each run starts as a job does, with no shuffle buffer kept from an earlier one
+(``esd_randomize.WORDS`` released), so --randomize pays for its first large buffer's page
+faults in every run.
+
 Besides wall-clock seconds it reports the process's CPU seconds (all threads): --randomize
 shuffles a layer on a background thread while the layer's own eigenvalues are computed, which
 hides wall-clock time only where a core is free, so the CPU ratio is printed too.
@@ -91,7 +95,12 @@ def main() -> int:
         split_layers,
     )
     from esd_experiment.estimator.options import ESDConfig
-    from esd_experiment.estimator.randomize import layer_rng, randomized_columns, shuffled_bits
+    from esd_experiment.estimator.randomize import (
+        WORDS,
+        layer_rng,
+        randomized_columns,
+        shuffled_bits,
+    )
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -105,6 +114,7 @@ def main() -> int:
              for layer in layers}
 
     def run(name: str) -> tuple[float, float]:
+        WORDS.release()  # each run starts as a job does: no shuffle buffer kept from before
         t0, c0 = time.perf_counter(), time.process_time()
         if name == "eigensolve":
             for layer in layers:
@@ -121,7 +131,9 @@ def main() -> int:
             for layer in layers:
                 rng = layer_rng(0, layer.longname, 0)
                 for m in layer.mats:
-                    shuffled_bits(m.numpy(), rng)
+                    room = WORDS.take(m.numel())  # the buffer a run reuses, as it does
+                    shuffled_bits(m.numpy(), rng, words=room)
+                    WORDS.give(room)
         elif name == "generator_shuffles":
             for layer in layers:
                 rng = layer_rng(0, layer.longname, 0)

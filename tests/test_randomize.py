@@ -41,6 +41,7 @@ from esd_experiment.estimator.options import (
 )
 from esd_experiment.estimator.randomize import (
     RANDOM_COLUMNS,
+    WordBuffers,
     layer_rng,
     randomized_columns,
     shuffled_bits,
@@ -279,3 +280,53 @@ def test_a_shuffle_started_ahead_for_a_nonfinite_layer_is_dropped(monkeypatch):
         each.result()
     net_esd._shuffler().submit(lambda: None).result()  # the queue has drained
     assert result.row["status"] == "nonfinite" and made == []
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_a_reused_word_buffer_changes_no_shuffle(dtype):
+    """A buffer handed out again holds an earlier shuffle's words: every bit of them is
+    overwritten, so the shuffle is the one a new buffer gives."""
+    raw = np.random.default_rng(4).standard_normal((300, 70)).astype(dtype)
+    dirty = np.full(raw.size + 99, np.iinfo(np.uint64).max, dtype=np.uint64)
+    np.testing.assert_array_equal(shuffled_bits(raw, layer_rng(2, "x", 0), words=dirty),
+                                  shuffled_bits(raw, layer_rng(2, "x", 0)))
+
+
+def test_word_buffers_keep_the_largest_given_back_until_released():
+    words = WordBuffers()
+    small, large = words.take(10), words.take(1000)
+    assert (small.size, large.size) == (10, 1000)
+    words.give(small)
+    words.give(large)
+    assert words.take(500) is large  # the larger is kept, and serves a smaller shuffle
+    assert words.take(500) is not large  # handed out once: none is kept meanwhile
+    words.give(large)
+    bigger = words.take(2000)  # the one kept is too small: a new one
+    assert bigger.size == 2000
+    words.give(bigger)
+    words.release()
+    assert words.take(5).size == 5
+
+
+def test_layers_reuse_one_word_buffer_and_a_job_releases_it(monkeypatch):
+    """Each layer's shuffle writes its words in the buffer the layer before gave back (no
+    fresh memory to fault in), with the rows of new buffers; the job (here analyze()) ends
+    holding none."""
+    from esd_experiment import analyze
+
+    words = WordBuffers()
+    monkeypatch.setattr(net_esd, "WORDS", words)
+    monkeypatch.setattr(esd_worker, "WORDS", words)
+    taken, given = [], []
+    take, give = words.take, words.give
+    monkeypatch.setattr(words, "take", lambda size: taken.append(take(size)) or taken[-1])
+    monkeypatch.setattr(words, "give", lambda buffer: given.append(buffer) or give(buffer))
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(120, 130), torch.nn.Linear(130, 120))
+    reused = analyze(net, randomize=True, seed=3)
+    assert len(taken) == 2 and taken[1] is taken[0]
+    assert [id(b) for b in given] == [id(b) for b in taken]  # each given back once solved
+    assert words.take(1) is not taken[0]  # released when the job ended
+    monkeypatch.setattr(words, "give", lambda buffer: None)  # every shuffle in a new buffer
+    fresh = analyze(net, randomize=True, seed=3)
+    pd.testing.assert_frame_equal(reused[list(RANDOM_COLUMNS)], fresh[list(RANDOM_COLUMNS)])

@@ -37,7 +37,7 @@ from esd_experiment.estimator.metrics import MP_FIT, metric_columns, randomize_m
 
 # The result schema lives in core/results.py (torch-free); layer columns are filled here.
 from esd_experiment.estimator.options import FIX_FINGERS, ESDConfig  # noqa: F401  (the estimator's public options)
-from esd_experiment.estimator.randomize import layer_rng, shuffled_bits
+from esd_experiment.estimator.randomize import WORDS, layer_rng, shuffled_bits
 
 # The computation dtype of each --precision (esd_config.PRECISION_NAMES).
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
@@ -274,26 +274,36 @@ def analysed_matrix(layer: _Layer, config: ESDConfig) -> np.ndarray:
 
 
 def shuffled_eigenvalues(layer: _Layer, config: ESDConfig, seed: int, replica: int, *,
-                         mats: list[torch.Tensor] | None = None) -> np.ndarray | None:
+                         shuffled: Shuffled | None = None) -> np.ndarray | None:
     """The eigenvalues (float64 NumPy, ascending) of ``layer`` with each of its matrices
-    shuffled element-wise (``shuffled_mats``; ``mats``: those shuffled matrices, when made
-    already), solved like the layer itself (``layer_eigenvalues``). None when they are not
-    finite."""
-    mats = shuffled_mats(layer, config, seed, replica) if mats is None else mats
-    evals = layer_eigenvalues(replace(layer, mats=mats), config)
-    return None if evals is None else evals.cpu().numpy()
+    shuffled element-wise (``shuffled_mats``; ``shuffled``: its result, when made already),
+    solved like the layer itself (``layer_eigenvalues``). None when they are not finite."""
+    mats, words = shuffled_mats(layer, config, seed, replica) if shuffled is None else shuffled
+    try:
+        evals = layer_eigenvalues(replace(layer, mats=mats), config)
+        return None if evals is None else evals.cpu().numpy()
+    finally:
+        for buffer in words:
+            WORDS.give(buffer)
 
 
-def shuffled_mats(layer: _Layer, config: ESDConfig, seed: int,
-                  replica: int) -> list[torch.Tensor]:
+Shuffled = tuple[list[torch.Tensor], list[np.ndarray]]
+
+
+def shuffled_mats(layer: _Layer, config: ESDConfig, seed: int, replica: int) -> Shuffled:
     """``layer``'s matrices, each shuffled element-wise in its stored dtype by
     ``esd_randomize.layer_rng(seed, longname, replica)``, in turn (on the CPU; the shuffle's
-    sort runs on ``config.device``)."""
+    sort runs on ``config.device``), and the buffers of ``esd_randomize.WORDS`` they lie in,
+    to give back once they are solved."""
     rng = layer_rng(seed, layer.longname, replica)
     sort = device_sort(torch.device(config.device))
-    return [torch.from_numpy(shuffled_bits(m.detach().cpu().view(_SAME_WIDTH[m.element_size()])
-                                           .numpy(), rng, sort)).view(m.dtype)
-            for m in layer.mats]
+    mats, words = [], []
+    for m in layer.mats:
+        bits = m.detach().cpu().view(_SAME_WIDTH[m.element_size()]).numpy()
+        room = WORDS.take(m.numel()) if m.element_size() < 8 else None  # 8 bytes: no words
+        words += [] if room is None else [room]
+        mats.append(torch.from_numpy(shuffled_bits(bits, rng, sort, room)).view(m.dtype))
+    return mats, words
 
 
 def device_sort(device: torch.device) -> Callable[[np.ndarray], np.ndarray] | None:
@@ -360,8 +370,8 @@ class ShuffledSpectra:
             w = torch.from_numpy(self.matrix_of())
             layer = replace(layer, mats=list(w) if w.dim() == 3 else [w], evals_scale=1.0)
         pending = self.ahead.pop(seed, None) if replica == 0 else None
-        mats = pending.result() if pending is not None else None
-        return shuffled_eigenvalues(layer, self.config, seed, replica, mats=mats)
+        shuffled = pending.result() if pending is not None else None
+        return shuffled_eigenvalues(layer, self.config, seed, replica, shuffled=shuffled)
 
 
 _SAME_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # NumPy has no bfloat16

@@ -12,6 +12,7 @@ computed in. Imports neither torch nor pandas.
 
 from __future__ import annotations
 
+import threading
 import zlib
 from collections.abc import Callable
 
@@ -31,6 +32,7 @@ FEW_EVALS_REPLICAS = 5
 _SAME_WIDTH = {2: np.int16, 4: np.int32, 8: np.int64}
 _UNSIGNED = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 _TIE_CHUNK = 1 << 22  # entries compared at a time when looking for tied keys
+_RAW_CHUNK = 1 << 18  # random words drawn at a time (a small reused temporary)
 
 
 def recorded_name(seed: int) -> str:
@@ -45,29 +47,32 @@ def layer_rng(seed: int, name: str, replica: int) -> np.random.Generator:
 
 
 def shuffled_bits(raw: np.ndarray, rng: np.random.Generator,
-                  sort_words: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+                  sort_words: Callable[[np.ndarray], np.ndarray] | None = None,
+                  words: np.ndarray | None = None) -> np.ndarray:
     """A copy of ``raw`` (any shape, any 2-, 4- or 8-byte dtype) with its entries in a
     uniformly random order, as an integer array of the same width and shape: reinterpreted
     as the original dtype it is the element-wise shuffled matrix.
 
     2- and 4-byte entries are shuffled by ``sort_shuffle`` (a sort: 2-3x faster than a
     random-access shuffle of a matrix larger than the CPU's cache), ``sort_words`` sorting its
-    words; 8-byte entries leave no room for a key beside them and go through
-    ``Generator.shuffle``."""
+    words, written in ``words`` when given; 8-byte entries leave no room for a key beside them
+    and go through ``Generator.shuffle``."""
     width = raw.dtype.itemsize
     flat = np.ascontiguousarray(raw).view(_UNSIGNED[width]).reshape(-1)
     if width == 8:
         out = flat.copy()
         rng.shuffle(out)
     else:
-        out = sort_shuffle(flat, rng, key_bits=64 - 8 * width, sort_words=sort_words)
+        out = sort_shuffle(flat, rng, key_bits=64 - 8 * width, sort_words=sort_words,
+                           words=words)
     return out.view(_SAME_WIDTH[width]).reshape(raw.shape)
 
 
 def sort_shuffle(values: np.ndarray, rng: np.random.Generator, *, key_bits: int,
-                 sort_words: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+                 sort_words: Callable[[np.ndarray], np.ndarray] | None = None,
+                 words: np.ndarray | None = None) -> np.ndarray:
     """``values`` (1-D, unsigned, at most ``64 - key_bits`` bits wide) in a uniformly random
-    order, as a new array (a strided view of the sorted words: no second copy).
+    order, as a strided view of the sorted words (no second copy).
 
     Each entry gets a random key of ``key_bits`` bits, written above the entry's own bits in
     one 64-bit word; sorting the words (``sort_words``: any exact sort of uint64; NumPy's in
@@ -75,21 +80,30 @@ def sort_shuffle(values: np.ndarray, rng: np.random.Generator, *, key_bits: int,
     keys tie are then put in a random order among themselves (they would otherwise stay
     ordered by their bits), so every order is equally likely: the random-key construction of a
     uniform permutation, with ties broken at random. The result depends on nothing but
-    ``rng``."""
-    width = 8 * values.itemsize
-    words = rng.bit_generator.random_raw(values.size)  # 64 random bits each, the key on top
-    words >>= np.uint64(64 - key_bits)
-    words <<= np.uint64(width)
-    words |= values
+    ``rng``. ``words``: room for the words (uint64, at least ``values.size``; default a new
+    array), which the result is a view of.
+    """
+    bits = 8 * values.itemsize
+    words = np.empty(values.size, np.uint64) if words is None else words[:values.size]
+    for start in range(0, values.size, _RAW_CHUNK):  # 64 random bits each, the key on top
+        stop = min(start + _RAW_CHUNK, values.size)
+        words[start:stop] = rng.bit_generator.random_raw(stop - start)
+    if key_bits < 64 - bits:  # a shorter key than the word has room for (ties are likelier)
+        words >>= np.uint64(64 - key_bits)
+        words <<= np.uint64(bits)
+    ratio = 8 // values.itemsize
+    low = 0 if np.little_endian else ratio - 1  # where the word's lowest bits lie in memory
+    words.view(values.dtype)[low::ratio] = values  # the entry below its key
     if sort_words is None:
         words.sort()
     else:
         words = sort_words(words)
-    ratio = 8 // values.itemsize  # the entry is the lowest-addressed part on little-endian
-    out = words.view(values.dtype)[(0 if np.little_endian else ratio - 1)::ratio]
-    ties = _tied_keys(words, width)
+    out = words.view(values.dtype)[low::ratio]
+    ties = _tied_keys(words, bits)
     if ties.size:
-        members = np.union1d(ties, ties + 1)  # every entry of a run of tied keys
+        both = np.concatenate((ties, ties + 1))  # every entry of a run of tied keys, once
+        both.sort()
+        members = both[np.concatenate(([True], both[1:] != both[:-1]))]
         # a member continues the run before it when it is tied to the entry before it
         before = np.minimum(np.searchsorted(ties, members - 1), ties.size - 1)
         run = np.cumsum(ties[before] != members - 1)
@@ -98,21 +112,56 @@ def sort_shuffle(values: np.ndarray, rng: np.random.Generator, *, key_bits: int,
     return out
 
 
-def _tied_keys(words: np.ndarray, width: int) -> np.ndarray:
-    """The positions ``i`` of sorted ``words`` whose key (the bits above ``width``) equals
-    that of ``i + 1``; compared a chunk at a time in reused buffers."""
+class WordBuffers:
+    """Room for ``sort_shuffle``'s words, reused from one shuffle to the next.
+
+    A fresh array the size of a large matrix is paid for in page faults when first written
+    (on a virtual machine, up to half as much as the rest of its shuffle); memory written
+    before is not. ``take(size)`` hands out the buffer kept when it has room, else a new one;
+    ``give(buffer)`` hands one back once nothing reads it, and the larger of it and the one
+    kept is kept. One buffer at most, the size of the largest matrix shuffled, until
+    ``release()``: the analysis of a job calls it when it ends (run/worker.py), so nothing
+    is held from one job to the next."""
+
+    def __init__(self) -> None:
+        self._kept: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> np.ndarray:
+        with self._lock:
+            buffer, self._kept = self._kept, None
+        if buffer is not None and buffer.size >= size:
+            return buffer
+        del buffer  # too small: freed before a larger one is made
+        return np.empty(size, np.uint64)
+
+    def give(self, buffer: np.ndarray) -> None:
+        with self._lock:
+            if self._kept is None or buffer.size > self._kept.size:
+                self._kept = buffer
+
+    def release(self) -> None:
+        with self._lock:
+            self._kept = None
+
+
+WORDS = WordBuffers()
+
+
+def _tied_keys(words: np.ndarray, bits: int) -> np.ndarray:
+    """The positions ``i`` of sorted ``words`` whose key (the bits above the lowest ``bits``,
+    at most 32) equals that of ``i + 1``; a chunk at a time, in a reused buffer. Equal keys
+    have equal upper 32 bits: only where those are equal are the keys compared."""
+    upper = words.view(np.uint32)[(1 if np.little_endian else 0)::2]
     found = [np.empty(0, np.intp)]
-    gap = np.empty(min(_TIE_CHUNK, words.size), np.uint64)
-    close = np.empty(gap.size, bool)
+    same = np.empty(min(_TIE_CHUNK, words.size), bool)
     for start in range(0, words.size - 1, _TIE_CHUNK):
         stop = min(start + _TIE_CHUNK, words.size - 1)
-        n = stop - start
-        np.subtract(words[start + 1:stop + 1], words[start:stop], out=gap[:n])
-        np.less(gap[:n], 1 << width, out=close[:n])
-        near = np.flatnonzero(close[:n])
-        near += start  # equal keys are less than 2**width apart; only these can tie
-        found.append(near[(words[near] >> np.uint64(width))
-                          == (words[near + 1] >> np.uint64(width))])
+        np.equal(upper[start + 1:stop + 1], upper[start:stop], out=same[:stop - start])
+        near = np.flatnonzero(same[:stop - start])
+        near += start
+        found.append(near[(words[near] >> np.uint64(bits))
+                          == (words[near + 1] >> np.uint64(bits))])
     return np.concatenate(found)
 
 

@@ -56,6 +56,7 @@ from esd_experiment.core.results import (
     write_eigs,
 )
 from esd_experiment.estimator.options import ESDConfig, add_esd_arguments, esd_config_from_args
+from esd_experiment.estimator.randomize import WORDS
 from esd_experiment.run.devices import CpuShare, layer_results, on_devices
 from esd_experiment.run.model_list import ListEntry
 from esd_experiment.run.state import StageLog
@@ -211,23 +212,27 @@ def analyse(config: WorkerConfig, runs: list[ModelRun], stage: StageLog) -> None
 
     analysed = on_devices(solve, items, devices)
     last_log = time.monotonic()
-    for item, value in analysed:
-        run = by_model[id(item.model)]
-        if run.error is not None:
-            continue
-        stage.set("analyse")
-        if isinstance(value, BaseException):
-            run.error, run.stage = value, stage.current
-            logger.error("%s failed while analysed: %s", run.model_id, one_line(str(value)))
-            continue
-        for result in value:
-            run.rows.append(result.row)
-            if result.evals is not None:
-                run.eigs[result.row["longname"]] = result.evals
-        if time.monotonic() - last_log >= PROGRESS_EVERY_S:
-            last_log = time.monotonic()
-            logger.info("%s: %d layers analysed, last %s", run.model_id, len(run.rows),
-                        item.name)
+    try:
+        for item, value in analysed:
+            run = by_model[id(item.model)]
+            if run.error is not None:
+                continue
+            stage.set("analyse")
+            if isinstance(value, BaseException):
+                run.error, run.stage = value, stage.current
+                logger.error("%s failed while analysed: %s", run.model_id, one_line(str(value)))
+                continue
+            for result in value:
+                run.rows.append(result.row)
+                if result.evals is not None:
+                    run.eigs[result.row["longname"]] = result.evals
+            if time.monotonic() - last_log >= PROGRESS_EVERY_S:
+                last_log = time.monotonic()
+                logger.info("%s: %d layers analysed, last %s", run.model_id, len(run.rows),
+                            item.name)
+    finally:
+        analysed.close()  # its threads stopped: no shuffle gives a buffer back after this
+        WORDS.release()  # --randomize's word buffer is not held from one job to the next
 
 
 def result_rows(config: WorkerConfig, run: ModelRun) -> list[dict]:
