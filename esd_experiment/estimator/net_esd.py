@@ -314,19 +314,21 @@ def device_sort(device: torch.device) -> Callable[[np.ndarray], np.ndarray] | No
 
 
 def torch_sort(words: np.ndarray, device: torch.device) -> np.ndarray:
-    """uint64 ``words`` in NumPy's order, sorted by torch on ``device``: torch sorts int64,
-    whose order is that of the words with their top bit flipped. Where the device has not
-    the memory (about 3 x 8 bytes per entry), NumPy sorts them on the CPU: the same order."""
+    """uint64 ``words`` sorted in place in NumPy's order, by torch on ``device``: torch sorts
+    int64, whose order is that of the words with their top bit flipped. Where the device has
+    not the memory (about 3 x 8 bytes per entry), NumPy sorts them on the CPU: the same
+    order. Returns ``words``."""
+    as_int = torch.from_numpy(words.view(np.int64))
     try:
-        flipped = torch.from_numpy(words.view(np.int64)).to(device, copy=True)
+        flipped = as_int.to(device, copy=True)
         flipped ^= _TOP_BIT
         ordered = torch.sort(flipped).values
         del flipped
         ordered ^= _TOP_BIT
-        return ordered.cpu().numpy().view(np.uint64)
+        as_int.copy_(ordered)  # back into the words' own memory: no new host array
     except torch.OutOfMemoryError:
         words.sort()
-        return words
+    return words
 
 
 _TOP_BIT = -(2 ** 63)  # int64 with only the top bit set

@@ -75,8 +75,8 @@ def sort_shuffle(values: np.ndarray, rng: np.random.Generator, *, key_bits: int,
     order, as a strided view of the sorted words (no second copy).
 
     Each entry gets a random key of ``key_bits`` bits, written above the entry's own bits in
-    one 64-bit word; sorting the words (``sort_words``: any exact sort of uint64; NumPy's in
-    place by default, a GPU's from the estimator) puts the entries in key order. Entries whose
+    one 64-bit word; sorting the words in place (``sort_words``: any exact sort of uint64;
+    NumPy's by default, a GPU's from the estimator) puts the entries in key order. Entries whose
     keys tie are then put in a random order among themselves (they would otherwise stay
     ordered by their bits), so every order is equally likely: the random-key construction of a
     uniform permutation, with ties broken at random. The result depends on nothing but
@@ -97,7 +97,7 @@ def sort_shuffle(values: np.ndarray, rng: np.random.Generator, *, key_bits: int,
     if sort_words is None:
         words.sort()
     else:
-        words = sort_words(words)
+        sort_words(words)
     out = words.view(values.dtype)[low::ratio]
     ties = _tied_keys(words, bits)
     if ties.size:
