@@ -273,6 +273,10 @@ def analysed_matrix(layer: _Layer, config: ESDConfig) -> np.ndarray:
     return (torch.stack(mats) * math.sqrt(layer.evals_scale)).numpy()
 
 
+# A layer's shuffled matrices and the word buffers they lie in (``shuffled_mats``).
+Shuffled = tuple[list[torch.Tensor], list[np.ndarray]]
+
+
 def shuffled_eigenvalues(layer: _Layer, config: ESDConfig, seed: int, replica: int, *,
                          shuffled: Shuffled | None = None) -> np.ndarray | None:
     """The eigenvalues (float64 NumPy, ascending) of ``layer`` with each of its matrices
@@ -285,9 +289,6 @@ def shuffled_eigenvalues(layer: _Layer, config: ESDConfig, seed: int, replica: i
     finally:
         for buffer in words:
             WORDS.give(buffer)
-
-
-Shuffled = tuple[list[torch.Tensor], list[np.ndarray]]
 
 
 def shuffled_mats(layer: _Layer, config: ESDConfig, seed: int, replica: int) -> Shuffled:
