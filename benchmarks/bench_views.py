@@ -16,9 +16,9 @@ so each spectrum spans about five decades) and times, --repeats times in alterna
   shuffles        the element-wise shuffles alone (esd_randomize.shuffled_bits)
   generator_shuffles  the same shuffles by NumPy's Generator.shuffle, for comparison
 
-Each run starts as a job does, with no shuffle buffer kept from an earlier one
-(``esd_randomize.WORDS`` released), so --randomize pays for its first large buffer's page
-faults in every run.
+Each run is one scope of ``esd_randomize.WORDS``, as a job is: no shuffle buffer is kept
+from an earlier run, so --randomize pays for its first large buffer's page faults in every
+run.
 
 Besides wall-clock seconds it reports the process's CPU seconds (all threads): --randomize
 shuffles a layer on a background thread while the layer's own eigenvalues are computed, which
@@ -114,7 +114,10 @@ def main() -> int:
              for layer in layers}
 
     def run(name: str) -> tuple[float, float]:
-        WORDS.release()  # each run starts as a job does: no shuffle buffer kept from before
+        with WORDS.reused():  # one scope a run, as a job is: no buffer kept from before
+            return timed(name)
+
+    def timed(name: str) -> tuple[float, float]:
         t0, c0 = time.perf_counter(), time.process_time()
         if name == "eigensolve":
             for layer in layers:

@@ -285,27 +285,47 @@ def test_a_shuffle_started_ahead_for_a_nonfinite_layer_is_dropped(monkeypatch):
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 def test_a_reused_word_buffer_changes_no_shuffle(dtype):
     """A buffer handed out again holds an earlier shuffle's words: every bit of them is
-    overwritten, so the shuffle is the one a new buffer gives."""
-    raw = np.random.default_rng(4).standard_normal((300, 70)).astype(dtype)
+    overwritten (over more than one draw of random words), so the shuffle is the one a new
+    buffer gives, and it lies in that buffer."""
+    raw = np.random.default_rng(4).standard_normal((600, 500)).astype(dtype)
     dirty = np.full(raw.size + 99, np.iinfo(np.uint64).max, dtype=np.uint64)
-    np.testing.assert_array_equal(shuffled_bits(raw, layer_rng(2, "x", 0), words=dirty),
-                                  shuffled_bits(raw, layer_rng(2, "x", 0)))
+    out = shuffled_bits(raw, layer_rng(2, "x", 0), words=dirty)
+    assert np.shares_memory(out, dirty)
+    np.testing.assert_array_equal(out, shuffled_bits(raw, layer_rng(2, "x", 0)))
 
 
-def test_word_buffers_keep_the_largest_given_back_until_released():
+def test_word_buffers_keep_the_largest_given_back_within_a_scope():
     words = WordBuffers()
-    small, large = words.take(10), words.take(1000)
-    assert (small.size, large.size) == (10, 1000)
-    words.give(small)
-    words.give(large)
-    assert words.take(500) is large  # the larger is kept, and serves a smaller shuffle
-    assert words.take(500) is not large  # handed out once: none is kept meanwhile
-    words.give(large)
-    bigger = words.take(2000)  # the one kept is too small: a new one
-    assert bigger.size == 2000
-    words.give(bigger)
-    words.release()
-    assert words.take(5).size == 5
+    outside = words.take(10)
+    words.give(outside)
+    assert words.take(10) is not outside  # outside any scope nothing is kept
+    with words.reused():
+        small, large = words.take(10), words.take(1000)
+        with words.reused():  # a layer's own scope inside a job's
+            words.give(small)
+            words.give(large)
+        assert words.take(500) is large  # the larger is kept, and serves a smaller shuffle
+        assert words.take(500) is not large  # handed out once: none is kept meanwhile
+        words.give(large)
+        bigger = words.take(2000)  # the one kept is too small: a new one
+        assert bigger.size == 2000
+        words.give(bigger)
+    assert words.take(5) is not bigger  # freed when the outermost scope ended
+
+
+def test_a_shuffles_buffer_is_kept_only_once_its_matrices_are_solved(monkeypatch):
+    """Another shuffle may write in a buffer given back: never before the matrices lying in
+    it are solved."""
+    words = WordBuffers()
+    monkeypatch.setattr(net_esd, "WORDS", words)
+    (layer,) = split_layers("0.weight", torch.randn(150, 120), "linear", 0.5)
+    with words.reused():
+        shuffled = net_esd.shuffled_mats(layer, ESDConfig(), 0, 0)
+        (buffer,) = shuffled[1]
+        assert words.take(layer.N * layer.M) is not buffer  # still to be solved
+        evals = shuffled_eigenvalues(layer, ESDConfig(), 0, 0, shuffled=shuffled)
+        assert words.take(layer.N * layer.M) is buffer
+    np.testing.assert_array_equal(evals, shuffled_eigenvalues(layer, ESDConfig(), 0, 0))
 
 
 def test_layers_reuse_one_word_buffer_and_a_job_releases_it(monkeypatch):
@@ -327,6 +347,8 @@ def test_layers_reuse_one_word_buffer_and_a_job_releases_it(monkeypatch):
     assert len(taken) == 2 and taken[1] is taken[0]
     assert [id(b) for b in given] == [id(b) for b in taken]  # each given back once solved
     assert words.take(1) is not taken[0]  # released when the job ended
+    net_esd_estimator(net, randomize=True, seed=3)
+    assert len(given) == 4 and words.take(1) is not given[-1]  # nor kept after this door
     monkeypatch.setattr(words, "give", lambda buffer: None)  # every shuffle in a new buffer
     fresh = analyze(net, randomize=True, seed=3)
     pd.testing.assert_frame_equal(reused[list(RANDOM_COLUMNS)], fresh[list(RANDOM_COLUMNS)])

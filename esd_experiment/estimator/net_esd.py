@@ -396,17 +396,18 @@ def iter_layer_results(named_tensors: Iterable[tuple],
     """
     _check_device(config)
     layer_id = 0
-    for item in named_tensors:
-        name, tensor, storage = item if len(item) == 3 else (*item, "")
-        t = _as_tensor(tensor)
-        del tensor, item
-        if t.ndim >= 2 and is_weight_name(name):
-            for layer in split_layers(name, t, None, config.conv_norm, storage):
-                result = analyse_layer(layer, layer_id, config)
-                del layer  # holds a view of t
-                layer_id += 1
-                yield result
-        del t
+    with WORDS.reused():  # --randomize's word buffer, from layer to layer
+        for item in named_tensors:
+            name, tensor, storage = item if len(item) == 3 else (*item, "")
+            t = _as_tensor(tensor)
+            del tensor, item
+            if t.ndim >= 2 and is_weight_name(name):
+                for layer in split_layers(name, t, None, config.conv_norm, storage):
+                    result = analyse_layer(layer, layer_id, config)
+                    del layer  # holds a view of t
+                    layer_id += 1
+                    yield result
+            del t
 
 
 def fit_from_evals(evals: np.ndarray, config: ESDConfig, *, N: int | None = None) -> dict:
@@ -521,7 +522,7 @@ def net_esd_estimator(net: torch.nn.Module, EVALS_THRESH: float = 1e-5, bins: in
     configs: dict[str, ESDConfig] = {}
     rows = []
     layer_id = 0
-    with torch.no_grad():
+    with torch.no_grad(), WORDS.reused():
         for name, weight, layer_type in module_layers(net):
             dev = device or str(weight.device)
             config = configs.setdefault(dev, replace(base, device=dev))

@@ -12,9 +12,10 @@ computed in. Imports neither torch nor pandas.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -32,7 +33,7 @@ FEW_EVALS_REPLICAS = 5
 _SAME_WIDTH = {2: np.int16, 4: np.int32, 8: np.int64}
 _UNSIGNED = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 _TIE_CHUNK = 1 << 22  # entries compared at a time when looking for tied keys
-_RAW_CHUNK = 1 << 18  # random words drawn at a time (a small reused temporary)
+_RAW_CHUNK = 1 << 18  # random words drawn at a time (a small temporary, malloc's to reuse)
 
 
 def recorded_name(seed: int) -> str:
@@ -75,13 +76,13 @@ def sort_shuffle(values: np.ndarray, rng: np.random.Generator, *, key_bits: int,
     order, as a strided view of the sorted words (no second copy).
 
     Each entry gets a random key of ``key_bits`` bits, written above the entry's own bits in
-    one 64-bit word; sorting the words in place (``sort_words``: any exact sort of uint64;
-    NumPy's by default, a GPU's from the estimator) puts the entries in key order. Entries whose
+    one 64-bit word; sorting the words (``sort_words``: any exact sort of uint64, returning
+    the sorted words; NumPy's in place by default, a GPU's from the estimator) puts the entries in key order. Entries whose
     keys tie are then put in a random order among themselves (they would otherwise stay
     ordered by their bits), so every order is equally likely: the random-key construction of a
     uniform permutation, with ties broken at random. The result depends on nothing but
     ``rng``. ``words``: room for the words (uint64, at least ``values.size``; default a new
-    array), which the result is a view of.
+    array), which the result is a view of when the sort is in place.
     """
     bits = 8 * values.itemsize
     words = np.empty(values.size, np.uint64) if words is None else words[:values.size]
@@ -97,7 +98,7 @@ def sort_shuffle(values: np.ndarray, rng: np.random.Generator, *, key_bits: int,
     if sort_words is None:
         words.sort()
     else:
-        sort_words(words)
+        words = sort_words(words)
     out = words.view(values.dtype)[low::ratio]
     ties = _tied_keys(words, bits)
     if ties.size:
@@ -113,19 +114,32 @@ def sort_shuffle(values: np.ndarray, rng: np.random.Generator, *, key_bits: int,
 
 
 class WordBuffers:
-    """Room for ``sort_shuffle``'s words, reused from one shuffle to the next.
+    """Room for ``sort_shuffle``'s words, reused from one shuffle to the next within a scope.
 
     A fresh array the size of a large matrix is paid for in page faults when first written
     (on a virtual machine, up to half as much as the rest of its shuffle); memory written
     before is not. ``take(size)`` hands out the buffer kept when it has room, else a new one;
-    ``give(buffer)`` hands one back once nothing reads it, and the larger of it and the one
-    kept is kept. One buffer at most, the size of the largest matrix shuffled, until
-    ``release()``: the analysis of a job calls it when it ends (run/worker.py), so nothing
-    is held from one job to the next."""
+    ``give(buffer)`` hands one back once nothing reads it. Inside ``reused()`` (the analysis
+    of a job, ``net_esd_estimator``, ``iter_layer_results``) the larger of it and the one kept
+    is kept: one buffer, the size of the largest matrix shuffled, freed when the outermost
+    scope ends. Outside any scope nothing is kept."""
 
     def __init__(self) -> None:
         self._kept: np.ndarray | None = None
+        self._scopes = 0
         self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def reused(self) -> Iterator[None]:
+        with self._lock:
+            self._scopes += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._scopes -= 1
+                if not self._scopes:
+                    self._kept = None
 
     def take(self, size: int) -> np.ndarray:
         with self._lock:
@@ -137,12 +151,8 @@ class WordBuffers:
 
     def give(self, buffer: np.ndarray) -> None:
         with self._lock:
-            if self._kept is None or buffer.size > self._kept.size:
+            if self._scopes and (self._kept is None or buffer.size > self._kept.size):
                 self._kept = buffer
-
-    def release(self) -> None:
-        with self._lock:
-            self._kept = None
 
 
 WORDS = WordBuffers()

@@ -212,7 +212,7 @@ def analyse(config: WorkerConfig, runs: list[ModelRun], stage: StageLog) -> None
 
     analysed = on_devices(solve, items, devices)
     last_log = time.monotonic()
-    try:
+    with WORDS.reused():  # --randomize's word buffer, from layer to layer of the job
         for item, value in analysed:
             run = by_model[id(item.model)]
             if run.error is not None:
@@ -230,9 +230,6 @@ def analyse(config: WorkerConfig, runs: list[ModelRun], stage: StageLog) -> None
                 last_log = time.monotonic()
                 logger.info("%s: %d layers analysed, last %s", run.model_id, len(run.rows),
                             item.name)
-    finally:
-        analysed.close()  # its threads stopped: no shuffle gives a buffer back after this
-        WORDS.release()  # --randomize's word buffer is not held from one job to the next
 
 
 def result_rows(config: WorkerConfig, run: ModelRun) -> list[dict]:
