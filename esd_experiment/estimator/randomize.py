@@ -80,9 +80,10 @@ def sort_shuffle(values: np.ndarray, rng: np.random.Generator, *, key_bits: int,
     the sorted words; NumPy's in place by default, a GPU's from the estimator) puts the
     entries in key order. Entries whose keys tie are then put in a random order among
     themselves (they would otherwise stay ordered by their bits), so every order is equally
-    likely: the random-key construction of a uniform permutation, with ties broken at random. The result depends on nothing but
-    ``rng``. ``words``: room for the words (uint64, at least ``values.size``; default a new
-    array), which the result is a view of when the sort is in place.
+    likely: the random-key construction of a uniform permutation, with ties broken at
+    random. The result depends on nothing but ``rng``. ``words``: room for the words (uint64,
+    at least ``values.size``; default a new array), which the result is a view of when the
+    sort is in place.
     """
     bits = 8 * values.itemsize
     words = np.empty(values.size, np.uint64) if words is None else words[:values.size]
