@@ -302,7 +302,8 @@ def shuffled_mats(layer: _Layer, config: ESDConfig, seed: int, replica: int) -> 
     for m in layer.mats:
         bits = m.detach().cpu().view(_SAME_WIDTH[m.element_size()]).numpy()
         room = WORDS.take(m.numel()) if m.element_size() < 8 else None  # 8 bytes: no words
-        words += [] if room is None else [room]
+        if room is not None:
+            words.append(room)
         mats.append(torch.from_numpy(shuffled_bits(bits, rng, sort, room)).view(m.dtype))
     return mats, words
 
