@@ -214,6 +214,29 @@ def test_names_are_huggingface_and_rows_match_the_original(tmp_path):
     assert_rows_close(ours, ref, PERMUTED_RTOL)
 
 
+def test_a_deep_models_names_are_mapped_with_one_tensor_name_map(tmp_path, monkeypatch):
+    # transformers' get_gguf_hf_weights_map asks gguf for a TensorNameMap at every module of
+    # the model it walks; each is as large as the model is deep, so an 80-layer GGUF took
+    # 48 s to name. One map per checkpoint gives the same names.
+    import gguf.tensor_mapping
+
+    built = []
+    real_init = gguf.tensor_mapping.TensorNameMap.__init__
+    monkeypatch.setattr(gguf.tensor_mapping.TensorNameMap, "__init__",
+                        lambda self, *a: built.append(a) or real_init(self, *a))
+    w = np.ones((32, 32), np.float32)
+    path = write_gguf(tmp_path / "deep.gguf",
+                      {"blk.79.attn_q.weight": (w, T.F32), "token_embd.weight": (w, T.F32)},
+                      metadata={**LLAMA_META, "block_count": 80})
+    reader = GGUFCheckpoint([path], "deep-gguf")
+    assert set(reader.names) == {"model.layers.79.self_attn.q_proj.weight",
+                                 "model.embed_tokens.weight"}
+    assert len(built) == 1, f"{len(built)} TensorNameMaps built for one checkpoint"
+    import gguf
+
+    assert gguf.get_tensor_name_map is gguf.tensor_mapping.get_tensor_name_map  # put back
+
+
 def test_split_gguf_reads_all_parts_in_order(tmp_path):
     _, first = llama_as_gguf(tmp_path, split_max_tensors=8)
     files = sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".gguf")

@@ -47,11 +47,14 @@ metric of a row are those of the Hugging Face matrix; the permutation is not und
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import mmap
 import re
 import struct
+import threading
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -311,8 +314,9 @@ def _hf_names(header: _Header, names: set[str], model_id: str) -> dict[str, str]
         hf_config = transformers.AutoConfig.for_model(**config)
         with torch.device("meta"):
             model = transformers.AutoModelForCausalLM.from_config(hf_config)
-        mapping = get_gguf_hf_weights_map(
-            model, TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config))
+        with _one_tensor_name_map():
+            mapping = get_gguf_hf_weights_map(
+                model, TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config))
     except Exception as exc:  # any failure here only costs the HF names, never a number
         logger.info("%s: GGUF architecture %r has no Hugging Face name map (%s: %s); GGUF "
                     "tensor names are kept", model_id, arch, type(exc).__name__,
@@ -331,8 +335,30 @@ def _hf_names(header: _Header, names: set[str], model_id: str) -> dict[str, str]
         m = _GGUF_BLOCK.match(g)
         if m and m["n"] in blocks:
             mapping[g] = f"{blocks[m['n']]}.{g[m.end():]}"
-    taken = [h for h in mapping.values()]
-    return {g: h for g, h in mapping.items() if taken.count(h) == 1}
+    taken = Counter(mapping.values())
+    return {g: h for g, h in mapping.items() if taken[h] == 1}
+
+
+_NAME_MAP_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _one_tensor_name_map() -> Iterator[None]:
+    """Within it, gguf's ``get_tensor_name_map(arch, blocks)`` builds each map once.
+
+    transformers' ``get_gguf_hf_weights_map`` asks for the map anew at every module of the
+    model it walks (it looks the function up in gguf at each call), and a map is as large as
+    the model is deep: 1047 maps and 48 s for an 80-layer llama. The map depends on its
+    arguments alone, so the names are the same."""
+    import gguf
+
+    with _NAME_MAP_LOCK:
+        unshared = gguf.get_tensor_name_map
+        gguf.get_tensor_name_map = cache(unshared)
+        try:
+            yield
+        finally:
+            gguf.get_tensor_name_map = unshared
 
 
 def _slices(info: _TensorInfo, name: str) -> list[tuple[str, _TensorInfo]]:
