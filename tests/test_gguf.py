@@ -237,6 +237,45 @@ def test_a_deep_models_names_are_mapped_with_one_tensor_name_map(tmp_path, monke
     assert gguf.get_tensor_name_map is gguf.tensor_mapping.get_tensor_name_map  # put back
 
 
+@pytest.mark.parametrize("vocab_size_key", [False, True])
+def test_the_config_is_read_without_the_tokenizers_arrays(tmp_path, vocab_size_key):
+    # gguf's reader parses a vocabulary and its merges string by string (15 s for Llama 3's
+    # 128256 tokens); the config transformers makes from the header copy without them must be
+    # the one it makes from the file itself, the vocabulary's size included.
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from esd_experiment.formats.gguf_file import _config_gguf, _read_header
+
+    tokens = 3000
+    writer = GGUFWriter(tmp_path / "tok.gguf", "llama")
+    meta = {k: v for k, v in LLAMA_META.items() if vocab_size_key or k != "vocab_size"}
+    for key, value in {**meta, "name": "tiny"}.items():
+        getattr(writer, f"add_{key}")(value)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"t{i}" for i in range(tokens)])
+    writer.add_token_types([1] * tokens)
+    writer.add_token_merges([f"a{i} b{i}" for i in range(2 * tokens)])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_rope_dimension_sections([8, 4, 4, 0])  # an array outside the tokenizer
+    w = np.ones((32, 32), np.float32)
+    for name in ("token_embd.weight", "blk.0.attn_q.weight", "output.weight"):
+        writer.add_tensor(name, w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    slim = tmp_path / "slim.gguf"
+    slim.write_bytes(_config_gguf(_read_header(tmp_path / "tok.gguf", "tok")))
+    expected = load_gguf_checkpoint(str(tmp_path / "tok.gguf"), return_tensors=False)
+    got = load_gguf_checkpoint(str(slim), return_tensors=False)
+    assert got["config"] == expected["config"]
+    assert expected["config"]["vocab_size"] == (96 if vocab_size_key else tokens)
+    assert expected["config"]["bos_token_id"] == 1 and not got["tokenizer"].get("tokens")
+    assert GGUFReader(slim).tensors[1].name == "blk.0.attn_q.weight"
+    assert slim.stat().st_size < (tmp_path / "tok.gguf").stat().st_size / 10
+
+
 def test_split_gguf_reads_all_parts_in_order(tmp_path):
     _, first = llama_as_gguf(tmp_path, split_max_tensors=8)
     files = sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".gguf")

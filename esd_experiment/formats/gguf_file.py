@@ -47,14 +47,11 @@ metric of a row are those of the Hugging Face matrix; the permutation is not und
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import mmap
 import re
 import struct
-import threading
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -71,6 +68,7 @@ from esd_experiment.core.errors import (
     UnsupportedFormatError,
 )
 from esd_experiment.formats.checkpoint import natural_key, stream_tensors
+from esd_experiment.formats.gguf_names import hf_names
 
 if TYPE_CHECKING:  # torch is imported when a tensor is read, so listing types stays light
     import torch
@@ -80,7 +78,6 @@ logger = logging.getLogger(__name__)
 CHUNK_ELEMS = 1 << 20      # dequantized entries per read: 4 MiB of float32
 MAX_DIMS = 4               # GGML_MAX_DIMS
 DEFAULT_ALIGNMENT = 32     # GGUF_DEFAULT_ALIGNMENT, when general.alignment is absent
-_GGUF_BLOCK = re.compile(r"^blk\.(?P<n>\d+)\.")
 _SPLIT = re.compile(r"^(?P<stem>.*)-(?P<part>\d{5})-of-(?P<total>\d{5})\.gguf$", re.IGNORECASE)
 # Metadata value types (GGUFValueType): struct formats of the scalars.
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
@@ -106,6 +103,7 @@ class _Header:
     path: Path
     metadata: dict          # scalar metadata values (arrays are skipped)
     tensors: list[_TensorInfo]
+    spans: dict[str, tuple[int, int, int]]  # metadata key -> its bytes (start, end), type
 
 
 class _Cursor:
@@ -172,10 +170,13 @@ def _read_header(path: Path, model_id: str) -> _Header:
                 f"{model_id}: {path.name} is GGUF version {version} (or big-endian); versions "
                 f"2 and 3, little-endian, are read")
         n_tensors, n_kv = cur.scalar("<Q", "the tensor count"), cur.scalar("<Q", "the key count")
-        metadata = {}
+        metadata, spans = {}, {}
         for i in range(n_kv):
+            start = cur.pos
             key = cur.string(f"metadata key {i}")
-            metadata[key] = cur.value(cur.scalar("<I", key), key)
+            vtype = cur.scalar("<I", key)
+            metadata[key] = cur.value(vtype, key)
+            spans[key] = (start, cur.pos, vtype)
         raw = []
         for i in range(n_tensors):
             name = cur.string(f"tensor info {i}")
@@ -193,7 +194,37 @@ def _read_header(path: Path, model_id: str) -> _Header:
         data_start = math.ceil(cur.pos / alignment) * alignment
     tensors = [_tensor_info(path, data_start, *item, model_id) for item in raw]
     _check_layout(path, size, tensors, [item[3] for item in raw], alignment, model_id)
-    return _Header(path, {k: v for k, v in metadata.items() if v is not None}, tensors)
+    return _Header(path, {k: v for k, v in metadata.items() if v is not None}, tensors,
+                   spans)
+
+
+def _config_gguf(header: _Header) -> bytes:
+    """A GGUF file of ``header``'s metadata and tensor names alone, from which transformers'
+    ``load_gguf_checkpoint`` makes the same config as from the file itself (gguf_names.py).
+
+    The tokenizer's arrays (vocabulary, merges, scores: hundreds of thousands of strings) are
+    left out; the config reads only the tokenizer's scalar token ids, and the vocabulary's
+    length, which is kept as ``<arch>.vocab_size`` where the file has none, as transformers
+    would take it. Each tensor is one float32 with its own 4 bytes of data."""
+    with open(header.path, "rb") as fh:
+        raw = fh.read(max(end for _, end, _ in header.spans.values()) if header.spans else 24)
+    kept = [raw[a:b] for key, (a, b, vtype) in header.spans.items()
+            if not (vtype == _ARRAY and key.startswith("tokenizer."))]
+    vocab = f"{header.metadata.get('general.architecture', '')}.vocab_size"
+    if vocab not in header.spans and "tokenizer.ggml.tokens" in header.spans:
+        start = header.spans["tokenizer.ggml.tokens"][0]
+        count = struct.unpack_from("<Q", raw, start + 8 + len("tokenizer.ggml.tokens") + 8)[0]
+        kept.append(_string(vocab) + struct.pack("<IQ", 10, count))  # 10: uint64
+    alignment = header.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    infos = b"".join(_string(t.gguf_name) + struct.pack("<IQIQ", 1, 1, 0, i * alignment)
+                     for i, t in enumerate(header.tensors))  # 1 dimension of 1, F32
+    head = raw[:8] + struct.pack("<QQ", len(header.tensors), len(kept)) + b"".join(kept) + infos
+    return head + bytes(-len(head) % alignment + len(header.tensors) * alignment)
+
+
+def _string(text: str) -> bytes:
+    data = text.encode("utf-8")
+    return struct.pack("<Q", len(data)) + data
 
 
 def _check_layout(path: Path, size: int, tensors: list[_TensorInfo], offsets: list[int],
@@ -294,73 +325,6 @@ def _check_split(headers: list[_Header], model_id: str) -> None:
                 f"read as part {i + 1} of {len(headers)}; give all parts, in order")
 
 
-def _hf_names(header: _Header, names: set[str], model_id: str) -> dict[str, str]:
-    """GGUF name -> Hugging Face name, through gguf's tensor-name map applied to the names of
-    transformers' model of the architecture (built on the meta device); {} when transformers
-    does not know the architecture, which leaves the GGUF names."""
-    arch = header.metadata.get("general.architecture", "")
-    try:
-        import torch
-        import transformers
-        from transformers.modeling_gguf_pytorch_utils import (
-            TENSOR_PROCESSORS,
-            TensorProcessor,
-            get_gguf_hf_weights_map,
-            load_gguf_checkpoint,
-        )
-
-        config = dict(load_gguf_checkpoint(str(header.path), return_tensors=False)["config"])
-        config["tie_word_embeddings"] = "output.weight" not in names  # over all split parts
-        hf_config = transformers.AutoConfig.for_model(**config)
-        with torch.device("meta"):
-            model = transformers.AutoModelForCausalLM.from_config(hf_config)
-        with _one_tensor_name_map():
-            mapping = get_gguf_hf_weights_map(
-                model, TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config))
-    except Exception as exc:  # any failure here only costs the HF names, never a number
-        logger.info("%s: GGUF architecture %r has no Hugging Face name map (%s: %s); GGUF "
-                    "tensor names are kept", model_id, arch, type(exc).__name__,
-                    str(exc).splitlines()[0][:200] if str(exc) else "")
-        return {}
-    mapping = {g: h for g, h in mapping.items() if g in names}
-    # Names the map leaves out inside a block (the 3-D expert stacks, which transformers
-    # splits or fuses on loading) go under their block's Hugging Face name, so that they sort
-    # with it: blk.3.ffn_up_exps.weight -> model.layers.3.ffn_up_exps.weight.
-    blocks: dict[str, str] = {}
-    for g, h in mapping.items():
-        m, parts = _GGUF_BLOCK.match(g), h.split(".")
-        if m and m["n"] in parts:
-            blocks.setdefault(m["n"], ".".join(parts[:parts.index(m["n"]) + 1]))
-    for g in sorted(names - mapping.keys()):
-        m = _GGUF_BLOCK.match(g)
-        if m and m["n"] in blocks:
-            mapping[g] = f"{blocks[m['n']]}.{g[m.end():]}"
-    taken = Counter(mapping.values())
-    return {g: h for g, h in mapping.items() if taken[h] == 1}
-
-
-_NAME_MAP_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _one_tensor_name_map() -> Iterator[None]:
-    """Within it, gguf's ``get_tensor_name_map(arch, blocks)`` builds each map once.
-
-    transformers' ``get_gguf_hf_weights_map`` asks for the map anew at every module of the
-    model it walks (it looks the function up in gguf at each call), and a map is as large as
-    the model is deep: 1047 maps and 48 s for an 80-layer llama. The map depends on its
-    arguments alone, so the names are the same."""
-    import gguf
-
-    with _NAME_MAP_LOCK:
-        unshared = gguf.get_tensor_name_map
-        gguf.get_tensor_name_map = cache(unshared)
-        try:
-            yield
-        finally:
-            gguf.get_tensor_name_map = unshared
-
-
 def _slices(info: _TensorInfo, name: str) -> list[tuple[str, _TensorInfo]]:
     """A 3-D tensor as its matrices, ``name[i]`` each: a GGUF stores experts (ffn_*_exps)
     and per-head matrices (deepseek2's attn_k_b/attn_v_b) as (count, rows, columns), never a
@@ -402,7 +366,8 @@ class GGUFCheckpoint:
                                          f"{', '.join(dup[:5])}")
         if not gguf_names:
             raise NoWeightsError(f"{model_id}: the GGUF file(s) hold no tensors")
-        hf = _hf_names(headers[0], set(gguf_names), model_id)
+        hf = hf_names(_config_gguf(headers[0]), headers[0].metadata.get(
+            "general.architecture", ""), set(gguf_names), model_id)
         self._info: dict[str, _TensorInfo] = {}
         names: list[str] = []
         for header in headers:
