@@ -145,6 +145,11 @@ class _Cursor:
         if item in _SCALAR:
             self.need(count * struct.calcsize(_SCALAR[item]), what)
             self.pos += count * struct.calcsize(_SCALAR[item])
+        elif item == _STRING:  # a vocabulary: stepped over, not decoded
+            for _ in range(count):
+                self.need(8, what)
+                self.pos += 8 + struct.unpack_from("<Q", self.data, self.pos)[0]
+            self.need(0, what)
         else:
             for _ in range(count):
                 self.value(item, what)
