@@ -384,3 +384,25 @@ def test_an_adapter_peft_merges_fails_its_delta_alone_in_one_line(zoo, tmp_path)
     record = json.loads(paths.failure.read_text())
     assert record["transient"] is False and "\n" not in record["message"]
     assert "--delta" in record["message"] and "merged by peft" in record["message"]
+
+
+def test_an_adapter_on_the_embedding_gives_its_update_in_the_delta(tmp_path):
+    """peft saves the whole embedding beside its LoRA factors (save_embedding_layers): the
+    delta is that saved embedding minus the base plus s·B·A, never the saved copy alone."""
+    from peft import PeftModel
+
+    from esd_experiment import analyze
+    from tests.loader_fixtures import save_adapter, save_model
+
+    base = llama()
+    save_model(base, tmp_path / "base")
+    save_adapter(base, tmp_path / "lora", str(tmp_path / "base"), r=4, lora_alpha=8,
+                 target_modules=["q_proj", "embed_tokens"])
+    ours = analyze(str(tmp_path / "lora"), delta=True, device="cpu").set_index("longname")
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "lora")).double()
+    for name in ("model.embed_tokens", "model.layers.0.self_attn.q_proj"):
+        update = peft_model.base_model.model.get_submodule(name).get_delta_weight("default")
+        ref = gram_evals(update.detach().numpy())
+        assert ours.loc[name, "matrix_rank"] == 4, name
+        assert ours.loc[name, "norm"] == pytest.approx(ref.sum(), rel=EIGEN_RTOL), name
+        assert ours.loc[name, "spectral_norm"] == pytest.approx(ref.max(), rel=EIGEN_RTOL), name

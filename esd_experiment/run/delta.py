@@ -11,7 +11,7 @@ shapes, with the model it was made from (docs/metrics.md, "The delta view").
   the squared singular values of ``s·R_B R_Aᵀ``, the other ``M - r`` are 0; no large
   eigensolve and no merged or base matrix (``AdapterDelta``). A layer the adapter leaves
   alone has ``ΔW = 0``; a weight the adapter replaces (``modules_to_save``) is the replacement
-  minus the base.
+  minus the base (plus ``s·B·A`` where a LoRA is on the saved weight: an embedding).
 
 In both paths an eigenvalue at or below the rank tolerance ``λ_max · N · eps`` (the one
 ``matrix_rank`` counts with) is set to 0: it is round-off of a rank-deficient ``ΔW``, and in
@@ -327,11 +327,18 @@ class AdapterDelta(_DeltaRows):
         shape, dtype = tuple(base_value.shape), base_value.dtype
         if op is None or op.bias_of is not None or (op.lora is None and not op.replace):
             return LayerDelta(shape, dtype)
-        if op.replace:
+        if op.lora is None:
             return difference(self.plan.adapter.get(op.replace), base_value)
         a = self.plan.adapter.get(op.lora.a)
         b = self.plan.adapter.get(op.lora.b)
-        return LayerDelta(shape, dtype, factors=(a, b, op.scale, op.transpose))
+        lowrank = LayerDelta(shape, dtype, factors=(a, b, op.scale, op.transpose))
+        if not op.replace:
+            return lowrank
+        # A saved weight with a LoRA on it (peft's save_embedding_layers): the merge adds
+        # s·B·A to the saved weight, so ΔW = saved + s·B·A - base.
+        saved = self.plan.adapter.get(op.replace).to(torch.float64)
+        return difference(saved + _lowrank_dense(lowrank, self.config).to(torch.float64),
+                          base_value)
 
     def output_storage(self, name: str) -> str:
         return self.plan.storage(name)
