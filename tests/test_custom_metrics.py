@@ -230,3 +230,19 @@ def test_the_report_carries_custom_columns(checkpoint, metric_file, tmp_path):
     assert summary["lambda_sum_mean"].iat[0] == pytest.approx(expected)
     page = (tmp_path / "report" / "index.html").read_text()
     assert "lambda_<wbr>sum_<wbr>mean" in page
+
+
+def test_a_metric_that_raises_on_saved_eigenvalues_fails_each_model_not_the_run(
+        checkpoint, metric_file, tmp_path):
+    root, _ = checkpoint
+    models, out = write_list(tmp_path / "models.csv", root), tmp_path / "out"
+    assert cli("--model_list", models, "--output_dir", out, "--save_eigs").returncode == 0
+    (eigs,) = out.glob("*.eigs.npz")
+    saved = eigs.read_bytes()
+    proc = cli("--model_list", models, "--output_dir", out, "--metric",
+               f"{metric_file}:broken", "--overwrite")
+    assert proc.returncode == 1, proc.stderr  # a model failed; the run went on
+    (line,) = (out / "failed_models.txt").read_text().splitlines()
+    assert line.startswith(f"{root}\t") and "metric my_metrics.py:broken" in line \
+        and "ValueError: boom" in line, line
+    assert eigs.read_bytes() == saved  # eigenvalues do not depend on metrics: kept

@@ -138,11 +138,23 @@ def recompute_metrics(paths: ModelPaths, config: ESDConfig) -> bool:
 
 def recompute_planned(plan, config: ESDConfig, delta: bool = False) -> None:
     """Move each model of ``plan.to_run`` (run_plan.Plan) that ``recompute_metrics`` rewrites
-    to ``plan.done``, logging it. Under ``delta`` a model with a delta runs again instead."""
+    to ``plan.done``, logging it; one whose metric fails on them to ``plan.invalid``, with
+    the cause the worker would give (its eigenvalues and old result kept). Under ``delta`` a
+    model with a delta runs again instead."""
     from esd_experiment.core.delta_paths import has_delta
+    from esd_experiment.estimator.metrics import MetricError
 
     for entry, paths in list(plan.to_run):
-        if not (delta and has_delta(entry)) and recompute_metrics(paths, config):
+        if delta and has_delta(entry):
+            continue
+        try:
+            recomputed = recompute_metrics(paths, config)
+        except MetricError as exc:
+            plan.to_run.remove((entry, paths))
+            plan.invalid.append((entry, f"{type(exc).__name__}: {exc}"))
+            logger.warning("%s: FAILED on its saved eigenvalues: %s", entry.key, exc)
+            continue
+        if recomputed:
             plan.to_run.remove((entry, paths))
             plan.done.append(entry)
             logger.info("%s: custom metrics computed from its saved eigenvalues, no model "
