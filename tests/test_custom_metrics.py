@@ -1,6 +1,7 @@
 """Custom metrics (--metric FILE.py:FUNCTION): columns after the built-in ones, recorded in the
 options, recomputed from saved eigenvalues without loading a model; a user's file is theirs."""
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -88,8 +89,9 @@ def test_metric_columns_follow_the_builtin_ones_in_every_row(checkpoint, metric_
     frame = pd.read_csv(csv, keep_default_na=False,
                         na_values=dict.fromkeys(("lambda_max", "lambda_sum", "frob_sq"), [""]))
     assert tuple(frame.columns) == RESULT_COLUMNS + ("lambda_max", "lambda_sum", "frob_sq")
-    assert frame["esd_options"].iat[0].endswith(";metrics=my_metrics.py:spectrum,"
-                                                "my_metrics.py:frob")
+    digest = hashlib.sha256(metric_file.read_bytes()).hexdigest()[:12]
+    assert frame["esd_options"].iat[0].endswith(f";metrics=my_metrics.py:spectrum@{digest},"
+                                                f"my_metrics.py:frob@{digest}")
     by_name = {k.removesuffix(".weight"): v for k, v in tensors.items()}
     for row in frame.itertuples():
         if row.status not in ("ok", "fit_failed"):
@@ -246,3 +248,32 @@ def test_a_metric_that_raises_on_saved_eigenvalues_fails_each_model_not_the_run(
     assert line.startswith(f"{root}\t") and "metric my_metrics.py:broken" in line \
         and "ValueError: boom" in line, line
     assert eigs.read_bytes() == saved  # eigenvalues do not depend on metrics: kept
+
+
+def test_an_edited_metric_file_makes_its_results_not_done(checkpoint, tmp_path):
+    """The recorded options tell results of the edited file from the old ones: a resume is
+    refused, and --overwrite recomputes them from the saved eigenvalues."""
+    root, tensors = checkpoint
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes((root / "model.safetensors").read_bytes())
+    models, out = write_list(tmp_path / "models.csv", model), tmp_path / "out"
+    metric = tmp_path / "edited.py"
+    metric.write_text("def top(evals):\n    return {'top': float(evals[-1])}\n")
+    assert cli("--model_list", models, "--output_dir", out, "--save_eigs",
+               "--metric", f"{metric}:top").returncode == 0
+    (model / "model.safetensors").unlink()  # loading the model again would fail
+    metric.write_text("def top(evals):\n    return {'top': float(evals[-2])}\n")
+    proc = cli("--model_list", models, "--output_dir", out, "--save_eigs",
+               "--metric", f"{metric}:top")
+    assert proc.returncode == 2 and "edited.py:top@" in proc.stderr \
+        and "--overwrite" in proc.stderr, proc.stderr
+    proc = cli("--model_list", models, "--output_dir", out, "--save_eigs",
+               "--metric", f"{metric}:top", "--overwrite")
+    assert proc.returncode == 0 and "from its saved eigenvalues" in proc.stderr, proc.stderr
+    (csv,) = out.glob("*.csv")
+    frame = pd.read_csv(csv).set_index("longname")
+    name = "model.layers.0.mlp.down_proj"
+    w = tensors[f"{name}.weight"].double()
+    second = float(torch.linalg.svdvals(w)[1] ** 2)  # the edited metric's number
+    assert frame.loc[name, "top"] == pytest.approx(second, rel=REL_TOL)

@@ -8,7 +8,9 @@ metric (``MP_FIT``, estimator/mp_fit.py), and so is ``--randomize`` (``randomize
 estimator/randomize.py), which takes ``shuffled_evals``: the eigenvalues of the layer's matrices
 shuffled element-wise. The columns follow the built-in ones in every row. Which metrics a result
 holds is part of its ``esd_options`` (``results.options_key``), under the name each metric is
-recorded by: ``<file name>:FUNCTION`` or ``package.module:FUNCTION``.
+recorded by: ``<file name>:FUNCTION@<digest>`` or ``package.module:FUNCTION@<digest>``, the
+digest that of the file that defines it, so that results computed before an edit of the file
+are told apart from those after.
 
 The code loaded here is the user's own, named on the command line; nothing found in a
 checkpoint or a results directory is ever loaded. Imports neither torch nor pandas.
@@ -17,6 +19,7 @@ checkpoint or a results directory is ever loaded. Imports neither torch nor pand
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -35,7 +38,9 @@ from esd_experiment.estimator.randomize import randomized_columns, recorded_name
 RESERVED_COLUMNS = frozenset({"alphahat", "eigs"})
 # What a recorded name may hold: it is written inside the esd_options cell, where ";" and ","
 # separate options and metrics.
-_RECORDED_NAME = re.compile(r"^[\w.\-+]+:[A-Za-z_]\w*$")
+_RECORDED_NAME = re.compile(r"^[\w.\-+]+:[A-Za-z_]\w*(@[0-9a-f]+)?$")
+# Hex digits of the SHA-256 of a metric's file that its recorded name carries.
+DIGEST_CHARS = 12
 # What a metric may take that only the weights give (saved eigenvalues cannot).
 NEEDS_WEIGHTS = frozenset({"W", "shuffled_evals"})
 
@@ -108,7 +113,7 @@ def load_metric(spec: str) -> Metric:
         path = Path(where).expanduser()
         if not path.is_file():
             raise InputError(f"--metric {spec!r}: no such file {path}")
-        name = f"{path.name}:{func}"
+        name = f"{path.name}:{func}@{_digest(path)}"
         module_name = f"_esd_metric_{abs(hash(str(path.resolve())))}"
         try:
             loader_spec = importlib.util.spec_from_file_location(module_name, path)
@@ -124,6 +129,9 @@ def load_metric(spec: str) -> Metric:
         except Exception as exc:
             raise InputError(f"--metric {spec!r}: module {where!r} cannot be imported: "
                              f"{type(exc).__name__}: {_one_line(exc)}") from None
+        source = getattr(module, "__file__", None)
+        if source and Path(source).is_file():
+            name = f"{name}@{_digest(Path(source))}"
     fn = getattr(module, func, None)
     if not callable(fn):
         raise InputError(f"--metric {spec!r}: {where} has no function {func!r}")
@@ -131,6 +139,15 @@ def load_metric(spec: str) -> Metric:
         raise InputError(f"--metric {spec!r}: the name {name!r} it would be recorded by may "
                          "hold only letters, digits and . - + _ (rename the file)")
     return Metric(name, fn, _takes(fn))
+
+
+def _digest(path: Path) -> str:
+    """The start of the SHA-256 of a metric's file: a result records it with the metric's
+    name, so that one computed before the file was edited is not done."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:DIGEST_CHARS]
+    except OSError as exc:
+        raise InputError(f"--metric: {path} cannot be read: {exc.strerror}") from None
 
 
 def load_metrics(items: Iterable[Metric | Callable | str] | None) -> tuple[Metric, ...]:
