@@ -14,6 +14,7 @@ import torch
 from result_fixtures import conv_net, llama_like
 from safetensors.torch import save_file
 
+from esd_experiment.core.errors import InputError
 from esd_experiment.core.results import RESULT_COLUMNS, load_results
 from esd_experiment.estimator.net_esd import net_esd_estimator
 from esd_experiment.report import cli as esd_report
@@ -277,3 +278,32 @@ def test_an_edited_metric_file_makes_its_results_not_done(checkpoint, tmp_path):
     w = tensors[f"{name}.weight"].double()
     second = float(torch.linalg.svdvals(w)[1] ** 2)  # the edited metric's number
     assert frame.loc[name, "top"] == pytest.approx(second, rel=REL_TOL)
+
+
+def test_two_lambdas_or_closures_of_one_name_are_two_metrics():
+    from esd_experiment import analyze
+
+    gen = torch.Generator().manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.ReLU(), torch.nn.Linear(20, 40))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+
+    def kth(k):
+        def largest(evals):
+            return {f"top{k}": evals[-k]}
+        return largest
+
+    df = analyze(net, metrics=[lambda e: {"a": e[-1]}, lambda e: {"b": e[0]}, kth(1), kth(2)],
+                 device="cpu")
+    assert list(df.columns[-4:]) == ["a", "b", "top1", "top2"]
+    for row, layer in zip(df.itertuples(), (net[0], net[2]), strict=True):
+        ref = torch.linalg.svdvals(layer.weight.detach().double()) ** 2  # descending
+        assert row.a == pytest.approx(float(ref[0]), rel=REL_TOL)
+        assert row.b == pytest.approx(float(ref[-1]), rel=REL_TOL)
+        assert row.top2 == pytest.approx(float(ref[1]), rel=REL_TOL)
+    recorded = df["esd_options"].iat[0].partition(";metrics=")[2].split(",")
+    assert len(set(recorded)) == 4, recorded
+    same = kth(3)
+    with pytest.raises(InputError, match="given twice"):  # one function twice: refused
+        analyze(net, metrics=[same, same], device="cpu")

@@ -26,7 +26,7 @@ import inspect
 import numbers
 import re
 from collections.abc import Callable, Iterable, Mapping, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from esd_experiment.core.errors import InputError
@@ -151,13 +151,21 @@ def _digest(path: Path) -> str:
 
 
 def load_metrics(items: Iterable[Metric | Callable | str] | None) -> tuple[Metric, ...]:
-    """Every metric of ``items`` loaded, in order; a metric named twice is refused."""
-    metrics = tuple(as_metric(item) for item in items or ())
-    names = [m.name for m in metrics]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise InputError(f"--metric {twice[0]} is given twice")
-    return metrics
+    """Every metric of ``items`` loaded, in order; a metric given twice is refused. Distinct
+    Python functions of one name (two lambdas, closures of one factory) are told apart by
+    their place among those of that name: ``<module>:<name>.2``, ``.3``, ..."""
+    metrics: list[Metric] = []
+    given: dict[str, int] = {}  # how many metrics of each name so far
+    for item in items or ():
+        metric = as_metric(item)
+        if any(m.fn is metric.fn for m in metrics) or (
+                metric.name in given and isinstance(item, (str, Metric))):
+            raise InputError(f"metric {metric.name} is given twice")
+        given[metric.name] = given.get(metric.name, 0) + 1
+        if given[metric.name] > 1:
+            metric = replace(metric, name=f"{metric.name}.{given[metric.name]}")
+        metrics.append(metric)
+    return tuple(metrics)
 
 
 def metric_argv(spec: str) -> str:
