@@ -307,3 +307,27 @@ def test_two_lambdas_or_closures_of_one_name_are_two_metrics():
     same = kth(3)
     with pytest.raises(InputError, match="given twice"):  # one function twice: refused
         analyze(net, metrics=[same, same], device="cpu")
+
+
+def test_a_resume_that_adds_save_eigs_keeps_an_annotated_result(checkpoint, tmp_path):
+    """The result is current, only its eigenvalues are missing: they are computed and written
+    beside it, and the user's file is left as it is."""
+    root, _ = checkpoint
+    models, out = write_list(tmp_path / "models.csv", root), tmp_path / "out"
+    assert cli("--model_list", models, "--output_dir", out).returncode == 0
+    (csv,) = out.glob("*.csv")
+    frame = pd.read_csv(csv, keep_default_na=False)
+    frame["my_note"] = "checked"
+    frame.iloc[::-1].to_csv(csv, index=False, float_format="%.6g")  # the user's own way
+    before = csv.read_bytes()
+    proc = cli("--model_list", models, "--output_dir", out, "--save_eigs")
+    assert proc.returncode == 0, proc.stderr
+    assert csv.read_bytes() == before
+    (eigs,) = out.glob("*.eigs.npz")
+    ok = frame[frame["status"] == "ok"]
+    with np.load(eigs) as saved:
+        for row in ok.itertuples():
+            assert saved[row.longname][-1] == pytest.approx(float(row.spectral_norm),
+                                                            rel=REL_TOL)
+    proc = cli("--model_list", models, "--output_dir", out, "--save_eigs")
+    assert proc.returncode == 0 and "0 to run, 1 already done" in proc.stderr, proc.stderr

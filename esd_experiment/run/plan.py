@@ -106,6 +106,8 @@ def worker_argv(spec: JobSpec, args, output_dir: Path, log_dir: Path,
         argv += ["--parent_pid", str(parent_pid)]
     if stage_file is not None:
         argv += ["--stage_file", str(stage_file)]
+    if not args.overwrite:  # a result found current is the user's: it stays as it is
+        argv.append("--keep_current")
     if args.cleanup_cache:
         argv.append("--cleanup_cache")
     if args.trust_remote_code:

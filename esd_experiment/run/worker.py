@@ -52,6 +52,7 @@ from esd_experiment.core.paths import ModelPaths, model_paths, write_atomic, wri
 from esd_experiment.core.results import (
     EIGS_OPTIONS_KEY,
     inert_frame,
+    is_current,
     result_frame,
     write_eigs,
 )
@@ -94,6 +95,7 @@ class WorkerConfig:
     gguf_file: str = ""
     base_source_model: str = ""  # the base's own source_model, as its list row gives it
     delta: bool = False  # also write the ESD of W - W_source (run/delta_worker.py)
+    keep_current: bool = False  # a result current for these options is kept as it stands
 
     def requests(self):
         """The job's models; an id equal to ``--source_model`` is the base itself."""
@@ -139,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "part of a split set, or a tag such as Q4_K_M)")
     p.add_argument("--stage_file", type=Path, default=None,
                    help="keep the current stage in this file (the runner reads it on a timeout)")
+    p.add_argument("--keep_current", action="store_true",
+                   help="keep a result already computed with these options as it stands (a "
+                        "user's columns and all); write only what it lacks (its eigenvalues)")
     add_esd_arguments(p)
     return p
 
@@ -159,7 +164,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir,
         threads=args.threads, parent_pid=args.parent_pid, stage_file=args.stage_file,
         gguf_file=args.gguf_file.strip(), base_source_model=args.base_source_model.strip(),
-        delta=args.delta)
+        delta=args.delta, keep_current=args.keep_current)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,25 +258,35 @@ def result_rows(config: WorkerConfig, run: ModelRun) -> list[dict]:
 
 
 def finish(config: WorkerConfig, run: ModelRun) -> None:
-    """Write one model's result (``result_rows``), atomically."""
+    """Write one model's result (``result_rows``), atomically. Under ``keep_current`` a
+    result computed with these options stays as it is (a user may have added columns, sorted
+    or reformatted it): only its eigenvalues are written beside it."""
     rows = result_rows(config, run)
-    write_results(run.paths, rows, run.eigs if config.save_eigs else None,
-                  config.esd.eigs_key)
+    eigs = run.eigs if config.save_eigs else None
+    if config.keep_current and is_current(run.paths.csv, config.esd.options_key):
+        if eigs is not None:
+            write_results(run.paths, None, eigs, config.esd.eigs_key)
+        logger.info("%s: %s is current and kept as it is%s", run.model_id, run.paths.csv,
+                    "; its eigenvalues written beside it" if eigs is not None else "")
+        return
+    write_results(run.paths, rows, eigs, config.esd.eigs_key)
     statuses = {s: sum(r["status"] == s for r in rows) for s in {r["status"] for r in rows}}
     logger.info("%s: %d rows %s -> %s", run.model_id, len(rows), statuses, run.paths.csv)
 
 
-def write_results(paths: ModelPaths, rows: list[dict], eigs: dict[str, np.ndarray] | None,
-                  options: str) -> None:
-    """The model's CSV and, when ``eigs`` is not None, its ``.eigs.npz`` recording ``options``
-    (written first, and written even when empty, so that the result counts as done). Without
-    ``eigs`` an earlier run's ``.eigs.npz`` stays: the options it records say whether it
-    matches the CSV. Custom metrics' columns follow RESULT_COLUMNS, NaN where a row has none."""
-    frame = result_frame(rows)
+def write_results(paths: ModelPaths, rows: list[dict] | None,
+                  eigs: dict[str, np.ndarray] | None, options: str) -> None:
+    """The model's CSV (none when ``rows`` is None) and, when ``eigs`` is not None, its
+    ``.eigs.npz`` recording ``options`` (written first, and written even when empty, so that
+    the result counts as done). Without ``eigs`` an earlier run's ``.eigs.npz`` stays: the
+    options it records say whether it matches the CSV. Custom metrics' columns follow
+    RESULT_COLUMNS, NaN where a row has none."""
     if eigs is not None:
         record = {**eigs, EIGS_OPTIONS_KEY: np.array(options)}
         write_atomic(paths.eigs, lambda tmp: write_eigs(tmp, record))
-    write_atomic(paths.csv, lambda tmp: inert_frame(frame).to_csv(tmp, index=False))
+    if rows is not None:
+        frame = result_frame(rows)
+        write_atomic(paths.csv, lambda tmp: inert_frame(frame).to_csv(tmp, index=False))
 
 
 def _depth_order_ahead(runs: list[ModelRun]) -> threading.Thread:
