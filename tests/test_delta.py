@@ -406,3 +406,28 @@ def test_an_adapter_on_the_embedding_gives_its_update_in_the_delta(tmp_path):
         assert ours.loc[name, "matrix_rank"] == 4, name
         assert ours.loc[name, "norm"] == pytest.approx(ref.sum(), rel=EIGEN_RTOL), name
         assert ours.loc[name, "spectral_norm"] == pytest.approx(ref.max(), rel=EIGEN_RTOL), name
+
+
+def test_refit_refits_the_delta_view_too(zoo, tmp_path):
+    """esd_report.py refit of a --delta --save_eigs directory writes delta/ from the saved
+    delta eigenvalues, as a run with the new options would."""
+    import json
+
+    import pandas as pd
+
+    from esd_experiment.core.paths import ModelPaths
+    from esd_experiment.report import cli as esd_report
+
+    root, base, ft = zoo
+    out, new = tmp_path / "out", tmp_path / "new"
+    assert runner("--model_list", root / "models.csv", "--output_dir", out, "--delta",
+                  "--save_eigs") == 1  # the fine-tune listed against a missing source fails
+    assert esd_report.main(["refit", str(out), "--output_dir", str(new),
+                            "--fix_fingers", "DKS", "--filter_zeros"]) == esd_report.EXIT_OK
+    stem = ModelPaths.for_model(out, str(root / "ft")).stem
+    assert sorted(p.name for p in (new / "delta").glob("*.csv")) == sorted(
+        p.name for p in (out / "delta").glob("*.csv"))
+    ours = pd.read_csv(new / "delta" / f"{stem}.csv")
+    theirs = ww.WeightWatcher(model=ft, base_model=base).analyze()
+    compare(ours, theirs, sorted(set(ours["longname"]) & set(theirs["longname"])))
+    assert json.loads((new / ".esd_options.json").read_text())["delta"] is True

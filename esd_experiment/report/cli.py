@@ -30,14 +30,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from esd_experiment.core.delta_paths import DELTA_DIR, DELTA_KEY
 from esd_experiment.core.errors import ESDError, InputError
-from esd_experiment.core.paths import FAILED_MODELS_FILE, ModelPaths, within, write_text_atomic
+from esd_experiment.core.paths import FAILED_MODELS_FILE, ModelPaths, within
 from esd_experiment.core.results import (
     EIGS_OPTIONS_KEY,
     LoadedResults,
     fitted_layers,
     parse_options_key,
     read_results,
+    result_files,
     source_in,
     split_options_key,
     summarize,
@@ -54,6 +56,7 @@ EXIT_SOME_SKIPPED = 1
 EXIT_BAD_INPUT = 2
 MAX_FIGURES = 40          # models (and fine-tune pairs) drawn in full; the rest get numbers only
 REFIT_OPTIONS = ("fix_fingers", "xmin_pos", "bins", "filter_zeros", "evals_thresh")
+DELTA_LABEL = "the delta of "  # a refit delta's name in messages: "the delta of org/name"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,29 +303,50 @@ def refit(results_dir: Path, new_dir: Path, overrides: dict,
         raise InputError(f"metric {weights_needed(config)} needs the weights, which saved "
                          "eigenvalues lack: compute it with run_esd_experiment.py")
     skipped = {p.name: why for p, why in loaded.skipped.items()}
+    plans = _refit_plans(loaded, base_key, new_dir, skipped)
+    if not plans:
+        raise InputError(f"no model in {results_dir} can be refit: " + "; ".join(
+            f"{k}: {v}" for k, v in skipped.items()))
+    models, record = len(plans), config.options_record
+    deltas = results_dir / DELTA_DIR  # --delta's view, refit beside the results
+    if deltas.is_dir() and within(deltas, results_dir) and result_files(deltas):
+        try:
+            found = read_results(deltas)
+        except InputError as exc:
+            skipped[DELTA_DIR] = str(exc)
+        else:
+            skipped.update({f"{DELTA_DIR}/{p.name}": why for p, why in found.skipped.items()})
+            plans += [(f"{DELTA_LABEL}{m}", *rest) for m, *rest in _refit_plans(
+                found, base_key, new_dir / DELTA_DIR, skipped, DELTA_LABEL)]
+    if len(plans) > models:
+        record = {**record, DELTA_KEY: True}
+    done = []
+    with RunLock(new_dir):
+        check_options(new_dir, record, overwrite)
+        for n, (model_id, csv, rows, out) in enumerate(plans, 1):
+            try:
+                _refit_model(csv, rows, config, out, new_dir / "logs")
+                done.append(model_id)
+                logger.info("[%d/%d] refit %s", n, len(plans), model_id)
+            except ESDError as exc:
+                skipped[model_id] = str(exc)
+    return done, skipped
+
+
+def _refit_plans(loaded: LoadedResults, base_key: str, out: Path, skipped: dict[str, str],
+                 label: str = "") -> list[tuple[str, Path, pd.DataFrame, Path]]:
+    """``(model_id, csv, rows, where its refit goes)`` of every model of ``loaded`` that can
+    be refit; the others are added to ``skipped`` (their ids after ``label``)."""
     plans = []
     by_model = dict(tuple(loaded.layers.groupby("model_id", sort=False)))
     for model_id, csv in loaded.files.items():
         rows = by_model[model_id]
         reason = _refit_obstacle(rows, csv, base_key)
         if reason:
-            skipped[model_id] = reason
+            skipped[f"{label}{model_id}"] = reason
         else:
-            plans.append((model_id, csv, rows))
-    if not plans:
-        raise InputError(f"no model in {results_dir} can be refit: " + "; ".join(
-            f"{k}: {v}" for k, v in skipped.items()))
-    done = []
-    with RunLock(new_dir):
-        check_options(new_dir, config.options_record, overwrite)
-        for n, (model_id, csv, rows) in enumerate(plans, 1):
-            try:
-                _refit_model(csv, rows, config, new_dir)
-                done.append(model_id)
-                logger.info("[%d/%d] refit %s", n, len(plans), model_id)
-            except ESDError as exc:
-                skipped[model_id] = str(exc)
-    return done, skipped
+            plans.append((model_id, csv, rows, out))
+    return plans
 
 
 def _directory_options(results_dir: Path, loaded: LoadedResults) -> str:
@@ -343,18 +367,21 @@ def _refit_obstacle(rows: pd.DataFrame, csv: Path, base_key: str) -> str:
     return eigs_obstacle(rows, csv)
 
 
-def _refit_model(csv: Path, rows: pd.DataFrame, config: ESDConfig, new_dir: Path) -> None:
+def _refit_model(csv: Path, rows: pd.DataFrame, config: ESDConfig, new_dir: Path,
+                 log_dir: Path) -> None:
     """Rows exactly as the worker builds them, fits and custom metrics recomputed, written as
-    the worker writes."""
+    the worker writes (a model's delta beside it, in ``delta/``; one log for both)."""
     from esd_experiment.run.saved_eigs import read_eigs, rows_from_eigs
     from esd_experiment.run.worker import write_results
 
     eigs = read_eigs(csv)
     out = rows_from_eigs(rows, eigs, config)
-    paths = ModelPaths(new_dir, new_dir / "logs", csv.stem)  # the stem the run named it by
+    paths = ModelPaths(new_dir, log_dir, csv.stem)  # the stem the run named it by
     write_results(paths, out, eigs, config.eigs_key)
-    write_text_atomic(paths.log, f"refit of {csv} from its saved eigenvalues with "
-                                 f"{config.options_key}: {len(out)} rows -> {paths.csv}\n")
+    paths.log.parent.mkdir(parents=True, exist_ok=True)
+    with open(paths.log, "a", encoding="utf-8") as fh:
+        fh.write(f"refit of {csv} from its saved eigenvalues with {config.options_key}: "
+                 f"{len(out)} rows -> {paths.csv}\n")
 
 
 def _same_dir(a: Path, b: Path) -> bool:
@@ -418,7 +445,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as exc:
         print(f"esd_report: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(f"refit {len(done)} model(s) into {args.output_dir}")
+    deltas = sum(d.startswith(DELTA_LABEL) for d in done)
+    print(f"refit {len(done) - deltas} model(s) into {args.output_dir}"
+          + (f", and {deltas} delta(s) into {args.output_dir / DELTA_DIR}" if deltas else ""))
     for what, why in skipped.items():
         print(f"skipped {what}: {why}", file=sys.stderr)
     return EXIT_SOME_SKIPPED if skipped else EXIT_OK
