@@ -331,3 +331,20 @@ def test_a_resume_that_adds_save_eigs_keeps_an_annotated_result(checkpoint, tmp_
                                                             rel=REL_TOL)
     proc = cli("--model_list", models, "--output_dir", out, "--save_eigs")
     assert proc.returncode == 0 and "0 to run, 1 already done" in proc.stderr, proc.stderr
+
+
+def test_a_model_failing_under_overwrite_keeps_its_saved_eigenvalues(checkpoint, tmp_path):
+    """--overwrite without --save_eigs did not ask for eigenvalues: a model it fails loses its
+    old result, never the eigenvalues saved earlier."""
+    root, _ = checkpoint
+    models, out = write_list(tmp_path / "models.csv", root), tmp_path / "out"
+    assert cli("--model_list", models, "--output_dir", out, "--save_eigs").returncode == 0
+    (eigs,) = out.glob("*.eigs.npz")
+    saved = eigs.read_bytes()
+    metric = tmp_path / "needs_w.py"
+    metric.write_text("def frob(evals, W):\n    raise ValueError('not yet')\n")
+    proc = cli("--model_list", models, "--output_dir", out, "--overwrite",
+               "--metric", f"{metric}:frob")
+    assert proc.returncode == 1 and "not yet" in proc.stderr, proc.stderr
+    assert not list(out.glob("*.csv"))  # the old result is not this run's: removed
+    assert eigs.read_bytes() == saved

@@ -189,7 +189,9 @@ class Runner:
     def _drop_old_result(self, entry) -> None:
         paths = model_paths(self.config.output_dir, entry.model_id, self.config.log_dir,
                             entry.gguf_file)
-        for path in (paths.csv, paths.eigs):
+        # Saved eigenvalues go only when this run saves its own: they record the options
+        # they were computed with, and a run that did not ask for them keeps them.
+        for path in (paths.csv, paths.eigs) if self.config.args.save_eigs else (paths.csv,):
             if path.exists():
                 path.unlink()
                 logger.warning("%s: removed %s, the result --overwrite was to replace",
