@@ -5,6 +5,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -348,3 +349,25 @@ def test_a_model_failing_under_overwrite_keeps_its_saved_eigenvalues(checkpoint,
     assert proc.returncode == 1 and "not yet" in proc.stderr, proc.stderr
     assert not list(out.glob("*.csv"))  # the old result is not this run's: removed
     assert eigs.read_bytes() == saved
+
+
+def test_a_result_resaved_with_pandas_index_stays_done_and_reads_back(checkpoint, tmp_path):
+    """``df.to_csv(path)`` writes pandas' index as a first, unnamed column: the annotated
+    result is still the model's result, done, read by load_results, never rewritten."""
+    root, _ = checkpoint
+    models, out = write_list(tmp_path / "models.csv", root), tmp_path / "out"
+    assert cli("--model_list", models, "--output_dir", out).returncode == 0
+    (csv,) = out.glob("*.csv")
+    original = load_results(out)
+    frame = pd.read_csv(csv, keep_default_na=False)
+    frame["my_note"] = "checked"
+    frame.to_csv(csv)  # pandas' default: the index too
+    before = csv.read_bytes()
+    proc = cli("--model_list", models, "--output_dir", out)
+    assert proc.returncode == 0 and "0 to run, 1 already done" in proc.stderr, proc.stderr
+    assert csv.read_bytes() == before
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no file skipped
+        layers = load_results(out)
+    assert (layers["my_note"] == "checked").all()
+    pd.testing.assert_frame_equal(layers.drop(columns="my_note"), original)

@@ -153,8 +153,32 @@ def is_current(csv_path: Path, options: str, columns: Sequence[str] = RESULT_COL
     estimator options ``options`` (an ``options_key``). Columns after the schema's (custom
     metrics', or a user's own added later) leave it finished."""
     found = read_header_and_options(csv_path)
-    return (found is not None and found[0][:len(columns)] == tuple(columns)
-            and found[1] == options)
+    if found is None:
+        return False
+    header = found[0][1:] if index_led(found[0]) else found[0]
+    return header[:len(columns)] == tuple(columns) and found[1] == options
+
+
+def index_led(header: Sequence[str]) -> bool:
+    """True for the header of a result a user saved again with pandas' ``to_csv(path)``,
+    which writes the index first, as a column without a name."""
+    return len(header) > 1 and header[0] == "" and header[1] == RESULT_COLUMNS[0]
+
+
+def _without_index(data: bytes) -> bytes:
+    """An index-led CSV (``index_led``) without its first column, every other field as
+    written."""
+    import csv
+    import io
+
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadResultError("cannot be parsed: it is not UTF-8 text") from None
+    rows = csv.reader(io.StringIO(text, newline=""))
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(row[1:] for row in rows)
+    return out.getvalue().encode("utf-8")
 
 
 def write_eigs(path: Path, arrays: Mapping[str, object]) -> None:
@@ -310,6 +334,11 @@ def _checked_bytes(path: Path) -> bytes:
     except OSError as exc:
         raise BadResultError(f"cannot be read: {exc.strerror}") from None
     header = data.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "replace").split(",")
+    if index_led(header):
+        if not data.endswith(b"\n"):
+            raise BadResultError("truncated: its last line is incomplete")
+        data = _without_index(data)
+        header = header[1:]
     legacy = tuple(header) == LEGACY_COLUMNS
     added = header[len(RESULT_COLUMNS):]  # custom metrics' columns, or a user's own
     if tuple(header[:len(RESULT_COLUMNS)]) != RESULT_COLUMNS and not legacy:
