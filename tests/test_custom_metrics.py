@@ -371,3 +371,23 @@ def test_a_result_resaved_with_pandas_index_stays_done_and_reads_back(checkpoint
         layers = load_results(out)
     assert (layers["my_note"] == "checked").all()
     pd.testing.assert_frame_equal(layers.drop(columns="my_note"), original)
+
+
+def test_a_column_named_as_a_summary_mean_source_breaks_no_summary(tmp_path):
+    """A user's column ``delta_alpha`` would give ``delta_alpha_mean``, the summary's own
+    column: the summary keeps its own and says it left the user's out; a metric may not
+    return that column."""
+    from result_fixtures import write_model
+
+    from esd_experiment.estimator.metrics import load_metrics, metric_columns
+
+    paths = write_model(tmp_path, "org/base", llama_like(0, blocks=1))
+    frame = pd.read_csv(paths.csv, keep_default_na=False)
+    frame["delta_alpha"] = 1.0
+    frame.to_csv(paths.csv, index=False)
+    with pytest.warns(UserWarning, match="delta_alpha"):
+        summary = load_results(tmp_path, summary=True)
+    assert summary["delta_alpha_mean"].isna().all()  # the model has no source: NaN, not 1.0
+    (metric,) = load_metrics([lambda evals: {"delta_alpha": 1.0}])
+    with pytest.raises(InputError, match="delta_alpha"):
+        metric_columns([metric], np.arange(12.0), lambda: None, RESULT_COLUMNS, 12, 12)

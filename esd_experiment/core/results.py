@@ -561,6 +561,11 @@ def summarize(layers: pd.DataFrame) -> pd.DataFrame:
     source_mean = source.map(out["alpha_mean"]).where(same)
     out["delta_alpha_mean"] = pd.to_numeric(out["alpha_mean"] - source_mean)
     custom = [c for c in added_columns(layers) if pd.api.types.is_numeric_dtype(layers[c])]
+    clash = [c for c in custom if f"{c}_mean" in SUMMARY_COLUMNS]
+    if clash:
+        warnings.warn(f"column(s) {', '.join(clash)} left out of the summary: their mean would "
+                      "be named as the summary's own column", stacklevel=3)
+    custom = [c for c in custom if c not in clash]
     means = layers.groupby("model_id", sort=False)[custom].mean().add_suffix("_mean")
     out = out.join(means, how="left")
     return out.reset_index()[list(SUMMARY_COLUMNS) + list(means.columns)]

@@ -30,12 +30,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from esd_experiment.core.errors import InputError
+from esd_experiment.core.results import SUMMARY_COLUMNS
 from esd_experiment.estimator.mp_fit import MP_FIT_NAME, mp_fit
 from esd_experiment.estimator.randomize import randomized_columns, recorded_name
 
 # Names a metric may not give its columns besides the result's own (passed in by the caller):
 # net_esd_estimator's extra columns.
 RESERVED_COLUMNS = frozenset({"alphahat", "eigs"})
+# Columns whose summary mean (``<column>_mean``) would be named as the summary's own column.
+SUMMARY_NAMES = frozenset(c.removesuffix("_mean") for c in SUMMARY_COLUMNS if c.endswith("_mean"))
 # What a recorded name may hold: it is written inside the esd_options cell, where ";" and ","
 # separate options and metrics.
 _RECORDED_NAME = re.compile(r"^[\w.\-+]+:[A-Za-z_]\w*(@[0-9a-f]+)?$")
@@ -218,6 +221,10 @@ def _checked(metric: Metric, value: object, taken: Set[str]) -> dict[str, float]
         if column in taken:
             raise MetricError(f"metric {metric.name} returned the column {column!r}, which "
                               "another column already has")
+        if column in SUMMARY_NAMES:
+            raise MetricError(f"metric {metric.name} returned the column {column!r}: its "
+                              f"summary mean would be named as the summary's own "
+                              f"{column}_mean (rename it)")
         if isinstance(number, bool) or not isinstance(number, numbers.Real):
             raise MetricError(f"metric {metric.name} returned {type(number).__name__} "
                               f"{_short(number)} for column {column!r}, not a number")
