@@ -15,6 +15,8 @@ so each spectrum spans about five decades) and times, --repeats times in alterna
                   the shuffled spectra): what --randomize adds, measured directly
   shuffles        the element-wise shuffles alone (esd_randomize.shuffled_bits)
   generator_shuffles  the same shuffles by NumPy's Generator.shuffle, for comparison
+  keys            the shuffles' random bits alone (one 64-bit word per entry, into the reused
+                  buffer): the floor of any shuffle by random keys
 
 Each run is one scope of ``esd_randomize.WORDS``, as a job is: no shuffle buffer is kept
 from an earlier run, so --randomize pays for its first large buffer's page faults in every
@@ -96,6 +98,7 @@ def main() -> int:
     )
     from esd_experiment.estimator.options import ESDConfig
     from esd_experiment.estimator.randomize import (
+        _RAW_CHUNK,
         WORDS,
         layer_rng,
         randomized_columns,
@@ -136,6 +139,15 @@ def main() -> int:
                 for m in layer.mats:
                     room = WORDS.take(m.numel())  # the buffer a run reuses, as it does
                     shuffled_bits(m.numpy(), rng, words=room)
+                    WORDS.give(room)
+        elif name == "keys":
+            for layer in layers:
+                rng = layer_rng(0, layer.longname, 0)
+                for m in layer.mats:
+                    room = WORDS.take(m.numel())
+                    for start in range(0, m.numel(), _RAW_CHUNK):  # as sort_shuffle does
+                        stop = min(start + _RAW_CHUNK, m.numel())
+                        room[start:stop] = rng.bit_generator.random_raw(stop - start)
                     WORDS.give(room)
         elif name == "generator_shuffles":
             for layer in layers:
@@ -180,7 +192,7 @@ def main() -> int:
 
 
 RUNS = ("plain", "mp_fit", "randomize", "eigensolve", "mp_fit_work", "randomize_work",
-        "shuffles", "generator_shuffles")
+        "shuffles", "generator_shuffles", "keys")
 # The printed ratios: (label, the runs it needs, its value from the times).
 RATIOS = (
     ("(mp_fit - plain) / plain (target <= 5 %)", ("mp_fit", "plain"),
@@ -195,6 +207,8 @@ RATIOS = (
      lambda t: f"{t['shuffles'] / t['eigensolve']:.2f}"),
     ("generator_shuffles / shuffles", ("generator_shuffles", "shuffles"),
      lambda t: f"{t['generator_shuffles'] / t['shuffles']:.2f}"),
+    ("keys / eigensolve", ("keys", "eigensolve"),
+     lambda t: f"{t['keys'] / t['eigensolve']:.2f}"),
 )
 
 
