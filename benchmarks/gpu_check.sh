@@ -12,7 +12,10 @@
 #      estimator against the bare per-matrix torch loop, and batched eigvalsh of same-shaped
 #      Grams against per-matrix eigvalsh;
 #   3. the dispatcher on the real NVML: three jobs through gputracker.Dispatcher on GPU 0,
-#      each checking the CUDA_VISIBLE_DEVICES it was given and opening the device.
+#      each checking the CUDA_VISIBLE_DEVICES it was given and opening the device;
+#   4. benchmarks/bench_views.py --device cuda at TinyLlama's shapes (hidden 2048, MLP 5632,
+#      vocab 32000, one block): what --mp_fit and --randomize add to a plain run on the GPU
+#      (the shuffle's sort on the device, its random keys on the CPU).
 # Prints the machine and a markdown summary for BENCHMARKS.md. Writes only under a temporary
 # directory (removed at the end). Exit code: 0 when every step passed; 1 when CUDA is missing
 # or a step failed or ran out of time (the step is named).
@@ -79,6 +82,11 @@ sys.exit(1 if bad or len(results) != 3 else 0)
 EOF
 [ "${PIPESTATUS[0]}" -eq 0 ] || fail "dispatcher on the real NVML (see above)"
 
+echo "== 4. bench_views.py --device cuda (--mp_fit and --randomize)"
+timeout 90 "$PY" benchmarks/bench_views.py --device cuda --hidden 2048 --mlp 5632 --layers 1 \
+  --repeats 3 --runs plain,mp_fit,randomize,eigensolve,shuffles,keys 2>&1 | tee "$WORK/views.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || fail "bench_views.py (exit 124 = over its 90 s)"
+
 echo
 echo "## GPU check: $GPU (driver ${DRIVER:-unknown}), $(date -u +%Y-%m-%d)"
 echo
@@ -91,3 +99,7 @@ echo "| real-NVML test | $(tail -1 "$WORK/nvml_test.txt") |"
 echo "| dispatcher on real NVML | $(grep '^DISPATCH' "$WORK/dispatch.txt" | cut -d' ' -f2-) |"
 echo
 awk '/^\|/ { print; table = 1; next } table { print ""; table = 0 }' "$WORK/bench.txt"
+echo
+echo "Views (\`bench_views.py --device cuda --hidden 2048 --mlp 5632 --layers 1 --repeats 3\`):"
+echo
+grep -E '^(\||medians|minima|CPU minima)' "$WORK/views.txt"
