@@ -34,3 +34,11 @@ def test_every_flag_a_command_accepts_is_documented(parser):
     hidden = {a.option_strings[0] for a in parser()._actions if a.help == argparse.SUPPRESS}
     missing = sorted(parser_flags(parser()) - documented - hidden)
     assert not missing, f"flags missing from {' or '.join(FLAG_DOCS)}: {missing}"
+
+
+def test_the_runners_help_states_each_default_once(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per option
+    lines = [line for line in run_cli.build_parser().format_help().splitlines()
+             if line.lstrip().startswith("--")]
+    doubled = [line.strip() for line in lines if line.count("default:") > 1]
+    assert not doubled, doubled

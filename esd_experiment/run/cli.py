@@ -259,13 +259,24 @@ def sweep_cache(config: RunConfig, specs: Sequence[JobSpec]) -> BasePins | None:
 # ---------------------------------------------------------------------------------------------
 # Command line.
 
+class _DefaultsOnce(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults in the help, except where the help already says its default (or
+    the flag is required and has none)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default:" in text or action.required:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=_DefaultsOnce)
     p.add_argument("--model_list", type=Path,
                    help="CSV with model_id[,base_model_relation,source_model,gguf_file]")
     p.add_argument("--output_dir", type=Path, required=True, help="one CSV per model goes here")
-    p.add_argument("--log_dir", type=Path, default=None, help="per-model logs (default: <output_dir>/logs)")
+    p.add_argument("--log_dir", type=Path, default=None,
+                   help="per-model logs (default: <output_dir>/logs)")
     p.add_argument("--demo", action="store_true",
                    help="build a small offline model zoo under <output_dir>/zoo and analyse it")
     p.add_argument("--dry_run", action="store_true",
