@@ -214,6 +214,24 @@ def test_refit_lists_and_skips_models_without_eigenvalues(results_dir, tmp_path,
     assert refit.esd_options.str.startswith("fix_fingers=DKS;").all()
 
 
+def test_refit_of_results_without_any_eigenvalues_says_so_in_one_short_line(tmp_path, capsys):
+    import torch
+
+    from tests.result_fixtures import write_model
+
+    out, models = tmp_path / "results", 30
+    gen = torch.Generator().manual_seed(0)
+    for i in range(models):
+        write_model(out, f"org/m{i}", {"layer.weight": torch.randn(16, 12, generator=gen)},
+                    save_eigs=False)
+    code = esd_report.main(["refit", str(out), "--output_dir", str(tmp_path / "new")])
+    assert code == esd_report.EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.count("--save_eigs") == 1, err
+    assert f"{models} models" in err and "no saved eigenvalues" in err, err
+    assert len(err) < 300, err  # a line, not one clause per model
+
+
 def test_refit_refuses_its_own_directory_and_other_options(results_dir, tmp_path, capsys):
     out, _ = results_dir
     assert esd_report.main(["refit", str(out), "--output_dir", str(out)]) == 2

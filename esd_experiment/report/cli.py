@@ -305,8 +305,7 @@ def refit(results_dir: Path, new_dir: Path, overrides: dict,
     skipped = {p.name: why for p, why in loaded.skipped.items()}
     plans = _refit_plans(loaded, base_key, new_dir, skipped)
     if not plans:
-        raise InputError(f"no model in {results_dir} can be refit: " + "; ".join(
-            f"{k}: {v}" for k, v in skipped.items()))
+        raise InputError(f"no model in {results_dir} can be refit: {_reasons(skipped)}")
     models, record = len(plans), config.options_record
     deltas = results_dir / DELTA_DIR  # --delta's view, refit beside the results
     if deltas.is_dir() and within(deltas, results_dir) and result_files(deltas):
@@ -347,6 +346,17 @@ def _refit_plans(loaded: LoadedResults, base_key: str, out: Path, skipped: dict[
         else:
             plans.append((model_id, csv, rows, out))
     return plans
+
+
+def _reasons(skipped: dict[str, str]) -> str:
+    """``skipped`` in one line: each reason once, with the one model it stops or how many
+    (a directory of 500 results without eigenvalues gives one clause, not 500)."""
+    by_reason: dict[str, list[str]] = {}
+    for what, why in skipped.items():
+        by_reason.setdefault(why, []).append(what)
+    return "; ".join(f"{whats[0]}: {why}" if len(whats) == 1
+                     else f"{len(whats)} models ({whats[0]}, ...): {why}"
+                     for why, whats in by_reason.items())
 
 
 def _directory_options(results_dir: Path, loaded: LoadedResults) -> str:
