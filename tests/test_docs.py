@@ -102,3 +102,13 @@ def test_the_readme_metric_example_runs_as_printed(tmp_path):
     ours = analyze(str(model), metrics=[getattr(module, function)], device="cpu")
     np.testing.assert_allclose(ours[column].to_numpy(float), frame[column].to_numpy(float),
                                rtol=REL_TOL)
+
+
+def test_refit_help_explains_every_argument():
+    (sub,) = [a for a in report_cli.build_parser()._actions
+              if isinstance(a, argparse._SubParsersAction)]
+    refit = sub.choices["refit"]
+    bare = [a.dest for a in refit._actions if not a.help]
+    assert not bare, f"refit arguments without help: {bare}"
+    results_dir = next(a for a in refit._actions if a.dest == "results_dir")
+    assert "--save_eigs" in results_dir.help

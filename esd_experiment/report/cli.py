@@ -3,6 +3,7 @@
 Usage: python esd_report.py report RESULTS_DIR [--out DIR] [--max_figures 40]
        python esd_report.py refit RESULTS_DIR --output_dir NEW --fix_fingers DKS
            [--xmin_pos N] [--bins N] [--filter_zeros | --no-filter_zeros] [--evals_thresh X]
+           [--metric FILE.py:FUNCTION] [--mp_fit]
 
 ``report`` reads every result CSV of RESULTS_DIR (``results.read_results``), its
 ``.eigs.npz`` files, ``failed_models.txt`` and ``logs/``, and writes into --out (default
@@ -416,19 +417,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="models (and fine-tune pairs) drawn in full (default: %(default)s)")
     r.add_argument("--jobs", type=int, default=None,
                    help="processes drawing figures (default: the CPUs this process may use)")
-    f = sub.add_parser("refit", help="new results from saved eigenvalues with new fit options")
-    f.add_argument("results_dir", type=Path)
-    f.add_argument("--output_dir", type=Path, required=True, help="where the new results go")
-    f.add_argument("--fix_fingers", choices=FIX_FINGERS, default=None)
-    f.add_argument("--xmin_pos", type=int, default=None)
-    f.add_argument("--bins", type=int, default=None)
-    f.add_argument("--filter_zeros", action=argparse.BooleanOptionalAction, default=None)
-    f.add_argument("--evals_thresh", type=float, default=None)
+    f = sub.add_parser("refit", help="new results from saved eigenvalues with new fit options",
+                       description="New results from the eigenvalues a run saved (--save_eigs), "
+                                   "with other fit options or metrics; no model is loaded.")
+    f.add_argument("results_dir", type=Path,
+                   help="an --output_dir of run_esd_experiment.py whose run used --save_eigs")
+    f.add_argument("--output_dir", type=Path, required=True,
+                   help="where the new results go (not RESULTS_DIR)")
+    kept = " (default: the results' own)"
+    f.add_argument("--fix_fingers", choices=FIX_FINGERS, default=None,
+                   help="how xmin is chosen" + kept)
+    f.add_argument("--xmin_pos", type=int, default=None,
+                   help="xmin_mid: xmin index = n // xmin_pos" + kept)
+    f.add_argument("--bins", type=int, default=None, help="histogram bins for xmin_peak" + kept)
+    f.add_argument("--filter_zeros", action=argparse.BooleanOptionalAction, default=None,
+                   help="drop eigenvalues <= --evals_thresh from the fit" + kept)
+    f.add_argument("--evals_thresh", type=float, default=None,
+                   help="with --filter_zeros, fit only eigenvalues above this" + kept)
     f.add_argument("--metric", action="append", default=[], metavar="FILE.py:FUNCTION",
                    help="a custom metric computed from the saved eigenvalues (repeatable; "
                         "without it the new results hold none)")
     f.add_argument("--mp_fit", action="store_true",
-                   help="add WeightWatcher's Marchenko-Pastur fit columns")
+                   help="add WeightWatcher's Marchenko-Pastur fit columns (without it the "
+                        "new results hold none)")
     f.add_argument("--randomize", action="store_true",
                    help="refused: the randomized ESD needs the weights (run the models)")
     f.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
