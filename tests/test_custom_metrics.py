@@ -134,6 +134,18 @@ def test_a_bad_metric_spec_is_refused_at_startup(metric_file, tmp_path, spec, ca
     assert not (tmp_path / "out").exists()
 
 
+def test_a_metric_file_named_as_a_module_is_pointed_to_its_file_spec(metric_file,
+                                                                    monkeypatch):
+    from esd_experiment.estimator.metrics import load_metric
+
+    monkeypatch.chdir(metric_file.parent)  # my_metrics.py is here, but no module my_metrics
+    with pytest.raises(InputError) as refused:
+        load_metric("my_metrics:spectrum")
+    message = str(refused.value)
+    assert "\n" not in message and "cannot be imported" in message
+    assert "--metric my_metrics.py:spectrum" in message, message
+
+
 def test_net_esd_estimator_takes_metrics():
     gen = torch.Generator().manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.ReLU(), torch.nn.Linear(20, 40))
