@@ -211,6 +211,9 @@ def test_runner_adds_a_metric_from_saved_eigenvalues_without_loading(checkpoint,
     frame = pd.read_csv(csv)
     assert "lambda_max" in frame.columns and frame["lambda_max"].notna().any()
     assert "from its saved eigenvalues" in proc.stderr
+    # The run's own accounts count the model as done by it, not as found done before.
+    assert "1 computed from saved eigenvalues, 0 already done" in proc.stderr, proc.stderr
+    assert "finished: done 1, skipped 0, failed 0" in proc.stderr, proc.stderr
 
 
 def test_a_users_columns_keep_the_result_done(checkpoint, tmp_path):

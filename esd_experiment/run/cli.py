@@ -133,8 +133,9 @@ def run(config: RunConfig, backend=None) -> int:
                          config.limit, config.args.delta)
         recompute_planned(plan, esd_config_from_args(config.args, "cpu"), config.args.delta)
         accounts = Accounts(e.key for e in entries[:config.limit])
-        failures.clear_all(e.key for e in plan.done)  # a killed run may have left a line
-        for entry in plan.done:
+        done = plan.done + plan.recomputed
+        failures.clear_all(e.key for e in done)  # a killed run may have left a line
+        for entry in done:
             accounts.done(entry.key)
         for entry in plan.skipped_failed:
             accounts.failed(entry.key)
@@ -143,10 +144,11 @@ def run(config: RunConfig, backend=None) -> int:
             accounts.failed(entry.key)
         specs = group_jobs([e for e, _ in plan.to_run], config.max_group,
                            adapter_config_reader(config), config.args.delta)
-        logger.info("%d models: %d to run, %d already done, %d failed before and skipped, "
-                    "%d invalid; %d job(s), %s", plan.total, len(plan.to_run), len(plan.done),
-                    len(plan.skipped_failed), len(plan.invalid), len(specs),
-                    describe_backend(config, backend))
+        logger.info("%d models: %d to run, %s%d already done, %d failed before and skipped, "
+                    "%d invalid; %d job(s), %s", plan.total, len(plan.to_run),
+                    f"{len(plan.recomputed)} computed from saved eigenvalues, "
+                    if plan.recomputed else "", len(plan.done), len(plan.skipped_failed),
+                    len(plan.invalid), len(specs), describe_backend(config, backend))
         pins = sweep_cache(config, specs)
         progress = Progress(len(plan.to_run), config.progress, lambda: backend.running_jobs)
         runner = Runner(config, backend, failures, progress, pins, accounts)

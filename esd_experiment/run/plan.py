@@ -41,10 +41,12 @@ class Plan:
     done: list[ListEntry] = field(default_factory=list)
     skipped_failed: list[ListEntry] = field(default_factory=list)
     invalid: list[tuple[ListEntry, str]] = field(default_factory=list)
+    recomputed: list[ListEntry] = field(default_factory=list)  # from saved eigenvalues, now
 
     @property
     def total(self) -> int:
-        return len(self.to_run) + len(self.done) + len(self.skipped_failed) + len(self.invalid)
+        return (len(self.to_run) + len(self.done) + len(self.skipped_failed)
+                + len(self.invalid) + len(self.recomputed))
 
 
 def make_plan(entries: list[ListEntry], output_dir: Path, log_dir: Path, options: str,

@@ -138,7 +138,7 @@ def recompute_metrics(paths: ModelPaths, config: ESDConfig) -> bool:
 
 def recompute_planned(plan, config: ESDConfig, delta: bool = False) -> None:
     """Move each model of ``plan.to_run`` (run_plan.Plan) that ``recompute_metrics`` rewrites
-    to ``plan.done``, logging it; one whose metric fails on them to ``plan.invalid``, with
+    to ``plan.recomputed``, logging it; one whose metric fails on them to ``plan.invalid``, with
     the cause the worker would give (its eigenvalues and old result kept). Under ``delta`` a
     model with a delta runs again instead."""
     from esd_experiment.core.delta_paths import has_delta
@@ -156,6 +156,6 @@ def recompute_planned(plan, config: ESDConfig, delta: bool = False) -> None:
             continue
         if recomputed:
             plan.to_run.remove((entry, paths))
-            plan.done.append(entry)
+            plan.recomputed.append(entry)
             logger.info("%s: custom metrics computed from its saved eigenvalues, no model "
                         "loaded", entry.key)
