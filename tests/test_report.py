@@ -285,7 +285,8 @@ def test_two_gguf_files_of_one_repository_are_two_results(two_gguf_results, tmp_
     summary = load_results(out, summary=True)
     assert sorted(summary.model_id) == sorted(storage) and (summary.fitted == 1).all()
 
-    assert report(out, "--out", tmp_path / "page") == 0
+    # --output_dir, refit's and the runner's name for it, is report's --out too
+    assert report(out, "--output_dir", tmp_path / "page") == 0
     assert sorted(pd.read_csv(tmp_path / "page" / "summary.csv").model_id) == sorted(storage)
     parsed = Page((tmp_path / "page" / "index.html").read_text())
     text = " ".join(parsed.text)

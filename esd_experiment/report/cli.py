@@ -411,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("report", help="summary.csv and an offline index.html")
     r.add_argument("results_dir", type=Path, help="an --output_dir of run_esd_experiment.py")
-    r.add_argument("--out", type=Path, default=None, help="default: RESULTS_DIR/report")
+    r.add_argument("--out", "--output_dir", type=Path, default=None, dest="out",
+                   help="where the page goes (default: RESULTS_DIR/report)")
     r.add_argument("--log_dir", type=Path, default=None, help="default: RESULTS_DIR/logs")
     r.add_argument("--max_figures", type=int, default=MAX_FIGURES,
                    help="models (and fine-tune pairs) drawn in full (default: %(default)s)")
