@@ -431,3 +431,33 @@ def test_refit_refits_the_delta_view_too(zoo, tmp_path):
     theirs = ww.WeightWatcher(model=ft, base_model=base).analyze()
     compare(ours, theirs, sorted(set(ours["longname"]) & set(theirs["longname"])))
     assert json.loads((new / ".esd_options.json").read_text())["delta"] is True
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints in other layouts than the source's.
+
+@pytest.mark.parametrize("gguf_side", ["fine_tune", "source"])
+def test_a_gguf_fine_tune_against_a_safetensors_source_and_the_reverse(tmp_path, gguf_side):
+    """llama.cpp's converter permutes the rows of attn_q and attn_k; a GGUF on one side and
+    the Hugging Face layout on the other still give ΔW of the Hugging Face matrices (numpy on
+    the difference of the two safetensors checkpoints)."""
+    from safetensors.torch import load_file
+
+    from esd_experiment import analyze
+    from tests.loader_fixtures import save_model
+    from tests.test_gguf import llama_as_gguf
+
+    hf_dir, gguf = llama_as_gguf(tmp_path)  # the same weights, as safetensors and as GGUF
+    save_model(llama(seed=4), tmp_path / "other")
+    if gguf_side == "fine_tune":
+        rows = analyze(str(gguf), base=str(tmp_path / "other"), device="cpu")
+    else:
+        rows = analyze(str(tmp_path / "other"), base=str(gguf), device="cpu")
+    mine, theirs = (load_file(str(d / "model.safetensors")) for d in (hf_dir, tmp_path / "other"))
+    rows = rows.set_index("longname")
+    assert len(rows) == 16 and any(n.endswith("q_proj") for n in rows.index)
+    for name, row in rows.iterrows():
+        ref = gram_evals((mine[f"{name}.weight"].double()
+                          - theirs[f"{name}.weight"].double()).numpy())
+        assert row["norm"] == pytest.approx(ref.sum(), rel=EIGEN_RTOL), name
+        assert row["spectral_norm"] == pytest.approx(ref.max(), rel=EIGEN_RTOL), name

@@ -40,9 +40,11 @@ start where the one before it ends, padded to ``general.alignment`` (a power of 
 dimensions or offsets that disagree never read a tensor as another shape or over another's
 bytes.
 
-llama.cpp's converter permutes the rows of ``attn_q`` and ``attn_k`` (``LlamaModel.permute``).
-A row permutation ``P`` leaves ``(PW)^T (PW) = W^T W`` unchanged, so the eigenvalues and every
-metric of a row are those of the Hugging Face matrix; the permutation is not undone.
+llama.cpp's converter permutes the rows of ``attn_q`` and ``attn_k`` (``LlamaModel.permute``)
+of a ``llama`` GGUF; they are read back in the Hugging Face order, as transformers loads them
+(its ``LlamaTensorProcessor``), with the head counts of the file's metadata. The eigenvalues do
+not depend on the row order, but ``W - W_source`` against a Hugging Face checkpoint (--delta)
+and a custom metric's ``W`` do.
 """
 
 from __future__ import annotations
@@ -86,6 +88,11 @@ _STRING, _ARRAY = 8, 9
 # Unquantized GGML types, returned in their own dtype.
 _PLAIN = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
           "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64"}
+# The architectures whose attn_q/attn_k rows llama.cpp permutes and transformers permutes back
+# on loading (the ``llama`` entry of its TENSOR_PROCESSORS): architecture -> (the tensors, the
+# metadata keys of the head counts of attn_q and of attn_k).
+_PERMUTED_QK = {"llama": (re.compile(r"^blk\.\d+\.attn_(?P<which>[qk])\.weight$"),
+                          "llama.attention.head_count", "llama.attention.head_count_kv")}
 
 
 @dataclass(frozen=True)
@@ -381,7 +388,28 @@ class GGUFCheckpoint:
             self._info.update(here)
             names += sorted(here, key=natural_key)
         self.names = tuple(names)
+        self._heads = self._permuted_heads()
         self._open: tuple[Path, object] | None = None
+
+    def _permuted_heads(self) -> dict[str, int]:
+        """{tensor: the head count its rows were permuted by} for llama.cpp's attn_q/attn_k."""
+        rule = _PERMUTED_QK.get(self.architecture)
+        if rule is None:
+            return {}
+        pattern, heads_key, kv_key = rule
+        heads = self.metadata.get(heads_key)
+        kv = self.metadata.get(kv_key, heads)
+        if not isinstance(heads, int) or not isinstance(kv, int) or min(heads, kv) <= 0:
+            return {}  # as transformers: without both head counts the rows are kept
+        out = {}
+        for name, info in self._info.items():
+            match = pattern.match(info.gguf_name)
+            if match is None or len(info.shape) != 2:
+                continue
+            count = heads if match["which"] == "q" else kv
+            if info.shape[0] % (2 * count) == 0:
+                out[name] = count
+        return out
 
     @property
     def nbytes(self) -> int:
@@ -426,12 +454,15 @@ class GGUFCheckpoint:
         info = self._info[name]
         plain = _PLAIN.get(info.qtype)
         if plain is None:
-            return self._dequantized(info)
-        # numpy has no bfloat16: its bytes are read as int16 and viewed
-        raw = torch.empty(info.shape, dtype=torch.int16 if plain == "bfloat16" else
-                          getattr(torch, plain))
-        self._read_into(info, raw.numpy().reshape(-1).view(np.uint8), 0)
-        return raw.view(torch.bfloat16) if plain == "bfloat16" else raw
+            out = self._dequantized(info)
+        else:
+            # numpy has no bfloat16: its bytes are read as int16 and viewed
+            raw = torch.empty(info.shape, dtype=torch.int16 if plain == "bfloat16" else
+                              getattr(torch, plain))
+            self._read_into(info, raw.numpy().reshape(-1).view(np.uint8), 0)
+            out = raw.view(torch.bfloat16) if plain == "bfloat16" else raw
+        heads = self._heads.get(name)
+        return out if heads is None else unpermute_rows(out, heads)
 
     def _dequantized(self, info: _TensorInfo) -> torch.Tensor:
         import torch
@@ -460,6 +491,14 @@ class GGUFCheckpoint:
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor, str]]:
         return stream_tensors(self)
+
+
+def unpermute_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """The inverse of llama.cpp's ``LlamaModel.permute``: within each of ``heads`` heads, the
+    rows stored as (pair, half) go back to (half, pair), the Hugging Face order."""
+    rows = w.shape[0]
+    return (w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2)
+            .reshape(w.shape).contiguous())
 
 
 # ---------------------------------------------------------------------------------------------
