@@ -193,15 +193,17 @@ def _matrix(layer, delta: LayerDelta, config: ESDConfig) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # The worker's models: each joins a shared pass of tensor_stream.stream_models.
 
-def _shared_names(ft_names: Iterable[str], base_reader):
+def _shared_names(ft_names: Iterable[str], base_reader, base_config=None):
     """``{fine-tune tensor: source tensor}`` for the tensors the two hold with equal shapes
-    (names matched as an adapter's are: exactly, or with one model's first prefix left out)."""
+    (names matched as an adapter's are: exactly, or with one model's first prefix left out;
+    a tensor the source ties to another and so does not store, an untied fine-tune's
+    ``lm_head``, is matched to the one the source stores, as the source model uses it)."""
     from esd_experiment.adapters.lora_merge import _BaseNames
 
-    finder = _BaseNames(base_reader.names)
+    finder = _BaseNames(base_reader.names, base_config)
     out = {}
     for name in ft_names:
-        found = finder.find(name)
+        found = finder.find(name) or finder.find_tied(name)
         if found is not None:
             out[name] = found
     return out
@@ -234,7 +236,7 @@ class FineTuneOnSource:
         self.model_id, self.revision = model.model_id, model.revision
         self.source_model = model.source_model
         own, base = model.checkpoint.reader, source.reader
-        self.pairs = {n: b for n, b in _shared_names(own.names, base).items()
+        self.pairs = {n: b for n, b in _shared_names(own.names, base, source.config).items()
                       if tuple(own.shape(n)) == tuple(base.shape(b))}
         self.by_source: dict[str | None, list[str]] = {}
         for name, found in self.pairs.items():
