@@ -11,6 +11,7 @@ same order, the same numbers. Options take the CLI's flag names (``fix_fingers="
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from collections.abc import Iterable
 from dataclasses import replace
@@ -36,6 +37,8 @@ from esd_experiment.run.worker import (
 
 if TYPE_CHECKING:
     import pandas as pd
+
+logger = logging.getLogger(__name__)
 
 # Where nothing is written: ``analyze`` computes paths only because a run names its files.
 _NOWHERE = Path(os.devnull)
@@ -126,6 +129,9 @@ def _module_runs(config: WorkerConfig, module: Any, base: Any, model_id: str | N
         model = LoadedModel(label, None, source_model, None, False, _checkpoint(label, module))
         if base is not None:
             model = FineTuneOnSource(model, _checkpoint(source_model, base))
+            note = model.unpaired_note()
+            if note is not None:
+                logger.warning("%s", note)
             deltas.append(_run(label, FineTuneDelta(model, config.esd)))
     run = _run(label, model)
     analyse(config, [run, *deltas], StageLog(None))

@@ -491,3 +491,54 @@ def test_an_untied_fine_tune_of_a_tied_source_has_its_lm_head_delta(tmp_path):
                  analyze(ft, base=base, device="cpu", **WW_CONFIG)):
         assert "lm_head" in set(ours["longname"])
         compare(ours, theirs, sorted(set(ours["longname"]) & set(theirs["longname"])))
+
+
+def test_a_fused_moe_fine_tune_of_a_per_expert_source_names_the_layers_it_leaves_out(
+        tmp_path, caplog):
+    """A Mixtral fine-tune saved in the fused 3-D layout of transformers' modules
+    (mlp.experts.gate_up_proj, mlp.gate) against the published per-expert names
+    (block_sparse_moe.experts.E.w1): the layers the two share (attention, embeddings, head)
+    give ΔW rows (numpy on the difference); the rest are left out with one line that names
+    the model, the source and the cause."""
+    from esd_experiment import analyze
+    from tests.loader_fixtures import write_safetensors
+    from tests.zoo_published import LAYERS, E, build
+
+    published, source = build("mixtral", tmp_path)
+    values = published.values
+    gen = torch.Generator().manual_seed(9)
+    ft = {}
+    for name, value in values.items():
+        if ".block_sparse_moe." not in name:
+            ft[name] = value + 0.01 * torch.randn(value.shape, generator=gen)
+    for i in range(LAYERS):
+        p = f"model.layers.{i}"
+        moe = f"{p}.block_sparse_moe"
+        ft[f"{p}.mlp.gate.weight"] = values[f"{moe}.gate.weight"]
+        ft[f"{p}.mlp.experts.gate_up_proj"] = torch.stack([torch.cat([
+            values[f"{moe}.experts.{e}.w1.weight"], values[f"{moe}.experts.{e}.w3.weight"]])
+            for e in range(E)])
+        ft[f"{p}.mlp.experts.down_proj"] = torch.stack([
+            values[f"{moe}.experts.{e}.w2.weight"] for e in range(E)])
+    write_safetensors(tmp_path / "ft", ft, published.config)
+    with caplog.at_level(logging.WARNING, logger="esd_experiment"):
+        rows = analyze(str(tmp_path / "ft"), base=str(source), device="cpu")
+    rows = rows.set_index("longname")
+    assert len(rows) == 2 + 4 * LAYERS  # embedding, head, q/k/v/o of each block
+    for name, row in rows.iterrows():
+        ref = gram_evals((ft[f"{name}.weight"].double() - values[f"{name}.weight"].double())
+                         .numpy())
+        assert row["norm"] == pytest.approx(ref.sum(), rel=EIGEN_RTOL), name
+    (line,) = [r.getMessage() for r in caplog.records if "no delta row" in r.getMessage()]
+    assert "\n" not in line and line.startswith(str(tmp_path / "ft"))
+    assert str(source) in line and f"{3 * LAYERS} of its" in line
+    assert "model.layers.0.mlp.experts.gate_up_proj" in line
+    caplog.clear()  # modules: the same line, here for a layer of another shape
+    torch.manual_seed(0)
+    mine = torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.Linear(12, 16))
+    theirs = torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.Linear(16, 16))
+    with caplog.at_level(logging.WARNING, logger="esd_experiment"):
+        assert list(analyze(mine, base=theirs, model_id="org/mine")["longname"]) == ["0"]
+    (line,) = [r.getMessage() for r in caplog.records if "no delta row" in r.getMessage()]
+    assert line.startswith("org/mine: --delta: 1 of its 2 weight tensors")
+    assert "1 have another shape there (1.weight)" in line

@@ -236,8 +236,14 @@ class FineTuneOnSource:
         self.model_id, self.revision = model.model_id, model.revision
         self.source_model = model.source_model
         own, base = model.checkpoint.reader, source.reader
-        self.pairs = {n: b for n, b in _shared_names(own.names, base, source.config).items()
+        named = _shared_names(own.names, base, source.config)
+        self.pairs = {n: b for n, b in named.items()
                       if tuple(own.shape(n)) == tuple(base.shape(b))}
+        weights = [n for n in own.names if len(own.shape(n)) >= 2 and is_weight_name(n)]
+        self.weights = len(weights)
+        self.unpaired = (  # the weights with no delta row: (no such name, another shape)
+            [n for n in weights if n not in named],
+            [n for n in weights if n in named and n not in self.pairs])
         self.by_source: dict[str | None, list[str]] = {}
         for name, found in self.pairs.items():
             self.by_source.setdefault(found, []).append(name)
@@ -248,6 +254,18 @@ class FineTuneOnSource:
         self._index = {name: i for i, name in enumerate(order)}
         self._last_use = {f: i for i, name in enumerate(order) for f in own.files_of(name)}
         self.last: tuple[str, torch.Tensor] | None = None  # for its delta, read once
+
+    def unpaired_note(self) -> str | None:
+        """One line naming the weights that have no delta row, and why; None when all do."""
+        missing, reshaped = self.unpaired
+        if not missing and not reshaped:
+            return None
+        causes = [f"{len(names)} {why} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                  for names, why in ((missing, "have no tensor of that name there"),
+                                     (reshaped, "have another shape there")) if names]
+        return (f"{self.model_id}: --delta: {len(missing) + len(reshaped)} of its {self.weights} "
+                f"weight tensors have no delta row against its source model "
+                f"{self.source_model}: {'; '.join(causes)}")
 
     def outputs_by_source(self) -> dict[str | None, list[str]]:
         return self.by_source

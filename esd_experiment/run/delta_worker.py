@@ -48,6 +48,9 @@ def delta_runs(config, runs: list, make_run, hub, session, stage) -> list:
                         f"{run.model_id}: --delta: no weight of it has a tensor of the same "
                         f"name and shape in its source model {model.source_model}")
                 used.add(id(source))
+                note = fine_tune.unpaired_note()
+                if note is not None:
+                    logger.warning("%s", note)
                 run.model, delta.model = fine_tune, FineTuneDelta(fine_tune, config.esd)
         except ESDError as exc:
             delta.error, delta.stage = exc, "resolve"
