@@ -437,25 +437,30 @@ def test_refit_refits_the_delta_view_too(zoo, tmp_path):
 # Checkpoints in other layouts than the source's.
 
 @pytest.mark.parametrize("gguf_side", ["fine_tune", "source"])
-def test_a_gguf_fine_tune_against_a_safetensors_source_and_the_reverse(tmp_path, gguf_side):
-    """llama.cpp's converter permutes the rows of attn_q and attn_k; a GGUF on one side and
-    the Hugging Face layout on the other still give ΔW of the Hugging Face matrices (numpy on
-    the difference of the two safetensors checkpoints)."""
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_gguf_fine_tune_against_a_safetensors_source_and_the_reverse(tmp_path, arch,
+                                                                        gguf_side):
+    """llama.cpp's converter permutes the rows of a llama's attn_q and attn_k, and transposes
+    GPT-2's Conv1D weights; a GGUF on one side and the Hugging Face layout on the other still
+    give ΔW of the Hugging Face matrices, every matrix of them (numpy on the difference of the
+    two safetensors checkpoints)."""
     from safetensors.torch import load_file
 
     from esd_experiment import analyze
-    from tests.loader_fixtures import save_model
-    from tests.test_gguf import llama_as_gguf
+    from tests.loader_fixtures import gpt2, save_model
+    from tests.test_gguf import gpt2_as_gguf, llama_as_gguf
 
-    hf_dir, gguf = llama_as_gguf(tmp_path)  # the same weights, as safetensors and as GGUF
-    save_model(llama(seed=4), tmp_path / "other")
+    make, convert, count = {"llama": (llama, llama_as_gguf, 16),
+                            "gpt2": (gpt2, gpt2_as_gguf, 10)}[arch]
+    hf_dir, gguf = convert(tmp_path)  # the same weights, as safetensors and as GGUF
+    save_model(make(seed=4), tmp_path / "other")
     if gguf_side == "fine_tune":
         rows = analyze(str(gguf), base=str(tmp_path / "other"), device="cpu")
     else:
         rows = analyze(str(tmp_path / "other"), base=str(gguf), device="cpu")
     mine, theirs = (load_file(str(d / "model.safetensors")) for d in (hf_dir, tmp_path / "other"))
     rows = rows.set_index("longname")
-    assert len(rows) == 16 and any(n.endswith("q_proj") for n in rows.index)
+    assert len(rows) == count and any(n.endswith(("q_proj", "c_attn")) for n in rows.index)
     for name, row in rows.iterrows():
         ref = gram_evals((mine[f"{name}.weight"].double()
                           - theirs[f"{name}.weight"].double()).numpy())

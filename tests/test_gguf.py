@@ -29,7 +29,7 @@ from esd_experiment.formats.gguf_file import (
     select_gguf_files,
 )
 from esd_experiment.formats.stream import read_order
-from tests.loader_fixtures import llama
+from tests.loader_fixtures import gpt2, llama
 from tests.test_quantized import assert_rows_close, esd_rows
 
 # Rows over our reader and over gguf's own dequantization see the same float32 numbers, so
@@ -196,6 +196,37 @@ def llama_as_gguf(tmp_path: Path, split_max_tensors: int = 0) -> tuple[Path, Pat
     return hf_dir, tmp_path / name
 
 
+GGUF_OF_GPT2 = {"wte": "token_embd", "wpe": "position_embd", "ln_f": "output_norm",
+                "ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
+                "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+GPT2_META = {"block_count": 2, "context_length": 64, "embedding_length": 32,
+             "feed_forward_length": 128, "head_count": 4, "layer_norm_eps": 1e-5,
+             "vocab_size": 96}
+
+
+def gpt2_as_gguf(tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny HF GPT-2 saved as safetensors, and converted to F32 GGUF as llama.cpp does (its
+    Conv1D weights transposed to (out, in), the head tied); returns (HF directory, GGUF)."""
+    model = gpt2(seed=3)
+    hf_dir = tmp_path / "hf"
+    model.save_pretrained(hf_dir)
+    tensors = {}
+    for name, param in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        stem, _, kind = name.removeprefix("transformer.").rpartition(".")
+        w = param.numpy()
+        if stem.startswith("h."):
+            _, bid, rest = stem.split(".", 2)
+            gguf = f"blk.{bid}.{GGUF_OF_GPT2[rest]}.{kind}"
+            w = w.T if kind == "weight" and rest.startswith(("attn.c_", "mlp.c_")) else w
+        else:
+            gguf = f"{GGUF_OF_GPT2[stem]}.{kind}"
+        tensors[gguf] = (np.ascontiguousarray(w), T.F32)
+    write_gguf(tmp_path / "tiny.gguf", tensors, arch="gpt2", metadata=GPT2_META)
+    return hf_dir, tmp_path / "tiny.gguf"
+
+
 def test_names_are_huggingface_and_rows_match_the_original(tmp_path):
     hf_dir, gguf = llama_as_gguf(tmp_path)
     reader = GGUFCheckpoint([gguf], "tiny-gguf")
@@ -214,6 +245,18 @@ def test_names_are_huggingface_and_rows_match_the_original(tmp_path):
         for row in a:
             row.pop("storage")
     assert_rows_close(ours, ref, PERMUTED_RTOL)
+
+
+def test_a_gpt2_gguf_reads_its_conv1d_weights_in_the_original_layout(tmp_path):
+    """llama.cpp transposes GPT-2's Conv1D weights; they read back as the original's."""
+    hf_dir, gguf = gpt2_as_gguf(tmp_path)
+    reader = GGUFCheckpoint([gguf], "tiny-gguf")
+    original = CheckpointReader(hf_dir, select_weight_files(
+        [p.name for p in hf_dir.iterdir()], "hf"), "hf")
+    assert set(reader.names) <= set(original.names) and len(reader.names) == 28
+    for name in reader.names:
+        assert reader.shape(name) == tuple(original.shape(name)), name
+        assert torch.equal(reader.get(name), original.get(name)), name
 
 
 def test_a_deep_models_names_are_mapped_with_one_tensor_name_map(tmp_path, monkeypatch):

@@ -40,11 +40,13 @@ start where the one before it ends, padded to ``general.alignment`` (a power of 
 dimensions or offsets that disagree never read a tensor as another shape or over another's
 bytes.
 
-llama.cpp's converter permutes the rows of ``attn_q`` and ``attn_k`` (``LlamaModel.permute``)
-of a ``llama`` GGUF; they are read back in the Hugging Face order, as transformers loads them
-(its ``LlamaTensorProcessor``), with the head counts of the file's metadata. The eigenvalues do
-not depend on the row order, but ``W - W_source`` against a Hugging Face checkpoint (--delta)
-and a custom metric's ``W`` do.
+Matrices llama.cpp's converter stores in another layout than the Hugging Face checkpoint are
+read back in the Hugging Face layout, as transformers loads them (its ``LlamaTensorProcessor``
+and ``GPT2TensorProcessor``): the rows of a ``llama`` GGUF's ``attn_q`` and ``attn_k``, which
+the converter permutes (``LlamaModel.permute``), with the head counts of the file's metadata;
+a ``gpt2`` GGUF's ``attn_qkv``, ``attn_output``, ``ffn_up`` and ``ffn_down``, which it
+transposes from GPT-2's ``Conv1D`` (in, out). The eigenvalues depend on neither, but
+``W - W_source`` against a Hugging Face checkpoint (--delta) and a custom metric's ``W`` do.
 """
 
 from __future__ import annotations
@@ -93,6 +95,9 @@ _PLAIN = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float6
 # metadata keys of the head counts of attn_q and of attn_k).
 _PERMUTED_QK = {"llama": (re.compile(r"^blk\.\d+\.attn_(?P<which>[qk])\.weight$"),
                           "llama.attention.head_count", "llama.attention.head_count_kv")}
+# The architectures whose Conv1D weights llama.cpp transposes and transformers transposes back
+# (the ``gpt2`` entry of its TENSOR_PROCESSORS).
+_TRANSPOSED = {"gpt2": re.compile(r"^blk\.\d+\.(attn_qkv|attn_output|ffn_up|ffn_down)\.weight$")}
 
 
 @dataclass(frozen=True)
@@ -389,6 +394,9 @@ class GGUFCheckpoint:
             names += sorted(here, key=natural_key)
         self.names = tuple(names)
         self._heads = self._permuted_heads()
+        transposed = _TRANSPOSED.get(self.architecture)
+        self._transposed = {n for n, info in self._info.items() if len(info.shape) == 2
+                            and transposed is not None and transposed.match(info.gguf_name)}
         self._open: tuple[Path, object] | None = None
 
     def _permuted_heads(self) -> dict[str, int]:
@@ -416,7 +424,8 @@ class GGUFCheckpoint:
         return sum(p.stat().st_size for p in self._paths)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._info[name].shape
+        shape = self._info[name].shape
+        return shape[::-1] if name in self._transposed else shape
 
     def dtype(self, name: str) -> str:
         return _PLAIN.get(self._info[name].qtype, "float32")
@@ -462,7 +471,9 @@ class GGUFCheckpoint:
             self._read_into(info, raw.numpy().reshape(-1).view(np.uint8), 0)
             out = raw.view(torch.bfloat16) if plain == "bfloat16" else raw
         heads = self._heads.get(name)
-        return out if heads is None else unpermute_rows(out, heads)
+        if heads is not None:
+            return unpermute_rows(out, heads)
+        return out.T.contiguous() if name in self._transposed else out
 
     def _dequantized(self, info: _TensorInfo) -> torch.Tensor:
         import torch
