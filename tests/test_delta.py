@@ -498,47 +498,86 @@ def test_an_untied_fine_tune_of_a_tied_source_has_its_lm_head_delta(tmp_path):
         compare(ours, theirs, sorted(set(ours["longname"]) & set(theirs["longname"])))
 
 
-def test_a_fused_moe_fine_tune_of_a_per_expert_source_names_the_layers_it_leaves_out(
-        tmp_path, caplog):
-    """A Mixtral fine-tune saved in the fused 3-D layout of transformers' modules
-    (mlp.experts.gate_up_proj, mlp.gate) against the published per-expert names
-    (block_sparse_moe.experts.E.w1): the layers the two share (attention, embeddings, head)
-    give ΔW rows (numpy on the difference); the rest are left out with one line that names
-    the model, the source and the cause."""
+def fused_mixtral(values: dict) -> dict:
+    """The tensors of a published (per-expert) Mixtral in the fused 3-D layout of
+    transformers' modules: mlp.experts.gate_up_proj[e] = [w1; w3], down_proj[e] = w2,
+    mlp.gate the router."""
+    from tests.zoo_published import LAYERS, E
+
+    out = {n: v for n, v in values.items() if ".block_sparse_moe." not in n}
+    for i in range(LAYERS):
+        p, moe = f"model.layers.{i}", f"model.layers.{i}.block_sparse_moe"
+        out[f"{p}.mlp.gate.weight"] = values[f"{moe}.gate.weight"]
+        out[f"{p}.mlp.experts.gate_up_proj"] = torch.stack([torch.cat([
+            values[f"{moe}.experts.{e}.w1.weight"], values[f"{moe}.experts.{e}.w3.weight"]])
+            for e in range(E)])
+        out[f"{p}.mlp.experts.down_proj"] = torch.stack([
+            values[f"{moe}.experts.{e}.w2.weight"] for e in range(E)])
+    return out
+
+
+@pytest.mark.parametrize("fused_side", ["fine_tune", "source"])
+def test_a_mixtral_fine_tune_in_the_other_expert_layout_than_its_source(tmp_path, caplog,
+                                                                        fused_side):
+    """Mixtral's published per-expert names (block_sparse_moe.experts.E.w1) against the fused
+    3-D layout of transformers' modules (mlp.experts.gate_up_proj), either way round: every
+    expert matrix and the router give ΔW rows, named as the per-expert checkpoint names them
+    (numpy on the difference of the matrices as the published layout holds them); a weight
+    the source lacks is left out with one line that names the model, the source and why."""
     from esd_experiment import analyze
     from tests.loader_fixtures import write_safetensors
     from tests.zoo_published import LAYERS, E, build
 
-    published, source = build("mixtral", tmp_path)
-    values = published.values
+    published, per_expert = build("mixtral", tmp_path)
     gen = torch.Generator().manual_seed(9)
-    ft = {}
-    for name, value in values.items():
-        if ".block_sparse_moe." not in name:
-            ft[name] = value + 0.01 * torch.randn(value.shape, generator=gen)
-    for i in range(LAYERS):
-        p = f"model.layers.{i}"
-        moe = f"{p}.block_sparse_moe"
-        ft[f"{p}.mlp.gate.weight"] = values[f"{moe}.gate.weight"]
-        ft[f"{p}.mlp.experts.gate_up_proj"] = torch.stack([torch.cat([
-            values[f"{moe}.experts.{e}.w1.weight"], values[f"{moe}.experts.{e}.w3.weight"]])
-            for e in range(E)])
-        ft[f"{p}.mlp.experts.down_proj"] = torch.stack([
-            values[f"{moe}.experts.{e}.w2.weight"] for e in range(E)])
-    write_safetensors(tmp_path / "ft", ft, published.config)
+    tuned = {n: v + 0.01 * torch.randn(v.shape, generator=gen)
+             for n, v in published.values.items()}
+    if fused_side == "fine_tune":
+        ft_dir = write_safetensors(tmp_path / "ft", {**fused_mixtral(tuned),
+                                                     "score.weight": torch.ones(3, 32)},
+                                   published.config)
+        source = per_expert
+    else:
+        ft_dir = write_safetensors(tmp_path / "ft", {**tuned, "score.weight": torch.ones(3, 32)},
+                                   published.config)
+        source = write_safetensors(tmp_path / "fused", fused_mixtral(published.values),
+                                   published.config)
     with caplog.at_level(logging.WARNING, logger="esd_experiment"):
-        rows = analyze(str(tmp_path / "ft"), base=str(source), device="cpu")
+        rows = analyze(str(ft_dir), base=str(source), device="cpu")
     rows = rows.set_index("longname")
-    assert len(rows) == 2 + 4 * LAYERS  # embedding, head, q/k/v/o of each block
-    for name, row in rows.iterrows():
-        ref = gram_evals((ft[f"{name}.weight"].double() - values[f"{name}.weight"].double())
-                         .numpy())
+    assert len(rows) == 2 + LAYERS * (4 + 1 + 3 * E)  # embed, head; attention, router, experts
+    assert set(rows.loc[[n for n in rows.index if n.endswith(".gate")], "status"]) == {
+        "too_small"}  # the router: E = 4 eigenvalues, under min_evals
+    for name, row in rows[rows["status"] != "too_small"].iterrows():
+        published_name = name + ".weight"
+        ref = gram_evals((tuned[published_name].double()
+                          - published.values[published_name].double()).numpy())
         assert row["norm"] == pytest.approx(ref.sum(), rel=EIGEN_RTOL), name
+        assert row["spectral_norm"] == pytest.approx(ref.max(), rel=EIGEN_RTOL), name
+    assert (rows.loc[[n for n in rows.index if ".experts." in n], "layer_type"]
+            == "expert").all()
     (line,) = [r.getMessage() for r in caplog.records if "no delta row" in r.getMessage()]
-    assert "\n" not in line and line.startswith(str(tmp_path / "ft"))
-    assert str(source) in line and f"{3 * LAYERS} of its" in line
-    assert "model.layers.0.mlp.experts.gate_up_proj" in line
-    caplog.clear()  # modules: the same line, here for a layer of another shape
+    assert "\n" not in line and line.startswith(str(ft_dir))
+    assert str(source) in line and "1 of its" in line and "score.weight" in line
+    # the fine-tune's own result, read in the same pass (each stack once), is its result alone
+    import pandas as pd
+
+    from esd_experiment.core.paths import ModelPaths
+    from esd_experiment.run import worker as esd_worker
+
+    out = tmp_path / "out"
+    assert esd_worker.main([*map(str, ["--model_id", ft_dir, "--source_model", source,
+                                       "--output_dir", out, "--device", "cpu",
+                                       "--delta"])]) == 0
+    own = pd.read_csv(ModelPaths.for_model(out, str(ft_dir)).csv)
+    alone = analyze(str(ft_dir), device="cpu")
+    assert list(own["longname"]) == list(alone["longname"])
+    np.testing.assert_allclose(own["norm"], alone["norm"], rtol=EIGEN_RTOL)
+
+
+def test_a_layer_of_another_shape_is_named_in_one_line_from_modules(caplog):
+    from esd_experiment import analyze
+
     torch.manual_seed(0)
     mine = torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.Linear(12, 16))
     theirs = torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.Linear(16, 16))

@@ -5,6 +5,7 @@ shapes, with the model it was made from (docs/metrics.md, "The delta view").
   is read beside the source's (``FineTuneOnSource``, whose reads also make the fine-tune's
   own result), and ``ΔW``'s eigenvalues summed from row chunks of the difference, as a
   weight's are from its own (``FineTuneDelta``, ``difference_eigenvalues``). The fine-tunes and adapters of one source in one job share the pass.
+  Experts stored in the other layout than the source's pair per expert (``delta_layouts``).
 - A LoRA adapter: ``ΔW = s·B·A`` (transposed where the merge transposes it), exactly the
   merged model minus its base. Its eigenvalues come from the r×r core of two thin QR
   factorisations, ``B = Q_B R_B``, ``Aᵀ = Q_A R_A``: the nonzero eigenvalues of ``ΔWᵀΔW`` are
@@ -24,6 +25,7 @@ the fit set it would fit noise. The two paths then give the same eigenvalues.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
@@ -231,6 +233,7 @@ class FineTuneOnSource:
 
     def __init__(self, model, source):
         from esd_experiment.formats.stream import read_order
+        from esd_experiment.run.delta_layouts import LayoutPair, layout_pairs
 
         self.model, self.checkpoint = model, source  # the pass it joins
         self.model_id, self.revision = model.model_id, model.revision
@@ -240,20 +243,54 @@ class FineTuneOnSource:
         self.pairs = {n: b for n, b in named.items()
                       if tuple(own.shape(n)) == tuple(base.shape(b))}
         weights = [n for n in own.names if len(own.shape(n)) >= 2 and is_weight_name(n)]
+        taken = set(self.pairs.values())
+        across = layout_pairs(  # an expert layout other than the source's
+            [n for n in weights if n not in self.pairs], own.shape,
+            [b for b in base.names if b not in taken], base.shape,
+            [(c or {}).get("model_type") for c in (source.config, model.checkpoint.config)])
+        # Each delta row: a fine-tune tensor (or rows of it) minus a source tensor (or rows).
+        self.deltas = [LayoutPair(n, n, b) for n, b in self.pairs.items()] + across
+        paired = {p.ft for p in self.deltas}
         self.weights = len(weights)
         self.unpaired = (  # the weights with no delta row: (no such name, another shape)
-            [n for n in weights if n not in named],
-            [n for n in weights if n in named and n not in self.pairs])
+            [n for n in weights if n not in named and n not in paired],
+            [n for n in weights if n in named and n not in paired])
+        base_order = read_order(base)
+        at = {b: i for i, b in enumerate(base_order)}
+        read_under: dict[str, str] = {}  # each fine-tune tensor, read once: at its first use
+        for pair in self.deltas:
+            if pair.ft not in read_under or at[pair.source] < at[read_under[pair.ft]]:
+                read_under[pair.ft] = pair.source
         self.by_source: dict[str | None, list[str]] = {}
-        for name, found in self.pairs.items():
+        for name, found in read_under.items():
             self.by_source.setdefault(found, []).append(name)
-        rest = [n for n in read_order(own) if n not in self.pairs]
+        self.delta_by_source: dict[str, list[str]] = {}
+        for pair in self.deltas:
+            self.delta_by_source.setdefault(pair.source, []).append(pair.name)
+        self.delta_of = {pair.name: pair for pair in self.deltas}
+        # A stack whose expert matrices pair with several source tensors is held from its
+        # read until its last delta row.
+        self._uses = Counter(p.ft for p in self.deltas if p.ft_part is not None)
+        self._held: dict[str, torch.Tensor] = {}
+        rest = [n for n in read_order(own) if n not in read_under]
         if rest:
             self.by_source[None] = rest
-        order = [n for b in read_order(base) for n in self.by_source.get(b, ())] + rest
+        order = [n for b in base_order for n in self.by_source.get(b, ())] + rest
         self._index = {name: i for i, name in enumerate(order)}
         self._last_use = {f: i for i, name in enumerate(order) for f in own.files_of(name)}
         self.last: tuple[str, torch.Tensor] | None = None  # for its delta, read once
+
+    def value_of(self, name: str) -> torch.Tensor:
+        """The fine-tune's tensor ``name`` for a delta row: as this pass read it, else read."""
+        if name in self._held:
+            value = self._held[name]
+            self._uses[name] -= 1
+            if not self._uses[name]:
+                del self._held[name]
+            return value
+        if self.last is not None and self.last[0] == name:
+            return self.last[1]
+        return self.model.checkpoint.reader.get(name)
 
     def unpaired_note(self) -> str | None:
         """One line naming the weights that have no delta row, and why; None when all do."""
@@ -274,6 +311,8 @@ class FineTuneOnSource:
         own = self.model.checkpoint
         value = own.reader.get(name)
         self.last = (name, value)
+        if self._uses.get(name):
+            self._held[name] = value
         if own.fetcher is not None:
             for file in own.reader.files_of(name):
                 if self._last_use.get(file) == self._index[name]:
@@ -300,16 +339,17 @@ class FineTuneDelta(_DeltaRows):
         self.revision, self.source_model = fine_tune.revision, fine_tune.source_model
 
     def outputs_by_source(self) -> dict[str | None, list[str]]:
-        return {b: names for b, names in self.fine_tune.by_source.items() if b is not None}
+        return self.fine_tune.delta_by_source
 
     def output(self, name: str, base_value: torch.Tensor) -> LayerDelta:
-        last = self.fine_tune.last
-        value = last[1] if last is not None and last[0] == name else \
-            self.fine_tune.model.checkpoint.reader.get(name)
-        return difference(value, base_value)
+        pair = self.fine_tune.delta_of[name]
+        value = self.fine_tune.value_of(pair.ft)
+        return difference(value if pair.ft_part is None else pair.ft_part.of(value),
+                          base_value if pair.source_part is None else
+                          pair.source_part.of(base_value))
 
     def output_storage(self, name: str) -> str:
-        return self.fine_tune.output_storage(name)
+        return self.fine_tune.output_storage(self.fine_tune.delta_of[name].ft)
 
     def close(self) -> None:
         """The fine-tune's files are closed by the fine-tune, the source's by the pass."""

@@ -43,7 +43,7 @@ def delta_runs(config, runs: list, make_run, hub, session, stage) -> list:
                 source = _source(model, checkpoints + opened, opened, config, hub, session,
                                  stage)
                 fine_tune = FineTuneOnSource(model, source)
-                if not fine_tune.pairs:
+                if not fine_tune.deltas:
                     raise ShapeMismatchError(
                         f"{run.model_id}: --delta: no weight of it has a tensor of the same "
                         f"name and shape in its source model {model.source_model}")

@@ -1,0 +1,140 @@
+"""Pairing a fine-tune's tensors with its source's across the two expert layouts of one
+mixture-of-experts architecture, for the delta view (run/delta.py).
+
+A published checkpoint stores each expert as its own matrices (Mixtral's
+``block_sparse_moe.experts.3.w1.weight``, Qwen-MoE's ``mlp.experts.3.gate_proj.weight``);
+transformers' modules hold them fused, one 3-D stack per projection
+(``mlp.experts.gate_up_proj[e] = [w1; w3]``, ``mlp.experts.down_proj[e] = w2``), and a
+fine-tune saved from the module's ``state_dict`` keeps that layout. Which names fuse into
+which, and how, is transformers' own conversion mapping of the architecture
+(``get_checkpoint_conversion_mapping(model_type)``: renamings, and converters that stack the
+experts (``MergeModulelist(dim=0)``) and concatenate the parts (``Concatenate(dim=1)``)). With
+it, each per-expert matrix is paired with its rows of the fused stack: ``ΔW`` is per-expert,
+named as the per-expert checkpoint names it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Part:
+    """Rows ``[index·rows/parts, (index+1)·rows/parts)`` of expert ``expert`` of a 3-D stack."""
+
+    expert: int
+    index: int
+    parts: int
+
+    def of(self, stack):
+        rows = stack.shape[1] // self.parts
+        return stack[self.expert, self.index * rows:(self.index + 1) * rows]
+
+
+@dataclass(frozen=True)
+class LayoutPair:
+    """One delta row across layouts: ``name`` (the per-expert name), the fine-tune tensor
+    ``ft`` (``ft_part`` of it, when it is the stack) minus the source tensor ``source``
+    (``source_part`` of it); a renamed tensor (a router) has neither part."""
+
+    name: str
+    ft: str
+    source: str
+    ft_part: Part | None = None
+    source_part: Part | None = None
+
+
+@dataclass(frozen=True)
+class _Canonical:
+    fused: str              # the name in transformers' module layout
+    part: Part | None       # a per-expert matrix's place in its stack
+
+
+def _conversions(model_types: Iterable[str]) -> tuple[list, list] | None:
+    """(renamings ``[(old, new)]``, converters ``[(compiled sources, target)]``) of the
+    first model type transformers has a conversion mapping of; None without one."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:  # a transformers without conversion mappings: names match or not
+        return None
+    for model_type in model_types:
+        try:
+            mapping = get_checkpoint_conversion_mapping(model_type) or []
+        except Exception as exc:  # noqa: BLE001  (a mapping that cannot be built pairs nothing)
+            logger.debug("no conversion mapping of %s: %s", model_type, exc)
+            continue
+        renames, converters = [], []
+        for conv in mapping:
+            kind = type(conv).__name__
+            ops = [repr(op) for op in getattr(conv, "operations", None) or ()]
+            sources, targets = list(conv.source_patterns), list(conv.target_patterns)
+            if kind == "WeightRenaming" and len(sources) == len(targets) == 1:
+                renames.append((sources[0], targets[0]))
+            elif (kind == "WeightConverter" and len(targets) == 1
+                  and all(s.count("*") == 1 for s in sources)
+                  and ops == ["MergeModulelist(dim=0)"] + (
+                      ["Concatenate(dim=1)"] if len(sources) > 1 else [])):
+                converters.append(([re.compile(re.escape(s).replace(r"\*", r"(\d+)") + "$")
+                                    for s in sources], targets[0]))
+        if renames or converters:
+            return renames, converters
+    return None
+
+
+def _canonical(name: str, renames: list, converters: list) -> _Canonical:
+    for old, new in renames:
+        name = name.replace(old, new)
+    for sources, target in converters:
+        for index, pattern in enumerate(sources):
+            match = pattern.search(name)
+            if match is not None:
+                return _Canonical(name[:match.start()] + target,
+                                  Part(int(match[1]), index, len(sources)))
+    return _Canonical(name, None)
+
+
+def layout_pairs(ft_names: Iterable[str], ft_shape: Callable, source_names: Iterable[str],
+                 source_shape: Callable, model_types: Iterable[str]) -> list[LayoutPair]:
+    """The pairs across the two layouts among ``ft_names`` and ``source_names`` (the tensors
+    not matched by name), their shapes checked: a per-expert matrix against its rows of the
+    other's stack, a renamed tensor against its new name."""
+    ft_names, source_names = list(ft_names), list(source_names)
+    if not ft_names or not source_names:
+        return []
+    found = _conversions(t for t in model_types if t)
+    if found is None:
+        return []
+    renames, converters = found
+    sources: dict[tuple, str] = {}
+    for name in source_names:
+        canon = _canonical(name, renames, converters)
+        sources[(canon.fused, canon.part)] = name
+    stacks = {fused for fused, part in sources if part is not None}  # held per expert there
+    out = []
+    for name in ft_names:
+        canon = _canonical(name, renames, converters)
+        whole = sources.get((canon.fused, None))
+        if canon.part is not None:  # a per-expert matrix here, the source's stack
+            if whole is not None and _fits(source_shape(whole), ft_shape(name), canon.part):
+                out.append(LayoutPair(name, name, whole, source_part=canon.part))
+        elif canon.fused in stacks:  # a stack here, the source's per-expert matrices
+            out += [LayoutPair(source, name, source, ft_part=part)
+                    for (fused, part), source in sources.items()
+                    if fused == canon.fused and part is not None
+                    and _fits(ft_shape(name), source_shape(source), part)]
+        elif whole is not None and whole != name and \
+                tuple(ft_shape(name)) == tuple(source_shape(whole)):  # renamed (a router)
+            out.append(LayoutPair(name, name, whole))
+    return out
+
+
+def _fits(stack: tuple, matrix: tuple, part: Part) -> bool:
+    """Whether ``matrix`` is the shape of ``part`` of a 3-D ``stack``."""
+    stack, matrix = tuple(stack), tuple(matrix)
+    return (len(stack) == 3 and len(matrix) == 2 and part.expert < stack[0]
+            and stack[1] == part.parts * matrix[0] and stack[2] == matrix[1])
