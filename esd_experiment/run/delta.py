@@ -268,9 +268,14 @@ class FineTuneOnSource:
         for pair in self.deltas:
             self.delta_by_source.setdefault(pair.source, []).append(pair.name)
         self.delta_of = {pair.name: pair for pair in self.deltas}
-        # A stack whose expert matrices pair with several source tensors is held from its
-        # read until its last delta row.
-        self._uses = Counter(p.ft for p in self.deltas if p.ft_part is not None)
+        # Each fine-tune tensor read is held for its delta rows (a stack, whose expert
+        # matrices pair with several source tensors, until the last one), and no longer
+        # than the source tensor of its last row.
+        self._at, self._read_under = at, read_under
+        self._uses = Counter(p.ft for p in self.deltas)
+        self._until: dict[str, int] = {}
+        for pair in self.deltas:
+            self._until[pair.ft] = max(self._until.get(pair.ft, -1), at[pair.source])
         self._held: dict[str, torch.Tensor] = {}
         rest = [n for n in read_order(own) if n not in read_under]
         if rest:
@@ -278,18 +283,16 @@ class FineTuneOnSource:
         order = [n for b in base_order for n in self.by_source.get(b, ())] + rest
         self._index = {name: i for i, name in enumerate(order)}
         self._last_use = {f: i for i, name in enumerate(order) for f in own.files_of(name)}
-        self.last: tuple[str, torch.Tensor] | None = None  # for its delta, read once
 
     def value_of(self, name: str) -> torch.Tensor:
-        """The fine-tune's tensor ``name`` for a delta row: as this pass read it, else read."""
+        """The fine-tune's tensor ``name`` for a delta row: as this pass read it (read again
+        only where the fine-tune's own stream failed before it)."""
         if name in self._held:
             value = self._held[name]
             self._uses[name] -= 1
             if not self._uses[name]:
                 del self._held[name]
             return value
-        if self.last is not None and self.last[0] == name:
-            return self.last[1]
         return self.model.checkpoint.reader.get(name)
 
     def unpaired_note(self) -> str | None:
@@ -309,8 +312,10 @@ class FineTuneOnSource:
 
     def output(self, name: str, base_value: torch.Tensor | None) -> torch.Tensor:
         own = self.model.checkpoint
+        now = self._at.get(self._read_under.get(name), len(self._at))
+        for stale in [h for h in self._held if self._until[h] < now]:  # its delta is done
+            del self._held[stale]
         value = own.reader.get(name)
-        self.last = (name, value)
         if self._uses.get(name):
             self._held[name] = value
         if own.fetcher is not None:
@@ -323,6 +328,7 @@ class FineTuneOnSource:
         return self.model.checkpoint.reader.storage(name)
 
     def close(self) -> None:
+        self._held.clear()
         own = self.model.checkpoint
         own.reader.close()
         if own.fetcher is not None:
