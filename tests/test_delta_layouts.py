@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+import torch
 
 from tests.loader_fixtures import llama, save_model, write_safetensors
 from tests.test_delta import fused_mixtral
@@ -50,3 +51,86 @@ def test_each_fine_tune_tensor_is_read_once_when_one_source_tensor_serves_severa
                                        "--delta"])]) == 0
     mine = {name: n for (model, name), n in reads.items() if model == ft}
     assert mine and max(mine.values()) == 1, Counter(mine).most_common(3)
+
+
+def mixtral_as_gguf(values: dict, path):
+    """A published Mixtral's tensors as llama.cpp converts it (arch llama; attn_q/attn_k rows
+    permuted; the experts of a block stacked per projection, ffn_gate_exps = [w1_e], ffn_up_exps
+    = [w3_e], ffn_down_exps = [w2_e]; the router ffn_gate_inp), F32."""
+    import numpy as np
+
+    from tests.test_gguf import LLAMA_META, T, llama_permute, write_gguf
+    from tests.zoo_published import LAYERS, E, F, H, V
+
+    def arr(t):
+        return np.ascontiguousarray(t.numpy())
+
+    tensors = {"token_embd.weight": values["model.embed_tokens.weight"],
+               "output.weight": values["lm_head.weight"],
+               "output_norm.weight": values["model.norm.weight"]}
+    for i in range(LAYERS):
+        p, moe = f"model.layers.{i}", f"model.layers.{i}.block_sparse_moe"
+        b = f"blk.{i}"
+        tensors.update({
+            f"{b}.attn_q.weight": llama_permute(values[f"{p}.self_attn.q_proj.weight"].numpy(),
+                                                4, 4),
+            f"{b}.attn_k.weight": llama_permute(values[f"{p}.self_attn.k_proj.weight"].numpy(),
+                                                4, 2),
+            f"{b}.attn_v.weight": values[f"{p}.self_attn.v_proj.weight"],
+            f"{b}.attn_output.weight": values[f"{p}.self_attn.o_proj.weight"],
+            f"{b}.attn_norm.weight": values[f"{p}.input_layernorm.weight"],
+            f"{b}.ffn_norm.weight": values[f"{p}.post_attention_layernorm.weight"],
+            f"{b}.ffn_gate_inp.weight": values[f"{moe}.gate.weight"]})
+        for gguf, part in (("gate", "w1"), ("up", "w3"), ("down", "w2")):
+            tensors[f"{b}.ffn_{gguf}_exps.weight"] = torch.stack(
+                [values[f"{moe}.experts.{e}.{part}.weight"] for e in range(E)])
+    meta = {**LLAMA_META, "embedding_length": H, "feed_forward_length": F, "vocab_size": V,
+            "expert_count": E, "expert_used_count": 2}
+    return write_gguf(path, {n: (arr(t) if isinstance(t, torch.Tensor) else
+                                 np.ascontiguousarray(t), T.F32) for n, t in tensors.items()},
+                      metadata=meta)
+
+
+@pytest.mark.parametrize("gguf_side", ["fine_tune", "source"])
+def test_a_gguf_mixtral_against_the_published_per_expert_checkpoint(tmp_path, caplog,
+                                                                   gguf_side):
+    """llama.cpp's Mixtral (ffn_gate_exps/ffn_up_exps/ffn_down_exps stacks) against the
+    published per-expert names, either way round: every expert matrix gives its ΔW row (numpy
+    on the difference of the published matrices); the router, too small for a row, is named
+    as left out."""
+    import logging
+
+    import numpy as np
+
+    from esd_experiment import analyze
+    from tests.test_delta import EIGEN_RTOL, gram_evals
+    from tests.zoo_published import LAYERS, E, build
+
+    published, per_expert = build("mixtral", tmp_path)
+    gen = torch.Generator().manual_seed(9)
+    tuned = {n: v + 0.01 * torch.randn(v.shape, generator=gen)
+             for n, v in published.values.items()}
+    if gguf_side == "fine_tune":
+        ft, source = mixtral_as_gguf(tuned, tmp_path / "ft.gguf"), per_expert
+    else:
+        ft = write_safetensors(tmp_path / "ft", tuned, published.config)
+        source = mixtral_as_gguf(published.values, tmp_path / "source.gguf")
+    with caplog.at_level(logging.WARNING, logger="esd_experiment"):
+        rows = analyze(str(ft), base=str(source), device="cpu")
+    experts = [n for n in rows["longname"] if "exps" in n or ".experts." in n]
+    assert len(experts) == LAYERS * 3 * E
+    assert len(rows) == 2 + LAYERS * (4 + 3 * E)
+    for name in experts:  # named as the fine-tune names it, per-expert or a stack's slice
+        row = rows.set_index("longname").loc[name]
+        layer, rest = name.split(".ffn_") if "exps" in name else (name, "")
+        if rest:
+            kind, e = rest.split("_exps[")
+            part = {"gate": "w1", "up": "w3", "down": "w2"}[kind]
+            name = f"{layer}.block_sparse_moe.experts.{e.rstrip(']')}.{part}"
+        ref = gram_evals((tuned[f"{name}.weight"].double()
+                          - published.values[f"{name}.weight"].double()).numpy())
+        assert row["norm"] == pytest.approx(ref.sum(), rel=EIGEN_RTOL), name
+        assert row["spectral_norm"] == pytest.approx(ref.max(), rel=EIGEN_RTOL), name
+    assert np.isfinite(rows["norm"]).all()
+    (line,) = [r.getMessage() for r in caplog.records if "no delta row" in r.getMessage()]
+    assert f"{LAYERS} of its" in line and "gate" in line

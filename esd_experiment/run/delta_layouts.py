@@ -10,7 +10,9 @@ which, and how, is transformers' own conversion mapping of the architecture
 (``get_checkpoint_conversion_mapping(model_type)``: renamings, and converters that stack the
 experts (``MergeModulelist(dim=0)``) and concatenate the parts (``Concatenate(dim=1)``)). With
 it, each per-expert matrix is paired with its rows of the fused stack: ``ΔW`` is per-expert,
-named as the per-expert checkpoint names it.
+named as the per-expert checkpoint names it. A GGUF's expert matrices (llama.cpp's
+``ffn_gate_exps`` / ``ffn_up_exps`` / ``ffn_down_exps``, one matrix at a time) pair with the
+per-expert ones (``gate_up_proj``'s parts in their converter's order, and ``down_proj``).
 """
 
 from __future__ import annotations
@@ -130,7 +132,39 @@ def layout_pairs(ft_names: Iterable[str], ft_shape: Callable, source_names: Iter
         elif whole is not None and whole != name and \
                 tuple(ft_shape(name)) == tuple(source_shape(whole)):  # renamed (a router)
             out.append(LayoutPair(name, name, whole))
+    # A GGUF's expert matrices (ffn_up_exps[e]) against per-expert ones, one to one.
+    paired = {p.ft for p in out}
+    used = {p.source for p in out}
+    experts = {key: name for name in source_names if name not in used
+               and (key := _expert_key(name, renames, converters)) is not None}
+    for name in ft_names:
+        key = None if name in paired else _expert_key(name, renames, converters)
+        source = experts.get(key) if key is not None else None
+        if source is not None and tuple(ft_shape(name)) == tuple(source_shape(source)):
+            out.append(LayoutPair(name, name, source))
     return out
+
+
+# llama.cpp's expert matrices, read one at a time (gguf_file.py): under the block's name.
+_GGUF_EXPERT = re.compile(r"^(?P<block>.+\.layers\.\d+)\.ffn_(?P<which>gate|up|down)_exps"
+                          r"(?:\.weight)?\[(?P<expert>\d+)\]$")
+_BLOCK = re.compile(r"^(.+?\.layers\.\d+)\.")
+
+
+def _expert_key(name: str, renames: list, converters: list) -> tuple[str, str, int] | None:
+    """(block, gate / up / down, expert) of a GGUF's or a per-expert checkpoint's expert
+    matrix (the parts of transformers' ``gate_up_proj`` in its converter's order)."""
+    match = _GGUF_EXPERT.match(name)
+    if match is not None:
+        return match["block"], match["which"], int(match["expert"])
+    canon, block = _canonical(name, renames, converters), _BLOCK.match(name)
+    if canon.part is None or block is None:
+        return None
+    if canon.fused.endswith("gate_up_proj") and canon.part.parts == 2:
+        return block[1], ("gate", "up")[canon.part.index], canon.part.expert
+    if canon.fused.endswith("down_proj") and canon.part.parts == 1:
+        return block[1], "down", canon.part.expert
+    return None
 
 
 def _fits(stack: tuple, matrix: tuple, part: Part) -> bool:
