@@ -113,10 +113,12 @@ def layout_pairs(ft_names: Iterable[str], ft_shape: Callable, source_names: Iter
         return []
     renames, converters = found
     sources: dict[tuple, str] = {}
+    stacks: dict[str, list[tuple[Part, str]]] = {}  # the stacks held per expert there
     for name in source_names:
         canon = _canonical(name, renames, converters)
         sources[(canon.fused, canon.part)] = name
-    stacks = {fused for fused, part in sources if part is not None}  # held per expert there
+        if canon.part is not None:
+            stacks.setdefault(canon.fused, []).append((canon.part, name))
     out = []
     for name in ft_names:
         canon = _canonical(name, renames, converters)
@@ -126,9 +128,8 @@ def layout_pairs(ft_names: Iterable[str], ft_shape: Callable, source_names: Iter
                 out.append(LayoutPair(name, name, whole, source_part=canon.part))
         elif canon.fused in stacks:  # a stack here, the source's per-expert matrices
             out += [LayoutPair(source, name, source, ft_part=part)
-                    for (fused, part), source in sources.items()
-                    if fused == canon.fused and part is not None
-                    and _fits(ft_shape(name), source_shape(source), part)]
+                    for part, source in stacks[canon.fused]
+                    if _fits(ft_shape(name), source_shape(source), part)]
         elif whole is not None and whole != name and \
                 tuple(ft_shape(name)) == tuple(source_shape(whole)):  # renamed (a router)
             out.append(LayoutPair(name, name, whole))
