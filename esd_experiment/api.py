@@ -74,7 +74,8 @@ def analyze(source: Any, *, base: Any = None, metrics: Iterable = (),
     ``base`` (the source model: an id or path for an id or path, a module for a module), or
     ``delta=True`` with a ``source_model`` or for an adapter or ``PeftModel``: the rows of the
     delta view instead, ``W - W_base`` layer by layer, as ``--delta`` writes them to
-    ``delta/<name>.csv``. Raises the project's error (``esd_experiment.core.errors``) naming
+    ``delta/<name>.csv`` (a ``PeftModel``'s is its adapter's update on its own base model: a
+    ``base`` other than that is refused). Raises the project's error (``esd_experiment.core.errors``) naming
     the model when it cannot be read.
     """
     delta = bool(options.pop("delta", False)) or base is not None
@@ -121,6 +122,11 @@ def _module_runs(config: WorkerConfig, module: Any, base: Any, model_id: str | N
     label = model_id or _module_name(module)
     deltas: list[ModelRun] = []
     if is_peft_model(module):
+        if base is not None and base is not module.get_base_model():
+            raise InputError(
+                f"analyze(): {label} is a PeftModel: its delta is its adapter's update on its "
+                f"own base model, so base= another module is not used; leave base out, or pass "
+                f"merge_and_unload() of it to take its difference from {_module_name(base)}")
         model = open_peft_model(module, label, source_model)
         if config.delta:
             deltas.append(_run(label, AdapterDelta(model, config.esd)))

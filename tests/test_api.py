@@ -186,3 +186,21 @@ def test_importing_the_package_loads_neither_torch_nor_pandas():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_peft_models_delta_against_another_base_is_refused_in_one_line():
+    """A PeftModel's delta is its adapter's update on its own base (s·B·A); a base= that is
+    another module would be left unused, the rows not its difference: refused, saying so. Its
+    own base is taken, and gives the rows of delta=True."""
+    from peft import LoraConfig, get_peft_model
+
+    base = llama(seed=4)
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"],
+                                                 init_lora_weights=False))
+    with pytest.raises(InputError) as refused:
+        analyze(peft_model, base=llama(seed=5), model_id="org/lora")
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("analyze(): org/lora")
+    assert "PeftModel" in message and "merge_and_unload" in message
+    own = analyze(peft_model, base=base, model_id="org/lora")
+    pd.testing.assert_frame_equal(own, analyze(peft_model, delta=True, model_id="org/lora"))
