@@ -75,8 +75,8 @@ def analyze(source: Any, *, base: Any = None, metrics: Iterable = (),
     ``delta=True`` with a ``source_model`` or for an adapter or ``PeftModel``: the rows of the
     delta view instead, ``W - W_base`` layer by layer, as ``--delta`` writes them to
     ``delta/<name>.csv`` (a ``PeftModel``'s is its adapter's update on its own base model: a
-    ``base`` other than that is refused). Raises the project's error (``esd_experiment.core.errors``) naming
-    the model when it cannot be read.
+    ``base`` other than that is refused). Raises the project's error
+    (``esd_experiment.core.errors``) naming the model when it cannot be read.
     """
     delta = bool(options.pop("delta", False)) or base is not None
     esd = esd_options(metrics, **options)
