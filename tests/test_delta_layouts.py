@@ -134,3 +134,40 @@ def test_a_gguf_mixtral_against_the_published_per_expert_checkpoint(tmp_path, ca
     assert np.isfinite(rows["norm"]).all()
     (line,) = [r.getMessage() for r in caplog.records if "no delta row" in r.getMessage()]
     assert f"{LAYERS} of its" in line and "gate" in line
+
+
+def test_a_source_that_is_one_gguf_file_of_a_hub_repository(hub, tmp_path):
+    """A source_model written as the results name one GGUF file of a repository,
+    ``org/name#<gguf_file>``, opens that file: the fine-tune's delta against it (numpy on the
+    difference of the Hugging Face matrices); without it, a repository of several GGUF files
+    is refused in one line that says how to name one."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from esd_experiment import analyze
+    from esd_experiment.core.errors import ESDError
+    from tests.test_delta import EIGEN_RTOL, gram_evals
+    from tests.test_gguf import llama_as_gguf
+
+    hf_dir, gguf = llama_as_gguf(tmp_path)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(gguf, repo / "tiny.F32.gguf")
+    shutil.copy(gguf, repo / "tiny.other.gguf")
+    hub.add_repo("org/tiny-GGUF", repo)
+    save_model(llama(seed=4), tmp_path / "ft")
+    rows = analyze(str(tmp_path / "ft"), base="org/tiny-GGUF#tiny.F32.gguf",
+                   cache_dir=str(hub.cache), device="cpu").set_index("longname")
+    assert len(rows) == 16
+    assert (rows["source_model"] == "org/tiny-GGUF#tiny.F32.gguf").all()
+    mine, theirs = (load_file(str(d / "model.safetensors")) for d in (tmp_path / "ft", hf_dir))
+    for name, row in rows.iterrows():
+        ref = gram_evals((mine[f"{name}.weight"].double()
+                          - theirs[f"{name}.weight"].double()).numpy())
+        assert row["norm"] == pytest.approx(ref.sum(), rel=EIGEN_RTOL), name
+    with pytest.raises(ESDError) as refused:
+        analyze(str(tmp_path / "ft"), base="org/tiny-GGUF", cache_dir=str(hub.cache))
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(str(tmp_path / "ft"))
+    assert "org/tiny-GGUF#" in message

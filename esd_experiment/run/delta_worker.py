@@ -66,22 +66,42 @@ def delta_runs(config, runs: list, make_run, hub, session, stage) -> list:
 
 def _source(model, known: list, opened: list, config, hub, session, stage):
     """The checkpoint of ``model``'s source model: one the job holds, else opened now."""
-    from esd_experiment.loader.opener import ModelRequest, open_models, parse_model_id
+    from esd_experiment.loader.opener import open_models, parse_model_id
 
-    wanted, revision = parse_model_id(model.source_model)
-    for checkpoint in known:
+    request = source_request(model.source_model)
+    try:
+        wanted, revision = parse_model_id(request.model_id)
+    except ESDError as exc:
+        raise type(exc)(f"{model.model_id}: --delta: its source model: {exc}") from None
+    for checkpoint in [] if request.gguf_file else known:
         found = checkpoint.source
         if model_key(found.model_id) == model_key(wanted) and (
                 revision is None or revision == found.revision):
             return checkpoint
-    (source,) = open_models([ModelRequest(model.source_model)], hub=hub,
-                            cache_dir=config.cache_dir, session=session,
+    (source,) = open_models([request], hub=hub, cache_dir=config.cache_dir, session=session,
                             waiting=lambda: stage.during("download"))
     if isinstance(source, ESDError):
+        detail = str(source)
+        if not request.gguf_file and "gguf_file column" in detail:  # the fine-tune's row's
+            detail = f"{detail.rsplit('; ', 1)[0]}; name one as source_model {wanted}#<file>"
         raise type(source)(f"{model.model_id}: --delta: its source model "
-                           f"{model.source_model} cannot be read: {source}")
+                           f"{model.source_model} cannot be read: {detail}")
     if source.is_adapter or source.checkpoint is None:
         raise ShapeMismatchError(f"{model.model_id}: --delta: its source model "
                                  f"{model.source_model} is an adapter, not a full model")
     opened.append(source.checkpoint)
     return source.checkpoint
+
+
+def source_request(source_model: str):
+    """The request of a ``source_model``: ``org/name#<gguf_file>``, as results name one GGUF
+    file of a repository, is that file (a local path holding ``#`` stays a path)."""
+    from pathlib import Path
+
+    from esd_experiment.loader.opener import ModelRequest
+
+    text = source_model.strip()
+    repo, mark, gguf_file = text.partition("#")
+    if mark and repo.strip() and gguf_file.strip() and not Path(text).expanduser().exists():
+        return ModelRequest(repo.strip(), gguf_file=gguf_file.strip())
+    return ModelRequest(text)
