@@ -22,6 +22,9 @@ RUNNER = ROOT / "run_esd_experiment.py"
 CLI_TIMEOUT_S = 600  # five Slurm tasks of a few seconds each on two busy cores
 HUNG_TIMEOUT_S = 10  # --model_timeout for a stalled download: past the worker's start on Slurm
 AUTO_TIMEOUT_S = 300  # --device auto on a Ray without GPUs: five CPU jobs, or a hang before
+# The delta's top eigenvalue against numpy's SVD of the float64 difference: both exact to a few
+# ulps of lambda_max times the dimension.
+DELTA_RTOL = 1e-9
 SLURM_FLAGS = ("--backend", "slurm", "--slurm_cpus_per_task", "1", "--slurm_time", "10",
                "--slurm_poll_interval", "0.5")
 
@@ -102,6 +105,47 @@ def test_ray_rows_equal_a_local_run(five_models, local_rows, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_rows(out, local_rows)
 
+
+
+@pytest.fixture(scope="module")
+def fine_tune_of_a_base(tmp_path_factory) -> tuple[Path, Path, dict, dict]:
+    """A base and a fine-tune listed with it as its source_model (one job under --delta),
+    and a custom metric's file: (models.csv, the metric, base tensors, fine-tune tensors)."""
+    root = tmp_path_factory.mktemp("pair")
+    g = torch.Generator().manual_seed(7)
+    base = {f"model.layers.{k}.mlp.weight": torch.randn(96, 40, generator=g) for k in range(2)}
+    ft = {k: v + 0.2 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    for name, tensors in (("base", base), ("ft", ft)):
+        (root / name).mkdir()
+        save_file(tensors, root / name / "model.safetensors")
+    (root / "top.py").write_text("def top(evals):\n    return {'top': float(evals[-1])}\n")
+    (root / "models.csv").write_text("model_id,base_model_relation,source_model\n"
+                                     f"{root / 'base'},,\n{root / 'ft'},,{root / 'base'}\n")
+    return root / "models.csv", root / "top.py", base, ft
+
+
+def test_slurm_gives_the_researchers_views_a_local_run_gives(
+        slurm, fine_tune_of_a_base, tmp_path):  # noqa: F811
+    """--delta, --mp_fit, --randomize and a custom metric travel to the Slurm task's worker:
+    every result and delta file equals a local run's, and the delta is that of W - W_base."""
+    models, metric, base, ft = fine_tune_of_a_base
+    views = ("--delta", "--mp_fit", "--randomize", "--seed", "3", "--metric", f"{metric}:top")
+    local, out = tmp_path / "local", tmp_path / "slurm"
+    proc = cli("--model_list", models, "--output_dir", local, *views)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = cli("--model_list", models, "--output_dir", out, *views, *SLURM_FLAGS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for where in (Path("."), Path("delta")):
+        expected = {p.name: pd.read_csv(p) for p in (local / where).glob("*.csv")}
+        assert len(expected) == (2 if where == Path(".") else 1)
+        assert_same_rows(out / where, expected)
+    (delta,) = (out / "delta").glob("*.csv")
+    rows = pd.read_csv(delta).set_index("longname")
+    for name, w in ft.items():
+        sv = torch.linalg.svdvals(w.double() - base[name].double())
+        row = rows.loc[name.removesuffix(".weight")]
+        assert row["top"] == pytest.approx(float(sv[0] ** 2), rel=DELTA_RTOL)
+        assert row["max_rand_eval"] > 0 and row["num_spikes"] >= 0
 
 
 @pytest.fixture(scope="module")
