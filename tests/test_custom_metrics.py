@@ -3,6 +3,7 @@ options, recomputed from saved eigenvalues without loading a model; a user's fil
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -20,6 +21,7 @@ from esd_experiment.core.results import RESULT_COLUMNS, load_results
 from esd_experiment.estimator.net_esd import net_esd_estimator
 from esd_experiment.report import cli as esd_report
 from esd_experiment.run import worker as esd_worker
+from tests.test_backend_slurm import slurm  # noqa: F401  (the cluster fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = ROOT / "run_esd_experiment.py"
@@ -406,3 +408,44 @@ def test_a_column_named_as_a_summary_mean_source_breaks_no_summary(tmp_path):
     (metric,) = load_metrics([lambda evals: {"delta_alpha": 1.0}])
     with pytest.raises(InputError, match="delta_alpha"):
         metric_columns([metric], np.arange(12.0), lambda: None, RESULT_COLUMNS, 12, 12)
+
+
+def package_in(folder: Path) -> str:
+    """A package ``usermetrics`` in ``folder``, importable only from there; its spec."""
+    (folder / "usermetrics").mkdir()
+    (folder / "usermetrics" / "__init__.py").write_text("")
+    (folder / "usermetrics" / "spectral.py").write_text(
+        "def top(evals):\n    return {'top': float(evals[-1])}\n")
+    return "usermetrics.spectral:top"
+
+
+@pytest.mark.parametrize("backend", ["local", "ray", "slurm"])
+def test_a_package_metric_of_the_runs_directory_runs_on_every_backend(checkpoint, tmp_path,
+                                                                      backend, request):
+    """``--metric package.module:FUNCTION`` with the package in the directory the run starts
+    in (as ``python -m`` finds it): the runner and every worker, wherever it runs, import it
+    (on Slurm, a task that starts in another directory)."""
+    flags = ["--backend", backend]
+    if backend == "ray":
+        pytest.importorskip("ray", reason="Ray is an optional install: requirements-ray.txt")
+    if backend == "slurm":
+        request.getfixturevalue("slurm")
+        flags += ["--slurm_cpus_per_task", "1", "--slurm_time", "10",
+                  "--slurm_poll_interval", "0.5", "--slurm_setup", "cd /"]
+    root, tensors = checkpoint
+    spec = package_in(tmp_path)
+    models, out = write_list(tmp_path / "models.csv", root), tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, str(RUNNER), "--model_list", str(models),
+                           "--output_dir", str(out), "--metric", spec, *flags,
+                           "--device", "cpu", "--retry_backoff", "0", "--no-progress"],
+                          capture_output=True, text=True, timeout=CLI_TIMEOUT_S, cwd=tmp_path,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    frame = load_results(out).set_index("longname")
+    digest = hashlib.sha256((tmp_path / "usermetrics" / "spectral.py").read_bytes())
+    assert frame["esd_options"].iat[0].endswith(
+        f";metrics=usermetrics.spectral:top@{digest.hexdigest()[:12]}")
+    name = "model.layers.0.mlp.down_proj"
+    top, _ = oracle(tensors[f"{name}.weight"], "linear")
+    assert frame.loc[name, "top"] == pytest.approx(top, rel=REL_TOL)

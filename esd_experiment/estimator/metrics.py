@@ -24,7 +24,9 @@ import importlib
 import importlib.util
 import inspect
 import numbers
+import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Mapping, Set
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -46,6 +48,10 @@ _RECORDED_NAME = re.compile(r"^[\w.\-+]+:[A-Za-z_]\w*(@[0-9a-f]+)?$")
 DIGEST_CHARS = 12
 # What a metric may take that only the weights give (saved eigenvalues cannot).
 NEEDS_WEIGHTS = frozenset({"W", "shuffled_evals"})
+# Directories (os.pathsep-separated) a worker also imports ``package.module`` metrics from:
+# the runner names those its own metrics came from (``metric_dirs``), so that a worker in
+# another directory or on another node (Ray's, Slurm's) finds them as the runner did.
+METRIC_PATH_VAR = "ESD_METRIC_PATH"
 
 
 class MetricError(InputError):
@@ -128,7 +134,7 @@ def load_metric(spec: str) -> Metric:
     else:
         name = f"{where}:{func}"
         try:
-            module = importlib.import_module(where)
+            module = _import_module(where)
         except Exception as exc:
             file = Path(*where.split(".")).with_suffix(".py")  # the file it may have meant
             hint = (f" (for the file {file}, give --metric {file}:{func})"
@@ -145,6 +151,42 @@ def load_metric(spec: str) -> Metric:
         raise InputError(f"--metric {spec!r}: the name {name!r} it would be recorded by may "
                          "hold only letters, digits and . - + _ (rename the file)")
     return Metric(name, fn, _takes(fn))
+
+
+def _import_module(where: str):
+    """``importlib.import_module(where)``; a package found nowhere on ``sys.path`` is also
+    looked for, after it, in the current directory (as ``python -m`` finds it) and in the
+    directories of ``METRIC_PATH_VAR``."""
+    try:
+        return importlib.import_module(where)
+    except ModuleNotFoundError as exc:
+        if exc.name != where.partition(".")[0]:
+            raise  # the package is there; something it imports is not
+        more = [d for d in (*os.environ.get(METRIC_PATH_VAR, "").split(os.pathsep), os.getcwd())
+                if d and d not in sys.path]
+        if not more:
+            raise
+        sys.path.extend(more)
+        importlib.invalidate_caches()
+        return importlib.import_module(where)
+
+
+def metric_dirs(specs: Iterable[str]) -> list[str]:
+    """The directories the ``package.module:FUNCTION`` specs among ``specs`` were imported
+    from (loading them), for ``METRIC_PATH_VAR``: ``/a`` for ``pkg.mod`` read from
+    ``/a/pkg/mod.py`` or ``/a/pkg/mod/__init__.py``."""
+    dirs: dict[str, None] = {}
+    for spec in specs:
+        where = spec.strip().rpartition(":")[0] if isinstance(spec, str) else ""
+        if not where or where.endswith(".py"):
+            continue
+        load_metric(spec)
+        source = getattr(sys.modules.get(where), "__file__", None)
+        if source:
+            path = Path(source).resolve()
+            depth = where.count(".") + (path.stem == "__init__")
+            dirs[str(path.parents[depth])] = None
+    return list(dirs)
 
 
 def _digest(path: Path) -> str:

@@ -29,6 +29,7 @@ from esd_experiment.run.plan import (
     result_signature,
     stage_file_of,
     worker_argv,
+    worker_env,
 )
 from esd_experiment.run.progress import Progress
 from esd_experiment.run.state import FailureLog
@@ -94,8 +95,9 @@ class Runner:
                 if has_delta(entry):
                     for old in (delta_paths(p).csv, delta_paths(p).eigs):
                         old.unlink(missing_ok=True)
-        return Job(name=spec.name, argv=argv, log_path=log, payload=(spec, paths, start, before),
-                   attempt=attempt, not_before=not_before, timeout=self.config.model_timeout)
+        return Job(name=spec.name, argv=argv, env=worker_env(self.config.args), log_path=log,
+                   payload=(spec, paths, start, before), attempt=attempt,
+                   not_before=not_before, timeout=self.config.model_timeout)
 
     def on_finish(self, result: JobResult) -> list[Job]:
         spec, paths, start, before = result.job.payload

@@ -22,6 +22,7 @@ from esd_experiment.core.delta_paths import DELTA_KEY, delta_paths, has_delta
 from esd_experiment.core.errors import ESDError
 from esd_experiment.core.paths import ModelPaths, model_paths
 from esd_experiment.core.results import eigs_options, is_current, split_options_key
+from esd_experiment.estimator.metrics import METRIC_PATH_VAR, metric_dirs
 from esd_experiment.estimator.options import esd_argv, esd_config_from_args
 from esd_experiment.run.model_list import JobSpec, ListEntry
 from esd_experiment.run.state import FailureLog, read_failure_cause, read_stage
@@ -117,6 +118,13 @@ def worker_argv(spec: JobSpec, args, output_dir: Path, log_dir: Path,
     if args.cache_dir:
         argv += ["--cache_dir", args.cache_dir]
     return argv
+
+
+def worker_env(args) -> dict[str, str]:
+    """The worker's own environment variables: where the runner found the ``--metric
+    package.module:FUNCTION`` metrics, for a worker that runs elsewhere."""
+    dirs = metric_dirs(getattr(args, "metric", None) or ())
+    return {METRIC_PATH_VAR: os.pathsep.join(dirs)} if dirs else {}
 
 
 @dataclass(frozen=True)
