@@ -449,3 +449,30 @@ def test_a_package_metric_of_the_runs_directory_runs_on_every_backend(checkpoint
     name = "model.layers.0.mlp.down_proj"
     top, _ = oracle(tensors[f"{name}.weight"], "linear")
     assert frame.loc[name, "top"] == pytest.approx(top, rel=REL_TOL)
+
+
+def test_a_column_name_a_spreadsheet_would_run_is_never_written_as_a_formula(checkpoint,
+                                                                            tmp_path):
+    """A user's column ``=1+1`` in a result: summary.csv names its mean inertly (as text
+    cells are, with a leading quote), and a metric may not return such a column."""
+    import csv as csvlib
+
+    from esd_experiment.core.results import FORMULA_START
+    from esd_experiment.estimator.metrics import load_metrics, metric_columns
+
+    root, _ = checkpoint
+    assert worker(root, tmp_path) == 0
+    (result,) = tmp_path.glob("*.csv")
+    frame = pd.read_csv(result, keep_default_na=False)
+    frame["=1+1"] = 2.0
+    frame["@SUM(1)"] = 3.0
+    frame.to_csv(result, index=False)
+    assert esd_report.main(["report", str(tmp_path), "--jobs", "1"]) == esd_report.EXIT_OK
+    with open(tmp_path / "report" / "summary.csv", newline="") as fh:
+        header = next(csvlib.reader(fh))
+    assert not [c for c in header if c.startswith(FORMULA_START[:4])], header
+    assert {"'=1+1_mean", "'@SUM(1)_mean"} <= set(header)
+    for name in ("=1+1", "+A1", "@SUM(1)", "-2+3"):
+        (metric,) = load_metrics([lambda evals, name=name: {name: 1.0}])
+        with pytest.raises(InputError, match="begin"):
+            metric_columns([metric], np.arange(12.0), lambda: None, RESULT_COLUMNS, 12, 12)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from esd_experiment.core.errors import InputError
-from esd_experiment.core.results import SUMMARY_COLUMNS
+from esd_experiment.core.results import FORMULA_START, SUMMARY_COLUMNS
 from esd_experiment.estimator.mp_fit import MP_FIT_NAME, mp_fit
 from esd_experiment.estimator.randomize import randomized_columns, recorded_name
 
@@ -263,6 +263,9 @@ def _checked(metric: Metric, value: object, taken: Set[str]) -> dict[str, float]
                 or any(c in column for c in ",\"\r\n"):
             raise MetricError(f"metric {metric.name} returned the column name {column!r}: "
                               "a name needs text without commas, quotes or line breaks")
+        if column.startswith(FORMULA_START):  # a spreadsheet would run the CSV's header
+            raise MetricError(f"metric {metric.name} returned the column name {column!r}: "
+                              "a name may not begin with = + - @ or '")
         if column in taken:
             raise MetricError(f"metric {metric.name} returned the column {column!r}, which "
                               "another column already has")

@@ -17,7 +17,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from esd_experiment.core.paths import within, write_atomic, write_text_atomic
-from esd_experiment.core.results import inert_frame
+from esd_experiment.core.results import inert_cell, inert_frame
 
 _STYLE = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1180px;
@@ -72,7 +72,7 @@ def write_report(data, images: dict[str, bytes]) -> Path:
     """Write ``summary.csv`` and ``index.html`` into ``data.out_dir``; returns the page."""
     out = Path(data.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    summary = inert_frame(data.summary)
+    summary = inert_frame(data.summary).rename(columns=inert_cell)  # a user's column too
     write_atomic(out / "summary.csv", lambda tmp: summary.to_csv(tmp, index=False))
     page = out / "index.html"
     write_text_atomic(page, render(data, images))
