@@ -476,3 +476,23 @@ def test_a_column_name_a_spreadsheet_would_run_is_never_written_as_a_formula(che
         (metric,) = load_metrics([lambda evals, name=name: {name: 1.0}])
         with pytest.raises(InputError, match="begin"):
             metric_columns([metric], np.arange(12.0), lambda: None, RESULT_COLUMNS, 12, 12)
+
+
+def test_a_metric_of_many_columns_loads_without_a_warning(checkpoint, tmp_path):
+    """Hundreds of columns (a metric per eigenvalue quantile, say) are written, read back and
+    summarised like a few, without pandas' warnings about the frame it builds."""
+    root, _ = checkpoint
+    metric = tmp_path / "quantiles.py"
+    metric.write_text("import numpy as np\n\ndef quantiles(evals):\n"
+                      "    return {f'q{i:03d}': float(np.quantile(evals, i / 299))"
+                      " for i in range(300)}\n")
+    out = tmp_path / "out"
+    assert worker(root, out, "--metric", f"{metric}:quantiles") == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layers = load_results(out)
+        summary = load_results(out, summary=True)
+    assert list(layers.columns[len(RESULT_COLUMNS):]) == [f"q{i:03d}" for i in range(300)]
+    fitted = layers[layers["status"] == "ok"]
+    assert (fitted["q299"] == fitted["spectral_norm"]).all()
+    assert summary["q299_mean"].iat[0] == pytest.approx(layers["q299"].mean())

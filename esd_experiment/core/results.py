@@ -397,6 +397,8 @@ def _parse(data: bytes, typed: bool = True) -> pd.DataFrame:
         if "'" in message or '"' in message:  # it quotes the file's text: never echoed
             message = "a cell is not of its column's type"
         raise BadResultError(f"cannot be parsed: {message}") from None
+    if added:  # parsed a block per column: joined, or the next column added makes pandas warn
+        frame = frame.copy()
     text = [c for c in STRING_COLUMNS if c in frame.columns]
     return frame.assign(**{c: frame[c].str.removeprefix("'") for c in text}) if typed else frame
 
