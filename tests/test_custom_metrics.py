@@ -496,3 +496,22 @@ def test_a_metric_of_many_columns_loads_without_a_warning(checkpoint, tmp_path):
     fitted = layers[layers["status"] == "ok"]
     assert (fitted["q299"] == fitted["spectral_norm"]).all()
     assert summary["q299_mean"].iat[0] == pytest.approx(layers["q299"].mean())
+
+
+def test_analyze_reads_an_edited_metric_file_again(tmp_path):
+    """The research loop in one Python session (a notebook): edit the metric's file, call
+    analyze() again, get the edited metric's numbers, recorded under the new digest."""
+    from esd_experiment import analyze
+
+    gen = torch.Generator().manual_seed(2)
+    net = torch.nn.Sequential(torch.nn.Linear(30, 20))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.randn(20, 30, generator=gen))
+    metric = tmp_path / "loop.py"
+    ref = torch.linalg.svdvals(net[0].weight.detach().double()) ** 2  # descending
+    for k in (1, 2):
+        metric.write_text(f"def kth(evals):\n    return {{'kth': float(evals[-{k}])}}\n")
+        df = analyze(net, metrics=[f"{metric}:kth"], device="cpu")
+        assert df["kth"].iat[0] == pytest.approx(float(ref[k - 1]), rel=REL_TOL), k
+        digest = hashlib.sha256(metric.read_bytes()).hexdigest()[:12]
+        assert df["esd_options"].iat[0].endswith(f"loop.py:kth@{digest}")

@@ -110,9 +110,9 @@ def as_metric(item: Metric | Callable | str) -> Metric:
     return Metric(name, item, _takes(item))
 
 
-@functools.cache
 def load_metric(spec: str) -> Metric:
-    """Load ``FILE.py:FUNCTION`` or ``package.module:FUNCTION`` (once per process); raises
+    """Load ``FILE.py:FUNCTION`` or ``package.module:FUNCTION``: a module once per process
+    (as Python imports it), a file once per content (an edited file is read again); raises
     InputError with one line saying what is wrong with the spec."""
     where, sep, func = spec.strip().rpartition(":")
     if not sep or not where or not func.isidentifier():
@@ -122,7 +122,17 @@ def load_metric(spec: str) -> Metric:
         path = Path(where).expanduser()
         if not path.is_file():
             raise InputError(f"--metric {spec!r}: no such file {path}")
-        name = f"{path.name}:{func}@{_digest(path)}"
+        return _load_metric(spec, _digest(path))
+    return _load_metric(spec, None)
+
+
+@functools.cache
+def _load_metric(spec: str, digest: str | None) -> Metric:
+    """``load_metric``, ``digest`` that of a ``FILE.py``'s content (None for a module)."""
+    where, _, func = spec.strip().rpartition(":")
+    if digest is not None:
+        path = Path(where).expanduser()
+        name = f"{path.name}:{func}@{digest}"
         module_name = f"_esd_metric_{abs(hash(str(path.resolve())))}"
         try:
             loader_spec = importlib.util.spec_from_file_location(module_name, path)
