@@ -515,3 +515,16 @@ def test_analyze_reads_an_edited_metric_file_again(tmp_path):
         assert df["kth"].iat[0] == pytest.approx(float(ref[k - 1]), rel=REL_TOL), k
         digest = hashlib.sha256(metric.read_bytes()).hexdigest()[:12]
         assert df["esd_options"].iat[0].endswith(f"loop.py:kth@{digest}")
+
+
+def test_a_metric_may_not_name_the_readers_own_column(checkpoint, tmp_path):
+    """``_file`` is the column load_results tells files apart by: a result holding it could
+    not be read, so a metric returning it fails its model instead of writing one."""
+    root, _ = checkpoint
+    metric = tmp_path / "clash.py"
+    metric.write_text("def f(evals):\n    return {'_file': 1.0}\n")
+    out = tmp_path / "out"
+    assert worker(root, out, "--metric", f"{metric}:f") == esd_worker.EXIT_FAILED
+    assert not list(out.glob("*.csv"))
+    (failure,) = (out / "logs").glob("*.failure.json")
+    assert "'_file'" in json.loads(failure.read_text())["message"]

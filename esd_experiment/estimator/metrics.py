@@ -37,8 +37,8 @@ from esd_experiment.estimator.mp_fit import MP_FIT_NAME, mp_fit
 from esd_experiment.estimator.randomize import randomized_columns, recorded_name
 
 # Names a metric may not give its columns besides the result's own (passed in by the caller):
-# net_esd_estimator's extra columns.
-RESERVED_COLUMNS = frozenset({"alphahat", "eigs"})
+# net_esd_estimator's extra columns, and the column results.read_results tells files apart by.
+RESERVED_COLUMNS = frozenset({"alphahat", "eigs", "_file"})
 # Columns whose summary mean (``<column>_mean``) would be named as the summary's own column.
 SUMMARY_NAMES = frozenset(c.removesuffix("_mean") for c in SUMMARY_COLUMNS if c.endswith("_mean"))
 # What a recorded name may hold: it is written inside the esd_options cell, where ";" and ","
