@@ -528,3 +528,14 @@ def test_a_metric_may_not_name_the_readers_own_column(checkpoint, tmp_path):
     assert not list(out.glob("*.csv"))
     (failure,) = (out / "logs").glob("*.failure.json")
     assert "'_file'" in json.loads(failure.read_text())["message"]
+
+
+def test_a_number_too_large_for_a_float_fails_naming_the_metric():
+    """A Python int beyond float64 (a count gone wrong): the model's one line names the
+    metric and the column, as for any other value that is not a number of the CSV."""
+    from esd_experiment.estimator.metrics import MetricError, load_metrics, metric_columns
+
+    for power in (400, 5000):  # 5000 digits: more than Python writes an int in
+        (metric,) = load_metrics([lambda evals, power=power: {"count": 10 ** power}])
+        with pytest.raises(MetricError, match=r"metric .*lambda.*'count'"):
+            metric_columns([metric], np.arange(12.0), lambda: None, RESULT_COLUMNS, 12, 12)

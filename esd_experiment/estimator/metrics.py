@@ -283,15 +283,22 @@ def _checked(metric: Metric, value: object, taken: Set[str]) -> dict[str, float]
             raise MetricError(f"metric {metric.name} returned the column {column!r}: its "
                               f"summary mean would be named as the summary's own "
                               f"{column}_mean (rename it)")
-        if isinstance(number, bool) or not isinstance(number, numbers.Real):
+        try:
+            if isinstance(number, bool) or not isinstance(number, numbers.Real):
+                raise TypeError
+            checked[column] = float(number)
+        except (TypeError, ValueError, OverflowError):  # e.g. an int beyond float64
             raise MetricError(f"metric {metric.name} returned {type(number).__name__} "
-                              f"{_short(number)} for column {column!r}, not a number")
-        checked[column] = float(number)
+                              f"{_short(number)} for column {column!r}, not a number of "
+                              "float64") from None
     return checked
 
 
 def _short(value: object) -> str:
-    return repr(value)[:40]
+    try:
+        return repr(value)[:40]
+    except Exception:  # the user's object, or an int of more digits than str() may write
+        return "(no repr)"
 
 
 def _one_line(exc: BaseException) -> str:
