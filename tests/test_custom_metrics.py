@@ -539,3 +539,24 @@ def test_a_number_too_large_for_a_float_fails_naming_the_metric():
         (metric,) = load_metrics([lambda evals, power=power: {"count": 10 ** power}])
         with pytest.raises(MetricError, match=r"metric .*lambda.*'count'"):
             metric_columns([metric], np.arange(12.0), lambda: None, RESULT_COLUMNS, 12, 12)
+
+
+# A worker that ends on its own does so within seconds here; one that hangs is stopped.
+HANG_TIMEOUT_S = 120
+
+
+def test_a_metric_calling_sys_exit_fails_its_model_and_the_worker_ends(checkpoint, tmp_path):
+    """``sys.exit()`` (or ``exit()``) in a metric is the metric's failure: the model fails with
+    the line naming it, and the worker ends; it hung, waiting for the layer forever."""
+    root, _ = checkpoint
+    metric = tmp_path / "quits.py"
+    metric.write_text("import sys\n\ndef f(evals):\n    sys.exit(3)\n")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "esd_worker.py"), "--model_id", str(root),
+                           "--output_dir", str(out), "--device", "cpu",
+                           "--metric", f"{metric}:f"],
+                          capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
+    assert proc.returncode == esd_worker.EXIT_FAILED, proc.stderr[-2000:]
+    (failure,) = (out / "logs").glob("*.failure.json")
+    message = json.loads(failure.read_text())["message"]
+    assert "metric quits.py:f" in message and "SystemExit" in message, message

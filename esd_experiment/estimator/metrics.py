@@ -256,7 +256,7 @@ def metric_columns(metrics: Iterable[Metric], evals, weights: Callable[[], objec
                 W = weights()
             given = {"W": W, "N": N, "M": M, "shuffled_evals": shuffled_evals}
             value = metric.fn(evals.copy(), **{k: given[k] for k in metric.takes})
-        except Exception as exc:  # the user's code: its failure is the model's cause
+        except (Exception, SystemExit) as exc:  # the user's code (exit() too): the model's cause
             raise MetricError(f"metric {metric.name} raised {type(exc).__name__}: "
                               f"{_one_line(exc)}") from None
         out.update(_checked(metric, value, reserved | out.keys()))
