@@ -252,3 +252,25 @@ def test_a_model_whose_result_cannot_be_written_fails_alone(zoo, tmp_path):
     assert list(out.glob("*.csv")) == [adapter.csv] and adapter.eigs.is_file()
     assert not adapter.failure.exists() and base.failure.is_file()
     assert base.eigs.name in base.failure.read_text()
+
+
+def test_on_devices_hands_over_any_exception_of_a_layer():
+    """An exception that is no ``Exception`` (SystemExit, KeyboardInterrupt raised by code the
+    estimator calls) comes back with its item like any other: the consumer waited forever."""
+    import threading
+
+    from esd_experiment.run.devices import on_devices
+
+    def solve(item, device):
+        if item == 1:
+            raise KeyboardInterrupt("from a layer")
+        return item * 10
+
+    got = []
+    thread = threading.Thread(target=lambda: got.extend(on_devices(solve, range(3), ["cpu"])),
+                              daemon=True)
+    thread.start()
+    thread.join(timeout=30)  # seconds: the three items take milliseconds
+    assert not thread.is_alive(), "on_devices waits for an item that never comes"
+    assert [item for item, _ in got] == [0, 1, 2]
+    assert got[0][1] == 0 and got[2][1] == 20 and isinstance(got[1][1], KeyboardInterrupt)

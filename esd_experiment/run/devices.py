@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 def on_devices(fn: Callable[[object, str], object], items: Iterable,
                devices: Sequence[str]) -> Iterator[tuple[object, object]]:
     """``(item, fn(item, device))`` for each item, in order, each computed on the next free
-    device's thread; an exception ``fn`` raises is returned as the value. At most
+    device's thread; any exception ``fn`` raises is returned as the value. At most
     ``2 * len(devices)`` items are held at once."""
     todo: queue.Queue = queue.Queue(maxsize=len(devices))
     done: dict[int, object] = {}
@@ -35,8 +35,8 @@ def on_devices(fn: Callable[[object, str], object], items: Iterable,
             index, item = job
             try:
                 value = fn(item, device)
-            except Exception as exc:  # handed to the consumer with its item
-                value = exc
+            except BaseException as exc:  # handed to the consumer with its item (any: a
+                value = exc               # thread that died would leave it waiting forever)
             with cond:
                 done[index] = value
                 cond.notify_all()
@@ -87,7 +87,7 @@ def parallel_layer_results(named_tensors: Iterable[tuple], config: ESDConfig,
     layer_id = 0
     for _, value in on_devices(lambda item, dev: layer_results(item, config, dev),
                                named_tensors, devices):
-        if isinstance(value, Exception):
+        if isinstance(value, BaseException):
             raise value
         for result in value:
             result.row["layer_id"] = layer_id
