@@ -560,3 +560,15 @@ def test_a_metric_calling_sys_exit_fails_its_model_and_the_worker_ends(checkpoin
     (failure,) = (out / "logs").glob("*.failure.json")
     message = json.loads(failure.read_text())["message"]
     assert "metric quits.py:f" in message and "SystemExit" in message, message
+
+
+def test_a_metric_file_that_exits_when_loaded_is_refused_at_startup(tmp_path):
+    """A script's unguarded ``sys.exit(main())`` runs when the file is loaded: the run is
+    refused with one line (exit 2); it ended at once with that exit code, saying nothing."""
+    metric = tmp_path / "script.py"
+    metric.write_text("import sys\n\ndef f(evals):\n    return {}\n\nsys.exit(0)\n")
+    proc = cli("--model_list", tmp_path / "none.csv", "--output_dir", tmp_path / "out",
+               "--metric", f"{metric}:f")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--metric" in lines[0] and "SystemExit" in lines[0], proc.stderr

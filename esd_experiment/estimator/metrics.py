@@ -138,14 +138,14 @@ def _load_metric(spec: str, digest: str | None) -> Metric:
             loader_spec = importlib.util.spec_from_file_location(module_name, path)
             module = importlib.util.module_from_spec(loader_spec)
             loader_spec.loader.exec_module(module)
-        except Exception as exc:  # the user's file failed to run: say where, in one line
+        except (Exception, SystemExit) as exc:  # the file failed to run, or exited: one line
             raise InputError(f"--metric {spec!r}: {path} cannot be loaded: "
                              f"{type(exc).__name__}: {_one_line(exc)}") from None
     else:
         name = f"{where}:{func}"
         try:
             module = _import_module(where)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # say where, in one line
             file = Path(*where.split(".")).with_suffix(".py")  # the file it may have meant
             hint = (f" (for the file {file}, give --metric {file}:{func})"
                     if isinstance(exc, ModuleNotFoundError) and file.is_file() else "")
