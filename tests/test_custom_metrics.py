@@ -572,3 +572,39 @@ def test_a_metric_file_that_exits_when_loaded_is_refused_at_startup(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--metric" in lines[0] and "SystemExit" in lines[0], proc.stderr
+
+
+def test_w_is_read_only_so_a_metric_cannot_change_the_model_or_the_next_metric():
+    """A float64 model's weights reach a metric without a copy: a metric centring ``W`` in
+    place changed the caller's model and the ``W`` the next metric saw. It now fails, naming
+    itself; one that copies ``W`` first is free to change its copy."""
+    from esd_experiment import analyze
+    from esd_experiment.estimator.metrics import MetricError
+
+    gen = torch.Generator().manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Linear(30, 20)).double()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.randn(20, 30, generator=gen, dtype=torch.float64) + 1.0)
+    before = net[0].weight.detach().clone()
+
+    def centre_in_place(evals, W):
+        W -= W.mean()
+        return {"centred_mean": float(W.mean())}
+
+    def centre_a_copy(evals, W):
+        W = W.copy()
+        W -= W.mean()
+        return {"centred_frob": float((W ** 2).sum())}
+
+    def frob(evals, W):
+        return {"frob": float((W ** 2).sum())}
+
+    with pytest.raises(MetricError, match="centre_in_place.*read-only"):
+        analyze(net, metrics=[centre_in_place, frob], device="cpu")
+    assert torch.equal(net[0].weight.detach(), before)
+    df = analyze(net, metrics=[centre_a_copy, frob], device="cpu")
+    w = before.numpy()
+    assert df["frob"].iat[0] == pytest.approx(float((w ** 2).sum()), rel=REL_TOL)
+    assert df["centred_frob"].iat[0] == pytest.approx(float(((w - w.mean()) ** 2).sum()),
+                                                      rel=REL_TOL)
+    assert torch.equal(net[0].weight.detach(), before)

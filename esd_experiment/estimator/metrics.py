@@ -3,9 +3,9 @@
 
 ``FUNCTION(evals)`` gets a layer's eigenvalues (float64, ascending, docs/metrics.md section 2)
 and returns ``{column: number}``; a function that also names a parameter ``W`` gets the weight
-matrix as analysed, and ``N`` / ``M`` its larger / smaller dimension. ``--mp_fit`` is one such
-metric (``MP_FIT``, estimator/mp_fit.py), and so is ``--randomize`` (``randomize_metric``,
-estimator/randomize.py), which takes ``shuffled_evals``: the eigenvalues of the layer's matrices
+matrix as analysed (read-only), and ``N`` / ``M`` its larger / smaller dimension. ``--mp_fit``
+is one such metric (``MP_FIT``, estimator/mp_fit.py), and so is ``--randomize``
+(``randomize_metric``, estimator/randomize.py), which takes ``shuffled_evals``: the eigenvalues of the layer's matrices
 shuffled element-wise. The columns follow the built-in ones in every row. Which metrics a result
 holds is part of its ``esd_options`` (``results.options_key``), under the name each metric is
 recorded by: ``<file name>:FUNCTION@<digest>`` or ``package.module:FUNCTION@<digest>``, the
@@ -240,7 +240,8 @@ def metric_columns(metrics: Iterable[Metric], evals, weights: Callable[[], objec
     """The columns of every metric for one layer: ``{column: float}``, in metric order.
 
     ``evals``: the layer's eigenvalues (float64 NumPy, ascending); each metric gets its own
-    copy. ``weights()``: the matrix as analysed, built only when a metric takes ``W``.
+    copy. ``weights()``: the matrix as analysed, built only when a metric takes ``W``, and
+    handed to each such metric read-only.
     ``builtin``: the result's own columns, which no metric may name. ``N``, ``M``: the
     matrix's larger and smaller dimension (of each slice, for a convolution).
     ``shuffled_evals(seed, replica)``: the eigenvalues of the layer shuffled element-wise
@@ -254,6 +255,8 @@ def metric_columns(metrics: Iterable[Metric], evals, weights: Callable[[], objec
         try:
             if "W" in metric.takes and W is None:
                 W = weights()
+                if hasattr(W, "setflags"):  # one W for every metric, and perhaps the caller's
+                    W.setflags(write=False)  # own weights: a metric changes a copy of it
             given = {"W": W, "N": N, "M": M, "shuffled_evals": shuffled_evals}
             value = metric.fn(evals.copy(), **{k: given[k] for k in metric.takes})
         except (Exception, SystemExit) as exc:  # the user's code (exit() too): the model's cause
