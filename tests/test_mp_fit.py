@@ -17,7 +17,7 @@ from esd_experiment.run import worker as esd_worker
 ww = pytest.importorskip("weightwatcher")
 
 PARITY_RTOL = 1e-6  # the bar for columns shared with WeightWatcher
-MP_COLUMNS = ("bulk_max", "bulk_min", "mp_softrank", "num_spikes", "sigma_mp")
+MP_COLUMNS = ("bulk_max", "bulk_min", "mp_softrank", "num_spikes", "sigma_mp", "W_scale")
 
 
 def spiked_net(shapes):
@@ -45,6 +45,33 @@ def test_mp_fit_columns_match_weightwatcher():
                                    theirs.loc[ours.index, col].to_numpy(float),
                                    rtol=PARITY_RTOL, atol=0, err_msg=col)
     assert ours[list(MP_COLUMNS)].notna().all().all() and (ours["num_spikes"] >= 3).all()
+
+
+def test_mp_fit_columns_match_weightwatcher_on_convolutions_and_embeddings():
+    """Pooled kernel slices (Conv2d, N > M and N = M), an embedding and a GPT-2 style
+    Conv1D-shaped matrix with N < M: every MP column, W_scale included, as WeightWatcher's."""
+    gen = torch.Generator().manual_seed(4)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(300, 48)
+            self.conv = torch.nn.Conv2d(24, 40, 3)
+            self.square = torch.nn.Conv2d(32, 32, 3)
+            self.wide = torch.nn.Linear(160, 48)
+
+    net = Net()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    logging.getLogger("weightwatcher").setLevel(logging.ERROR)
+    theirs = ww.WeightWatcher(model=net).analyze(mp_fit=True).set_index("longname")
+    ours = net_esd_estimator(net, mp_fit=True).set_index("longname")
+    assert sorted(theirs.index) == sorted(ours.index) == ["conv", "emb", "square", "wide"]
+    for col in MP_COLUMNS:
+        np.testing.assert_allclose(ours[col].to_numpy(float),
+                                   theirs.loc[ours.index, col].to_numpy(float),
+                                   rtol=PARITY_RTOL, atol=0, err_msg=col)
 
 
 def test_mp_fit_flag_in_a_run_and_from_saved_eigenvalues(tmp_path):

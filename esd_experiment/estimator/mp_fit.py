@@ -5,7 +5,8 @@ Its columns and definitions are WeightWatcher 0.7's (``WeightWatcher.mp_fit`` an
 rescaled to mean 1, ``sigma_mp`` is the MP scale whose density best matches a linear-kernel
 density estimate of it (bandwidth 0.1; a grid search over 0.05 .. 2 times the scale that puts
 the MP edge at lambda_max, polished by Nelder-Mead), and ``bulk_max`` / ``bulk_min`` are that
-MP law's edges in the layer's own units. Imports neither torch nor pandas.
+MP law's edges in the layer's own units; ``W_scale`` is the rescaling of the matrix, the square
+root of the ESD's. Imports neither torch nor pandas.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import warnings
 import numpy as np
 
 MP_FIT_NAME = "mp_fit"   # the name results record the metric by (esd_options)
-MP_COLUMNS = ("bulk_max", "bulk_min", "mp_softrank", "num_spikes", "sigma_mp")
+MP_COLUMNS = ("bulk_max", "bulk_min", "mp_softrank", "num_spikes", "sigma_mp", "W_scale")
 BANDWIDTH = 0.1          # WeightWatcher's KDE bandwidth, in units of the rescaled ESD
 KDE_GRID = 1000          # points of the density estimate, over [0, lambda_max + 0.5]
 DENSITY_FLOOR = 0.01     # density estimate below this is left out of the residual
@@ -52,7 +53,8 @@ def mp_fit(evals: np.ndarray, N: int, M: int) -> dict[str, float]:
     tracy_widom = 1 / np.sqrt(q) * np.power(bulk_max, 2 / 3) * np.power(M, -2 / 3)
     spikes = int(np.count_nonzero(x > bulk_max + np.sqrt(tracy_widom)))
     return {"bulk_max": bulk_max / scale2, "bulk_min": bulk_min / scale2,
-            "mp_softrank": bulk_max / lambda_max, "num_spikes": spikes, "sigma_mp": sigma}
+            "mp_softrank": bulk_max / lambda_max, "num_spikes": spikes, "sigma_mp": sigma,
+            "W_scale": float(np.sqrt(scale2))}
 
 
 def linear_kde(samples: np.ndarray, at: np.ndarray, bandwidth: float) -> np.ndarray:

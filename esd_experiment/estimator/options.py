@@ -113,7 +113,7 @@ def add_esd_arguments(parser: argparse.ArgumentParser) -> None:
                         "adapter): the ESD of W - W_source, layer by layer")
     g.add_argument("--mp_fit", action="store_true",
                    help="add WeightWatcher's Marchenko-Pastur fit columns (bulk_max, bulk_min, "
-                        "mp_softrank, num_spikes, sigma_mp)")
+                        "mp_softrank, num_spikes, sigma_mp, W_scale)")
     g.add_argument("--randomize", action="store_true",
                    help="add WeightWatcher's randomized-ESD columns (the ESD of each matrix "
                         "shuffled element-wise: rand_distance, max_rand_eval, ww_softrank, ...)")
