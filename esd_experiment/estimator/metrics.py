@@ -5,12 +5,12 @@
 and returns ``{column: number}``; a function that also names a parameter ``W`` gets the weight
 matrix as analysed (read-only), and ``N`` / ``M`` its larger / smaller dimension. ``--mp_fit``
 is one such metric (``MP_FIT``, estimator/mp_fit.py), and so is ``--randomize``
-(``randomize_metric``, estimator/randomize.py), which takes ``shuffled_evals``: the eigenvalues of the layer's matrices
-shuffled element-wise. The columns follow the built-in ones in every row. Which metrics a result
-holds is part of its ``esd_options`` (``results.options_key``), under the name each metric is
-recorded by: ``<file name>:FUNCTION@<digest>`` or ``package.module:FUNCTION@<digest>``, the
-digest that of the file that defines it, so that results computed before an edit of the file
-are told apart from those after.
+(``randomize_metric``, estimator/randomize.py), which takes ``shuffled_evals``: the eigenvalues
+of the layer's matrices shuffled element-wise. The columns follow the built-in ones in every
+row. Which metrics a result holds is part of its ``esd_options`` (``results.options_key``),
+under the name each metric is recorded by: ``<file name>:FUNCTION@<digest>`` or
+``package.module:FUNCTION@<digest>``, the digest that of the file that defines it, so that
+results computed before an edit of the file are told apart from those after.
 
 The code loaded here is the user's own, named on the command line; nothing found in a
 checkpoint or a results directory is ever loaded. Imports neither torch nor pandas.
@@ -255,8 +255,8 @@ def metric_columns(metrics: Iterable[Metric], evals, weights: Callable[[], objec
         try:
             if "W" in metric.takes and W is None:
                 W = weights()
-                if hasattr(W, "setflags"):  # one W for every metric, and perhaps the caller's
-                    W.setflags(write=False)  # own weights: a metric changes a copy of it
+                if hasattr(W, "setflags"):  # one W for every metric, perhaps the caller's own
+                    W.setflags(write=False)  # weights: a metric that changes it takes W.copy()
             given = {"W": W, "N": N, "M": M, "shuffled_evals": shuffled_evals}
             value = metric.fn(evals.copy(), **{k: given[k] for k in metric.takes})
         except (Exception, SystemExit) as exc:  # the user's code (exit() too): the model's cause
