@@ -26,7 +26,13 @@ from esd_experiment.core.results import EIGS_OPTIONS_KEY, SUMMARY_COLUMNS, load_
 from esd_experiment.report import cli as esd_report
 from esd_experiment.run import worker as esd_worker
 from esd_experiment.run.cli import build_parser, estimator_options
-from tests.result_fixtures import conv_net, good_results, llama_like, with_bad_files
+from tests.result_fixtures import (
+    conv_net,
+    good_results,
+    llama_like,
+    with_bad_files,
+    write_model,
+)
 
 # summary.csv holds repr-printed floats; pandas' default parser may differ in the last bit.
 CSV_FLOAT_RTOL = 1e-15
@@ -441,3 +447,34 @@ def test_report_renders_in_headless_chromium(page):
     target = os.environ.get("ESD_REPORT_SCREENSHOT")
     if target:
         Path(target).write_bytes(shot)
+
+
+def test_summary_sorts_infinite_means_as_numbers_in_headless_chromium(tmp_path):
+    """A custom column whose mean is +inf or -inf (a condition number, a log of 0) sorts as a
+    number in the page, before and after the finite ones, not as missing."""
+    binary = _chromium()
+    if binary is None:
+        pytest.skip("Chromium is not installed (.ci/run installs Debian's chromium)")
+    pytest.importorskip("websocket", reason="websocket-client (requirements-dev.txt) is missing")
+    for i, value in enumerate([np.inf, 1.0, -np.inf, np.nan]):
+        paths = write_model(tmp_path, f"org/m{i}", llama_like(i, blocks=1), save_eigs=False)
+        frame = pd.read_csv(paths.csv, keep_default_na=False)
+        frame["cond"] = value
+        frame.to_csv(paths.csv, index=False)
+    assert report(tmp_path) == esd_report.EXIT_OK
+    with tempfile.TemporaryDirectory() as profile:
+        browser = DevTools(binary, Path(profile))
+        try:
+            browser.page("Page.enable")
+            browser.page("Page.navigate", url=(tmp_path / "report" / "index.html").as_uri())
+            browser.wait_for("Page.loadEventFired")
+            order = _evaluate(browser, """(() => {
+                const table = document.getElementById('summary-table');
+                const col = Array.from(table.tHead.rows[0].cells)
+                    .findIndex(th => th.textContent === 'cond_mean');
+                table.tHead.rows[0].cells[col].click();
+                return Array.from(table.tBodies[0].rows).map(r => r.cells[0].textContent);
+            })()""")
+        finally:
+            browser.close()
+    assert order == ["org/m2", "org/m1", "org/m0", "org/m3"]  # -inf, 1, inf, then none

@@ -122,8 +122,9 @@ def _number(value, digits: int = 3) -> tuple[str, str]:
     """(cell text, data-v) of a number; NaN shows as an empty cell."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "", ""
-    if isinstance(value, float):
-        return f"{value:.{digits}f}", repr(value)
+    if isinstance(value, float):  # data-v as JavaScript's parseFloat reads it (Infinity)
+        v = repr(value) if math.isfinite(value) else ("-" if value < 0 else "") + "Infinity"
+        return f"{value:.{digits}f}", v
     return str(value), str(value)
 
 
