@@ -190,3 +190,26 @@ def test_result_of_the_schema_before_stack_still_loads(good, tmp_path):
     pd.testing.assert_frame_equal(old.drop(columns="stack"), new.drop(columns="stack"))
     first = sorted(old_dir.glob("*.csv"))[0]
     assert not results.is_current(first, new.esd_options.iloc[0])
+
+
+def test_a_column_numeric_in_some_models_keeps_their_means(good, tmp_path):
+    """A user's column of numbers in most results and text in one ('n/a' typed in a
+    spreadsheet): each model whose values are numbers keeps its mean; it was dropped from
+    every model's summary, since the column as a whole is no number."""
+    out, paths = good
+    out = copy_results(out, tmp_path / "copy")
+    scores = {}
+    for model_id, p in paths.items():
+        csv = out / p.csv.name
+        frame = pd.read_csv(csv, keep_default_na=False)
+        values = np.arange(len(frame), dtype=float) + len(scores)
+        frame["score"] = ["n/a"] * len(frame) if not scores else values
+        frame["label"] = "text"  # a column of text alone: no mean at all
+        scores[model_id] = math.nan if not scores else values.mean()
+        frame.to_csv(csv, index=False)
+    summary = load_results(out, summary=True).set_index("model_id")
+    assert "label_mean" not in summary.columns
+    for model_id, expected in scores.items():
+        got = summary.loc[model_id, "score_mean"]
+        assert (math.isnan(got) if math.isnan(expected)
+                else got == pytest.approx(expected, rel=MEAN_RTOL)), model_id

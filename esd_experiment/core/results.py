@@ -539,8 +539,9 @@ def summarize(layers: pd.DataFrame) -> pd.DataFrame:
     Means, the median and the over/under-trained counts are over fitted (status ``ok``)
     layers. ``delta_alpha_mean`` is the model's ``alpha_mean`` minus that of its
     ``source_model`` (``source_in``) when the source is among ``layers`` and was computed with
-    the same ``esd_options``, else NaN. Every numeric column after the schema's (a custom
-    metric's) adds ``<column>_mean``: its mean over the model's layers that have a value.
+    the same ``esd_options``, else NaN. Every column after the schema's that holds numbers (a
+    custom metric's) adds ``<column>_mean``: its mean over the model's layers that have a value,
+    NaN for a model with text there.
     """
     import pandas as pd
 
@@ -562,12 +563,28 @@ def summarize(layers: pd.DataFrame) -> pd.DataFrame:
     same = source.map(out["esd_options"]) == out["esd_options"]
     source_mean = source.map(out["alpha_mean"]).where(same)
     out["delta_alpha_mean"] = pd.to_numeric(out["alpha_mean"] - source_mean)
-    custom = [c for c in added_columns(layers) if pd.api.types.is_numeric_dtype(layers[c])]
+    numbers = {c: _numbers(layers, c) for c in added_columns(layers)}
+    custom = [c for c, values in numbers.items() if values is not None]
     clash = [c for c in custom if f"{c}_mean" in SUMMARY_COLUMNS]
     if clash:
         warnings.warn(f"column(s) {', '.join(clash)} left out of the summary: their mean would "
                       "be named as the summary's own column", stacklevel=3)
     custom = [c for c in custom if c not in clash]
-    means = layers.groupby("model_id", sort=False)[custom].mean().add_suffix("_mean")
+    means = pd.DataFrame({c: numbers[c] for c in custom}, index=layers.index).groupby(
+        layers["model_id"], sort=False).mean().add_suffix("_mean")
     out = out.join(means, how="left")
     return out.reset_index()[list(SUMMARY_COLUMNS) + list(means.columns)]
+
+
+def _numbers(layers: pd.DataFrame, column: str) -> pd.Series | None:
+    """An added ``column`` as numbers: a model with text in it has none (NaN); None when no
+    model has numbers there."""
+    import pandas as pd
+
+    values = layers[column]
+    if pd.api.types.is_numeric_dtype(values):
+        return values
+    numbers = pd.to_numeric(values, errors="coerce")
+    text = values.notna() & numbers.isna()
+    numbers = numbers.where(~layers["model_id"].isin(layers.loc[text, "model_id"]))
+    return numbers.astype("float64") if numbers.notna().any() else None
