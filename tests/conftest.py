@@ -103,3 +103,16 @@ def _loopback_only(connect):
                                  "at 127.0.0.1 may be reached")
         return connect(sock, address)
     return guarded
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A safetensors checkpoint of a one-block Llama and a small conv net (the custom-metric
+    tests' model): (its directory, its tensors)."""
+    from result_fixtures import conv_net, llama_like
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("ckpt")
+    tensors = {**llama_like(5, blocks=1), **conv_net(6)}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(root / "model.safetensors"))
+    return root, tensors

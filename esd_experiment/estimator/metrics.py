@@ -146,11 +146,8 @@ def _load_metric(spec: str, digest: str | None) -> Metric:
         try:
             module = _import_module(where)
         except (Exception, SystemExit) as exc:  # say where, in one line
-            file = Path(*where.split(".")).with_suffix(".py")  # the file it may have meant
-            hint = (f" (for the file {file}, give --metric {file}:{func})"
-                    if isinstance(exc, ModuleNotFoundError) and file.is_file() else "")
             raise InputError(f"--metric {spec!r}: module {where!r} cannot be imported: "
-                             f"{type(exc).__name__}: {_one_line(exc)}{hint}") from None
+                             f"{type(exc).__name__}: {_one_line(exc)}") from None
         source = getattr(module, "__file__", None)
         if source and Path(source).is_file():
             name = f"{name}@{_digest(Path(source))}"
