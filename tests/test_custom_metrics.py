@@ -140,12 +140,18 @@ def test_a_metric_file_named_as_a_module_of_the_runs_directory_is_found(metric_f
     assert as_module.fn(evals) == as_file.fn(evals)
 
 
-def test_net_esd_estimator_takes_metrics():
-    gen = torch.Generator().manual_seed(0)
+def random_net(seed: int) -> torch.nn.Sequential:
+    """Two Linear layers (30 -> 20 -> 40) of standard normal weights."""
+    gen = torch.Generator().manual_seed(seed)
     net = torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.ReLU(), torch.nn.Linear(20, 40))
     with torch.no_grad():
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=gen))
+    return net
+
+
+def test_net_esd_estimator_takes_metrics():
+    net = random_net(0)
 
     def top(evals):
         return {"top": evals[-1]}
@@ -210,13 +216,20 @@ def test_runner_adds_a_metric_from_saved_eigenvalues_without_loading(checkpoint,
     assert "finished: done 1, skipped 0, failed 0" in proc.stderr, proc.stderr
 
 
-def test_a_users_columns_keep_the_result_done(checkpoint, tmp_path):
+def annotated(checkpoint, tmp_path: Path) -> tuple[Path, Path, Path, pd.DataFrame]:
+    """A run of the checkpoint, and its result read with pandas plus a user's column
+    ``my_note``, not yet saved: (the list, the output directory, the CSV, the frame)."""
     root, _ = checkpoint
     models, out = write_list(tmp_path / "models.csv", root), tmp_path / "out"
     assert cli("--model_list", models, "--output_dir", out).returncode == 0
     (csv,) = out.glob("*.csv")
     frame = pd.read_csv(csv, keep_default_na=False)
     frame["my_note"] = "checked"
+    return models, out, csv, frame
+
+
+def test_a_users_columns_keep_the_result_done(checkpoint, tmp_path):
+    models, out, csv, frame = annotated(checkpoint, tmp_path)
     frame.to_csv(csv, index=False)
     before = csv.read_bytes()
     proc = cli("--model_list", models, "--output_dir", out)
@@ -293,11 +306,7 @@ def test_an_edited_metric_file_makes_its_results_not_done(checkpoint, tmp_path):
 def test_two_lambdas_or_closures_of_one_name_are_two_metrics():
     from esd_experiment import analyze
 
-    gen = torch.Generator().manual_seed(1)
-    net = torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.ReLU(), torch.nn.Linear(20, 40))
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen))
+    net = random_net(1)
 
     def kth(k):
         def largest(evals):
@@ -322,12 +331,7 @@ def test_two_lambdas_or_closures_of_one_name_are_two_metrics():
 def test_a_resume_that_adds_save_eigs_keeps_an_annotated_result(checkpoint, tmp_path):
     """The result is current, only its eigenvalues are missing: they are computed and written
     beside it, and the user's file is left as it is."""
-    root, _ = checkpoint
-    models, out = write_list(tmp_path / "models.csv", root), tmp_path / "out"
-    assert cli("--model_list", models, "--output_dir", out).returncode == 0
-    (csv,) = out.glob("*.csv")
-    frame = pd.read_csv(csv, keep_default_na=False)
-    frame["my_note"] = "checked"
+    models, out, csv, frame = annotated(checkpoint, tmp_path)
     frame.iloc[::-1].to_csv(csv, index=False, float_format="%.6g")  # the user's own way
     before = csv.read_bytes()
     proc = cli("--model_list", models, "--output_dir", out, "--save_eigs")
@@ -363,13 +367,8 @@ def test_a_model_failing_under_overwrite_keeps_its_saved_eigenvalues(checkpoint,
 def test_a_result_resaved_with_pandas_index_stays_done_and_reads_back(checkpoint, tmp_path):
     """``df.to_csv(path)`` writes pandas' index as a first, unnamed column: the annotated
     result is still the model's result, done, read by load_results, never rewritten."""
-    root, _ = checkpoint
-    models, out = write_list(tmp_path / "models.csv", root), tmp_path / "out"
-    assert cli("--model_list", models, "--output_dir", out).returncode == 0
-    (csv,) = out.glob("*.csv")
-    original = load_results(out)
-    frame = pd.read_csv(csv, keep_default_na=False)
-    frame["my_note"] = "checked"
+    models, out, csv, frame = annotated(checkpoint, tmp_path)
+    original = load_results(out)  # before the user's column is saved
     frame.to_csv(csv)  # pandas' default: the index too
     before = csv.read_bytes()
     proc = cli("--model_list", models, "--output_dir", out)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -295,17 +296,29 @@ def test_a_delta_counts_as_the_result_does(tmp_path):
     assert json.loads((tmp_path / ".esd_options.json").read_text())["delta"] is True
 
 
+def counted_reads(monkeypatch) -> Counter:
+    """``{(model id, tensor name): times read}`` of every checkpoint read from now on."""
+    from esd_experiment.formats.checkpoint import CheckpointReader
+
+    reads: Counter = Counter()
+    real_get = CheckpointReader.get
+
+    def counting_get(self, name):
+        reads[(self.model_id, name)] += 1
+        return real_get(self, name)
+
+    monkeypatch.setattr(CheckpointReader, "get", counting_get)
+    return reads
+
+
 def test_a_job_reads_the_source_once_for_its_fine_tunes_and_adapters(zoo, tmp_path,
                                                                     monkeypatch):
     """The runner puts a base, its full fine-tune and its adapter in one job under --delta;
     the worker reads each base tensor once, and each fine-tune tensor once for both of its
     results; the fine-tune's result and delta equal those of its job alone."""
-    from collections import Counter
-
     import pandas as pd
 
     from esd_experiment.core.paths import ModelPaths
-    from esd_experiment.formats.checkpoint import CheckpointReader
     from esd_experiment.run import worker as esd_worker
     from esd_experiment.run.model_list import ListEntry, group_jobs
 
@@ -315,14 +328,7 @@ def test_a_job_reads_the_source_once_for_its_fine_tunes_and_adapters(zoo, tmp_pa
     (spec,) = group_jobs(entries, 8, lambda _: None, fine_tunes=True)
     assert [e.model_id for e in spec.entries] == [base, ft, lora] and spec.base == base
     assert len(group_jobs(entries, 8, lambda _: None)) == 2  # without --delta: as before
-    reads: Counter = Counter()
-    real_get = CheckpointReader.get
-
-    def counting_get(self, name):
-        reads[(self.model_id, name)] += 1
-        return real_get(self, name)
-
-    monkeypatch.setattr(CheckpointReader, "get", counting_get)
+    reads = counted_reads(monkeypatch)
     common = ["--output_dir", tmp_path / "group", "--device", "cpu", "--delta"]
     assert esd_worker.main([*map(str, ["--model_id", base, ft, lora, "--source_model", base,
                                        "--base_model_relation", "", *common])]) == 0
@@ -331,7 +337,7 @@ def test_a_job_reads_the_source_once_for_its_fine_tunes_and_adapters(zoo, tmp_pa
     checkpoints = Counter({k: v for k, v in reads.items() if k[0] in (base, ft)})
     assert checkpoints and max(checkpoints.values()) == 1, checkpoints.most_common(3)
     assert {m for m, _ in checkpoints} == {base, ft}
-    monkeypatch.setattr(CheckpointReader, "get", real_get)
+    monkeypatch.undo()  # reads are counted no more
     alone = ["--output_dir", tmp_path / "alone", "--device", "cpu", "--delta"]
     assert esd_worker.main([*map(str, ["--model_id", ft, "--source_model", base, *alone])]) == 0
     stem = ModelPaths.for_model(tmp_path, ft).stem

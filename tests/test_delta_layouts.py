@@ -9,21 +9,7 @@ import pytest
 import torch
 
 from tests.loader_fixtures import llama, save_model, write_safetensors
-from tests.test_delta import fused_mixtral
-
-
-def counted_reads(monkeypatch) -> Counter:
-    from esd_experiment.formats.checkpoint import CheckpointReader
-
-    reads: Counter = Counter()
-    real_get = CheckpointReader.get
-
-    def counting_get(self, name):
-        reads[(self.model_id, name)] += 1
-        return real_get(self, name)
-
-    monkeypatch.setattr(CheckpointReader, "get", counting_get)
-    return reads
+from tests.test_delta import counted_reads, fused_mixtral
 
 
 @pytest.mark.parametrize("layout", ["tied_source", "per_expert_fine_tune"])
