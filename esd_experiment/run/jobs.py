@@ -169,7 +169,7 @@ class Runner:
         if self.disk_full:
             return  # nothing more is written to a full disk: the model is not reached
         key = outcome.entry.key
-        if self.config.overwrite:  # its old numbers must not pass for this run's
+        if self.config.overwrite and not outcome.fresh:  # old numbers must not pass for new
             self._drop_old_result(outcome.entry)
         if self._write_failures(key, lambda: self.failures.record(key, outcome.cause)):
             self.accounts.failed(key)

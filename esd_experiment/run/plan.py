@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from esd_experiment.core.delta_paths import DELTA_KEY, delta_paths, has_delta
@@ -136,6 +136,9 @@ class Outcome:
     state: str
     cause: str = ""
     network: bool = False
+    # Its own result is one the job wrote (a failure is then its delta's): under --overwrite
+    # that result stays, only an older one is dropped.
+    fresh: bool = False
 
 
 Signature = tuple[int, int, int] | None
@@ -168,10 +171,11 @@ def model_outcomes(result, spec: JobSpec, paths: list[ModelPaths], options: str,
     a result this job wrote counts as done."""
     out = []
     for i, (entry, model) in enumerate(zip(spec.entries, paths, strict=True)):
-        if result_done(model, options, save_eigs, delta and has_delta(entry)) and (  # also in a job that timed out later
-                before is None or written_by(model.csv, before[i], result.started_at)):
-            out.append(Outcome(entry, "done"))
+        mine = before is None or written_by(model.csv, before[i], result.started_at)
+        if result_done(model, options, save_eigs, delta and has_delta(entry)) and mine:
+            out.append(Outcome(entry, "done"))  # also in a job that timed out later
             continue
+        fresh = before is not None and mine and result_done(model, options, save_eigs)
         record = _failure_record(model.failure)
         if record is not None and record.get("disk_full"):
             out.append(Outcome(entry, "disk_full", str(record.get("path") or "")))
@@ -194,6 +198,8 @@ def model_outcomes(result, spec: JobSpec, paths: list[ModelPaths], options: str,
             out.append(Outcome(entry, "retry" if transient else "failed",
                                f"worker {result.describe()}; log {model.log}: "
                                f"{_tail(result) or 'empty'}"))
+        if fresh:
+            out[-1] = replace(out[-1], fresh=True)
     return out
 
 
