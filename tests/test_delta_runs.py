@@ -3,6 +3,8 @@ and how the model is counted and recorded."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 
@@ -46,3 +48,24 @@ def test_overwrite_keeps_the_result_it_wrote_when_only_the_delta_fails(pair, tmp
     assert f"{pair / 'ft'}\t" in failed and "--delta" in failed and "missing" in failed
     assert result.is_file(), "the fine-tune's own result, written by this run, was removed"
     assert result.stat().st_mtime_ns != first  # this run's, not the old one
+
+
+def test_a_source_listed_at_a_tag_is_read_once_for_its_fine_tune(hub, pair, tmp_path,
+                                                                  monkeypatch):
+    """A base listed as org/base@v1 and a fine-tune whose source_model is org/base@v1 share
+    one job; the worker reads each base tensor once, for the base's result and the delta."""
+    from esd_experiment.run import worker as esd_worker
+    from tests.test_delta import counted_reads
+
+    hub.add_repo("org/base", pair / "base", tags=["v1"])
+    hub.add_repo("org/ft", pair / "ft")
+    reads = counted_reads(monkeypatch)
+    out = tmp_path / "out"
+    assert esd_worker.main(["--model_id", "org/base@v1", "org/ft", "--source_model",
+                            "org/base@v1", "--base_model_relation", "", "--output_dir",
+                            str(out), "--device", "cpu", "--delta"]) == 0
+    base = Counter({name: n for (model, name), n in reads.items()
+                    if model.startswith("org/base@")})
+    assert base and max(base.values()) == 1, base.most_common(3)
+    delta = ModelPaths.for_model(out / "delta", "org/ft").csv
+    assert delta.is_file()

@@ -26,9 +26,9 @@ def delta_runs(config, runs: list, make_run, hub, session, stage) -> list:
     fine-tune's own run gets the model that reads it in its source's pass."""
     from esd_experiment.run.delta import AdapterDelta, FineTuneDelta, FineTuneOnSource
 
-    checkpoints = [r.model.checkpoint for r in runs
-                   if r.error is None and r.model.checkpoint is not None]
-    opened: list = []  # sources opened here, each a pass of its own fine-tunes
+    checkpoints = [("" if r.model.is_adapter else r.model_id, r.model.checkpoint)  # as listed
+                   for r in runs if r.error is None and r.model.checkpoint is not None]
+    opened: list = []  # (id, checkpoint) of the sources opened here, each a pass of its own
     used: set[int] = set()
     out = []
     for run in runs:
@@ -56,7 +56,7 @@ def delta_runs(config, runs: list, make_run, hub, session, stage) -> list:
             delta.error, delta.stage = exc, "resolve"
             logger.error("%s: its delta cannot be computed: %s", run.model_id, exc)
         out.append(delta)
-    for checkpoint in opened:  # a source no fine-tune could use is not streamed: close it
+    for _, checkpoint in opened:  # a source no fine-tune could use is not streamed: close it
         if id(checkpoint) not in used:
             checkpoint.reader.close()
             if checkpoint.fetcher is not None:
@@ -65,7 +65,8 @@ def delta_runs(config, runs: list, make_run, hub, session, stage) -> list:
 
 
 def _source(model, known: list, opened: list, config, hub, session, stage):
-    """The checkpoint of ``model``'s source model: one the job holds, else opened now."""
+    """The checkpoint of ``model``'s source model: one the job holds (listed as the source is
+    spelled, a tag or branch included, or at the commit the source names), else opened now."""
     from esd_experiment.loader.opener import open_models, parse_model_id
 
     request = source_request(model.source_model)
@@ -73,10 +74,11 @@ def _source(model, known: list, opened: list, config, hub, session, stage):
         wanted, revision = parse_model_id(request.model_id)
     except ESDError as exc:
         raise type(exc)(f"{model.model_id}: --delta: its source model: {exc}") from None
-    for checkpoint in [] if request.gguf_file else known:
+    for listed, checkpoint in [] if request.gguf_file else known:
         found = checkpoint.source
-        if model_key(found.model_id) == model_key(wanted) and (
-                revision is None or revision == found.revision):
+        if model_key(listed) == model_key(request.model_id) or (
+                model_key(found.model_id) == model_key(wanted)
+                and (revision is None or revision == found.revision)):
             return checkpoint
     (source,) = open_models([request], hub=hub, cache_dir=config.cache_dir, session=session,
                             waiting=lambda: stage.during("download"))
@@ -89,7 +91,7 @@ def _source(model, known: list, opened: list, config, hub, session, stage):
     if source.is_adapter or source.checkpoint is None:
         raise ShapeMismatchError(f"{model.model_id}: --delta: its source model "
                                  f"{model.source_model} is an adapter, not a full model")
-    opened.append(source.checkpoint)
+    opened.append((request.model_id, source.checkpoint))
     return source.checkpoint
 
 
