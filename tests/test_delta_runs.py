@@ -3,6 +3,7 @@ and how the model is counted and recorded."""
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 
 import pytest
@@ -69,3 +70,25 @@ def test_a_source_listed_at_a_tag_is_read_once_for_its_fine_tune(hub, pair, tmp_
     assert base and max(base.values()) == 1, base.most_common(3)
     delta = ModelPaths.for_model(out / "delta", "org/ft").csv
     assert delta.is_file()
+
+
+def test_limit_cutting_a_group_says_what_it_left_and_a_rerun_finishes_it(pair, tmp_path,
+                                                                         caplog):
+    """--limit 1 on a base and its fine-tune runs the base alone and says the fine-tune was
+    left by --limit; the rerun without it computes the fine-tune and its delta, the base's
+    result left as it is."""
+    models = tmp_path / "models.csv"
+    models.write_text("model_id,base_model_relation,source_model\n"
+                      f"{pair / 'base'},,\n{pair / 'ft'},,{pair / 'base'}\n")
+    out = tmp_path / "out"
+    args = ("--model_list", models, "--output_dir", out, "--delta")
+    base, ft = (ModelPaths.for_model(out, str(pair / n)).csv for n in ("base", "ft"))
+    with caplog.at_level(logging.INFO):
+        assert runner(*args, "--limit", "1") == 0
+    assert base.is_file() and not ft.exists()
+    said = [r.getMessage() for r in caplog.records if "--limit 1" in r.getMessage()]
+    assert said and "1 model" in said[0], [r.getMessage() for r in caplog.records]
+    written = base.stat().st_mtime_ns
+    assert runner(*args) == 0
+    assert ft.is_file() and (out / "delta" / ft.name).is_file()
+    assert base.stat().st_mtime_ns == written

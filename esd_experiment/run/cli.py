@@ -149,6 +149,10 @@ def run(config: RunConfig, backend=None) -> int:
                     f"{len(plan.recomputed)} computed from saved eigenvalues, "
                     if plan.recomputed else "", len(plan.done), len(plan.skipped_failed),
                     len(plan.invalid), len(specs), describe_backend(config, backend))
+        if config.limit is not None and len(entries) > config.limit:
+            logger.info("--limit %d: the other %d model(s) of the list are left for a run "
+                        "with a larger --limit, or none", config.limit,
+                        len(entries) - config.limit)
         pins = sweep_cache(config, specs)
         progress = Progress(len(plan.to_run), config.progress, lambda: backend.running_jobs)
         runner = Runner(config, backend, failures, progress, pins, accounts)
