@@ -92,3 +92,32 @@ def test_limit_cutting_a_group_says_what_it_left_and_a_rerun_finishes_it(pair, t
     assert runner(*args) == 0
     assert ft.is_file() and (out / "delta" / ft.name).is_file()
     assert base.stat().st_mtime_ns == written
+
+
+def test_a_new_metric_on_saved_eigenvalues_reloads_no_model_and_fills_the_delta(pair,
+                                                                                 tmp_path,
+                                                                                 caplog):
+    """With --save_eigs, a rerun that only adds a metric computes it from the saved
+    eigenvalues for the results and the deltas alike: no job runs."""
+    import numpy as np
+    import pandas as pd
+
+    models = tmp_path / "models.csv"
+    models.write_text("model_id,base_model_relation,source_model\n"
+                      f"{pair / 'base'},,\n{pair / 'ft'},,{pair / 'base'}\n")
+    (tmp_path / "top.py").write_text(
+        "def top(evals):\n    return {'top': float(evals[-1])}\n")
+    out = tmp_path / "out"
+    args = ("--model_list", models, "--output_dir", out, "--delta", "--save_eigs")
+    assert runner(*args) == 0
+    with caplog.at_level(logging.INFO):
+        assert runner(*args, "--metric", f"{tmp_path / 'top.py'}:top", "--overwrite") == 0
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "0 to run, 2 computed from saved eigenvalues" in said, said
+    delta = out / "delta" / ModelPaths.for_model(out, str(pair / "ft")).csv.name
+    frame = pd.read_csv(delta)
+    saved = np.load(delta.with_name(delta.stem + ".eigs.npz"))
+    fitted = frame[frame["longname"].isin(saved.files)]
+    assert len(fitted) >= 14
+    for name, top in zip(fitted["longname"], fitted["top"], strict=True):
+        assert top == saved[name].max(), name  # the same float64 value, written and read back

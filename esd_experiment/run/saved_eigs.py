@@ -140,15 +140,15 @@ def recompute_planned(plan, config: ESDConfig, delta: bool = False) -> None:
     """Move each model of ``plan.to_run`` (run_plan.Plan) that ``recompute_metrics`` rewrites
     to ``plan.recomputed``, logging it; one whose metric fails on them to ``plan.invalid``, with
     the cause the worker would give (its eigenvalues and old result kept). Under ``delta`` a
-    model with a delta runs again instead."""
-    from esd_experiment.core.delta_paths import has_delta
+    model with a delta is rewritten so when its delta is too (delta first), else runs again."""
+    from esd_experiment.core.delta_paths import delta_paths, has_delta
     from esd_experiment.estimator.metrics import MetricError
 
     for entry, paths in list(plan.to_run):
-        if delta and has_delta(entry):
-            continue
         try:
-            recomputed = recompute_metrics(paths, config)
+            recomputed = (not (delta and has_delta(entry))
+                          or recompute_metrics(delta_paths(paths), config)) \
+                and recompute_metrics(paths, config)
         except MetricError as exc:
             plan.to_run.remove((entry, paths))
             plan.invalid.append((entry, f"{type(exc).__name__}: {exc}"))
