@@ -352,3 +352,23 @@ def test_layers_reuse_one_word_buffer_and_a_job_releases_it(monkeypatch):
     monkeypatch.setattr(words, "give", lambda buffer: None)  # every shuffle in a new buffer
     fresh = analyze(net, randomize=True, seed=3)
     pd.testing.assert_frame_equal(reused[list(RANDOM_COLUMNS)], fresh[list(RANDOM_COLUMNS)])
+
+
+def test_a_refit_without_randomize_says_it_leaves_the_randomized_columns_out(tmp_path, caplog):
+    root, out, refit = (tmp_path / d for d in ("ckpt", "out", "refit"))
+    root.mkdir()
+    save_file({k: v.contiguous() for k, v in llama_like(4, blocks=1).items()},
+              str(root / "model.safetensors"))
+    assert esd_worker.main(["--model_id", str(root), "--device", "cpu", "--save_eigs",
+                            "--output_dir", str(out), "--mp_fit", "--randomize", "--seed", "7"]
+                           ) == esd_worker.EXIT_OK
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert esd_report.main(["refit", str(out), "--output_dir", str(refit),
+                                "--fix_fingers", "DKS", "--mp_fit"]) == 0
+    (csv,) = refit.glob("*.csv")
+    frame = pd.read_csv(csv, keep_default_na=False)
+    assert not set(RANDOM_COLUMNS) & set(frame.columns)  # they need the weights: not kept
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("randomize(seed=7)" in m and "needs the weights" in m for m in said), said
+    assert not any("mp_fit" in m for m in said), said  # asked again: nothing left out

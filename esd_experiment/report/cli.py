@@ -46,6 +46,7 @@ from esd_experiment.core.results import (
     summarize,
 )
 from esd_experiment.estimator.options import FIX_FINGERS, ESDConfig, metrics_of
+from esd_experiment.estimator.randomize import RANDOMIZE_NAME
 
 if TYPE_CHECKING:  # pandas comes with results.read_results
     import pandas as pd
@@ -303,6 +304,7 @@ def refit(results_dir: Path, new_dir: Path, overrides: dict,
     if weights_needed(config):
         raise InputError(f"metric {weights_needed(config)} needs the weights, which saved "
                          "eigenvalues lack: compute it with run_esd_experiment.py")
+    _say_metrics_left_out(results_dir, base_key, config)
     skipped = {p.name: why for p, why in loaded.skipped.items()}
     plans = _refit_plans(loaded, base_key, new_dir, skipped)
     if not plans:
@@ -331,6 +333,22 @@ def refit(results_dir: Path, new_dir: Path, overrides: dict,
             except ESDError as exc:
                 skipped[model_id] = str(exc)
     return done, skipped
+
+
+def _say_metrics_left_out(results_dir: Path, base_key: str, config: ESDConfig) -> None:
+    """Warn of the directory's metrics whose columns the refit's results will not hold:
+    --randomize's (the shuffled spectrum needs the weights) and those not asked again."""
+    asked = set(config.options_record["metrics"])
+    left = [n for n in split_options_key(base_key)[1] if n not in asked]
+    shuffled = [n for n in left if n.startswith(f"{RANDOMIZE_NAME}(")]
+    others = [n for n in left if n not in shuffled]
+    if shuffled:
+        logger.warning("%s: the refit leaves out the columns of %s: it needs the weights, "
+                       "which saved eigenvalues lack (run the models with --randomize to have "
+                       "them)", results_dir, ", ".join(shuffled))
+    if others:
+        logger.warning("%s: the refit leaves out the columns of %s, not asked again (pass "
+                       "--mp_fit or --metric to keep them)", results_dir, ", ".join(others))
 
 
 def _refit_plans(loaded: LoadedResults, base_key: str, out: Path, skipped: dict[str, str],
