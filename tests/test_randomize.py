@@ -372,3 +372,17 @@ def test_a_refit_without_randomize_says_it_leaves_the_randomized_columns_out(tmp
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert any("randomize(seed=7)" in m and "needs the weights" in m for m in said), said
     assert not any("mp_fit" in m for m in said), said  # asked again: nothing left out
+
+
+def test_a_zero_matrix_gives_weightwatchers_randomized_columns_or_nan_for_its_fit():
+    net = torch.nn.Sequential(torch.nn.Linear(100, 120, bias=False),
+                              torch.nn.Linear(50, 60, bias=False))
+    for layer in net:
+        torch.nn.init.zeros_(layer.weight)
+    theirs = ww.WeightWatcher(model=net).analyze(randomize=True)
+    ours = net_esd_estimator(net, randomize=True)
+    same = ["max_rand_eval", "rand_distance", "ww_softrank", "ww_maxdist"]  # 0 or NaN in both
+    np.testing.assert_array_equal(ours[same].to_numpy(float), theirs[same].to_numpy(float))
+    fit = [c for c in RANDOM_COLUMNS if c not in same]
+    assert (theirs[fit].to_numpy(float) == -1).all()  # WeightWatcher's "the fit did not run"
+    assert ours[fit].isna().all().all()
