@@ -99,13 +99,17 @@ def test_randomized_columns_match_weightwatcher_given_the_same_shuffle(monkeypat
                                        rtol=PARITY_RTOL, atol=1e-12, err_msg=f"{name} {col}")
 
 
-def test_our_shuffled_spectrum_has_weightwatchers_distribution():
+# float64 entries are shuffled by Generator.shuffle, 2- and 4-byte ones by sorting random keys.
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_our_shuffled_spectrum_has_weightwatchers_distribution(dtype):
     rng = np.random.default_rng(1)
     n, m = 300, 120
     w = rng.standard_t(3, size=(n, m)) / np.sqrt(m) + rng.standard_normal(
         (n, 4)) @ rng.standard_normal((4, m)) * 0.2
     w[:, :10] *= 4.0  # a few loud columns: structure the shuffle spreads out
-    (layer,) = split_layers("w.weight", torch.from_numpy(w), "linear", 0.5)
+    stored = torch.from_numpy(w).to(dtype)
+    w = stored.double().numpy()  # the values as stored, for WeightWatcher
+    (layer,) = split_layers("w.weight", stored, "linear", 0.5)
     config = ESDConfig()
     ours = np.concatenate([shuffled_eigenvalues(layer, config, seed, 0) for seed in range(3)])
     theirs = []
