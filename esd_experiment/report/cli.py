@@ -301,8 +301,13 @@ def refit(results_dir: Path, new_dir: Path, overrides: dict,
     loaded = read_results(results_dir)
     base_key = _directory_options(results_dir, loaded)
     config = config_from_key(base_key, **overrides)
-    if weights_needed(config):
-        raise InputError(f"metric {weights_needed(config)} needs the weights, which saved "
+    needed = weights_needed(config)
+    if needed.startswith(f"{RANDOMIZE_NAME}("):  # named by the option: refit takes no --seed
+        raise InputError("--randomize (the shuffled spectrum) needs the weights, which saved "
+                         "eigenvalues lack: run the models with run_esd_experiment.py "
+                         "--randomize")
+    if needed:
+        raise InputError(f"metric {needed} needs the weights, which saved "
                          "eigenvalues lack: compute it with run_esd_experiment.py")
     _say_metrics_left_out(results_dir, base_key, config)
     skipped = {p.name: why for p, why in loaded.skipped.items()}
