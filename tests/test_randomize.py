@@ -391,3 +391,28 @@ def test_a_zero_matrix_gives_weightwatchers_randomized_columns_or_nan_for_its_fi
     fit = [c for c in RANDOM_COLUMNS if c not in same]
     assert (theirs[fit].to_numpy(float) == -1).all()  # WeightWatcher's "the fit did not run"
     assert ours[fit].isna().all().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_run_given_weightwatchers_shuffle_gives_its_columns_for_convolutions(monkeypatch,
+                                                                              dtype):
+    """End to end, through the estimator's own slicing, scaling and pooling: a Conv2d (nine
+    3 x 3 kernel slices, each shuffled; fewer than 100 eigenvalues each, so five shuffles
+    pooled) and Linear layers, with every matrix shuffled by the one fixed permutation."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3), torch.nn.Conv2d(110, 120, 3),
+                              torch.nn.Linear(120, 200)).to(dtype)
+
+    def fixed_bits(raw, rng, sort_words=None, words=None):
+        flat = raw.reshape(-1).copy()
+        fixed_shuffle(flat)
+        return flat.reshape(raw.shape)
+
+    monkeypatch.setattr(np.random, "shuffle", fixed_shuffle)
+    theirs = ww.WeightWatcher(model=net).analyze(randomize=True)
+    monkeypatch.undo()
+    monkeypatch.setattr(net_esd, "shuffled_bits", fixed_bits)
+    ours = net_esd_estimator(net, randomize=True)
+    for col in RANDOM_COLUMNS:
+        np.testing.assert_allclose(ours[col].to_numpy(float), theirs[col].to_numpy(float),
+                                   rtol=PARITY_RTOL, atol=1e-12, err_msg=col)
