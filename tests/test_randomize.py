@@ -398,10 +398,15 @@ def test_a_run_given_weightwatchers_shuffle_gives_its_columns_for_convolutions(m
                                                                               dtype):
     """End to end, through the estimator's own slicing, scaling and pooling: a Conv2d (nine
     3 x 3 kernel slices, each shuffled; fewer than 100 eigenvalues each, so five shuffles
-    pooled) and Linear layers, with every matrix shuffled by the one fixed permutation."""
+    pooled), Linear, Embedding and GPT-2 Conv1D layers, with every matrix shuffled by the one
+    fixed permutation."""
+    from transformers.pytorch_utils import Conv1D
+
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3), torch.nn.Conv2d(110, 120, 3),
-                              torch.nn.Linear(120, 200)).to(dtype)
+                              torch.nn.Linear(120, 200), torch.nn.Embedding(300, 40),
+                              Conv1D(150, 120)).to(dtype)
+    torch.nn.init.normal_(net[4].weight)  # GPT-2's Conv1D: (in, out), transposed
 
     def fixed_bits(raw, rng, sort_words=None, words=None):
         flat = raw.reshape(-1).copy()
