@@ -421,3 +421,10 @@ def test_a_run_given_weightwatchers_shuffle_gives_its_columns_for_convolutions(m
     for col in RANDOM_COLUMNS:
         np.testing.assert_allclose(ours[col].to_numpy(float), theirs[col].to_numpy(float),
                                    rtol=PARITY_RTOL, atol=1e-12, err_msg=col)
+
+
+def test_a_numpy_integer_seed_is_the_same_seed():
+    net = spiked_net([(120, 100)])
+    ours = net_esd_estimator(net, randomize=True, seed=np.int64(3))
+    pd.testing.assert_frame_equal(ours, net_esd_estimator(net, randomize=True, seed=3))
+    assert randomize_metric(np.uint8(3)).name == "randomize(seed=3)"

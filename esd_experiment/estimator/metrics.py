@@ -83,8 +83,9 @@ MP_FIT = Metric(MP_FIT_NAME, mp_fit, frozenset({"N", "M"}))
 def randomize_metric(seed: int) -> Metric:
     """WeightWatcher's randomized ESD (--randomize), its shuffle seeded by ``seed`` (>= 0),
     recorded as ``randomize(seed=<seed>)``."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise InputError(f"--seed must be a whole number >= 0, got {seed!r}")
+    seed = int(seed)  # a NumPy integer is the same seed, recorded alike
     return Metric(recorded_name(seed), functools.partial(randomized_columns, seed=seed),
                   frozenset({"N", "M", "shuffled_evals"}), shuffle_seed=seed)
 
