@@ -428,3 +428,33 @@ def test_a_numpy_integer_seed_is_the_same_seed():
     ours = net_esd_estimator(net, randomize=True, seed=np.int64(3))
     pd.testing.assert_frame_equal(ours, net_esd_estimator(net, randomize=True, seed=3))
     assert randomize_metric(np.uint8(3)).name == "randomize(seed=3)"
+
+
+def test_a_block_fp8_layer_shuffles_its_dequantized_matrix(tmp_path):
+    """Block-FP8 weights and a 3-D FP8 expert stack, one row per expert: the shuffled matrix
+    is the dequantized one (transformers' dequantization as the oracle), so every randomized
+    column equals that of the dequantized weights given as float32."""
+    from test_quantized import fp8, open_reader, save_checkpoint
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+    rng = np.random.default_rng(3)
+    block = [64, 128]
+    w, experts = fp8(rng, 200, 300), fp8(rng, 3, 96, 160)
+    s = torch.from_numpy(rng.uniform(1e-4, 1e-3, size=(4, 3)).astype(np.float32))
+    se = torch.from_numpy(rng.uniform(1e-4, 1e-3, size=(3, 2, 2)).astype(np.float32))
+    names = ("model.layers.0.mlp.down_proj.weight", "model.layers.0.mlp.experts.gate_up_proj")
+    tensors = {names[0]: w, f"{names[0]}_scale_inv": s, names[1]: experts,
+               f"{names[1]}_scale_inv": se}
+    quant = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+             "weight_block_size": block}
+    reader = open_reader(save_checkpoint(tmp_path / "fp8", tensors, quant))
+    oracle = {n: _dequantize_fp8_weight(q, sc, block, torch.float32)
+              for n, q, sc in ((names[0], w, s), (names[1], experts, se))}
+    config = ESDConfig(metrics=(randomize_metric(2),))
+    ours = [r.row for r in net_esd.iter_layer_results(reader.iter_tensors(), config)]
+    ref = [r.row for r in net_esd.iter_layer_results(
+        ((n, oracle[n], reader.storage(n)) for n in reader.names), config)]
+    assert len(ours) == 4 and [r["status"] for r in ours] == ["ok"] * 4
+    for a, b in zip(ours, ref, strict=True):
+        assert a["longname"] == b["longname"]
+        assert [a[c] for c in RANDOM_COLUMNS] == [b[c] for c in RANDOM_COLUMNS], a["longname"]
