@@ -377,6 +377,12 @@ def test_a_refit_without_randomize_says_it_leaves_the_randomized_columns_out(tmp
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert any("randomize(seed=7)" in m and "needs the weights" in m for m in said), said
     assert not any("mp_fit" in m for m in said), said  # asked again: nothing left out
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # no metric asked: both are named
+        assert esd_report.main(["refit", str(out), "--output_dir", str(tmp_path / "plain")]) == 0
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("randomize(seed=7)" in m for m in said), said
+    assert any("mp_fit" in m and "not asked again" in m for m in said), said
 
 
 def test_a_zero_matrix_gives_weightwatchers_randomized_columns_or_nan_for_its_fit():

@@ -343,7 +343,7 @@ def refit(results_dir: Path, new_dir: Path, overrides: dict,
 def _say_metrics_left_out(results_dir: Path, base_key: str, config: ESDConfig) -> None:
     """Warn of the directory's metrics whose columns the refit's results will not hold:
     --randomize's (the shuffled spectrum needs the weights) and those not asked again."""
-    asked = set(config.options_record["metrics"])
+    asked = set(config.options_record.get("metrics", ()))
     left = [n for n in split_options_key(base_key)[1] if n not in asked]
     shuffled = [n for n in left if n.startswith(f"{RANDOMIZE_NAME}(")]
     others = [n for n in left if n not in shuffled]
