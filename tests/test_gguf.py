@@ -227,6 +227,63 @@ def gpt2_as_gguf(tmp_path: Path) -> tuple[Path, Path]:
     return hf_dir, tmp_path / "tiny.gguf"
 
 
+GGUF_OF_BLOOM = {"word_embeddings": "token_embd", "word_embeddings_layernorm": "token_embd_norm",
+                 "ln_f": "output_norm", "input_layernorm": "attn_norm",
+                 "self_attention.query_key_value": "attn_qkv",
+                 "self_attention.dense": "attn_output", "post_attention_layernorm": "ffn_norm",
+                 "mlp.dense_h_to_4h": "ffn_up", "mlp.dense_4h_to_h": "ffn_down"}
+BLOOM_META = {"block_count": 2, "context_length": 64, "embedding_length": 32,
+              "feed_forward_length": 128, "head_count": 4, "layer_norm_eps": 1e-5,
+              "vocab_size": 96}
+
+
+def bloom_as_gguf(tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny HF Bloom saved as safetensors, and converted to F32 GGUF as llama.cpp does (each
+    fused query_key_value, stored head by head as (q, k, v), regrouped as all q, all k, all v:
+    ``BloomModel.modify_tensors``); returns (HF directory, GGUF)."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(3)
+    model = BloomForCausalLM(BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=96))
+    hf_dir = tmp_path / "hf"
+    model.save_pretrained(hf_dir)
+    tensors = {}
+    for name, param in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        stem, _, kind = name.removeprefix("transformer.").rpartition(".")
+        w = param.numpy()
+        if stem.startswith("h."):
+            _, bid, rest = stem.split(".", 2)
+            gguf = f"blk.{bid}.{GGUF_OF_BLOOM[rest]}.{kind}"
+            if rest == "self_attention.query_key_value":
+                heads = w.reshape(4, 3, 8, *w.shape[1:])  # (head, q/k/v, head_dim, ...)
+                w = np.concatenate([heads[:, i].reshape(32, *w.shape[1:]) for i in range(3)])
+        else:
+            gguf = f"{GGUF_OF_BLOOM[stem]}.{kind}"
+        tensors[gguf] = (np.ascontiguousarray(w), T.F32)
+    write_gguf(tmp_path / "tiny.gguf", tensors, arch="bloom", metadata=BLOOM_META)
+    return hf_dir, tmp_path / "tiny.gguf"
+
+
+def test_a_bloom_gguf_reads_its_fused_qkv_in_the_original_layout(tmp_path):
+    """llama.cpp regroups Bloom's per-head query_key_value rows; they read back as the
+    original's, and as transformers' own GGUF loader gives them."""
+    from transformers import AutoModelForCausalLM
+
+    hf_dir, gguf = bloom_as_gguf(tmp_path)
+    reader = GGUFCheckpoint([gguf], "tiny-gguf")
+    original = CheckpointReader(hf_dir, select_weight_files(
+        [p.name for p in hf_dir.iterdir()], "hf"), "hf")
+    library = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).state_dict()
+    qkv = [n for n in reader.names if n.endswith("query_key_value.weight")]
+    assert len(qkv) == 2 and set(reader.names) <= set(original.names)
+    for name in reader.names:
+        assert torch.equal(reader.get(name), original.get(name)), name
+    for name in qkv:
+        assert torch.equal(reader.get(name), library[name]), name
+
+
 def test_names_are_huggingface_and_rows_match_the_original(tmp_path):
     hf_dir, gguf = llama_as_gguf(tmp_path)
     reader = GGUFCheckpoint([gguf], "tiny-gguf")

@@ -40,13 +40,10 @@ start where the one before it ends, padded to ``general.alignment`` (a power of 
 dimensions or offsets that disagree never read a tensor as another shape or over another's
 bytes.
 
-Matrices llama.cpp's converter stores in another layout than the Hugging Face checkpoint are
-read back in the Hugging Face layout, as transformers loads them (its ``LlamaTensorProcessor``
-and ``GPT2TensorProcessor``): the rows of a ``llama`` GGUF's ``attn_q`` and ``attn_k``, which
-the converter permutes (``LlamaModel.permute``), with the head counts of the file's metadata;
-a ``gpt2`` GGUF's ``attn_qkv``, ``attn_output``, ``ffn_up`` and ``ffn_down``, which it
-transposes from GPT-2's ``Conv1D`` (in, out). The eigenvalues depend on neither, but
-``W - W_source`` against a Hugging Face checkpoint (--delta) and a custom metric's ``W`` do.
+Matrices llama.cpp's converter stores in another layout than the Hugging Face checkpoint
+(llama's permuted ``attn_q``/``attn_k`` rows, Bloom's regrouped ``attn_qkv``, GPT-2's transposed
+``Conv1D`` weights) are read back in the Hugging Face layout, as transformers loads them:
+formats/gguf_layouts.py.
 """
 
 from __future__ import annotations
@@ -72,6 +69,7 @@ from esd_experiment.core.errors import (
     UnsupportedFormatError,
 )
 from esd_experiment.formats.checkpoint import natural_key, stream_tensors
+from esd_experiment.formats.gguf_layouts import relayouts
 from esd_experiment.formats.gguf_names import hf_names
 
 if TYPE_CHECKING:  # torch is imported when a tensor is read, so listing types stays light
@@ -90,16 +88,6 @@ _STRING, _ARRAY = 8, 9
 # Unquantized GGML types, returned in their own dtype.
 _PLAIN = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
           "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64"}
-# The architectures whose attn_q/attn_k rows llama.cpp permutes and transformers permutes back
-# on loading (the ``llama`` entry of its TENSOR_PROCESSORS): architecture -> (the tensors, the
-# metadata keys of the head counts of attn_q and of attn_k).
-_PERMUTED_QK = {"llama": (re.compile(r"^blk\.\d+\.attn_(?P<which>[qk])\.weight$"),
-                          "llama.attention.head_count", "llama.attention.head_count_kv")}
-# The architectures whose Conv1D weights llama.cpp transposes and transformers transposes back
-# (the ``gpt2`` entry of its TENSOR_PROCESSORS).
-_TRANSPOSED = {"gpt2": re.compile(r"^blk\.\d+\.(attn_qkv|attn_output|ffn_up|ffn_down)\.weight$")}
-
-
 @dataclass(frozen=True)
 class _TensorInfo:
     gguf_name: str
@@ -393,39 +381,18 @@ class GGUFCheckpoint:
             self._info.update(here)
             names += sorted(here, key=natural_key)
         self.names = tuple(names)
-        self._heads = self._permuted_heads()
-        transposed = _TRANSPOSED.get(self.architecture)
-        self._transposed = {n for n, info in self._info.items() if len(info.shape) == 2
-                            and transposed is not None and transposed.match(info.gguf_name)}
+        self._layouts = relayouts(self.architecture, self.metadata, {
+            n: (info.gguf_name, info.shape) for n, info in self._info.items()})
         self._open: tuple[Path, object] | None = None
-
-    def _permuted_heads(self) -> dict[str, int]:
-        """{tensor: the head count its rows were permuted by} for llama.cpp's attn_q/attn_k."""
-        rule = _PERMUTED_QK.get(self.architecture)
-        if rule is None:
-            return {}
-        pattern, heads_key, kv_key = rule
-        heads = self.metadata.get(heads_key)
-        kv = self.metadata.get(kv_key, heads)
-        if not isinstance(heads, int) or not isinstance(kv, int) or min(heads, kv) <= 0:
-            return {}  # as transformers: without both head counts the rows are kept
-        out = {}
-        for name, info in self._info.items():
-            match = pattern.match(info.gguf_name)
-            if match is None or len(info.shape) != 2:
-                continue
-            count = heads if match["which"] == "q" else kv
-            if info.shape[0] % (2 * count) == 0:
-                out[name] = count
-        return out
 
     @property
     def nbytes(self) -> int:
         return sum(p.stat().st_size for p in self._paths)
 
     def shape(self, name: str) -> tuple[int, ...]:
+        layout = self._layouts.get(name)
         shape = self._info[name].shape
-        return shape[::-1] if name in self._transposed else shape
+        return layout.shape(shape) if layout is not None else shape
 
     def dtype(self, name: str) -> str:
         return _PLAIN.get(self._info[name].qtype, "float32")
@@ -470,10 +437,8 @@ class GGUFCheckpoint:
                               getattr(torch, plain))
             self._read_into(info, raw.numpy().reshape(-1).view(np.uint8), 0)
             out = raw.view(torch.bfloat16) if plain == "bfloat16" else raw
-        heads = self._heads.get(name)
-        if heads is not None:
-            return unpermute_rows(out, heads)
-        return out.T.contiguous() if name in self._transposed else out
+        layout = self._layouts.get(name)
+        return layout.apply(out) if layout is not None else out
 
     def _dequantized(self, info: _TensorInfo) -> torch.Tensor:
         import torch
@@ -502,14 +467,6 @@ class GGUFCheckpoint:
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor, str]]:
         return stream_tensors(self)
-
-
-def unpermute_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """The inverse of llama.cpp's ``LlamaModel.permute``: within each of ``heads`` heads, the
-    rows stored as (pair, half) go back to (half, pair), the Hugging Face order."""
-    rows = w.shape[0]
-    return (w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2)
-            .reshape(w.shape).contiguous())
 
 
 # ---------------------------------------------------------------------------------------------
