@@ -157,3 +157,35 @@ def test_a_source_that_is_one_gguf_file_of_a_hub_repository(hub, tmp_path):
     message = str(refused.value)
     assert "\n" not in message and message.startswith(str(tmp_path / "ft"))
     assert "org/tiny-GGUF#" in message
+
+
+def test_a_tied_fine_tune_of_an_untied_source_has_its_lm_head_delta(tmp_path):
+    """A fine-tune that ties lm_head to its embedding stores the embedding alone; its lm_head
+    is that embedding, so ΔW = its embedding - the source's lm_head, the row WeightWatcher's
+    base_model= gives. Through the checkpoints and the modules alike."""
+    import numpy as np
+
+    from esd_experiment import analyze
+    from tests.test_delta import WW_CONFIG, compare, heavy_tailed, on_grid, ww
+
+    base = llama(tie_word_embeddings=False)
+    rng = np.random.default_rng(9)
+    with torch.no_grad():
+        for param in base.parameters():
+            param.copy_(on_grid(param))
+    ft = llama(tie_word_embeddings=True)
+    ft.load_state_dict(base.state_dict(), strict=False)
+    with torch.no_grad():
+        for param in ft.parameters():
+            if param.ndim == 2:
+                param.add_(on_grid(heavy_tailed(*param.shape, rng)))
+    assert ft.lm_head.weight is ft.model.embed_tokens.weight
+    save_model(base, tmp_path / "base")
+    save_model(ft, tmp_path / "ft")
+    theirs = ww.WeightWatcher(model=ft, base_model=base).analyze()
+    assert "lm_head" in set(theirs["longname"])
+    for ours in (analyze(str(tmp_path / "ft"), base=str(tmp_path / "base"), device="cpu",
+                         **WW_CONFIG),
+                 analyze(ft, base=base, device="cpu", **WW_CONFIG)):
+        assert "lm_head" in set(ours["longname"])
+        compare(ours, theirs, sorted(set(ours["longname"]) & set(theirs["longname"])))

@@ -211,6 +211,22 @@ def _shared_names(ft_names: Iterable[str], base_reader, base_config=None):
     return out
 
 
+def _tied_in_fine_tune(own, own_config, base, taken: set[str]) -> list:
+    """The delta rows of the weights the fine-tune ties to another and so does not store, that
+    its source stores (a tied fine-tune's ``lm_head`` against an untied source's): the tensor
+    the fine-tune stores for it minus the source's, named as the source names it."""
+    from esd_experiment.adapters.lora_merge import _BaseNames
+    from esd_experiment.run.delta_layouts import LayoutPair
+
+    finder = _BaseNames(own.names, own_config)
+    out = []
+    for name in base.names:
+        stored = finder.find_tied(name) if name not in taken else None
+        if stored is not None and tuple(own.shape(stored)) == tuple(base.shape(name)):
+            out.append(LayoutPair(name, stored, name))
+    return out
+
+
 class _DeltaRows:
     """What makes a model of a pass a delta: the worker solves its items here."""
 
@@ -243,8 +259,9 @@ class FineTuneOnSource:
         self.pairs = {n: b for n, b in named.items()
                       if tuple(own.shape(n)) == tuple(base.shape(b))}
         weights = [n for n in own.names if len(own.shape(n)) >= 2 and is_weight_name(n)]
-        taken = set(self.pairs.values())
-        across = layout_pairs(  # an expert layout other than the source's
+        tied = _tied_in_fine_tune(own, model.checkpoint.config, base, set(self.pairs.values()))
+        taken = {*self.pairs.values(), *(p.source for p in tied)}
+        across = tied + layout_pairs(  # and an expert layout other than the source's
             [n for n in weights if n not in self.pairs], own.shape,
             [b for b in base.names if b not in taken], base.shape,
             [(c or {}).get("model_type") for c in (source.config, model.checkpoint.config)])
