@@ -37,13 +37,14 @@ echo "gpu_check on $GPU, driver ${DRIVER:-unknown}, $(nproc) CPUs, $("$PY" -c 'i
 
 echo "== 1. CUDA tests"
 # Only the files that hold CUDA tests: others import optional packages (gguf, Ray) that a GPU
-# image may lack, and -m cuda deselects all of their tests anyway.
+# image may lack, and -m cuda deselects all of their tests anyway. In one process (no
+# addopts): a GPU image may lack pytest-xdist.
 mapfile -t CUDA_FILES < <(grep -l "pytest.mark.cuda" tests/test_*.py)
 [ "${#CUDA_FILES[@]}" -gt 0 ] || fail "no test file marks a test with pytest.mark.cuda"
-timeout 150 "$PY" -m pytest -q -rs -m cuda "${CUDA_FILES[@]}" 2>&1 | tee "$WORK/tests.txt"
+timeout 150 "$PY" -m pytest -o addopts= -q -rs -m cuda "${CUDA_FILES[@]}" 2>&1 | tee "$WORK/tests.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || fail "CUDA tests (see above)"
 grep -q "SKIPPED" "$WORK/tests.txt" && fail "a CUDA test was skipped on a CUDA machine"
-timeout 60 "$PY" -m pytest -q -rs tests/test_gputracker.py -k "nvml_query_reads_every_gpu" \
+timeout 60 "$PY" -m pytest -o addopts= -q -rs tests/test_gputracker.py -k "nvml_query_reads_every_gpu" \
   2>&1 | tee "$WORK/nvml_test.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || fail "real-NVML test (see above)"
 grep -qE "(^|[^0-9])1 passed" "$WORK/nvml_test.txt" || fail "the real-NVML test did not run"

@@ -25,6 +25,20 @@ os.environ["ESD_CACHE_DIR"] = _CACHE
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 
+# The suite runs on pytest-xdist's workers (pyproject's addopts: --dist loadgroup), a test file
+# at a time on each. The files that start a local Ray or submit to the machine's one Slurm
+# cluster are one group, run in turn on one worker, so that two never share a cluster.
+_CLUSTER_FILES = frozenset({"test_backend_ray.py", "test_backend_slurm.py",
+                            "test_cluster_runs.py", "test_custom_metrics.py",
+                            "test_metric_inputs.py"})
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("cluster" if name in _CLUSTER_FILES else name))
+
+
 @pytest.fixture(autouse=True)
 def no_network(request, monkeypatch):
     """Every test runs offline; a hub API call would be a bug, so it fails loudly. Tests using
