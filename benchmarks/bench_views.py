@@ -17,6 +17,9 @@ so each spectrum spans about five decades) and times, --repeats times in alterna
   generator_shuffles  the same shuffles by NumPy's Generator.shuffle, for comparison
   keys            the shuffles' random bits alone (one 64-bit word per entry, into the reused
                   buffer): the floor of any shuffle by random keys
+  read_plain      the worker (esd_worker.main, in process) on the same matrices saved as a
+                  safetensors checkpoint (read from the page cache): a job as the runner runs it
+  read_randomize  the same with --randomize
 
 Each run is one scope of ``esd_randomize.WORDS``, as a job is: no shuffle buffer is kept
 from an earlier run, so --randomize pays for its first large buffer's page faults in every
@@ -40,8 +43,10 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -108,6 +113,12 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     tensors = llama_tensors(args.hidden, args.mlp, args.layers, args.vocab)
+    scratch = Path(tempfile.mkdtemp(prefix="bench-views-"))
+    if any(r.startswith("read_") for r in args.runs.split(",")):
+        from safetensors.torch import save_file
+
+        (scratch / "model").mkdir()
+        save_file(dict(tensors), str(scratch / "model" / "model.safetensors"))
     dev = args.device
     configs = {"plain": ESDConfig(device=dev), "mp_fit": ESDConfig(device=dev, metrics=(MP_FIT,)),
                "randomize": ESDConfig(device=dev, metrics=(randomize_metric(0),))}
@@ -154,6 +165,13 @@ def main() -> int:
                 rng = layer_rng(0, layer.longname, 0)
                 for m in layer.mats:
                     rng.shuffle(m.numpy().reshape(-1).copy())
+        elif name.startswith("read_"):
+            from esd_experiment.run import worker
+
+            flags = ["--randomize"] if name == "read_randomize" else []
+            out = scratch / f"{name}-{len(times[name])}"  # a new result each run
+            assert worker.main(["--model_id", str(scratch / "model"), "--device", dev,
+                                "--output_dir", str(out), *flags]) == 0
         else:
             for _ in iter_layer_results(tensors, configs[name]):
                 pass
@@ -188,11 +206,12 @@ def main() -> int:
         ratios = [(label, fn(t)) for label, needs, fn in RATIOS if set(needs) <= t.keys()]
         print(f"{what}: " + "; ".join(f"{label} = {value}" for label, value in ratios)
               + f"; {1e9 * t.get('shuffles', float('nan')) / elements:.0f} ns per entry shuffled")
+    shutil.rmtree(scratch)
     return 0
 
 
 RUNS = ("plain", "mp_fit", "randomize", "eigensolve", "mp_fit_work", "randomize_work",
-        "shuffles", "generator_shuffles", "keys")
+        "shuffles", "generator_shuffles", "keys", "read_plain", "read_randomize")
 # The printed ratios: (label, the runs it needs, its value from the times).
 RATIOS = (
     ("(mp_fit - plain) / plain (target <= 5 %)", ("mp_fit", "plain"),
@@ -207,6 +226,9 @@ RATIOS = (
      lambda t: f"{t['shuffles'] / t['eigensolve']:.2f}"),
     ("generator_shuffles / shuffles", ("generator_shuffles", "shuffles"),
      lambda t: f"{t['generator_shuffles'] / t['shuffles']:.2f}"),
+    ("(read_randomize - read_plain) / eigensolve (target <= 1.1)",
+     ("read_randomize", "read_plain", "eigensolve"),
+     lambda t: f"{(t['read_randomize'] - t['read_plain']) / t['eigensolve']:.2f}"),
     ("keys / eigensolve", ("keys", "eigensolve"),
      lambda t: f"{t['keys'] / t['eigensolve']:.2f}"),
 )

@@ -55,6 +55,9 @@ from esd_experiment.run.plan import result_done
 ww = pytest.importorskip("weightwatcher")
 
 PARITY_RTOL = 1e-6  # the bar for columns shared with WeightWatcher
+# Our shuffled matrices are solved in float32 (net_esd.SHUFFLED_PRECISION), WeightWatcher's in
+# float64: given the same shuffle, the columns differ by up to 5e-6 relative (measured).
+SHUFFLED_SOLVE_RTOL = 5e-5
 # Two-sample Kolmogorov-Smirnov statistic between our shuffled spectra and WeightWatcher's,
 # three shuffles of a 300 x 120 matrix each (360 eigenvalues a side): measured 0.014-0.017;
 # the 1e-3 critical value for independent samples of this size is 0.145, and the unshuffled
@@ -425,8 +428,11 @@ def test_a_run_given_weightwatchers_shuffle_gives_its_columns_for_convolutions(m
     monkeypatch.setattr(net_esd, "shuffled_bits", fixed_bits)
     ours = net_esd_estimator(net, randomize=True)
     for col in RANDOM_COLUMNS:
-        np.testing.assert_allclose(ours[col].to_numpy(float), theirs[col].to_numpy(float),
-                                   rtol=PARITY_RTOL, atol=1e-12, err_msg=col)
+        a, b = ours[col].to_numpy(float), theirs[col].to_numpy(float)
+        if col == "ww_maxdist":  # a difference of eigenvalues: it errs as the larger does
+            assert (abs(a - b) <= SHUFFLED_SOLVE_RTOL * theirs["max_rand_eval"]).all(), (a, b)
+        else:
+            np.testing.assert_allclose(a, b, rtol=SHUFFLED_SOLVE_RTOL, atol=1e-12, err_msg=col)
 
 
 def test_a_numpy_integer_seed_is_the_same_seed():

@@ -273,6 +273,10 @@ def analysed_matrix(layer: _Layer, config: ESDConfig) -> np.ndarray:
     return (torch.stack(mats) * math.sqrt(layer.evals_scale)).numpy()
 
 
+# The dtype a shuffled matrix's eigenvalues are computed in: its spectrum is one draw of a null
+# distribution whose spread from draw to draw is of order 1e-2; float32's error (1e-6 to 1e-5
+# relative) is far below that, at half float64's cost (docs/metrics.md, section 4).
+SHUFFLED_PRECISION = "float32"
 # A layer's shuffled matrices and the word buffers they lie in (``shuffled_mats``).
 Shuffled = tuple[list[torch.Tensor], list[np.ndarray]]
 
@@ -284,7 +288,8 @@ def shuffled_eigenvalues(layer: _Layer, config: ESDConfig, seed: int, replica: i
     solved like the layer itself (``layer_eigenvalues``). None when they are not finite."""
     mats, words = shuffled_mats(layer, config, seed, replica) if shuffled is None else shuffled
     try:
-        evals = layer_eigenvalues(replace(layer, mats=mats), config)
+        evals = layer_eigenvalues(replace(layer, mats=mats),
+                                  replace(config, precision=SHUFFLED_PRECISION))
         return None if evals is None else evals.cpu().numpy()
     finally:
         for buffer in words:
