@@ -121,3 +121,29 @@ def test_a_new_metric_on_saved_eigenvalues_reloads_no_model_and_fills_the_delta(
     assert len(fitted) >= 14
     for name, top in zip(fitted["longname"], fitted["top"], strict=True):
         assert top == saved[name].max(), name  # the same float64 value, written and read back
+
+
+def test_a_rerun_solves_only_the_delta_of_a_model_whose_result_is_current(pair, tmp_path,
+                                                                          monkeypatch):
+    """A fine-tune whose delta failed after its own result was written: the rerun's job (the
+    runner passes --keep_current) writes the delta and solves none of the fine-tune's own
+    layers again; a job told to recompute (--overwrite: no --keep_current) solves them."""
+    from esd_experiment.run import worker as esd_worker
+
+    out = tmp_path / "out"
+    argv = ["--model_id", str(pair / "ft"), "--output_dir", str(out), "--device", "cpu",
+            "--delta"]
+    assert esd_worker.main([*argv, "--keep_current", "--source_model", str(pair / "missing")]
+                           ) != esd_worker.EXIT_OK
+    result = ModelPaths.for_model(out, str(pair / "ft")).csv
+    written = result.read_bytes()
+    own = []
+    solve = esd_worker.layer_results
+    monkeypatch.setattr(esd_worker, "layer_results",
+                        lambda item, *rest: own.append(item[0]) or solve(item, *rest))
+    assert esd_worker.main([*argv, "--keep_current", "--source_model", str(pair / "base")]
+                           ) == esd_worker.EXIT_OK
+    assert (out / "delta" / result.name).is_file() and result.read_bytes() == written
+    assert own == []
+    assert esd_worker.main([*argv, "--source_model", str(pair / "base")]) == esd_worker.EXIT_OK
+    assert len(own) > 10  # the control: its own layers, solved when the result is redone

@@ -51,9 +51,11 @@ from esd_experiment.core.errors import (
 from esd_experiment.core.paths import ModelPaths, model_paths, write_atomic, write_text_atomic
 from esd_experiment.core.results import (
     EIGS_OPTIONS_KEY,
+    eigs_options,
     inert_frame,
     is_current,
     result_frame,
+    split_options_key,
     write_eigs,
 )
 from esd_experiment.estimator.options import ESDConfig, add_esd_arguments, esd_config_from_args
@@ -190,6 +192,7 @@ class ModelRun:
     eigs: dict[str, np.ndarray] = field(default_factory=dict)
     error: BaseException | None = None
     stage: str = ""  # the stage the job was in when ``error`` happened
+    kept: bool = False  # its result stays as it stands: its layers are not solved (``finish``)
 
 
 def analyse(config: WorkerConfig, runs: list[ModelRun], stage: StageLog) -> None:
@@ -207,9 +210,14 @@ def analyse(config: WorkerConfig, runs: list[ModelRun], stage: StageLog) -> None
     share = CpuShare([r.model.checkpoint.fetcher for r in by_model.values()
                       if r.model.checkpoint is not None])
 
+    for run in by_model.values():
+        run.kept = kept_as_it_stands(config, run)
+
     def solve(item, device: str):
         if item.error is not None:
             return item.error
+        if by_model[id(item.model)].kept:  # read for the pass's other models only
+            return []
         share.before_solve(device)
         if (solver := getattr(item.model, "layer_results", None)) is not None:  # esd_delta's
             return solver(item.name, item.tensor, item.storage, replace(config.esd, device=device))
@@ -257,10 +265,23 @@ def result_rows(config: WorkerConfig, run: ModelRun) -> list[dict]:
     return rows
 
 
+def kept_as_it_stands(config: WorkerConfig, run: ModelRun) -> bool:
+    """True when ``run``'s result is current and kept (``keep_current``), with its current
+    eigenvalues under --save_eigs: a model the job streams for another's sake (the base of its
+    adapters, a fine-tune whose delta is missing) is then not solved again."""
+    options = config.esd.options_key
+    return config.keep_current and is_current(run.paths.csv, options) and (
+        not config.save_eigs or eigs_options(run.paths.eigs) == split_options_key(options)[0])
+
+
 def finish(config: WorkerConfig, run: ModelRun) -> None:
     """Write one model's result (``result_rows``), atomically. Under ``keep_current`` a
     result computed with these options stays as it is (a user may have added columns, sorted
     or reformatted it): only its eigenvalues are written beside it."""
+    if run.kept:
+        logger.info("%s: %s is current and kept as it is; its layers were not solved again",
+                    run.model_id, run.paths.csv)
+        return
     rows = result_rows(config, run)
     eigs = run.eigs if config.save_eigs else None
     if config.keep_current and is_current(run.paths.csv, config.esd.options_key):
