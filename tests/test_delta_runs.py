@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
+import pandas as pd
 import pytest
 import torch
 
@@ -147,3 +148,55 @@ def test_a_rerun_solves_only_the_delta_of_a_model_whose_result_is_current(pair, 
     assert own == []
     assert esd_worker.main([*argv, "--source_model", str(pair / "base")]) == esd_worker.EXIT_OK
     assert len(own) > 10  # the control: its own layers, solved when the result is redone
+
+
+# The fine-tune's first shard (about 50 KB) downloads for about two seconds: longer than the
+# job takes to open both models and set up the pass.
+FIRST_SHARD_BYTES_PER_S = 25_000
+
+
+def test_a_fine_tune_sharded_by_blocks_holds_two_shards_in_its_sources_pass(hub, tmp_path,
+                                                                           monkeypatch):
+    """Under --cleanup_cache a fine-tune whose shards differ from its source's (one shard per
+    block, against a source in one file that safetensors orders by name: lm_head first) is
+    read in the source's pass, each shard held from the first tensor the pass takes from it to
+    the last, and fetched in that order (docs/hub.md): never more than two of its shards on
+    disk at once, the delta complete, and the cache empty afterwards."""
+    from esd_experiment.formats import stream
+    from esd_experiment.run import worker as esd_worker
+    from tests.loader_fixtures import write_sharded
+
+    base, ft = llama(num_hidden_layers=4), llama(seed=1, num_hidden_layers=4)
+    save_model(base, tmp_path / "base")
+    values = {n: v.detach() for n, v in ft.state_dict().items()}
+    shards: dict[str, dict] = {}
+    for name, value in values.items():
+        block = name.split(".")[2] if name.startswith("model.layers.") else (
+            "0" if "embed" in name else "3")  # the embedding with block 0, the head with 3
+        shards.setdefault(f"model-{int(block) + 1:05d}-of-00004.safetensors", {})[name] = value
+    write_sharded(tmp_path / "ft", shards, ft.config.to_dict())
+    hub.add_repo("org/base", tmp_path / "base")
+    hub.add_repo("org/ft", tmp_path / "ft")
+    monkeypatch.setattr("esd_experiment.loader.opener.AHEAD_MEMORY_BYTES", 0)  # all on disk
+    first = min(shards)  # still downloading when the pass begins, as a shard of GBs would be
+    hub.throttle(FIRST_SHARD_BYTES_PER_S, repo_id="org/ft", filename=first)
+    held: dict[tuple, int] = {}
+    start = stream.ShardFetcher._start
+
+    def counted_start(self, file):
+        future = start(self, file)
+        key = tuple(self.order)
+        held[key] = max(held.get(key, 0), len(self._held_on_disk()))
+        return future
+
+    monkeypatch.setattr(stream.ShardFetcher, "_start", counted_start)
+    out = tmp_path / "out"
+    assert esd_worker.main(["--model_id", "org/base", "org/ft", "--source_model", "org/base",
+                            "--base_model_relation", "", "--output_dir", str(out),
+                            "--device", "cpu", "--delta", "--cleanup_cache"]) == 0
+    ft_held = held[tuple(sorted(shards))]
+    assert ft_held <= stream.MAX_HELD, held
+    delta = pd.read_csv(ModelPaths.for_model(out / "delta", "org/ft").csv)
+    assert len(delta) == len([n for n, v in values.items() if v.dim() == 2])
+    assert (delta["status"] == "ok").all()
+    assert not list(hub.cache.glob("models--*/blobs/*")), "--cleanup_cache left shards behind"

@@ -42,6 +42,28 @@ def read_in_thread(fetcher, file, got):
     return reader
 
 
+def test_a_reordered_fetcher_fetches_the_reader_s_order_and_keeps_its_running_download():
+    """``reorder`` (a fine-tune read in its source's pass): the download under way goes on,
+    the one queued behind it goes back in line, and the files come in the new order, never
+    more than ``MAX_HELD`` on disk."""
+    files = ["s1", "s2", "s3", "s4"]
+    downloads = GatedDownloads(files)
+    fetcher = ShardFetcher(files, downloads, release=lambda f: None)
+    wait_until(lambda: downloads.started == ["s1"])  # s2 queued behind it
+    fetcher.reorder(["s4", "s1", "s2", "s3"])
+    for gate in downloads.gates.values():
+        gate.set()
+    wait_until(lambda: downloads.started == ["s1", "s4"])
+    assert fetcher.path("s4") == Path("/shards/s4") and fetcher.path("s1") == Path("/shards/s1")
+    time.sleep(0.05)
+    assert downloads.started == ["s1", "s4"], "two held: the next waits for a release"
+    fetcher.release("s1")
+    wait_until(lambda: downloads.started == ["s1", "s4", "s2"])
+    fetcher.release("s2")
+    wait_until(lambda: downloads.started == ["s1", "s4", "s2", "s3"])
+    fetcher.close()
+
+
 def test_fetcher_says_when_the_reader_waits_for_the_network():
     files = ["s1", "s2", "s3"]
     downloads = GatedDownloads(files)

@@ -246,6 +246,18 @@ class ShardFetcher:
             self._release(file)
         logger.debug("%s (%d bytes) waits in memory for the reader", file, len(data))
 
+    def reorder(self, order: Sequence[str]) -> None:
+        """Fetch in ``order`` from now on (files it leaves out follow, as before): for a reader
+        that takes the files in another order than the fetcher was made with (a fine-tune read
+        in its source's pass). Downloads queued and not asked for yet go back in line; one
+        running goes on."""
+        with self._lock:
+            self.order = list(dict.fromkeys([*order, *self.order]))
+            for file in [f for f in self._queue if f not in self._asked_for]:
+                self._queue.remove(file)
+                self._futures.pop(file).cancel()
+        self._top_up()
+
     def fetch_all(self) -> list[Path]:
         """Every file on disk (for readers that need the whole checkpoint at once)."""
         return [self.path(f) for f in self.order]

@@ -300,6 +300,8 @@ class FineTuneOnSource:
         order = [n for b in base_order for n in self.by_source.get(b, ())] + rest
         self._index = {name: i for i, name in enumerate(order)}
         self._last_use = {f: i for i, name in enumerate(order) for f in own.files_of(name)}
+        if model.checkpoint.fetcher is not None:  # its shards fetched in the order used
+            model.checkpoint.fetcher.reorder([f for name in order for f in own.files_of(name)])
 
     def value_of(self, name: str) -> torch.Tensor:
         """The fine-tune's tensor ``name`` for a delta row: as this pass read it (read again
