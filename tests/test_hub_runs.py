@@ -148,6 +148,43 @@ def test_dry_run_resolves_everything_and_downloads_no_weights(hub, tmp_path):
     assert TOKEN not in proc.stdout + proc.stderr + (out / "preflight/preflight.csv").read_text()
 
 
+def test_dry_run_under_delta_counts_each_fine_tune_s_source(hub, tmp_path):
+    """Under --delta a fine-tune is streamed beside its source: the dry run checks the source
+    (refusing the row, naming it, when it cannot be read), counts its bytes as the row's
+    base_bytes, and the disk --cleanup_cache needs adds the source's two largest shards."""
+    base_dir = save_model(llama(), tmp_path / "base", max_shard_size="60KB")
+    ft_dir = save_model(llama(seed=1), tmp_path / "ft", max_shard_size="60KB")
+    hub.add_repo("org/base", base_dir)
+    hub.add_repo("org/ft", ft_dir)
+    models = write_list(tmp_path / "models.csv", [("org/ft", "", "org/base"),
+                                                  ("org/ft2", "", "org/missing")])
+    hub.add_repo("org/ft2", ft_dir)
+
+    def shards(folder):
+        return sorted(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+    two = {d: sum(shards(d)[-2:]) for d in (base_dir, ft_dir)}
+    margin = 10 * 2**20  # preflight.SMALL_FILES_MARGIN, the small files beside the shards
+    for flags, source_bytes, disk in (((), 0, two[ft_dir]),
+                                      (("--delta",), sum(shards(base_dir)),
+                                       two[ft_dir] + two[base_dir])):
+        out = tmp_path / f"out{len(flags)}"
+        proc = run_cli(hub, "--model_list", models, "--output_dir", out, "--dry_run", *flags)
+        rows = pd.read_csv(out / "preflight" / "preflight.csv",
+                           keep_default_na=False).set_index("model_id")
+        assert rows.loc["org/ft", "status"] == "ok"
+        assert rows.loc["org/ft", "base_bytes"] == source_bytes
+        assert f"with --cleanup_cache {(disk + margin) / 2**20:.1f} MiB" in proc.stdout, \
+            proc.stdout
+        if flags:
+            assert proc.returncode == 1, proc.stderr[-3000:]
+            assert rows.loc["org/ft2", "status"] == "not_found"
+            assert "--delta: its source model org/missing" in rows.loc["org/ft2", "detail"]
+        else:
+            assert proc.returncode == 0, proc.stderr[-3000:]
+    assert shard_bytes(hub, "org/base") == 0, "no weight downloaded"
+
+
 def test_tokens_never_reach_a_log_or_a_result(hub, tmp_path):
     torch = __import__("torch")
     hub.add_repo("org/gated", write_safetensors(tmp_path / "g", {"w.weight": torch.ones(2, 2)}),

@@ -3,8 +3,9 @@
 Writes ``<output_dir>/preflight/preflight.csv``, one row per model: ``model_id``, ``revision`` (the
 resolved commit), ``kind`` (model or adapter), ``source_model``, ``format`` (safetensors, bin,
 gguf, quantized:METHOD, none), ``weight_bytes`` (what the analysis reads of the model itself),
-``base_bytes`` (an adapter's base), ``largest_shard_bytes``, ``status`` (ok, not_found,
-revision_not_found, gated, no_weights, unsupported, no_base, invalid, error) and ``detail``;
+``base_bytes`` (an adapter's base; under --delta, a fine-tune's source), ``largest_shard_bytes``,
+``status`` (ok, not_found, revision_not_found, gated, no_weights, unsupported, no_base, invalid,
+error) and ``detail``;
 prints the totals: models ok and refused, bytes to download (a base shared by adapters
 counted once), and the disk the largest model needs with and without ``--cleanup_cache``.
 Reads only listings, ``config.json``, ``adapter_config.json`` and weight indexes. Exit code
@@ -78,6 +79,7 @@ class Row:
     detail: str = ""
     files: dict = field(default_factory=dict, repr=False)  # (repo, commit, file) -> bytes
     shards: list = field(default_factory=list, repr=False)
+    source_shards: list = field(default_factory=list, repr=False)  # streamed beside (--delta)
 
 
 COLUMNS = [f for f in Row.__dataclass_fields__ if f not in ("files", "shards")]
@@ -113,7 +115,9 @@ def checkpoint_info(opener: Opener, source: Source, row: Row, prefix: str = "",
     return files, [source.sizes.get(s, 0) for s in shards]
 
 
-def check(opener: Opener, entry: ListEntry) -> Row:
+def check(opener: Opener, entry: ListEntry, delta: bool = False) -> Row:
+    """One entry's row; under ``delta``, a full model's ``source_model`` is checked too (it
+    is read beside the model, in one pass)."""
     row = Row(entry.key)
     try:
         model_id, revision = parse_model_id(entry.model_id)
@@ -127,6 +131,8 @@ def check(opener: Opener, entry: ListEntry) -> Row:
             row.files, row.shards = checkpoint_info(opener, source, row,
                                                     gguf_file=entry.gguf_file)
             row.weight_bytes = sum(row.files.values())
+            if delta and entry.source_model:
+                _source(opener, entry.source_model, row)
     except ESDError as exc:
         row.status = next((s for cls, s in _STATUSES if isinstance(exc, cls)), "error")
         row.detail = " ".join(str(exc).split())[:300]
@@ -155,12 +161,29 @@ def _adapter(opener: Opener, request: ModelRequest, source: Source, row: Row) ->
     row.files.update(files)
 
 
+def _source(opener: Opener, source_model: str, row: Row) -> None:
+    """A fine-tune's source model under --delta: its files count as the fine-tune's base."""
+    from esd_experiment.run.delta_worker import source_request
+
+    request = source_request(source_model)
+    try:
+        source = opener.locate(*parse_model_id(request.model_id))
+        files, row.source_shards = checkpoint_info(opener, source, Row(source_model),
+                                                   gguf_file=request.gguf_file)
+    except ESDError as exc:
+        raise type(exc)(f"--delta: its source model {source_model}: {exc}") from None
+    row.source_model = source_model
+    row.base_bytes = sum(files.values())
+    row.files.update(files)
+
+
 def preflight(entries: list[ListEntry], output_dir: Path, cache_dir: str | None = None,
-              hub: HubClient | None = None) -> int:
-    """Check every entry, write ``preflight.csv``, print the totals; the exit code."""
+              hub: HubClient | None = None, delta: bool = False) -> int:
+    """Check every entry (``delta``: and the sources of fine-tunes), write
+    ``preflight.csv``, print the totals; the exit code."""
     hub = hub if hub is not None else HubClient(cache_dir=cache_dir)
     opener = Opener(hub, None, None, nullcontext)
-    rows = [check(opener, entry) for entry in entries]
+    rows = [check(opener, entry, delta) for entry in entries]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
@@ -181,14 +204,17 @@ def totals(rows: list[Row], out: Path) -> str:
     for r in ok:
         unique.update({k: v for k, v in r.files.items() if k[1] != "local"})
     whole = max((r.weight_bytes + r.base_bytes for r in ok), default=0)
-    streamed = max((sum(sorted(r.shards)[-2:]) + (r.weight_bytes if r.kind == "adapter" else 0)
+    streamed = max((sum(sorted(r.shards)[-2:]) + sum(sorted(r.source_shards)[-2:])
+                    + (r.weight_bytes if r.kind == "adapter" else 0)
                     for r in ok), default=0) + (SMALL_FILES_MARGIN if ok else 0)
+    held = "its two largest shards" + (", and its source's under --delta"
+                                       if any(r.source_shards for r in ok) else "")
     refused = [f"{r.model_id} ({r.status})" for r in rows if r.status != "ok"]
     lines = [f"preflight: {len(ok)} of {len(rows)} models ok, {len(refused)} refused"
              f"{': ' + ', '.join(refused[:10]) if refused else ''}",
              f"to download: {_size(sum(unique.values()))} (each file once)",
              f"disk for the largest model: {_size(whole)}; with --cleanup_cache "
-             f"{_size(streamed)} (its two largest shards at once)",
+             f"{_size(streamed)} ({held} at once)",
              f"rows: {out}"]
     return "\n".join(lines)
 
