@@ -474,36 +474,6 @@ def test_a_gguf_fine_tune_against_a_safetensors_source_and_the_reverse(tmp_path,
         assert row["spectral_norm"] == pytest.approx(ref.max(), rel=EIGEN_RTOL), name
 
 
-def test_an_untied_fine_tune_of_a_tied_source_has_its_lm_head_delta(tmp_path):
-    """A source that ties lm_head to its embedding stores the embedding alone; the fine-tune
-    that unties them has ΔW = lm_head - the source's embedding, as WeightWatcher's base_model=
-    subtracts the source's (tied) lm_head. Through the checkpoints and the modules alike."""
-    from esd_experiment import analyze
-    from tests.loader_fixtures import save_model
-
-    base = llama(tie_word_embeddings=True)
-    with torch.no_grad():
-        for param in base.parameters():
-            param.copy_(on_grid(param))
-    ft = llama(tie_word_embeddings=False)
-    ft.load_state_dict(base.state_dict(), strict=False)
-    rng = np.random.default_rng(8)
-    with torch.no_grad():
-        ft.lm_head.weight.copy_(base.model.embed_tokens.weight)
-        for param in ft.parameters():
-            if param.ndim == 2:
-                param.add_(on_grid(heavy_tailed(*param.shape, rng)))
-    save_model(base, tmp_path / "base")
-    save_model(ft, tmp_path / "ft")
-    theirs = ww.WeightWatcher(model=ft, base_model=base).analyze()
-    assert "lm_head" in set(theirs["longname"])
-    for ours in (analyze(str(tmp_path / "ft"), base=str(tmp_path / "base"), device="cpu",
-                         **WW_CONFIG),
-                 analyze(ft, base=base, device="cpu", **WW_CONFIG)):
-        assert "lm_head" in set(ours["longname"])
-        compare(ours, theirs, sorted(set(ours["longname"]) & set(theirs["longname"])))
-
-
 def fused_mixtral(values: dict) -> dict:
     """The tensors of a published (per-expert) Mixtral in the fused 3-D layout of
     transformers' modules: mlp.experts.gate_up_proj[e] = [w1; w3], down_proj[e] = w2,

@@ -1,10 +1,12 @@
-"""The delta view over checkpoints whose layout differs from their source's: each fine-tune
-tensor is read once for its result and its delta, whichever source tensors it pairs with."""
+"""The delta view over checkpoints whose layout differs from their source's (tied and untied
+heads, expert layouts, GGUF): each fine-tune tensor is read once for its result and its delta,
+whichever source tensors it pairs with."""
 
 from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -43,8 +45,6 @@ def mixtral_as_gguf(values: dict, path):
     """A published Mixtral's tensors as llama.cpp converts it (arch llama; attn_q/attn_k rows
     permuted; the experts of a block stacked per projection, ffn_gate_exps = [w1_e], ffn_up_exps
     = [w3_e], ffn_down_exps = [w2_e]; the router ffn_gate_inp), F32."""
-    import numpy as np
-
     from tests.test_gguf import LLAMA_META, T, llama_permute, write_gguf
     from tests.zoo_published import LAYERS, E, F, H, V
 
@@ -85,8 +85,6 @@ def test_a_gguf_mixtral_against_the_published_per_expert_checkpoint(tmp_path, ca
     on the difference of the published matrices); the router, too small for a row, is named
     as left out."""
     import logging
-
-    import numpy as np
 
     from esd_experiment import analyze
     from tests.test_delta import EIGEN_RTOL, gram_evals
@@ -163,10 +161,7 @@ def test_a_tied_fine_tune_of_an_untied_source_has_its_lm_head_delta(tmp_path):
     """A fine-tune that ties lm_head to its embedding stores the embedding alone; its lm_head
     is that embedding, so ΔW = its embedding - the source's lm_head, the row WeightWatcher's
     base_model= gives. Through the checkpoints and the modules alike."""
-    import numpy as np
-
-    from esd_experiment import analyze
-    from tests.test_delta import WW_CONFIG, compare, heavy_tailed, on_grid, ww
+    from tests.test_delta import heavy_tailed, on_grid
 
     base = llama(tie_word_embeddings=False)
     rng = np.random.default_rng(9)
@@ -180,6 +175,36 @@ def test_a_tied_fine_tune_of_an_untied_source_has_its_lm_head_delta(tmp_path):
             if param.ndim == 2:
                 param.add_(on_grid(heavy_tailed(*param.shape, rng)))
     assert ft.lm_head.weight is ft.model.embed_tokens.weight
+    lm_head_delta_as_weightwatcher(ft, base, tmp_path)
+
+
+def test_an_untied_fine_tune_of_a_tied_source_has_its_lm_head_delta(tmp_path):
+    """A source that ties lm_head to its embedding stores the embedding alone; the fine-tune
+    that unties them has ΔW = lm_head - the source's embedding, as WeightWatcher's base_model=
+    subtracts the source's (tied) lm_head. Through the checkpoints and the modules alike."""
+    from tests.test_delta import heavy_tailed, on_grid
+
+    base = llama(tie_word_embeddings=True)
+    with torch.no_grad():
+        for param in base.parameters():
+            param.copy_(on_grid(param))
+    ft = llama(tie_word_embeddings=False)
+    ft.load_state_dict(base.state_dict(), strict=False)
+    rng = np.random.default_rng(8)
+    with torch.no_grad():
+        ft.lm_head.weight.copy_(base.model.embed_tokens.weight)
+        for param in ft.parameters():
+            if param.ndim == 2:
+                param.add_(on_grid(heavy_tailed(*param.shape, rng)))
+    lm_head_delta_as_weightwatcher(ft, base, tmp_path)
+
+
+def lm_head_delta_as_weightwatcher(ft, base, tmp_path) -> None:
+    """``ft``'s delta against ``base``, saved and as modules, has the lm_head row and
+    WeightWatcher's base_model= numbers on every layer both give."""
+    from esd_experiment import analyze
+    from tests.test_delta import WW_CONFIG, compare, ww
+
     save_model(base, tmp_path / "base")
     save_model(ft, tmp_path / "ft")
     theirs = ww.WeightWatcher(model=ft, base_model=base).analyze()

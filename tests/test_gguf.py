@@ -207,7 +207,17 @@ GPT2_META = {"block_count": 2, "context_length": 64, "embedding_length": 32,
 def gpt2_as_gguf(tmp_path: Path) -> tuple[Path, Path]:
     """A tiny HF GPT-2 saved as safetensors, and converted to F32 GGUF as llama.cpp does (its
     Conv1D weights transposed to (out, in), the head tied); returns (HF directory, GGUF)."""
-    model = gpt2(seed=3)
+    def relayout(rest, kind, w):
+        return w.T if kind == "weight" and rest.startswith(("attn.c_", "mlp.c_")) else w
+
+    return hf_as_gguf(gpt2(seed=3), tmp_path, GGUF_OF_GPT2, "gpt2", GPT2_META, relayout)
+
+
+def hf_as_gguf(model, tmp_path: Path, names: dict, arch: str, metadata: dict,
+               relayout) -> tuple[Path, Path]:
+    """``model`` (GPT-2 or Bloom naming) saved as safetensors, and converted to F32 GGUF: each
+    tensor but the tied head renamed by ``names`` (a block's under ``blk.N``), a block's array
+    passed through ``relayout(rest, kind, w)``; returns (HF directory, GGUF)."""
     hf_dir = tmp_path / "hf"
     model.save_pretrained(hf_dir)
     tensors = {}
@@ -218,12 +228,11 @@ def gpt2_as_gguf(tmp_path: Path) -> tuple[Path, Path]:
         w = param.numpy()
         if stem.startswith("h."):
             _, bid, rest = stem.split(".", 2)
-            gguf = f"blk.{bid}.{GGUF_OF_GPT2[rest]}.{kind}"
-            w = w.T if kind == "weight" and rest.startswith(("attn.c_", "mlp.c_")) else w
+            gguf, w = f"blk.{bid}.{names[rest]}.{kind}", relayout(rest, kind, w)
         else:
-            gguf = f"{GGUF_OF_GPT2[stem]}.{kind}"
+            gguf = f"{names[stem]}.{kind}"
         tensors[gguf] = (np.ascontiguousarray(w), T.F32)
-    write_gguf(tmp_path / "tiny.gguf", tensors, arch="gpt2", metadata=GPT2_META)
+    write_gguf(tmp_path / "tiny.gguf", tensors, arch=arch, metadata=metadata)
     return hf_dir, tmp_path / "tiny.gguf"
 
 
@@ -243,27 +252,15 @@ def bloom_as_gguf(tmp_path: Path) -> tuple[Path, Path]:
     ``BloomModel.modify_tensors``); returns (HF directory, GGUF)."""
     from transformers import BloomConfig, BloomForCausalLM
 
+    def relayout(rest, kind, w):
+        if rest != "self_attention.query_key_value":
+            return w
+        heads = w.reshape(4, 3, 8, *w.shape[1:])  # (head, q/k/v, head_dim, ...)
+        return np.concatenate([heads[:, i].reshape(32, *w.shape[1:]) for i in range(3)])
+
     torch.manual_seed(3)
     model = BloomForCausalLM(BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=96))
-    hf_dir = tmp_path / "hf"
-    model.save_pretrained(hf_dir)
-    tensors = {}
-    for name, param in model.state_dict().items():
-        if name == "lm_head.weight":
-            continue
-        stem, _, kind = name.removeprefix("transformer.").rpartition(".")
-        w = param.numpy()
-        if stem.startswith("h."):
-            _, bid, rest = stem.split(".", 2)
-            gguf = f"blk.{bid}.{GGUF_OF_BLOOM[rest]}.{kind}"
-            if rest == "self_attention.query_key_value":
-                heads = w.reshape(4, 3, 8, *w.shape[1:])  # (head, q/k/v, head_dim, ...)
-                w = np.concatenate([heads[:, i].reshape(32, *w.shape[1:]) for i in range(3)])
-        else:
-            gguf = f"{GGUF_OF_BLOOM[stem]}.{kind}"
-        tensors[gguf] = (np.ascontiguousarray(w), T.F32)
-    write_gguf(tmp_path / "tiny.gguf", tensors, arch="bloom", metadata=BLOOM_META)
-    return hf_dir, tmp_path / "tiny.gguf"
+    return hf_as_gguf(model, tmp_path, GGUF_OF_BLOOM, "bloom", BLOOM_META, relayout)
 
 
 def test_a_bloom_gguf_reads_its_fused_qkv_in_the_original_layout(tmp_path):
