@@ -3,6 +3,7 @@ and how the model is counted and recorded."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 
@@ -146,22 +147,28 @@ def test_a_rerun_solves_only_the_delta_of_a_model_whose_result_is_current(pair, 
                            ) == esd_worker.EXIT_OK
     assert (out / "delta" / result.name).is_file() and result.read_bytes() == written
     assert own == []
+    # A kept result removed while the job runs: the model is to be run again, not lost.
+    (out / "delta" / result.name).unlink()
+    analyse = esd_worker.analyse
+    monkeypatch.setattr(esd_worker, "analyse",
+                        lambda *a: (analyse(*a), result.unlink()) and None)
+    assert esd_worker.main([*argv, "--keep_current", "--source_model", str(pair / "base")]
+                           ) == esd_worker.EXIT_TRANSIENT
+    record = json.loads(ModelPaths.for_model(out, str(pair / "ft")).failure.read_text())
+    assert record["transient"] and "changed while the job ran" in record["message"]
+    monkeypatch.setattr(esd_worker, "analyse", analyse)
     assert esd_worker.main([*argv, "--source_model", str(pair / "base")]) == esd_worker.EXIT_OK
     assert len(own) > 10  # the control: its own layers, solved when the result is redone
-
-
-# The fine-tune's first shard (about 50 KB) downloads for about two seconds: longer than the
-# job takes to open both models and set up the pass.
-FIRST_SHARD_BYTES_PER_S = 25_000
 
 
 def test_a_fine_tune_sharded_by_blocks_holds_two_shards_in_its_sources_pass(hub, tmp_path,
                                                                            monkeypatch):
     """Under --cleanup_cache a fine-tune whose shards differ from its source's (one shard per
     block, against a source in one file that safetensors orders by name: lm_head first) is
-    read in the source's pass, each shard held from the first tensor the pass takes from it to
-    the last, and fetched in that order (docs/hub.md): never more than two of its shards on
-    disk at once, the delta complete, and the cache empty afterwards."""
+    read in the source's pass, its shards fetched in the order the pass takes them, each held
+    from the first tensor the pass takes from it to the last, its norms read beside their
+    file's last paired tensor (docs/hub.md): never more than two of its shards on disk at
+    once, the delta complete, and the cache empty afterwards."""
     from esd_experiment.formats import stream
     from esd_experiment.run import worker as esd_worker
     from tests.loader_fixtures import write_sharded
@@ -178,23 +185,21 @@ def test_a_fine_tune_sharded_by_blocks_holds_two_shards_in_its_sources_pass(hub,
     hub.add_repo("org/base", tmp_path / "base")
     hub.add_repo("org/ft", tmp_path / "ft")
     monkeypatch.setattr("esd_experiment.loader.opener.AHEAD_MEMORY_BYTES", 0)  # all on disk
-    first = min(shards)  # still downloading when the pass begins, as a shard of GBs would be
-    hub.throttle(FIRST_SHARD_BYTES_PER_S, repo_id="org/ft", filename=first)
-    held: dict[tuple, int] = {}
-    start = stream.ShardFetcher._start
+    held: dict[frozenset, int] = {}  # the most files on disk at once, by checkpoint
+    start = stream.ShardFetcher._start_locked
 
     def counted_start(self, file):
         future = start(self, file)
-        key = tuple(self.order)
+        key = frozenset(self.order)
         held[key] = max(held.get(key, 0), len(self._held_on_disk()))
         return future
 
-    monkeypatch.setattr(stream.ShardFetcher, "_start", counted_start)
+    monkeypatch.setattr(stream.ShardFetcher, "_start_locked", counted_start)
     out = tmp_path / "out"
     assert esd_worker.main(["--model_id", "org/base", "org/ft", "--source_model", "org/base",
                             "--base_model_relation", "", "--output_dir", str(out),
                             "--device", "cpu", "--delta", "--cleanup_cache"]) == 0
-    ft_held = held[tuple(sorted(shards))]
+    ft_held = held[frozenset(shards)]
     assert ft_held <= stream.MAX_HELD, held
     delta = pd.read_csv(ModelPaths.for_model(out / "delta", "org/ft").csv)
     assert len(delta) == len([n for n, v in values.items() if v.dim() == 2])

@@ -151,14 +151,17 @@ def test_dry_run_resolves_everything_and_downloads_no_weights(hub, tmp_path):
 def test_dry_run_under_delta_counts_each_fine_tune_s_source(hub, tmp_path):
     """Under --delta a fine-tune is streamed beside its source: the dry run checks the source
     (refusing the row, naming it, when it cannot be read), counts its bytes as the row's
-    base_bytes, and the disk --cleanup_cache needs adds the source's two largest shards."""
+    base_bytes, and the disk --cleanup_cache needs is that of one pass: the source's two
+    largest shards and those of each fine-tune of it in the pass."""
     base_dir = save_model(llama(), tmp_path / "base", max_shard_size="60KB")
     ft_dir = save_model(llama(seed=1), tmp_path / "ft", max_shard_size="60KB")
     hub.add_repo("org/base", base_dir)
     hub.add_repo("org/ft", ft_dir)
     models = write_list(tmp_path / "models.csv", [("org/ft", "", "org/base"),
-                                                  ("org/ft2", "", "org/missing")])
+                                                  ("org/ft2", "", "org/missing"),
+                                                  ("org/ft3", "", "org/base")])
     hub.add_repo("org/ft2", ft_dir)
+    hub.add_repo("org/ft3", ft_dir)
 
     def shards(folder):
         return sorted(p.stat().st_size for p in folder.glob("*.safetensors"))
@@ -167,7 +170,7 @@ def test_dry_run_under_delta_counts_each_fine_tune_s_source(hub, tmp_path):
     margin = 10 * 2**20  # preflight.SMALL_FILES_MARGIN, the small files beside the shards
     for flags, source_bytes, disk in (((), 0, two[ft_dir]),
                                       (("--delta",), sum(shards(base_dir)),
-                                       two[ft_dir] + two[base_dir])):
+                                       two[base_dir] + 2 * two[ft_dir])):
         out = tmp_path / f"out{len(flags)}"
         proc = run_cli(hub, "--model_list", models, "--output_dir", out, "--dry_run", *flags)
         rows = pd.read_csv(out / "preflight" / "preflight.csv",
@@ -178,8 +181,9 @@ def test_dry_run_under_delta_counts_each_fine_tune_s_source(hub, tmp_path):
             proc.stdout
         if flags:
             assert proc.returncode == 1, proc.stderr[-3000:]
-            assert rows.loc["org/ft2", "status"] == "not_found"
-            assert "--delta: its source model org/missing" in rows.loc["org/ft2", "detail"]
+            assert rows.loc["org/ft2", "status"] == "no_base"
+            detail = rows.loc["org/ft2", "detail"]
+            assert "--delta: its source model cannot be read: org/missing" in detail, detail
         else:
             assert proc.returncode == 0, proc.stderr[-3000:]
     assert shard_bytes(hub, "org/base") == 0, "no weight downloaded"

@@ -64,6 +64,26 @@ def test_a_reordered_fetcher_fetches_the_reader_s_order_and_keeps_its_running_do
     fetcher.close()
 
 
+@pytest.mark.parametrize("wake", ["reorder", "ask"])
+def test_an_idle_fetcher_waits_for_the_reader_s_order_or_its_first_file(wake):
+    """``start=False``: nothing downloads until ``reorder`` gives the order, or until the
+    reader asks for a file, which comes first, the prefetch after it."""
+    files = ["s1", "s2", "s3"]
+    downloads = GatedDownloads(files)
+    for gate in downloads.gates.values():
+        gate.set()
+    fetcher = ShardFetcher(files, downloads, release=lambda f: None, start=False)
+    time.sleep(0.05)
+    assert downloads.started == [], "an idle fetcher downloads nothing"
+    if wake == "reorder":
+        fetcher.reorder(["s3", "s1", "s2"])
+        wait_until(lambda: downloads.started == ["s3", "s1"])
+    else:
+        assert fetcher.path("s2") == Path("/shards/s2")
+        wait_until(lambda: downloads.started == ["s2", "s1"])
+    fetcher.close()
+
+
 def test_fetcher_says_when_the_reader_waits_for_the_network():
     files = ["s1", "s2", "s3"]
     downloads = GatedDownloads(files)

@@ -285,7 +285,8 @@ def shuffled_eigenvalues(layer: _Layer, config: ESDConfig, seed: int, replica: i
                          shuffled: Shuffled | None = None) -> np.ndarray | None:
     """The eigenvalues (float64 NumPy, ascending) of ``layer`` with each of its matrices
     shuffled element-wise (``shuffled_mats``; ``shuffled``: its result, when made already),
-    solved like the layer itself (``layer_eigenvalues``). None when they are not finite."""
+    solved like the layer itself (``layer_eigenvalues``) but in ``SHUFFLED_PRECISION``. None
+    when they are not finite."""
     mats, words = shuffled_mats(layer, config, seed, replica) if shuffled is None else shuffled
     try:
         evals = layer_eigenvalues(replace(layer, mats=mats),

@@ -70,8 +70,12 @@ class ShardFetcher:
     def __init__(self, order: Sequence[str], download: Callable[..., Path],
                  release: Callable[[str], object] | None = None,
                  waiting: Callable[[], AbstractContextManager] = nullcontext,
-                 max_held: int | None = MAX_HELD, growing: bool = False, memory: int = 0):
+                 max_held: int | None = MAX_HELD, growing: bool = False, memory: int = 0,
+                 start: bool = True):
         self.order = list(order)
+        # Without ``start`` nothing downloads until ``reorder`` gives the reader's order, or
+        # the reader asks for a file.
+        self._idle = not start
         self.max_held = max_held
         self.memory = memory
         self._movable: set[str] = set()     # files the reader can read from memory
@@ -108,6 +112,7 @@ class ShardFetcher:
                                f"tensors' spans: its bytes disagree with the header read from "
                                f"the hub")
         future = self._start(file)
+        self._wake()
         if file != self._last_asked:
             self._last_asked = file
             self._note_wait(not future.done())
@@ -148,6 +153,7 @@ class ShardFetcher:
                 self._note_wait(False)
             return memoryview(held)[begin:end]
         future = self._start(file)
+        self._wake()
         fd: int | None = None
         with ExitStack() as waiting:
             try:
@@ -252,11 +258,19 @@ class ShardFetcher:
         in its source's pass). Downloads queued and not asked for yet go back in line; one
         running goes on."""
         with self._lock:
+            self._idle = False
             self.order = list(dict.fromkeys([*order, *self.order]))
             for file in [f for f in self._queue if f not in self._asked_for]:
                 self._queue.remove(file)
                 self._futures.pop(file).cancel()
         self._top_up()
+
+    def _wake(self) -> None:
+        """The reader has asked for a file: an idle fetcher starts its downloads."""
+        if self._idle:
+            with self._lock:
+                self._idle = False
+            self._top_up()
 
     def fetch_all(self) -> list[Path]:
         """Every file on disk (for readers that need the whole checkpoint at once)."""
@@ -305,7 +319,7 @@ class ShardFetcher:
         while True:
             with self._lock:
                 upcoming = next((f for f in self.order if f not in self._futures), None)
-                if self._closed or upcoming is None:
+                if self._closed or self._idle or upcoming is None:
                     return
                 if self.max_held is not None and len(self._held_on_disk()) >= self.max_held:
                     found = self._to_move() if self.memory else None
@@ -318,7 +332,7 @@ class ShardFetcher:
                         self._movers.append(mover)
                         mover.start()
                     return
-            self._start(upcoming)
+                self._start_locked(upcoming)  # under the lock: a reorder cannot come between
 
     def _move_then_top_up(self, file: str) -> None:
         self._move_to_memory(file)
@@ -326,15 +340,18 @@ class ShardFetcher:
 
     def _start(self, file: str) -> Future:
         with self._lock:
-            future = self._futures.get(file)
-            if future is None:
-                future = self._futures[file] = Future()
-                self._queue.append(file)
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._work, name="shard-fetcher",
-                                                    daemon=True)
-                    self._thread.start()
-            return future
+            return self._start_locked(file)
+
+    def _start_locked(self, file: str) -> Future:
+        future = self._futures.get(file)
+        if future is None:
+            future = self._futures[file] = Future()
+            self._queue.append(file)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="shard-fetcher",
+                                                daemon=True)
+                self._thread.start()
+        return future
 
     def _work(self) -> None:
         while True:

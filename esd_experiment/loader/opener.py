@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -81,6 +81,9 @@ class Opener:
         self.on_fetch = on_fetch  # called once, when the first weight download starts
         self.token = token if token is not None else getattr(hub, "token", None)
         self.checkpoints: dict[tuple[str, str | None], Checkpoint] = {}
+        # Repositories whose shards wait for the order they are read in (``ShardFetcher``'s
+        # ``start``): a fine-tune read in its source's pass (--delta).
+        self.idle: frozenset[str] = frozenset()
 
     def locate(self, model_id: str, revision: str | None) -> Source:
         local = Path(model_id).expanduser()
@@ -165,7 +168,8 @@ class Opener:
 
         fetcher = ShardFetcher(order, download, release, self.waiting,
                                max_held=None if release is None else MAX_HELD, growing=True,
-                               memory=0 if release is None else AHEAD_MEMORY_BYTES)
+                               memory=0 if release is None else AHEAD_MEMORY_BYTES,
+                               start=source.model_id not in self.idle)
         if self.on_fetch is not None:
             on_fetch, self.on_fetch = self.on_fetch, None
             on_fetch()
@@ -270,17 +274,19 @@ class Opener:
 def open_models(requests: Sequence[ModelRequest], *, token: str | None = None,
                 cache_dir: str | None = None, trust_remote_code: bool = False,
                 hub: HubClient | None = None, session: CacheSession | None = None,
-                waiting=nullcontext, on_fetch: Callable[[], object] | None = None
-                ) -> list[LoadedModel | ESDError]:
+                waiting=nullcontext, on_fetch: Callable[[], object] | None = None,
+                idle: Collection[str] = ()) -> list[LoadedModel | ESDError]:
     """Open the models of one job; each entry is the opened model or the error that stopped it.
 
     ``session`` (a ``hub_cache.CacheSession``) leases the repositories read and records the
     files downloaded, for a safe ``--cleanup_cache``; ``waiting()`` is the context entered
     while the reader waits for a download; ``on_fetch()`` is called once, as the first weight
     files start downloading (the worker imports the estimator then, while they download).
+    ``idle``: repositories whose shards wait for the order they are read in (``Opener.idle``).
     """
     hub = hub if hub is not None else HubClient(token=token, cache_dir=cache_dir)
     opener = Opener(hub, token, session, waiting, on_fetch)
+    opener.idle = frozenset(idle)
     opened: list[LoadedModel | ESDError] = []
     for request in requests:
         try:

@@ -423,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             entries = read_model_list(args.model_list)[:args.limit]
             prepare_dirs(args.output_dir)
             return preflight(entries, args.output_dir, cache_dir=args.cache_dir,
-                             delta=args.delta)
+                             delta=args.delta, max_group=args.max_group)
         config = config_from_args(args)
         prepare_dirs(config.output_dir, config.log_dir)
         code = run(config)

@@ -294,10 +294,16 @@ class FineTuneOnSource:
         for pair in self.deltas:
             self._until[pair.ft] = max(self._until.get(pair.ft, -1), at[pair.source])
         self._held: dict[str, torch.Tensor] = {}
-        rest = [n for n in read_order(own) if n not in read_under]
-        if rest:
-            self.by_source[None] = rest
-        order = [n for b in base_order for n in self.by_source.get(b, ())] + rest
+        # The tensors no delta row reads (norms, weights the source lacks): each beside the
+        # last paired tensor of its file, so that the file is done there; else after the pass.
+        anchor = {f: b for b in base_order for n in self.by_source.get(b, ())
+                  for f in own.files_of(n)}
+        for name in [n for n in read_order(own) if n not in read_under]:
+            found = [anchor.get(f) for f in own.files_of(name)]
+            if found and None not in found:
+                read_under[name] = max(found, key=at.__getitem__)
+            self.by_source.setdefault(read_under.get(name), []).append(name)
+        order = [n for b in [*base_order, None] for n in self.by_source.get(b, ())]
         self._index = {name: i for i, name in enumerate(order)}
         self._last_use = {f: i for i, name in enumerate(order) for f in own.files_of(name)}
         if model.checkpoint.fetcher is not None:  # its shards fetched in the order used

@@ -29,6 +29,7 @@ from esd_experiment.core.errors import (
     ModelNotFoundError,
     NoWeightsError,
     RevisionNotFoundError,
+    TransientError,
     UnsupportedFormatError,
 )
 from esd_experiment.core.ids import (
@@ -53,7 +54,7 @@ from esd_experiment.loader.opener import (
     HubClient,
     Opener,
 )
-from esd_experiment.run.model_list import ListEntry
+from esd_experiment.run.model_list import ListEntry, group_jobs
 
 logger = logging.getLogger(__name__)
 
@@ -168,29 +169,41 @@ def _source(opener: Opener, source_model: str, row: Row) -> None:
     request = source_request(source_model)
     try:
         source = opener.locate(*parse_model_id(request.model_id))
-        files, row.source_shards = checkpoint_info(opener, source, Row(source_model),
-                                                   gguf_file=request.gguf_file)
+        if is_adapter_repo(source.files):
+            raise AdapterBaseError(f"{source.label} is an adapter, not a full model")
+        files, shards = checkpoint_info(opener, source, Row(source_model),
+                                        gguf_file=request.gguf_file)
+    except TransientError:
+        raise
     except ESDError as exc:
-        raise type(exc)(f"--delta: its source model {source_model}: {exc}") from None
+        raise AdapterBaseError(f"--delta: its source model cannot be read: {exc}") from None
     row.source_model = source_model
     row.base_bytes = sum(files.values())
     row.files.update(files)
+    if source.on_hub:  # a local source is read where it lies: nothing to hold on disk
+        row.source_shards = shards
 
 
 def preflight(entries: list[ListEntry], output_dir: Path, cache_dir: str | None = None,
-              hub: HubClient | None = None, delta: bool = False) -> int:
+              hub: HubClient | None = None, delta: bool = False, max_group: int = 8) -> int:
     """Check every entry (``delta``: and the sources of fine-tunes), write
-    ``preflight.csv``, print the totals; the exit code."""
+    ``preflight.csv``, print the totals; the exit code. ``max_group``: as the run's, which
+    under ``delta`` puts up to that many fine-tunes of one source in one pass."""
     hub = hub if hub is not None else HubClient(cache_dir=cache_dir)
     opener = Opener(hub, None, None, nullcontext)
     rows = [check(opener, entry, delta) for entry in entries]
+    jobs: list[list[Row]] = []
+    if delta:  # the fine-tunes of a source that stream in one pass (adapters: per row)
+        row_of = {entry.key: row for entry, row in zip(entries, rows, strict=True)}
+        jobs = [[row_of[e.key] for e in spec.entries]
+                for spec in group_jobs(entries, max_group, lambda _: None, fine_tunes=True)]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows({k: inert_cell(v) for k, v in asdict(r).items()} for r in rows)
     out = Path(output_dir) / PREFLIGHT_FILE
     write_text_atomic(out, buffer.getvalue())
-    print(totals(rows, out))
+    print(totals(rows, out, jobs))
     if any(r.status == "unsupported" for r in rows):
         from esd_experiment.formats.quantized import supported_formats
 
@@ -198,15 +211,30 @@ def preflight(entries: list[ListEntry], output_dir: Path, cache_dir: str | None 
     return 0 if all(r.status == "ok" for r in rows) else 1
 
 
-def totals(rows: list[Row], out: Path) -> str:
+def _two(shards: list[int]) -> int:
+    return sum(sorted(shards)[-2:])
+
+
+def _pass_disk(job: list[Row]) -> int:
+    """What one pass holds at once under --cleanup_cache: its source's two largest shards,
+    once, and each fine-tune's own two largest (each streams beside it, --delta)."""
+    fine_tunes = [r for r in job if r.status == "ok" and r.source_shards]
+    if not fine_tunes:
+        return 0
+    return max(_two(r.source_shards) for r in fine_tunes) + sum(_two(r.shards)
+                                                                for r in fine_tunes)
+
+
+def totals(rows: list[Row], out: Path, jobs: list[list[Row]] = ()) -> str:
     ok = [r for r in rows if r.status == "ok"]
     unique: dict = {}
     for r in ok:
         unique.update({k: v for k, v in r.files.items() if k[1] != "local"})
     whole = max((r.weight_bytes + r.base_bytes for r in ok), default=0)
-    streamed = max((sum(sorted(r.shards)[-2:]) + sum(sorted(r.source_shards)[-2:])
-                    + (r.weight_bytes if r.kind == "adapter" else 0)
-                    for r in ok), default=0) + (SMALL_FILES_MARGIN if ok else 0)
+    streamed = max([_two(r.shards) + _two(r.source_shards)
+                    + (r.weight_bytes if r.kind == "adapter" else 0) for r in ok]
+                   + [_pass_disk(job) for job in jobs], default=0)
+    streamed += SMALL_FILES_MARGIN if ok else 0
     held = "its two largest shards" + (", and its source's under --delta"
                                        if any(r.source_shards for r in ok) else "")
     refused = [f"{r.model_id} ({r.status})" for r in rows if r.status != "ok"]

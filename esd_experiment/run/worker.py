@@ -43,6 +43,7 @@ from esd_experiment.core.errors import (
     InputError,
     NetworkError,
     NoWeightsError,
+    TransientError,
     disk_full_error,
     internal_error,
     is_network_error,
@@ -98,6 +99,18 @@ class WorkerConfig:
     base_source_model: str = ""  # the base's own source_model, as its list row gives it
     delta: bool = False  # also write the ESD of W - W_source (run/delta_worker.py)
     keep_current: bool = False  # a result current for these options is kept as it stands
+
+    def read_beside_sources(self) -> list[str]:
+        """The repositories of the job's full models that --delta reads in their source's
+        pass: their shards are fetched in that pass's order (run/delta.py)."""
+        from esd_experiment.core.ids import parse_model_id
+
+        beside = []
+        for request in self.requests() if self.delta else []:
+            if request.source_model and not request.marked_adapter:
+                with contextlib.suppress(ESDError):  # a bad id fails as the model opens
+                    beside.append(parse_model_id(request.model_id)[0])
+        return beside
 
     def requests(self):
         """The job's models; an id equal to ``--source_model`` is the base itself."""
@@ -279,6 +292,9 @@ def finish(config: WorkerConfig, run: ModelRun) -> None:
     result computed with these options stays as it is (a user may have added columns, sorted
     or reformatted it): only its eigenvalues are written beside it."""
     if run.kept:
+        if not kept_as_it_stands(config, run):  # removed or replaced while the job ran
+            raise TransientError(f"{run.model_id}: its result {run.paths.csv.name} changed "
+                                 f"while the job ran, which did not solve its layers again")
         logger.info("%s: %s is current and kept as it is; its layers were not solved again",
                     run.model_id, run.paths.csv)
         return
@@ -373,7 +389,8 @@ def run_job(config: WorkerConfig, stage: StageLog, write: bool = True) -> list[M
         opened = open_models(config.requests(), cache_dir=config.cache_dir,
                              trust_remote_code=config.trust_remote_code, hub=hub,
                              session=session, waiting=lambda: stage.during("download"),
-                             on_fetch=lambda: _estimator_ahead(config.esd.device))
+                             on_fetch=lambda: _estimator_ahead(config.esd.device),
+                             idle=config.read_beside_sources())
         for run, model in zip(runs, opened, strict=True):
             if isinstance(model, ESDError):
                 run.error, run.stage = model, "resolve"
