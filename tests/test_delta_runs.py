@@ -205,3 +205,32 @@ def test_a_fine_tune_sharded_by_blocks_holds_two_shards_in_its_sources_pass(hub,
     assert len(delta) == len([n for n, v in values.items() if v.dim() == 2])
     assert (delta["status"] == "ok").all()
     assert not list(hub.cache.glob("models--*/blobs/*")), "--cleanup_cache left shards behind"
+
+
+def test_a_base_of_adapters_that_is_a_fine_tune_is_read_for_both_under_cleanup(hub, tmp_path):
+    """A list row that is a fine-tune of S (its source_model) and the base of adapters: under
+    --delta --cleanup_cache its job reads it in S's pass (for its result and delta) and as the
+    adapters' base; the shards the first read releases are not gone for the second. Every
+    result and delta is written, and the cache is empty afterwards."""
+    from esd_experiment.run import worker as esd_worker
+    from tests.loader_fixtures import save_adapter
+
+    source, base = llama(), llama(seed=1)
+    hub.add_repo("org/S", save_model(source, tmp_path / "S"))
+    hub.add_repo("org/B", save_model(base, tmp_path / "B", max_shard_size="60KB"))
+    hub.add_repo("org/A", save_adapter(base, tmp_path / "A", "org/B", r=4,
+                                       target_modules=["q_proj"]))
+    out = tmp_path / "out"
+    code = esd_worker.main(["--model_id", "org/B", "org/A", "--source_model", "org/B",
+                            "--base_model_relation", "adapter", "--base_source_model", "org/S",
+                            "--output_dir", str(out), "--device", "cpu", "--delta",
+                            "--cleanup_cache"])
+    assert code == esd_worker.EXIT_OK, [p.read_text() for p in out.rglob("*.failed*")]
+    for folder, model in ((out, "org/B"), (out, "org/A"), (out / "delta", "org/B")):
+        rows = pd.read_csv(ModelPaths.for_model(folder, model).csv)
+        assert (rows["status"] == "ok").all() and len(rows) > 10, (folder, model)
+    update = pd.read_csv(ModelPaths.for_model(out / "delta", "org/A").csv).set_index("longname")
+    q_proj = update.index.str.endswith("q_proj")
+    assert q_proj.any() and (update.loc[q_proj, "norm"] > 0).all()
+    assert (update.loc[~q_proj, "norm"] == 0).all(), "the layers the adapter leaves alone"
+    assert not list(hub.cache.glob("models--*/blobs/*")), "--cleanup_cache left files behind"

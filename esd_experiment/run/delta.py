@@ -242,16 +242,19 @@ class FineTuneOnSource:
     """A full fine-tune streamed in its source model's pass: for each source tensor, the
     fine-tune's tensor of that name and shape is read (then, after the pass, those the source
     lacks), so that a source shared by several fine-tunes and adapters of one job is read
-    once for them all. Its files are released once no later tensor of the pass needs them."""
+    once for them all. Its files are released once no later tensor of the pass needs them,
+    unless ``shared``: its checkpoint is read in another pass too (the base of adapters of the
+    job), which then releases and closes it."""
 
     is_adapter = False
     plan = None
 
-    def __init__(self, model, source):
+    def __init__(self, model, source, shared: bool = False):
         from esd_experiment.formats.stream import read_order
         from esd_experiment.run.delta_layouts import LayoutPair, layout_pairs
 
         self.model, self.checkpoint = model, source  # the pass it joins
+        self.shared = shared
         self.model_id, self.revision = model.model_id, model.revision
         self.source_model = model.source_model
         own, base = model.checkpoint.reader, source.reader
@@ -343,7 +346,7 @@ class FineTuneOnSource:
         value = own.reader.get(name)
         if self._uses.get(name):
             self._held[name] = value
-        if own.fetcher is not None:
+        if own.fetcher is not None and not self.shared:
             for file in own.reader.files_of(name):
                 if self._last_use.get(file) == self._index[name]:
                     own.fetcher.release(file)
@@ -355,6 +358,8 @@ class FineTuneOnSource:
     def close(self) -> None:
         self._held.clear()
         own = self.model.checkpoint
+        if self.shared:
+            return
         own.reader.close()
         if own.fetcher is not None:
             own.fetcher.close()

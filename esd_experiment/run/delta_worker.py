@@ -42,7 +42,9 @@ def delta_runs(config, runs: list, make_run, hub, session, stage) -> list:
             else:
                 source = _source(model, checkpoints + opened, opened, config, hub, session,
                                  stage)
-                fine_tune = FineTuneOnSource(model, source)
+                shared = any(r is not run and r.error is None
+                             and r.model.checkpoint is model.checkpoint for r in runs)
+                fine_tune = FineTuneOnSource(model, source, shared)
                 if not fine_tune.deltas:
                     raise ShapeMismatchError(
                         f"{run.model_id}: --delta: no weight of it has a tensor of the same "
