@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,6 +55,7 @@ from esd_experiment.loader.opener import (
     HubClient,
     Opener,
 )
+from esd_experiment.run.delta_worker import source_request
 from esd_experiment.run.model_list import ListEntry, group_jobs
 
 logger = logging.getLogger(__name__)
@@ -164,8 +166,6 @@ def _adapter(opener: Opener, request: ModelRequest, source: Source, row: Row) ->
 
 def _source(opener: Opener, source_model: str, row: Row) -> None:
     """A fine-tune's source model under --delta: its files count as the fine-tune's base."""
-    from esd_experiment.run.delta_worker import source_request
-
     request = source_request(source_model)
     try:
         source = opener.locate(*parse_model_id(request.model_id))
@@ -225,7 +225,7 @@ def _pass_disk(job: list[Row]) -> int:
                                                                 for r in fine_tunes)
 
 
-def totals(rows: list[Row], out: Path, jobs: list[list[Row]] = ()) -> str:
+def totals(rows: list[Row], out: Path, jobs: Sequence[list[Row]] = ()) -> str:
     ok = [r for r in rows if r.status == "ok"]
     unique: dict = {}
     for r in ok:
