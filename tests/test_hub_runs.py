@@ -189,6 +189,31 @@ def test_dry_run_under_delta_counts_each_fine_tune_s_source(hub, tmp_path):
     assert shard_bytes(hub, "org/base") == 0, "no weight downloaded"
 
 
+def test_dry_run_counts_no_disk_for_what_is_read_where_it_lies(hub, tmp_path):
+    """A local model and an adapter's local base are read in place: the dry run's disk
+    figures count only what is downloaded (the hub adapter's own file)."""
+    base = llama()
+    base_dir = save_model(base, tmp_path / "base", max_shard_size="60KB")
+    adapter_dir = save_adapter(base, tmp_path / "adapter", str(base_dir), r=4,
+                               target_modules=["q_proj"])
+    hub.add_repo("org/adapter", adapter_dir)
+    models = write_list(tmp_path / "models.csv", [("org/adapter", "lora", str(base_dir)),
+                                                  (str(base_dir), "", "")])
+    out = tmp_path / "out"
+    proc = run_cli(hub, "--model_list", models, "--output_dir", out, "--dry_run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = pd.read_csv(out / "preflight" / "preflight.csv", keep_default_na=False)
+    assert rows.status.tolist() == ["ok", "ok"] and rows.base_bytes[0] > 0
+    assert list(rows.columns) == [  # docs/hub.md's list
+        "model_id", "revision", "kind", "source_model", "format", "weight_bytes",
+        "base_bytes", "largest_shard_bytes", "status", "detail"]
+    adapter = (adapter_dir / "adapter_model.safetensors").stat().st_size
+    margin = 10 * 2**20  # preflight.SMALL_FILES_MARGIN
+    assert f"disk for the largest model: {adapter / 2**10:.1f} KiB" in proc.stdout, proc.stdout
+    assert f"with --cleanup_cache {(adapter + margin) / 2**20:.1f} MiB" in proc.stdout, \
+        proc.stdout
+
+
 def test_tokens_never_reach_a_log_or_a_result(hub, tmp_path):
     torch = __import__("torch")
     hub.add_repo("org/gated", write_safetensors(tmp_path / "g", {"w.weight": torch.ones(2, 2)}),

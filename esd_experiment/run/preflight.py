@@ -19,7 +19,7 @@ import io
 import logging
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from esd_experiment.core.errors import (
@@ -80,12 +80,16 @@ class Row:
     largest_shard_bytes: int = 0
     status: str = "ok"
     detail: str = ""
+    # Not columns (repr=False): what the disk figures are made of.
     files: dict = field(default_factory=dict, repr=False)  # (repo, commit, file) -> bytes
-    shards: list = field(default_factory=list, repr=False)
+    shards: list = field(default_factory=list, repr=False)  # the checkpoint read's shards
+    # The shard sizes of each part downloaded: a model's own, an adapter's file and its
+    # base's; none for what is read where it lies (a local model or base).
+    held: list = field(default_factory=list, repr=False)
     source_shards: list = field(default_factory=list, repr=False)  # streamed beside (--delta)
 
 
-COLUMNS = [f for f in Row.__dataclass_fields__ if f not in ("files", "shards")]
+COLUMNS = [f.name for f in fields(Row) if f.repr]
 
 
 def checkpoint_info(opener: Opener, source: Source, row: Row, prefix: str = "",
@@ -134,6 +138,8 @@ def check(opener: Opener, entry: ListEntry, delta: bool = False) -> Row:
             row.files, row.shards = checkpoint_info(opener, source, row,
                                                     gguf_file=entry.gguf_file)
             row.weight_bytes = sum(row.files.values())
+            if source.on_hub:
+                row.held.append(row.shards)
             if delta and entry.source_model:
                 _source(opener, entry.source_model, row)
     except ESDError as exc:
@@ -157,11 +163,15 @@ def _adapter(opener: Opener, request: ModelRequest, source: Source, row: Row) ->
     weights = next(w for w in ADAPTER_WEIGHTS if w in source.files)
     row.weight_bytes = source.sizes.get(weights, 0)
     row.files[(source.model_id, source.revision or "local", weights)] = row.weight_bytes
+    if source.on_hub:
+        row.held.append([row.weight_bytes])
     base = resolve_base(opener, request, source, adapter_config)
     row.source_model = base.label
     files, row.shards = checkpoint_info(opener, base, row, prefix="adapter+")
     row.base_bytes = sum(files.values())
     row.files.update(files)
+    if base.on_hub:
+        row.held.append(row.shards)
 
 
 def _source(opener: Opener, source_model: str, row: Row) -> None:
@@ -221,18 +231,23 @@ def _pass_disk(job: list[Row]) -> int:
     fine_tunes = [r for r in job if r.status == "ok" and r.source_shards]
     if not fine_tunes:
         return 0
-    return max(_two(r.source_shards) for r in fine_tunes) + sum(_two(r.shards)
-                                                                for r in fine_tunes)
+    return max(_two(r.source_shards) for r in fine_tunes) + sum(map(_own, fine_tunes))
+
+
+def _own(row: Row) -> int:
+    """What ``row`` holds at once under --cleanup_cache, its --delta source aside."""
+    return sum(_two(part) for part in row.held)
 
 
 def totals(rows: list[Row], out: Path, jobs: Sequence[list[Row]] = ()) -> str:
     ok = [r for r in rows if r.status == "ok"]
     unique: dict = {}
+    whole = 0
     for r in ok:
-        unique.update({k: v for k, v in r.files.items() if k[1] != "local"})
-    whole = max((r.weight_bytes + r.base_bytes for r in ok), default=0)
-    streamed = max([_two(r.shards) + _two(r.source_shards)
-                    + (r.weight_bytes if r.kind == "adapter" else 0) for r in ok]
+        downloaded = {k: v for k, v in r.files.items() if k[1] != "local"}
+        unique.update(downloaded)
+        whole = max(whole, sum(downloaded.values()))
+    streamed = max([_own(r) + _two(r.source_shards) for r in ok]
                    + [_pass_disk(job) for job in jobs], default=0)
     streamed += SMALL_FILES_MARGIN if ok else 0
     held = "its two largest shards" + (", and its source's under --delta"
