@@ -88,3 +88,20 @@ def test_mp_fit_flag_in_a_run_and_from_saved_eigenvalues(tmp_path):
     assert frame["esd_options"].iat[0].endswith(";metrics=mp_fit")
     assert esd_report.main(["refit", str(plain), "--output_dir", str(refit), "--mp_fit"]) == 0
     assert (refit / csv.name).read_bytes() == csv.read_bytes()
+
+
+@pytest.mark.parametrize("weight", ["too_small", "nonfinite"])
+def test_a_model_without_eigenvalues_has_the_views_columns_as_nan(weight):
+    """The columns --mp_fit and --randomize add are in every result, NaN where a layer has no
+    eigenvalues, even when no layer of the model has any."""
+    from esd_experiment.estimator.randomize import RANDOM_COLUMNS
+
+    net = torch.nn.Module()
+    net.x = torch.nn.Linear(9, 40) if weight == "too_small" else torch.nn.Linear(100, 200)
+    with torch.no_grad():
+        net.x.weight[0, 0] = float("nan") if weight == "nonfinite" else 1.0
+    frame = net_esd_estimator(net, mp_fit=True, randomize=True)
+    assert frame.status.tolist() == [weight]
+    columns = [*MP_COLUMNS, *RANDOM_COLUMNS]
+    assert list(frame.columns[-len(columns):]) == columns
+    assert frame[columns].isna().all().all()

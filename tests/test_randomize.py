@@ -405,17 +405,20 @@ def test_a_zero_matrix_gives_weightwatchers_randomized_columns_or_nan_for_its_fi
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_a_run_given_weightwatchers_shuffle_gives_its_columns_for_convolutions(monkeypatch,
                                                                               dtype):
-    """End to end, through the estimator's own slicing, scaling and pooling: a Conv2d (nine
-    3 x 3 kernel slices, each shuffled; fewer than 100 eigenvalues each, so five shuffles
-    pooled), Linear, Embedding and GPT-2 Conv1D layers, with every matrix shuffled by the one
-    fixed permutation."""
+    """End to end, through the estimator's own slicing, scaling and pooling: Conv2d layers
+    (3 x 3 kernel slices, each shuffled; five shuffles pooled where the layer has fewer than
+    100 eigenvalues in all: 8 x 9 = 72, not 16 x 9 = 144 nor 110 x 9), Linear, Embedding and
+    GPT-2 Conv1D layers, with every matrix shuffled by the one fixed permutation."""
     from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3), torch.nn.Conv2d(110, 120, 3),
                               torch.nn.Linear(120, 200), torch.nn.Embedding(300, 40),
-                              Conv1D(150, 120)).to(dtype)
+                              Conv1D(150, 120), torch.nn.Conv2d(16, 32, 3)).to(dtype)
     torch.nn.init.normal_(net[4].weight)  # GPT-2's Conv1D: (in, out), transposed
+    with torch.no_grad():  # heavy tails: the shuffled slices keep spikes, which pooling counts
+        heavy = np.random.default_rng(0).standard_t(1.5, size=net[5].weight.shape)
+        net[5].weight.copy_(torch.from_numpy(heavy))
 
     def fixed_bits(raw, rng, sort_words=None, words=None):
         flat = raw.reshape(-1).copy()

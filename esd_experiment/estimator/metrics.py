@@ -23,6 +23,7 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import math
 import numbers
 import os
 import re
@@ -33,8 +34,8 @@ from pathlib import Path
 
 from esd_experiment.core.errors import InputError
 from esd_experiment.core.results import FORMULA_START, SUMMARY_COLUMNS
-from esd_experiment.estimator.mp_fit import MP_FIT_NAME, mp_fit
-from esd_experiment.estimator.randomize import randomized_columns, recorded_name
+from esd_experiment.estimator.mp_fit import MP_COLUMNS, MP_FIT_NAME, mp_fit
+from esd_experiment.estimator.randomize import RANDOM_COLUMNS, randomized_columns, recorded_name
 
 # Names a metric may not give its columns besides the result's own (passed in by the caller):
 # net_esd_estimator's extra columns, and the column results.read_results tells files apart by.
@@ -68,6 +69,9 @@ class Metric:
     fn: Callable
     takes: frozenset = frozenset()
     shuffle_seed: int | None = None  # --randomize's seed: its shuffle can start ahead
+    # The columns it always gives (--mp_fit's, --randomize's), NaN in a layer without
+    # eigenvalues even when no layer has any; a user's metric's are known from what it returns.
+    columns: tuple = ()
 
     @property
     def wants_W(self) -> bool:
@@ -76,7 +80,7 @@ class Metric:
 
 
 # WeightWatcher's Marchenko-Pastur fit (--mp_fit).
-MP_FIT = Metric(MP_FIT_NAME, mp_fit, frozenset({"N", "M"}))
+MP_FIT = Metric(MP_FIT_NAME, mp_fit, frozenset({"N", "M"}), columns=MP_COLUMNS)
 
 
 @functools.cache
@@ -87,7 +91,8 @@ def randomize_metric(seed: int) -> Metric:
         raise InputError(f"--seed must be a whole number >= 0, got {seed!r}")
     seed = int(seed)  # a NumPy integer is the same seed, recorded alike
     return Metric(recorded_name(seed), functools.partial(randomized_columns, seed=seed),
-                  frozenset({"N", "M", "shuffled_evals"}), shuffle_seed=seed)
+                  frozenset({"N", "M", "shuffled_evals"}), shuffle_seed=seed,
+                  columns=RANDOM_COLUMNS)
 
 
 def _takes(fn: Callable) -> frozenset:
@@ -230,6 +235,11 @@ def metric_argv(spec: str) -> str:
     if where.endswith(".py"):
         return f"{Path(where).expanduser().resolve()}:{func}"
     return spec.strip()
+
+
+def declared_columns(metrics: Iterable[Metric]) -> dict[str, float]:
+    """The columns of a layer without eigenvalues: NaN in every column a metric declares."""
+    return {column: math.nan for metric in metrics for column in metric.columns}
 
 
 def metric_columns(metrics: Iterable[Metric], evals, weights: Callable[[], object],

@@ -33,7 +33,12 @@ from esd_experiment.core.naming import is_weight_name, layer_type_of, longname_o
 from esd_experiment.core.results import LAYER_COLUMNS, METRIC_COLUMNS, RESULT_COLUMNS
 from esd_experiment.estimator import lapack as esd_lapack
 from esd_experiment.estimator.fit import spectral_metrics
-from esd_experiment.estimator.metrics import MP_FIT, metric_columns, randomize_metric
+from esd_experiment.estimator.metrics import (
+    MP_FIT,
+    declared_columns,
+    metric_columns,
+    randomize_metric,
+)
 
 # The result schema lives in core/results.py (torch-free); layer columns are filled here.
 from esd_experiment.estimator.options import FIX_FINGERS, ESDConfig  # noqa: F401  (the estimator's public options)
@@ -256,6 +261,8 @@ def analyse_layer(layer: _Layer, layer_id: int, config: ESDConfig, *,
             custom = metric_columns(config.metrics, evals.cpu().numpy(),
                                     matrix_of or (lambda: analysed_matrix(layer, config)),
                                     RESULT_COLUMNS, n, m, shuffles)
+        else:
+            custom = declared_columns(config.metrics)
     finally:
         shuffles.cancel()  # a shuffle started ahead and not used: a non-finite layer, an error
     kept = evals.cpu().numpy() if (config.keep_evals and evals is not None) else None

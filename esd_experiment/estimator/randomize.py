@@ -25,8 +25,8 @@ RANDOMIZE_NAME = "randomize"  # recorded as randomize(seed=<seed>) in esd_option
 RANDOM_COLUMNS = ("max_rand_eval", "rand_distance", "ww_softrank", "ww_maxdist",
                   "rand_num_spikes", "num_traps", "rand_sigma_mp", "rand_mp_softrank",
                   "rand_W_scale", "rand_bulk_max", "rand_bulk_min")
-# WeightWatcher pools this many shuffles of a layer whose matrices have fewer than
-# FEW_EVALS eigenvalues each, for a steadier random ESD.
+# WeightWatcher pools this many shuffles of a layer with fewer than FEW_EVALS eigenvalues
+# (all its matrices together: a convolution's are its slices'), for a steadier random ESD.
 FEW_EVALS = 100
 FEW_EVALS_REPLICAS = 5
 # Integer types as wide as each float storage type: the shuffle moves bits, not values.
@@ -199,7 +199,7 @@ def randomized_columns(evals: np.ndarray, N: int, M: int,
     as ``evals``) of the layer with every matrix shuffled by ``layer_rng(seed, name,
     replica)``, None when they are not finite.
     """
-    replicas = FEW_EVALS_REPLICAS if M < FEW_EVALS else 1
+    replicas = FEW_EVALS_REPLICAS if evals.size < FEW_EVALS else 1
     parts = [shuffled_evals(seed, r) for r in range(replicas)]
     if any(p is None for p in parts):
         return dict.fromkeys(RANDOM_COLUMNS, np.nan)

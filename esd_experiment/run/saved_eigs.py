@@ -77,7 +77,7 @@ def rows_from_eigs(rows: pd.DataFrame, eigs: dict[str, np.ndarray],
                    config: ESDConfig) -> list[dict]:
     """A model's rows as the worker builds them with ``config``: fits and custom metrics
     recomputed from its saved eigenvalues (a layer without any keeps NaN metrics)."""
-    from esd_experiment.estimator.metrics import metric_columns
+    from esd_experiment.estimator.metrics import declared_columns, metric_columns
     from esd_experiment.estimator.net_esd import fit_from_evals
 
     if weights_needed(config):
@@ -89,7 +89,7 @@ def rows_from_eigs(rows: pd.DataFrame, eigs: dict[str, np.ndarray],
         row["Q"] = row["N"] / row["M"] if row["M"] > 0 else math.nan  # as the estimator does
         metrics = {c: math.nan for c in METRIC_COLUMNS}
         metrics.update(warning="", fix_fingers=config.fix_fingers)
-        custom = {}
+        custom = declared_columns(config.metrics)
         if row["status"] in FITTED:
             evals = eigs[row["longname"]]
             metrics = fit_from_evals(evals, config, N=row["N"])
