@@ -4,6 +4,7 @@ whichever source tensors it pairs with."""
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 
 import numpy as np
@@ -214,3 +215,32 @@ def lm_head_delta_as_weightwatcher(ft, base, tmp_path) -> None:
                  analyze(ft, base=base, device="cpu", **WW_CONFIG)):
         assert "lm_head" in set(ours["longname"])
         compare(ours, theirs, sorted(set(ours["longname"]) & set(theirs["longname"])))
+
+
+def test_an_adapter_that_saves_the_head_of_a_tied_base_has_its_lm_head_delta(tmp_path):
+    """A base that ties lm_head to its embedding stores the embedding alone; an adapter with
+    modules_to_save=["lm_head"] trains a copy of it, so the merged model's lm_head minus the
+    base's (the embedding) is the row's ΔW. Oracle: peft's merge minus the base, numpy's
+    eigenvalues; through the adapter's files and the PeftModel alike."""
+    from peft import PeftModel
+
+    from esd_experiment import analyze
+    from tests.loader_fixtures import save_adapter
+    from tests.test_delta import EIGEN_RTOL, gram_evals
+
+    base = llama(tie_word_embeddings=True)
+    save_model(base, tmp_path / "base")
+    save_adapter(base, tmp_path / "lora", str(tmp_path / "base"), r=4, lora_alpha=8,
+                 target_modules=["q_proj"], modules_to_save=["lm_head"])
+    original = copy.deepcopy(base).double()
+    merged = PeftModel.from_pretrained(copy.deepcopy(original),
+                                       str(tmp_path / "lora")).merge_and_unload()
+    update = merged.lm_head.weight - original.model.embed_tokens.weight
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(original), str(tmp_path / "lora"))
+    ref = gram_evals(update.detach().numpy())
+    assert ref.max() > 0
+    for ours in (analyze(str(tmp_path / "lora"), delta=True, device="cpu"),
+                 analyze(peft_model, delta=True, device="cpu")):
+        row = ours.set_index("longname").loc["lm_head"]
+        assert row["norm"] == pytest.approx(ref.sum(), rel=EIGEN_RTOL)
+        assert row["spectral_norm"] == pytest.approx(ref.max(), rel=EIGEN_RTOL)

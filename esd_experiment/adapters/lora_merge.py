@@ -208,6 +208,9 @@ class _Op:
     scale: float = 1.0
     transpose: bool = False
     adapter_keys: list[str] = field(default_factory=list)
+    # An extra tensor's stand-in in the base model: the stored tensor the base ties it to (a
+    # saved lm_head over a tied base: its embedding), which its delta is taken against.
+    tied_to: str | None = None
 
 
 def _parse_adapter_keys(names, model_id: str) -> tuple[dict[str, _Lora], dict[str, str]]:
@@ -392,7 +395,10 @@ class MergePlan:
             if ".modules_to_save." in key or self.settings.saves_module(module):
                 logger.info("%s: %s has no counterpart in %s; analysed as an extra tensor",
                             self.model_id, key, self.base_id)
-                self.ops[target] = _Op(replace=key, adapter_keys=[key])
+                tied = finder.find_tied(target)
+                same = tied is not None and self.base.shape(tied) == self.adapter.shape(key)
+                self.ops[target] = _Op(replace=key, adapter_keys=[key],
+                                       tied_to=tied if same else None)
             else:
                 self._unused.append(key)
             return

@@ -409,11 +409,12 @@ class AdapterDelta(_DeltaRows):
         self.revision, self.source_model = model.revision, model.source_model
 
     def outputs_by_source(self) -> dict[str | None, list[str]]:
-        """Every output of the merge that starts from a base tensor, under that tensor."""
+        """Every output of the merge that starts from a base tensor, under that tensor (a
+        saved head over a tied base: under the tensor the base uses as its head)."""
         out: dict[str | None, list[str]] = {}
         for name in self.plan.names:
             op = self.plan.ops.get(name)
-            source = name if op is None else op.base
+            source = name if op is None else op.base or op.tied_to
             if source is not None:
                 out.setdefault(source, []).append(name)
         return out
