@@ -364,12 +364,21 @@ def test_a_model_failing_under_overwrite_keeps_its_saved_eigenvalues(checkpoint,
     assert eigs.read_bytes() == saved
 
 
-def test_a_result_resaved_with_pandas_index_stays_done_and_reads_back(checkpoint, tmp_path):
-    """``df.to_csv(path)`` writes pandas' index as a first, unnamed column: the annotated
-    result is still the model's result, done, read by load_results, never rewritten."""
+@pytest.mark.parametrize("resave", ["index", "excel", "inserted"])
+def test_a_result_resaved_with_pandas_stays_done_and_reads_back(checkpoint, tmp_path, resave):
+    """A user's result saved again by pandas: ``df.to_csv(path)`` writes the index as a
+    first, unnamed column; ``encoding="utf-8-sig"`` (for Excel) a byte-order mark; and a
+    column may be inserted among the result's own. The annotated result is still the
+    model's result, done, read by load_results, never rewritten."""
     models, out, csv, frame = annotated(checkpoint, tmp_path)
     original = load_results(out)  # before the user's column is saved
-    frame.to_csv(csv)  # pandas' default: the index too
+    if resave == "index":
+        frame.to_csv(csv)  # pandas' default: the index too
+    elif resave == "excel":
+        frame.to_csv(csv, index=False, encoding="utf-8-sig")
+    else:
+        frame.insert(5, "my_label", "keep me")
+        frame.drop(columns="my_note").assign(my_note="checked").to_csv(csv, index=False)
     before = csv.read_bytes()
     proc = cli("--model_list", models, "--output_dir", out)
     assert proc.returncode == 0 and "0 to run, 1 already done" in proc.stderr, proc.stderr
@@ -378,7 +387,9 @@ def test_a_result_resaved_with_pandas_index_stays_done_and_reads_back(checkpoint
         warnings.simplefilter("error")  # no file skipped
         layers = load_results(out)
     assert (layers["my_note"] == "checked").all()
-    pd.testing.assert_frame_equal(layers.drop(columns="my_note"), original)
+    added = ["my_label", "my_note"] if resave == "inserted" else ["my_note"]
+    assert list(layers.columns[-len(added):]) == added  # after the result's own, as written
+    pd.testing.assert_frame_equal(layers.drop(columns=added), original)
 
 
 def test_a_column_named_as_a_summary_mean_source_breaks_no_summary(tmp_path):

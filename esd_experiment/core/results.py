@@ -135,7 +135,7 @@ def read_header_and_options(csv_path: Path) -> tuple[tuple[str, ...], str | None
     import csv
 
     try:
-        with open(csv_path, encoding="utf-8", newline="") as fh:
+        with open(csv_path, encoding="utf-8-sig", newline="") as fh:  # a BOM (Excel's) or none
             reader = csv.reader(fh)
             header = tuple(next(reader, ()))
             first = next(reader, None)
@@ -149,35 +149,42 @@ def read_header_and_options(csv_path: Path) -> tuple[tuple[str, ...], str | None
 
 
 def is_current(csv_path: Path, options: str, columns: Sequence[str] = RESULT_COLUMNS) -> bool:
-    """True when ``csv_path`` is a finished result of the current schema computed with the
-    estimator options ``options`` (an ``options_key``). Columns after the schema's (custom
-    metrics', or a user's own added later) leave it finished."""
+    """True when ``csv_path`` is a finished result of the current schema (``schema_order``:
+    columns a user or custom metrics added leave it one) computed with the options ``options``
+    (an ``options_key``)."""
     found = read_header_and_options(csv_path)
-    if found is None:
-        return False
-    header = found[0][1:] if index_led(found[0]) else found[0]
-    return header[:len(columns)] == tuple(columns) and found[1] == options
+    return found is not None and found[1] == options and schema_order(found[0], columns) is not None
 
 
-def index_led(header: Sequence[str]) -> bool:
-    """True for the header of a result a user saved again with pandas' ``to_csv(path)``,
-    which writes the index first, as a column without a name."""
-    return len(header) > 1 and header[0] == "" and header[1] == RESULT_COLUMNS[0]
+def schema_order(header: Sequence[str],
+                 columns: Sequence[str] = RESULT_COLUMNS) -> list[int] | None:
+    """The positions of ``header``'s fields in the order a result is read: ``columns`` (the
+    schema's), then every other column as the file has it; None when ``header`` is not a
+    result's. A result a user saved again with pandas stays one: ``to_csv(path)`` writes the
+    index first, as a column without a name (left out here), and a user's columns may lie
+    among the schema's, which must all be there, in their order, once."""
+    start = 1 if len(header) > 1 and header[0] == "" and header[1] == columns[0] else 0
+    where = {name: i for i, name in enumerate(header) if i >= start}
+    ours = [where.get(name) for name in columns]
+    if None in ours or ours != sorted(ours) or len(where) != len(header) - start:
+        return None
+    taken = set(ours)
+    return ours + [i for i in range(start, len(header)) if i not in taken]
 
 
-def _without_index(data: bytes) -> bytes:
-    """An index-led CSV (``index_led``) without its first column, every other field as
-    written."""
+def _reordered(data: bytes, order: list[int], width: int) -> bytes:
+    """A CSV of ``width`` fields a line, its fields in ``order`` (``schema_order``'s)."""
     import csv
     import io
 
     try:
-        text = data.decode("utf-8")
+        rows = list(csv.reader(io.StringIO(data.decode("utf-8"), newline="")))
     except UnicodeDecodeError:
         raise BadResultError("cannot be parsed: it is not UTF-8 text") from None
-    rows = csv.reader(io.StringIO(text, newline=""))
+    if any(row and len(row) != width for row in rows):
+        raise BadResultError("a line has another number of fields than the header")
     out = io.StringIO()
-    csv.writer(out, lineterminator="\n").writerows(row[1:] for row in rows)
+    csv.writer(out, lineterminator="\n").writerows([row[i] for i in order] for row in rows if row)
     return out.getvalue().encode("utf-8")
 
 
@@ -333,12 +340,14 @@ def _checked_bytes(path: Path) -> bytes:
         data = path.read_bytes()
     except OSError as exc:
         raise BadResultError(f"cannot be read: {exc.strerror}") from None
+    data = data.removeprefix(b"\xef\xbb\xbf")  # the byte-order mark of a file saved for Excel
     header = data.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "replace").split(",")
-    if index_led(header):
+    order = schema_order(header)
+    if order is not None and order != list(range(len(header))):
         if not data.endswith(b"\n"):
             raise BadResultError("truncated: its last line is incomplete")
-        data = _without_index(data)
-        header = header[1:]
+        data = _reordered(data, order, len(header))
+        header = [header[i] for i in order]
     legacy = tuple(header) == LEGACY_COLUMNS
     added = header[len(RESULT_COLUMNS):]  # custom metrics' columns, or a user's own
     if tuple(header[:len(RESULT_COLUMNS)]) != RESULT_COLUMNS and not legacy:
