@@ -175,6 +175,15 @@ def test_refit_adds_a_metric_from_saved_eigenvalues(checkpoint, metric_file, tmp
     # a metric that needs the weights cannot come from eigenvalues alone
     assert esd_report.main(["refit", str(plain), "--output_dir", str(tmp_path / "w"),
                             "--metric", f"{metric_file}:frob"]) == esd_report.EXIT_BAD_INPUT
+    # The same refit again keeps a refit result a user annotated (--overwrite replaces it).
+    frame = pd.read_csv(refit / name, keep_default_na=False).assign(my_note="checked")
+    frame.to_csv(refit / name, index=False)
+    annotated = (refit / name).read_bytes()
+    argv = ["refit", str(plain), "--output_dir", str(refit), "--metric", f"{metric_file}:spectrum"]
+    assert esd_report.main(argv) == 0
+    assert (refit / name).read_bytes() == annotated
+    assert esd_report.main([*argv, "--overwrite"]) == 0
+    assert (refit / name).read_bytes() == (direct / name).read_bytes()
 
 
 def test_load_results_and_summary_carry_custom_columns(checkpoint, metric_file, tmp_path):
@@ -411,3 +420,43 @@ def test_a_column_named_as_a_summary_mean_source_breaks_no_summary(tmp_path):
     with pytest.raises(InputError, match="delta_alpha"):
         metric_columns([metric], np.arange(12.0), lambda: None, RESULT_COLUMNS, 12, 12)
 
+
+
+@pytest.mark.parametrize("edit", ["sorted", "cut"])
+def test_rows_from_saved_eigenvalues_are_the_models_whatever_a_user_did_to_its_csv(
+        checkpoint, metric_file, tmp_path, edit):
+    """A result a user sorted is rebuilt from its saved eigenvalues in depth order; one whose
+    rows a user cut cannot be (the cut rows' eigenvalues are saved, their shapes are not): the
+    model is run again. Either way the result is the one a fresh run writes."""
+    root, _ = checkpoint
+    models, out = write_list(tmp_path / "models.csv", root), tmp_path / "out"
+    assert cli("--model_list", models, "--output_dir", out, "--save_eigs").returncode == 0
+    (csv,) = out.glob("*.csv")
+    frame = pd.read_csv(csv, keep_default_na=False)
+    fresh = load_results(out)
+    frame = frame.sort_values("alpha") if edit == "sorted" else frame.iloc[2:]
+    frame.to_csv(csv, index=False)
+    proc = cli("--model_list", models, "--output_dir", out, "--save_eigs", "--overwrite",
+               "--metric", f"{metric_file}:spectrum")
+    assert proc.returncode == 0, proc.stderr
+    assert ("from its saved eigenvalues" in proc.stderr) == (edit == "sorted"), proc.stderr
+    rebuilt = load_results(out)
+    assert rebuilt["lambda_max"].notna().any()
+    columns = [c for c in RESULT_COLUMNS if c != "esd_options"]
+    pd.testing.assert_frame_equal(rebuilt[columns], fresh[columns])
+
+
+def test_a_metric_failing_on_saved_eigenvalues_under_overwrite_drops_the_old_result(
+        checkpoint, metric_file, tmp_path):
+    """--overwrite with a metric that raises on the saved eigenvalues: the model fails, and its
+    old result (other metrics) does not pass for this run's; its eigenvalues stay."""
+    root, _ = checkpoint
+    models, out = write_list(tmp_path / "models.csv", root), tmp_path / "out"
+    assert cli("--model_list", models, "--output_dir", out, "--save_eigs").returncode == 0
+    (eigs,) = out.glob("*.eigs.npz")
+    saved = eigs.read_bytes()
+    proc = cli("--model_list", models, "--output_dir", out, "--save_eigs", "--overwrite",
+               "--metric", f"{metric_file}:broken")
+    assert proc.returncode == 1 and "FAILED on its saved eigenvalues" in proc.stderr, proc.stderr
+    assert not list(out.glob("*.csv"))
+    assert eigs.read_bytes() == saved

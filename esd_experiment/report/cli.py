@@ -38,6 +38,7 @@ from esd_experiment.core.results import (
     EIGS_OPTIONS_KEY,
     LoadedResults,
     fitted_layers,
+    is_current,
     parse_options_key,
     read_results,
     result_files,
@@ -331,6 +332,11 @@ def refit(results_dir: Path, new_dir: Path, overrides: dict,
     with RunLock(new_dir):
         check_options(new_dir, record, overwrite)
         for n, (model_id, csv, rows, out) in enumerate(plans, 1):
+            target = ModelPaths(out, new_dir / "logs", csv.stem).csv
+            if not overwrite and is_current(target, config.options_key):
+                done.append(model_id)  # refit before, perhaps annotated since: the user's
+                logger.info("[%d/%d] %s: refit already, kept", n, len(plans), model_id)
+                continue
             try:
                 _refit_model(csv, rows, config, out, new_dir / "logs")
                 done.append(model_id)

@@ -131,7 +131,8 @@ def run(config: RunConfig, backend=None) -> int:
         plan = make_plan(entries, config.output_dir, config.log_dir, config.options_key,
                          config.args.save_eigs, config.overwrite, config.skip_failed, failures,
                          config.limit, config.args.delta)
-        recompute_planned(plan, esd_config_from_args(config.args, "cpu"), config.args.delta)
+        recompute_planned(plan, esd_config_from_args(config.args, "cpu"), config.args.delta,
+                          config.overwrite)
         accounts = Accounts(e.key for e in entries[:config.limit])
         done = plan.done + plan.recomputed
         failures.clear_all(e.key for e in done)  # a killed run may have left a line

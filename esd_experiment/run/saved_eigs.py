@@ -59,10 +59,15 @@ def eigs_obstacle(rows: pd.DataFrame, csv: Path) -> str:
             if EIGS_OPTIONS_KEY not in data.files or str(data[EIGS_OPTIONS_KEY]) != key:
                 return f"{eigs.name} was saved with other options than {csv.name}"
             missing = set(rows["longname"][rows["status"].isin(FITTED)]) - set(data.files)
+            rowless = set(data.files) - {EIGS_OPTIONS_KEY} - set(rows["longname"])
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         return f"{eigs.name} cannot be read: {exc}"
     if missing:
         return f"{eigs.name} lacks the eigenvalues of {len(missing)} layer(s), e.g. {min(missing)}"
+    # Rows a user removed: the eigenvalues do not give a layer's shape, nor a row at all to a
+    # layer that had none (too small): the model must be run.
+    if rowless or sorted(rows["layer_id"]) != list(range(len(rows))):
+        return f"{csv.name} lacks rows of the model's layers (rerun the model)"
     return ""
 
 
@@ -84,7 +89,7 @@ def rows_from_eigs(rows: pd.DataFrame, eigs: dict[str, np.ndarray],
         raise InputError(f"metric {weights_needed(config)} takes W, the weights: saved "
                          "eigenvalues cannot give it (run the model)")
     out = []
-    for record in rows.to_dict("records"):
+    for record in rows.sort_values("layer_id").to_dict("records"):  # a user may have sorted
         row = {c: _plain(record[c], c) for c in RESULT_COLUMNS}
         row["Q"] = row["N"] / row["M"] if row["M"] > 0 else math.nan  # as the estimator does
         metrics = {c: math.nan for c in METRIC_COLUMNS}
@@ -136,11 +141,13 @@ def recompute_metrics(paths: ModelPaths, config: ESDConfig) -> bool:
     return True
 
 
-def recompute_planned(plan, config: ESDConfig, delta: bool = False) -> None:
+def recompute_planned(plan, config: ESDConfig, delta: bool = False,
+                      overwrite: bool = False) -> None:
     """Move each model of ``plan.to_run`` (run_plan.Plan) that ``recompute_metrics`` rewrites
     to ``plan.recomputed``, logging it; one whose metric fails on them to ``plan.invalid``, with
-    the cause the worker would give (its eigenvalues and old result kept). Under ``delta`` a
-    model with a delta is rewritten so when its delta is too (delta first), else runs again."""
+    the cause the worker would give (its eigenvalues kept; its old result too, unless
+    ``overwrite``: old numbers must not pass for this run's). Under ``delta`` a model with a
+    delta is rewritten so when its delta is too (delta first), else runs again."""
     from esd_experiment.core.delta_paths import delta_paths, has_delta
     from esd_experiment.estimator.metrics import MetricError
 
@@ -153,6 +160,11 @@ def recompute_planned(plan, config: ESDConfig, delta: bool = False) -> None:
             plan.to_run.remove((entry, paths))
             plan.invalid.append((entry, f"{type(exc).__name__}: {exc}"))
             logger.warning("%s: FAILED on its saved eigenvalues: %s", entry.key, exc)
+            for old in (paths.csv, delta_paths(paths).csv) if overwrite else ():
+                if old.is_file():
+                    old.unlink()
+                    logger.warning("%s: removed %s, the result --overwrite was to replace",
+                                   entry.key, old.name)
             continue
         if recomputed:
             plan.to_run.remove((entry, paths))
