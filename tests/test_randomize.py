@@ -473,3 +473,30 @@ def test_a_block_fp8_layer_shuffles_its_dequantized_matrix(tmp_path):
     for a, b in zip(ours, ref, strict=True):
         assert a["longname"] == b["longname"]
         assert [a[c] for c in RANDOM_COLUMNS] == [b[c] for c in RANDOM_COLUMNS], a["longname"]
+
+
+@pytest.mark.parametrize("scale", [1e-21, 1e20])
+def test_the_float32_solve_of_a_shuffle_holds_weights_of_any_magnitude(monkeypatch, scale):
+    """Entries whose squares leave float32's range (a Gram that overflows, or products that
+    underflow) still give WeightWatcher's columns given the same shuffle."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(120, 300))
+    with torch.no_grad():
+        net[0].weight.mul_(scale)
+
+    def fixed_bits(raw, rng, sort_words=None, words=None):
+        flat = raw.reshape(-1).copy()
+        fixed_shuffle(flat)
+        return flat.reshape(raw.shape)
+
+    monkeypatch.setattr(np.random, "shuffle", fixed_shuffle)
+    theirs = ww.WeightWatcher(model=net).analyze(randomize=True)
+    monkeypatch.undo()
+    monkeypatch.setattr(net_esd, "shuffled_bits", fixed_bits)
+    ours = net_esd_estimator(net, randomize=True)
+    for col in RANDOM_COLUMNS:
+        a, b = ours[col].to_numpy(float), theirs[col].to_numpy(float)
+        if col == "ww_maxdist":
+            assert (abs(a - b) <= SHUFFLED_SOLVE_RTOL * theirs["max_rand_eval"]).all(), (a, b)
+        else:
+            np.testing.assert_allclose(a, b, rtol=SHUFFLED_SOLVE_RTOL, atol=0, err_msg=col)

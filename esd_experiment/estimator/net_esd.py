@@ -296,12 +296,31 @@ def shuffled_eigenvalues(layer: _Layer, config: ESDConfig, seed: int, replica: i
     when they are not finite."""
     mats, words = shuffled_mats(layer, config, seed, replica) if shuffled is None else shuffled
     try:
-        evals = layer_eigenvalues(replace(layer, mats=mats),
-                                  replace(config, precision=SHUFFLED_PRECISION))
-        return None if evals is None else evals.cpu().numpy()
+        in_float32 = replace(config, precision=SHUFFLED_PRECISION)
+        evals = layer_eigenvalues(replace(layer, mats=mats), in_float32)
+        # A Gram that overflowed float32, or one so small that products of entries underflow:
+        # solved again with the entries scaled by a power of two (exact), where that helps.
+        scale = 1.0 if evals is not None and float(evals[-1]) >= 2.0 ** -60 \
+            else _in_float32_range(mats)
+        if scale != 1.0:
+            mats = [m.to(PRECISIONS[SHUFFLED_PRECISION]) * scale for m in mats]
+            evals = layer_eigenvalues(replace(layer, mats=mats), in_float32)
+        return None if evals is None else evals.cpu().numpy() / scale ** 2
     finally:
         for buffer in words:
             WORDS.give(buffer)
+
+
+def _in_float32_range(mats: list[torch.Tensor]) -> float:
+    """1.0, or the power of two (exact) that brings ``mats``' largest entry to about 1 where
+    their Gram in float32 would overflow (entries beyond ``2**60 / sqrt(rows)``) or lose the
+    products of their entries to underflow (the largest below ``2**-40``). NaN or infinite
+    entries: 1.0 (the layer is not finite either way)."""
+    top = max(max(-float(low), float(high)) for low, high in map(torch.aminmax, mats))
+    rows = max(max(m.shape) for m in mats)
+    if not math.isfinite(top) or 2.0 ** -40 <= top <= 2.0 ** 60 / math.sqrt(rows) or top == 0:
+        return 1.0
+    return 2.0 ** -math.frexp(top)[1]
 
 
 def shuffled_mats(layer: _Layer, config: ESDConfig, seed: int, replica: int) -> Shuffled:
