@@ -78,27 +78,31 @@ def mixtral_as_gguf(values: dict, path):
                       metadata=meta)
 
 
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
 @pytest.mark.parametrize("gguf_side", ["fine_tune", "source"])
 def test_a_gguf_mixtral_against_the_published_per_expert_checkpoint(tmp_path, caplog,
-                                                                   gguf_side):
+                                                                   gguf_side, layout):
     """llama.cpp's Mixtral (ffn_gate_exps/ffn_up_exps/ffn_down_exps stacks) against the
-    published per-expert names, either way round: every expert matrix gives its ΔW row (numpy
-    on the difference of the published matrices); the router, too small for a row, is named
-    as left out."""
+    published per-expert names, or transformers' fused stacks, either way round: every expert
+    matrix gives its ΔW row (numpy on the difference of the published matrices); the router,
+    too small for a row, is named as left out."""
     import logging
 
     from esd_experiment import analyze
     from tests.test_delta import EIGEN_RTOL, gram_evals
     from tests.zoo_published import LAYERS, E, build
 
-    published, per_expert = build("mixtral", tmp_path)
+    published, _ = build("mixtral", tmp_path)
     gen = torch.Generator().manual_seed(9)
     tuned = {n: v + 0.01 * torch.randn(v.shape, generator=gen)
              for n, v in published.values.items()}
+    as_layout = fused_mixtral if layout == "fused" else dict
     if gguf_side == "fine_tune":
-        ft, source = mixtral_as_gguf(tuned, tmp_path / "ft.gguf"), per_expert
+        ft = mixtral_as_gguf(tuned, tmp_path / "ft.gguf")
+        source = write_safetensors(tmp_path / "source", as_layout(published.values),
+                                   published.config)
     else:
-        ft = write_safetensors(tmp_path / "ft", tuned, published.config)
+        ft = write_safetensors(tmp_path / "ft", as_layout(tuned), published.config)
         source = mixtral_as_gguf(published.values, tmp_path / "source.gguf")
     with caplog.at_level(logging.WARNING, logger="esd_experiment"):
         rows = analyze(str(ft), base=str(source), device="cpu")

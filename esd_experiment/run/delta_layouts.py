@@ -12,7 +12,8 @@ experts (``MergeModulelist(dim=0)``) and concatenate the parts (``Concatenate(di
 it, each per-expert matrix is paired with its rows of the fused stack: ``ΔW`` is per-expert,
 named as the per-expert checkpoint names it. A GGUF's expert matrices (llama.cpp's
 ``ffn_gate_exps`` / ``ffn_up_exps`` / ``ffn_down_exps``, one matrix at a time) pair with the
-per-expert ones (``gate_up_proj``'s parts in their converter's order, and ``down_proj``).
+per-expert ones (``gate_up_proj``'s parts in their converter's order, and ``down_proj``),
+or with their parts of the fused stacks.
 """
 
 from __future__ import annotations
@@ -143,6 +144,46 @@ def layout_pairs(ft_names: Iterable[str], ft_shape: Callable, source_names: Iter
         source = experts.get(key) if key is not None else None
         if source is not None and tuple(ft_shape(name)) == tuple(source_shape(source)):
             out.append(LayoutPair(name, name, source))
+    # A GGUF's expert matrices against the other's fused stacks: each with its part of them,
+    # named as the GGUF names it.
+    paired, used = {p.ft for p in out}, {p.source for p in out}
+    source_stacks = _stack_parts([n for n in source_names if n not in used], source_shape,
+                                 renames, converters)
+    ft_stacks = _stack_parts([n for n in ft_names if n not in paired], ft_shape, renames,
+                             converters)
+    for name, key in _gguf_experts(n for n in ft_names if n not in paired):
+        stack, part = source_stacks.get(key, (None, None))
+        if stack is not None and _fits(source_shape(stack), ft_shape(name), part):
+            out.append(LayoutPair(name, name, stack, source_part=part))
+    for source, key in _gguf_experts(n for n in source_names if n not in used):
+        stack, part = ft_stacks.get(key, (None, None))
+        if stack is not None and _fits(ft_shape(stack), source_shape(source), part):
+            out.append(LayoutPair(source, stack, source, ft_part=part))
+    return out
+
+
+def _gguf_experts(names: Iterable[str]) -> Iterable[tuple[str, tuple[str, str, int]]]:
+    """``(name, (block, gate / up / down, expert))`` of each GGUF expert matrix of ``names``."""
+    for name in names:
+        match = _GGUF_EXPERT.match(name)
+        if match is not None:
+            yield name, (match["block"], match["which"], int(match["expert"]))
+
+
+def _stack_parts(names: Iterable[str], shape: Callable, renames: list,
+                 converters: list) -> dict[tuple[str, str, int], tuple[str, Part]]:
+    """``(block, gate / up / down, expert) -> (stack, its Part)`` of every expert of the fused
+    stacks among ``names`` (transformers' ``gate_up_proj`` = [gate; up], ``down_proj``)."""
+    out = {}
+    for name in names:
+        canon, block, dims = _canonical(name, renames, converters), _BLOCK.match(name), shape(name)
+        which = (("gate", "up") if canon.fused.endswith("gate_up_proj") else
+                 ("down",) if canon.fused.endswith("down_proj") else ())
+        if canon.part is not None or block is None or len(dims) != 3 or not which:
+            continue
+        for expert in range(dims[0]):
+            for index, kind in enumerate(which):
+                out[(block[1], kind, expert)] = (name, Part(expert, index, len(which)))
     return out
 
 
