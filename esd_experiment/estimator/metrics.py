@@ -9,8 +9,11 @@ is one such metric (``MP_FIT``, estimator/mp_fit.py), and so is ``--randomize``
 of the layer's matrices shuffled element-wise. The columns follow the built-in ones in every
 row. Which metrics a result holds is part of its ``esd_options`` (``results.options_key``),
 under the name each metric is recorded by: ``<file name>:FUNCTION@<digest>`` or
-``package.module:FUNCTION@<digest>``, the digest that of the file that defines it, so that
-results computed before an edit of the file are told apart from those after.
+``package.module:FUNCTION@<digest>``, the digest that of the file that defines the function
+(and of the file or module named, when that only imports it from another), so that results
+computed before an edit of the file are told apart from those after. A spec that ends in
+``@<digest>`` is held to that version (the runner so pins its workers to the versions it
+started with): another version of the file fails with ``MetricChanged``.
 
 The code loaded here is the user's own, named on the command line; nothing found in a
 checkpoint or a results directory is ever loaded. Imports neither torch nor pandas.
@@ -58,6 +61,11 @@ METRIC_PATH_VAR = "ESD_METRIC_PATH"
 class MetricError(InputError):
     """A metric that raised, or returned something other than ``{column: number}``: the model
     fails with this cause (deterministic; a retry gives the same answer)."""
+
+
+class MetricChanged(MetricError):
+    """A pinned spec (``FUNCTION@<digest>``) whose file now holds another version: the model
+    fails rather than be computed with code other than the version the run records."""
 
 
 @dataclass(frozen=True)
@@ -119,26 +127,62 @@ def as_metric(item: Metric | Callable | str) -> Metric:
 def load_metric(spec: str) -> Metric:
     """Load ``FILE.py:FUNCTION`` or ``package.module:FUNCTION``: a module once per process
     (as Python imports it), a file once per content (an edited file is read again); raises
-    InputError with one line saying what is wrong with the spec."""
-    where, sep, func = spec.strip().rpartition(":")
+    InputError with one line saying what is wrong with the spec. A spec pinned to a version
+    (``...:FUNCTION@<digest>``) raises MetricChanged when its file now holds another."""
+    spec, pin = _split_pin(spec)
+    where, sep, func = spec.rpartition(":")
     if not sep or not where or not func.isidentifier():
         raise InputError(f"--metric {spec!r}: expected FILE.py:FUNCTION or "
                          "package.module:FUNCTION")
-    if where.endswith(".py"):
-        path = Path(where).expanduser()
-        if not path.is_file():
-            raise InputError(f"--metric {spec!r}: no such file {path}")
-        return _load_metric(spec, _digest(path))
-    return _load_metric(spec, None)
+    label = f"file {Path(where).name}" if where.endswith(".py") else f"module {where}"
+    try:
+        metric = _load_metric(spec, _digest(_spec_file(spec)) if where.endswith(".py") else None)
+    except InputError as exc:
+        if pin is None:
+            raise
+        raise MetricChanged(f"metric {label} cannot be loaded as it was at the start of the "
+                            f"run (digest {pin}): {exc}") from None
+    now = metric.name.rpartition("@")[2] if "@" in metric.name else "none"
+    if pin is not None and now != pin:
+        raise MetricChanged(f"metric {label} changed during the run (digest {pin} at the "
+                            f"start, {now} now): rerun to use the new version")
+    return metric
+
+
+def _split_pin(spec: str) -> tuple[str, str | None]:
+    """``(spec without its pin, the pinned digest or None)``: ``f.py:top@0a1b`` ->
+    ``("f.py:top", "0a1b")``."""
+    head, sep, tail = spec.strip().rpartition(":")
+    func, at, pin = tail.partition("@")
+    if sep and at and re.fullmatch(r"[0-9a-f]+", pin):
+        return f"{head}:{func}", pin
+    return spec.strip(), None
+
+
+def _spec_file(spec: str) -> Path:
+    """The file a ``FILE.py:FUNCTION`` spec names, which must exist."""
+    path = Path(spec.rpartition(":")[0]).expanduser()
+    if not path.is_file():
+        raise InputError(f"--metric {spec!r}: no such file {path}")
+    return path
+
+
+def pinned_spec(spec: str, name: str) -> str:
+    """``spec`` pinned to the version of its recorded ``name`` (``...@<digest>``), as the
+    runner's workers load it; unchanged when the name records no digest."""
+    spec = _split_pin(spec)[0]
+    digest = name.rpartition("@")[2] if "@" in name else ""
+    return f"{spec}@{digest}" if digest else spec
 
 
 @functools.cache
 def _load_metric(spec: str, digest: str | None) -> Metric:
-    """``load_metric``, ``digest`` that of a ``FILE.py``'s content (None for a module)."""
+    """``load_metric`` of an unpinned spec, ``digest`` that of a ``FILE.py``'s content (None
+    for a module): a file is loaded again once its content changes."""
     where, _, func = spec.strip().rpartition(":")
     if digest is not None:
         path = Path(where).expanduser()
-        name = f"{path.name}:{func}@{digest}"
+        name = f"{path.name}:{func}"
         module_name = f"_esd_metric_{abs(hash(str(path.resolve())))}"
         try:
             loader_spec = importlib.util.spec_from_file_location(module_name, path)
@@ -154,16 +198,29 @@ def _load_metric(spec: str, digest: str | None) -> Metric:
         except (Exception, SystemExit) as exc:  # say where, in one line
             raise InputError(f"--metric {spec!r}: module {where!r} cannot be imported: "
                              f"{type(exc).__name__}: {_one_line(exc)}") from None
-        source = getattr(module, "__file__", None)
-        if source and Path(source).is_file():
-            name = f"{name}@{_digest(Path(source))}"
+        path = Path(module.__file__) if getattr(module, "__file__", None) else None
     fn = getattr(module, func, None)
     if not callable(fn):
         raise InputError(f"--metric {spec!r}: {where} has no function {func!r}")
+    files = _source_files(path, fn)
+    if files:
+        name = f"{name}@{_digest(*files)}"
     if not _RECORDED_NAME.match(name):
         raise InputError(f"--metric {spec!r}: the name {name!r} it would be recorded by may "
                          "hold only letters, digits and . - + _ (rename the file)")
     return Metric(name, fn, _takes(fn))
+
+
+def _source_files(named: Path | None, fn: Callable) -> list[Path]:
+    """The files a metric's digest covers: the one named (a ``FILE.py``, a module's file)
+    and, when it imports the function from another, the one that defines the function
+    (``inspect.getsourcefile``; none for a builtin or a callable object)."""
+    try:
+        defining = inspect.getsourcefile(inspect.unwrap(fn))
+    except (TypeError, ValueError):
+        defining = None
+    found = [p for p in (named, Path(defining) if defining else None) if p and p.is_file()]
+    return list(dict.fromkeys(p.resolve() for p in found))
 
 
 def _import_module(where: str):
@@ -202,13 +259,17 @@ def metric_dirs(specs: Iterable[str]) -> list[str]:
     return list(dirs)
 
 
-def _digest(path: Path) -> str:
-    """The start of the SHA-256 of a metric's file: a result records it with the metric's
-    name, so that one computed before the file was edited is not done."""
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()[:DIGEST_CHARS]
-    except OSError as exc:
-        raise InputError(f"--metric: {path} cannot be read: {exc.strerror}") from None
+def _digest(*paths: Path) -> str:
+    """The start of the SHA-256 of a metric's file (of its files' contents one after the
+    other): a result records it with the metric's name, so that one computed before a file
+    was edited is not done."""
+    sha = hashlib.sha256()
+    for path in paths:
+        try:
+            sha.update(path.read_bytes())
+        except OSError as exc:
+            raise InputError(f"--metric: {path} cannot be read: {exc.strerror}") from None
+    return sha.hexdigest()[:DIGEST_CHARS]
 
 
 def load_metrics(items: Iterable[Metric | Callable | str] | None) -> tuple[Metric, ...]:
@@ -230,11 +291,13 @@ def load_metrics(items: Iterable[Metric | Callable | str] | None) -> tuple[Metri
 
 
 def metric_argv(spec: str) -> str:
-    """A ``--metric`` spec as a worker elsewhere reads it: a file path made absolute."""
-    where, _, func = spec.strip().rpartition(":")
+    """A ``--metric`` spec as a worker elsewhere reads it: a file path made absolute (its
+    pin, if any, kept)."""
+    spec, pin = _split_pin(spec)
+    where, _, func = spec.rpartition(":")
     if where.endswith(".py"):
-        return f"{Path(where).expanduser().resolve()}:{func}"
-    return spec.strip()
+        spec = f"{Path(where).expanduser().resolve()}:{func}"
+    return f"{spec}@{pin}" if pin else spec
 
 
 def declared_columns(metrics: Iterable[Metric]) -> dict[str, float]:

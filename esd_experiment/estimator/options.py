@@ -12,7 +12,13 @@ from dataclasses import dataclass
 
 from esd_experiment.core.errors import InputError
 from esd_experiment.core.results import METRICS_KEY, OPTION_NAMES, options_key
-from esd_experiment.estimator.metrics import MP_FIT, load_metrics, metric_argv, randomize_metric
+from esd_experiment.estimator.metrics import (
+    MP_FIT,
+    load_metrics,
+    metric_argv,
+    pinned_spec,
+    randomize_metric,
+)
 
 FIX_FINGERS = ("xmin_mid", "xmin_peak", "DKS")
 PRECISION_NAMES = ("float64", "float32")
@@ -138,6 +144,15 @@ def metrics_of(args: argparse.Namespace) -> tuple:
             + ((randomize_metric(getattr(args, "seed", 0)),)
                if getattr(args, "randomize", False) else ())
             + tuple(getattr(args, "metric", None) or ()))
+
+
+def pinned_args(args: argparse.Namespace, config: ESDConfig) -> argparse.Namespace:
+    """``args`` with each ``--metric`` spec pinned to the version of its file that ``config``
+    (built from ``args``) loaded: a worker given them computes with that version or fails."""
+    specs = list(getattr(args, "metric", None) or ())
+    loaded = config.metrics[len(config.metrics) - len(specs):]  # --metric's come last
+    pinned = [pinned_spec(s, m.name) for s, m in zip(specs, loaded, strict=True)]
+    return argparse.Namespace(**{**vars(args), "metric": pinned})
 
 
 def esd_argv(args: argparse.Namespace) -> list[str]:

@@ -44,7 +44,7 @@ from esd_experiment.run.model_list import JobSpec, group_jobs, local_adapter_con
 from esd_experiment.run.plan import WORKER, disk_full_message, estimator_options, make_plan
 from esd_experiment.run.progress import Progress, format_duration, run_log, summary_table
 from esd_experiment.run.saved_eigs import recompute_planned
-from esd_experiment.run.state import FailureLog, RunLock, check_options
+from esd_experiment.run.state import FailureLog, RunLock, check_options, holds_results
 from gputracker import Dispatcher, detect_gpus, install_signal_handlers
 from gputracker.pool import launcher_for
 
@@ -126,13 +126,15 @@ def run(config: RunConfig, backend=None) -> int:
     entries = read_model_list(config.model_list)
     backend = backend or make_backend(config)
     with RunLock(config.output_dir), run_log(config.log_dir / RUN_LOG):
-        check_options(config.output_dir, estimator_options(config.args), config.overwrite)
+        # The options as pinned (worker_args): the metrics' versions the run started with.
+        # A directory without results has none to keep comparable: its options are replaced.
+        check_options(config.output_dir, estimator_options(config.worker_args),
+                      config.overwrite or not holds_results(config.output_dir))
         failures = FailureLog(config.output_dir)
         plan = make_plan(entries, config.output_dir, config.log_dir, config.options_key,
                          config.args.save_eigs, config.overwrite, config.skip_failed, failures,
                          config.limit, config.args.delta)
-        recompute_planned(plan, esd_config_from_args(config.args, "cpu"), config.args.delta,
-                          config.overwrite)
+        recompute_planned(plan, config.esd, config.args.delta, config.overwrite)
         accounts = Accounts(e.key for e in entries[:config.limit])
         done = plan.done + plan.recomputed
         failures.clear_all(e.key for e in done)  # a killed run may have left a line

@@ -16,7 +16,7 @@ from pathlib import Path
 from esd_experiment.core.delta_paths import delta_paths, has_delta
 from esd_experiment.core.errors import disk_full_error
 from esd_experiment.core.paths import model_paths
-from esd_experiment.estimator.options import esd_config_from_args
+from esd_experiment.estimator.options import ESDConfig, esd_config_from_args, pinned_args
 from esd_experiment.run.accounts import Accounts
 from esd_experiment.run.model_list import JobSpec
 from esd_experiment.run.plan import (
@@ -61,10 +61,22 @@ class RunConfig:
     max_group: int = 8                 # models per job for a base and its adapters
     model_timeout: float | None = None  # seconds one attempt may take, on any backend
     backend: str = "local"
+    # The estimator's options, custom metrics loaded once: the run holds to the versions of
+    # the metrics' files it started with, whatever becomes of the files meanwhile.
+    esd: ESDConfig = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "esd", esd_config_from_args(self.args, "cpu"))
 
     @property
     def options_key(self) -> str:
-        return esd_config_from_args(self.args, "cpu").options_key
+        return self.esd.options_key
+
+    @property
+    def worker_args(self) -> argparse.Namespace:
+        """``args`` as the workers get them: each ``--metric`` pinned to the version of its
+        file the run started with (a worker that finds another fails the model)."""
+        return pinned_args(self.args, self.esd)
 
 
 class Runner:
@@ -85,7 +97,7 @@ class Runner:
                  for e in spec.entries]
         log = paths[0].log
         local = self.config.backend == "local"
-        argv = worker_argv(spec, self.config.args, self.config.output_dir,
+        argv = worker_argv(spec, self.config.worker_args, self.config.output_dir,
                            self.config.log_dir, stage_file_of(log), os.getpid() if local else None)
         start = log.stat().st_size if log.is_file() else 0  # where this run's output begins
         # Under --overwrite only a result the job writes counts: what stands there now does not.
@@ -93,7 +105,11 @@ class Runner:
         if self.config.overwrite and self.config.args.delta:  # an old delta is no result of this run
             for entry, p in zip(spec.entries, paths, strict=True):
                 if has_delta(entry):
-                    for old in (delta_paths(p).csv, delta_paths(p).eigs):
+                    # Its saved eigenvalues go only when this run saves its own, as the
+                    # model's own do (``_drop_old_result``).
+                    delta = delta_paths(p)
+                    for old in (delta.csv, delta.eigs) if self.config.args.save_eigs \
+                            else (delta.csv,):
                         old.unlink(missing_ok=True)
         return Job(name=spec.name, argv=argv, env=worker_env(self.config.args), log_path=log,
                    payload=(spec, paths, start, before), attempt=attempt,

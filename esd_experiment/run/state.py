@@ -11,9 +11,10 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from esd_experiment.core.delta_paths import DELTA_KEY
+from esd_experiment.core.delta_paths import DELTA_DIR, DELTA_KEY
 from esd_experiment.core.errors import InputError
 from esd_experiment.core.paths import FAILED_MODELS_FILE, LOCK_FILE, OPTIONS_FILE, write_text_atomic
+from esd_experiment.core.results import result_files
 
 
 def read_failure_cause(failure_json: Path) -> str | None:
@@ -128,6 +129,19 @@ def check_options(output_dir: Path, options: dict, overwrite: bool) -> None:
                          "another --output_dir")
     if recorded != options:
         write_text_atomic(path, json.dumps(options, indent=1, sort_keys=True) + "\n")
+
+
+def holds_results(output_dir: Path) -> bool:
+    """Whether ``output_dir`` holds a result of any options: a result CSV or saved
+    eigenvalues, the model's own or its delta's (failure records and logs are none), or may
+    still be given one: a record of Slurm jobs (a detached run's may be queued)."""
+    if (Path(output_dir) / "slurm" / "submissions.json").is_file():
+        return True
+    for folder in (Path(output_dir), Path(output_dir) / DELTA_DIR):
+        if result_files(folder) or any(not p.name.startswith(".")
+                                       for p in folder.glob("*.eigs.npz")):
+            return True
+    return False
 
 
 class StageLog:

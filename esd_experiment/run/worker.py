@@ -59,6 +59,7 @@ from esd_experiment.core.results import (
     split_options_key,
     write_eigs,
 )
+from esd_experiment.estimator.metrics import MetricChanged
 from esd_experiment.estimator.options import ESDConfig, add_esd_arguments, esd_config_from_args
 from esd_experiment.estimator.randomize import WORDS
 from esd_experiment.run.devices import CpuShare, layer_results, on_devices
@@ -166,12 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--threads must be at least 1, got {args.threads}")
-    ids = tuple(dict.fromkeys(m.strip() for m in args.model_id if m.strip()))
-    if not ids:
-        raise InputError("--model_id is empty")
+    ids = model_ids_of(args)
     return WorkerConfig(
-        model_ids=ids, output_dir=args.output_dir,
-        log_dir=args.log_dir if args.log_dir is not None else args.output_dir / "logs",
+        model_ids=ids, output_dir=args.output_dir, log_dir=log_dir_of(args),
         esd=esd_config_from_args(args, resolve_device(args.device)),
         base_model_relation=args.base_model_relation.strip(),
         source_model=args.source_model.strip(), save_eigs=args.save_eigs,
@@ -180,6 +178,17 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         threads=args.threads, parent_pid=args.parent_pid, stage_file=args.stage_file,
         gguf_file=args.gguf_file.strip(), base_source_model=args.base_source_model.strip(),
         delta=args.delta, keep_current=args.keep_current)
+
+
+def model_ids_of(args: argparse.Namespace) -> tuple[str, ...]:
+    ids = tuple(dict.fromkeys(m.strip() for m in args.model_id if m.strip()))
+    if not ids:
+        raise InputError("--model_id is empty")
+    return ids
+
+
+def log_dir_of(args: argparse.Namespace) -> Path:
+    return args.log_dir if args.log_dir is not None else args.output_dir / "logs"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,6 +485,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)
+    except MetricChanged as exc:  # not the version the run records: each model fails with it
+        return metric_changed(args, exc)
     except ESDError as exc:
         print(f"esd_worker: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -508,6 +519,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         finished = [ModelRun(m, p, error=exc, stage=stage.current)
                     for m, p in zip(config.model_ids, runs, strict=True)]
     return report(finished, stage.current)
+
+
+def metric_changed(args: argparse.Namespace, exc: MetricChanged) -> int:
+    """Fail every model of the job with ``exc`` (a metric's file changed since the run
+    started); nothing is computed with the other version."""
+    try:
+        runs = [ModelRun(m, model_paths(args.output_dir, m, log_dir_of(args),
+                                        args.gguf_file.strip()), error=exc)
+                for m in model_ids_of(args)]
+    except ESDError as bad:
+        print(f"esd_worker: {bad}", file=sys.stderr)
+        return EXIT_USAGE
+    return report(runs, "start")
 
 
 def report(runs: list[ModelRun], stage: str) -> int:
