@@ -234,3 +234,17 @@ def test_a_base_of_adapters_that_is_a_fine_tune_is_read_for_both_under_cleanup(h
     assert q_proj.any() and (update.loc[q_proj, "norm"] > 0).all()
     assert (update.loc[~q_proj, "norm"] == 0).all(), "the layers the adapter leaves alone"
     assert not list(hub.cache.glob("models--*/blobs/*")), "--cleanup_cache left files behind"
+
+
+def test_a_fine_tune_sharing_only_norms_with_its_source_fails_with_that_cause(pair, tmp_path):
+    """Every weight matrix of another shape than the source's (the norms alike): the model
+    fails with the delta's own cause, its result kept."""
+    other = save_model(llama(seed=6, head_dim=16, intermediate_size=96, vocab_size=100),
+                       tmp_path / "other")
+    models = tmp_path / "models.csv"
+    models.write_text(f"model_id,base_model_relation,source_model\n{other},,{pair / 'base'}\n")
+    out = tmp_path / "out"
+    assert runner("--model_list", models, "--output_dir", out, "--delta") == 1
+    failed = (out / "failed_models.txt").read_text()
+    assert "--delta: no weight of it has a tensor of the same name and shape" in failed, failed
+    assert ModelPaths.for_model(out, str(other)).csv.is_file()

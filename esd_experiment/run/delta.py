@@ -272,6 +272,7 @@ class FineTuneOnSource:
         self.deltas = [LayoutPair(n, n, b) for n, b in self.pairs.items()] + across
         paired = {p.ft for p in self.deltas}
         self.weights = len(weights)
+        self.paired_weights = len(paired & set(weights))  # what gives rows (norms give none)
         self.unpaired = (  # the weights with no delta row: (no such name, another shape)
             [n for n in weights if n not in named and n not in paired],
             [n for n in weights if n in named and n not in paired])

@@ -45,7 +45,7 @@ def delta_runs(config, runs: list, make_run, hub, session, stage) -> list:
                 shared = any(r is not run and r.error is None
                              and r.model.checkpoint is model.checkpoint for r in runs)
                 fine_tune = FineTuneOnSource(model, source, shared)
-                if not fine_tune.deltas:
+                if not fine_tune.paired_weights:
                     raise ShapeMismatchError(
                         f"{run.model_id}: --delta: no weight of it has a tensor of the same "
                         f"name and shape in its source model {model.source_model}")
