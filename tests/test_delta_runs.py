@@ -248,3 +248,14 @@ def test_a_fine_tune_sharing_only_norms_with_its_source_fails_with_that_cause(pa
     failed = (out / "failed_models.txt").read_text()
     assert "--delta: no weight of it has a tensor of the same name and shape" in failed, failed
     assert ModelPaths.for_model(out, str(other)).csv.is_file()
+
+
+def test_a_model_listed_as_its_own_source_fails_with_that_cause(pair, tmp_path):
+    models = tmp_path / "models.csv"
+    models.write_text("model_id,base_model_relation,source_model\n"
+                      f"{pair / 'ft'},,{pair / 'ft'}\n{pair / 'base'},,\n")
+    out = tmp_path / "out"
+    assert runner("--model_list", models, "--output_dir", out, "--delta") == 1
+    failed = (out / "failed_models.txt").read_text()
+    assert failed == f"{pair / 'ft'}\t--delta: its source_model is the model itself\n", failed
+    assert ModelPaths.for_model(out, str(pair / "base")).csv.is_file()

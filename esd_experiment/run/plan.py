@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from esd_experiment.core.delta_paths import DELTA_KEY, delta_paths, has_delta
+from esd_experiment.core.delta_paths import DELTA_DIR, DELTA_KEY, delta_paths, has_delta
 from esd_experiment.core.errors import ESDError
 from esd_experiment.core.paths import ModelPaths, model_paths
 from esd_experiment.core.results import eigs_options, is_current, split_options_key
@@ -59,6 +59,9 @@ def make_plan(entries: list[ListEntry], output_dir: Path, log_dir: Path, options
             paths = model_paths(output_dir, entry.model_id, log_dir, entry.gguf_file)
         except ESDError as exc:
             plan.invalid.append((entry, str(exc)))
+            continue
+        if delta and entry.source_model.strip() == entry.model_id.strip():
+            plan.invalid.append((entry, "--delta: its source_model is the model itself"))
             continue
         if not overwrite and result_done(paths, options, save_eigs, delta and has_delta(entry)):
             plan.done.append(entry)
@@ -190,7 +193,9 @@ def model_outcomes(result, spec: JobSpec, paths: list[ModelPaths], options: str,
             out.append(Outcome(entry, "retry" if record.get("transient") else "failed", cause,
                                bool(record.get("network"))))
         elif result.ok:
-            out.append(Outcome(entry, "failed", f"worker exited 0 but {model.csv.name} is "
+            missing = (f"{DELTA_DIR}/{model.csv.name}" if result_done(model, options, save_eigs)
+                       else model.csv.name)  # its own result, else its delta's
+            out.append(Outcome(entry, "failed", f"worker exited 0 but {missing} is "
                                                 f"missing or incomplete; log {model.log}"))
         else:
             # A worker killed by a signal it did not ask for (the kernel's OOM killer) may pass.
