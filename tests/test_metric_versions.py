@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from esd_experiment.core.delta_paths import delta_paths
 from esd_experiment.core.paths import ModelPaths
 from esd_experiment.run.model_list import JobSpec, ListEntry
 from esd_experiment.run.state import FailureLog
+from gputracker import JobResult
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = ROOT / "run_esd_experiment.py"
@@ -68,8 +70,10 @@ def test_overwrite_delta_keeps_the_deltas_eigenvalues_unless_it_saves_its_own(tm
     delta.eigs.write_bytes(b"saved eigenvalues")
     runner = runner_mod.Runner(config, FakeClockDispatcher(), FailureLog(tmp_path),
                                runner_mod.Progress(1, enabled=False))
-    runner.job(JobSpec((ListEntry("org/ft", "", "org/base"),)))
-    assert not delta.csv.exists()  # the old delta is no result of this run
+    job = runner.job(JobSpec((ListEntry("org/ft", "", "org/base"),)))
+    runner.on_finish(JobResult(job=job, returncode=0, gpus=(), threads=2, pid=1, start=0.0,
+                               end=1.0, started_at=time.time(), log_path=paths.log))
+    assert not delta.csv.exists()  # the model failed: its old delta is no result of this run
     assert delta.eigs.exists() != save_eigs  # gone only when this run saves its own
 
 

@@ -370,3 +370,31 @@ def test_a_result_written_as_the_run_stopped_counts_as_done(tmp_path, caplog):
         code = runner_mod.run(make_config(tmp_path), StoppedAfterWriteDispatcher())
     assert code == 130, "an interrupted run says so"
     assert "done 1" in caplog.text and "not reached 0" in caplog.text, caplog.text
+
+
+def test_overwrite_delta_leaves_an_old_delta_until_its_model_fails(tmp_path):
+    """Under --overwrite --delta a job that is made, or stopped before it ends, removes
+    nothing (a stopped run leaves the models it did not reach as they were); one that ends
+    without writing the model's result or delta fails the model and drops both."""
+    from esd_experiment.core.delta_paths import delta_paths
+
+    args = runner_mod.build_parser().parse_args(["--output_dir", str(tmp_path), "--device",
+                                                 "cpu", "--overwrite", "--delta"])
+    failures = FailureLog(tmp_path)
+    runner = runner_mod.Runner(make_config(tmp_path, args=args, overwrite=True),
+                               FakeClockDispatcher(), failures,
+                               runner_mod.Progress(1, enabled=False))
+    entry = ListEntry("org/ft", source_model="org/base")
+    paths = ModelPaths.for_model(tmp_path, "org/ft", log_dir=tmp_path / "logs")
+    delta = delta_paths(paths).csv
+    delta.parent.mkdir(parents=True)
+    fake_result(paths.csv)
+    fake_result(delta)
+    assert finished(runner, entry, paths, -2, stopped=True) == []
+    assert paths.csv.is_file() and delta.is_file(), "a stopped job removed an old result"
+    job = runner.job(JobSpec((entry,)))
+    assert runner.on_finish(JobResult(job=job, returncode=0, gpus=(), threads=2, pid=1,
+                                      start=0.0, end=1.0, started_at=time.time(),
+                                      log_path=paths.log)) == []
+    assert "missing or incomplete" in failures.cause("org/ft")
+    assert not paths.csv.exists() and not delta.exists(), "old numbers passed for new"

@@ -100,17 +100,10 @@ class Runner:
         argv = worker_argv(spec, self.config.worker_args, self.config.output_dir,
                            self.config.log_dir, stage_file_of(log), os.getpid() if local else None)
         start = log.stat().st_size if log.is_file() else 0  # where this run's output begins
-        # Under --overwrite only a result the job writes counts: what stands there now does not.
-        before = [result_signature(p.csv) for p in paths] if self.config.overwrite else None
-        if self.config.overwrite and self.config.args.delta:  # an old delta is no result of this run
-            for entry, p in zip(spec.entries, paths, strict=True):
-                if has_delta(entry):
-                    # Its saved eigenvalues go only when this run saves its own, as the
-                    # model's own do (``_drop_old_result``).
-                    delta = delta_paths(p)
-                    for old in (delta.csv, delta.eigs) if self.config.args.save_eigs \
-                            else (delta.csv,):
-                        old.unlink(missing_ok=True)
+        # Under --overwrite only a result the job writes counts (its delta's too): what stands
+        # there now does not, and stays until the model fails (a stopped run leaves it).
+        before = [(result_signature(p.csv), result_signature(delta_paths(p).csv))
+                  for p in paths] if self.config.overwrite else None
         return Job(name=spec.name, argv=argv, env=worker_env(self.config.args), log_path=log,
                    payload=(spec, paths, start, before), attempt=attempt,
                    not_before=not_before, timeout=self.config.model_timeout)
@@ -185,8 +178,8 @@ class Runner:
         if self.disk_full:
             return  # nothing more is written to a full disk: the model is not reached
         key = outcome.entry.key
-        if self.config.overwrite and not outcome.fresh:  # old numbers must not pass for new
-            self._drop_old_result(outcome.entry)
+        if self.config.overwrite:  # old numbers must not pass for new
+            self._drop_old_result(outcome.entry, own=not outcome.fresh)
         if self._write_failures(key, lambda: self.failures.record(key, outcome.cause)):
             self.accounts.failed(key)
             self.progress.finished(key, False, self.backend.running_jobs, outcome.cause)
@@ -204,12 +197,16 @@ class Runner:
             return False
         return True
 
-    def _drop_old_result(self, entry) -> None:
+    def _drop_old_result(self, entry, own: bool = True) -> None:
+        """Remove a failed model's old result (``own``) and its delta's, under --overwrite."""
         paths = model_paths(self.config.output_dir, entry.model_id, self.config.log_dir,
                             entry.gguf_file)
+        found = ([paths] if own else []) + ([delta_paths(paths)]
+                                            if self.config.args.delta and has_delta(entry) else [])
         # Saved eigenvalues go only when this run saves its own: they record the options
         # they were computed with, and a run that did not ask for them keeps them.
-        for path in (paths.csv, paths.eigs) if self.config.args.save_eigs else (paths.csv,):
+        for path in [f for p in found for f in ((p.csv, p.eigs) if self.config.args.save_eigs
+                                                  else (p.csv,))]:
             if path.exists():
                 path.unlink()
                 logger.warning("%s: removed %s, the result --overwrite was to replace",

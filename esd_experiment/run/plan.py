@@ -166,16 +166,19 @@ def written_by(csv: Path, before: Signature, started_at: float) -> bool:
 
 
 def model_outcomes(result, spec: JobSpec, paths: list[ModelPaths], options: str,
-                   save_eigs: bool, before: list[Signature] | None = None,
+                   save_eigs: bool, before: list[tuple[Signature, Signature]] | None = None,
                    delta: bool = False) -> list[Outcome]:
     """Each model's outcome of a finished job (``gputracker.JobResult``), from its result
     file, else its failure record, else the job's own end (exit code, signal, timeout).
-    With ``before`` (the result files found when the job was made, under --overwrite) only
-    a result this job wrote counts as done."""
+    With ``before`` (the signatures of each model's result and delta found when the job was
+    made, under --overwrite) only a result and a delta this job wrote count as done."""
     out = []
     for i, (entry, model) in enumerate(zip(spec.entries, paths, strict=True)):
-        mine = before is None or written_by(model.csv, before[i], result.started_at)
-        if result_done(model, options, save_eigs, delta and has_delta(entry)) and mine:
+        with_delta = delta and has_delta(entry)
+        mine = before is None or written_by(model.csv, before[i][0], result.started_at)
+        delta_mine = before is None or not with_delta or written_by(
+            delta_paths(model).csv, before[i][1], result.started_at)
+        if result_done(model, options, save_eigs, with_delta) and mine and delta_mine:
             out.append(Outcome(entry, "done"))  # also in a job that timed out later
             continue
         fresh = before is not None and mine and result_done(model, options, save_eigs)
