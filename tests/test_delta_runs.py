@@ -259,3 +259,27 @@ def test_a_model_listed_as_its_own_source_fails_with_that_cause(pair, tmp_path):
     failed = (out / "failed_models.txt").read_text()
     assert failed == f"{pair / 'ft'}\t--delta: its source_model is the model itself\n", failed
     assert ModelPaths.for_model(out, str(pair / "base")).csv.is_file()
+
+
+def test_an_adapter_known_by_its_files_alone_is_held_to_its_delta(pair, tmp_path):
+    """A list row that neither marks an adapter nor names its base: its adapter_config.json
+    makes it one, and under --delta it is done only with its delta (a deleted one is computed
+    again) or fails with the delta's cause (DoRA's, which is not s·B·A)."""
+    from tests.loader_fixtures import save_adapter
+
+    base = llama()
+    lora = save_adapter(base, tmp_path / "lora", str(pair / "base"), r=4,
+                        target_modules=["q_proj"])
+    dora = save_adapter(base, tmp_path / "dora", str(pair / "base"), r=4,
+                        target_modules=["q_proj"], use_dora=True)
+    models = tmp_path / "models.csv"
+    models.write_text(f"model_id,base_model_relation,source_model\n{lora},,\n{dora},,\n")
+    out = tmp_path / "out"
+    args = ("--model_list", models, "--output_dir", out, "--delta")
+    assert runner(*args) == 1
+    (line,) = (out / "failed_models.txt").read_text().splitlines()
+    assert line.startswith(f"{dora}\t") and "merged by peft" in line, line
+    delta = out / "delta" / ModelPaths.for_model(out, str(lora)).csv.name
+    delta.unlink()
+    assert runner(*args) == 1
+    assert delta.is_file(), "the rerun left the adapter without its delta"

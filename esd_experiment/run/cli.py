@@ -239,7 +239,7 @@ def on_disk(config: RunConfig, entries: Sequence) -> Callable[[str], tuple[bool,
         except ESDError:
             return False, key in failures
         return result_done(paths, config.options_key, config.args.save_eigs,
-                           config.args.delta and has_delta(entry)), key in failures
+                           config.args.delta and has_delta(entry, paths.csv)), key in failures
     return state
 
 
@@ -455,7 +455,7 @@ def demo_results(config: RunConfig) -> list[tuple[str, Path]]:
     for entry in read_model_list(config.model_list):
         paths = model_paths(config.output_dir, entry.model_id, config.log_dir, entry.gguf_file)
         if result_done(paths, config.options_key, config.args.save_eigs,
-                       config.args.delta and has_delta(entry)):
+                       config.args.delta and has_delta(entry, paths.csv)):
             out.append((entry.model_id, paths.csv))
     return out
 

@@ -201,8 +201,9 @@ class Runner:
         """Remove a failed model's old result (``own``) and its delta's, under --overwrite."""
         paths = model_paths(self.config.output_dir, entry.model_id, self.config.log_dir,
                             entry.gguf_file)
-        found = ([paths] if own else []) + ([delta_paths(paths)]
-                                            if self.config.args.delta and has_delta(entry) else [])
+        found = [paths] if own else []
+        if self.config.args.delta and has_delta(entry, paths.csv):
+            found.append(delta_paths(paths))
         # Saved eigenvalues go only when this run saves its own: they record the options
         # they were computed with, and a run that did not ask for them keeps them.
         for path in [f for p in found for f in ((p.csv, p.eigs) if self.config.args.save_eigs

@@ -63,7 +63,8 @@ def make_plan(entries: list[ListEntry], output_dir: Path, log_dir: Path, options
         if delta and entry.source_model.strip() == entry.model_id.strip():
             plan.invalid.append((entry, "--delta: its source_model is the model itself"))
             continue
-        if not overwrite and result_done(paths, options, save_eigs, delta and has_delta(entry)):
+        if not overwrite and result_done(paths, options, save_eigs,
+                                         delta and has_delta(entry, paths.csv)):
             plan.done.append(entry)
         elif skip_failed and entry.key in failures:
             plan.skipped_failed.append(entry)
@@ -174,7 +175,7 @@ def model_outcomes(result, spec: JobSpec, paths: list[ModelPaths], options: str,
     made, under --overwrite) only a result and a delta this job wrote count as done."""
     out = []
     for i, (entry, model) in enumerate(zip(spec.entries, paths, strict=True)):
-        with_delta = delta and has_delta(entry)
+        with_delta = delta and has_delta(entry, model.csv)
         mine = before is None or written_by(model.csv, before[i][0], result.started_at)
         delta_mine = before is None or not with_delta or written_by(
             delta_paths(model).csv, before[i][1], result.started_at)

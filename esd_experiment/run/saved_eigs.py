@@ -153,7 +153,7 @@ def recompute_planned(plan, config: ESDConfig, delta: bool = False,
 
     for entry, paths in list(plan.to_run):
         try:
-            recomputed = (not (delta and has_delta(entry))
+            recomputed = (not (delta and has_delta(entry, paths.csv))
                           or recompute_metrics(delta_paths(paths), config)) \
                 and recompute_metrics(paths, config)
         except MetricError as exc:
