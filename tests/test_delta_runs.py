@@ -283,3 +283,15 @@ def test_an_adapter_known_by_its_files_alone_is_held_to_its_delta(pair, tmp_path
     delta.unlink()
     assert runner(*args) == 1
     assert delta.is_file(), "the rerun left the adapter without its delta"
+
+
+def test_a_source_that_is_an_adapter_naming_no_base_is_said_to_be_an_adapter(pair, tmp_path):
+    from tests.loader_fixtures import save_adapter
+
+    adapter = save_adapter(llama(), tmp_path / "lora", None, r=4, target_modules=["q_proj"])
+    models = tmp_path / "models.csv"
+    models.write_text(f"model_id,base_model_relation,source_model\n{pair / 'ft'},,{adapter}\n")
+    out = tmp_path / "out"
+    assert runner("--model_list", models, "--output_dir", out, "--delta") == 1
+    failed = (out / "failed_models.txt").read_text()
+    assert f"its source model {adapter} is an adapter, not a full model" in failed, failed

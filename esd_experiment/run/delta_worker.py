@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 
 from esd_experiment.core.delta_paths import delta_paths
-from esd_experiment.core.errors import ESDError, ShapeMismatchError
+from esd_experiment.core.errors import AdapterBaseError, ESDError, ShapeMismatchError
 from esd_experiment.core.paths import model_key
 
 logger = logging.getLogger(__name__)
@@ -84,6 +84,9 @@ def _source(model, known: list, opened: list, config, hub, session, stage):
             return checkpoint
     (source,) = open_models([request], hub=hub, cache_dir=config.cache_dir, session=session,
                             waiting=lambda: stage.during("download"))
+    if isinstance(source, AdapterBaseError):  # an adapter whose own base is not found
+        raise ShapeMismatchError(f"{model.model_id}: --delta: its source model "
+                                 f"{model.source_model} is an adapter, not a full model")
     if isinstance(source, ESDError):
         detail = str(source)
         if not request.gguf_file and "gguf_file column" in detail:  # the fine-tune's row's
