@@ -419,7 +419,12 @@ def test_a_run_given_weightwatchers_shuffle_gives_its_columns_for_convolutions(m
     with torch.no_grad():  # heavy tails: the shuffled slices keep spikes, which pooling counts
         heavy = np.random.default_rng(0).standard_t(1.5, size=net[5].weight.shape)
         net[5].weight.copy_(torch.from_numpy(heavy))
+    same_columns_as_weightwatcher_given_one_shuffle(net, monkeypatch)
 
+
+def same_columns_as_weightwatcher_given_one_shuffle(net, monkeypatch) -> None:
+    """Our randomized columns of ``net`` equal WeightWatcher's, both tools' every matrix
+    shuffled by the one fixed permutation."""
     def fixed_bits(raw, rng, sort_words=None, words=None):
         flat = raw.reshape(-1).copy()
         fixed_shuffle(flat)
@@ -435,7 +440,7 @@ def test_a_run_given_weightwatchers_shuffle_gives_its_columns_for_convolutions(m
         if col == "ww_maxdist":  # a difference of eigenvalues: it errs as the larger does
             assert (abs(a - b) <= SHUFFLED_SOLVE_RTOL * theirs["max_rand_eval"]).all(), (a, b)
         else:
-            np.testing.assert_allclose(a, b, rtol=SHUFFLED_SOLVE_RTOL, atol=1e-12, err_msg=col)
+            np.testing.assert_allclose(a, b, rtol=SHUFFLED_SOLVE_RTOL, atol=0, err_msg=col)
 
 
 def test_a_numpy_integer_seed_is_the_same_seed():
@@ -483,20 +488,4 @@ def test_the_float32_solve_of_a_shuffle_holds_weights_of_any_magnitude(monkeypat
     net = torch.nn.Sequential(torch.nn.Linear(120, 300))
     with torch.no_grad():
         net[0].weight.mul_(scale)
-
-    def fixed_bits(raw, rng, sort_words=None, words=None):
-        flat = raw.reshape(-1).copy()
-        fixed_shuffle(flat)
-        return flat.reshape(raw.shape)
-
-    monkeypatch.setattr(np.random, "shuffle", fixed_shuffle)
-    theirs = ww.WeightWatcher(model=net).analyze(randomize=True)
-    monkeypatch.undo()
-    monkeypatch.setattr(net_esd, "shuffled_bits", fixed_bits)
-    ours = net_esd_estimator(net, randomize=True)
-    for col in RANDOM_COLUMNS:
-        a, b = ours[col].to_numpy(float), theirs[col].to_numpy(float)
-        if col == "ww_maxdist":
-            assert (abs(a - b) <= SHUFFLED_SOLVE_RTOL * theirs["max_rand_eval"]).all(), (a, b)
-        else:
-            np.testing.assert_allclose(a, b, rtol=SHUFFLED_SOLVE_RTOL, atol=0, err_msg=col)
+    same_columns_as_weightwatcher_given_one_shuffle(net, monkeypatch)
