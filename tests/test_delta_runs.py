@@ -261,10 +261,10 @@ def test_a_model_listed_as_its_own_source_fails_with_that_cause(pair, tmp_path):
     assert ModelPaths.for_model(out, str(pair / "base")).csv.is_file()
 
 
-def test_an_adapter_known_by_its_files_alone_is_held_to_its_delta(pair, tmp_path):
+def test_an_adapter_known_by_its_files_alone_fails_with_its_deltas_cause(pair, tmp_path):
     """A list row that neither marks an adapter nor names its base: its adapter_config.json
-    makes it one, and under --delta it is done only with its delta (a deleted one is computed
-    again) or fails with the delta's cause (DoRA's, which is not s·B·A)."""
+    makes it one, and under --delta a delta that fails (DoRA's, which is not s·B·A) fails the
+    model with its cause though its own result is written."""
     from tests.loader_fixtures import save_adapter
 
     base = llama()
@@ -279,10 +279,18 @@ def test_an_adapter_known_by_its_files_alone_is_held_to_its_delta(pair, tmp_path
     assert runner(*args) == 1
     (line,) = (out / "failed_models.txt").read_text().splitlines()
     assert line.startswith(f"{dora}\t") and "merged by peft" in line, line
-    delta = out / "delta" / ModelPaths.for_model(out, str(lora)).csv.name
-    delta.unlink()
-    assert runner(*args) == 1
-    assert delta.is_file(), "the rerun left the adapter without its delta"
+    assert (out / "delta" / ModelPaths.for_model(out, str(lora)).csv.name).is_file()
+
+
+def test_a_source_cleared_from_the_list_leaves_no_delta_due(pair, tmp_path):
+    """A result computed when the row named a source records it; once the row no longer
+    does, --delta asks for no delta of it (the row, not the old result, says)."""
+    models = tmp_path / "models.csv"
+    out = tmp_path / "out"
+    models.write_text(f"model_id,base_model_relation,source_model\n{pair / 'ft'},,{pair / 'base'}\n")
+    assert runner("--model_list", models, "--output_dir", out) == 0
+    models.write_text(f"model_id,base_model_relation,source_model\n{pair / 'ft'},,\n")
+    assert runner("--model_list", models, "--output_dir", out, "--delta") == 0
 
 
 def test_a_source_that_is_an_adapter_naming_no_base_is_said_to_be_an_adapter(pair, tmp_path):

@@ -1,15 +1,12 @@
 """Where the delta view's results go, and which list rows have one (``--delta``).
 
-A model whose list row names a ``source_model`` (a full fine-tune, or an adapter), that the
-list marks as an adapter, or whose result names the base it was made from gets, besides its result, ``<output_dir>/delta/<its result's file
+A model whose list row names a ``source_model`` (a full fine-tune, or an adapter) or that the
+list marks as an adapter gets, besides its result, ``<output_dir>/delta/<its result's file
 name>``: the ESD of ``W - W_source`` layer by layer (run/delta.py, docs/metrics.md). Imports
 neither torch nor pandas, so the runner uses it.
 """
 
 from __future__ import annotations
-
-import csv
-from pathlib import Path
 
 from esd_experiment.core.paths import ModelPaths
 
@@ -23,20 +20,7 @@ def delta_paths(paths: ModelPaths) -> ModelPaths:
     return ModelPaths(paths.output_dir / DELTA_DIR, paths.log_dir, paths.stem)
 
 
-def has_delta(entry, result: Path | None = None) -> bool:
+def has_delta(entry) -> bool:
     """Whether a list entry (model_list.ListEntry) has a delta: it names its source model, or
-    is marked as an adapter (whose base the adapter's own files may name), or its result
-    (``result``, its CSV) records the model it was made from (an adapter known as one by its
-    own files only)."""
-    return bool(entry.source_model.strip()) or entry.is_adapter or (
-        result is not None and bool(_recorded_source(result)))
-
-
-def _recorded_source(result: Path) -> str:
-    """The ``source_model`` of a result CSV's first row ('' without one)."""
-    try:
-        with open(result, encoding="utf-8-sig", newline="") as fh:
-            first = next(csv.DictReader(fh), None)
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return ""
-    return str((first or {}).get("source_model") or "").strip()
+    is marked as an adapter (whose base the adapter's own files may name)."""
+    return bool(entry.source_model.strip()) or entry.is_adapter

@@ -238,8 +238,12 @@ def on_disk(config: RunConfig, entries: Sequence) -> Callable[[str], tuple[bool,
                                 entry.gguf_file)
         except ESDError:
             return False, key in failures
-        return result_done(paths, config.options_key, config.args.save_eigs,
-                           config.args.delta and has_delta(entry, paths.csv)), key in failures
+        failed = key in failures
+        # A failed model's own result may be current beside its worker's failure record (the
+        # delta of an adapter the list does not mark failed): it is not the model's result.
+        done = result_done(paths, config.options_key, config.args.save_eigs,
+                           config.args.delta and has_delta(entry))
+        return done and not (failed and paths.failure.is_file()), failed
     return state
 
 
@@ -455,7 +459,7 @@ def demo_results(config: RunConfig) -> list[tuple[str, Path]]:
     for entry in read_model_list(config.model_list):
         paths = model_paths(config.output_dir, entry.model_id, config.log_dir, entry.gguf_file)
         if result_done(paths, config.options_key, config.args.save_eigs,
-                       config.args.delta and has_delta(entry, paths.csv)):
+                       config.args.delta and has_delta(entry)):
             out.append((entry.model_id, paths.csv))
     return out
 

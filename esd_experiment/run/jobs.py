@@ -202,7 +202,7 @@ class Runner:
         paths = model_paths(self.config.output_dir, entry.model_id, self.config.log_dir,
                             entry.gguf_file)
         found = [paths] if own else []
-        if self.config.args.delta and has_delta(entry, paths.csv):
+        if self.config.args.delta and has_delta(entry):
             found.append(delta_paths(paths))
         # Saved eigenvalues go only when this run saves its own: they record the options
         # they were computed with, and a run that did not ask for them keeps them.

@@ -63,8 +63,7 @@ def make_plan(entries: list[ListEntry], output_dir: Path, log_dir: Path, options
         if delta and entry.source_model.strip() == entry.model_id.strip():
             plan.invalid.append((entry, "--delta: its source_model is the model itself"))
             continue
-        if not overwrite and result_done(paths, options, save_eigs,
-                                         delta and has_delta(entry, paths.csv)):
+        if not overwrite and result_done(paths, options, save_eigs, delta and has_delta(entry)):
             plan.done.append(entry)
         elif skip_failed and entry.key in failures:
             plan.skipped_failed.append(entry)
@@ -175,15 +174,18 @@ def model_outcomes(result, spec: JobSpec, paths: list[ModelPaths], options: str,
     made, under --overwrite) only a result and a delta this job wrote count as done."""
     out = []
     for i, (entry, model) in enumerate(zip(spec.entries, paths, strict=True)):
-        with_delta = delta and has_delta(entry, model.csv)
+        with_delta = delta and has_delta(entry)
         mine = before is None or written_by(model.csv, before[i][0], result.started_at)
         delta_mine = before is None or not with_delta or written_by(
             delta_paths(model).csv, before[i][1], result.started_at)
-        if result_done(model, options, save_eigs, with_delta) and mine and delta_mine:
+        # The worker clears a model's failure record as it starts: one there now is this
+        # job's (the delta of an adapter the list does not mark fails beside its result).
+        record = _failure_record(model.failure)
+        if result_done(model, options, save_eigs, with_delta) and mine and delta_mine \
+                and record is None:
             out.append(Outcome(entry, "done"))  # also in a job that timed out later
             continue
         fresh = before is not None and mine and result_done(model, options, save_eigs)
-        record = _failure_record(model.failure)
         if record is not None and record.get("disk_full"):
             out.append(Outcome(entry, "disk_full", str(record.get("path") or "")))
         elif result.returncode == EXIT_DISK_FULL and not result.timed_out:

@@ -153,7 +153,7 @@ def recompute_planned(plan, config: ESDConfig, delta: bool = False,
 
     for entry, paths in list(plan.to_run):
         try:
-            recomputed = (not (delta and has_delta(entry, paths.csv))
+            recomputed = (not (delta and has_delta(entry))
                           or recompute_metrics(delta_paths(paths), config)) \
                 and recompute_metrics(paths, config)
         except MetricError as exc:
