@@ -3,6 +3,7 @@ options, recomputed from saved eigenvalues without loading a model; a user's fil
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -183,6 +184,12 @@ def test_refit_adds_a_metric_from_saved_eigenvalues(checkpoint, metric_file, tmp
     assert esd_report.main(argv) == 0
     assert (refit / name).read_bytes() == annotated
     assert esd_report.main([*argv, "--overwrite"]) == 0
+    assert (refit / name).read_bytes() == (direct / name).read_bytes()
+    # A model of the results computed again since (its eigenvalues newer): refit again.
+    (refit / name).write_bytes(annotated)
+    later = (refit / name).stat().st_mtime_ns + 10**9
+    os.utime(plain / name.replace(".csv", ".eigs.npz"), ns=(later, later))
+    assert esd_report.main(argv) == 0
     assert (refit / name).read_bytes() == (direct / name).read_bytes()
 
 
@@ -373,7 +380,7 @@ def test_a_model_failing_under_overwrite_keeps_its_saved_eigenvalues(checkpoint,
     assert eigs.read_bytes() == saved
 
 
-@pytest.mark.parametrize("resave", ["index", "excel", "inserted"])
+@pytest.mark.parametrize("resave", ["index", "excel", "inserted", "quoted"])
 def test_a_result_resaved_with_pandas_stays_done_and_reads_back(checkpoint, tmp_path, resave):
     """A user's result saved again by pandas: ``df.to_csv(path)`` writes the index as a
     first, unnamed column; ``encoding="utf-8-sig"`` (for Excel) a byte-order mark; and a
@@ -385,9 +392,11 @@ def test_a_result_resaved_with_pandas_stays_done_and_reads_back(checkpoint, tmp_
         frame.to_csv(csv)  # pandas' default: the index too
     elif resave == "excel":
         frame.to_csv(csv, index=False, encoding="utf-8-sig")
-    else:
+    elif resave == "inserted":
         frame.insert(5, "my_label", "keep me")
         frame.drop(columns="my_note").assign(my_note="checked").to_csv(csv, index=False)
+    else:  # a name with a comma, which pandas quotes, and the index
+        frame.assign(**{"my, label": "keep me"}).to_csv(csv)
     before = csv.read_bytes()
     proc = cli("--model_list", models, "--output_dir", out)
     assert proc.returncode == 0 and "0 to run, 1 already done" in proc.stderr, proc.stderr
@@ -396,7 +405,8 @@ def test_a_result_resaved_with_pandas_stays_done_and_reads_back(checkpoint, tmp_
         warnings.simplefilter("error")  # no file skipped
         layers = load_results(out)
     assert (layers["my_note"] == "checked").all()
-    added = ["my_label", "my_note"] if resave == "inserted" else ["my_note"]
+    added = {"inserted": ["my_label", "my_note"],
+             "quoted": ["my_note", "my, label"]}.get(resave, ["my_note"])
     assert list(layers.columns[-len(added):]) == added  # after the result's own, as written
     pd.testing.assert_frame_equal(layers.drop(columns=added), original)
 
@@ -455,8 +465,12 @@ def test_a_metric_failing_on_saved_eigenvalues_under_overwrite_drops_the_old_res
     assert cli("--model_list", models, "--output_dir", out, "--save_eigs").returncode == 0
     (eigs,) = out.glob("*.eigs.npz")
     saved = eigs.read_bytes()
+    (csv,) = out.glob("*.csv")
+    kept = out / "delta" / csv.name  # a --delta run's, which a run without --delta leaves
+    kept.parent.mkdir()
+    kept.write_bytes(csv.read_bytes())
     proc = cli("--model_list", models, "--output_dir", out, "--save_eigs", "--overwrite",
                "--metric", f"{metric_file}:broken")
     assert proc.returncode == 1 and "FAILED on its saved eigenvalues" in proc.stderr, proc.stderr
     assert not list(out.glob("*.csv"))
-    assert eigs.read_bytes() == saved
+    assert eigs.read_bytes() == saved and kept.is_file()

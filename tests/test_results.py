@@ -176,15 +176,17 @@ def test_stack_names_the_repeated_blocks(good):
     assert (layers.loc[~inside & layers.block.isna(), "stack"] == "").all()
 
 
-def test_result_of_the_schema_before_stack_still_loads(good, tmp_path):
-    """A CSV written before the stack column (all other columns in their order) is read, its
-    stack empty; the resume check computes it again."""
+@pytest.mark.parametrize("index", [False, True])
+def test_result_of_the_schema_before_stack_still_loads(good, tmp_path, index):
+    """A CSV written before the stack column (all other columns in their order; saved again
+    with pandas' index, or not) is read, its stack empty; the resume check computes it
+    again."""
     out, paths = good
     old_dir = copy_results(out, tmp_path / "old")
     legacy = tuple(c for c in RESULT_COLUMNS if c != "stack")
     for path in old_dir.glob("*.csv"):
         frame = pd.read_csv(path, keep_default_na=False, dtype=str)
-        frame[list(legacy)].to_csv(path, index=False)
+        frame[list(legacy)].to_csv(path, index=index)
     new, old = load_results(out), load_results(old_dir)
     assert tuple(old.columns) == RESULT_COLUMNS and (old["stack"] == "").all()
     pd.testing.assert_frame_equal(old.drop(columns="stack"), new.drop(columns="stack"))

@@ -161,15 +161,13 @@ def schema_order(header: Sequence[str],
     """The positions of ``header``'s fields in the order a result is read: ``columns`` (the
     schema's), then every other column as the file has it; None when ``header`` is not a
     result's. A result a user saved again with pandas stays one: ``to_csv(path)`` writes the
-    index first, as a column without a name (left out here), and a user's columns may lie
-    among the schema's, which must all be there, in their order, once."""
+    index first, unnamed (left out here); a user's columns may lie among the schema's."""
     start = 1 if len(header) > 1 and header[0] == "" and header[1] == columns[0] else 0
     where = {name: i for i, name in enumerate(header) if i >= start}
     ours = [where.get(name) for name in columns]
     if None in ours or ours != sorted(ours) or len(where) != len(header) - start:
         return None
-    taken = set(ours)
-    return ours + [i for i in range(start, len(header)) if i not in taken]
+    return ours + sorted(set(range(start, len(header))) - set(ours))
 
 
 def _reordered(data: bytes, order: list[int], width: int) -> bytes:
@@ -336,13 +334,15 @@ def load_results(output_dir: Path, summary: bool = False) -> pd.DataFrame:
 
 def _checked_bytes(path: Path) -> bytes:
     """A CSV's bytes after the checks that need no parsing: header, completeness, rows."""
+    import csv
+
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise BadResultError(f"cannot be read: {exc.strerror}") from None
     data = data.removeprefix(b"\xef\xbb\xbf")  # the byte-order mark of a file saved for Excel
-    header = data.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "replace").split(",")
-    order = schema_order(header)
+    header = next(csv.reader([data.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "replace")]))
+    order = schema_order(header) or schema_order(header, LEGACY_COLUMNS)
     if order is not None and order != list(range(len(header))):
         if not data.endswith(b"\n"):
             raise BadResultError("truncated: its last line is incomplete")

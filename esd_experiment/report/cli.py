@@ -292,7 +292,7 @@ def refit(results_dir: Path, new_dir: Path, overrides: dict,
           overwrite: bool = False) -> tuple[list[str], dict[str, str]]:
     """Refit every model with saved eigenvalues into ``new_dir``; returns the model ids
     written and ``{model_id or file: reason}`` for those skipped."""
-    from esd_experiment.run.saved_eigs import weights_needed
+    from esd_experiment.run.saved_eigs import eigs_path, weights_needed
     from esd_experiment.run.state import RunLock, check_options
 
     results_dir, new_dir = Path(results_dir), Path(new_dir)
@@ -333,7 +333,8 @@ def refit(results_dir: Path, new_dir: Path, overrides: dict,
         check_options(new_dir, record, overwrite)
         for n, (model_id, csv, rows, out) in enumerate(plans, 1):
             target = ModelPaths(out, new_dir / "logs", csv.stem).csv
-            if not overwrite and is_current(target, config.options_key):
+            if not overwrite and is_current(target, config.options_key) \
+                    and _newer(target, csv, eigs_path(csv)):
                 done.append(model_id)  # refit before, perhaps annotated since: the user's
                 logger.info("[%d/%d] %s: refit already, kept", n, len(plans), model_id)
                 continue
@@ -422,6 +423,15 @@ def _refit_model(csv: Path, rows: pd.DataFrame, config: ESDConfig, new_dir: Path
     with open(paths.log, "a", encoding="utf-8") as fh:
         fh.write(f"refit of {csv} from its saved eigenvalues with {config.options_key}: "
                  f"{len(out)} rows -> {paths.csv}\n")
+
+
+def _newer(path: Path, *sources: Path) -> bool:
+    """Whether ``path`` was written after every one of ``sources`` (a refit after the results
+    it was made from; not after a model of them was computed again)."""
+    try:
+        return all(path.stat().st_mtime_ns >= s.stat().st_mtime_ns for s in sources)
+    except OSError:
+        return False
 
 
 def _same_dir(a: Path, b: Path) -> bool:

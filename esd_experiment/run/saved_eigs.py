@@ -160,11 +160,12 @@ def recompute_planned(plan, config: ESDConfig, delta: bool = False,
             plan.to_run.remove((entry, paths))
             plan.invalid.append((entry, f"{type(exc).__name__}: {exc}"))
             logger.warning("%s: FAILED on its saved eigenvalues: %s", entry.key, exc)
-            for old in (paths.csv, delta_paths(paths).csv) if overwrite else ():
+            stale = [paths.csv] + ([delta_paths(paths).csv] if delta and has_delta(entry) else [])
+            for old in stale if overwrite else ():
                 if old.is_file():
                     old.unlink()
                     logger.warning("%s: removed %s, the result --overwrite was to replace",
-                                   entry.key, old.name)
+                                   entry.key, old.relative_to(paths.output_dir))
             continue
         if recomputed:
             plan.to_run.remove((entry, paths))
