@@ -53,7 +53,7 @@ def models(checkpoint, tmp_path: Path, count: int) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# Defect: --overwrite --delta without --save_eigs deleted the delta's saved eigenvalues.
+# Saved eigenvalues of a delta stay unless the run saves its own.
 
 @pytest.mark.parametrize("save_eigs", [False, True])
 def test_overwrite_delta_keeps_the_deltas_eigenvalues_unless_it_saves_its_own(tmp_path,
@@ -78,8 +78,7 @@ def test_overwrite_delta_keeps_the_deltas_eigenvalues_unless_it_saves_its_own(tm
 
 
 # ---------------------------------------------------------------------------------------------
-# Defect: package.module:FUNCTION recorded the digest of the module named, not of the file
-# that defines the function.
+# The digest a metric is recorded by: that of the file that defines the function.
 
 def recorded_name(spec: str, cwd: Path) -> str:
     """The name ``spec`` is recorded by, loaded in a fresh process (a module is imported
@@ -120,7 +119,7 @@ def test_a_metric_file_that_imports_its_function_records_the_defining_file(tmp_p
 
 
 # ---------------------------------------------------------------------------------------------
-# Defect: a metric file edited during a run made the run judge models by the new version.
+# A run holds to the metric versions it started with.
 
 def test_a_pinned_metric_spec_refuses_another_version_of_its_file(tmp_path):
     from esd_experiment.estimator.metrics import MetricChanged, load_metric
@@ -189,7 +188,7 @@ def test_a_metric_file_edited_during_the_run_fails_later_models_with_the_true_ca
 
 
 # ---------------------------------------------------------------------------------------------
-# Defect: a directory whose every model failed refused the fixed rerun.
+# A directory without results takes a run's new options.
 
 def test_a_fixed_metric_reruns_where_every_model_failed(checkpoint, tmp_path):
     model_list = models(checkpoint, tmp_path, 1)

@@ -300,8 +300,9 @@ def shuffled_eigenvalues(layer: _Layer, config: ESDConfig, seed: int, replica: i
         evals = layer_eigenvalues(replace(layer, mats=mats), in_float32)
         # A Gram that overflowed float32, or one so small that products of entries underflow:
         # solved again with the entries scaled by a power of two (exact), where that helps.
-        scale = 1.0 if evals is not None and float(evals[-1]) >= 2.0 ** -60 \
-            else _in_float32_range(mats)
+        scale = 1.0
+        if evals is None or float(evals[-1]) < 2.0 ** -60:
+            scale = _float32_safe_scale(mats)
         if scale != 1.0:
             mats = [m.to(PRECISIONS[SHUFFLED_PRECISION]) * scale for m in mats]
             evals = layer_eigenvalues(replace(layer, mats=mats), in_float32)
@@ -311,7 +312,7 @@ def shuffled_eigenvalues(layer: _Layer, config: ESDConfig, seed: int, replica: i
             WORDS.give(buffer)
 
 
-def _in_float32_range(mats: list[torch.Tensor]) -> float:
+def _float32_safe_scale(mats: list[torch.Tensor]) -> float:
     """1.0, or the power of two (exact) that brings ``mats``' largest entry to about 1 where
     their Gram in float32 would overflow (entries beyond ``2**60 / sqrt(rows)``) or lose the
     products of their entries to underflow (the largest below ``2**-40``). NaN or infinite

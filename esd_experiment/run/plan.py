@@ -60,7 +60,7 @@ def make_plan(entries: list[ListEntry], output_dir: Path, log_dir: Path, options
         except ESDError as exc:
             plan.invalid.append((entry, str(exc)))
             continue
-        if delta and entry.source_model.strip() == entry.model_id.strip():
+        if delta and entry.source_model.strip() == entry.model_id.strip() and not entry.gguf_file:
             plan.invalid.append((entry, "--delta: its source_model is the model itself"))
             continue
         if not overwrite and result_done(paths, options, save_eigs, delta and has_delta(entry)):
@@ -199,8 +199,8 @@ def model_outcomes(result, spec: JobSpec, paths: list[ModelPaths], options: str,
             out.append(Outcome(entry, "retry" if record.get("transient") else "failed", cause,
                                bool(record.get("network"))))
         elif result.ok:
-            missing = (f"{DELTA_DIR}/{model.csv.name}" if result_done(model, options, save_eigs)
-                       else model.csv.name)  # its own result, else its delta's
+            own = mine and result_done(model, options, save_eigs)  # else its delta is missing
+            missing = f"{DELTA_DIR}/{model.csv.name}" if own else model.csv.name
             out.append(Outcome(entry, "failed", f"worker exited 0 but {missing} is "
                                                 f"missing or incomplete; log {model.log}"))
         else:
