@@ -251,6 +251,11 @@ def test_refit_refuses_its_own_directory_and_other_options(results_dir, tmp_path
     assert esd_report.main(["refit", str(out), "--output_dir", str(new), "--fix_fingers",
                             "xmin_peak", "--overwrite"]) == esd_report.EXIT_SOME_SKIPPED
     assert (load_results(new).fix_fingers == "xmin_peak").all()
+    for result in new.glob("*.*"):  # a directory left without results takes other options
+        if result.name != ".esd_options.json":
+            result.unlink()
+    assert esd_report.main(["refit", str(out), "--output_dir", str(new), "--fix_fingers",
+                            "DKS"]) == esd_report.EXIT_SOME_SKIPPED
 
 
 # ---------------------------------------------------------------------------------------------

@@ -293,7 +293,7 @@ def refit(results_dir: Path, new_dir: Path, overrides: dict,
     """Refit every model with saved eigenvalues into ``new_dir``; returns the model ids
     written and ``{model_id or file: reason}`` for those skipped."""
     from esd_experiment.run.saved_eigs import eigs_path, weights_needed
-    from esd_experiment.run.state import RunLock, check_options
+    from esd_experiment.run.state import RunLock, check_options, holds_results
 
     results_dir, new_dir = Path(results_dir), Path(new_dir)
     if _same_dir(results_dir, new_dir):
@@ -330,7 +330,7 @@ def refit(results_dir: Path, new_dir: Path, overrides: dict,
         record = {**record, DELTA_KEY: True}
     done = []
     with RunLock(new_dir):
-        check_options(new_dir, record, overwrite)
+        check_options(new_dir, record, overwrite or not holds_results(new_dir))
         for n, (model_id, csv, rows, out) in enumerate(plans, 1):
             target = ModelPaths(out, new_dir / "logs", csv.stem).csv
             if not overwrite and is_current(target, config.options_key) \
