@@ -47,13 +47,13 @@ from esd_experiment.backends.slurm_cli import (
 )
 from esd_experiment.backends.task import Outcome, TaskCommand, read_outcome, run_commands
 from esd_experiment.core.errors import InputError
-from esd_experiment.core.paths import write_text_atomic
+from esd_experiment.core.paths import SLURM_STATE, write_text_atomic
 from gputracker.jobs import Job, JobResult, StopState
 
 logger = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # put on the node's PYTHONPATH: it unpickles tasks
-STATE_FILE = "submissions.json"
+STATE_FILE = Path(SLURM_STATE).name  # in its state directory
 SIGNAL_DELAY_S = 90  # submitit's default warning before the time limit
 OnFinish = Callable[[JobResult], Iterable[Job] | None]
 

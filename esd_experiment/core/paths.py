@@ -30,6 +30,7 @@ _MAX_READABLE = 120
 FAILED_MODELS_FILE = "failed_models.txt"
 LOCK_FILE = ".esd_run.lock"
 OPTIONS_FILE = ".esd_options.json"  # the estimator options the directory's results used
+SLURM_STATE = "slurm/submissions.json"  # a Slurm run's record of its jobs (backends/slurm.py)
 # --dry_run's rows, in a folder of their own: the top level of --output_dir holds no CSV but
 # the results, so a script reading its *.csv reads results only.
 PREFLIGHT_FILE = "preflight/preflight.csv"

@@ -30,7 +30,7 @@ from pathlib import Path
 from esd_experiment.backends.task_workers import worker_for_tasks
 from esd_experiment.core.delta_paths import has_delta
 from esd_experiment.core.errors import ESDError, InputError, disk_full_error
-from esd_experiment.core.paths import model_paths
+from esd_experiment.core.paths import SLURM_STATE, model_paths
 from esd_experiment.estimator.options import add_esd_arguments, esd_config_from_args
 from esd_experiment.run.accounts import (
     DONE,
@@ -91,7 +91,8 @@ def make_backend(config: RunConfig):
 
         return SlurmBackend(slurm_options_from_args(args, default_gpus=gpus, job_name="esd",
                                                     require_gpus=gpus_required(args)),
-                            config.output_dir / "slurm", worker_script=worker_for_tasks(WORKER))
+                            (config.output_dir / SLURM_STATE).parent,
+                            worker_script=worker_for_tasks(WORKER))
     if config.backend == "ray":
         from esd_experiment.backends.ray_backend import RayBackend, ray_options_from_args
 

@@ -13,7 +13,13 @@ from pathlib import Path
 
 from esd_experiment.core.delta_paths import DELTA_DIR, DELTA_KEY
 from esd_experiment.core.errors import InputError
-from esd_experiment.core.paths import FAILED_MODELS_FILE, LOCK_FILE, OPTIONS_FILE, write_text_atomic
+from esd_experiment.core.paths import (
+    FAILED_MODELS_FILE,
+    LOCK_FILE,
+    OPTIONS_FILE,
+    SLURM_STATE,
+    write_text_atomic,
+)
 from esd_experiment.core.results import result_files
 
 
@@ -135,7 +141,7 @@ def holds_results(output_dir: Path) -> bool:
     """Whether ``output_dir`` holds a result of any options: a result CSV or saved
     eigenvalues, the model's own or its delta's (failure records and logs are none), or may
     still be given one: a record of Slurm jobs (a detached run's may be queued)."""
-    if (Path(output_dir) / "slurm" / "submissions.json").is_file():
+    if (Path(output_dir) / SLURM_STATE).is_file():
         return True
     for folder in (Path(output_dir), Path(output_dir) / DELTA_DIR):
         if result_files(folder) or any(not p.name.startswith(".")
