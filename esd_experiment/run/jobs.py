@@ -23,6 +23,7 @@ from esd_experiment.run.plan import (
     OutageWatch,
     Outcome,
     disk_full_message,
+    drop_old_results,
     fullest_disk,
     model_outcomes,
     outage_message,
@@ -204,14 +205,7 @@ class Runner:
         found = [paths] if own else []
         if self.config.args.delta and has_delta(entry):
             found.append(delta_paths(paths))
-        # Saved eigenvalues go only when this run saves its own: they record the options
-        # they were computed with, and a run that did not ask for them keeps them.
-        for path in [f for p in found for f in ((p.csv, p.eigs) if self.config.args.save_eigs
-                                                  else (p.csv,))]:
-            if path.exists():
-                path.unlink()
-                logger.warning("%s: removed %s, the result --overwrite was to replace",
-                               entry.key, path.name)
+        drop_old_results(entry.key, found, eigs=self.config.args.save_eigs)
 
     def stop_on_full_disk(self, path: str, models: list[str]) -> None:
         if self.disk_full:

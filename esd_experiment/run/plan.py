@@ -72,6 +72,18 @@ def make_plan(entries: list[ListEntry], output_dir: Path, log_dir: Path, options
     return plan
 
 
+def drop_old_results(key: str, found: list[ModelPaths], eigs: bool) -> None:
+    """Remove the results of ``found`` (a model's, its delta's) that --overwrite was to
+    replace and a failure left standing, their saved eigenvalues too when ``eigs`` (only a
+    run that saves its own removes them: they record the options they were computed with)."""
+    for paths in found:
+        for path in (paths.csv, paths.eigs) if eigs else (paths.csv,):
+            if path.exists():
+                path.unlink()
+                logger.warning("%s: removed %s, the result --overwrite was to replace", key,
+                               path)
+
+
 def result_done(paths: ModelPaths, options: str, save_eigs: bool, delta: bool = False) -> bool:
     """A model is done when its CSV (and, under --save_eigs, its eigenvalues) exists and was
     computed with the estimator options ``options`` (an ``options_key``; the eigenvalues

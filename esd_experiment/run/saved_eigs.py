@@ -27,6 +27,7 @@ from esd_experiment.core.results import (
     split_options_key,
 )
 from esd_experiment.estimator.options import ESDConfig
+from esd_experiment.run.plan import drop_old_results
 
 if TYPE_CHECKING:
     import numpy as np
@@ -160,12 +161,10 @@ def recompute_planned(plan, config: ESDConfig, delta: bool = False,
             plan.to_run.remove((entry, paths))
             plan.invalid.append((entry, f"{type(exc).__name__}: {exc}"))
             logger.warning("%s: FAILED on its saved eigenvalues: %s", entry.key, exc)
-            stale = [paths.csv] + ([delta_paths(paths).csv] if delta and has_delta(entry) else [])
-            for old in stale if overwrite else ():
-                if old.is_file():
-                    old.unlink()
-                    logger.warning("%s: removed %s, the result --overwrite was to replace",
-                                   entry.key, old.relative_to(paths.output_dir))
+            if overwrite:  # its eigenvalues stand: they are what the metric failed on
+                drop_old_results(entry.key, [paths] + ([delta_paths(paths)]
+                                                       if delta and has_delta(entry) else []),
+                                 eigs=False)
             continue
         if recomputed:
             plan.to_run.remove((entry, paths))
