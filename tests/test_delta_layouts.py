@@ -248,3 +248,78 @@ def test_an_adapter_that_saves_the_head_of_a_tied_base_has_its_lm_head_delta(tmp
         row = ours.set_index("longname").loc["lm_head"]
         assert row["norm"] == pytest.approx(ref.sum(), rel=EIGEN_RTOL)
         assert row["spectral_norm"] == pytest.approx(ref.max(), rel=EIGEN_RTOL)
+
+
+# The module layout of multimodal models that transformers 4.52-4.57 save (and that later
+# models publish): the published names renamed by those versions' _checkpoint_conversion_mapping
+# (LLaVA/Gemma 3: "^language_model.model" -> "model.language_model", "^vision_tower" ->
+# "model.vision_tower", "^language_model.lm_head" -> "lm_head"; Qwen2-VL: "^visual" ->
+# "model.visual", "^model" -> "model.language_model").
+MODULE_LAYOUT = {
+    "llava": ((r"^language_model\.model\.", "model.language_model."),
+              (r"^language_model\.lm_head\.", "lm_head."),
+              (r"^vision_tower\.", "model.vision_tower."),
+              (r"^multi_modal_projector\.", "model.multi_modal_projector.")),
+    "gemma3": ((r"^language_model\.model\.", "model.language_model."),
+               (r"^vision_tower\.", "model.vision_tower."),
+               (r"^multi_modal_projector\.", "model.multi_modal_projector.")),
+    "qwen2_vl": ((r"^model\.", "model.language_model."), (r"^visual\.", "model.visual.")),
+}
+
+
+def in_module_layout(arch: str, name: str) -> str:
+    import re
+
+    for old, new in MODULE_LAYOUT[arch]:
+        name, done = re.subn(old, new, name)
+        if done:
+            break
+    return name
+
+
+@pytest.mark.parametrize("arch", sorted(MODULE_LAYOUT))
+@pytest.mark.parametrize("module_side", ["fine_tune", "source"])
+def test_a_multimodal_checkpoint_in_the_module_layout_pairs_with_the_published_one(
+        tmp_path, caplog, arch, module_side):
+    """A multimodal fine-tune saved from transformers' modules (model.language_model.layers,
+    model.visual, ...) against its published source (language_model.model.layers, or
+    Qwen2-VL's model.layers), either way round: every weight gives its ΔW row, and no line
+    says a weight was left out (numpy on the difference of the published tensors)."""
+    import logging
+
+    from esd_experiment import analyze
+    from tests.test_delta import EIGEN_RTOL, gram_evals
+    from tests.zoo_published import ROW_KINDS, build
+
+    published, source = build(arch, tmp_path)
+    gen = torch.Generator().manual_seed(5)
+    tuned = {n: v + 0.01 * torch.randn(v.shape, generator=gen)
+             for n, v in published.values.items()}
+    renamed = {in_module_layout(arch, n): n for n in published.values}
+    assert len(renamed) == len(published.values) and any(a != b for a, b in renamed.items())
+    if module_side == "fine_tune":
+        ft = write_safetensors(tmp_path / "ft", {m: tuned[p] for m, p in renamed.items()},
+                               published.config)
+        name_of = {p: m for m, p in renamed.items()}
+    else:
+        ft = write_safetensors(tmp_path / "ft", tuned, published.config)
+        source = write_safetensors(tmp_path / "src", {m: published.values[p]
+                                                      for m, p in renamed.items()},
+                                   published.config)
+        name_of = {p: p for p in published.values}
+    with caplog.at_level(logging.WARNING, logger="esd_experiment"):
+        rows = analyze(str(ft), base=str(source), device="cpu").set_index("longname")
+    assert not [r for r in caplog.records if "no delta row" in r.getMessage()]
+    weights = [t for t in published.tensors if t.kind in ROW_KINDS]
+    assert sorted(rows.index) == sorted(name_of[t.name].removesuffix(".weight")
+                                        for t in weights)
+    checked = 0
+    for t in weights:
+        row = rows.loc[name_of[t.name].removesuffix(".weight")]
+        if len(t.shape) != 2 or row["status"] == "too_small":
+            continue  # a convolution (one pooled row), or too few eigenvalues to have a norm
+        checked += 1
+        ref = gram_evals((tuned[t.name].double() - published.values[t.name].double()).numpy())
+        assert row["norm"] == pytest.approx(ref.sum(), rel=EIGEN_RTOL), t.name
+        assert row["spectral_norm"] == pytest.approx(ref.max(), rel=EIGEN_RTOL), t.name
+    assert checked >= len([t for t in weights if t.kind == "linear"])

@@ -423,3 +423,44 @@ def test_modules_to_save_on_a_tied_embedding_keeps_the_original_head(bases, tmp_
     assert not torch.equal(ref["lm_head.weight"], ref["transformer.wte.weight"])
     assert {"lm_head.weight", "transformer.wte.weight"} <= set(ours)
     assert_matches_peft(ours, ref)
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+def test_an_adapter_in_the_module_layout_merges_into_its_published_base(tmp_path, arch):
+    """An adapter trained on a multimodal model as transformers builds it since 4.52 keys its
+    tensors in the module layout (``model.language_model.layers...``); its published base
+    names them otherwise (``language_model.model.layers``, Qwen2-VL's ``model.layers``).
+    Each LoRA lands in the base tensor of its module: peft's merge_and_unload() of the
+    model transformers loads from the published files is the oracle."""
+    import transformers
+
+    from tests.test_delta_layouts import in_module_layout
+    from tests.zoo_published import build
+
+    published, base_dir = build(arch, tmp_path)
+    config = transformers.AutoConfig.for_model(**published.config)
+    model = getattr(transformers, published.config["architectures"][0])(config)
+    state = model.state_dict()
+    text = [n for n, v in published.values.items() if in_module_layout(arch, n) in state
+            and state[in_module_layout(arch, n)].shape == v.shape]
+    with torch.no_grad():  # the published weights, where the module holds them as published
+        for name in text:
+            state[in_module_layout(arch, name)].copy_(published.values[name])
+    assert len(text) >= len(published.values) // 2
+    adapter = save_adapter(model, tmp_path / "lora", str(base_dir), r=4, lora_alpha=8,
+                           target_modules=r".*language_model.*\.(q_proj|v_proj)")
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith("base_model.model.model.language_model.layers.")
+                        for k in keys)
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().state_dict()
+    ours = dict(open_model(ModelRequest(str(adapter), "adapter")).iter_tensors())
+    targets = [n for n in text if n.endswith(("q_proj.weight", "v_proj.weight"))]
+    assert len(targets) == 4
+    for name in published.values:
+        if name in targets:
+            torch.testing.assert_close(ours[name], merged[in_module_layout(arch, name)],
+                                       rtol=MERGE_TOLERANCE, atol=MERGE_TOLERANCE)
+            assert not torch.equal(ours[name], published.values[name])
+        else:
+            assert torch.equal(ours[name], published.values[name]), name

@@ -74,6 +74,10 @@ _BASE_LAYER_KEY = re.compile(r"^(?P<module>.+)\.base_layer\.(?P<rest>.+)$")
 # Input-embedding tensors an output head is tied to, for a base transformers does not know.
 _EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight",
                        "embed_in.weight", "tok_embeddings.weight", "shared.weight")
+# The wrappers of a multimodal model's text model: nested one way in the checkpoints published
+# first (``language_model.model.layers.0``; Qwen2-VL's ``model.layers.0``), the other way in
+# those saved from transformers' modules since 4.52 (``model.language_model.layers.0``).
+_TEXT_WRAPPERS = ("model", "language_model")
 
 
 class NeedsPeftMerge(Exception):
@@ -242,23 +246,36 @@ def _parse_adapter_keys(names, model_id: str) -> tuple[dict[str, _Lora], dict[st
     return loras, replacements
 
 
+def _unwrapped(name: str) -> str:
+    """``name`` without the text-model wrappers (``_TEXT_WRAPPERS``) it starts with."""
+    parts = name.split(".")
+    start = 0
+    while start < len(parts) - 1 and parts[start] in _TEXT_WRAPPERS:
+        start += 1
+    return ".".join(parts[start:])
+
+
 class _BaseNames:
     """Finds the base tensor an adapter path names, however the two prefix their keys.
 
     Exact match first; then without the adapter path's first component (adapter trained on
     ``*ForCausalLM``, base saved as the bare model); then base names without their first
-    component (the reverse), when that is unambiguous. ``find_tied`` resolves a tensor the
-    base does not store because it is tied to another (``base_config`` says which).
+    component (the reverse); then both without the text-model wrappers they start with (a
+    multimodal model's two layouts), each when that is unambiguous. ``find_tied`` resolves
+    a tensor the base does not store because it is tied to another (``base_config`` says
+    which).
     """
 
     def __init__(self, names, base_config: Mapping[str, Any] | None = None):
         self.names = set(names)
         self.base_config = base_config
         self.stripped: dict[str, list[str]] = {}
+        self.unwrapped: dict[str, list[str]] = {}
         for name in names:
             rest = name.partition(".")[2]
             if rest:
                 self.stripped.setdefault(rest, []).append(name)
+            self.unwrapped.setdefault(_unwrapped(name), []).append(name)
 
     def find(self, path: str) -> str | None:
         if path in self.names:
@@ -266,8 +283,10 @@ class _BaseNames:
         rest = path.partition(".")[2]
         if rest in self.names:
             return rest
-        candidates = self.stripped.get(path, [])
-        return candidates[0] if len(candidates) == 1 else None
+        for candidates in (self.stripped.get(path, []), self.unwrapped.get(_unwrapped(path), [])):
+            if candidates:
+                return candidates[0] if len(candidates) == 1 else None
+        return None
 
     @cached_property
     def tied(self) -> dict[str, str]:  # transformers is imported only when a lookup needs it
@@ -278,7 +297,7 @@ class _BaseNames:
         if self.find(path) is not None:
             return None
         for tied, stored in self.tied.items():
-            if tied in (path, path.partition(".")[2]):
+            if tied in (path, path.partition(".")[2]) or _unwrapped(tied) == _unwrapped(path):
                 return self.find(stored) if stored else self._embedding()
         return None
 
