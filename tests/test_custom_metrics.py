@@ -432,19 +432,32 @@ def test_a_column_named_as_a_summary_mean_source_breaks_no_summary(tmp_path):
 
 
 
-@pytest.mark.parametrize("edit", ["sorted", "cut"])
+@pytest.mark.parametrize("edit", ["sorted", "cut", "cut_last"])
 def test_rows_from_saved_eigenvalues_are_the_models_whatever_a_user_did_to_its_csv(
         checkpoint, metric_file, tmp_path, edit):
     """A result a user sorted is rebuilt from its saved eigenvalues in depth order; one whose
-    rows a user cut cannot be (the cut rows' eigenvalues are saved, their shapes are not): the
-    model is run again. Either way the result is the one a fresh run writes."""
+    rows a user cut cannot be (the cut rows' eigenvalues are saved, their shapes are not; the
+    last rows' layers may have no eigenvalues at all, a classifier head too small to have a
+    spectrum): the model is run again. Either way the result is the one a fresh run writes."""
+    from result_fixtures import HIDDEN, llama_like
+    from safetensors.torch import save_file
+
     root, _ = checkpoint
+    if edit == "cut_last":  # a sequence classifier: its last row, the 2-label head, too_small
+        root = tmp_path / "classifier"
+        root.mkdir()
+        tensors = {**llama_like(5, blocks=1), "score.weight": torch.ones(2, HIDDEN)}
+        save_file({k: v.contiguous() for k, v in tensors.items() if k != "lm_head.weight"},
+                  str(root / "model.safetensors"))
     models, out = write_list(tmp_path / "models.csv", root), tmp_path / "out"
     assert cli("--model_list", models, "--output_dir", out, "--save_eigs").returncode == 0
     (csv,) = out.glob("*.csv")
     frame = pd.read_csv(csv, keep_default_na=False)
     fresh = load_results(out)
-    frame = frame.sort_values("alpha") if edit == "sorted" else frame.iloc[2:]
+    if edit == "cut_last":
+        assert list(frame["status"].iloc[-2:]) == ["too_small", "too_small"]
+    frame = {"sorted": frame.sort_values("alpha"), "cut": frame.iloc[2:],
+             "cut_last": frame.iloc[:-2]}[edit]
     frame.to_csv(csv, index=False)
     proc = cli("--model_list", models, "--output_dir", out, "--save_eigs", "--overwrite",
                "--metric", f"{metric_file}:spectrum")

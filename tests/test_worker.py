@@ -12,7 +12,12 @@ import pandas as pd
 import pytest
 import torch
 
-from esd_experiment.core.results import EIGS_OPTIONS_KEY, RESULT_COLUMNS, eigs_options
+from esd_experiment.core.results import (
+    EIGS_LAYERS_KEY,
+    EIGS_OPTIONS_KEY,
+    RESULT_COLUMNS,
+    eigs_options,
+)
 from esd_experiment.estimator.net_esd import ESDConfig, iter_layer_results
 from esd_experiment.report import cli as esd_report
 from esd_experiment.run import worker as esd_worker
@@ -97,7 +102,9 @@ def test_save_eigs_matches_rows(zoo, tmp_path):
     assert run_worker("--model_id", zoo / "tiny-gpt2", "--output_dir", tmp_path, "--save_eigs") == 0
     df = pd.read_csv(next(tmp_path.glob("*.csv")))
     with np.load(next(tmp_path.glob("*.eigs.npz"))) as eigs:
-        assert set(eigs.files) == set(df.longname[df.status == "ok"]) | {EIGS_OPTIONS_KEY}
+        assert set(eigs.files) == set(df.longname[df.status == "ok"]) | {EIGS_OPTIONS_KEY,
+                                                                        EIGS_LAYERS_KEY}
+        assert list(eigs[EIGS_LAYERS_KEY]) == list(df.longname)
         assert str(eigs[EIGS_OPTIONS_KEY]) == df.esd_options[0] == ESDConfig().options_key
         for _, row in df[df.status == "ok"].iterrows():
             evals = eigs[row.longname]
@@ -218,7 +225,7 @@ def test_save_eigs_keeps_layers_named_like_numpys_parameters(tmp_path):
     assert run_worker("--model_id", model, "--output_dir", out, "--save_eigs") == 0
     df = pd.read_csv(next(out.glob("*.csv")), keep_default_na=False)
     with np.load(next(out.glob("*.eigs.npz")), allow_pickle=False) as eigs:
-        assert set(eigs.files) == set(df.longname) | {EIGS_OPTIONS_KEY}
+        assert set(eigs.files) == set(df.longname) | {EIGS_OPTIONS_KEY, EIGS_LAYERS_KEY}
         for row in df.itertuples():  # numpy's own eigenvalues of W^T W are the oracle
             w = weights[f"{row.longname}.weight"].numpy()
             np.testing.assert_allclose(np.sort(eigs[row.longname]),

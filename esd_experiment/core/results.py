@@ -50,8 +50,8 @@ OPTION_NAMES = ("fix_fingers", "xmin_pos", "bins", "evals_thresh", "filter_zeros
                 "conv_norm", "min_evals", "precision")
 # The name under which an options_key records custom metrics (estimator/metrics.py).
 METRICS_KEY = "metrics"
-# Key of the options record inside an ``.eigs.npz``.
-EIGS_OPTIONS_KEY = "__esd_options__"
+# Keys of the options and of the model's layers (every row's longname) in an ``.eigs.npz``.
+EIGS_OPTIONS_KEY, EIGS_LAYERS_KEY = "__esd_options__", "__esd_layers__"
 
 # pandas dtypes of the columns (nullable integers: a too_small row has no matrix_rank).
 STRING_COLUMNS = ("model_id", "revision", "source_model", "longname", "layer_type", "storage",

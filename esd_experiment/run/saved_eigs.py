@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from esd_experiment.core.errors import InputError
 from esd_experiment.core.paths import ModelPaths
 from esd_experiment.core.results import (
+    EIGS_LAYERS_KEY,
     EIGS_OPTIONS_KEY,
     INTEGER_COLUMNS,
     METRIC_COLUMNS,
@@ -60,13 +61,17 @@ def eigs_obstacle(rows: pd.DataFrame, csv: Path) -> str:
             if EIGS_OPTIONS_KEY not in data.files or str(data[EIGS_OPTIONS_KEY]) != key:
                 return f"{eigs.name} was saved with other options than {csv.name}"
             missing = set(rows["longname"][rows["status"].isin(FITTED)]) - set(data.files)
-            rowless = set(data.files) - {EIGS_OPTIONS_KEY} - set(rows["longname"])
+            rowless = set(data.files) - {EIGS_OPTIONS_KEY, EIGS_LAYERS_KEY} - set(rows["longname"])
+            # every row's layer, recorded since results record it (a layer without eigenvalues too)
+            if EIGS_LAYERS_KEY in data.files:
+                rowless |= set(data[EIGS_LAYERS_KEY].tolist()) - set(rows["longname"])
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         return f"{eigs.name} cannot be read: {exc}"
     if missing:
         return f"{eigs.name} lacks the eigenvalues of {len(missing)} layer(s), e.g. {min(missing)}"
     # Rows a user removed: the eigenvalues do not give a layer's shape, nor a row at all to a
-    # layer that had none (too small): the model must be run.
+    # layer that had none (too small) where the file does not list the layers: the model must
+    # be run.
     if rowless or sorted(rows["layer_id"]) != list(range(len(rows))):
         return f"{csv.name} lacks rows of the model's layers (rerun the model)"
     return ""
@@ -76,7 +81,7 @@ def read_eigs(csv: Path) -> dict[str, np.ndarray]:
     import numpy as np
 
     with np.load(eigs_path(csv), allow_pickle=False) as data:
-        return {k: data[k] for k in data.files if k != EIGS_OPTIONS_KEY}
+        return {k: data[k] for k in data.files if k not in (EIGS_OPTIONS_KEY, EIGS_LAYERS_KEY)}
 
 
 def rows_from_eigs(rows: pd.DataFrame, eigs: dict[str, np.ndarray],

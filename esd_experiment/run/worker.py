@@ -51,6 +51,7 @@ from esd_experiment.core.errors import (
 )
 from esd_experiment.core.paths import ModelPaths, model_paths, write_atomic, write_text_atomic
 from esd_experiment.core.results import (
+    EIGS_LAYERS_KEY,
     EIGS_OPTIONS_KEY,
     eigs_options,
     inert_frame,
@@ -311,7 +312,7 @@ def finish(config: WorkerConfig, run: ModelRun) -> None:
     eigs = run.eigs if config.save_eigs else None
     if config.keep_current and is_current(run.paths.csv, config.esd.options_key):
         if eigs is not None:
-            write_results(run.paths, None, eigs, config.esd.eigs_key)
+            write_results(run.paths, rows, eigs, config.esd.eigs_key, csv=False)
         logger.info("%s: %s is current and kept as it is%s", run.model_id, run.paths.csv,
                     "; its eigenvalues written beside it" if eigs is not None else "")
         return
@@ -320,17 +321,18 @@ def finish(config: WorkerConfig, run: ModelRun) -> None:
     logger.info("%s: %d rows %s -> %s", run.model_id, len(rows), statuses, run.paths.csv)
 
 
-def write_results(paths: ModelPaths, rows: list[dict] | None,
-                  eigs: dict[str, np.ndarray] | None, options: str) -> None:
-    """The model's CSV (none when ``rows`` is None) and, when ``eigs`` is not None, its
-    ``.eigs.npz`` recording ``options`` (written first, and written even when empty, so that
-    the result counts as done). Without ``eigs`` an earlier run's ``.eigs.npz`` stays: the
-    options it records say whether it matches the CSV. Custom metrics' columns follow
-    RESULT_COLUMNS, NaN where a row has none."""
+def write_results(paths: ModelPaths, rows: list[dict], eigs: dict[str, np.ndarray] | None,
+                  options: str, *, csv: bool = True) -> None:
+    """The model's CSV of ``rows`` (unless not ``csv``) and, when ``eigs`` is not None, its
+    ``.eigs.npz`` recording ``options`` and the rows' layers (written first, and written even
+    when empty, so that the result counts as done). Without ``eigs`` an earlier run's
+    ``.eigs.npz`` stays: the options it records say whether it matches the CSV. Custom
+    metrics' columns follow RESULT_COLUMNS, NaN where a row has none."""
     if eigs is not None:
-        record = {**eigs, EIGS_OPTIONS_KEY: np.array(options)}
+        record = {**eigs, EIGS_OPTIONS_KEY: np.array(options),
+                  EIGS_LAYERS_KEY: np.array([r["longname"] for r in rows], dtype=str)}
         write_atomic(paths.eigs, lambda tmp: write_eigs(tmp, record))
-    if rows is not None:
+    if csv:
         frame = result_frame(rows)
         write_atomic(paths.csv, lambda tmp: inert_frame(frame).to_csv(tmp, index=False))
 
