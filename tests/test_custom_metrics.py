@@ -191,6 +191,12 @@ def test_refit_adds_a_metric_from_saved_eigenvalues(checkpoint, metric_file, tmp
     os.utime(plain / name.replace(".csv", ".eigs.npz"), ns=(later, later))
     assert esd_report.main(argv) == 0
     assert (refit / name).read_bytes() == (direct / name).read_bytes()
+    # --overwrite with a metric that fails: the model is skipped, and its old refit (other
+    # options) does not stay to pass for this refit's.
+    assert esd_report.main(["refit", str(plain), "--output_dir", str(refit), "--overwrite",
+                            "--metric", f"{metric_file}:broken"]) == esd_report.EXIT_SOME_SKIPPED
+    assert not (refit / name).exists()
+    assert not (refit / name.replace(".csv", ".eigs.npz")).exists()
 
 
 def test_load_results_and_summary_carry_custom_columns(checkpoint, metric_file, tmp_path):

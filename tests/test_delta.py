@@ -435,6 +435,25 @@ def test_refit_refits_the_delta_view_too(zoo, tmp_path):
     assert json.loads((new / ".esd_options.json").read_text())["delta"] is True
 
 
+def test_refit_never_writes_one_view_over_the_other(zoo, tmp_path, capsys):
+    """A refit of the results into their own delta/, or of delta/ into the results, would
+    replace each model's result with its delta (or the reverse) under the same options:
+    refused, nothing written."""
+    from esd_experiment.report import cli as esd_report
+
+    root, _, _ = zoo
+    out = tmp_path / "out"
+    assert runner("--model_list", root / "models.csv", "--output_dir", out, "--delta",
+                  "--save_eigs") == 1  # the fine-tune listed against a missing source fails
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "logs" not in p.parts}
+    for results, new in ((out, out / "delta"), (out / "delta", out)):
+        assert esd_report.main(["refit", str(results), "--output_dir", str(new),
+                                "--fix_fingers", "DKS"]) == esd_report.EXIT_BAD_INPUT
+        assert "delta" in capsys.readouterr().err
+    assert before == {p: p.read_bytes() for p in out.rglob("*")
+                      if p.is_file() and "logs" not in p.parts}
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints in other layouts than the source's.
 

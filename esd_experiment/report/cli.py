@@ -292,6 +292,7 @@ def refit(results_dir: Path, new_dir: Path, overrides: dict,
           overwrite: bool = False) -> tuple[list[str], dict[str, str]]:
     """Refit every model with saved eigenvalues into ``new_dir``; returns the model ids
     written and ``{model_id or file: reason}`` for those skipped."""
+    from esd_experiment.run.plan import drop_old_results
     from esd_experiment.run.saved_eigs import eigs_path, weights_needed
     from esd_experiment.run.state import RunLock, check_options, holds_results
 
@@ -299,6 +300,12 @@ def refit(results_dir: Path, new_dir: Path, overrides: dict,
     if _same_dir(results_dir, new_dir):
         raise InputError(f"--output_dir {new_dir} is RESULTS_DIR: a refit writes new results "
                          "beside the old ones, never over them")
+    for inner, outer, what in ((new_dir, results_dir, "RESULTS_DIR's"),
+                               (results_dir, new_dir, "the --output_dir's")):
+        if _same_dir(inner, outer / DELTA_DIR):  # one view's results over the other's
+            raise InputError(f"--output_dir {new_dir}: {inner} is {what} {DELTA_DIR}/ (the "
+                             "delta view): a refit writes new results beside the old ones, "
+                             "never over them")
     loaded = read_results(results_dir)
     base_key = _directory_options(results_dir, loaded)
     config = config_from_key(base_key, **overrides)
@@ -344,6 +351,9 @@ def refit(results_dir: Path, new_dir: Path, overrides: dict,
                 logger.info("[%d/%d] refit %s", n, len(plans), model_id)
             except ESDError as exc:
                 skipped[model_id] = str(exc)
+                if overwrite:  # old numbers must not pass for this refit's
+                    drop_old_results(model_id, [ModelPaths(out, new_dir / "logs", csv.stem)],
+                                     eigs=True)
     return done, skipped
 
 
