@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import numbers
 import os
 from collections.abc import Iterable
 from dataclasses import replace
@@ -54,10 +55,35 @@ def esd_options(metrics: Iterable = (), **options: Any):
     if unknown:
         raise TypeError(f"analyze() got unknown option(s) {', '.join(unknown)}; options: "
                         f"metrics, {', '.join(sorted(vars(args)))}")
+    actions = {a.dest: a for a in parser._actions}
     for name, value in options.items():
-        setattr(args, name, value)
+        setattr(args, name, _checked(actions[name], value))
+    if callable(metrics) or isinstance(metrics, str):
+        raise TypeError(f"analyze(): metrics takes a list, as metrics=[{metrics!r}]")
     args.metric = [*(args.metric or ()), *metrics]
     return esd_config_from_args(args, resolve_device(str(args.device)))
+
+
+def _checked(action: argparse.Action, value: Any) -> Any:
+    """``value`` of the option ``action`` parses, of the type the flag would give (an int
+    given for a float converted): a bool for a switch, a number for a number, a list for
+    ``metric``, else a string (its value checked by ``ESDConfig``). A string such as "False"
+    for a switch would be taken as true: TypeError, naming the option."""
+    kind = action.type
+    if action.nargs == 0:
+        expected, ok = "True or False", isinstance(value, bool)
+    elif kind in (int, float):
+        expected = "an integer" if kind is int else "a number"
+        ok = isinstance(value, numbers.Integral if kind is int else numbers.Real) \
+            and not isinstance(value, bool)
+        value = kind(value) if ok else value
+    elif isinstance(action, argparse._AppendAction):
+        expected, ok = "a list", isinstance(value, (list, tuple))
+    else:
+        expected, ok = "a string", isinstance(value, str)
+    if not ok:
+        raise TypeError(f"analyze(): {action.dest}={value!r}: expected {expected}")
+    return value
 
 
 def analyze(source: Any, *, base: Any = None, metrics: Iterable = (),

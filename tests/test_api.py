@@ -178,6 +178,19 @@ def test_options_take_the_cli_names_and_unknown_ones_are_refused():
     df = analyze(module, fix_fingers="xmin_peak", bins=50)
     assert df["fix_fingers"].tolist() == ["xmin_peak"]
     assert df["model_id"].tolist() == ["Sequential"]
+    # Values of another type than the flag's are refused, naming the option: "False" would
+    # be taken as true, "10" compared with numbers, 1.5 used as an index.
+    for wrong in ({"filter_zeros": "False"}, {"min_evals": "10"}, {"evals_thresh": "1e-5"},
+                  {"xmin_pos": 1.5}, {"fix_fingers": 1}, {"mp_fit": 1}):
+        (name,) = wrong
+        with pytest.raises(TypeError, match=f"{name}="):
+            analyze(module, **wrong)
+    with pytest.raises(TypeError, match="metrics takes a list"):
+        analyze(module, metrics=len)
+    # A number of the right kind from NumPy is that number; an int where a float is due too.
+    df = analyze(module, xmin_pos=np.int64(3), evals_thresh=0, filter_zeros=False)
+    assert "xmin_pos=3;" in df["esd_options"].iat[0]
+    assert "evals_thresh=0.0;" in df["esd_options"].iat[0]
 
 
 def test_importing_the_package_loads_neither_torch_nor_pandas():
