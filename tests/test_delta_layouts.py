@@ -323,3 +323,37 @@ def test_a_multimodal_checkpoint_in_the_module_layout_pairs_with_the_published_o
         assert row["norm"] == pytest.approx(ref.sum(), rel=EIGEN_RTOL), t.name
         assert row["spectral_norm"] == pytest.approx(ref.max(), rel=EIGEN_RTOL), t.name
     assert checked >= len([t for t in weights if t.kind == "linear"])
+
+
+def test_a_text_model_pairs_with_its_multimodal_source_beside_a_vision_stack(tmp_path):
+    """Llama 4's published checkpoints hold ``language_model.model.layers.N`` beside the
+    vision tower's ``vision_model.model.layers.N``: without their first component both are
+    ``model.layers.N``, the names of a fine-tune of the text model alone. Each of its layers
+    pairs with the text layer (numpy on the difference), none with the vision one."""
+    from esd_experiment import analyze
+    from tests.test_delta import EIGEN_RTOL, gram_evals
+
+    gen = torch.Generator().manual_seed(3)
+    text, vision = 32, 16
+    source = {"language_model.model.embed_tokens.weight": torch.randn(64, text, generator=gen),
+              "language_model.lm_head.weight": torch.randn(64, text, generator=gen)}
+    for i in range(2):
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            source[f"language_model.model.layers.{i}.self_attn.{proj}.weight"] = torch.randn(
+                text, text, generator=gen)
+            source[f"vision_model.model.layers.{i}.self_attn.{proj}.weight"] = torch.randn(
+                vision, vision, generator=gen)
+    config = {"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4"}
+    write_safetensors(tmp_path / "scout", source, config)
+    as_text = {n.replace("language_model.", "", 1): v for n, v in source.items()
+               if n.startswith("language_model.")}
+    tuned = {n: v + 0.01 * torch.randn(v.shape, generator=gen) for n, v in as_text.items()}
+    write_safetensors(tmp_path / "ft", tuned, {"architectures": ["Llama4ForCausalLM"],
+                                               "model_type": "llama4_text"})
+    rows = analyze(str(tmp_path / "ft"), base=str(tmp_path / "scout"),
+                   device="cpu").set_index("longname")
+    assert sorted(rows.index) == sorted(n.removesuffix(".weight") for n in tuned)
+    for name, value in tuned.items():
+        ref = gram_evals((value.double() - as_text[name].double()).numpy())
+        assert rows.loc[name.removesuffix(".weight"), "spectral_norm"] == pytest.approx(
+            ref.max(), rel=EIGEN_RTOL), name

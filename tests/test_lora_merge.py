@@ -425,42 +425,96 @@ def test_modules_to_save_on_a_tied_embedding_keeps_the_original_head(bases, tmp_
     assert_matches_peft(ours, ref)
 
 
-@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+def module_name(arch: str, name: str, state: dict) -> str:
+    """A published multimodal tensor's name in the installed transformers' module: the layout
+    of 4.52 (tests/test_delta_layouts.py), whose CLIP/SigLIP vision towers transformers 5
+    holds without their ``vision_model.``."""
+    from tests.test_delta_layouts import in_module_layout
+
+    new = in_module_layout(arch, name)
+    return new if new in state else new.replace(".vision_tower.vision_model.", ".vision_tower.")
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "llava", "qwen2_vl"])
 def test_an_adapter_in_the_module_layout_merges_into_its_published_base(tmp_path, arch):
-    """An adapter trained on a multimodal model as transformers builds it since 4.52 keys its
-    tensors in the module layout (``model.language_model.layers...``); its published base
-    names them otherwise (``language_model.model.layers``, Qwen2-VL's ``model.layers``).
-    Each LoRA lands in the base tensor of its module: peft's merge_and_unload() of the
-    model transformers loads from the published files is the oracle."""
+    """An adapter trained on a multimodal model as transformers builds it keys its tensors by
+    the module's names (``model.language_model.layers...`` since 4.52; transformers 5's
+    vision towers without ``vision_model.``); its published base names them otherwise
+    (``language_model.model.layers``, Qwen2-VL's ``model.layers``,
+    ``vision_tower.vision_model.encoder``). Each LoRA lands in the base tensor of its module:
+    peft's merge_and_unload() of the model holding the published weights is the oracle."""
     import transformers
 
-    from tests.test_delta_layouts import in_module_layout
     from tests.zoo_published import build
 
     published, base_dir = build(arch, tmp_path)
     config = transformers.AutoConfig.for_model(**published.config)
     model = getattr(transformers, published.config["architectures"][0])(config)
     state = model.state_dict()
-    text = [n for n, v in published.values.items() if in_module_layout(arch, n) in state
-            and state[in_module_layout(arch, n)].shape == v.shape]
-    with torch.no_grad():  # the published weights, where the module holds them as published
-        for name in text:
-            state[in_module_layout(arch, name)].copy_(published.values[name])
-    assert len(text) >= len(published.values) // 2
+    held = [n for n, v in published.values.items() if module_name(arch, n, state) in state
+            and state[module_name(arch, n, state)].shape == v.shape]
+    with torch.no_grad():  # the published weights, where the module holds them
+        for name in held:
+            state[module_name(arch, name, state)].copy_(published.values[name])
+    targets = [n for n in held if n.endswith(("q_proj.weight", "v_proj.weight"))]
+    assert len(targets) == (4 if arch == "qwen2_vl" else 8)  # the towers' attention too
     adapter = save_adapter(model, tmp_path / "lora", str(base_dir), r=4, lora_alpha=8,
-                           target_modules=r".*language_model.*\.(q_proj|v_proj)")
+                           target_modules=["q_proj", "v_proj"])
     with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
         keys = list(f.keys())
-    assert keys and all(k.startswith("base_model.model.model.language_model.layers.")
-                        for k in keys)
+    assert any(k.startswith("base_model.model.model.language_model.layers.") for k in keys)
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().state_dict()
     ours = dict(open_model(ModelRequest(str(adapter), "adapter")).iter_tensors())
-    targets = [n for n in text if n.endswith(("q_proj.weight", "v_proj.weight"))]
-    assert len(targets) == 4
     for name in published.values:
         if name in targets:
-            torch.testing.assert_close(ours[name], merged[in_module_layout(arch, name)],
+            torch.testing.assert_close(ours[name], merged[module_name(arch, name, state)],
                                        rtol=MERGE_TOLERANCE, atol=MERGE_TOLERANCE)
             assert not torch.equal(ours[name], published.values[name])
         else:
             assert torch.equal(ours[name], published.values[name]), name
+
+
+def test_a_vit_adapter_of_transformers_5_merges_into_its_published_base(tmp_path):
+    """transformers 5 loads a published ViT (``encoder.layer.N.attention.attention.query``)
+    into modules of other names (``vit.layers.N.attention.q_proj``), which peft's image
+    classification recipe (LoRA on q and v, the classifier saved) keys its adapter by. Each
+    LoRA lands in its published tensor: peft's merge_and_unload() is the oracle."""
+    import transformers
+
+    hidden, layers = 32, 2
+    config = transformers.ViTConfig(hidden_size=hidden, intermediate_size=64,
+                                    num_hidden_layers=layers, num_attention_heads=4,
+                                    image_size=16, patch_size=8)
+    gen = torch.Generator().manual_seed(0)
+    published = {"embeddings.cls_token": (1, 1, hidden), "embeddings.position_embeddings":
+                 (1, 5, hidden), "embeddings.patch_embeddings.projection.weight": (hidden, 3, 8, 8),
+                 "layernorm.weight": (hidden,), "pooler.dense.weight": (hidden, hidden)}
+    for i in range(layers):  # google/vit-base-patch16-224-in21k's names
+        for part, shape in (("attention.attention.query", (hidden, hidden)),
+                            ("attention.attention.key", (hidden, hidden)),
+                            ("attention.attention.value", (hidden, hidden)),
+                            ("attention.output.dense", (hidden, hidden)),
+                            ("intermediate.dense", (64, hidden)), ("output.dense", (hidden, 64))):
+            published[f"encoder.layer.{i}.{part}.weight"] = shape
+        for norm in ("layernorm_before", "layernorm_after"):
+            published[f"encoder.layer.{i}.{norm}.weight"] = (hidden,)
+    published = {n: 0.1 * torch.randn(s, generator=gen) for n, s in published.items()}
+    base = tmp_path / "vit"
+    base.mkdir()
+    save_file(published, str(base / "model.safetensors"), metadata={"format": "pt"})
+    (base / "config.json").write_text(json.dumps({**config.to_dict(),
+                                                  "architectures": ["ViTModel"]}))
+    model = transformers.ViTForImageClassification.from_pretrained(str(base), num_labels=3)
+    assert torch.equal(model.vit.layers[0].attention.q_proj.weight,
+                       published["encoder.layer.0.attention.attention.query.weight"])
+    adapter = save_adapter(model, tmp_path / "lora", str(base), r=4, lora_alpha=8,
+                           target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"])
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().state_dict()
+    ours = dict(open_model(ModelRequest(str(adapter), "adapter")).iter_tensors())
+    for i in range(layers):
+        for old, new in (("query", "q_proj"), ("value", "v_proj"), ("key", "k_proj")):
+            name = f"encoder.layer.{i}.attention.attention.{old}.weight"
+            torch.testing.assert_close(ours[name], merged[f"vit.layers.{i}.attention.{new}.weight"],
+                                       rtol=MERGE_TOLERANCE, atol=MERGE_TOLERANCE)
+            assert torch.equal(ours[name], published[name]) == (old == "key"), name
+    torch.testing.assert_close(ours["classifier.weight"], merged["classifier.weight"])

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from esd_experiment.adapters.module_names import module_names
 from esd_experiment.core.errors import (
     CorruptCheckpointError,
     ShapeMismatchError,
@@ -261,9 +262,10 @@ class _BaseNames:
     Exact match first; then without the adapter path's first component (adapter trained on
     ``*ForCausalLM``, base saved as the bare model); then base names without their first
     component (the reverse); then both without the text-model wrappers they start with (a
-    multimodal model's two layouts), each when that is unambiguous. ``find_tied`` resolves
-    a tensor the base does not store because it is tied to another (``base_config`` says
-    which).
+    multimodal model's two layouts), each when that is unambiguous; last, the base's names
+    as transformers' modules of ``base_config`` name them (``module_names``: an adapter
+    trained on a model transformers renamed on load). ``find_tied`` resolves a tensor the
+    base does not store because it is tied to another (``base_config`` says which).
     """
 
     def __init__(self, names, base_config: Mapping[str, Any] | None = None):
@@ -284,9 +286,13 @@ class _BaseNames:
         if rest in self.names:
             return rest
         for candidates in (self.stripped.get(path, []), self.unwrapped.get(_unwrapped(path), [])):
-            if candidates:
-                return candidates[0] if len(candidates) == 1 else None
-        return None
+            if len(candidates) == 1:
+                return candidates[0]
+        return self.module_names.get(path) or self.module_names.get(rest)
+
+    @cached_property
+    def module_names(self) -> dict[str, str]:  # built only when a lookup needs it
+        return module_names(self.names, self.base_config) if self.base_config else {}
 
     @cached_property
     def tied(self) -> dict[str, str]:  # transformers is imported only when a lookup needs it
