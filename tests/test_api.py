@@ -101,7 +101,18 @@ def test_a_gguf_file_gives_the_cli_csv(tmp_path):
     assert_same_rows(analyze(gguf), cli_result(tmp_path, [str(gguf), "", "", ""]))
 
 
-@pytest.mark.parametrize("build", [llama, gpt2], ids=["llama", "gpt2-tied-head"])
+def mixtral():
+    """A Mixtral as transformers 5 holds it (fused expert stacks), which it saves per expert."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    return MixtralForCausalLM(MixtralConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64, num_local_experts=3)).eval()
+
+
+@pytest.mark.parametrize("build", [llama, gpt2, mixtral],
+                         ids=["llama", "gpt2-tied-head", "mixtral-fused-experts"])
 def test_a_module_gives_the_cli_rows_of_its_checkpoint(tmp_path, build):
     module = build()
     folder = save_model(module, tmp_path / "saved")

@@ -2,7 +2,10 @@
 adapter's, read by the same stream, merge and estimator as a checkpoint on disk.
 
 ``module_tensors(module)`` gives a module's state dict as ``save_pretrained`` stores it: a
-tensor shared under several names (tied embeddings and heads) once, under its first name.
+tensor shared under several names (tied embeddings and heads) once, under its first name, and
+a transformers model's under the names and in the splits of its checkpoint (transformers 5
+reverts on save the conversion it loads by: a Mixtral's fused expert stacks as each expert's
+``w1``, ``w3`` and ``w2``), so that a module gives the rows of its checkpoint.
 """
 
 from __future__ import annotations
@@ -53,9 +56,10 @@ class TensorDictReader:
         return stream_tensors(self)
 
 
-def module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def module_tensors(module: torch.nn.Module, as_saved: bool = True) -> dict[str, torch.Tensor]:
     """The module's state dict, each stored tensor once (the first name of a tied group), as a
-    checkpoint written by ``save_pretrained`` holds it."""
+    checkpoint written by ``save_pretrained`` holds it (``as_saved``; else under the module's
+    own names, as an adapter trained on it names them)."""
     out: dict[str, torch.Tensor] = {}
     seen: set[tuple] = set()
     for name, tensor in module.state_dict(keep_vars=False).items():
@@ -66,4 +70,18 @@ def module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
             continue
         seen.add(key)
         out[name] = tensor
-    return out
+    return _as_saved(module, out) if as_saved else out
+
+
+def _as_saved(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict:
+    """``tensors`` as ``save_pretrained`` writes them: transformers' conversion of the model
+    reverted (views of the module's tensors); unchanged for another module, or where the
+    installed transformers has no such conversion."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return tensors
+    if not isinstance(module, PreTrainedModel):
+        return tensors
+    return dict(revert_weight_conversion(module, tensors))
