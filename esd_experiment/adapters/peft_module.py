@@ -51,7 +51,8 @@ def open_peft_model(peft_model, model_id: str, source_model: str) -> LoadedModel
     source_model = source_model or str(adapter_config.get("base_model_name_or_path")
                                        or getattr(config, "_name_or_path", "") or "")
     base_config = config.to_dict() if hasattr(config, "to_dict") else {}
-    base = TensorDictReader({_WRAPPED.sub("", k): v for k, v in module_tensors(base_model, as_saved=False).items()
+    held = module_tensors(base_model, as_saved=False)  # as the adapter's keys name them
+    base = TensorDictReader({_WRAPPED.sub("", k): v for k, v in held.items()
                              if not _PEFT_OWN.search(k)})
     adapter = TensorDictReader(get_peft_model_state_dict(peft_model, adapter_name=name))
     if variant is None:

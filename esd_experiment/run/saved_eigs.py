@@ -62,7 +62,7 @@ def eigs_obstacle(rows: pd.DataFrame, csv: Path) -> str:
                 return f"{eigs.name} was saved with other options than {csv.name}"
             missing = set(rows["longname"][rows["status"].isin(FITTED)]) - set(data.files)
             rowless = set(data.files) - {EIGS_OPTIONS_KEY, EIGS_LAYERS_KEY} - set(rows["longname"])
-            # every row's layer, recorded since results record it (a layer without eigenvalues too)
+            # the model's layers, as the file lists them (those without eigenvalues too)
             if EIGS_LAYERS_KEY in data.files:
                 rowless |= set(data[EIGS_LAYERS_KEY].tolist()) - set(rows["longname"])
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
