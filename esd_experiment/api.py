@@ -70,8 +70,9 @@ def _checked(action: argparse.Action, value: Any) -> Any:
     ``metric``, else a string (its value checked by ``ESDConfig``). A string such as "False"
     for a switch would be taken as true: TypeError, naming the option."""
     kind = action.type
-    if action.nargs == 0:
-        expected, ok = "True or False", isinstance(value, bool)
+    if action.nargs == 0:  # NumPy's bool too (not an int: 1 for True is a slip of another kind)
+        expected, ok = "True or False", type(value).__name__ in ("bool", "bool_")
+        value = bool(value) if ok else value
     elif kind in (int, float):
         expected = "an integer" if kind is int else "a number"
         ok = isinstance(value, numbers.Integral if kind is int else numbers.Real) \
@@ -79,6 +80,10 @@ def _checked(action: argparse.Action, value: Any) -> Any:
         value = kind(value) if ok else value
     elif isinstance(action, argparse._AppendAction):
         expected, ok = "a list", isinstance(value, (list, tuple))
+    elif action.dest == "device":  # a torch.device names one as its string does
+        expected, ok = "a string or a torch.device", isinstance(value, str) or \
+            type(value).__name__ == "device"
+        value = str(value)
     else:
         expected, ok = "a string", isinstance(value, str)
     if not ok:

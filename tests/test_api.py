@@ -199,9 +199,11 @@ def test_options_take_the_cli_names_and_unknown_ones_are_refused():
     with pytest.raises(TypeError, match="metrics takes a list"):
         analyze(module, metrics=len)
     # A number of the right kind from NumPy is that number; an int where a float is due too.
-    df = analyze(module, xmin_pos=np.int64(3), evals_thresh=0, filter_zeros=False)
+    df = analyze(module, xmin_pos=np.int64(3), evals_thresh=0, filter_zeros=np.bool_(False),
+                 device=torch.device("cpu"))
     assert "xmin_pos=3;" in df["esd_options"].iat[0]
     assert "evals_thresh=0.0;" in df["esd_options"].iat[0]
+    assert "filter_zeros=False;" in df["esd_options"].iat[0]
 
 
 def test_importing_the_package_loads_neither_torch_nor_pandas():
