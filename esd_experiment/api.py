@@ -26,6 +26,7 @@ from esd_experiment.core.results import result_frame
 from esd_experiment.estimator.options import add_esd_arguments, esd_config_from_args
 from esd_experiment.formats.model import Checkpoint, LoadedModel
 from esd_experiment.formats.tensor_dict import TensorDictReader, module_tensors
+from esd_experiment.formats.weight_forms import WeightFormsReader
 from esd_experiment.run.state import StageLog
 from esd_experiment.run.worker import (
     ModelRun,
@@ -182,11 +183,14 @@ def _module_runs(config: WorkerConfig, module: Any, base: Any, model_id: str | N
 
 
 def _checkpoint(label: str, module: Any) -> Checkpoint:
-    """A module's weights as an opened checkpoint (no files, no fetcher)."""
+    """A module's weights as an opened checkpoint (no files, no fetcher), read as a
+    checkpoint on disk is (weight-normalised layers as their weight, 2-D expert stacks split)."""
     model_config = getattr(module, "config", None)
     config = model_config.to_dict() if hasattr(model_config, "to_dict") else None
-    return Checkpoint(Source(label, None, Path("."), ()), TensorDictReader(module_tensors(module)),
-                      config, None)
+    if config and not config.get("architectures"):  # as save_pretrained records it
+        config["architectures"] = [type(module).__name__]
+    reader = WeightFormsReader(TensorDictReader(module_tensors(module)), config or {}, label)
+    return Checkpoint(Source(label, None, Path("."), ()), reader, config, None)
 
 
 def _run(label: str, model: Any) -> ModelRun:

@@ -101,14 +101,18 @@ def test_a_gguf_file_gives_the_cli_csv(tmp_path):
     assert_same_rows(analyze(gguf), cli_result(tmp_path, [str(gguf), "", "", ""]))
 
 
-def mixtral():
+def mixtral_layers(layers: int):
     """A Mixtral as transformers 5 holds it (fused expert stacks), which it saves per expert."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
     return MixtralForCausalLM(MixtralConfig(
-        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=64, num_local_experts=3)).eval()
+
+
+def mixtral():
+    return mixtral_layers(1)
 
 
 @pytest.mark.parametrize("build", [llama, gpt2, mixtral],
@@ -120,19 +124,48 @@ def test_a_module_gives_the_cli_rows_of_its_checkpoint(tmp_path, build):
     assert_same_rows(ours, cli_result(tmp_path, [str(folder), "", "", ""]))
 
 
-def test_a_peft_model_is_analysed_merged_as_the_cli_merges_its_adapter(tmp_path):
-    base = llama(seed=4)
+@pytest.mark.parametrize("build", [lambda: llama(seed=4), mixtral],
+                         ids=["llama", "mixtral-fused-experts"])
+def test_a_peft_model_is_analysed_merged_as_the_cli_merges_its_adapter(tmp_path, build):
+    """The rows of the CLI on the adapter's files, whatever names the module holds its
+    weights under (transformers 5's Mixtral: fused expert stacks, saved per expert)."""
+    base = build()
     base_dir = save_model(base, tmp_path / "base")
+    targets = ["q_proj", "v_proj"] + (["down_proj"] if "llama" in type(base).__name__.lower()
+                                      else [])
     adapter_dir = save_adapter(base, tmp_path / "adapter", str(base_dir), seed=5, r=4,
-                               target_modules=["q_proj", "v_proj", "down_proj"])
-    peft_model = PeftModel.from_pretrained(llama(seed=4), str(adapter_dir))
+                               target_modules=targets)
+    peft_model = PeftModel.from_pretrained(build(), str(adapter_dir))
     ours = analyze(peft_model, model_id=str(adapter_dir), source_model=str(base_dir))
     cli = cli_result(tmp_path, [str(adapter_dir), "adapter", str(base_dir), ""])
     assert_same_rows(ours, cli)
-    plain = analyze(llama(seed=4), model_id=str(adapter_dir), source_model=str(base_dir))
-    changed = ours["alpha"].to_numpy() != plain["alpha"].to_numpy()
-    assert set(ours["longname"][changed].str.rsplit(".", n=1).str[-1]) == {
-        "q_proj", "v_proj", "down_proj"}
+    plain = analyze(build(), model_id=str(adapter_dir), source_model=str(base_dir))
+    changed = ours["alpha"].fillna(-1).to_numpy() != plain["alpha"].fillna(-1).to_numpy()
+    assert set(ours["longname"][changed].str.rsplit(".", n=1).str[-1]) == set(targets)
+
+
+def test_a_module_read_as_saved_holds_one_blocks_split_copies_at_a_time():
+    """A Mixtral module's fused gate_up stacks are split into each expert's w1 and w3 (copies)
+    one block at a time as they are read: the first block's copies are freed once the second
+    block is read, so reading a module never holds a second copy of all its experts."""
+    import gc
+    import weakref
+
+    from esd_experiment.formats.tensor_dict import TensorDictReader, module_tensors
+
+    module = mixtral_layers(2)
+    saved = module_tensors(module)
+    reader = TensorDictReader(saved)
+    first = [n for n in reader.names if n.startswith("model.layers.0.") and ".w1." in n]
+    assert len(first) == 3 and all(reader.shape(n) == (48, 32) for n in first)
+    stack = module.model.layers[0].mlp.experts.gate_up_proj
+    for e, name in enumerate(first):  # each expert's w1: its rows of the stack
+        assert torch.equal(reader.get(name), stack[e, :48])
+    copies = [weakref.ref(saved[n]) for n in first]
+    assert all(ref() is not None for ref in copies)  # held while block 0 is read
+    reader.get("model.layers.1.block_sparse_moe.experts.0.w1.weight")
+    gc.collect()
+    assert all(ref() is None for ref in copies)
 
 
 def test_a_delta_against_a_base_gives_the_cli_delta_file(tmp_path):

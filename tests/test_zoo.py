@@ -50,6 +50,9 @@ NOT_ANALYSED = {
     r"\.experts\.\w+_bias$": "gpt-oss per-expert bias vectors stacked as (experts, out)",
 }
 
+# The same weights from memory and from a file: one eigensolver, so the same numbers up to a
+# weight-normed kernel formed once by the module's own torch op and once by the reader.
+MODULE_RTOL = 1e-5
 NORM_RTOL = 1e-5   # a weight-normed kernel is formed in float32 by torch and maybe otherwise by
 #                    the loader; plain float32 weights agree to ~1e-12 (summation order only)
 CONV_TYPES = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose1d,
@@ -265,3 +268,20 @@ def test_module_door_labels_as_the_checkpoint_door(zoo, name):
     differ = {n: (t, rows[n][0]["layer_type"]) for n, t in by_module.items()
               if n in rows and rows[n][0]["layer_type"] != t}
     assert not differ, f"{name}: (module, checkpoint) layer_type: {differ}"
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_analyze_of_the_module_gives_the_rows_of_its_checkpoint(zoo, name, tmp_path):
+    """analyze(model) and analyze(its save_pretrained directory): the same rows in the same
+    order with the same numbers (weight-normalised layers, DBRX's 2-D expert stacks and
+    transformers 5's renamed or fused weights read from the module as it saves them)."""
+    from esd_experiment import analyze
+
+    model = zoo.models[name].model
+    model.save_pretrained(tmp_path)
+    module = analyze(model, device="cpu")
+    saved = analyze(str(tmp_path), device="cpu")
+    assert list(module["longname"]) == list(saved["longname"])
+    torch.testing.assert_close(torch.tensor(module["spectral_norm"].astype(float).to_numpy()),
+                               torch.tensor(saved["spectral_norm"].astype(float).to_numpy()),
+                               rtol=MODULE_RTOL, atol=0, equal_nan=True)

@@ -1,7 +1,7 @@
 """A ``peft.PeftModel`` in memory, opened as the CLI opens the same adapter from its files.
 
-The base's weights (``base_layer`` and ``original_module`` unwrapped, as the base checkpoint
-names them) and the adapter's state dict (``get_peft_model_state_dict``: the tensors
+The base's weights (``base_layer`` and ``original_module`` unwrapped, under the names and in
+the splits of the base's checkpoint, which the adapter's keys find as they find them on disk) and the adapter's state dict (``get_peft_model_state_dict``: the tensors
 ``save_pretrained`` writes to ``adapter_model.safetensors``) go through the same ``MergePlan``
 as an adapter read from disk, so the merged weights are the CLI's, tensor for tensor.
 """
@@ -21,7 +21,7 @@ from esd_experiment.adapters.lora_merge import (
 from esd_experiment.core.errors import InputError, UnsupportedFormatError
 from esd_experiment.core.ids import Source
 from esd_experiment.formats.model import Checkpoint, LoadedModel
-from esd_experiment.formats.tensor_dict import TensorDictReader, module_tensors
+from esd_experiment.formats.tensor_dict import TensorDictReader, module_tensors, saved_layout
 
 # What peft adds to the base's parameter names: the wrapped layer of a LoRA module, the kept
 # original of a ``modules_to_save`` module; its own parameters (LoRA factors, saved copies).
@@ -51,9 +51,11 @@ def open_peft_model(peft_model, model_id: str, source_model: str) -> LoadedModel
     source_model = source_model or str(adapter_config.get("base_model_name_or_path")
                                        or getattr(config, "_name_or_path", "") or "")
     base_config = config.to_dict() if hasattr(config, "to_dict") else {}
-    held = module_tensors(base_model, as_saved=False)  # as the adapter's keys name them
-    base = TensorDictReader({_WRAPPED.sub("", k): v for k, v in held.items()
-                             if not _PEFT_OWN.search(k)})
+    if base_config and not base_config.get("architectures"):  # a model built from a config
+        base_config["architectures"] = [type(base_model).__name__]
+    held = module_tensors(base_model, as_saved=False)
+    base = TensorDictReader(saved_layout(base_model, {  # as its checkpoint names them
+        _WRAPPED.sub("", k): v for k, v in held.items() if not _PEFT_OWN.search(k)}))
     adapter = TensorDictReader(get_peft_model_state_dict(peft_model, adapter_name=name))
     if variant is None:
         try:
