@@ -285,3 +285,25 @@ def test_analyze_of_the_module_gives_the_rows_of_its_checkpoint(zoo, name, tmp_p
     torch.testing.assert_close(torch.tensor(module["spectral_norm"].astype(float).to_numpy()),
                                torch.tensor(saved["spectral_norm"].astype(float).to_numpy()),
                                rtol=MODULE_RTOL, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("name, targets", [("dbrx", ["Wqkv", "out_proj"]),
+                                           ("hubert", ["q_proj", "v_proj"])])
+def test_analyze_of_a_peft_model_gives_the_rows_of_its_merged_model(name, targets):
+    """A PeftModel's base is read as its checkpoint is (DBRX's 2-D expert stacks one row per
+    expert, HuBERT's weight-normalised positional convolution as its weight): the rows of
+    peft's merge_and_unload() of it."""
+    from peft import LoraConfig, get_peft_model
+
+    from esd_experiment import analyze
+    from tests.zoo_models import build
+
+    torch.manual_seed(1)  # a model of its own: the merge changes it in place
+    peft_model = get_peft_model(build(name).model,
+                                LoraConfig(init_lora_weights=False, r=4, target_modules=targets))
+    ours = analyze(peft_model, device="cpu")
+    merged = analyze(peft_model.merge_and_unload(), device="cpu")
+    assert list(ours["longname"]) == list(merged["longname"])
+    torch.testing.assert_close(torch.tensor(ours["spectral_norm"].astype(float).to_numpy()),
+                               torch.tensor(merged["spectral_norm"].astype(float).to_numpy()),
+                               rtol=MODULE_RTOL, atol=0, equal_nan=True)

@@ -22,6 +22,7 @@ from esd_experiment.core.errors import InputError, UnsupportedFormatError
 from esd_experiment.core.ids import Source
 from esd_experiment.formats.model import Checkpoint, LoadedModel
 from esd_experiment.formats.tensor_dict import TensorDictReader, module_tensors, saved_layout
+from esd_experiment.formats.weight_forms import WeightFormsReader
 
 # What peft adds to the base's parameter names: the wrapped layer of a LoRA module, the kept
 # original of a ``modules_to_save`` module; its own parameters (LoRA factors, saved copies).
@@ -54,8 +55,9 @@ def open_peft_model(peft_model, model_id: str, source_model: str) -> LoadedModel
     if base_config and not base_config.get("architectures"):  # a model built from a config
         base_config["architectures"] = [type(base_model).__name__]
     held = module_tensors(base_model, as_saved=False)
-    base = TensorDictReader(saved_layout(base_model, {  # as its checkpoint names them
-        _WRAPPED.sub("", k): v for k, v in held.items() if not _PEFT_OWN.search(k)}))
+    base = WeightFormsReader(TensorDictReader(saved_layout(base_model, {  # as saved, and read
+        _WRAPPED.sub("", k): v for k, v in held.items() if not _PEFT_OWN.search(k)})),
+        base_config, source_model or "base")  # as the CLI reads the base's checkpoint
     adapter = TensorDictReader(get_peft_model_state_dict(peft_model, adapter_name=name))
     if variant is None:
         try:
