@@ -25,7 +25,7 @@ from esd_experiment.core.paths import model_paths
 from esd_experiment.core.results import result_frame
 from esd_experiment.estimator.options import add_esd_arguments, esd_config_from_args
 from esd_experiment.formats.model import Checkpoint, LoadedModel
-from esd_experiment.formats.tensor_dict import TensorDictReader, module_tensors
+from esd_experiment.formats.tensor_dict import TensorDictReader, module_tensors, saved_config
 from esd_experiment.formats.weight_forms import WeightFormsReader
 from esd_experiment.run.state import StageLog
 from esd_experiment.run.worker import (
@@ -185,10 +185,7 @@ def _module_runs(config: WorkerConfig, module: Any, base: Any, model_id: str | N
 def _checkpoint(label: str, module: Any) -> Checkpoint:
     """A module's weights as an opened checkpoint (no files, no fetcher), read as a
     checkpoint on disk is (weight-normalised layers as their weight, 2-D expert stacks split)."""
-    model_config = getattr(module, "config", None)
-    config = model_config.to_dict() if hasattr(model_config, "to_dict") else None
-    if config and not config.get("architectures"):  # as save_pretrained records it
-        config["architectures"] = [type(module).__name__]
+    config = saved_config(module)
     reader = WeightFormsReader(TensorDictReader(module_tensors(module)), config or {}, label)
     return Checkpoint(Source(label, None, Path("."), ()), reader, config, None)
 

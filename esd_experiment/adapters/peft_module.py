@@ -1,8 +1,9 @@
 """A ``peft.PeftModel`` in memory, opened as the CLI opens the same adapter from its files.
 
 The base's weights (``base_layer`` and ``original_module`` unwrapped, under the names and in
-the splits of the base's checkpoint, which the adapter's keys find as they find them on disk) and the adapter's state dict (``get_peft_model_state_dict``: the tensors
-``save_pretrained`` writes to ``adapter_model.safetensors``) go through the same ``MergePlan``
+the splits of the base's checkpoint, which the adapter's keys find as they find them on disk)
+and the adapter's state dict (``get_peft_model_state_dict``: the tensors ``save_pretrained``
+writes to ``adapter_model.safetensors``) go through the same ``MergePlan``
 as an adapter read from disk, so the merged weights are the CLI's, tensor for tensor.
 """
 
@@ -21,7 +22,12 @@ from esd_experiment.adapters.lora_merge import (
 from esd_experiment.core.errors import InputError, UnsupportedFormatError
 from esd_experiment.core.ids import Source
 from esd_experiment.formats.model import Checkpoint, LoadedModel
-from esd_experiment.formats.tensor_dict import TensorDictReader, module_tensors, saved_layout
+from esd_experiment.formats.tensor_dict import (
+    TensorDictReader,
+    module_tensors,
+    saved_config,
+    saved_layout,
+)
 from esd_experiment.formats.weight_forms import WeightFormsReader
 
 # What peft adds to the base's parameter names: the wrapped layer of a LoRA module, the kept
@@ -51,9 +57,7 @@ def open_peft_model(peft_model, model_id: str, source_model: str) -> LoadedModel
     config = getattr(base_model, "config", None)
     source_model = source_model or str(adapter_config.get("base_model_name_or_path")
                                        or getattr(config, "_name_or_path", "") or "")
-    base_config = config.to_dict() if hasattr(config, "to_dict") else {}
-    if base_config and not base_config.get("architectures"):  # a model built from a config
-        base_config["architectures"] = [type(base_model).__name__]
+    base_config = saved_config(base_model) or {}
     held = module_tensors(base_model, as_saved=False)
     base = WeightFormsReader(TensorDictReader(saved_layout(base_model, {  # as saved, and read
         _WRAPPED.sub("", k): v for k, v in held.items() if not _PEFT_OWN.search(k)})),

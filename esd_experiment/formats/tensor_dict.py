@@ -64,7 +64,7 @@ class TensorDictReader:
         return stream_tensors(self)
 
 
-def module_tensors(module: torch.nn.Module, as_saved: bool = True) -> dict[str, torch.Tensor]:
+def module_tensors(module: torch.nn.Module, as_saved: bool = True) -> Mapping[str, torch.Tensor]:
     """The module's state dict, each stored tensor once (the first name of a tied group), as a
     checkpoint written by ``save_pretrained`` holds it (``as_saved``; else under the module's
     own names, as an adapter trained on it names them)."""
@@ -79,6 +79,16 @@ def module_tensors(module: torch.nn.Module, as_saved: bool = True) -> dict[str, 
         seen.add(key)
         out[name] = tensor
     return saved_layout(module, out) if as_saved else out
+
+
+def saved_config(module: torch.nn.Module) -> dict | None:
+    """The module's ``config.json`` as ``save_pretrained`` writes it (its class recorded as
+    ``architectures`` when the config, built by hand, names none); None without a config."""
+    config = getattr(module, "config", None)
+    out = config.to_dict() if hasattr(config, "to_dict") else None
+    if out and not out.get("architectures"):
+        out["architectures"] = [type(module).__name__]
+    return out
 
 
 def saved_layout(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> Mapping:
