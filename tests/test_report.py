@@ -213,11 +213,27 @@ def test_refit_lists_and_skips_models_without_eigenvalues(results_dir, tmp_path,
     assert code == esd_report.EXIT_SOME_SKIPPED
     err = capsys.readouterr().err
     assert "skipped org/no-eigs: no saved eigenvalues" in err
-    assert "skipped models.csv: not a result CSV" in err
+    assert "not read models.csv: not a result CSV" in err
     refit = load_results(tmp_path)
     assert set(refit.model_id) == {"org/base", "org/fine-tune", "org/convnet"}
     assert (refit.fix_fingers == "DKS").all()
     assert refit.esd_options.str.startswith("fix_fingers=DKS;").all()
+
+
+def test_refit_names_a_users_own_csv_but_exits_0_as_the_report_does(tmp_path, capsys):
+    import torch
+
+    from tests.result_fixtures import write_model
+
+    out = tmp_path / "results"
+    write_model(out, "org/m", {"layer.weight": torch.randn(16, 12)}, save_eigs=True)
+    (out / "my_notes.csv").write_text("model,note\norg/m,looks fine\n")
+    code = esd_report.main(["refit", str(out), "--output_dir", str(tmp_path / "new"),
+                            "--fix_fingers", "DKS"])
+    err = capsys.readouterr().err
+    assert code == esd_report.EXIT_OK, err  # every model was refit
+    assert "my_notes.csv: not a result CSV" in err and "skipped" not in err
+    assert esd_report.main(["report", str(out)]) == esd_report.EXIT_OK
 
 
 def test_refit_of_results_without_any_eigenvalues_says_so_in_one_short_line(tmp_path, capsys):

@@ -60,8 +60,7 @@ INTEGER_COLUMNS = ("layer_id", "block", "N", "M", "num_evals", "num_pl_spikes", 
 FLOAT_COLUMNS = tuple(c for c in RESULT_COLUMNS
                       if c not in STRING_COLUMNS and c not in INTEGER_COLUMNS)
 
-# The `warning` column's thresholds (WeightWatcher's): alpha below is over-trained, above
-# under-trained.
+# The `warning` column's thresholds (WeightWatcher's): alpha below over-, above under-trained.
 OVER_TRAINED_ALPHA = 2.0
 UNDER_TRAINED_ALPHA = 6.0
 
@@ -246,6 +245,7 @@ class LoadedResults:
 
 # CSVs that earlier versions wrote beside the results and are not results (``--dry_run``'s).
 NOT_RESULTS = frozenset({OLD_PREFLIGHT_FILE})
+NOT_A_RESULT = "not a result CSV"  # why a user's own CSV is skipped: no model is missing
 
 
 def result_files(output_dir: Path) -> list[Path]:
@@ -357,7 +357,7 @@ def _checked_bytes(path: Path) -> bytes:
             raise BadResultError(f"a result of another schema version (missing columns: "
                                  f"{', '.join(missing) or 'none'}; unexpected: "
                                  f"{', '.join(extra) or 'none'}, or another order)")
-        raise BadResultError("not a result CSV (its first line is not the result header)")
+        raise BadResultError(f"{NOT_A_RESULT} (its first line is not the result header)")
     if not legacy and (len(set(header)) != len(header) or not all(added) or "_file" in added):
         raise BadResultError("its columns after the result's own repeat a name or have none")
     if not data.endswith(b"\n"):

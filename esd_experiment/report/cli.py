@@ -36,6 +36,7 @@ from esd_experiment.core.errors import ESDError, InputError
 from esd_experiment.core.paths import FAILED_MODELS_FILE, ModelPaths, within
 from esd_experiment.core.results import (
     EIGS_OPTIONS_KEY,
+    NOT_A_RESULT,
     LoadedResults,
     fitted_layers,
     is_current,
@@ -318,7 +319,7 @@ def refit(results_dir: Path, new_dir: Path, overrides: dict,
         raise InputError(f"metric {needed} needs the weights, which saved "
                          "eigenvalues lack: compute it with run_esd_experiment.py")
     _say_metrics_left_out(results_dir, base_key, config)
-    skipped = {p.name: why for p, why in loaded.skipped.items()}
+    skipped = _models_skipped(loaded)
     plans = _refit_plans(loaded, base_key, new_dir, skipped)
     if not plans:
         raise InputError(f"no model in {results_dir} can be refit: {_reasons(skipped)}")
@@ -330,7 +331,7 @@ def refit(results_dir: Path, new_dir: Path, overrides: dict,
         except InputError as exc:
             skipped[DELTA_DIR] = str(exc)
         else:
-            skipped.update({f"{DELTA_DIR}/{p.name}": why for p, why in found.skipped.items()})
+            skipped.update(_models_skipped(found, f"{DELTA_DIR}/"))
             plans += [(f"{DELTA_LABEL}{m}", *rest) for m, *rest in _refit_plans(
                 found, base_key, new_dir / DELTA_DIR, skipped, DELTA_LABEL)]
     if len(plans) > models:
@@ -355,6 +356,16 @@ def refit(results_dir: Path, new_dir: Path, overrides: dict,
                     drop_old_results(model_id, [ModelPaths(out, new_dir / "logs", csv.stem)],
                                      eigs=True)
     return done, skipped
+
+
+def _models_skipped(loaded: LoadedResults, label: str = "") -> dict[str, str]:
+    """The files of ``loaded`` left out that should have been results; a user's own CSVs
+    (no model is missing) are only named here, as the report names them."""
+    for path, why in loaded.skipped.items():
+        if why.startswith(NOT_A_RESULT):
+            print(f"not read {label}{path.name}: {why}", file=sys.stderr)
+    return {f"{label}{path.name}": why for path, why in loaded.skipped.items()
+            if not why.startswith(NOT_A_RESULT)}
 
 
 def _say_metrics_left_out(results_dir: Path, base_key: str, config: ESDConfig) -> None:
