@@ -357,3 +357,37 @@ def test_a_text_model_pairs_with_its_multimodal_source_beside_a_vision_stack(tmp
         ref = gram_evals((value.double() - as_text[name].double()).numpy())
         assert rows.loc[name.removesuffix(".weight"), "spectral_norm"] == pytest.approx(
             ref.max(), rel=EIGEN_RTOL), name
+
+
+def test_a_thinker_fine_tune_pairs_with_its_omni_source_beside_the_talker(tmp_path):
+    """Qwen2.5-Omni publishes ``thinker.model.layers.N`` beside the narrower speech model's
+    ``talker.model.layers.N``; a fine-tune of the thinker alone names its layers
+    ``model.layers.N``, the name of both without their first component. Each pairs with the
+    thinker's layer of its shape (numpy on the difference), none with the talker's."""
+    from esd_experiment import analyze
+    from tests.test_delta import EIGEN_RTOL, gram_evals
+
+    gen = torch.Generator().manual_seed(4)
+    source = {}
+    for part, width in (("thinker", 32), ("talker", 16)):
+        source[f"{part}.model.embed_tokens.weight"] = torch.randn(64, width, generator=gen)
+        for i in range(2):
+            for proj in ("q_proj", "o_proj"):
+                source[f"{part}.model.layers.{i}.self_attn.{proj}.weight"] = torch.randn(
+                    width, width, generator=gen)
+            source[f"{part}.model.layers.{i}.mlp.down_proj.weight"] = torch.randn(
+                width, 2 * width, generator=gen)
+    write_safetensors(tmp_path / "omni", source, {"architectures": ["Qwen2_5OmniModel"],
+                                                  "model_type": "qwen2_5_omni"})
+    thinker = {n.removeprefix("thinker."): v for n, v in source.items()
+               if n.startswith("thinker.")}
+    tuned = {n: v + 0.01 * torch.randn(v.shape, generator=gen) for n, v in thinker.items()}
+    write_safetensors(tmp_path / "ft", tuned, {"architectures": ["Qwen2ForCausalLM"],
+                                               "model_type": "qwen2"})
+    rows = analyze(str(tmp_path / "ft"), base=str(tmp_path / "omni"),
+                   device="cpu").set_index("longname")
+    assert sorted(rows.index) == sorted(n.removesuffix(".weight") for n in tuned)
+    for name, value in tuned.items():
+        ref = gram_evals((value.double() - thinker[name].double()).numpy())
+        assert rows.loc[name.removesuffix(".weight"), "spectral_norm"] == pytest.approx(
+            ref.max(), rel=EIGEN_RTOL), name

@@ -518,3 +518,41 @@ def test_a_vit_adapter_of_transformers_5_merges_into_its_published_base(tmp_path
                                        rtol=MERGE_TOLERANCE, atol=MERGE_TOLERANCE)
             assert torch.equal(ours[name], published[name]) == (old == "key"), name
     torch.testing.assert_close(ours["classifier.weight"], merged["classifier.weight"])
+
+
+def test_a_thinker_adapter_merges_into_its_omni_base_beside_the_talker(tmp_path):
+    """Qwen2.5-Omni publishes its text model as ``thinker.model.layers.N`` beside the
+    speech model's ``talker.model.layers.N``; an adapter trained on the thinker alone keys
+    ``model.layers.N``, which names a layer of both. The shapes tell them apart (the talker
+    is narrower): each LoRA lands in the thinker's tensor, peft's merge_and_unload() the
+    oracle, and the talker is left as it is."""
+    import transformers
+
+    def qwen2(hidden: int, seed: int):
+        torch.manual_seed(seed)
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+
+    thinker, talker = qwen2(32, 0), qwen2(16, 1)
+    published = {f"thinker.{n}": v.clone() for n, v in thinker.state_dict().items()}
+    published.update({f"talker.{n}": v.clone() for n, v in talker.state_dict().items()})
+    base = tmp_path / "omni"
+    base.mkdir()
+    save_file({n: v.contiguous() for n, v in published.items()}, str(base / "model.safetensors"),
+              metadata={"format": "pt"})
+    (base / "config.json").write_text(json.dumps({"model_type": "qwen2_5_omni",
+                                                  "architectures": ["Qwen2_5OmniModel"]}))
+    adapter = save_adapter(thinker, tmp_path / "lora", str(base), r=4, lora_alpha=8,
+                           target_modules=["q_proj", "v_proj", "down_proj"])
+    merged = PeftModel.from_pretrained(thinker, str(adapter)).merge_and_unload().state_dict()
+    ours = dict(open_model(ModelRequest(str(adapter), "adapter")).iter_tensors())
+    assert set(ours) == set(published)
+    for name, value in published.items():
+        if name.startswith("thinker.") and name.endswith(("q_proj.weight", "v_proj.weight",
+                                                          "down_proj.weight")):
+            torch.testing.assert_close(ours[name], merged[name.removeprefix("thinker.")],
+                                       rtol=MERGE_TOLERANCE, atol=MERGE_TOLERANCE)
+            assert not torch.equal(ours[name], value)
+        else:
+            assert torch.equal(ours[name], value), name

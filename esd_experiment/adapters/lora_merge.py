@@ -32,7 +32,7 @@ import logging
 import math
 import re
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -262,9 +262,11 @@ class _BaseNames:
     Exact match first; then without the adapter path's first component (adapter trained on
     ``*ForCausalLM``, base saved as the bare model); then base names without their first
     component (the reverse); then both without the text-model wrappers they start with (a
-    multimodal model's two layouts), each when that is unambiguous; last, the base's names
-    as transformers' modules of ``base_config`` name them (``module_names``: an adapter
-    trained on a model transformers renamed on load). ``find_tied`` resolves a tensor the
+    multimodal model's two layouts), each when that is unambiguous or only one of the
+    candidates ``fits`` (Qwen2.5-Omni's ``thinker.model.layers.N`` beside the narrower
+    ``talker.model.layers.N``, for an adapter of the thinker); last, the base's names as
+    transformers' modules of ``base_config`` name them (``module_names``: an adapter trained
+    on a model transformers renamed on load). ``find_tied`` resolves a tensor the
     base does not store because it is tied to another (``base_config`` says which).
     """
 
@@ -279,13 +281,15 @@ class _BaseNames:
                 self.stripped.setdefault(rest, []).append(name)
             self.unwrapped.setdefault(_unwrapped(name), []).append(name)
 
-    def find(self, path: str) -> str | None:
+    def find(self, path: str, fits: Callable[[str], bool] | None = None) -> str | None:
         if path in self.names:
             return path
         rest = path.partition(".")[2]
         if rest in self.names:
             return rest
         for candidates in (self.stripped.get(path, []), self.unwrapped.get(_unwrapped(path), [])):
+            if len(candidates) > 1 and fits is not None:
+                candidates = [name for name in candidates if fits(name)]
             if len(candidates) == 1:
                 return candidates[0]
         return self.module_names.get(path) or self.module_names.get(rest)
@@ -351,14 +355,16 @@ class MergePlan:
         return self.ops.setdefault(name, _Op(base=name))
 
     def _plan_lora(self, lora: _Lora, finder: _BaseNames) -> None:
-        weight = finder.find(f"{lora.module}.weight")
+        a_shape, b_shape = self.adapter.shape(lora.a), self.adapter.shape(lora.b)
+        product = (b_shape[0], a_shape[-1])  # B @ A's shape, or its transpose in the base
+        weight = finder.find(f"{lora.module}.weight",
+                             lambda name: self.base.shape(name) in (product, product[::-1]))
         shared = weight is None
         if shared:
             weight = finder.find_tied(f"{lora.module}.weight")
         if weight is None:
             self._unused += [k for k in (lora.a, lora.b, lora.b_bias) if k]
             return
-        a_shape, b_shape = self.adapter.shape(lora.a), self.adapter.shape(lora.b)
         if len(a_shape) != 2 or len(b_shape) != 2:
             raise NeedsPeftMerge(f"LoRA on a {len(a_shape)}-D weight ({lora.module})")
         r, scale = self.settings.rank_and_scale(lora.module)
@@ -412,7 +418,7 @@ class MergePlan:
         op.adapter_keys.append(lora.b_bias)
 
     def _plan_replacement(self, target: str, key: str, finder: _BaseNames) -> None:
-        name = finder.find(target)
+        name = finder.find(target, lambda n: self.base.shape(n) == self.adapter.shape(key))
         if name is None and ".base_layer." in key and ".modules_to_save." not in key:
             name = finder.find_tied(target)  # peft saved a tied head's weight: the embedding
         if name is None:

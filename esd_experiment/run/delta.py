@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -195,17 +195,20 @@ def _matrix(layer, delta: LayerDelta, config: ESDConfig) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # The worker's models: each joins a shared pass of tensor_stream.stream_models.
 
-def _shared_names(ft_names: Iterable[str], base_reader, base_config=None):
-    """``{fine-tune tensor: source tensor}`` for the tensors the two hold with equal shapes
-    (names matched as an adapter's are: exactly, or with one model's first prefix left out;
-    a tensor the source ties to another and so does not store, an untied fine-tune's
-    ``lm_head``, is matched to the one the source stores, as the source model uses it)."""
+def _shared_names(own, base_reader, base_config=None):
+    """``{fine-tune tensor: source tensor}`` for the tensors of the reader ``own`` and the
+    source's (names matched as an adapter's are: exactly, or with one model's first prefix
+    left out, of two such names the one of equal shape; a tensor the source ties to another
+    and so does not store, an untied fine-tune's ``lm_head``, is matched to the one the
+    source stores, as the source model uses it)."""
     from esd_experiment.adapters.lora_merge import _BaseNames
 
     finder = _BaseNames(base_reader.names, base_config)
     out = {}
-    for name in ft_names:
-        found = finder.find(name) or finder.find_tied(name)
+    for name in own.names:
+        shape = tuple(own.shape(name))
+        found = (finder.find(name, lambda b, shape=shape: tuple(base_reader.shape(b)) == shape)
+                 or finder.find_tied(name))
         if found is not None:
             out[name] = found
     return out
@@ -258,7 +261,7 @@ class FineTuneOnSource:
         self.model_id, self.revision = model.model_id, model.revision
         self.source_model = model.source_model
         own, base = model.checkpoint.reader, source.reader
-        named = _shared_names(own.names, base, source.config)
+        named = _shared_names(own, base, source.config)
         self.pairs = {n: b for n, b in named.items()
                       if tuple(own.shape(n)) == tuple(base.shape(b))}
         weights = [n for n in own.names if len(own.shape(n)) >= 2 and is_weight_name(n)]
