@@ -81,7 +81,7 @@ def test_lock_of_a_killed_run_is_not_stuck(tmp_path):
         pass
 
 
-OPTIONS = {"fix_fingers": "xmin_mid", "bins": 100}
+OPTIONS = ESDConfig().options_record  # every option, as the runner records them
 
 
 def test_options_are_recorded_and_other_options_refused(tmp_path):
@@ -93,6 +93,27 @@ def test_options_are_recorded_and_other_options_refused(tmp_path):
     with pytest.raises(InputError, match=r"fix_fingers: 'xmin_mid' -> 'DKS'.*--overwrite"):
         check_options(tmp_path, other, overwrite=False)
     check_options(tmp_path, other, overwrite=True)
+    with pytest.raises(InputError, match="'DKS' -> 'xmin_mid'"):
+        check_options(tmp_path, OPTIONS, overwrite=False)
+
+
+@pytest.mark.parametrize("where", ["", "delta"])
+def test_results_without_the_options_record_are_held_to_their_own_options(tmp_path, where):
+    """Results copied without ``.esd_options.json``, or written by esd_worker.py alone (which
+    records none), keep the options their rows name: other options are refused, not mixed in."""
+    import torch
+
+    from esd_experiment.run.state import check_options
+    from tests.result_fixtures import write_model
+
+    write_model(tmp_path / where, "org/m", {"w.weight": torch.randn(16, 12)},
+                config=ESDConfig(fix_fingers="DKS"))
+    dks = {**OPTIONS, "fix_fingers": "DKS"}
+    with pytest.raises(InputError, match=r"m\.csv: fix_fingers: 'DKS' -> 'xmin_mid'"):
+        check_options(tmp_path, OPTIONS, overwrite=False)
+    assert not (tmp_path / ".esd_options.json").exists()
+    check_options(tmp_path, dks, overwrite=False)  # the results' own options: recorded
+    assert (tmp_path / ".esd_options.json").is_file()
     with pytest.raises(InputError, match="'DKS' -> 'xmin_mid'"):
         check_options(tmp_path, OPTIONS, overwrite=False)
 

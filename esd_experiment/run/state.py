@@ -20,7 +20,12 @@ from esd_experiment.core.paths import (
     SLURM_STATE,
     write_text_atomic,
 )
-from esd_experiment.core.results import result_files
+from esd_experiment.core.results import (
+    METRICS_KEY,
+    options_key,
+    read_header_and_options,
+    result_files,
+)
 
 
 def read_failure_cause(failure_json: Path) -> str | None:
@@ -118,13 +123,16 @@ def check_options(output_dir: Path, options: dict, overwrite: bool) -> None:
     """Keep one directory's results comparable: refuse other estimator options without
     ``--overwrite``, and record the options in force."""
     path = Path(output_dir) / OPTIONS_FILE
+    numbers = {k: v for k, v in options.items() if k != DELTA_KEY}  # --delta adds files only
     try:
         recorded = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    except FileNotFoundError:  # results copied without it, or written by esd_worker.py alone
         recorded = None
+        if not overwrite:
+            _check_results_options(Path(output_dir), options_key(
+                numbers, numbers.get(METRICS_KEY, ())))
     except (OSError, ValueError):
         recorded = {}
-    numbers = {k: v for k, v in options.items() if k != DELTA_KEY}  # --delta adds files only
     if recorded is not None and {k: v for k, v in recorded.items() if k != DELTA_KEY} != numbers \
             and not overwrite:
         changed = ", ".join(f"{k}: {recorded.get(k)!r} -> {options.get(k)!r}"
@@ -135,6 +143,22 @@ def check_options(output_dir: Path, options: dict, overwrite: bool) -> None:
                          "another --output_dir")
     if recorded != options:
         write_text_atomic(path, json.dumps(options, indent=1, sort_keys=True) + "\n")
+
+
+def _check_results_options(output_dir: Path, key: str) -> None:
+    """Without a record of the directory's options, its results' own ``esd_options``: refuse
+    when one of them is not ``key``."""
+    for folder in (output_dir, output_dir / DELTA_DIR):
+        for csv in result_files(folder):
+            theirs = (read_header_and_options(csv) or ((), None))[1]
+            if theirs is not None and theirs != key:
+                old, new = (dict(p.partition("=")[::2] for p in k.split(";")) for k in (theirs, key))
+                changed = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+                                    for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k))
+                raise InputError(
+                    f"{output_dir} holds results computed with other estimator options "
+                    f"({csv.name}: {changed}); rerun with --overwrite to recompute them, or "
+                    "choose another --output_dir")
 
 
 def holds_results(output_dir: Path) -> bool:
