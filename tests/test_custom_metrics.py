@@ -183,6 +183,13 @@ def test_refit_adds_a_metric_from_saved_eigenvalues(checkpoint, metric_file, tmp
     argv = ["refit", str(plain), "--output_dir", str(refit), "--metric", f"{metric_file}:spectrum"]
     assert esd_report.main(argv) == 0
     assert (refit / name).read_bytes() == annotated
+    # ... and so it does when the user annotated the results it came from too
+    source = pd.read_csv(plain / name, keep_default_na=False).assign(seen="yes")
+    source.to_csv(plain / name, index=False)
+    later = (refit / name).stat().st_mtime_ns + 10**9
+    os.utime(plain / name, ns=(later, later))
+    assert esd_report.main(argv) == 0
+    assert (refit / name).read_bytes() == annotated
     assert esd_report.main([*argv, "--overwrite"]) == 0
     assert (refit / name).read_bytes() == (direct / name).read_bytes()
     # A model of the results computed again since (its eigenvalues newer): refit again.

@@ -342,7 +342,7 @@ def refit(results_dir: Path, new_dir: Path, overrides: dict,
         for n, (model_id, csv, rows, out) in enumerate(plans, 1):
             target = ModelPaths(out, new_dir / "logs", csv.stem).csv
             if not overwrite and is_current(target, config.options_key) \
-                    and _newer(target, csv, eigs_path(csv)):
+                    and _newer(target, eigs_path(csv)):
                 done.append(model_id)  # refit before, perhaps annotated since: the user's
                 logger.info("[%d/%d] %s: refit already, kept", n, len(plans), model_id)
                 continue
@@ -447,8 +447,9 @@ def _refit_model(csv: Path, rows: pd.DataFrame, config: ESDConfig, new_dir: Path
 
 
 def _newer(path: Path, *sources: Path) -> bool:
-    """Whether ``path`` was written after every one of ``sources`` (a refit after the results
-    it was made from; not after a model of them was computed again)."""
+    """Whether ``path`` was written after every one of ``sources`` (a refit after the
+    eigenvalues it was made from; not after a model of them was computed again, which writes
+    them anew: a user's edit of the result CSV is no recomputation)."""
     try:
         return all(path.stat().st_mtime_ns >= s.stat().st_mtime_ns for s in sources)
     except OSError:
