@@ -393,11 +393,12 @@ def test_a_model_failing_under_overwrite_keeps_its_saved_eigenvalues(checkpoint,
     assert eigs.read_bytes() == saved
 
 
-@pytest.mark.parametrize("resave", ["index", "excel", "inserted", "quoted"])
+@pytest.mark.parametrize("resave", ["index", "excel", "inserted", "quoted", "reordered"])
 def test_a_result_resaved_with_pandas_stays_done_and_reads_back(checkpoint, tmp_path, resave):
     """A user's result saved again by pandas: ``df.to_csv(path)`` writes the index as a
     first, unnamed column; ``encoding="utf-8-sig"`` (for Excel) a byte-order mark; and a
-    column may be inserted among the result's own. The annotated result is still the
+    column may be inserted among the result's own, the result's own moved (the columns a
+    user looks at first, with the index). The annotated result is still the
     model's result, done, read by load_results, never rewritten."""
     models, out, csv, frame = annotated(checkpoint, tmp_path)
     original = load_results(out)  # before the user's column is saved
@@ -408,8 +409,11 @@ def test_a_result_resaved_with_pandas_stays_done_and_reads_back(checkpoint, tmp_
     elif resave == "inserted":
         frame.insert(5, "my_label", "keep me")
         frame.drop(columns="my_note").assign(my_note="checked").to_csv(csv, index=False)
-    else:  # a name with a comma, which pandas quotes, and the index
+    elif resave == "quoted":  # a name with a comma, which pandas quotes, and the index
         frame.assign(**{"my, label": "keep me"}).to_csv(csv)
+    else:
+        first = ["longname", "alpha", "my_note"]
+        frame[first + [c for c in frame.columns if c not in first]].to_csv(csv)
     before = csv.read_bytes()
     proc = cli("--model_list", models, "--output_dir", out)
     assert proc.returncode == 0 and "0 to run, 1 already done" in proc.stderr, proc.stderr

@@ -160,11 +160,12 @@ def schema_order(header: Sequence[str],
     """The positions of ``header``'s fields in the order a result is read: ``columns`` (the
     schema's), then every other column as the file has it; None when ``header`` is not a
     result's. A result a user saved again with pandas stays one: ``to_csv(path)`` writes the
-    index first, unnamed (left out here); a user's columns may lie among the schema's."""
-    start = 1 if len(header) > 1 and header[0] == "" and header[1] == columns[0] else 0
+    index first, unnamed (left out here); a user's columns may lie among the schema's, and
+    the schema's in another order."""
+    start = 1 if len(header) > 1 and header[0] == "" else 0
     where = {name: i for i, name in enumerate(header) if i >= start}
     ours = [where.get(name) for name in columns]
-    if None in ours or ours != sorted(ours) or len(where) != len(header) - start:
+    if None in ours or len(where) != len(header) - start:
         return None
     return ours + sorted(set(range(start, len(header))) - set(ours))
 
