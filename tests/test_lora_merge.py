@@ -150,7 +150,8 @@ def test_lora_on_tied_embedding_and_head_merges_through_peft(bases, tmp_path, ca
     caplog.set_level("INFO", logger="esd_experiment.adapters.adapter_files")
     ours = dict(open_model(ModelRequest(str(adapter), "lora", str(dirs["llama_tied"])))
                 .iter_tensors())
-    assert "two LoRA modules on the tied weight" in caplog.text
+    assert "merging with peft" in caplog.text  # two changes of one tied tensor: peft's merge
+    assert "two LoRA modules on the tied weight" in caplog.text or "which the base ties" in caplog.text
     assert_matches_peft(ours, ref, tied=("lm_head.weight",))
 
 

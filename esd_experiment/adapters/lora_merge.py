@@ -71,7 +71,9 @@ _LORA_KEY = re.compile(
     r"^(?P<module>.+)\.lora_(?P<part>A|B|embedding_A|embedding_B)(?:\.default)?"
     r"(?:\.(?P<param>weight|bias))?$")
 _SAVED_MODULE_KEY = re.compile(r"^(?P<module>.+)\.modules_to_save(?:\.default)?\.(?P<rest>.+)$")
-_BASE_LAYER_KEY = re.compile(r"^(?P<module>.+)\.base_layer\.(?P<rest>.+)$")
+# A module's own weight saved beside its LoRA or its trained copy (peft's
+# save_embedding_layers, for a resized vocabulary): the merge's starting value.
+_BASE_LAYER_KEY = re.compile(r"^(?P<module>.+)\.(?:base_layer|original_module)\.(?P<rest>.+)$")
 # Input-embedding tensors an output head is tied to, for a base transformers does not know.
 _EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight",
                        "embed_in.weight", "tok_embeddings.weight", "shared.weight")
@@ -222,6 +224,7 @@ def _parse_adapter_keys(names, model_id: str) -> tuple[dict[str, _Lora], dict[st
     """LoRA modules by module name, and replacement weights by parameter name."""
     loras: dict[str, _Lora] = {}
     replacements: dict[str, str] = {}
+    ranks: dict[str, int] = {}
     for key in names:
         path = key.removeprefix(ADAPTER_PREFIX)
         match = _LORA_KEY.match(path)
@@ -236,9 +239,12 @@ def _parse_adapter_keys(names, model_id: str) -> tuple[dict[str, _Lora], dict[st
             else:
                 setattr(lora, "a" if part.endswith("A") else "b", key)
             continue
-        match = _SAVED_MODULE_KEY.match(path) or _BASE_LAYER_KEY.match(path)
+        saved, own = _SAVED_MODULE_KEY.match(path), _BASE_LAYER_KEY.match(path)
+        match = saved or own
         target = f"{match['module']}.{match['rest']}" if match else path
-        replacements[target] = key
+        rank = 2 if saved else 0 if own else 1  # the trained copy is what the model uses
+        if target not in replacements or rank > ranks[target]:
+            replacements[target], ranks[target] = key, rank
     for lora in loras.values():
         if lora.a is None or lora.b is None:
             present = lora.a or lora.b or lora.b_bias
@@ -333,11 +339,12 @@ class MergePlan:
         self._unused: list[str] = []
         self._shared: set[str] = set()  # stored tensors that a tied module's adapter changes
         loras, replacements = _parse_adapter_keys(adapter.names, model_id)
+        self.resized: list[str] = []  # replaced by a tensor of more or fewer rows
         finder = _BaseNames(base.names, base_config)
+        for target, key in replacements.items():  # first: a LoRA may be added to one
+            self._plan_replacement(target, key, finder)
         for lora in loras.values():
             self._plan_lora(lora, finder)
-        for target, key in replacements.items():
-            self._plan_replacement(target, key, finder)
         if self._unused:
             shown = ", ".join(sorted(self._unused, key=natural_key)[:8])
             raise ShapeMismatchError(
@@ -392,7 +399,8 @@ class MergePlan:
         """Whether B @ A is transposed before it is added to ``weight``; ``linear``: the
         module is known to be an ``nn.Linear`` (a tied output head), never ``Conv1D``."""
         (r, fan_in), (fan_out, _) = self.adapter.shape(lora.a), self.adapter.shape(lora.b)
-        shape = self.base.shape(weight)
+        saved = self.ops[weight].replace
+        shape = self.adapter.shape(saved) if saved else self.base.shape(weight)
         if lora.embedding:
             if shape != (fan_in, fan_out):
                 self._mismatch(f"embedding {weight} {shape} vs lora_embedding_A {(r, fan_in)} "
@@ -433,9 +441,13 @@ class MergePlan:
             else:
                 self._unused.append(key)
             return
-        if self.adapter.shape(key) != self.base.shape(name):
-            self._mismatch(f"{key} {self.adapter.shape(key)} replaces {name} "
-                           f"{self.base.shape(name)}")
+        theirs, ours = tuple(self.adapter.shape(key)), tuple(self.base.shape(name))
+        if theirs != ours and not (len(ours) == 2 and theirs[1:] == ours[1:]):
+            self._mismatch(f"{key} {theirs} replaces {name} {ours}")
+        if theirs != ours:  # a vocabulary resized for added tokens: the adapter's is the model's
+            logger.info("%s: %s has %d rows where %s has %d in %s (a resized vocabulary)",
+                        self.model_id, key, theirs[0], name, ours[0], self.base_id)
+            self.resized.append(name)
         op = self._op(name)
         if op.replace is not None:
             raise NeedsPeftMerge(f"two adapter tensors ({op.replace}, {key}) set {name}, "

@@ -411,6 +411,11 @@ class AdapterDelta(_DeltaRows):
         self.model, self.config, self.plan = model, config, model.plan
         self.checkpoint = model.checkpoint
         self.revision, self.source_model = model.revision, model.source_model
+        if self.plan.resized:  # as a full fine-tune's tensors of another shape: no row
+            logger.warning("%s: --delta: %d weight tensor(s) have another shape in the adapter "
+                           "than in its base %s (a resized vocabulary), and no delta row: %s",
+                           model.model_id, len(self.plan.resized), model.source_model,
+                           ", ".join(self.plan.resized))
 
     def outputs_by_source(self) -> dict[str | None, list[str]]:
         """Every output of the merge that starts from a base tensor, under that tensor (a
@@ -419,7 +424,7 @@ class AdapterDelta(_DeltaRows):
         for name in self.plan.names:
             op = self.plan.ops.get(name)
             source = name if op is None else op.base or op.tied_to
-            if source is not None:
+            if source is not None and name not in self.plan.resized:
                 out.setdefault(source, []).append(name)
         return out
 
