@@ -250,10 +250,11 @@ def test_a_fine_tune_sharing_only_norms_with_its_source_fails_with_that_cause(pa
     assert ModelPaths.for_model(out, str(other)).csv.is_file()
 
 
-def test_a_model_listed_as_its_own_source_fails_with_that_cause(pair, tmp_path):
+@pytest.mark.parametrize("spelled", ["", "/"])
+def test_a_model_listed_as_its_own_source_fails_with_that_cause(pair, tmp_path, spelled):
     models = tmp_path / "models.csv"
     models.write_text("model_id,base_model_relation,source_model\n"
-                      f"{pair / 'ft'},,{pair / 'ft'}\n{pair / 'base'},,\n")
+                      f"{pair / 'ft'},,{pair / 'ft'}{spelled}\n{pair / 'base'},,\n")
     out = tmp_path / "out"
     assert runner("--model_list", models, "--output_dir", out, "--delta") == 1
     failed = (out / "failed_models.txt").read_text()

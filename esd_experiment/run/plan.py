@@ -60,7 +60,8 @@ def make_plan(entries: list[ListEntry], output_dir: Path, log_dir: Path, options
         except ESDError as exc:
             plan.invalid.append((entry, str(exc)))
             continue
-        if delta and entry.source_model.strip() == entry.model_id.strip() and not entry.gguf_file:
+        if delta and entry.source_model.strip() and not entry.gguf_file and os.path.normpath(
+                entry.source_model.strip()) == os.path.normpath(entry.model_id.strip()):
             plan.invalid.append((entry, "--delta: its source_model is the model itself"))
             continue
         if not overwrite and result_done(paths, options, save_eigs, delta and has_delta(entry)):
