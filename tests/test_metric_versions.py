@@ -114,6 +114,8 @@ def test_a_metric_file_that_imports_its_function_records_the_defining_file(tmp_p
     assert recorded_name(f"{own}:top", tmp_path) == f"own.py:top@{digest(own)}"  # as before
     first = recorded_name(f"{shim}:top", tmp_path)
     assert first == f"shim.py:top@{digest(shim, tmp_path / 'helpers.py')}"
+    (tmp_path / "elsewhere").mkdir()  # the modules beside FILE.py import from anywhere
+    assert recorded_name(f"{shim}:top", tmp_path / "elsewhere") == first
     (tmp_path / "helpers.py").write_text("def top(evals):\n    return {'top': evals[-2]}\n")
     assert recorded_name(f"{shim}:top", tmp_path) != first
 
@@ -182,7 +184,8 @@ def test_a_metric_file_edited_during_the_run_fails_later_models_with_the_true_ca
     model, cause = line.split("\t")
     assert model == str(tmp_path / "m1"), line
     assert cause == (f"MetricChanged: metric file selfedit.py changed during the run (digest "
-                     f"{start} at the start, {now} now): rerun to use the new version"), cause
+                     f"{start} at the start, {now} now): rerun with --overwrite to compute every "
+                     "model with the new version"), cause
     assert json.loads((out / ".esd_options.json").read_text())["metrics"] == [
         f"selfedit.py:top@{start}"]
 

@@ -145,7 +145,8 @@ def load_metric(spec: str) -> Metric:
     now = metric.name.rpartition("@")[2] if "@" in metric.name else "none"
     if pin is not None and now != pin:
         raise MetricChanged(f"metric {label} changed during the run (digest {pin} at the "
-                            f"start, {now} now): rerun to use the new version")
+                            f"start, {now} now): rerun with --overwrite to compute every "
+                            "model with the new version")
     return metric
 
 
@@ -184,6 +185,8 @@ def _load_metric(spec: str, digest: str | None) -> Metric:
         path = Path(where).expanduser()
         name = f"{path.name}:{func}"
         module_name = f"_esd_metric_{abs(hash(str(path.resolve())))}"
+        if str(path.resolve().parent) not in sys.path:  # its helpers import as under python FILE.py
+            sys.path.append(str(path.resolve().parent))
         try:
             loader_spec = importlib.util.spec_from_file_location(module_name, path)
             module = importlib.util.module_from_spec(loader_spec)
