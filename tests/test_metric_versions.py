@@ -14,7 +14,9 @@ import pandas as pd
 import pytest
 
 from esd_experiment.core.delta_paths import delta_paths
+from esd_experiment.core.errors import InputError
 from esd_experiment.core.paths import ModelPaths
+from esd_experiment.estimator.metrics import load_metric
 from esd_experiment.run.model_list import JobSpec, ListEntry
 from esd_experiment.run.state import FailureLog
 from gputracker import JobResult
@@ -114,10 +116,12 @@ def test_a_metric_file_that_imports_its_function_records_the_defining_file(tmp_p
     assert recorded_name(f"{own}:top", tmp_path) == f"own.py:top@{digest(own)}"  # as before
     first = recorded_name(f"{shim}:top", tmp_path)
     assert first == f"shim.py:top@{digest(shim, tmp_path / 'helpers.py')}"
-    (tmp_path / "elsewhere").mkdir()  # the modules beside FILE.py import from anywhere
-    assert recorded_name(f"{shim}:top", tmp_path / "elsewhere") == first
     (tmp_path / "helpers.py").write_text("def top(evals):\n    return {'top': evals[-2]}\n")
     assert recorded_name(f"{shim}:top", tmp_path) != first
+    # Not run from its directory, a FILE.py does not import the modules beside it (two files'
+    # helpers of one name would be one module, its digest not theirs): the error says how.
+    with pytest.raises(InputError, match=r"No module named 'helpers'.*package\.module:FUNCTION"):
+        load_metric(f"{shim}:top")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -234,6 +234,14 @@ def test_refit_names_a_users_own_csv_but_exits_0_as_the_report_does(tmp_path, ca
     assert code == esd_report.EXIT_OK, err  # every model was refit
     assert "my_notes.csv: not a result CSV" in err and "skipped" not in err
     assert esd_report.main(["report", str(out)]) == esd_report.EXIT_OK
+    # a model's result emptied (a copy onto a full disk), its eigenvalues beside it: a model
+    # is missing from the refit
+    cut = write_model(out, "org/cut", {"layer.weight": torch.randn(16, 12)}, save_eigs=True)
+    cut.csv.write_bytes(b"")
+    code = esd_report.main(["refit", str(out), "--output_dir", str(tmp_path / "new2"),
+                            "--fix_fingers", "DKS"])
+    assert code == esd_report.EXIT_SOME_SKIPPED
+    assert f"skipped {cut.csv.name}" in capsys.readouterr().err
 
 
 def test_refit_of_results_without_any_eigenvalues_says_so_in_one_short_line(tmp_path, capsys):

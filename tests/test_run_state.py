@@ -112,6 +112,8 @@ def test_results_without_the_options_record_are_held_to_their_own_options(tmp_pa
     with pytest.raises(InputError, match=r"m\.csv: fix_fingers: 'DKS' -> 'xmin_mid'"):
         check_options(tmp_path, OPTIONS, overwrite=False)
     assert not (tmp_path / ".esd_options.json").exists()
+    mine = tmp_path / where / "compare_alpha.csv"  # a user's own table: not a result
+    mine.write_text(f"model_id,mean_alpha_note,esd_options\norg/m,3.1,{ESDConfig().options_key}\n")
     check_options(tmp_path, dks, overwrite=False)  # the results' own options: recorded
     assert (tmp_path / ".esd_options.json").is_file()
     with pytest.raises(InputError, match="'DKS' -> 'xmin_mid'"):

@@ -113,7 +113,8 @@ def tied_weights(base_config: Mapping[str, Any]) -> dict[str, str]:
 
 def task_model_filter(task_type: str, base_config: Mapping[str, Any]):
     """For an adapter whose task builds another model class than the base's own (a SEQ_CLS
-    adapter on a causal LM), a predicate telling which base tensors that class holds; None
+    adapter on a causal LM), ``(kept, holds)``: predicates telling which base tensors that
+    class keeps, and which names it holds (None when it cannot be built); ``(None, None)``
     when every base tensor is part of the merged model.
 
     The class is the one peft builds (``AutoModelForSequenceClassification`` for SEQ_CLS, ...),
@@ -122,7 +123,7 @@ def task_model_filter(task_type: str, base_config: Mapping[str, Any]):
     """
     name = _TASK_CLASSES.get(str(task_type or "").upper())
     if name is None or name in ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM"):
-        return None
+        return None, None
     try:
         import torch
         import transformers
@@ -131,11 +132,11 @@ def task_model_filter(task_type: str, base_config: Mapping[str, Any]):
         with torch.device("meta"):
             model = getattr(transformers, name).from_config(config)
         finder = _BaseNames([n for n, _ in model.named_parameters()])
-        return lambda n: finder.find(n) is not None
+        return (lambda n: finder.find(n) is not None), (lambda n: finder.find(n) is not None)
     except Exception as exc:  # a custom architecture or a config the class cannot take
         logger.info("cannot build %s from the base config (%s: %s); leaving out its lm_head",
                     name, type(exc).__name__, exc)
-        return lambda n: not (n.startswith("lm_head.") or ".lm_head." in n)
+        return (lambda n: not (n.startswith("lm_head.") or ".lm_head." in n)), None
 
 
 def unsupported_variant(adapter_config: dict[str, Any]) -> str | None:
@@ -190,7 +191,11 @@ class LoraSettings:
         return r, alpha / (math.sqrt(r) if self.use_rslora else r)
 
     def saves_module(self, module: str) -> bool:
-        return any(module == m or module.endswith(f".{m}") for m in self.modules_to_save)
+        """Whether ``module`` is, or lies in, a module of ``modules_to_save`` (RoBERTa's
+        ``classifier`` head holds ``classifier.dense`` and ``classifier.out_proj``)."""
+        parts = module.split(".")
+        return any(p == m or p.endswith(f".{m}") for m in self.modules_to_save
+                   for p in (".".join(parts[:i]) for i in range(1, len(parts) + 1)))
 
 
 @dataclass
@@ -340,6 +345,8 @@ class MergePlan:
         self._shared: set[str] = set()  # stored tensors that a tied module's adapter changes
         loras, replacements = _parse_adapter_keys(adapter.names, model_id)
         self.resized: list[str] = []  # replaced by a tensor of more or fewer rows
+        self.unseeded: list[str] = []  # LoRA modules of a layer the task model adds at random
+        kept, self._holds = task_model_filter(task_type, base_config or {})
         finder = _BaseNames(base.names, base_config)
         for target, key in replacements.items():  # first: a LoRA may be added to one
             self._plan_replacement(target, key, finder)
@@ -350,7 +357,11 @@ class MergePlan:
             raise ShapeMismatchError(
                 f"{model_id}: {len(self._unused)} adapter tensor(s) match no tensor of the base "
                 f"model {base_id}: {shown}. Check that source_model is the adapter's base")
-        kept = task_model_filter(task_type, base_config or {})
+        if self.unseeded:
+            logger.warning("%s: LoRA on %d layer(s) that its %s model adds to %s, initialised at "
+                           "random (not in the checkpoint), so not determined: left out: %s",
+                           model_id, len(self.unseeded), task_type, base_id,
+                           ", ".join(self.unseeded))
         names = set(self.ops) | {n for n in base.names if kept is None or kept(n)}
         if kept is not None and names != set(base.names) | set(self.ops):
             logger.info("%s: a %s adapter; %s tensors of %s that its model has no use for are "
@@ -369,6 +380,9 @@ class MergePlan:
         shared = weight is None
         if shared:
             weight = finder.find_tied(f"{lora.module}.weight")
+        if weight is None and self._holds is not None and self._holds(f"{lora.module}.weight"):
+            self.unseeded.append(lora.module)
+            return
         if weight is None:
             self._unused += [k for k in (lora.a, lora.b, lora.b_bias) if k]
             return

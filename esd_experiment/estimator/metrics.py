@@ -185,15 +185,15 @@ def _load_metric(spec: str, digest: str | None) -> Metric:
         path = Path(where).expanduser()
         name = f"{path.name}:{func}"
         module_name = f"_esd_metric_{abs(hash(str(path.resolve())))}"
-        if str(path.resolve().parent) not in sys.path:  # its helpers import as under python FILE.py
-            sys.path.append(str(path.resolve().parent))
         try:
             loader_spec = importlib.util.spec_from_file_location(module_name, path)
             module = importlib.util.module_from_spec(loader_spec)
             loader_spec.loader.exec_module(module)
         except (Exception, SystemExit) as exc:  # the file failed to run, or exited: one line
+            hint = (" (a module beside it is imported as package.module:FUNCTION, from its "
+                    "directory or PYTHONPATH)" if isinstance(exc, ModuleNotFoundError) else "")
             raise InputError(f"--metric {spec!r}: {path} cannot be loaded: "
-                             f"{type(exc).__name__}: {_one_line(exc)}") from None
+                             f"{type(exc).__name__}: {_one_line(exc)}{hint}") from None
     else:
         name = f"{where}:{func}"
         try:

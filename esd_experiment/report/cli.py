@@ -360,12 +360,15 @@ def refit(results_dir: Path, new_dir: Path, overrides: dict,
 
 def _models_skipped(loaded: LoadedResults, label: str = "") -> dict[str, str]:
     """The files of ``loaded`` left out that should have been results; a user's own CSVs
-    (no model is missing) are only named here, as the report names them."""
-    for path, why in loaded.skipped.items():
-        if why.startswith(NOT_A_RESULT):
-            print(f"not read {label}{path.name}: {why}", file=sys.stderr)
-    return {f"{label}{path.name}": why for path, why in loaded.skipped.items()
-            if not why.startswith(NOT_A_RESULT)}
+    (no model is missing: no saved eigenvalues beside them) are only named here, as the
+    report names them."""
+    from esd_experiment.run.saved_eigs import eigs_path
+
+    own = {p for p, why in loaded.skipped.items()
+           if why.startswith(NOT_A_RESULT) and not eigs_path(p).exists()}
+    for path in own:
+        print(f"not read {label}{path.name}: {loaded.skipped[path]}", file=sys.stderr)
+    return {f"{label}{p.name}": why for p, why in loaded.skipped.items() if p not in own}
 
 
 def _say_metrics_left_out(results_dir: Path, base_key: str, config: ESDConfig) -> None:

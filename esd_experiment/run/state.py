@@ -21,10 +21,12 @@ from esd_experiment.core.paths import (
     write_text_atomic,
 )
 from esd_experiment.core.results import (
+    LEGACY_COLUMNS,
     METRICS_KEY,
     options_key,
     read_header_and_options,
     result_files,
+    schema_order,
 )
 
 
@@ -150,8 +152,9 @@ def _check_results_options(output_dir: Path, key: str) -> None:
     when one of them is not ``key``."""
     for folder in (output_dir, output_dir / DELTA_DIR):
         for csv in result_files(folder):
-            theirs = (read_header_and_options(csv) or ((), None))[1]
-            if theirs is not None and theirs != key:
+            header, theirs = read_header_and_options(csv) or ((), None)
+            if theirs is not None and theirs != key and (schema_order(header) is not None or
+                                                         schema_order(header, LEGACY_COLUMNS)):
                 old, new = (dict(p.partition("=")[::2] for p in k.split(";")) for k in (theirs, key))
                 changed = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
                                     for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k))

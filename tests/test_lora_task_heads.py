@@ -1,0 +1,81 @@
+"""LoRA adapters of a task model (sequence classification) over a base published without its
+head: the head peft saves, and the layers the task model adds at random. peft's
+merge_and_unload() of the task model built from the base is the oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import (
+    DebertaV2Config,
+    DebertaV2ForSequenceClassification,
+    DebertaV2Model,
+    RobertaConfig,
+    RobertaForMaskedLM,
+    RobertaForSequenceClassification,
+)
+
+from esd_experiment import analyze
+from esd_experiment.loader.opener import ModelRequest, open_model
+from tests.loader_fixtures import save_adapter, save_model
+from tests.test_lora_merge import MERGE_TOLERANCE
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def merged_by_peft(task_class, base_dir, adapter) -> dict:
+    torch.manual_seed(5)  # the head's layers the base lacks: at random, as peft builds them
+    model = task_class.from_pretrained(str(base_dir), dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+
+def test_a_roberta_classifier_head_saved_by_peft_is_part_of_the_merged_model(tmp_path):
+    """peft saves RoBERTa's ``classifier`` head (``modules_to_save``, the default of SEQ_CLS) as
+    ``classifier.dense`` and ``classifier.out_proj``: the modules inside the one saved."""
+    torch.manual_seed(0)
+    config = RobertaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=32,
+                           max_position_embeddings=40, num_labels=3, pad_token_id=1)
+    base_dir = save_model(RobertaForMaskedLM(config), tmp_path / "roberta")  # as published
+    task = RobertaForSequenceClassification.from_pretrained(str(base_dir))
+    adapter = save_adapter(task, tmp_path / "lora", str(base_dir), r=4, lora_alpha=8,
+                           task_type="SEQ_CLS", target_modules=["query", "value"])
+    merged = merged_by_peft(RobertaForSequenceClassification, base_dir, adapter)
+    ours = dict(open_model(ModelRequest(str(adapter), "adapter")).iter_tensors())
+    head = ["classifier.dense.weight", "classifier.out_proj.weight"]
+    assert set(head) <= set(ours)
+    for name, value in ours.items():
+        ref = merged[name if name in merged else f"roberta.{name}"]
+        diff = (value.float() - ref.float()).abs().max().item()
+        assert diff <= MERGE_TOLERANCE, (name, diff)
+
+
+def test_a_lora_on_a_layer_the_task_model_adds_at_random_is_left_out_with_a_warning(
+        tmp_path, caplog):
+    """DeBERTa-v3 is published without the classifier's pooler; ``all-linear`` puts a LoRA on
+    it, whose merged value depends on a random start. That layer is left out with one
+    warning, and every other layer is merged as peft merges it (the model is not lost)."""
+    torch.manual_seed(0)
+    config = DebertaV2Config(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                             num_attention_heads=2, intermediate_size=32,
+                             max_position_embeddings=32, num_labels=2, pooler_hidden_size=16)
+    base_dir = save_model(DebertaV2Model(config), tmp_path / "deberta")
+    task = DebertaV2ForSequenceClassification.from_pretrained(str(base_dir))
+    adapter = save_adapter(task, tmp_path / "lora", str(base_dir), r=4, lora_alpha=8,
+                           task_type="SEQ_CLS", target_modules="all-linear")
+    merged = merged_by_peft(DebertaV2ForSequenceClassification, base_dir, adapter)
+    with caplog.at_level("WARNING"):
+        ours = dict(open_model(ModelRequest(str(adapter), "adapter")).iter_tensors())
+    assert "pooler.dense" in caplog.text and "initialised at random" in caplog.text
+    assert not any(n.startswith("pooler.") for n in ours)
+    for name, value in ours.items():
+        ref = merged[name if name in merged else f"deberta.{name}"]
+        diff = (value.float() - ref.float()).abs().max().item()
+        assert diff <= MERGE_TOLERANCE, (name, diff)
+    rows = analyze(str(adapter), delta=True, device="cpu")
+    assert (rows.loc[rows.longname.str.endswith("query_proj"), "matrix_rank"] == 4).all()
