@@ -61,7 +61,7 @@ def save_model(model, path: Path, **kwargs) -> Path:
 
 
 def save_adapter(base_model, path: Path, base_ref: str | None, seed: int = 1,
-                 **lora_kwargs) -> Path:
+                 save_embedding_layers: bool | str = "auto", **lora_kwargs) -> Path:
     """A peft LoRA adapter of a copy of ``base_model`` with random (nonzero) A and B."""
     torch.manual_seed(seed)
     config = LoraConfig(init_lora_weights=False, **lora_kwargs)
@@ -70,7 +70,7 @@ def save_adapter(base_model, path: Path, base_ref: str | None, seed: int = 1,
         for name, param in peft_model.named_parameters():
             if "modules_to_save" in name:
                 param.add_(torch.randn_like(param))
-    peft_model.save_pretrained(path)
+    peft_model.save_pretrained(path, save_embedding_layers=save_embedding_layers)
     set_adapter_base(path, base_ref)
     return path
 

@@ -42,9 +42,9 @@ def open_adapter(opener, request: ModelRequest, source: Source,
         LoraSettings,
         MergePlan,
         NeedsPeftMerge,
-        merged_with_peft,
         unsupported_variant,
     )
+    from esd_experiment.adapters.peft_merge import merged_with_peft
 
     label = source.label
     if source.partial and not is_adapter_repo(source.files):

@@ -21,21 +21,17 @@ the stream yields that tensor once, under the embedding's name, as it yields eve
 weight. Adapter tensors that match no base tensor are an error, never ignored.
 
 Adapters this arithmetic does not cover (DoRA, IA3, LoHa, LoKr, LoRA on convolutions, ...)
-go through ``merged_with_peft``: transformers builds the base model, peft merges, and the
-merged weights are streamed back from a temporary safetensors copy.
+go through ``peft_merge.merged_with_peft``.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import re
-import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,7 +46,6 @@ from esd_experiment.formats.checkpoint import (
     FLOAT_DTYPE_NAMES,
     CheckpointReader,
     natural_key,
-    select_weight_files,
 )
 
 logger = logging.getLogger(__name__)
@@ -441,10 +436,11 @@ class MergePlan:
 
     def _plan_replacement(self, target: str, key: str, finder: _BaseNames) -> None:
         name = finder.find(target, lambda n: self.base.shape(n) == self.adapter.shape(key))
-        if name is None and ".base_layer." in key and ".modules_to_save." not in key:
-            name = finder.find_tied(target)  # peft saved a tied head's weight: the embedding
+        module = target.rpartition(".")[0]
+        if name is None and ".modules_to_save." not in key and not self.settings.saves_module(
+                module):  # peft saved a tied head's weight (save_embedding_layers): the embedding
+            name = finder.find_tied(target)
         if name is None:
-            module = target.rpartition(".")[0]
             if ".modules_to_save." in key or self.settings.saves_module(module):
                 logger.info("%s: %s has no counterpart in %s; analysed as an extra tensor",
                             self.model_id, key, self.base_id)
@@ -532,44 +528,3 @@ _TASK_CLASSES = {
     "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM", "TOKEN_CLS": "AutoModelForTokenClassification",
     "QUESTION_ANS": "AutoModelForQuestionAnswering", "FEATURE_EXTRACTION": "AutoModel",
 }
-
-
-def _model_class(adapter_config: dict[str, Any], base_config: dict[str, Any]):
-    import transformers
-
-    name = _TASK_CLASSES.get(str(adapter_config.get("task_type") or "").upper())
-    if name is None:
-        archs = base_config.get("architectures") or []
-        name = archs[0] if archs and hasattr(transformers, str(archs[0])) else "AutoModel"
-    return getattr(transformers, name)
-
-
-def merged_with_peft(base_dir: Path, adapter_dir: Path, adapter_config: dict[str, Any],
-                     base_config: dict[str, Any], *, model_id: str, variant: str,
-                     trust_remote_code: bool) -> Iterator[tuple[str, torch.Tensor, str]]:
-    """Merge with ``PeftModel.merge_and_unload()`` and stream the merged weights as
-    ``(name, tensor, storage)``.
-
-    The base is built by transformers in float32 (so the merge is float32 arithmetic), the
-    merged model is saved to a temporary safetensors directory and freed, and that copy is
-    streamed like any checkpoint; the whole base model is in memory while it is merged.
-    """
-    from peft import PeftModel
-
-    model_cls = _model_class(adapter_config, base_config)
-    with tempfile.TemporaryDirectory(prefix="esd-peft-merge-") as tmp:
-        try:
-            model = model_cls.from_pretrained(str(base_dir), dtype=torch.float32,
-                                              trust_remote_code=trust_remote_code)
-            merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-            merged.save_pretrained(tmp, safe_serialization=True)
-        except (ValueError, KeyError, AttributeError, TypeError, RuntimeError, OSError,
-                NotImplementedError, ImportError) as exc:
-            error = ShapeMismatchError if "size mismatch" in str(exc) else UnsupportedFormatError
-            raise error(f"{model_id}: the {variant} adapter could not be merged by peft into "
-                        f"{model_cls.__name__}: {type(exc).__name__}: {exc}") from None
-        del model, merged
-        gc.collect()
-        files = sorted(p.name for p in Path(tmp).iterdir())
-        reader = CheckpointReader(Path(tmp), select_weight_files(files, model_id), model_id)
-        yield from reader.iter_tensors()
