@@ -22,6 +22,10 @@ from esd_experiment.core.errors import ShapeMismatchError, UnsupportedFormatErro
 from esd_experiment.formats.checkpoint import CheckpointReader, select_weight_files
 
 logger = logging.getLogger(__name__)
+# Where an adapter file holds an embedding's whole weight (peft's save_embedding_layers,
+# modules_to_save), under the embedding module's name.
+_EMBEDDING_WEIGHTS = ("weight", "base_layer.weight", "original_module.weight",
+                      "modules_to_save.weight", "modules_to_save.default.weight")
 
 
 def _model_class(adapter_config: dict[str, Any], base_config: dict[str, Any]):
@@ -34,10 +38,10 @@ def _model_class(adapter_config: dict[str, Any], base_config: dict[str, Any]):
     return getattr(transformers, name)
 
 
-def adapter_vocabulary(model, adapter_dir: Path) -> int | None:
+def adapter_vocabulary(model, adapter_dir: Path, adapter_config: dict[str, Any]) -> int | None:
     """The rows of the input embedding the adapter in ``adapter_dir`` saves for ``model``
-    (its saved weight, or its embedding LoRA's ``lora_embedding_A``, ``(r, vocab)``); None
-    when it saves none."""
+    (its saved weight, or its embedding LoRA's ``lora_embedding_A``, ``(r, vocab)``), or
+    trains (past its largest ``trainable_token_indices``); None when it names none."""
     from peft.utils import load_peft_weights
 
     try:
@@ -47,12 +51,34 @@ def adapter_vocabulary(model, adapter_dir: Path) -> int | None:
     names = [n for n, m in model.named_modules() if m is embedding]
     if not names:
         return None
-    prefix = f"{ADAPTER_PREFIX}{names[0]}."
-    rows = [value.shape[-1] if key.endswith("lora_embedding_A") else value.shape[0]
+    own = {f"{ADAPTER_PREFIX}{names[0]}.{part}" for part in _EMBEDDING_WEIGHTS}
+    lora = f"{ADAPTER_PREFIX}{names[0]}.lora_embedding_A"
+    rows = [value.shape[1] if key.startswith(lora) else value.shape[0]
             for key, value in load_peft_weights(str(adapter_dir), device="cpu").items()
-            if key.startswith(prefix) and value.ndim == 2
-            and (".lora_" not in key or key.endswith("lora_embedding_A"))]
-    return max(rows) if rows else None
+            if (key in own or key.startswith(lora)) and value.ndim == 2]
+    if rows:
+        return max(rows)
+    tokens = adapter_config.get("trainable_token_indices") or []
+    trained = [max(i) + 1 for i in (tokens.values() if isinstance(tokens, dict) else [tokens])
+               if i]
+    rows = model.get_input_embeddings().weight.shape[0]
+    return max(trained) if trained and max(trained) > rows else None
+
+
+def _resize_to_adapter(model, rows: int | None, model_id: str) -> None:
+    """Resize ``model``'s embeddings to ``rows`` tokens, as the adapter's trainer did; the
+    rows the adapter does not give stay 0 (a trainer's were random: not determined), which
+    leaves every nonzero eigenvalue of the head's ``WᵀW`` as the determined rows give it."""
+    old = None if rows is None else model.get_input_embeddings().weight.shape[0]
+    if old is None or rows == old:
+        return
+    logger.info("%s: the adapter's vocabulary has %d tokens; resizing the base's %d to it",
+                model_id, rows, old)
+    model.resize_token_embeddings(rows, mean_resizing=False)
+    with torch.no_grad():
+        for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if layer is not None and rows > old:
+                layer.weight[old:] = 0
 
 
 def merged_with_peft(base_dir: Path, adapter_dir: Path, adapter_config: dict[str, Any],
@@ -72,11 +98,8 @@ def merged_with_peft(base_dir: Path, adapter_dir: Path, adapter_config: dict[str
         try:
             model = model_cls.from_pretrained(str(base_dir), dtype=torch.float32,
                                               trust_remote_code=trust_remote_code)
-            rows = adapter_vocabulary(model, adapter_dir)
-            if rows is not None and rows != model.get_input_embeddings().weight.shape[0]:
-                logger.info("%s: the adapter's vocabulary has %d tokens; resizing the base's "
-                            "embeddings to it", model_id, rows)
-                model.resize_token_embeddings(rows, mean_resizing=False)
+            _resize_to_adapter(model, adapter_vocabulary(model, adapter_dir, adapter_config),
+                               model_id)
             merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
             merged.save_pretrained(tmp, safe_serialization=True)
         except (ValueError, KeyError, AttributeError, TypeError, RuntimeError, OSError,
