@@ -325,69 +325,50 @@ def test_a_multimodal_checkpoint_in_the_module_layout_pairs_with_the_published_o
     assert checked >= len([t for t in weights if t.kind == "linear"])
 
 
-def test_a_text_model_pairs_with_its_multimodal_source_beside_a_vision_stack(tmp_path):
-    """Llama 4's published checkpoints hold ``language_model.model.layers.N`` beside the
-    vision tower's ``vision_model.model.layers.N``: without their first component both are
-    ``model.layers.N``, the names of a fine-tune of the text model alone. Each of its layers
-    pairs with the text layer (numpy on the difference), none with the vision one."""
+# Published checkpoints with two stacks whose names are one another's without their first
+# component: the model's own, and (the source's config, the fine-tune's, widths).
+TWO_STACKS = {
+    # Llama 4: language_model.model.layers.N beside the vision tower's
+    # vision_model.model.layers.N; a fine-tune of the text model alone names them
+    # model.layers.N (the text-model wrapper tells them apart)
+    "llama4": (("language_model", 32), ("vision_model", 16),
+               {"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4"},
+               {"architectures": ["Llama4ForCausalLM"], "model_type": "llama4_text"}),
+    # Qwen2.5-Omni: thinker.model.layers.N beside the narrower speech model's
+    # talker.model.layers.N (the shapes tell them apart)
+    "qwen2_5_omni": (("thinker", 32), ("talker", 16),
+                     {"architectures": ["Qwen2_5OmniModel"], "model_type": "qwen2_5_omni"},
+                     {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}),
+}
+
+
+@pytest.mark.parametrize("published", sorted(TWO_STACKS))
+def test_a_fine_tune_of_one_stack_pairs_with_it_beside_the_other(tmp_path, published):
+    """A fine-tune of one stack alone (``model.layers.N``) against the published checkpoint
+    of both: each of its layers pairs with its own stack's (numpy on the difference), none
+    with the other's."""
     from esd_experiment import analyze
     from tests.test_delta import EIGEN_RTOL, gram_evals
 
-    gen = torch.Generator().manual_seed(3)
-    text, vision = 32, 16
-    source = {"language_model.model.embed_tokens.weight": torch.randn(64, text, generator=gen),
-              "language_model.lm_head.weight": torch.randn(64, text, generator=gen)}
-    for i in range(2):
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            source[f"language_model.model.layers.{i}.self_attn.{proj}.weight"] = torch.randn(
-                text, text, generator=gen)
-            source[f"vision_model.model.layers.{i}.self_attn.{proj}.weight"] = torch.randn(
-                vision, vision, generator=gen)
-    config = {"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4"}
-    write_safetensors(tmp_path / "scout", source, config)
-    as_text = {n.replace("language_model.", "", 1): v for n, v in source.items()
-               if n.startswith("language_model.")}
-    tuned = {n: v + 0.01 * torch.randn(v.shape, generator=gen) for n, v in as_text.items()}
-    write_safetensors(tmp_path / "ft", tuned, {"architectures": ["Llama4ForCausalLM"],
-                                               "model_type": "llama4_text"})
-    rows = analyze(str(tmp_path / "ft"), base=str(tmp_path / "scout"),
-                   device="cpu").set_index("longname")
-    assert sorted(rows.index) == sorted(n.removesuffix(".weight") for n in tuned)
-    for name, value in tuned.items():
-        ref = gram_evals((value.double() - as_text[name].double()).numpy())
-        assert rows.loc[name.removesuffix(".weight"), "spectral_norm"] == pytest.approx(
-            ref.max(), rel=EIGEN_RTOL), name
-
-
-def test_a_thinker_fine_tune_pairs_with_its_omni_source_beside_the_talker(tmp_path):
-    """Qwen2.5-Omni publishes ``thinker.model.layers.N`` beside the narrower speech model's
-    ``talker.model.layers.N``; a fine-tune of the thinker alone names its layers
-    ``model.layers.N``, the name of both without their first component. Each pairs with the
-    thinker's layer of its shape (numpy on the difference), none with the talker's."""
-    from esd_experiment import analyze
-    from tests.test_delta import EIGEN_RTOL, gram_evals
-
+    (own, width), (other, other_width), config, ft_config = TWO_STACKS[published]
     gen = torch.Generator().manual_seed(4)
     source = {}
-    for part, width in (("thinker", 32), ("talker", 16)):
-        source[f"{part}.model.embed_tokens.weight"] = torch.randn(64, width, generator=gen)
+    for part, size in ((own, width), (other, other_width)):
+        source[f"{part}.model.embed_tokens.weight"] = torch.randn(64, size, generator=gen)
         for i in range(2):
             for proj in ("q_proj", "o_proj"):
                 source[f"{part}.model.layers.{i}.self_attn.{proj}.weight"] = torch.randn(
-                    width, width, generator=gen)
+                    size, size, generator=gen)
             source[f"{part}.model.layers.{i}.mlp.down_proj.weight"] = torch.randn(
-                width, 2 * width, generator=gen)
-    write_safetensors(tmp_path / "omni", source, {"architectures": ["Qwen2_5OmniModel"],
-                                                  "model_type": "qwen2_5_omni"})
-    thinker = {n.removeprefix("thinker."): v for n, v in source.items()
-               if n.startswith("thinker.")}
-    tuned = {n: v + 0.01 * torch.randn(v.shape, generator=gen) for n, v in thinker.items()}
-    write_safetensors(tmp_path / "ft", tuned, {"architectures": ["Qwen2ForCausalLM"],
-                                               "model_type": "qwen2"})
-    rows = analyze(str(tmp_path / "ft"), base=str(tmp_path / "omni"),
+                size, 2 * size, generator=gen)
+    write_safetensors(tmp_path / "source", source, config)
+    alone = {n.removeprefix(f"{own}."): v for n, v in source.items() if n.startswith(f"{own}.")}
+    tuned = {n: v + 0.01 * torch.randn(v.shape, generator=gen) for n, v in alone.items()}
+    write_safetensors(tmp_path / "ft", tuned, ft_config)
+    rows = analyze(str(tmp_path / "ft"), base=str(tmp_path / "source"),
                    device="cpu").set_index("longname")
     assert sorted(rows.index) == sorted(n.removesuffix(".weight") for n in tuned)
     for name, value in tuned.items():
-        ref = gram_evals((value.double() - thinker[name].double()).numpy())
+        ref = gram_evals((value.double() - alone[name].double()).numpy())
         assert rows.loc[name.removesuffix(".weight"), "spectral_norm"] == pytest.approx(
             ref.max(), rel=EIGEN_RTOL), name

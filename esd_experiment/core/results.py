@@ -160,8 +160,7 @@ def schema_order(header: Sequence[str],
     """The positions of ``header``'s fields in the order a result is read: ``columns`` (the
     schema's), then every other column as the file has it; None when ``header`` is not a
     result's. A result a user saved again with pandas stays one: ``to_csv(path)`` writes the
-    index first, unnamed (left out here); a user's columns may lie among the schema's, and
-    the schema's in another order."""
+    index first, unnamed (left out here); the user's and the schema's columns in any order."""
     start = 1 if len(header) > 1 and header[0] == "" else 0
     where = {name: i for i, name in enumerate(header) if i >= start}
     ours = [where.get(name) for name in columns]
