@@ -73,29 +73,32 @@ def test_an_adapter_of_a_resized_vocabulary_merges_as_peft_merges_it(tmp_path, c
     assert (rows.loc[[n for n in rows.index if n.endswith("q_proj")], "matrix_rank"] == 4).all()
 
 
-@pytest.mark.parametrize("resized", [False, True])
+@pytest.mark.parametrize("resized", ["no", "new_tokens", "first_new_token_saved"])
 def test_trainable_tokens_merge_as_peft_merges_them(tmp_path, resized):
     """peft's other way to train added tokens: ``trainable_token_indices``, the embedding rows
     of those tokens saved alone (``token_adapter.trainable_tokens_delta``), merged by peft;
-    the rows' count is not the vocabulary's."""
+    the rows' count is not the vocabulary's (where peft saves the resized embedding too,
+    ``token_adapter.base_layer``, its rows are)."""
     base = llama()
     base_dir = save_model(base, tmp_path / "base")
-    model, tokens = llama(), [1, 2, 3]
-    if resized:
+    model, tokens, save = llama(), [1, 2, 3], "auto"
+    if resized != "no":
         model.resize_token_embeddings(NEW_VOCAB, mean_resizing=False)
         tokens = list(range(VOCAB, NEW_VOCAB))
+    if resized == "first_new_token_saved":  # a vocabulary padded past the tokens trained
+        tokens, save = [VOCAB], True
     adapter = save_adapter(model, tmp_path / "adapter", str(base_dir), r=4, lora_alpha=8,
-                           target_modules=["q_proj"],
+                           save_embedding_layers=save, target_modules=["q_proj"],
                            trainable_token_indices={"embed_tokens": tokens})
     oracle = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    if resized:
+    if resized != "no":
         oracle.resize_token_embeddings(NEW_VOCAB, mean_resizing=False)
     merged = PeftModel.from_pretrained(oracle, str(adapter)).merge_and_unload().state_dict()
     ours = dict(open_model(ModelRequest(str(adapter), "adapter")).iter_tensors())
     assert ours["model.embed_tokens.weight"].shape == merged["model.embed_tokens.weight"].shape
     for name, value in ours.items():
         ref = merged[name]
-        if name == "lm_head.weight" and resized:  # not saved: the base's rows, then zeros
+        if name == "lm_head.weight" and resized == "new_tokens":  # not saved: the base's rows, then zeros
             assert not value[VOCAB:].any()  # (where peft's resized base has random ones)
             ref, value = ref[:VOCAB], value[:VOCAB]
         diff = (value.float() - ref.float()).abs().max().item()

@@ -79,3 +79,47 @@ def test_a_lora_on_a_layer_the_task_model_adds_at_random_is_left_out_with_a_warn
         assert diff <= MERGE_TOLERANCE, (name, diff)
     rows = analyze(str(adapter), delta=True, device="cpu")
     assert (rows.loc[rows.longname.str.endswith("query_proj"), "matrix_rank"] == 4).all()
+
+
+def test_peft_s_own_merge_leaves_out_the_layers_the_task_model_adds_at_random(tmp_path, caplog):
+    """A DoRA adapter (merged by peft itself) of a BERT classifier over a base published as
+    ``BertForMaskedLM`` (no pooler): the classifier's pooler starts at random in every run,
+    so it is left out with one warning, and the rows are the same from run to run."""
+    from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=32, max_position_embeddings=32)
+    base_dir = save_model(BertForMaskedLM(config), tmp_path / "bert")
+    task = BertForSequenceClassification.from_pretrained(str(base_dir))
+    adapter = save_adapter(task, tmp_path / "dora", str(base_dir), r=4, lora_alpha=8,
+                           use_dora=True, task_type="SEQ_CLS", target_modules=["query", "value"])
+    runs = []
+    for _ in range(2):
+        with caplog.at_level("WARNING"):
+            runs.append(dict(open_model(ModelRequest(str(adapter), "adapter")).iter_tensors()))
+    assert "bert.pooler.dense.weight" not in runs[0] and "initialised at random" in caplog.text
+    assert "classifier.weight" in runs[0]  # saved whole by the adapter: determined
+    assert runs[0].keys() == runs[1].keys()
+    assert all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
+
+
+def test_a_classifier_adapter_of_a_tied_base_saving_the_embedding_has_no_lm_head(tmp_path):
+    """A SEQ_CLS adapter that trains a copy of a tied embedding: peft's classifier has no
+    ``lm_head`` to keep the original under."""
+    from transformers import LlamaForSequenceClassification
+
+    from tests.loader_fixtures import llama
+
+    base_dir = save_model(llama(tie_word_embeddings=True), tmp_path / "llama")
+    task = LlamaForSequenceClassification.from_pretrained(str(base_dir), num_labels=2)
+    task.config.pad_token_id = 0
+    adapter = save_adapter(task, tmp_path / "lora", str(base_dir), r=4, lora_alpha=8,
+                           task_type="SEQ_CLS", target_modules=["q_proj"],
+                           modules_to_save=["embed_tokens"])
+    merged = merged_by_peft(LlamaForSequenceClassification, base_dir, adapter)
+    ours = dict(open_model(ModelRequest(str(adapter), "adapter")).iter_tensors())
+    assert "lm_head.weight" not in ours and set(ours) == set(merged)
+    for name, value in ours.items():
+        diff = (value.float() - merged[name].float()).abs().max().item()
+        assert diff <= MERGE_TOLERANCE, (name, diff)

@@ -79,7 +79,7 @@ def open_adapter(opener, request: ModelRequest, source: Source,
                              conv1d=base_config.get("model_type") in CONV1D_MODEL_TYPES,
                              task_type=str(adapter_config.get("task_type") or ""))
         except NeedsPeftMerge as reason:
-            variant = str(reason)
+            variant = f"LoRA ({reason})"
         else:
             return LoadedModel(request.model_id, source.revision, base_source.model_id,
                                base_source.revision, True, checkpoint, plan)

@@ -471,6 +471,8 @@ class MergePlan:
         """peft trains a copy of a saved module, so a weight the base ties to it keeps the
         original value: yield that original under the tied name, as peft's merged model has it."""
         for tied in finder.tied:
+            if self._holds is not None and not self._holds(tied):
+                continue  # a head the adapter's task model has none of (SEQ_CLS: no lm_head)
             if tied not in self.ops and finder.find(tied) is None and finder.find_tied(tied) == name:
                 logger.info("%s: %s is saved by the adapter; %s, tied to it in %s, keeps the "
                             "original weights", self.model_id, name, tied, self.base_id)

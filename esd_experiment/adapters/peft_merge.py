@@ -22,10 +22,6 @@ from esd_experiment.core.errors import ShapeMismatchError, UnsupportedFormatErro
 from esd_experiment.formats.checkpoint import CheckpointReader, select_weight_files
 
 logger = logging.getLogger(__name__)
-# Where an adapter file holds an embedding's whole weight (peft's save_embedding_layers,
-# modules_to_save), under the embedding module's name.
-_EMBEDDING_WEIGHTS = ("weight", "base_layer.weight", "original_module.weight",
-                      "modules_to_save.weight", "modules_to_save.default.weight")
 
 
 def _model_class(adapter_config: dict[str, Any], base_config: dict[str, Any]):
@@ -51,14 +47,18 @@ def adapter_vocabulary(model, adapter_dir: Path, adapter_config: dict[str, Any])
     names = [n for n, m in model.named_modules() if m is embedding]
     if not names:
         return None
-    own = {f"{ADAPTER_PREFIX}{names[0]}.{part}" for part in _EMBEDDING_WEIGHTS}
-    lora = f"{ADAPTER_PREFIX}{names[0]}.lora_embedding_A"
+    prefix = f"{ADAPTER_PREFIX}{names[0]}."
+    lora = f"{prefix}lora_embedding_A"
+    # the embedding's whole weight, under any wrapper (save_embedding_layers, modules_to_save,
+    # a trainable-tokens adapter's base_layer), or its LoRA's A; not the trained tokens' rows
     rows = [value.shape[1] if key.startswith(lora) else value.shape[0]
             for key, value in load_peft_weights(str(adapter_dir), device="cpu").items()
-            if (key in own or key.startswith(lora)) and value.ndim == 2]
+            if key.startswith(prefix) and value.ndim == 2 and (key.startswith(lora) or (
+                key.endswith(".weight") and ".lora_" not in key))]
     if rows:
         return max(rows)
-    tokens = adapter_config.get("trainable_token_indices") or []
+    tokens = (adapter_config.get("trainable_token_indices")
+              or adapter_config.get("token_indices") or [])  # LoRA's, or TrainableTokens'
     trained = [max(i) + 1 for i in (tokens.values() if isinstance(tokens, dict) else [tokens])
                if i]
     rows = model.get_input_embeddings().weight.shape[0]
@@ -92,23 +92,44 @@ def merged_with_peft(base_dir: Path, adapter_dir: Path, adapter_config: dict[str
     streamed like any checkpoint; the whole base model is in memory while it is merged.
     """
     from peft import PeftModel
+    from peft.utils import load_peft_weights
 
     model_cls = _model_class(adapter_config, base_config)
     with tempfile.TemporaryDirectory(prefix="esd-peft-merge-") as tmp:
         try:
-            model = model_cls.from_pretrained(str(base_dir), dtype=torch.float32,
-                                              trust_remote_code=trust_remote_code)
+            model, loading = model_cls.from_pretrained(
+                str(base_dir), dtype=torch.float32, trust_remote_code=trust_remote_code,
+                output_loading_info=True)
             _resize_to_adapter(model, adapter_vocabulary(model, adapter_dir, adapter_config),
                                model_id)
             merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
             merged.save_pretrained(tmp, safe_serialization=True)
-        except (ValueError, KeyError, AttributeError, TypeError, RuntimeError, OSError,
-                NotImplementedError, ImportError) as exc:
+            saved = {_whole_name(k) for k in load_peft_weights(str(adapter_dir), device="cpu")}
+        except (ValueError, KeyError, IndexError, AttributeError, TypeError, RuntimeError,
+                OSError, NotImplementedError, ImportError) as exc:
             error = ShapeMismatchError if "size mismatch" in str(exc) else UnsupportedFormatError
             raise error(f"{model_id}: the {variant} adapter could not be merged by peft into "
                         f"{model_cls.__name__}: {type(exc).__name__}: {exc}") from None
         del model, merged
         gc.collect()
+        # The task model's layers the base lacks start at random: not determined, unless the
+        # adapter saves them whole (a classifier head in modules_to_save).
+        unseeded = sorted(set(loading.get("missing_keys") or ()) - saved)
+        if unseeded:
+            logger.warning("%s: %d tensor(s) of the %s that %s lacks are initialised at random "
+                           "(the adapter does not save them), so not determined: left out: %s",
+                           model_id, len(unseeded), model_cls.__name__, base_dir.name,
+                           ", ".join(unseeded[:8]))
         files = sorted(p.name for p in Path(tmp).iterdir())
         reader = CheckpointReader(Path(tmp), select_weight_files(files, model_id), model_id)
-        yield from reader.iter_tensors()
+        for name, tensor, storage in reader.iter_tensors():
+            if name not in unseeded:
+                yield name, tensor, storage
+
+
+def _whole_name(key: str) -> str:
+    """The model's name of a tensor an adapter file saves whole (``modules_to_save``, a saved
+    embedding), from its key there."""
+    parts = key.removeprefix(ADAPTER_PREFIX).split(".")
+    return ".".join(p for p in parts if p not in ("modules_to_save", "default", "base_layer",
+                                                  "original_module"))
