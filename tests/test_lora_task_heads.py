@@ -123,3 +123,25 @@ def test_a_classifier_adapter_of_a_tied_base_saving_the_embedding_has_no_lm_head
     for name, value in ours.items():
         diff = (value.float() - merged[name].float()).abs().max().item()
         assert diff <= MERGE_TOLERANCE, (name, diff)
+
+
+def test_peft_s_own_merge_of_a_causal_lm_adapter_over_a_bare_base_loads_every_tensor(tmp_path):
+    """A DoRA adapter (no task type) of a causal LM whose base is saved as the bare
+    ``LlamaModel``: built as the base's class, none of the adapter's ``model.layers`` keys
+    would load (peft only warns) and the merged model would be the base; it is built as the
+    causal LM instead, as the adapter's trainer built it."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.loader_fixtures import llama
+
+    base_dir = save_model(llama().model, tmp_path / "bare")  # LlamaModel: layers.N...
+    causal = AutoModelForCausalLM.from_pretrained(str(base_dir))
+    adapter = save_adapter(causal, tmp_path / "dora", str(base_dir), r=4, lora_alpha=8,
+                           use_dora=True, target_modules=["q_proj"])
+    merged = merged_by_peft(AutoModelForCausalLM, base_dir, adapter)
+    ours = dict(open_model(ModelRequest(str(adapter), "adapter")).iter_tensors())
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged[name], causal.state_dict()[name])
+    diff = (ours[name].float() - merged[name].float()).abs().max().item()
+    assert diff <= MERGE_TOLERANCE, diff
+    assert "lm_head.weight" not in ours  # the bare base has none: at random, left out

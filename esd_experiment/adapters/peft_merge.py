@@ -91,26 +91,32 @@ def merged_with_peft(base_dir: Path, adapter_dir: Path, adapter_config: dict[str
     merged model is saved to a temporary safetensors directory and freed, and that copy is
     streamed like any checkpoint; the whole base model is in memory while it is merged.
     """
-    from peft import PeftModel
     from peft.utils import load_peft_weights
 
-    model_cls = _model_class(adapter_config, base_config)
     with tempfile.TemporaryDirectory(prefix="esd-peft-merge-") as tmp:
+        model_cls = _model_class(adapter_config, base_config)
         try:
-            model, loading = model_cls.from_pretrained(
-                str(base_dir), dtype=torch.float32, trust_remote_code=trust_remote_code,
-                output_loading_info=True)
-            _resize_to_adapter(model, adapter_vocabulary(model, adapter_dir, adapter_config),
-                               model_id)
-            merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-            merged.save_pretrained(tmp, safe_serialization=True)
-            saved = {_whole_name(k) for k in load_peft_weights(str(adapter_dir), device="cpu")}
+            adapter = load_peft_weights(str(adapter_dir), device="cpu")
+            model, loading, unloaded = _merged(model_cls, base_dir, adapter_dir, adapter_config,
+                                               adapter, trust_remote_code, model_id)
+            if unloaded and not adapter_config.get("task_type") and "For" not in model_cls.__name__:
+                import transformers  # a bare base: the adapter of its causal LM, as peft's default
+
+                model_cls = transformers.AutoModelForCausalLM
+                model, loading, unloaded = _merged(model_cls, base_dir, adapter_dir,
+                                                   adapter_config, adapter, trust_remote_code,
+                                                   model_id)
+            if unloaded:
+                raise ValueError(f"{len(unloaded)} adapter tensor(s) load into no module of it "
+                                 f"({', '.join(sorted(unloaded)[:4])})")
+            model.save_pretrained(tmp, safe_serialization=True)
+            saved = {_whole_name(k) for k in adapter}
         except (ValueError, KeyError, IndexError, AttributeError, TypeError, RuntimeError,
                 OSError, NotImplementedError, ImportError) as exc:
             error = ShapeMismatchError if "size mismatch" in str(exc) else UnsupportedFormatError
             raise error(f"{model_id}: the {variant} adapter could not be merged by peft into "
                         f"{model_cls.__name__}: {type(exc).__name__}: {exc}") from None
-        del model, merged
+        del model
         gc.collect()
         # The task model's layers the base lacks start at random: not determined, unless the
         # adapter saves them whole (a classifier head in modules_to_save).
@@ -125,6 +131,21 @@ def merged_with_peft(base_dir: Path, adapter_dir: Path, adapter_config: dict[str
         for name, tensor, storage in reader.iter_tensors():
             if name not in unseeded:
                 yield name, tensor, storage
+
+
+def _merged(model_cls, base_dir: Path, adapter_dir: Path, adapter_config: dict[str, Any],
+            adapter: dict, trust_remote_code: bool, model_id: str):
+    """``(merged model, its base's loading info, the adapter's keys that loaded nowhere)``."""
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+
+    model, loading = model_cls.from_pretrained(
+        str(base_dir), dtype=torch.float32, trust_remote_code=trust_remote_code,
+        output_loading_info=True)
+    _resize_to_adapter(model, adapter_vocabulary(model, adapter_dir, adapter_config), model_id)
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    unloaded = set(adapter) - set(get_peft_model_state_dict(peft_model))
+    return peft_model.merge_and_unload(), loading, unloaded
 
 
 def _whole_name(key: str) -> str:
