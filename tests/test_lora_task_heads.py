@@ -82,16 +82,16 @@ def test_a_lora_on_a_layer_the_task_model_adds_at_random_is_left_out_with_a_warn
 
 
 def test_peft_s_own_merge_leaves_out_the_layers_the_task_model_adds_at_random(tmp_path, caplog):
-    """A DoRA adapter (merged by peft itself) of a BERT classifier over a base published as
-    ``BertForMaskedLM`` (no pooler): the classifier's pooler starts at random in every run,
-    so it is left out with one warning, and the rows are the same from run to run."""
+    """A DoRA adapter (merged by peft itself) of a 3-label BERT classifier over a base
+    published as ``BertForMaskedLM`` (no pooler): the classifier's pooler starts at random in
+    every run, so it is left out with one warning, and the rows are the same from run to run."""
     from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
                         num_attention_heads=2, intermediate_size=32, max_position_embeddings=32)
     base_dir = save_model(BertForMaskedLM(config), tmp_path / "bert")
-    task = BertForSequenceClassification.from_pretrained(str(base_dir))
+    task = BertForSequenceClassification.from_pretrained(str(base_dir), num_labels=3)
     adapter = save_adapter(task, tmp_path / "dora", str(base_dir), r=4, lora_alpha=8,
                            use_dora=True, task_type="SEQ_CLS", target_modules=["query", "value"])
     runs = []
@@ -99,7 +99,8 @@ def test_peft_s_own_merge_leaves_out_the_layers_the_task_model_adds_at_random(tm
         with caplog.at_level("WARNING"):
             runs.append(dict(open_model(ModelRequest(str(adapter), "adapter")).iter_tensors()))
     assert "bert.pooler.dense.weight" not in runs[0] and "initialised at random" in caplog.text
-    assert "classifier.weight" in runs[0]  # saved whole by the adapter: determined
+    assert runs[0]["classifier.weight"].shape == (3, 16)  # saved whole by the adapter, for
+    # its three labels (the model is built with them, as its trainer built it): determined
     assert runs[0].keys() == runs[1].keys()
     assert all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
 

@@ -97,15 +97,16 @@ def merged_with_peft(base_dir: Path, adapter_dir: Path, adapter_config: dict[str
         model_cls = _model_class(adapter_config, base_config)
         try:
             adapter = load_peft_weights(str(adapter_dir), device="cpu")
+            labels = _labels(adapter, adapter_config)
             model, loading, unloaded = _merged(model_cls, base_dir, adapter_dir, adapter_config,
-                                               adapter, trust_remote_code, model_id)
-            if unloaded and not adapter_config.get("task_type") and "For" not in model_cls.__name__:
+                                               adapter, trust_remote_code, model_id, labels)
+            if unloaded and not adapter_config.get("task_type") and model.base_model is model:
                 import transformers  # a bare base: the adapter of its causal LM, as peft's default
 
                 model_cls = transformers.AutoModelForCausalLM
                 model, loading, unloaded = _merged(model_cls, base_dir, adapter_dir,
                                                    adapter_config, adapter, trust_remote_code,
-                                                   model_id)
+                                                   model_id, labels)
             if unloaded:
                 raise ValueError(f"{len(unloaded)} adapter tensor(s) load into no module of it "
                                  f"({', '.join(sorted(unloaded)[:4])})")
@@ -133,18 +134,30 @@ def merged_with_peft(base_dir: Path, adapter_dir: Path, adapter_config: dict[str
                 yield name, tensor, storage
 
 
+def _labels(adapter: dict, adapter_config: dict[str, Any]) -> dict[str, int]:
+    """``{"num_labels": n}`` for a classifier adapter, from the head it saves (``score``,
+    ``classifier``, RoBERTa's ``classifier.out_proj``), as its trainer built the model."""
+    if str(adapter_config.get("task_type") or "").upper() not in ("SEQ_CLS", "TOKEN_CLS"):
+        return {}
+    heads = [v.shape[0] for k, v in adapter.items() if v.ndim == 2 and _whole_name(k).endswith(
+        ("score.weight", "classifier.weight", "classifier.out_proj.weight"))]
+    return {"num_labels": heads[0]} if heads else {}
+
+
 def _merged(model_cls, base_dir: Path, adapter_dir: Path, adapter_config: dict[str, Any],
-            adapter: dict, trust_remote_code: bool, model_id: str):
+            adapter: dict, trust_remote_code: bool, model_id: str, labels: dict[str, int]):
     """``(merged model, its base's loading info, the adapter's keys that loaded nowhere)``."""
     from peft import PeftModel
     from peft.utils import get_peft_model_state_dict
 
     model, loading = model_cls.from_pretrained(
         str(base_dir), dtype=torch.float32, trust_remote_code=trust_remote_code,
-        output_loading_info=True)
+        output_loading_info=True, **labels)
     _resize_to_adapter(model, adapter_vocabulary(model, adapter_dir, adapter_config), model_id)
+    own = set(model.state_dict())  # a weight the adapter saves whole loads under its name
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
-    unloaded = set(adapter) - set(get_peft_model_state_dict(peft_model))
+    unloaded = {k for k in set(adapter) - set(get_peft_model_state_dict(peft_model))
+                if _whole_name(k) not in own}
     return peft_model.merge_and_unload(), loading, unloaded
 
 
