@@ -343,7 +343,8 @@ class MergePlan:
         self.unseeded: list[str] = []  # LoRA modules of a layer the task model adds at random
         kept, self._holds = task_model_filter(task_type, base_config or {})
         finder = _BaseNames(base.names, base_config)
-        for target, key in replacements.items():  # first: a LoRA may be added to one
+        # first: a LoRA may be added to one; a tied head's copy after what it is tied to
+        for target, key in sorted(replacements.items(), key=lambda i: finder.find(i[0]) is None):
             self._plan_replacement(target, key, finder)
         for lora in loras.values():
             self._plan_lora(lora, finder)
@@ -437,9 +438,11 @@ class MergePlan:
     def _plan_replacement(self, target: str, key: str, finder: _BaseNames) -> None:
         name = finder.find(target, lambda n: self.base.shape(n) == self.adapter.shape(key))
         module = target.rpartition(".")[0]
+        copy = False  # the tied head peft saved beside its embedding (save_embedding_layers)
         if name is None and ".modules_to_save." not in key and not self.settings.saves_module(
-                module):  # peft saved a tied head's weight (save_embedding_layers): the embedding
+                module):
             name = finder.find_tied(target)
+            copy = name is not None
         if name is None:
             if ".modules_to_save." in key or self.settings.saves_module(module):
                 logger.info("%s: %s has no counterpart in %s; analysed as an extra tensor",
@@ -454,11 +457,15 @@ class MergePlan:
         theirs, ours = tuple(self.adapter.shape(key)), tuple(self.base.shape(name))
         if theirs != ours and not (len(ours) == 2 and theirs[1:] == ours[1:]):
             self._mismatch(f"{key} {theirs} replaces {name} {ours}")
+        op = self._op(name)
+        if op.replace is not None and copy and ".modules_to_save." not in op.replace \
+                and not self.settings.saves_module(name.rpartition(".")[0]):
+            op.adapter_keys.append(key)  # the one tied parameter, saved under both names
+            return
         if theirs != ours:  # a vocabulary resized for added tokens: the adapter's is the model's
             logger.info("%s: %s has %d rows where %s has %d in %s (a resized vocabulary)",
                         self.model_id, key, theirs[0], name, ours[0], self.base_id)
             self.resized.append(name)
-        op = self._op(name)
         if op.replace is not None:
             raise NeedsPeftMerge(f"two adapter tensors ({op.replace}, {key}) set {name}, "
                                  f"which the base ties")
