@@ -209,9 +209,11 @@ def _rewrite(path, rename) -> None:
     save_file({k: v for k, v in tensors.items() if k}, str(path))
 
 
-def test_keys_match_across_prefixes_and_adapter_names(bases, tmp_path):
-    """Base saved as the bare model (no ``model.``), adapter keys with ``.default`` and
-    without ``base_model.model.``: still matched."""
+@pytest.mark.parametrize("name", ["default", "mine"])
+def test_keys_match_across_prefixes_and_adapter_names(bases, tmp_path, name):
+    """Base saved as the bare model (no ``model.``), adapter keys with the adapter's name
+    (``.default``, or its own, as a PeftModel's ``state_dict`` holds them) and without
+    ``base_model.model.``: still matched."""
     models, dirs = bases
     adapter = save_adapter(models["llama"], tmp_path / "adapter", None,
                            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
@@ -220,8 +222,8 @@ def test_keys_match_across_prefixes_and_adapter_names(bases, tmp_path):
     _rewrite(bare / "model.safetensors",
              lambda k: None if k == "lm_head.weight" else k.removeprefix("model."))
     _rewrite(adapter / "adapter_model.safetensors", lambda k: k.removeprefix(
-        "base_model.model.").replace(".lora_A.", ".lora_A.default.").replace(
-        ".lora_B.", ".lora_B.default."))
+        "base_model.model.").replace(".lora_A.", f".lora_A.{name}.").replace(
+        ".lora_B.", f".lora_B.{name}."))
     ours = dict(open_model(ModelRequest(str(adapter), "adapter", str(bare))).iter_tensors())
     assert "layers.0.self_attn.q_proj.weight" in ours
     assert_matches_peft({f"model.{k}": v for k, v in ours.items()}, ref, tied=("lm_head.weight",))

@@ -62,8 +62,8 @@ _VARIANT_FIELDS = (
     ("target_parameters", "LoRA on parameters (target_parameters)"),
     ("trainable_token_indices", "trainable tokens"), ("layer_replication", "layer replication"),
 )
-_LORA_KEY = re.compile(
-    r"^(?P<module>.+)\.lora_(?P<part>A|B|embedding_A|embedding_B)(?:\.default)?"
+_LORA_KEY = re.compile(  # the adapter's name (".default") where a state_dict was saved whole
+    r"^(?P<module>.+)\.lora_(?P<part>A|B|embedding_A|embedding_B)(?:\.(?!(?:weight|bias)$)[^.]+)?"
     r"(?:\.(?P<param>weight|bias))?$")
 _SAVED_MODULE_KEY = re.compile(r"^(?P<module>.+)\.modules_to_save(?:\.default)?\.(?P<rest>.+)$")
 # A module's own weight saved beside its LoRA or its trained copy (peft's
