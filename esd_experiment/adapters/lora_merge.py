@@ -127,7 +127,11 @@ def task_model_filter(task_type: str, base_config: Mapping[str, Any]):
         with torch.device("meta"):
             model = getattr(transformers, name).from_config(config)
         finder = _BaseNames([n for n, _ in model.named_parameters()])
-        return (lambda n: finder.find(n) is not None), (lambda n: finder.find(n) is not None)
+
+        def holds(name: str) -> bool:
+            return finder.find(name) is not None
+
+        return holds, holds
     except Exception as exc:  # a custom architecture or a config the class cannot take
         logger.info("cannot build %s from the base config (%s: %s); leaving out its lm_head",
                     name, type(exc).__name__, exc)
