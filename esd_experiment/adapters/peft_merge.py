@@ -34,12 +34,10 @@ def _model_class(adapter_config: dict[str, Any], base_config: dict[str, Any]):
     return getattr(transformers, name)
 
 
-def adapter_vocabulary(model, adapter_dir: Path, adapter_config: dict[str, Any]) -> int | None:
-    """The rows of the input embedding the adapter in ``adapter_dir`` saves for ``model``
+def adapter_vocabulary(model, adapter: dict, adapter_config: dict[str, Any]) -> int | None:
+    """The rows of the input embedding the adapter (its tensors ``adapter``) saves for ``model``
     (its saved weight, or its embedding LoRA's ``lora_embedding_A``, ``(r, vocab)``), or
     trains (past its largest ``trainable_token_indices``); None when it names none."""
-    from peft.utils import load_peft_weights
-
     try:
         embedding = model.get_input_embeddings()
     except (NotImplementedError, AttributeError):  # a model without token embeddings (ResNet)
@@ -52,7 +50,7 @@ def adapter_vocabulary(model, adapter_dir: Path, adapter_config: dict[str, Any])
     # the embedding's whole weight, under any wrapper (save_embedding_layers, modules_to_save,
     # a trainable-tokens adapter's base_layer), or its LoRA's A; not the trained tokens' rows
     rows = [value.shape[1] if key.startswith(lora) else value.shape[0]
-            for key, value in load_peft_weights(str(adapter_dir), device="cpu").items()
+            for key, value in adapter.items()
             if key.startswith(prefix) and value.ndim == 2 and (key.startswith(lora) or (
                 key.endswith(".weight") and ".lora_" not in key))]
     if rows:
@@ -153,7 +151,7 @@ def _merged(model_cls, base_dir: Path, adapter_dir: Path, adapter_config: dict[s
     model, loading = model_cls.from_pretrained(
         str(base_dir), dtype=torch.float32, trust_remote_code=trust_remote_code,
         output_loading_info=True, **labels)
-    _resize_to_adapter(model, adapter_vocabulary(model, adapter_dir, adapter_config), model_id)
+    _resize_to_adapter(model, adapter_vocabulary(model, adapter, adapter_config), model_id)
     own = set(model.state_dict())  # a weight the adapter saves whole loads under its name
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
     unloaded = {k for k in set(adapter) - set(get_peft_model_state_dict(peft_model))
