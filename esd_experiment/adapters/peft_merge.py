@@ -102,6 +102,8 @@ def merged_with_peft(base_dir: Path, adapter_dir: Path, adapter_config: dict[str
                 import transformers  # a bare base: the adapter of its causal LM, as peft's default
 
                 model_cls = transformers.AutoModelForCausalLM
+                del model  # one model in memory at a time
+                gc.collect()
                 model, loading, unloaded = _merged(model_cls, base_dir, adapter_dir,
                                                    adapter_config, adapter, trust_remote_code,
                                                    model_id, labels)

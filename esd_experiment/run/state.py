@@ -137,12 +137,7 @@ def check_options(output_dir: Path, options: dict, overwrite: bool) -> None:
         recorded = {}
     if recorded is not None and {k: v for k, v in recorded.items() if k != DELTA_KEY} != numbers \
             and not overwrite:
-        changed = ", ".join(f"{k}: {recorded.get(k)!r} -> {options.get(k)!r}"
-                            for k in sorted(set(recorded) | set(options))
-                            if recorded.get(k) != options.get(k) and k != DELTA_KEY)
-        raise InputError(f"{output_dir} holds results computed with other estimator options "
-                         f"({changed}); rerun with --overwrite to recompute them, or choose "
-                         "another --output_dir")
+        _refuse(output_dir, recorded, numbers)
     if recorded != options:
         write_text_atomic(path, json.dumps(options, indent=1, sort_keys=True) + "\n")
 
@@ -156,12 +151,18 @@ def _check_results_options(output_dir: Path, key: str) -> None:
             if theirs is not None and theirs != key and (schema_order(header) is not None or
                                                          schema_order(header, LEGACY_COLUMNS)):
                 old, new = (dict(p.partition("=")[::2] for p in k.split(";")) for k in (theirs, key))
-                changed = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
-                                    for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k))
-                raise InputError(
-                    f"{output_dir} holds results computed with other estimator options "
-                    f"({csv.name}: {changed}); rerun with --overwrite to recompute them, or "
-                    "choose another --output_dir")
+                _refuse(output_dir, old, new, f"{csv.name}: ")
+
+
+def _refuse(output_dir: Path, recorded: dict, options: dict, where: str = "") -> None:
+    """Refuse a run whose options differ from those the directory's results were computed
+    with, naming each change."""
+    changed = ", ".join(f"{k}: {recorded.get(k)!r} -> {options.get(k)!r}"
+                        for k in dict.fromkeys([*recorded, *options])
+                        if recorded.get(k) != options.get(k) and k != DELTA_KEY)
+    raise InputError(f"{output_dir} holds results computed with other estimator options "
+                     f"({where}{changed}); rerun with --overwrite to recompute them, or choose "
+                     "another --output_dir")
 
 
 def holds_results(output_dir: Path) -> bool:
