@@ -281,6 +281,14 @@ def test_an_adapter_known_by_its_files_alone_fails_with_its_deltas_cause(pair, t
     (line,) = (out / "failed_models.txt").read_text().splitlines()
     assert line.startswith(f"{dora}\t") and "merged by peft" in line, line
     assert (out / "delta" / ModelPaths.for_model(out, str(lora)).csv.name).is_file()
+    # The rerun holds the failed one to its delta (it fails again, still recorded); the
+    # other, done with its delta, is not run again.
+    lora_result = ModelPaths.for_model(out, str(lora)).csv
+    before = lora_result.stat().st_mtime_ns
+    assert runner(*args) == 1
+    (line,) = (out / "failed_models.txt").read_text().splitlines()
+    assert line.startswith(f"{dora}\t") and "merged by peft" in line, line
+    assert lora_result.stat().st_mtime_ns == before
 
 
 def test_a_source_cleared_from_the_list_leaves_no_delta_due(pair, tmp_path):

@@ -64,7 +64,10 @@ def make_plan(entries: list[ListEntry], output_dir: Path, log_dir: Path, options
                 entry.source_model.strip()) == os.path.normpath(entry.model_id.strip()):
             plan.invalid.append((entry, "--delta: its source_model is the model itself"))
             continue
-        if not overwrite and result_done(paths, options, save_eigs, delta and has_delta(entry)):
+        # An adapter the list does not mark whose delta failed is held to its delta while
+        # failed_models.txt records it (its own result is current: the delta failed after it).
+        wants_delta = delta and (has_delta(entry) or entry.key in failures)
+        if not overwrite and result_done(paths, options, save_eigs, wants_delta):
             plan.done.append(entry)
         elif skip_failed and entry.key in failures:
             plan.skipped_failed.append(entry)
