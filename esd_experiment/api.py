@@ -186,8 +186,11 @@ def _checkpoint(label: str, module: Any) -> Checkpoint:
     """A module's weights as an opened checkpoint (no files, no fetcher), read as a
     checkpoint on disk is (weight-normalised layers as their weight, 2-D expert stacks split)."""
     config = saved_config(module)
-    reader = WeightFormsReader(TensorDictReader(module_tensors(module)), config or {}, label)
-    return Checkpoint(Source(label, None, Path("."), ()), reader, config, None)
+    tensors = module_tensors(module)
+    reader = WeightFormsReader(TensorDictReader(tensors), config or {}, label)
+    # Without a config the module's own order of definition is its layers' depth order.
+    return Checkpoint(Source(label, None, Path("."), ()), reader, config, None,
+                      order=() if config else tuple(tensors))
 
 
 def _run(label: str, model: Any) -> ModelRun:

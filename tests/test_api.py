@@ -200,6 +200,28 @@ def test_an_adapters_delta_is_its_own_update_as_the_cli_writes_it(tmp_path):
     assert (ours["matrix_rank"][lora] == 4).all()
 
 
+class _LeNet(torch.nn.Module):
+    """A model of the kind researchers define themselves: no config, no names the name rule
+    knows the order of."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = torch.nn.Conv2d(3, 16, 5), torch.nn.Conv2d(16, 32, 5)
+        self.input, self.hidden = torch.nn.Linear(800, 120), torch.nn.Linear(120, 84)
+        self.fc1, self.linear = torch.nn.Linear(84, 64), torch.nn.Linear(64, 10)
+
+
+def test_a_module_without_a_config_keeps_its_own_layer_order():
+    """layer_id follows the module's own definition order, as net_esd_estimator's rows do
+    (the name rule put the classifier ``linear`` and ``fc1`` before the convolutions)."""
+    module = _LeNet()
+    defined = [n.removesuffix(".weight") for n, p in module.named_parameters() if p.dim() > 1]
+    df = analyze(module)
+    assert df["longname"].tolist() == defined
+    assert df["layer_id"].tolist() == list(range(len(defined)))
+    assert net_esd_estimator(module)["longname"].tolist() == defined
+
+
 def test_a_delta_without_a_source_is_refused():
     with pytest.raises(InputError, match="no source model"):
         analyze(torch.nn.Sequential(torch.nn.Linear(40, 30)), delta=True)

@@ -194,6 +194,16 @@ def test_name_rule_on_a_torchvision_style_resnet():
     assert [block_index(n) for n in ("conv1", "layer2.0.conv1", "fc")] == [None, 0, None]
 
 
+def test_name_rule_on_the_models_researchers_define():
+    """TempBalance's CIFAR ResNet names its classifier ``linear``; a LeNet's layers are all
+    outside blocks, where ``fc1`` is no block's feed-forward layer and names compare as such."""
+    resnet = ["conv1", "layer1.0.conv1", "layer1.0.conv2", "layer2.0.conv1",
+              "layer2.0.shortcut.0", "linear"]
+    assert ordered(sorted(resnet)) == resnet
+    lenet = ["conv1", "conv2", "fc1", "fc2", "fc3"]
+    assert ordered(list(reversed(lenet))) == lenet
+
+
 def test_name_rule_on_gguf_names():
     """llama.cpp's names (a GGUF of an architecture transformers cannot map): embeddings first,
     the head (``output``) last, a block in its computation order, experts one row each."""

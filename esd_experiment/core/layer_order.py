@@ -15,9 +15,11 @@ names the way the model computes with them:
   the class cannot be built from the config, or fewer than half the names find a parameter:
   1. embeddings outside an encoder or decoder come first (GGUF's ``token_embd`` too), heads
      (``lm_head``, ``classifier``, ``pooler``, ``score``, ``cls``, ``fc``, a top-level
-     ``output`` as in GGUF and InternLM2, ...) and anything under them come last;
+     ``output`` as in GGUF and InternLM2 or ``linear`` as in the CIFAR ResNets, ...) and
+     anything under them come last;
   2. in between, encoder before unmarked before decoder; within each, embeddings, then other
-     layers outside blocks (stems such as a ResNet's ``conv1``), then blocks;
+     layers outside blocks (stems such as a ResNet's ``conv1``; among themselves in natural
+     order), then blocks;
   3. blocks compare by the components before their first number (torchvision's ``layer1``
      before ``layer2``), then by all their numbers (``layers.3`` -> 3, ``stages.1.layers.0``
      -> (1, 0)) compared as numbers, so ``layers.2`` comes before ``layers.10``;
@@ -36,9 +38,12 @@ none.
 The rule reproduces the parameter order of Llama, GPT-2, BERT, T5 and ResNet checkpoints
 (tests/test_layer_order.py); the config path also orders Mixtral's experts as the model does.
 
-For the worker: ``rows = in_depth_order(rows, config)`` sorts result rows by depth and
-renumbers ``layer_id``; ``config`` is the model's ``config.json`` (the base's, for an adapter),
-or None. Building the meta instance imports transformers (about 2.5 s of CPU once per process,
+- **From the module itself**, for an ``nn.Module`` analysed in memory without a config: the
+  order in which it defines its parameters (a researcher's own LeNet or ResNet).
+
+For the worker: ``rows = in_depth_order(rows, config, parameters)`` sorts result rows by depth
+and renumbers ``layer_id``; ``config`` is the model's ``config.json`` (the base's, for an
+adapter), or None; ``parameters`` an in-memory module's tensor names, or empty. Building the meta instance imports transformers (about 2.5 s of CPU once per process,
 then milliseconds per config; see BENCHMARKS.md), so what a config's class gives (its parameter
 order, the renamings looked up, or that it cannot be built) is kept on disk, one small JSON file
 per config and transformers version, under ``$ESD_CACHE_DIR/layer-order`` (default
@@ -70,8 +75,9 @@ _HEADS = frozenset({
 })
 _EMBEDDINGS = frozenset({"wte", "wpe", "shared", "emb", "tok_emb", "pos_emb", "tok_embeddings",
                          "token_embd", "pos_embd", "token_types"})  # the last three: GGUF's
-# A head stored at the top level under this name (GGUF's output.weight, InternLM2's).
-_TOP_HEAD = "output"
+# Heads stored at the top level under these names (GGUF's and InternLM2's output.weight; the
+# classifier of the CIFAR ResNets, DenseNets and MobileNets TempBalance trains, ``linear``).
+_TOP_HEADS = ("output", "linear")
 _SIDES = {"encoder": 0, "decoder": 2}  # names with neither are 1
 _UNMARKED_SIDE = 1
 _DEFAULT_RANK = 50
@@ -154,7 +160,7 @@ def _classify(parts: list[str]) -> tuple[int, int, int, int]:
     first = next((i for i, p in enumerate(parts) if p.isdigit()), len(parts))
     outer = [p.lower() for p in parts[:first]]
     side = next((_SIDES[p] for p in outer if p in _SIDES), _UNMARKED_SIDE)
-    if any(p in _HEADS for p in outer) or outer[:1] == [_TOP_HEAD]:
+    if any(p in _HEADS for p in outer) or (outer and outer[0] in _TOP_HEADS):
         return 2, side, 0, first
     embedding = any(_is_embedding(p) for p in outer)
     if embedding and side == _UNMARKED_SIDE:
@@ -170,7 +176,10 @@ def name_key(name: str) -> tuple:
     index = _EXPERT_SUFFIX.match(name)  # one matrix of a stack: after the stack's own place
     own = parts[:-1] if index else parts
     blocks = tuple(int(p) for p in own if p.isdigit())
-    return (major, side, kind, tuple(_component(p) for p in own[:first]), blocks,
+    # Layers outside blocks (stems, a LeNet's layers) compare by name alone: the ranks order
+    # the parts of a block (a top-level fc1 is not a block's feed-forward layer).
+    component = _component if kind != 1 else (lambda p: (_DEFAULT_RANK, 0, _natural(p)))
+    return (major, side, kind, tuple(component(p) for p in own[:first]), blocks,
             tuple(_component(p) for p in own[first:] if not p.isdigit()),
             int(index.group(2)) if index else -1)
 
@@ -485,16 +494,21 @@ def _write_cached(config_json: str, order: ModelOrder | None) -> None:
 # ---------------------------------------------------------------------------------------------
 # Ranks.
 
-def depth_order(names: Sequence[str], config: Mapping | None = None) -> dict[str, int]:
+def depth_order(names: Sequence[str], config: Mapping | None = None,
+                parameters: Sequence[str] = ()) -> dict[str, int]:
     """``{name: rank}``, ranks 0..n-1 in depth order, for layer names (``longname`` values,
     with or without ``.weight``; expert rows ``name[e]``) of one model.
 
-    ``config`` is the model's ``config.json`` as a dict; without it, or when it does not
+    ``config`` is the model's ``config.json`` as a dict; ``parameters`` the model's own tensor
+    names in definition order, where they are known (an ``nn.Module`` analysed in memory),
+    which rank the layers when the config does not. Without either, or when they do not
     describe these names, the name rule orders them. Duplicate names share one rank.
     """
     unique = list(dict.fromkeys(names))
     text = _config_json(config)
     order = None if text is None else _model_order(text)
+    if order is None and parameters:
+        order = ModelOrder({n: i for i, n in enumerate(dict.fromkeys(parameters))}, _identity)
     keys = None
     if order is not None:
         try:
@@ -530,12 +544,14 @@ def _model_keys(names: list[str], order: ModelOrder) -> dict[str, tuple] | None:
     return keys
 
 
-def in_depth_order(rows: Sequence[Mapping], config: Mapping | None = None) -> list[dict]:
-    """Result rows (dicts with ``longname``) sorted by depth, ``layer_id`` renumbered 0..n-1.
+def in_depth_order(rows: Sequence[Mapping], config: Mapping | None = None,
+                   parameters: Sequence[str] = ()) -> list[dict]:
+    """Result rows (dicts with ``longname``) sorted by depth (``depth_order``), ``layer_id``
+    renumbered 0..n-1.
 
     New dicts are returned; ``rows`` is left as it was. Rows of one name (never expected)
     keep their relative order.
     """
-    ranks = depth_order([r["longname"] for r in rows], config)
+    ranks = depth_order([r["longname"] for r in rows], config, parameters)
     ordered = sorted(rows, key=lambda r: ranks[r["longname"]])
     return [{**row, "layer_id": i} for i, row in enumerate(ordered)]

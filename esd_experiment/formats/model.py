@@ -22,6 +22,7 @@ class Checkpoint:
     reader: Any
     config: dict
     fetcher: ShardFetcher | None
+    order: tuple[str, ...] = ()  # an in-memory module's tensor names, in definition order
 
 
 @dataclass

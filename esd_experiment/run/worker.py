@@ -281,8 +281,9 @@ def result_rows(config: WorkerConfig, run: ModelRun) -> list[dict]:
     key = ListEntry(run.model_id, gguf_file=config.gguf_file).key
     fixed = {"model_id": key, "revision": model.revision or "",
              "source_model": model.source_model or "", "esd_options": config.esd.options_key}
-    base_config = model.checkpoint.config if model.checkpoint is not None else None
-    rows = in_depth_order(run.rows, base_config)  # layer_id follows the model's depth
+    opened = model.checkpoint
+    # layer_id follows the model's depth
+    rows = in_depth_order(run.rows, opened.config if opened else None, opened.order if opened else ())
     for row in rows:
         row.update(fixed)
     return rows
