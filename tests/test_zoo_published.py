@@ -106,11 +106,12 @@ def test_published_layout_depth_and_blocks(published, name):
         for b in set(blocks):
             inside = [r["longname"].split(f"{stack}.{b}.", 1)[1] for r in mine
                       if r["block"] == b]
-            last_attn = max((i for i, n in enumerate(inside) if ATTENTION.search(n)
-                             and not MLP.search(n)), default=-1)
-            first_mlp = min((i for i, n in enumerate(inside) if MLP.search(n)), default=1 << 30)
-            if last_attn > first_mlp:
-                problems.append(f"{stack}.{b}: attention after the MLP: {inside}")
+            attn = [i for i, n in enumerate(inside) if ATTENTION.search(n) and not MLP.search(n)]
+            mlp = [i for i, n in enumerate(inside) if MLP.search(n)]
+            first, then = (mlp, attn) if model.mlp_first else (attn, mlp)
+            if first and then and max(first) > min(then):
+                problems.append(f"{stack}.{b}: {'attention' if model.mlp_first else 'MLP'} "
+                                f"before the {'MLP' if model.mlp_first else 'attention'}: {inside}")
     heads = [n for n, t in ((r["longname"], r["layer_type"]) for r in rows) if t == "lm_head"]
     if heads and names[-1] != heads[-1]:
         problems.append(f"head {heads} not last: {names[-3:]}")

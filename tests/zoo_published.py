@@ -52,6 +52,9 @@ class Published:
     values: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
     # longname prefixes of the model's repeated blocks: the rows that carry a block number
     stacks: tuple[str, ...] = ()
+    # its class defines a block's MLP before its attention (JetMoE): depth order is the
+    # class's order (docs/outputs.md), so the MLP's rows come first
+    mlp_first: bool = False
 
 
 def _t(name: str, *shape: int, kind: str = "linear") -> Tensor:
@@ -133,6 +136,27 @@ def _gpt_oss_layer(p: str, i: int) -> list[Tensor]:
                _t(f"{x}.gate_up_proj_bias", E, 2 * F, kind="bias"),
                _t(f"{x}.down_proj", E, F, H, kind="stack3d"),
                _t(f"{x}.down_proj_bias", E, H, kind="bias")])
+
+
+def _parallel_experts(p: str, f: int = F) -> list[Tensor]:
+    """IBM's ParallelExperts (JetMoE, GraniteMoE): 3-D (E, out, in) stacks named
+    ``input_linear`` / ``output_linear`` beside a ``router.layer``."""
+    return [_t(f"{p}.input_linear.weight", E, 2 * f, H, kind="stack3d"),
+            _t(f"{p}.output_linear.weight", E, H, f, kind="stack3d"),
+            _t(f"{p}.router.layer.weight", E, H)]
+
+
+def _jetmoe_layer(p: str, i: int) -> list[Tensor]:
+    """JetMoE (jetmoe/jetmoe-8b): mixtures of experts for attention and MLP alike; the
+    MLP's stacks have no 'expert' in their names (``mlp.input_linear``)."""
+    a = f"{p}.self_attention"
+    return ([_t(f"{a}.kv_proj.weight", 2 * KV, H), _t(f"{a}.experts.bias", H, kind="bias")]
+            + _parallel_experts(f"{a}.experts", f=KV // 2)
+            + [_t(f"{p}.mlp.bias", H, kind="bias")] + _parallel_experts(f"{p}.mlp"))
+
+
+def _granitemoe_layer(p: str, i: int) -> list[Tensor]:
+    return _attn(f"{p}.self_attn") + _parallel_experts(f"{p}.block_sparse_moe")
 
 
 def _dbrx() -> list[Tensor]:
@@ -284,6 +308,14 @@ LAYOUTS: dict[str, Callable[[], Published]] = {
     "gpt_oss": lambda: Published("gpt_oss", _config(
         "GptOssConfig", "GptOssForCausalLM", num_local_experts=E, **_DEC),
         _decoder("model", _gpt_oss_layer, "lm_head"), stacks=("model.layers",)),
+    "jetmoe": lambda: Published("jetmoe", _config(
+        "JetMoeConfig", "JetMoeForCausalLM", hidden_size=H, num_hidden_layers=LAYERS,
+        num_key_value_heads=2, kv_channels=KV // 2, intermediate_size=F, num_local_experts=E,
+        num_experts_per_tok=2, vocab_size=V, tie_word_embeddings=False),
+        _decoder("model", _jetmoe_layer, "lm_head"), stacks=("model.layers",), mlp_first=True),
+    "granitemoe": lambda: Published("granitemoe", _config(
+        "GraniteMoeConfig", "GraniteMoeForCausalLM", num_local_experts=E, **_DEC),
+        _decoder("model", _granitemoe_layer, "lm_head"), stacks=("model.layers",)),
     "dbrx": lambda: Published("dbrx", _config(
         "DbrxConfig", "DbrxForCausalLM", d_model=H, n_layers=LAYERS, n_heads=4, vocab_size=V,
         attn_config=dict(kv_n_heads=2, rope_theta=500000.0), ffn_config=dict(ffn_hidden_size=F,

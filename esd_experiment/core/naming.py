@@ -29,11 +29,16 @@ _SLICE = re.compile(r"^(?P<base>.+)\[(?P<index>\d+)\]$")
 # ---------------------------------------------------------------------------------------------
 # Which tensors are layers (metrics.md section 1).
 
+# The modules of IBM's ParallelExperts, whose (E, out, in) stacks JetMoE's MLP names without
+# a word of experts (``mlp.input_linear``; GraniteMoE's sit in a ``block_sparse_moe``).
+_PARALLEL_EXPERTS = ("input_linear", "output_linear")
+
+
 def is_expert_stack(name: str) -> bool:
     """True for a name inside a mixture-of-experts module (``experts``, ``moe``, GGUF's
-    ``ffn_gate_exps``): a 3-D tensor there is a stack of expert matrices, anywhere else a
-    Conv1d kernel."""
-    return any("expert" in p or "moe" in p or p.endswith("_exps")
+    ``ffn_gate_exps``, a ParallelExperts ``input_linear``): a 3-D tensor there is a stack of
+    expert matrices, anywhere else a Conv1d kernel."""
+    return any("expert" in p or "moe" in p or p.endswith("_exps") or p in _PARALLEL_EXPERTS
                for p in name.lower().split("."))
 
 
