@@ -129,6 +129,25 @@ def _damage(out, base_csv):
     return {name: why for name, (_, why) in cases.items()}
 
 
+@pytest.mark.parametrize("copy", ["a-backup.csv", "org--base copy.csv", "org--base.bak.csv"])
+def test_a_users_copy_of_a_result_is_not_read_in_place_of_the_result(good, tmp_path, copy):
+    """A copy of a result under another name (a file manager's "copy", a backup) holds the
+    same model_id: the file the runner names for the model is read, wherever the copy sorts,
+    and the copy is named as skipped."""
+    src, paths = good
+    out = copy_results(src, tmp_path / "r")
+    own = paths["org/base"].csv.name
+    older = pd.read_csv(out / own, keep_default_na=False)
+    older["alpha"] = older["alpha"].replace("", "nan").astype(float) + 1.0
+    older.to_csv(out / copy, index=False)
+    with pytest.warns(UserWarning, match="second result"):
+        layers = load_results(out)
+    read = layers[layers.model_id == "org/base"]["alpha"].to_numpy(dtype=float)
+    want = pd.read_csv(out / own)["alpha"].to_numpy(dtype=float)
+    np.testing.assert_array_equal(read, want)
+    assert "second result of 'org/base'" in layers.attrs["skipped"][str(out / copy)]
+
+
 def test_damaged_and_foreign_files_are_named_and_skipped(good, tmp_path):
     src, paths = good
     out = copy_results(src, tmp_path / "r")

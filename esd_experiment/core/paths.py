@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from esd_experiment.core.errors import ESDError
 from esd_experiment.core.ids import parse_model_id
 
 # Hub ids: "name" or "org/name" with [A-Za-z0-9._-]; the hub forbids "--" and ".." in names,
@@ -112,6 +113,19 @@ def model_paths(output_dir: Path, model_id: str, log_dir: Path | None = None,
     repo_id, revision = parse_model_id(model_id)
     return ModelPaths.for_model(output_dir, repo_id, revision, log_dir=log_dir,
                                 variant=gguf_file)
+
+
+def is_own_file(csv_path: Path, key: str) -> bool:
+    """Whether ``csv_path`` bears the name the runner gives the result of ``key`` (a result's
+    ``model_id``: its list entry's key, ``org/name#<gguf_file>`` for one GGUF file of a
+    repository), as no user's copy of it does."""
+    model_id, _, gguf_file = key.rpartition("#")
+    spellings = [(key, "")] + ([(model_id, gguf_file)] if model_id else [])
+    try:
+        return any(Path(csv_path).name == model_paths(Path("."), m, gguf_file=g).csv.name
+                   for m, g in spellings)
+    except (ValueError, ESDError):  # an id that names no file
+        return False
 
 
 def model_key(model_id: str) -> str:

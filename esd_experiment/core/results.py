@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from esd_experiment.core.errors import InputError
-from esd_experiment.core.paths import OLD_PREFLIGHT_FILE, model_key, within
+from esd_experiment.core.paths import OLD_PREFLIGHT_FILE, is_own_file, model_key, within
 
 if TYPE_CHECKING:  # pandas is imported by the functions that read results
     import pandas as pd
@@ -127,10 +127,8 @@ def split_options_key(key: str) -> tuple[str, tuple[str, ...]]:
 
 def read_header_and_options(csv_path: Path) -> tuple[tuple[str, ...], str | None] | None:
     """The header and the first row's ``esd_options`` of a result CSV; None if it is absent.
-
     Only the first two lines are read: a result is written whole by one rename, so every row
-    of a file carries the same options.
-    """
+    of a file carries the same options."""
     import csv
 
     try:
@@ -249,8 +247,7 @@ NOT_A_RESULT = "not a result CSV"  # why a user's own CSV is skipped: no model i
 
 
 def result_files(output_dir: Path) -> list[Path]:
-    """The CSVs directly in ``output_dir`` (hidden and temporary files and the preflight
-    excluded), by name."""
+    """The CSVs directly in ``output_dir`` (not hidden or temporary, not the preflight)."""
     return sorted(p for p in Path(output_dir).glob("*.csv")
                   if not p.name.startswith(".") and p.name not in NOT_RESULTS and p.is_file())
 
@@ -284,12 +281,15 @@ def read_results(output_dir: Path) -> LoadedResults:
     layers = None
     if raw is not None:
         order = list(blobs)
+        # Of two files of one model the one the runner names for it is read, not a user's
+        # copy ("org--name copy.csv"); else the first by name.
         for index, model_id in raw.groupby("_file", sort=True)["model_id"].first().items():
-            if model_id in files:
-                skipped[order[index]] = (f"a second result of {model_id!r} (first: "
-                                         f"{files[model_id].name})")
-            else:
-                files[model_id] = order[index]
+            path, first = order[index], files.get(model_id)
+            if first is not None:
+                own = is_own_file(path, model_id) and not is_own_file(first, model_id)
+                path, other = (path, first) if own else (first, path)
+                skipped[other] = f"a second result of {model_id!r} (read: {path.name})"
+            files[model_id] = path
         keep = ~raw["_file"].isin([i for i, path in enumerate(order) if path in skipped])
         if keep.any():
             layers = _typed(raw[keep])
