@@ -17,6 +17,19 @@ def test_model_list_keeps_first_row_of_a_duplicate_id(tmp_path, caplog):
     assert "org/b is listed twice with other columns" in caplog.text
 
 
+def test_one_directory_listed_under_two_spellings_runs_once(tmp_path, caplog, monkeypatch):
+    """A trailing '/', './' or a relative path beside the absolute one name one model: the
+    first row runs, once (two rows made two jobs and two results of one model)."""
+    model = tmp_path / "zoo dir" / "tiny"
+    model.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "list.csv"
+    path.write_text(f"model_id\n{model}\n{model}/\n./zoo dir/tiny\nzoo dir/../zoo dir/tiny/\n"
+                    "org/a\n")
+    assert read_model_list(path) == [ListEntry(str(model)), ListEntry("org/a")]
+    assert f"{model}/ names the model of {model}" in caplog.text
+
+
 def test_model_list_that_is_not_utf8_is_an_input_error(tmp_path):
     path = tmp_path / "list.csv"
     path.write_bytes(b"\xff\xfemodel_id\norg/a\n")

@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,10 +89,22 @@ def _add_row(path: Path, reader: csv.DictReader, raw: dict,
         logger.warning("%s, line %d: skipped, its ids hold tabs, line breaks or other "
                        "control characters: %r", path, reader.line_num, entry.model_id)
         return
-    first = entries.setdefault(entry.key, entry) if entry.model_id else entry
-    if first != entry:  # one result file per model id: the first row wins
+    first = entries.setdefault(_same_model(entry), entry) if entry.model_id else entry
+    if first.model_id != entry.model_id:  # one model, one result file: the first row wins
+        logger.warning("%s, line %d: %s names the model of %s, listed before; that row is the "
+                       "one run", path, reader.line_num, entry.model_id, first.model_id)
+    elif first != entry:
         logger.warning("%s is listed twice with other columns; using the first row (%r, "
                        "%r)", entry.model_id, first.base_model_relation, first.source_model)
+
+
+def _same_model(entry: ListEntry) -> str:
+    """What makes two rows one model: an existing local directory (or file) whatever the
+    spelling of its path (``models/x/``, ``./models/x``, its absolute path); a hub id as
+    written. The GGUF file of a repository of several is part of it."""
+    local = os.path.expanduser(entry.model_id)
+    name = os.path.realpath(local) if os.path.exists(local) else entry.model_id
+    return f"{name}#{entry.gguf_file}" if entry.gguf_file else name
 
 
 @dataclass(frozen=True)
