@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -91,6 +92,40 @@ def test_an_unreachable_hub_stops_the_run_without_failing_the_models(hub, tmp_pa
     proc = run_cli(hub, "--model_list", models, "--output_dir", out, "--skip_failed")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list(out.glob("*.csv"))) == 6, "a rerun picks every model up"
+
+
+def test_an_unreachable_hub_is_asked_for_one_adapters_base_not_every_ones(hub, tmp_path):
+    """Adapters listed without their base: the runner looks each base up before the run;
+    with the hub down the first lookup says so and the others are not tried (each waited
+    for the client's retries, minutes for a long list, before the outage rule could act)."""
+    models = write_list(tmp_path / "models.csv", [(f"org/adapter{i}", "lora", "")
+                                                  for i in range(8)])
+    out = tmp_path / "out"
+    hub.down()
+    started = time.monotonic()
+    proc = run_cli(hub, "--model_list", models, "--output_dir", out)
+    took = time.monotonic() - started
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.count("the hub could not be reached") == 1, proc.stderr[-3000:]
+    assert "the hub cannot be reached" in proc.stderr
+    assert took < OUTAGE_BOUND_S
+
+
+def test_ctrl_c_while_the_bases_are_looked_up_says_so_without_a_traceback(hub, tmp_path):
+    models = write_list(tmp_path / "models.csv", [("org/adapter0", "lora", "")])
+    hub.down()  # the lookup waits for the client's retries
+    proc = subprocess.Popen(
+        [sys.executable, str(RUNNER), "--model_list", str(models), "--output_dir",
+         str(tmp_path / "out"), "--device", "cpu", "--no-progress"],
+        stderr=subprocess.PIPE, text=True, env=hub.env(hub.cache))
+    deadline = time.monotonic() + CLI_TIMEOUT_S
+    while not (tmp_path / "out" / "logs").is_dir() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)  # into the lookup
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=CLI_TIMEOUT_S)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "interrupted" in err, err[-3000:]
 
 
 def test_a_hung_download_times_out_naming_its_stage(hub, tmp_path):

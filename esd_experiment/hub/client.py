@@ -162,10 +162,11 @@ def hub_errors(label: str, offline: bool, token: str | None) -> Iterator[None]:
 
 
 def hub_json(model_id: str, filename: str, cache_dir: str | None = None,
-             session: CacheSession | None = None) -> dict | None:
+             session: CacheSession | None = None, raise_network: bool = False) -> dict | None:
     """A small JSON file of a hub model (``org/name[@rev]``), fetched into the cache (and
     recorded in ``session`` when it was not there, for a cleanup); None when it cannot be had
-    (not a hub id, no such file, no network: callers fall back)."""
+    (not a hub id, no such file, no network: callers fall back). ``raise_network``: a network
+    failure (``is_network_error``) is raised instead."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
     repo_id, _, revision = model_id.partition("@")
@@ -181,6 +182,8 @@ def hub_json(model_id: str, filename: str, cache_dir: str | None = None,
             session.record(repo_id, Path(path))
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except Exception as exc:  # any failure leaves the model to be handled on its own
+        if raise_network and is_network_error(exc):
+            raise
         logger.debug("%s: no %s (%s)", model_id, filename, scrub(str(exc)))
         return None
     return data if isinstance(data, dict) else None

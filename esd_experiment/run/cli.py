@@ -111,13 +111,24 @@ def adapter_config_reader(config: RunConfig):
     hub adapter, the same file fetched (small; the worker reuses the cached copy, and under
     --cleanup_cache it is recorded for removal like every download)."""
     from esd_experiment.hub.cache import CacheSession
-    from esd_experiment.hub.client import default_cache_dir, hub_json
+    from esd_experiment.hub.client import default_cache_dir, hub_json, scrub
 
     session = CacheSession(default_cache_dir(config.cache_dir), config.cleanup_cache)
+    unreachable: list[str] = []  # once the hub cannot be reached, it is not asked again
 
     def read(model_id: str) -> dict | None:
-        return local_adapter_config(model_id) or hub_json(model_id, "adapter_config.json",
-                                                          config.cache_dir, session)
+        found = local_adapter_config(model_id)
+        if found is not None or unreachable:
+            return found
+        try:
+            return hub_json(model_id, "adapter_config.json", config.cache_dir, session,
+                            raise_network=True)
+        except Exception as exc:  # noqa: BLE001  (a network failure: hub_json raises no other)
+            unreachable.append(model_id)
+            logger.warning("the hub could not be reached for %s's adapter_config.json (%s): "
+                           "the bases of adapters listed without a source_model are not looked "
+                           "up, each runs alone", model_id, scrub(str(exc)))
+            return None
     return read
 
 
@@ -444,6 +455,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ESDError as exc:  # the machine failed us (a GPU lost mid-run): results so far are kept
         print(f"run_esd_experiment: error: {exc}", file=sys.stderr)
         return EXIT_SOME_FAILED
+    except KeyboardInterrupt:  # Ctrl-C outside the jobs (their own handler counts what ran)
+        print("run_esd_experiment: interrupted; results written so far are kept, rerun the "
+              "same command to go on", file=sys.stderr)
+        return 128 + signal.SIGINT
     except OSError as exc:  # before any job: the lock, the options, failed_models.txt
         full = disk_full_error(exc)
         if full is None:
