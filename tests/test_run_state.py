@@ -126,3 +126,21 @@ def test_unusable_output_directory_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match=f"output directory {blocker} cannot be used"):
         with RunLock(blocker):
             pass
+
+
+@pytest.mark.parametrize("prefix", [b"\xef\xbb\xbf", b""])
+def test_a_hand_edited_failure_file_is_read_as_its_lines_say(tmp_path, prefix):
+    """A BOM (Notepad's) or a byte that is not UTF-8 in failed_models.txt: the lines are still
+    the models they name (a BOM made the first one another id, never cleared; a Latin-1 byte
+    stopped the run with a UnicodeDecodeError)."""
+    from esd_experiment.report.cli import read_failed
+
+    (tmp_path / "failed_models.txt").write_bytes(
+        prefix + b"org/a\tOSError: disk hiccup\r\norg/b\tcaf\xe9 closed\n")
+    failures = FailureLog(tmp_path)
+    assert "org/a" in failures and "org/b" in failures
+    failures.clear("org/a")
+    assert (tmp_path / "failed_models.txt").read_text(encoding="utf-8").startswith("org/b\t")
+    (tmp_path / "failed_models.txt").write_bytes(prefix + b"org/a\tOSError\n")
+    assert [key for key, *_ in read_failed(tmp_path)] == ["org/a"]
+

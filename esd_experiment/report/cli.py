@@ -185,7 +185,7 @@ def read_failed(results_dir: Path, log_dir: Path) -> list[tuple[str, str, Path |
         return [(f"({FAILED_MODELS_FILE})", "a link to a file outside the results directory: "
                  "not read", None)]
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = path.read_text(encoding="utf-8-sig", errors="replace")
     except FileNotFoundError:
         return []
     except OSError as exc:

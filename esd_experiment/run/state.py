@@ -51,7 +51,9 @@ class FailureLog:
         self.path = Path(output_dir) / FAILED_MODELS_FILE
         self._causes: dict[str, str] = {}
         if self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
+            # A user may have edited it: a BOM or a byte that is not UTF-8 is no reason to stop.
+            text = self.path.read_text(encoding="utf-8-sig", errors="replace")
+            for line in text.splitlines():
                 model_id, _, cause = line.partition("\t")
                 if model_id.strip():
                     self._causes[model_id.strip()] = cause.strip()
