@@ -142,5 +142,5 @@ def test_a_hand_edited_failure_file_is_read_as_its_lines_say(tmp_path, prefix):
     failures.clear("org/a")
     assert (tmp_path / "failed_models.txt").read_text(encoding="utf-8").startswith("org/b\t")
     (tmp_path / "failed_models.txt").write_bytes(prefix + b"org/a\tOSError\n")
-    assert [key for key, *_ in read_failed(tmp_path)] == ["org/a"]
+    assert [key for key, *_ in read_failed(tmp_path, tmp_path / "logs")] == ["org/a"]
 
