@@ -216,6 +216,28 @@ def test_index_naming_missing_tensor(tmp_path):
         open_model(local(folder))
 
 
+def test_a_tensor_in_two_shards_is_read_from_the_one_the_index_names(tmp_path):
+    """A tensor stored twice (a head saved in both shards) is read where the index's
+    weight_map says, as transformers loads it; with no shard named it is an error."""
+    folder = write_sharded(tmp_path / "dup", {
+        "s1.safetensors": {"a.weight": torch.ones(3, 3), "lm_head.weight": torch.ones(4, 3)},
+        "s2.safetensors": {"lm_head.weight": 2 * torch.ones(4, 3), "b.weight": torch.ones(3, 3)},
+    })
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    for shard, value in (("s2.safetensors", 2.0), ("s1.safetensors", 1.0)):
+        index["weight_map"]["lm_head.weight"] = shard
+        index_path.write_text(json.dumps(index))
+        reader = open_model(local(folder)).checkpoint.reader
+        assert set(reader.names) >= {"a.weight", "b.weight", "lm_head.weight"}
+        assert torch.equal(reader.get("lm_head.weight"), torch.full((4, 3), value))
+        reader.close()
+    del index["weight_map"]["lm_head.weight"]
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CorruptCheckpointError, match="lm_head.weight.*stored twice.*no index"):
+        open_model(local(folder))
+
+
 def test_index_naming_missing_shard(tmp_path):
     folder = write_sharded(tmp_path / "idx2", {"s1.safetensors": {"a": torch.ones(2)}})
     (folder / "s1.safetensors").unlink()

@@ -392,7 +392,7 @@ class CheckpointReader:
         self._where: dict[str, str] = {}
         self._meta: Header = {}
         for shard, header in headers.items():
-            self._add(shard, header)
+            self._add(shard, header, weight_map)
         missing = sorted(set(weight_map) - set(self._where) - set(aliases), key=natural_key)
         if missing:
             raise CorruptCheckpointError(
@@ -407,14 +407,18 @@ class CheckpointReader:
         self._data_start: dict[str, int] = {}
         self._copy = False
 
-    def _add(self, shard: str, header: Header) -> None:
+    def _add(self, shard: str, header: Header, weight_map: Mapping[str, str]) -> None:
+        """A shard's tensors; one stored in two shards is read from the one the index's
+        ``weight_map`` names, as transformers loads it (no index, or neither: an error)."""
         for name, info in header.items():
-            if name in self._where:
+            first = self._where.get(name)
+            if first is not None and weight_map.get(name) not in (first, shard):
                 raise CorruptCheckpointError(
                     f"{self.model_id}: tensor {name!r} is stored twice, in "
-                    f"{self._where[name]} and {shard}")
-            self._where[name] = shard
-            self._meta[name] = info
+                    f"{first} and {shard}, and no index says which to read")
+            if first is None or weight_map.get(name) == shard:
+                self._where[name] = shard
+                self._meta[name] = info
 
     @property
     def nbytes(self) -> int:
