@@ -159,6 +159,8 @@ def test_truncated_safetensors_fails_at_open_naming_model_and_cause(tmp_path):
         open_model(local(folder))
     assert str(folder) in str(info.value)
     assert "model.safetensors" in str(info.value) and "truncated" in str(info.value)
+    # A local directory has no cache to download it into again: its own copy is the one
+    assert "cache" not in str(info.value) and "local directory" in str(info.value)
 
 
 def test_file_damaged_after_open_fails_during_iteration(tmp_path):

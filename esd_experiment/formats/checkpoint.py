@@ -287,9 +287,12 @@ def _corrupt(model_id: str, path: Path, exc: BaseException, tensor: str | None =
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         detail = lines[0] if lines else type(exc).__name__
     detail = detail[:300]
+    cached = "snapshots" in path.parts and any(p.startswith("models--") for p in path.parts)
+    advice = ("delete it from the cache and download it again" if cached else
+              "the local directory needs a complete copy of it")
     return CorruptCheckpointError(
         f"{model_id}: cannot read {what} ({size} bytes): {detail}. The file is truncated or "
-        f"damaged; delete it from the cache and download it again")
+        f"damaged; {advice}")
 
 
 def read_header(path: Path, model_id: str) -> dict[str, tuple[tuple[int, ...], str]]:
