@@ -112,6 +112,17 @@ def test_a_metric_that_raises_or_returns_text_fails_the_model_naming_it(checkpoi
         assert f"metric my_metrics.py:{name}" in message and cause in message, message
 
 
+def test_a_metric_answering_yes_or_no_gets_one_and_zero():
+    """``{"heavy": alpha < 2}`` is a NumPy bool: a column of 1 and 0 (it failed the model)."""
+    from esd_experiment import analyze
+
+    def heavy(evals):
+        return {"heavy": evals[-1] > 1e9, "fitted": True}
+
+    frame = analyze(torch.nn.Sequential(torch.nn.Linear(40, 30)), metrics=[heavy])
+    assert frame["heavy"].tolist() == [0.0] and frame["fitted"].tolist() == [1.0]
+
+
 @pytest.mark.parametrize("spec, cause", [
     ("missing_file.py:f", "no such file"),
     ("{metric_file}:nothing", "has no function 'nothing'"),

@@ -35,6 +35,8 @@ from collections.abc import Callable, Iterable, Mapping, Set
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
 from esd_experiment.core.errors import InputError
 from esd_experiment.core.results import FORMULA_START, SUMMARY_COLUMNS
 from esd_experiment.estimator.mp_fit import MP_COLUMNS, MP_FIT_NAME, mp_fit
@@ -361,7 +363,9 @@ def _checked(metric: Metric, value: object, taken: Set[str]) -> dict[str, float]
                               f"summary mean would be named as the summary's own "
                               f"{column}_mean (rename it)")
         try:
-            if isinstance(number, bool) or not isinstance(number, numbers.Real):
+            if isinstance(number, (bool, np.bool_)):  # a test's answer: True/False as 1/0
+                number = int(number)
+            if not isinstance(number, numbers.Real):
                 raise TypeError
             checked[column] = float(number)
         except (TypeError, ValueError, OverflowError):  # e.g. an int beyond float64
