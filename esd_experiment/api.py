@@ -46,6 +46,15 @@ logger = logging.getLogger(__name__)
 _NOWHERE = Path(os.devnull)
 
 
+# The CLI's flags that mean nothing to analyze(), which writes no file and runs on one device.
+_CLI_ONLY = {
+    "save_eigs": "it writes no file; net_esd_estimator(model) returns each layer's eigenvalues "
+                 "(column eigs), and the CLI's --save_eigs saves them",
+    "parallel_esd": "it runs on one device (device=...); --parallel_esd spreads a CLI job's "
+                    "layers over the GPUs the job holds",
+}
+
+
 def esd_options(metrics: Iterable = (), **options: Any):
     """The estimator's ``ESDConfig`` from options named as the CLI's flags (unknown names
     refused, listing the known ones)."""
@@ -53,9 +62,11 @@ def esd_options(metrics: Iterable = (), **options: Any):
     add_esd_arguments(parser)
     args = parser.parse_args([])
     unknown = sorted(set(options) - set(vars(args)) - {"metric"})
+    for name in sorted(set(options) & set(_CLI_ONLY)):
+        raise TypeError(f"analyze() takes no {name}: {_CLI_ONLY[name]}")
     if unknown:
         raise TypeError(f"analyze() got unknown option(s) {', '.join(unknown)}; options: "
-                        f"metrics, {', '.join(sorted(vars(args)))}")
+                        f"metrics, {', '.join(sorted(set(vars(args)) - set(_CLI_ONLY)))}")
     actions = {a.dest: a for a in parser._actions}
     for name, value in options.items():
         setattr(args, name, _checked(actions[name], value))

@@ -253,6 +253,11 @@ def test_options_take_the_cli_names_and_unknown_ones_are_refused():
             analyze(module, **wrong)
     with pytest.raises(TypeError, match="metrics takes a list"):
         analyze(module, metrics=len)
+    # The CLI's flags for files and GPUs do nothing here: refused, saying where they work
+    with pytest.raises(TypeError, match="takes no save_eigs.*net_esd_estimator"):
+        analyze(module, save_eigs=True)
+    with pytest.raises(TypeError, match="takes no parallel_esd"):
+        analyze(module, parallel_esd=True)
     # A number of the right kind from NumPy is that number; an int where a float is due too.
     df = analyze(module, xmin_pos=np.int64(3), evals_thresh=0, filter_zeros=np.bool_(False),
                  device=torch.device("cpu"))
