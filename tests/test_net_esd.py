@@ -344,6 +344,11 @@ def test_non_weights_and_vectors_give_no_rows():
     ("model.layers.0.attention.output.dense.weight", 2, "linear"),
     ("blk.0.ffn_gate_exps.weight[2]", 2, "expert"), ("blk.0.attn_k_b.weight[1]", 2, "linear"),
     ("blk.0.ffn_down_shexp.weight", 2, "linear"), ("blk.0.ffn_gate_inp.weight", 2, "linear"),
+    # one expert of Mixtral GGUFs made before llama.cpp stacked them, and of Switch/NLLB-MoE
+    ("blk.0.ffn_gate.3.weight", 2, "expert"), ("model.layers.0.ffn_down.7.weight", 2, "expert"),
+    ("encoder.block.1.layer.1.mlp.experts.expert_0.wi.weight", 2, "expert"),
+    ("model.decoder.layers.3.ffn.experts.expert_12.fc1.weight", 2, "expert"),
+    ("model.layers.0.mlp.gate.weight", 2, "linear"),
 ])
 def test_layer_type_from_name(name, ndim, expected):
     assert layer_type_of(name, ndim) == expected

@@ -42,12 +42,20 @@ def is_expert_stack(name: str) -> bool:
                for p in name.lower().split("."))
 
 
+# One expert where the name says so otherwise: Mixtral GGUFs made before llama.cpp stacked the
+# experts (``blk.0.ffn_gate.3``), Switch Transformers' and NLLB-MoE's ``experts.expert_0``.
+_GGUF_ONE_EXPERT = re.compile(r"^ffn_(gate|up|down)\.\d+$")
+_NUMBERED_EXPERT = re.compile(r"^expert_\d+$")
+
+
 def is_one_expert(name: str) -> bool:
     """True for one expert's own matrix: an ``experts`` module's numbered member
-    (``block_sparse_moe.experts.3.w1``, ``mlp.experts.0.down_proj``); a shared expert, which
+    (``block_sparse_moe.experts.3.w1``, ``mlp.experts.0.down_proj``, ``experts.expert_0.wi``,
+    a pre-stack Mixtral GGUF's ``ffn_gate.3``); a shared expert, which
     every token goes through, is not one."""
     parts = name.lower().split(".")
-    return any("expert" in p and "shared" not in p and nxt.isdigit()
+    return any(("expert" in p and "shared" not in p and nxt.isdigit())
+               or _GGUF_ONE_EXPERT.match(f"{p}.{nxt}") or _NUMBERED_EXPERT.match(p)
                for p, nxt in zip(parts, parts[1:], strict=False))
 
 
