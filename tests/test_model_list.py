@@ -30,6 +30,13 @@ def test_one_directory_listed_under_two_spellings_runs_once(tmp_path, caplog, mo
     assert f"{model}/ names the model of {model}" in caplog.text
 
 
+def test_a_row_without_a_model_id_is_named_not_dropped_silently(tmp_path, caplog):
+    path = tmp_path / "list.csv"
+    path.write_text("model_id,base_model_relation,source_model\norg/a,,\n,adapter,org/llama\n")
+    assert read_model_list(path) == [ListEntry("org/a")]
+    assert "line 3: skipped, it has no model_id: 'adapter,org/llama'" in caplog.text
+
+
 def test_model_list_that_is_not_utf8_is_an_input_error(tmp_path):
     path = tmp_path / "list.csv"
     path.write_bytes(b"\xff\xfemodel_id\norg/a\n")

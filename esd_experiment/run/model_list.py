@@ -89,7 +89,12 @@ def _add_row(path: Path, reader: csv.DictReader, raw: dict,
         logger.warning("%s, line %d: skipped, its ids hold tabs, line breaks or other "
                        "control characters: %r", path, reader.line_num, entry.model_id)
         return
-    first = entries.setdefault(_same_model(entry), entry) if entry.model_id else entry
+    if not entry.model_id:
+        if any(row.values()):
+            logger.warning("%s, line %d: skipped, it has no model_id: %r", path,
+                           reader.line_num, ",".join(v for v in row.values() if v))
+        return
+    first = entries.setdefault(_same_model(entry), entry)
     if first.model_id != entry.model_id:  # one model, one result file: the first row wins
         logger.warning("%s, line %d: %s names the model of %s, listed before; that row is the "
                        "one run", path, reader.line_num, entry.model_id, first.model_id)
