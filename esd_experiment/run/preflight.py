@@ -257,7 +257,8 @@ def totals(rows: list[Row], out: Path, jobs: Sequence[list[Row]] = ()) -> str:
              f"{': ' + ', '.join(refused[:10]) if refused else ''}",
              f"to download: {_size(sum(unique.values()))} (each file once)",
              f"disk for the largest model: {_size(whole)}; with --cleanup_cache "
-             f"{_size(streamed)} ({held} at once)",
+             f"{_size(streamed)} ({held} at once, and {_size(SMALL_FILES_MARGIN)} for the "
+             f"small files beside them)",
              f"rows: {out}"]
     return "\n".join(lines)
 
