@@ -191,12 +191,13 @@ def zoo(tmp_path_factory):
                 param.add_(on_grid(heavy_tailed(*param.shape, rng)))
     save_model(base, root / "base")
     save_model(ft, root / "ft")
+    save_model(ft, root / "ft-copy")  # listed against a source that does not exist
     save_adapter(base, root / "lora", str(root / "base"), r=4, lora_alpha=8,
                  target_modules=["q_proj", "v_proj"])
     (root / "models.csv").write_text(
         "model_id,base_model_relation,source_model\n"
         f"{root / 'base'},,\n{root / 'ft'},,{root / 'base'}\n"
-        f"{root / 'lora'},adapter,{root / 'base'}\n{root / 'ft'}/,,{root / 'missing'}\n")
+        f"{root / 'lora'},adapter,{root / 'base'}\n{root / 'ft-copy'},,{root / 'missing'}\n")
     return root, base, ft
 
 
@@ -218,7 +219,7 @@ def test_runner_writes_deltas_resumes_and_records_a_failed_delta(zoo, tmp_path):
 
     assert json.loads((out / ".esd_options.json").read_text())["delta"] is True
     failed = (out / "failed_models.txt").read_text()
-    assert f"{root / 'ft'}/\t" in failed and "--delta" in failed and "missing" in failed
+    assert f"{root / 'ft-copy'}\t" in failed and "--delta" in failed and "missing" in failed
     # the fine-tune's delta against WeightWatcher's base_model=
     import pandas as pd
 
