@@ -251,15 +251,22 @@ def test_a_fine_tune_sharing_only_norms_with_its_source_fails_with_that_cause(pa
 
 
 @pytest.mark.parametrize("spelled", ["", "/"])
-def test_a_model_listed_as_its_own_source_fails_with_that_cause(pair, tmp_path, spelled):
+def test_a_model_listed_as_its_own_source_is_analysed_without_a_delta(pair, tmp_path, spelled,
+                                                                      caplog):
+    """A row naming the model itself as its source_model (hub metadata lists some bases so):
+    the model is analysed as one without a source, said once; it has no delta (all zeros).
+    It failed without its own result."""
     models = tmp_path / "models.csv"
     models.write_text("model_id,base_model_relation,source_model\n"
                       f"{pair / 'ft'},,{pair / 'ft'}{spelled}\n{pair / 'base'},,\n")
     out = tmp_path / "out"
-    assert runner("--model_list", models, "--output_dir", out, "--delta") == 1
-    failed = (out / "failed_models.txt").read_text()
-    assert failed == f"{pair / 'ft'}\t--delta: its source_model is the model itself\n", failed
+    assert runner("--model_list", models, "--output_dir", out, "--delta") == 0
+    result = ModelPaths.for_model(out, str(pair / "ft")).csv
+    assert result.is_file() and not (out / "delta" / result.name).exists()
+    assert (pd.read_csv(result, keep_default_na=False)["source_model"] == "").all()
+    assert f"{pair / 'ft'} names itself as its source_model" in caplog.text
     assert ModelPaths.for_model(out, str(pair / "base")).csv.is_file()
+    assert runner("--model_list", models, "--output_dir", out, "--delta") == 0  # done
 
 
 def test_an_adapter_known_by_its_files_alone_fails_with_its_deltas_cause(pair, tmp_path):

@@ -89,6 +89,12 @@ def _add_row(path: Path, reader: csv.DictReader, raw: dict,
         logger.warning("%s, line %d: skipped, its ids hold tabs, line breaks or other "
                        "control characters: %r", path, reader.line_num, entry.model_id)
         return
+    if entry.source_model and not entry.is_adapter and not entry.gguf_file \
+            and _same_model(ListEntry(entry.source_model)) == _same_model(entry):
+        logger.warning("%s, line %d: %s names itself as its source_model: analysed as a model "
+                       "without one (its delta would be zero)", path, reader.line_num,
+                       entry.model_id)
+        entry = ListEntry(entry.model_id, entry.base_model_relation)
     if not entry.model_id:
         if any(row.values()):
             logger.warning("%s, line %d: skipped, it has no model_id: %r", path,
