@@ -111,6 +111,27 @@ def test_an_unreachable_hub_is_asked_for_one_adapters_base_not_every_ones(hub, t
     assert took < OUTAGE_BOUND_S
 
 
+def test_with_the_hub_down_an_adapters_cached_config_still_names_its_base(hub, tmp_path,
+                                                                         caplog):
+    """Once one lookup found the hub down, the others read the cache alone: an adapter whose
+    adapter_config.json is cached still joins its base's job (the base read once)."""
+    from types import SimpleNamespace
+
+    from esd_experiment.hub.client import hub_json
+    from esd_experiment.run.cli import adapter_config_reader
+
+    base = llama()
+    for i in range(2):
+        hub.add_repo(f"org/ad{i}", save_adapter(base, tmp_path / f"ad{i}", "org/base", r=4,
+                                                target_modules=["q_proj"]))
+    assert hub_json("org/ad1", "adapter_config.json")["base_model_name_or_path"] == "org/base"
+    hub.down()
+    read = adapter_config_reader(SimpleNamespace(cache_dir=None, cleanup_cache=False))
+    assert read("org/ad0") is None
+    assert read("org/ad1")["base_model_name_or_path"] == "org/base"
+    assert caplog.text.count("the hub could not be reached") == 1
+
+
 def test_ctrl_c_while_the_bases_are_looked_up_says_so_without_a_traceback(hub, tmp_path):
     models = write_list(tmp_path / "models.csv", [("org/adapter0", "lora", "")])
     hub.down()  # the lookup waits for the client's retries

@@ -72,6 +72,20 @@ def ids(jobs):
     return [[e.model_id for e in job.entries] for job in jobs]
 
 
+def test_an_adapter_naming_another_spelling_of_its_listed_base_joins_its_job(tmp_path,
+                                                                           monkeypatch):
+    """The base listed by its absolute path, the adapter naming it relative (or through a
+    link): one job, the base read once."""
+    base = tmp_path / "zoo" / "base"
+    base.mkdir(parents=True)
+    (tmp_path / "zoo" / "link").symlink_to(base)
+    monkeypatch.chdir(tmp_path)
+    entries = [ListEntry(str(base)), ListEntry("zoo/lora", "lora", "zoo/base/"),
+               ListEntry("zoo/lora2", "lora", "zoo/link")]
+    jobs = group_jobs(entries, max_group=8, read_adapter_config=no_config)
+    assert ids(jobs) == [[str(base), "zoo/lora", "zoo/lora2"]]
+
+
 def test_a_base_and_its_adapters_make_one_job_base_first():
     entries = [ListEntry("org/a1", "lora", "org/base"), ListEntry("org/other"),
                ListEntry("org/base"), ListEntry("org/a2", "adapter", "org/base"),

@@ -224,10 +224,12 @@ def test_a_tensor_in_two_shards_is_read_from_the_one_the_index_names(tmp_path):
     folder = write_sharded(tmp_path / "dup", {
         "s1.safetensors": {"a.weight": torch.ones(3, 3), "lm_head.weight": torch.ones(4, 3)},
         "s2.safetensors": {"lm_head.weight": 2 * torch.ones(4, 3), "b.weight": torch.ones(3, 3)},
+        "s3.safetensors": {"lm_head.weight": 3 * torch.ones(4, 3), "c.weight": torch.ones(2, 2)},
     })
     index_path = folder / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
-    for shard, value in (("s2.safetensors", 2.0), ("s1.safetensors", 1.0)):
+    for shard, value in (("s2.safetensors", 2.0), ("s1.safetensors", 1.0),
+                         ("s3.safetensors", 3.0)):
         index["weight_map"]["lm_head.weight"] = shard
         index_path.write_text(json.dumps(index))
         reader = open_model(local(folder)).checkpoint.reader
@@ -236,7 +238,7 @@ def test_a_tensor_in_two_shards_is_read_from_the_one_the_index_names(tmp_path):
         reader.close()
     del index["weight_map"]["lm_head.weight"]
     index_path.write_text(json.dumps(index))
-    with pytest.raises(CorruptCheckpointError, match="lm_head.weight.*stored twice.*no index"):
+    with pytest.raises(CorruptCheckpointError, match="lm_head.weight.*stored 3 times.*no index"):
         open_model(local(folder))
 
 

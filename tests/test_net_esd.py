@@ -328,6 +328,9 @@ def test_non_weights_and_vectors_give_no_rows():
     ("encoder.conv1.weight", 3, "conv1d"), ("resnet.conv.weight", 4, "conv2d"),
     ("upsampler.0.weight", 3, "conv1d"), ("text_encoder.project.weight", 3, "conv1d"),
     ("model.layers.0.block_sparse_moe.input_linear.weight", 3, "expert"),
+    # JetMoE's MLP experts (ParallelExperts); a Conv1d of that name elsewhere is a Conv1d
+    ("model.layers.0.mlp.output_linear.weight", 3, "expert"),
+    ("decoder.input_linear.weight", 3, "conv1d"), ("vq.output_linear.weight", 3, "conv1d"),
     ("transformer.blocks.0.ffn.experts.mlp.w1", 3, "expert"),
     # one expert's own matrix is an expert row, as a slice of a fused stack is; a router is not
     ("model.layers.0.block_sparse_moe.experts.3.w1.weight", 2, "expert"),

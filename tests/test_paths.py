@@ -4,7 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from esd_experiment.core.paths import ModelPaths, model_stem, write_atomic, write_text_atomic
+from esd_experiment.core.paths import (
+    ModelPaths,
+    is_own_file,
+    model_paths,
+    model_stem,
+    write_atomic,
+    write_text_atomic,
+)
 
 
 @pytest.mark.parametrize("model_id, revision, stem", [
@@ -70,3 +77,18 @@ def test_written_files_follow_the_umask_not_mkstemp(tmp_path):
     target = tmp_path / "result.csv"
     write_text_atomic(target, "x\n")
     assert target.stat().st_mode & 0o777 == 0o666 & ~old
+
+
+@pytest.mark.parametrize("model_id, gguf_file", [
+    ("org/name", ""), ("org/name@v1.0", ""), ("org/name", "model-Q4_K_M.gguf"),
+    ("org/name", "m Q4.gguf"), ("org/name@main", "model-Q8_0.gguf"), ("/data/x y/model", ""),
+    ("/data/" + "n" * 150 + "/model", ""),
+])
+def test_the_runner_s_own_result_file_is_told_from_a_copy(model_id, gguf_file):
+    """``is_own_file`` with a result's model_id (the list entry's key, ``id#gguf_file`` for a
+    GGUF file of a repository): the runner's file name is its own, a copy's is not."""
+    key = f"{model_id}#{gguf_file}" if gguf_file else model_id
+    own = model_paths(Path("out"), model_id, gguf_file=gguf_file).csv
+    assert is_own_file(own, key)
+    assert not is_own_file(own.with_name(f"{own.stem} copy.csv"), key)
+

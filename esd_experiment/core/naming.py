@@ -29,17 +29,19 @@ _SLICE = re.compile(r"^(?P<base>.+)\[(?P<index>\d+)\]$")
 # ---------------------------------------------------------------------------------------------
 # Which tensors are layers (metrics.md section 1).
 
-# The modules of IBM's ParallelExperts, whose (E, out, in) stacks JetMoE's MLP names without
-# a word of experts (``mlp.input_linear``; GraniteMoE's sit in a ``block_sparse_moe``).
-_PARALLEL_EXPERTS = ("input_linear", "output_linear")
+# IBM's ParallelExperts, whose (E, out, in) stacks JetMoE's MLP names without a word of
+# experts (GraniteMoE's sit in a ``block_sparse_moe``); elsewhere a module of these names may
+# well be a Conv1d, so only these paths.
+_PARALLEL_EXPERTS = (".mlp.input_linear.", ".mlp.output_linear.")
 
 
 def is_expert_stack(name: str) -> bool:
     """True for a name inside a mixture-of-experts module (``experts``, ``moe``, GGUF's
-    ``ffn_gate_exps``, a ParallelExperts ``input_linear``): a 3-D tensor there is a stack of
+    ``ffn_gate_exps``, JetMoE's ``mlp.input_linear``): a 3-D tensor there is a stack of
     expert matrices, anywhere else a Conv1d kernel."""
-    return any("expert" in p or "moe" in p or p.endswith("_exps") or p in _PARALLEL_EXPERTS
-               for p in name.lower().split("."))
+    low = f".{name.lower()}."
+    return any(p in low for p in _PARALLEL_EXPERTS) or any(
+        "expert" in p or "moe" in p or p.endswith("_exps") for p in name.lower().split("."))
 
 
 # One expert where the name says so otherwise: Mixtral GGUFs made before llama.cpp stacked the

@@ -120,21 +120,27 @@ def is_own_file(csv_path: Path, key: str) -> bool:
     ``model_id``: its list entry's key, ``org/name#<gguf_file>`` for one GGUF file of a
     repository), as no user's copy of it does."""
     model_id, _, gguf_file = key.rpartition("#")
-    spellings = [(key, "")] + ([(model_id, gguf_file)] if model_id else [])
-    try:
-        return any(Path(csv_path).name == model_paths(Path("."), m, gguf_file=g).csv.name
-                   for m, g in spellings)
-    except (ValueError, ESDError):  # an id that names no file
-        return False
+    for name, gguf in [(key, "")] + ([(model_id, gguf_file)] if model_id else []):
+        try:
+            if Path(csv_path).name == model_paths(Path("."), name, gguf_file=gguf).csv.name:
+                return True
+        except (ValueError, ESDError):  # not an id that names a file: the other spelling
+            continue
+    return False
 
 
 def model_key(model_id: str) -> str:
     """What makes two spellings of one model id the same model: a local path's trailing
-    ``/``, ``./`` and ``a/../`` segments do not count (``./models/base/`` is ``models/base``);
-    a hub id (``org/name``, ``org/name@rev``) is its own key. Used to match an adapter's
-    ``source_model`` to a listed base and a result's ``source_model`` to its base's result."""
+    ``/``, ``./`` and ``a/../`` segments do not count (``./models/base/`` is ``models/base``),
+    and a directory that exists is its real path (its absolute path, a link to it); a hub id
+    (``org/name``, ``org/name@rev``) is its own key. Used to run a model listed twice once,
+    and to match an adapter's ``source_model`` to a listed base and a result's
+    ``source_model`` to its base's result."""
     text = (model_id or "").strip()
-    return os.path.normpath(os.path.expanduser(text)) if text else ""
+    if not text:
+        return ""
+    path = os.path.normpath(os.path.expanduser(text))
+    return os.path.realpath(path) if os.path.exists(path) else path
 
 
 def within(path: Path, root: Path) -> bool:

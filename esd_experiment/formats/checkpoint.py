@@ -394,8 +394,14 @@ class CheckpointReader:
         self._sizes = dict(sizes) if sizes is not None else None
         self._where: dict[str, str] = {}
         self._meta: Header = {}
+        holders: dict[str, list[str]] = {}
         for shard, header in headers.items():
-            self._add(shard, header, weight_map)
+            for name, info in header.items():
+                holders.setdefault(name, []).append(shard)
+                if name not in self._meta or weight_map.get(name) == shard:
+                    self._meta[name] = info
+        for name, shards in holders.items():
+            self._where[name] = self._shard_of(name, shards, weight_map)
         missing = sorted(set(weight_map) - set(self._where) - set(aliases), key=natural_key)
         if missing:
             raise CorruptCheckpointError(
@@ -410,18 +416,17 @@ class CheckpointReader:
         self._data_start: dict[str, int] = {}
         self._copy = False
 
-    def _add(self, shard: str, header: Header, weight_map: Mapping[str, str]) -> None:
-        """A shard's tensors; one stored in two shards is read from the one the index's
-        ``weight_map`` names, as transformers loads it (no index, or neither: an error)."""
-        for name, info in header.items():
-            first = self._where.get(name)
-            if first is not None and weight_map.get(name) not in (first, shard):
-                raise CorruptCheckpointError(
-                    f"{self.model_id}: tensor {name!r} is stored twice, in "
-                    f"{first} and {shard}, and no index says which to read")
-            if first is None or weight_map.get(name) == shard:
-                self._where[name] = shard
-                self._meta[name] = info
+    def _shard_of(self, name: str, shards: list[str], weight_map: Mapping[str, str]) -> str:
+        """The shard a tensor is read from: a tensor stored in several is read from the one
+        the index's ``weight_map`` names, as transformers loads it (no index, or none of
+        them: an error)."""
+        if len(shards) == 1:
+            return shards[0]
+        if weight_map.get(name) in shards:
+            return weight_map[name]
+        raise CorruptCheckpointError(
+            f"{self.model_id}: tensor {name!r} is stored {len(shards)} times, in "
+            f"{', '.join(shards)}, and no index names one of them to read")
 
     @property
     def nbytes(self) -> int:

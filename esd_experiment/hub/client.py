@@ -162,11 +162,12 @@ def hub_errors(label: str, offline: bool, token: str | None) -> Iterator[None]:
 
 
 def hub_json(model_id: str, filename: str, cache_dir: str | None = None,
-             session: CacheSession | None = None, raise_network: bool = False) -> dict | None:
+             session: CacheSession | None = None, raise_network: bool = False,
+             cached_only: bool = False) -> dict | None:
     """A small JSON file of a hub model (``org/name[@rev]``), fetched into the cache (and
     recorded in ``session`` when it was not there, for a cleanup); None when it cannot be had
     (not a hub id, no such file, no network: callers fall back). ``raise_network``: a network
-    failure (``is_network_error``) is raised instead."""
+    failure (``is_network_error``) is raised instead; ``cached_only``: the hub is not asked."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
     repo_id, _, revision = model_id.partition("@")
@@ -176,7 +177,7 @@ def hub_json(model_id: str, filename: str, cache_dir: str | None = None,
         cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir,
                                         revision=revision or None)
         path = hf_hub_download(repo_id, filename, revision=revision or None,
-                               cache_dir=cache_dir, local_files_only=env_offline(),
+                               cache_dir=cache_dir, local_files_only=env_offline() or cached_only,
                                etag_timeout=METADATA_TIMEOUT_S)
         if session is not None and not isinstance(cached, str):
             session.record(repo_id, Path(path))

@@ -114,20 +114,22 @@ def adapter_config_reader(config: RunConfig):
     from esd_experiment.hub.client import default_cache_dir, hub_json, scrub
 
     session = CacheSession(default_cache_dir(config.cache_dir), config.cleanup_cache)
-    unreachable: list[str] = []  # once the hub cannot be reached, it is not asked again
+    unreachable: list[str] = []  # once the hub cannot be reached, only the cache is read
 
     def read(model_id: str) -> dict | None:
         found = local_adapter_config(model_id)
-        if found is not None or unreachable:
+        if found is not None:
             return found
         try:
             return hub_json(model_id, "adapter_config.json", config.cache_dir, session,
-                            raise_network=True)
+                            raise_network=True, cached_only=bool(unreachable))
         except Exception as exc:  # noqa: BLE001  (a network failure: hub_json raises no other)
+            if unreachable:
+                return None
             unreachable.append(model_id)
             logger.warning("the hub could not be reached for %s's adapter_config.json (%s): "
-                           "the bases of adapters listed without a source_model are not looked "
-                           "up, each runs alone", model_id, scrub(str(exc)))
+                           "the other adapters listed without a source_model find their bases "
+                           "in the cache or run alone", model_id, scrub(str(exc)))
             return None
     return read
 

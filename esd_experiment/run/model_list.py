@@ -14,7 +14,6 @@ import csv
 import io
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,11 +109,9 @@ def _add_row(path: Path, reader: csv.DictReader, raw: dict,
 
 
 def _same_model(entry: ListEntry) -> str:
-    """What makes two rows one model: an existing local directory (or file) whatever the
-    spelling of its path (``models/x/``, ``./models/x``, its absolute path); a hub id as
-    written. The GGUF file of a repository of several is part of it."""
-    local = os.path.expanduser(entry.model_id)
-    name = os.path.realpath(local) if os.path.exists(local) else entry.model_id
+    """What makes two rows one model (``model_key``: a local directory whatever the spelling
+    of its path); the GGUF file of a repository of several is part of it."""
+    name = model_key(entry.model_id)
     return f"{name}#{entry.gguf_file}" if entry.gguf_file else name
 
 
