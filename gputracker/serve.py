@@ -6,7 +6,10 @@ file descriptors 1 and 2, so C libraries' output too) appended to the job's log 
 job's duration. After each job it writes ``{"status": <exit code>, "rss_mb": <resident
 MB>}`` to ``result_fd`` and puts back what a job may have changed in the process: the
 working directory, the environment, the root logger's handlers and level. When stdin ends
-(the dispatcher retired the worker, or the dispatcher is gone) it returns 0.
+(the dispatcher retired the worker, or the dispatcher is gone) it returns 0. A worker whose
+dispatcher dies while a job runs (a cluster task killed by the OOM killer or ``kill -9``)
+exits within ``PARENT_POLL_S``: nobody would read its job's status, and a retry elsewhere
+would run beside it.
 
 The exit code of a job is ``main``'s return value, or the ``SystemExit`` code it raised, or
 1 for any other exception (its traceback goes to the job's log). A job that ends the process
@@ -23,11 +26,17 @@ import json
 import logging
 import os
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 Main = Callable[[Sequence[str]], int | None]
+# Seconds between checks that the process which started the worker is still its parent.
+PARENT_POLL_S = 1.0
+# The exit status of a worker whose dispatcher is gone (EX_TEMPFAIL: nobody reads it).
+ORPHANED = 75
 
 
 def exit_code(value: object) -> int:
@@ -113,6 +122,18 @@ class _ProcessState:
         root.setLevel(self.level)
 
 
+def _exit_when_orphaned(parent: int) -> None:
+    """Leave the process (``os._exit``) once ``parent`` is no longer its parent."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        print(f"worker {os.getpid()}: the process that started it (pid {parent}) is gone; "
+              "stopping", file=sys.stderr, flush=True)
+        os._exit(ORPHANED)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def serve(main: Main, result_fd: int) -> int:
     """Run the jobs read from stdin until it ends; see the module doc."""
     results = os.fdopen(result_fd, "w", buffering=1)
@@ -124,6 +145,7 @@ def serve(main: Main, result_fd: int) -> int:
     os.close(null)
     state = _ProcessState()
     output_to(None)
+    _exit_when_orphaned(os.getppid())
     for line in jobs:
         job = json.loads(line)
         status = run_one(main, job["argv"], Path(job["log"]))

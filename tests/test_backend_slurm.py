@@ -159,6 +159,30 @@ def test_cancelled_task_is_transient_and_a_rerun_completes_it(slurm, tmp_path):
     assert retried.ok and retried.job.attempt == 2 and len(runs(tmp_path, "slow")) == 2
 
 
+def test_a_task_killed_on_its_node_is_transient_and_retried(slurm, tmp_path):
+    """The task's own process killed (the kernel's OOM killer, kill -9): Slurm says FAILED
+    with exit 137; the job is retried as killed by SIGKILL (it was a final failure 'before
+    running the job')."""
+    hold = tmp_path / "hold"
+    hold.touch()
+    job = probe_job(tmp_path, "victim", hold=hold)
+    first = SlurmBackend(options(detach=True), tmp_path / "state")
+    first.run([job])
+    wait_for(lambda: runs(tmp_path, "victim"), QUEUE_TIMEOUT_S, "the job to start")
+    task = subprocess.run(["pgrep", "-f", f"submitit.core._submit.*{tmp_path}"],
+                          capture_output=True, text=True).stdout.split()
+    assert task, "the task's process"
+    for pid in task:
+        os.kill(int(pid), signal.SIGKILL)
+    wait_for(lambda: not squeue(*first.job_ids), QUEUE_TIMEOUT_S, "the task to end")
+    hold.unlink()
+    second = SlurmBackend(options(), tmp_path / "state")
+    killed, retried = second.run([job], retry_signalled(second))
+    assert killed.returncode == -signal.SIGKILL, killed.detail
+    assert "killed by SIGKILL" in killed.detail
+    assert retried.ok and retried.job.attempt == 2
+
+
 def test_time_limit_kill_is_transient_with_its_cause(slurm, tmp_path):
     hold = tmp_path / "hold"
     hold.touch()

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).with_name("pool_job.py")
 TIMEOUT_S = 6.0  # a hung job's limit: far above an ok job's run (a few ms) even under load
 WAIT_S = 60.0  # how long the kill -9 test waits for its job to start
+ORPHAN_EXIT_S = 10.0  # a worker polls for its dispatcher every second; a loaded machine lags
 
 
 def job(mode: str, name: str, folder: Path) -> Job:
@@ -94,6 +95,38 @@ def test_a_kill_9_of_a_worker_fails_only_its_job(tmp_path):
 
     (tmp_path / "poison-victim").unlink()
     assert run_list(tmp_path, [("victim", "wait")])["victim"].ok
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_worker_whose_dispatcher_is_killed_stops_its_job(tmp_path):
+    """The process holding the pool killed (a cluster task by the OOM killer, kill -9): its
+    worker stops within seconds instead of finishing a job nobody reads, beside a retry."""
+    (tmp_path / "poison-victim").touch()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
+        "from pathlib import Path\n"
+        "from test_worker_pool import run_list\n"
+        "run_list(Path(sys.argv[3]), [('victim', 'wait')])\n"),
+        str(ROOT), str(Path(__file__).parent), str(tmp_path)])
+    pid_file = tmp_path / "victim.pid"
+    deadline = time.monotonic() + WAIT_S
+    while not pid_file.is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    worker = int(pid_file.read_text())
+    holder.kill()
+    holder.wait()
+    deadline = time.monotonic() + ORPHAN_EXIT_S
+    while _running(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(worker), "the worker went on with its job"
+    assert "is gone; stopping" in (tmp_path / "logs" / "victim.log").read_text()
 
 
 def test_a_job_that_exits_leaving_a_child_fails_at_once(tmp_path):

@@ -351,7 +351,8 @@ class SlurmBackend(StopState):
             detail = self._ended_by(record, state, outcome)
             if (returncode is None and not outcome.signal and state is not None
                     and not state.ended_by_scheduler):
-                returncode = 1  # the task itself failed before running the command
+                # killed (transient: retried), else the task failed before running it
+                returncode = -state.killed_by if state.killed_by else 1
             returncode = -signal.SIGTERM if returncode is None else returncode
         return JobResult(job=job, returncode=returncode, gpus=outcome.gpus,
                          threads=outcome.threads, pid=outcome.pid, start=outcome.start,
@@ -373,6 +374,11 @@ class SlurmBackend(StopState):
                     f"Slurm no longer says which) ({where})")
         if started:
             return ""  # killed by something else on the node (the kernel's OOM killer)
+        if state is not None and state.killed_by:
+            number = state.killed_by
+            name = signal.Signals(number).name if number in set(signal.Signals) else number
+            return (f"the task was killed by {name} (the kernel's OOM killer, or kill), its job "
+                    f"unfinished ({where}: {last_lines(log) or 'empty'})")
         if state is None:
             return f"the Slurm task ended without a trace of how ({where})"
         return (f"the Slurm task ended ({state.state}, exit {state.exit_code or '?'}) before "

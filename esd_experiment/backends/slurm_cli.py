@@ -70,6 +70,17 @@ class TaskState:
     def ended_by_scheduler(self) -> bool:
         return self.state in SCHEDULER_ENDED
 
+    @property
+    def killed_by(self) -> int | None:
+        """The signal that ended the task's script, from ``exit_code`` (``0:9``, or a shell's
+        ``137:0`` for a child killed by signal 9), or None."""
+        code, _, sig = self.exit_code.partition(":")
+        if sig.isdigit() and int(sig):
+            return int(sig)
+        if code.isdigit() and 128 < int(code) < 128 + 65:
+            return int(code) - 128
+        return None
+
 
 def require_sbatch() -> None:
     """InputError naming the missing tool when Slurm's commands are not on PATH."""
