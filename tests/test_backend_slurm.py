@@ -115,6 +115,25 @@ def test_detach_then_rerun_adopts_running_jobs(slurm, tmp_path):
     assert len(submission_scripts(tmp_path / "state")) == 1
 
 
+def test_a_rerun_with_another_command_cancels_the_earlier_runs_job(slurm, tmp_path):
+    """A job an earlier run left running with another command (other options, --overwrite)
+    is cancelled and submitted again with this run's; adopted, it wrote a result of the old
+    options, which the runner then removed and recorded as failed."""
+    hold = tmp_path / "hold"
+    hold.touch()
+    old = probe_job(tmp_path, "m0", hold=hold)
+    first = SlurmBackend(options(detach=True), tmp_path / "state")
+    first.run([old])
+    wait_for(lambda: runs(tmp_path, "m0"), QUEUE_TIMEOUT_S, "the job to start")
+    new = replace(old, argv=[*old.argv[:-1], ""])  # the same job, another command: no hold
+    (result,) = SlurmBackend(options(), tmp_path / "state").run([new])
+    assert result.ok and result.job.argv == new.argv
+    wait_for(lambda: not squeue(*first.job_ids), QUEUE_TIMEOUT_S, "the old task's cancel")
+    assert len(runs(tmp_path, "m0")) == 2, "the old command started, the new one ran"
+    assert len(submission_scripts(tmp_path / "state")) == 2
+    hold.unlink()
+
+
 def test_detached_results_collected_and_finished_list_submits_nothing(slurm, tmp_path):
     jobs = [probe_job(tmp_path, "good"), probe_job(tmp_path, "bad", code=1, attempt=1)]
     first = SlurmBackend(options(detach=True), tmp_path / "state")

@@ -156,13 +156,15 @@ def parse_additional(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
 
 @dataclass(frozen=True)
 class Submission:
-    """One job as submitted: its Slurm task and the token naming its outcome file."""
+    """One job as submitted: its Slurm task, the token naming its outcome file and its
+    command (a rerun adopts only the same command: not one of other options)."""
 
     name: str
     task: str
     token: str
     attempt: int
     submitted_at: float
+    argv: tuple[str, ...] = ()
 
 
 class SlurmBackend(StopState):
@@ -282,6 +284,7 @@ class SlurmBackend(StopState):
         latest = {record.name: record for record in sorted(self._records.values(),
                                                            key=lambda r: r.submitted_at)}
         queued = self._cli.queued(record.task for record in latest.values())
+        self._drop_other_commands(jobs, latest, queued)
         wanted = {job.name for job in jobs}
         for record in list(self._records.values()):
             if record.task in queued:
@@ -305,6 +308,23 @@ class SlurmBackend(StopState):
             else:
                 finished.append(record.token)
         self._finish(finished, results, on_finish, queued={})
+
+    def _drop_other_commands(self, jobs: list[Job], latest: dict[str, Submission],
+                             queued: dict[str, str]) -> None:
+        """An earlier run's submission of a job whose command this run changed (other
+        options, under --overwrite): cancelled when still queued or running, never collected;
+        the job is submitted again."""
+        for job in jobs:
+            record = latest.get(job.name)
+            if record is None or not record.argv or record.argv == tuple(job.argv):
+                continue
+            if record.task in queued:
+                self._cli.cancel([record.task])
+                logger.warning("%s: cancelled Slurm task %s, which an earlier run submitted "
+                               "with another command (other options)", job.name, record.task)
+            for each in [r for r in self._records.values() if r.name == job.name]:
+                self._forget(each)
+            del latest[job.name]
 
     def _collect(self, results: list[JobResult], on_finish: OnFinish | None) -> None:
         """Results of tracked jobs whose task left the queue, or whose command ended well
@@ -451,7 +471,7 @@ class SlurmBackend(StopState):
         for sjob, chunk, chunk_tokens in zip(submitted, chunks, tokens, strict=True):
             for job, token in zip(chunk, chunk_tokens, strict=True):
                 self._records[token] = Submission(job.name, str(sjob.job_id), token,
-                                                  job.attempt, now)
+                                                  job.attempt, now, tuple(job.argv))
                 self._tracked[token] = job
         self._save()
         logger.info("submitted %d job(s) as %d Slurm task(s) (job %s)%s", len(jobs),
@@ -502,7 +522,8 @@ class SlurmBackend(StopState):
         path = self.state_dir / STATE_FILE
         try:
             rows = json.loads(path.read_text(encoding="utf-8"))["submissions"]
-            return {row["token"]: Submission(**row) for row in rows}
+            return {row["token"]: Submission(**{**row, "argv": tuple(row.get("argv", ()))})
+                    for row in rows}
         except FileNotFoundError:
             return {}
         except (OSError, ValueError, KeyError, TypeError) as exc:
