@@ -134,6 +134,29 @@ def test_a_rerun_with_another_command_cancels_the_earlier_runs_job(slurm, tmp_pa
     hold.unlink()
 
 
+def test_a_local_run_beside_a_detached_runs_jobs_is_refused(slurm, tmp_path, capsys):
+    """--detach leaves the directory's lock; a run on another backend would compute the same
+    models beside the Slurm tasks: refused (exit 2) with the way on."""
+    from esd_experiment.run import cli
+
+    hold = tmp_path / "hold"
+    hold.touch()
+    out = tmp_path / "out"
+    first = SlurmBackend(options(detach=True), out / "slurm")
+    first.run([probe_job(tmp_path, "m0", hold=hold)])
+    models = tmp_path / "models.csv"
+    models.write_text(f"model_id\n{tmp_path / 'm0'}\n")
+    try:
+        code = cli.main(["--model_list", str(models), "--output_dir", str(out), "--device",
+                         "cpu", "--no-progress"])
+    finally:
+        subprocess.run(["scancel", *first.job_ids], check=False)
+        hold.unlink()
+    err = capsys.readouterr().err
+    assert code == 2 and "queued or running" in err and "--backend slurm" in err, err
+    assert f"scancel {first.job_ids[0]}" in err
+
+
 def test_detached_results_collected_and_finished_list_submits_nothing(slurm, tmp_path):
     jobs = [probe_job(tmp_path, "good"), probe_job(tmp_path, "bad", code=1, attempt=1)]
     first = SlurmBackend(options(detach=True), tmp_path / "state")

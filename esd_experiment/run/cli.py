@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import signal
 import sys
 import time
@@ -144,6 +145,8 @@ def run(config: RunConfig, backend=None) -> int:
         # A directory without results has none to keep comparable: its options are replaced.
         check_options(config.output_dir, estimator_options(config.worker_args),
                       config.overwrite or not holds_results(config.output_dir))
+        if config.backend != "slurm":
+            refuse_beside_slurm_jobs(config.output_dir)
         failures = FailureLog(config.output_dir)
         plan = make_plan(entries, config.output_dir, config.log_dir, config.options_key,
                          config.args.save_eigs, config.overwrite, config.skip_failed, failures,
@@ -222,6 +225,20 @@ def run(config: RunConfig, backend=None) -> int:
         logger.error("%s", internal_error_message(broken))
         return EXIT_INTERNAL
     return code
+
+
+def refuse_beside_slurm_jobs(output_dir: Path) -> None:
+    """A run on another backend would compute the models an earlier Slurm run left queued or
+    running beside them, two writers of one result: refused, saying how to go on."""
+    from esd_experiment.backends.slurm_cli import pending_tasks
+
+    tasks = pending_tasks(output_dir)
+    if tasks:
+        raise InputError(
+            f"{output_dir}: {len(tasks)} Slurm task(s) an earlier run submitted are queued or "
+            f"running ({', '.join(tasks[:5])}{', ...' if len(tasks) > 5 else ''}); rerun with "
+            f"--backend slurm to collect them, or cancel them first: "
+            f"{shlex.join(['scancel', *sorted({t.split('_')[0] for t in tasks})])}")
 
 
 def exit_code(accounts: Accounts, stop_cause: str, backend, detached: bool) -> int:
