@@ -119,12 +119,7 @@ def test_a_rerun_with_another_command_cancels_the_earlier_runs_job(slurm, tmp_pa
     """A job an earlier run left running with another command (other options, --overwrite)
     is cancelled and submitted again with this run's; adopted, it wrote a result of the old
     options, which the runner then removed and recorded as failed."""
-    hold = tmp_path / "hold"
-    hold.touch()
-    old = probe_job(tmp_path, "m0", hold=hold)
-    first = SlurmBackend(options(detach=True), tmp_path / "state")
-    first.run([old])
-    wait_for(lambda: runs(tmp_path, "m0"), QUEUE_TIMEOUT_S, "the job to start")
+    old, first, hold = held_running(tmp_path, "m0")
     new = replace(old, argv=[*old.argv[:-1], ""])  # the same job, another command: no hold
     (result,) = SlurmBackend(options(), tmp_path / "state").run([new])
     assert result.ok and result.job.argv == new.argv
@@ -139,11 +134,8 @@ def test_a_local_run_beside_a_detached_runs_jobs_is_refused(slurm, tmp_path, cap
     models beside the Slurm tasks: refused (exit 2) with the way on."""
     from esd_experiment.run import cli
 
-    hold = tmp_path / "hold"
-    hold.touch()
     out = tmp_path / "out"
-    first = SlurmBackend(options(detach=True), out / "slurm")
-    first.run([probe_job(tmp_path, "m0", hold=hold)])
+    _, first, hold = held_running(tmp_path, "m0", out / "slurm")
     models = tmp_path / "models.csv"
     models.write_text(f"model_id\n{tmp_path / 'm0'}\n")
     try:
@@ -175,15 +167,22 @@ def test_detached_results_collected_and_finished_list_submits_nothing(slurm, tmp
     assert len(submission_scripts(tmp_path / "state")) == 1, "a finished list submits nothing"
 
 
-def signalled_while_held(tmp_path, name: str, *scancel_args: str, until_gone: bool = False):
-    """A probe job submitted and left running (held), given ``scancel *scancel_args`` once
-    it has started (and, with ``until_gone``, once Slurm no longer lists it), then let go."""
+def held_running(tmp_path, name: str, state_dir=None):
+    """A probe job submitted by a detached run and held running once it has started:
+    ``(job, that run's backend, the hold file to remove)``."""
     hold = tmp_path / "hold"
     hold.touch()
     job = probe_job(tmp_path, name, hold=hold)
-    first = SlurmBackend(options(detach=True), tmp_path / "state")
+    first = SlurmBackend(options(detach=True), state_dir or tmp_path / "state")
     first.run([job])
     wait_for(lambda: runs(tmp_path, name), QUEUE_TIMEOUT_S, "the job to start")
+    return job, first, hold
+
+
+def signalled_while_held(tmp_path, name: str, *scancel_args: str, until_gone: bool = False):
+    """A probe job submitted and left running (held), given ``scancel *scancel_args`` once
+    it has started (and, with ``until_gone``, once Slurm no longer lists it), then let go."""
+    job, first, hold = held_running(tmp_path, name)
     subprocess.run(["scancel", *scancel_args, *first.job_ids], check=True)
     if until_gone:
         wait_for(lambda: not squeue(*first.job_ids), QUEUE_TIMEOUT_S, "the cancel")
@@ -205,12 +204,7 @@ def test_a_task_killed_on_its_node_is_transient_and_retried(slurm, tmp_path):
     """The task's own process killed (the kernel's OOM killer, kill -9): Slurm says FAILED
     with exit 137; the job is retried as killed by SIGKILL (it was a final failure 'before
     running the job')."""
-    hold = tmp_path / "hold"
-    hold.touch()
-    job = probe_job(tmp_path, "victim", hold=hold)
-    first = SlurmBackend(options(detach=True), tmp_path / "state")
-    first.run([job])
-    wait_for(lambda: runs(tmp_path, "victim"), QUEUE_TIMEOUT_S, "the job to start")
+    job, first, hold = held_running(tmp_path, "victim")
     task = subprocess.run(["pgrep", "-f", f"submitit.core._submit.*{tmp_path}"],
                           capture_output=True, text=True).stdout.split()
     assert task, "the task's process"

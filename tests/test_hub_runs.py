@@ -32,6 +32,14 @@ def run_cli(hub, *argv, env_extra=None, timeout=CLI_TIMEOUT_S):
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def run_with_the_hub_down(hub, *argv):
+    """``run_cli`` with the hub stand-in down: the process and its seconds."""
+    hub.down()
+    started = time.monotonic()
+    proc = run_cli(hub, *argv)
+    return proc, time.monotonic() - started
+
+
 def write_list(path: Path, rows) -> Path:
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
@@ -79,10 +87,7 @@ def test_an_unreachable_hub_stops_the_run_without_failing_the_models(hub, tmp_pa
                                                     {"w.weight": __import__("torch").ones(4, 4)}))
     models = write_list(tmp_path / "models.csv", [(f"org/m{i}", "", "") for i in range(6)])
     out = tmp_path / "out"
-    hub.down()
-    started = time.monotonic()
-    proc = run_cli(hub, "--model_list", models, "--output_dir", out)
-    took = time.monotonic() - started
+    proc, took = run_with_the_hub_down(hub, "--model_list", models, "--output_dir", out)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "the hub cannot be reached" in proc.stderr and "HF_HUB_OFFLINE=1" in proc.stderr
     assert took < OUTAGE_BOUND_S
@@ -101,10 +106,7 @@ def test_an_unreachable_hub_is_asked_for_one_adapters_base_not_every_ones(hub, t
     models = write_list(tmp_path / "models.csv", [(f"org/adapter{i}", "lora", "")
                                                   for i in range(8)])
     out = tmp_path / "out"
-    hub.down()
-    started = time.monotonic()
-    proc = run_cli(hub, "--model_list", models, "--output_dir", out)
-    took = time.monotonic() - started
+    proc, took = run_with_the_hub_down(hub, "--model_list", models, "--output_dir", out)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert proc.stderr.count("the hub could not be reached") == 1, proc.stderr[-3000:]
     assert "the hub cannot be reached" in proc.stderr
