@@ -43,7 +43,8 @@ The rule reproduces the parameter order of Llama, GPT-2, BERT, T5 and ResNet che
 
 For the worker: ``rows = in_depth_order(rows, config, parameters)`` sorts result rows by depth
 and renumbers ``layer_id``; ``config`` is the model's ``config.json`` (the base's, for an
-adapter), or None; ``parameters`` an in-memory module's tensor names, or empty. Building the meta instance imports transformers (about 2.5 s of CPU once per process,
+adapter), or None; ``parameters`` an in-memory module's tensor names, or empty. Building the
+meta instance imports transformers (about 2.5 s of CPU once per process,
 then milliseconds per config; see BENCHMARKS.md), so what a config's class gives (its parameter
 order, the renamings looked up, or that it cannot be built) is kept on disk, one small JSON file
 per config and transformers version, under ``$ESD_CACHE_DIR/layer-order`` (default

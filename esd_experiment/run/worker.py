@@ -282,8 +282,8 @@ def result_rows(config: WorkerConfig, run: ModelRun) -> list[dict]:
     fixed = {"model_id": key, "revision": model.revision or "",
              "source_model": model.source_model or "", "esd_options": config.esd.options_key}
     opened = model.checkpoint
-    # layer_id follows the model's depth
-    rows = in_depth_order(run.rows, opened.config if opened else None, opened.order if opened else ())
+    config_json, order = (opened.config, opened.order) if opened else (None, ())
+    rows = in_depth_order(run.rows, config_json, order)  # layer_id follows the model's depth
     for row in rows:
         row.update(fixed)
     return rows
