@@ -253,8 +253,7 @@ def test_a_fine_tune_sharing_only_norms_with_its_source_fails_with_that_cause(pa
 @pytest.mark.parametrize("spelled", ["", "/"])
 def test_a_model_listed_as_its_own_source_is_analysed_without_a_delta(pair, tmp_path, spelled,
                                                                       caplog):
-    """A row naming the model itself as its source_model (hub metadata lists some bases so):
-    the model is analysed as one without a source, said once; it has no delta (all zeros).
+    """A row naming the model itself as its source_model: the model is analysed as one without a source, said once; it has no delta (all zeros).
     It failed without its own result."""
     models = tmp_path / "models.csv"
     models.write_text("model_id,base_model_relation,source_model\n"
@@ -267,6 +266,23 @@ def test_a_model_listed_as_its_own_source_is_analysed_without_a_delta(pair, tmp_
     assert f"{pair / 'ft'} names itself as its source_model" in caplog.text
     assert ModelPaths.for_model(out, str(pair / "base")).csv.is_file()
     assert runner("--model_list", models, "--output_dir", out, "--delta") == 0  # done
+
+
+def test_an_adapter_naming_itself_as_its_source_fails_with_that_cause(pair, tmp_path):
+    """An adapter cannot be its own base: under --delta its row fails with that cause, however
+    the path is spelled; the other rows run."""
+    from tests.loader_fixtures import save_adapter
+
+    lora = save_adapter(llama(), tmp_path / "lora", str(pair / "base"), r=4,
+                        target_modules=["q_proj"])
+    models = tmp_path / "models.csv"
+    models.write_text("model_id,base_model_relation,source_model\n"
+                      f"{lora},adapter,{lora}/\n{pair / 'base'},,\n")
+    out = tmp_path / "out"
+    assert runner("--model_list", models, "--output_dir", out, "--delta") == 1
+    failed = (out / "failed_models.txt").read_text()
+    assert failed == f"{lora}\t--delta: its source_model is the model itself\n", failed
+    assert ModelPaths.for_model(out, str(pair / "base")).csv.is_file()
 
 
 def test_an_adapter_known_by_its_files_alone_fails_with_its_deltas_cause(pair, tmp_path):

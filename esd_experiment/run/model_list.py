@@ -89,7 +89,7 @@ def _add_row(path: Path, reader: csv.DictReader, raw: dict,
                        "control characters: %r", path, reader.line_num, entry.model_id)
         return
     if entry.source_model and not entry.is_adapter and not entry.gguf_file \
-            and _same_model(ListEntry(entry.source_model)) == _same_model(entry):
+            and model_key(entry.source_model) == model_key(entry.model_id):
         logger.warning("%s, line %d: %s names itself as its source_model: analysed as a model "
                        "without one (its delta would be zero)", path, reader.line_num,
                        entry.model_id)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from esd_experiment.core.delta_paths import DELTA_DIR, DELTA_KEY, delta_paths, has_delta
 from esd_experiment.core.errors import ESDError
-from esd_experiment.core.paths import ModelPaths, model_paths
+from esd_experiment.core.paths import ModelPaths, model_key, model_paths
 from esd_experiment.core.results import eigs_options, is_current, split_options_key
 from esd_experiment.estimator.metrics import METRIC_PATH_VAR, metric_dirs
 from esd_experiment.estimator.options import esd_argv, esd_config_from_args
@@ -60,8 +60,9 @@ def make_plan(entries: list[ListEntry], output_dir: Path, log_dir: Path, options
         except ESDError as exc:
             plan.invalid.append((entry, str(exc)))
             continue
-        if delta and entry.source_model.strip() and not entry.gguf_file and os.path.normpath(
-                entry.source_model.strip()) == os.path.normpath(entry.model_id.strip()):
+        # (only an adapter: the list reads another model naming itself as naming none)
+        if delta and entry.source_model.strip() and not entry.gguf_file and model_key(
+                entry.source_model) == model_key(entry.model_id):
             plan.invalid.append((entry, "--delta: its source_model is the model itself"))
             continue
         # An adapter the list does not mark whose delta failed is held to its delta while
