@@ -29,6 +29,7 @@ import functools
 import json
 import logging
 import shlex
+import shutil
 import signal
 import threading
 import time
@@ -46,7 +47,7 @@ from esd_experiment.backends.slurm_cli import (
     submission_error,
 )
 from esd_experiment.backends.task import Outcome, TaskCommand, read_outcome, run_commands
-from esd_experiment.core.errors import InputError
+from esd_experiment.core.errors import InputError, TransientError
 from esd_experiment.core.paths import SLURM_STATE, write_text_atomic
 from gputracker.jobs import Job, JobResult, StopState
 
@@ -167,6 +168,33 @@ class Submission:
     argv: tuple[str, ...] = ()
 
 
+def load_submissions(state_dir: Path) -> dict[str, Submission]:
+    """The jobs a Slurm run on this state directory submitted, by token ({} when none)."""
+    path = Path(state_dir) / STATE_FILE
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))["submissions"]
+        return {row["token"]: Submission(**{**row, "argv": tuple(row.get("argv", ()))})
+                for row in rows}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path} cannot be read ({exc}): it records the jobs submitted "
+                         "to Slurm; check them with squeue, then remove the file") from None
+
+
+def pending_tasks(output_dir: Path) -> list[str]:
+    """The Slurm tasks that a run on ``output_dir`` submitted and left queued or running
+    (``--detach``, Ctrl-C), as ``squeue`` lists them; none where Slurm's commands are absent,
+    squeue does not answer or no record is kept."""
+    if shutil.which("squeue") is None:
+        return []
+    try:
+        records = load_submissions((Path(output_dir) / SLURM_STATE).parent)
+        return sorted(SlurmCLI().queued(r.task for r in records.values()))
+    except (InputError, TransientError):
+        return []
+
+
 class SlurmBackend(StopState):
     """Runs ``gputracker.Job``s as Slurm array tasks. See the module doc."""
 
@@ -241,7 +269,7 @@ class SlurmBackend(StopState):
             raise ValueError(f"job names must be unique; given twice: {', '.join(twice)}")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._started = self._clock()
-        self._records = self._load()
+        self._records = load_submissions(self.state_dir)
         try:
             self._queue = []
             self._adopt(jobs, results, on_finish)
@@ -517,18 +545,6 @@ class SlurmBackend(StopState):
     def _forget(self, record: Submission) -> None:
         self._records.pop(record.token, None)
         self._outcome_path(record.token).unlink(missing_ok=True)
-
-    def _load(self) -> dict[str, Submission]:
-        path = self.state_dir / STATE_FILE
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))["submissions"]
-            return {row["token"]: Submission(**{**row, "argv": tuple(row.get("argv", ()))})
-                    for row in rows}
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise InputError(f"{path} cannot be read ({exc}): it records the jobs submitted "
-                             "to Slurm; check them with squeue, then remove the file") from None
 
     def _save(self) -> None:
         rows = [asdict(record) for record in self._records.values()]

@@ -9,7 +9,6 @@ slurmstepd writes ``*** JOB 12 ON node CANCELLED AT ... DUE TO TIME LIMIT ***``.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shutil
@@ -19,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from esd_experiment.core.errors import InputError, TransientError
-from esd_experiment.core.paths import SLURM_STATE
 
 logger = logging.getLogger(__name__)
 
@@ -213,18 +211,3 @@ def cause_from_log(path: Path | None) -> TaskState | None:
 def last_lines(path: Path | None, count: int = 3) -> str:
     lines = [line.strip() for line in read_tail(path).splitlines() if line.strip()]
     return " | ".join(lines[-count:])
-
-
-def pending_tasks(output_dir: Path) -> list[str]:
-    """The Slurm tasks that a run on ``output_dir`` submitted and left queued or running
-    (``--detach``, Ctrl-C), as ``squeue`` lists them; none where Slurm's commands are absent,
-    squeue does not answer or no record is kept."""
-    path = Path(output_dir) / SLURM_STATE
-    if not path.is_file() or shutil.which("squeue") is None:
-        return []
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))["submissions"]
-        return sorted(SlurmCLI().queued(str(row["task"]) for row in rows))
-    except (OSError, ValueError, KeyError, TypeError, TransientError):
-        return []
-

@@ -230,7 +230,7 @@ def run(config: RunConfig, backend=None) -> int:
 def refuse_beside_slurm_jobs(output_dir: Path) -> None:
     """A run on another backend would compute the models an earlier Slurm run left queued or
     running beside them, two writers of one result: refused, saying how to go on."""
-    from esd_experiment.backends.slurm_cli import pending_tasks
+    from esd_experiment.backends.slurm import pending_tasks
 
     tasks = pending_tasks(output_dir)
     if tasks:
